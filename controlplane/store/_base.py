@@ -1,0 +1,77 @@
+"""The store contract: a dozen async methods every backend honours (etcd, embedded SQLite).
+
+Every write can be made conditional on a key's mod revision; keys are str, values bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int = 0  # 0: no lease
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: Literal["put", "delete"]
+    kv: KeyValue  # for "delete", value is b"" and mod_revision is the deleting revision
+
+
+class Store(Protocol):
+    """What the control plane needs from its state store.
+
+    Revisions are one cluster-wide, increasing counter, as in etcd.
+    """
+
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """All keys under `prefix`, sorted by key, and the store revision they were read at."""
+        ...
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Write unconditionally; returns the new revision."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """True if the key existed."""
+        ...
+
+    async def compare_and_swap(
+        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0
+    ) -> bool:
+        """Write `value` (or delete, if None) only if the key's mod revision is `mod_revision`.
+
+        `mod_revision == 0` means "only if absent": create-if-absent. False if the check failed.
+        """
+        ...
+
+    def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
+        """Events under `prefix` from `start_revision` (0: from now on), until the iterator
+        is closed. Raises StoreError if that revision has been compacted away."""
+        ...
+
+    async def grant_lease(self, ttl_s: int) -> int:
+        """A new lease id; keys put with it vanish when it is not refreshed within ttl_s."""
+        ...
+
+    async def refresh_lease(self, lease: int) -> bool:
+        """Keep the lease alive; False if it has already expired."""
+        ...
+
+    async def revoke_lease(self, lease: int) -> None:
+        """End the lease now, deleting its keys."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+StoreKind = Literal["etcd", "sqlite"]

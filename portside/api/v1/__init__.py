@@ -1,0 +1,1 @@
+"""Generated gRPC code for portside.v1 (scripts/gen_proto.py)."""

@@ -1,0 +1,125 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InstanceType(_message.Message):
+    __slots__ = ("name", "vcpu", "memory_mib", "disk_mb")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    DISK_MB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vcpu: float
+    memory_mib: int
+    disk_mb: int
+    def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
+
+class ContainerClass(_message.Message):
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PORT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_INTERNET_FIELD_NUMBER: _ClassVar[int]
+    BOOT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image: str
+    default_port: int
+    instance_type: InstanceType
+    sleep_after_seconds: float
+    max_instances: int
+    env: _containers.ScalarMap[str, str]
+    entrypoint: _containers.RepeatedScalarFieldContainer[str]
+    enable_internet: bool
+    boot_timeout_seconds: float
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class InstanceSource(_message.Message):
+    __slots__ = ("kind", "name", "index")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    index: int
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("path", "class_name", "instance")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    class_name: str
+    instance: InstanceSource
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., instance: _Optional[_Union[InstanceSource, _Mapping]] = ...) -> None: ...
+
+class Config(_message.Message):
+    __slots__ = ("classes", "routes")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[ContainerClass]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, classes: _Optional[_Iterable[_Union[ContainerClass, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("id", "data_address", "api_address", "region", "latitude", "longitude", "vcpu", "memory_mib", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    API_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    LATITUDE_FIELD_NUMBER: _ClassVar[int]
+    LONGITUDE_FIELD_NUMBER: _ClassVar[int]
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    data_address: str
+    api_address: str
+    region: str
+    latitude: float
+    longitude: float
+    vcpu: float
+    memory_mib: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., data_address: _Optional[str] = ..., api_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class InstanceStatus(_message.Message):
+    __slots__ = ("instance_id", "class_name", "name", "state", "container_id", "in_flight", "idle_seconds")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    class_name: str
+    name: str
+    state: str
+    container_id: str
+    in_flight: int
+    idle_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., class_name: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., container_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,95 @@
+"""The one place that creates gRPC servers and channels, and HTTP servers and client sessions,
+so that deadlines, keep-alive, message limits and (later) TLS and tokens apply everywhere alike."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+from aiohttp import web
+
+from portside.errors import InvalidArgument
+
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each kind of network call may take, in seconds."""
+
+    rpc: float = 5.0  # a unary control-plane call
+    resolve: float = 10.0  # resolve may place an instance: a few store round trips
+    connect: float = 5.0  # TCP connect to an agent or a container
+    upstream_read: float = 300.0  # between bytes from an upstream response
+
+
+def split_hostport(text: str, what: str = "address") -> tuple[str, int]:
+    """("127.0.0.1", 8787) from "127.0.0.1:8787"; a clear error for anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"{what} {text!r} is not HOST:PORT (e.g. 127.0.0.1:8787)")
+    return host.strip("[]"), int(port)
+
+
+def with_port_offset(address: str, offset: int) -> str:
+    host, port = split_hostport(address)
+    return f"{host}:{port + offset}"
+
+
+def grpc_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=_GRPC_OPTIONS)
+
+
+def add_grpc_port(server: grpc.aio.Server, address: str) -> int:
+    split_hostport(address, "listen address")
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise InvalidArgument(f"cannot listen on {address}: address in use or not local")
+    return port
+
+
+def grpc_channel(target: str) -> grpc.aio.Channel:
+    split_hostport(target, "control plane address")
+    return grpc.aio.insecure_channel(target, options=_GRPC_OPTIONS)
+
+
+def http_client_session(deadlines: Deadlines, limit: int = 1000) -> aiohttp.ClientSession:
+    """A pooled keep-alive session for proxying: no total timeout (bodies stream for as long as
+    they flow), but bounded connect and between-bytes reads."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300,
+                                     enable_cleanup_closed=True, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=deadlines.connect,
+                                    sock_read=deadlines.upstream_read)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+
+
+async def start_http_server(app: web.Application, address: str) -> web.AppRunner:
+    """Serve `app` on HOST:PORT; the handler is cancelled when its client goes away, so an
+    aborted request frees what it holds (in-flight counts, upstream connections) at once."""
+    host, port = split_hostport(address, "listen address")
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise InvalidArgument(f"cannot listen on {address}: {exc.strerror}") from exc
+    return runner
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on `host` (for tests and `portside up`)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,113 @@
+"""The domain types every Portside part shares: container classes, routes, nodes.
+
+Plain frozen dataclasses; protobuf messages are converted to these at the gRPC boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    """CPU, memory and disk one instance of a class gets (limits are enforced)."""
+
+    name: str
+    vcpu: float
+    memory_mib: int
+    disk_mb: int
+
+
+# Cloudflare Containers' instance types, same names and sizes.
+INSTANCE_TYPES: Mapping[str, InstanceType] = {
+    t.name: t
+    for t in (
+        InstanceType("lite", 1 / 16, 256, 2_000),
+        InstanceType("basic", 1 / 4, 1_024, 4_000),
+        InstanceType("standard-1", 1 / 2, 4_096, 8_000),
+        InstanceType("standard-2", 1.0, 6_144, 12_000),
+        InstanceType("standard-3", 2.0, 8_192, 16_000),
+        InstanceType("standard-4", 4.0, 12_288, 20_000),
+    )
+}
+
+DEFAULT_SLEEP_AFTER_S = 600.0
+DEFAULT_BOOT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ContainerClass:
+    """A named container spec, registered with `portside deploy`."""
+
+    name: str
+    image: str
+    default_port: int = 8080
+    instance_type: InstanceType = INSTANCE_TYPES["basic"]
+    sleep_after_s: float = DEFAULT_SLEEP_AFTER_S
+    max_instances: int = 0  # 0: no limit beyond node capacity
+    env: Mapping[str, str] = field(default_factory=dict)
+    entrypoint: tuple[str, ...] = ()
+    enable_internet: bool = False
+    boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
+
+
+InstanceSourceKind = Literal["header", "query", "cookie", "path"]
+
+
+@dataclass(frozen=True)
+class InstanceSource:
+    """Where a route finds the instance name: `header:X-Session-Id`, `query:id`,
+    `cookie:sid`, or `path:N` (the N-th path segment after the route's prefix, from 1)."""
+
+    kind: InstanceSourceKind
+    name: str = ""  # header, query parameter or cookie name
+    index: int = 0  # path segment, for kind == "path"
+
+    def __str__(self) -> str:
+        return f"path:{self.index}" if self.kind == "path" else f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path prefix served by a class; `instance` is None for pools (issue 3)."""
+
+    path: str
+    class_name: str
+    instance: InstanceSource | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """What `portside deploy` registers: classes and routes."""
+
+    classes: tuple[ContainerClass, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    def class_named(self, name: str) -> ContainerClass | None:
+        for cls in self.classes:
+            if cls.name == name:
+                return cls
+        return None
+
+
+@dataclass(frozen=True)
+class Node:
+    """A host running a node agent, as it registered with the control plane."""
+
+    id: str
+    data_address: str  # host:port of the agent's HTTP data plane (what edges call)
+    api_address: str  # host:port of the agent's gRPC service
+    region: str
+    latitude: float
+    longitude: float
+    vcpu: float
+    memory_mib: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def instance_id(class_name: str, name: str) -> str:
+    """The stable id of a named instance, like Cloudflare's `idFromName`."""
+    return hashlib.sha256(f"{class_name}\x00{name}".encode()).hexdigest()
