@@ -158,10 +158,7 @@ def _centroid(code: str, points: list[Location]) -> Location:
 
 
 AREAS: Mapping[str, Location] = MappingProxyType(
-    {
-        area: _centroid(area, [REGIONS[c] for c in members])
-        for area, members in AREA_MEMBERS.items()
-    }
+    {area: _centroid(area, [REGIONS[c] for c in members]) for area, members in AREA_MEMBERS.items()}
 )
 
 

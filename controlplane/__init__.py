@@ -1,0 +1,1 @@
+"""The control plane: API server, store, scheduler, autoscaler and leader election."""

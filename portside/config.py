@@ -1,0 +1,487 @@
+"""Reads a user's config file, Portside TOML or a Cloudflare wrangler.jsonc, into `spec.Config`.
+
+Every problem is a ConfigError naming the file, the field path and the values that are allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+from portside.durations import parse_duration
+from portside.errors import ConfigError
+from portside.spec import (
+    INSTANCE_TYPES,
+    Config,
+    ContainerClass,
+    InstanceSource,
+    InstanceSourceKind,
+    InstanceType,
+    Route,
+)
+
+__all__ = ["load_config", "parse_toml", "parse_wrangler", "strip_jsonc"]
+
+log = logging.getLogger(__name__)
+
+_CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SEGMENT_INDEX = re.compile(r"[0-9]+")
+
+_TOML_TOP_KEYS = ("containers", "routes")
+# The container fields both formats map onto ContainerClass.
+_CONTAINER_KEYS = (
+    "class_name",
+    "image",
+    "default_port",
+    "instance_type",
+    "sleep_after",
+    "max_instances",
+    "enable_internet",
+    "env",
+    "entrypoint",
+    "boot_timeout",
+)
+_TOML_CONTAINER_KEYS = (*_CONTAINER_KEYS, "autoscaling")  # accepted now, read later
+_ROUTE_KEYS = ("path", "class_name", "instance")
+_CUSTOM_TYPE_KEYS = ("vcpu", "memory_mib", "disk_mb")
+_CUSTOM_DISK_MB = 2_000
+_MAX_VCPU = 64.0
+_MIN_MEMORY_MIB = 16
+
+_SOURCE_KINDS: Mapping[str, InstanceSourceKind] = {
+    "header": "header",
+    "query": "query",
+    "cookie": "cookie",
+    "path": "path",
+}
+_SOURCE_SYNTAX = "use header:NAME, query:NAME, cookie:NAME or path:N"
+
+# Container fields that mean something to Cloudflare but nothing to Portside: a wrangler
+# file keeps working on both, so these are warnings, not errors.
+_WRANGLER_IGNORED = frozenset(
+    {
+        "name",
+        "image_build_context",
+        "image_vars",
+        "rollout_step_percentage",
+        "rollout_kind",
+        "rollout_active_grace_period",
+        "autoscaling",
+        "constraints",
+        "affinities",
+        "scheduling_policy",
+        "instances",
+        "configuration",
+        "durable_objects",
+        "observability",
+    }
+)
+# Older wrangler files still use the instance types' first names.
+_WRANGLER_TYPE_ALIASES = {"dev": "lite", "standard": "standard-1"}
+
+_DEFAULT = ContainerClass(name="", image="")
+
+
+class _Required:
+    """Marks a field with no default: missing it is an error."""
+
+
+_REQUIRED = _Required()
+
+
+def load_config(
+    path: str | os.PathLike[str], *, on_warning: Callable[[str], None] | None = None
+) -> Config:
+    """Reads `path`: `*.toml` as Portside TOML, `*.json`/`*.jsonc` as a wrangler file.
+
+    A wrangler file's warnings go to `on_warning`, or to this module's logger.
+    """
+    file = os.fspath(path)
+    suffix = Path(file).suffix.lower()
+    if suffix not in (".toml", ".json", ".jsonc"):
+        raise ConfigError(
+            file,
+            "",
+            f"cannot tell the format from {suffix or 'no extension'!r}; "
+            "use a .toml, .json or .jsonc file",
+        )
+    try:
+        text = Path(file).read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise ConfigError(file, "", "no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
+    if suffix == ".toml":
+        return parse_toml(text, file)
+    config, warnings = parse_wrangler(text, file)
+    for warning in warnings:
+        (on_warning or log.warning)(warning)
+    return config
+
+
+def parse_toml(text: str, file: str) -> Config:
+    """Portside's own format: `[[containers]]` and `[[routes]]`; unknown keys are errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from exc
+    top = _Table(file, "", data, noun="table")
+    top.check_keys(_TOML_TOP_KEYS)
+    classes: list[tuple[_Table, ContainerClass]] = []
+    for table in top.tables("containers"):
+        table.check_keys(_TOML_CONTAINER_KEYS)
+        if "autoscaling" in table:
+            table.table("autoscaling")  # only its shape is checked until autoscaling lands
+        classes.append((table, _container(table)))
+    routes = [(table, _route(table)) for table in top.tables("routes")]
+    return _assemble(classes, routes)
+
+
+def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
+    """A wrangler.jsonc's `containers` as they are, plus `routes` in Portside's form.
+
+    Container fields Portside does not use are returned as warnings; the Worker's own keys
+    (name, main, durable_objects, migrations, ...) are skipped without a word.
+    """
+    try:
+        data = json.loads(strip_jsonc(text))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            file, "", f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(file, "", f"must hold one JSON object, not {_show(data)}")
+    top = _Table(file, "", data, noun="object")
+    warnings: list[str] = []
+    if "containers" not in top:
+        warnings.append(f"{file}: containers: missing; there is nothing for Portside to run")
+
+    classes: list[tuple[_Table, ContainerClass]] = []
+    for table in top.tables("containers"):
+        known: dict[str, object] = {}
+        for key, value in table.data.items():
+            if key in _CONTAINER_KEYS:
+                known[key] = value
+            elif key in _WRANGLER_IGNORED:
+                warnings.append(f"{file}: {table.where(key)}: ignored (not used by Portside)")
+            else:
+                hint = _did_you_mean(key, _CONTAINER_KEYS, "; ")
+                warnings.append(f"{file}: {table.where(key)}: ignored (unknown field{hint})")
+        old_name = known.get("instance_type")
+        if isinstance(old_name, str) and old_name in _WRANGLER_TYPE_ALIASES:
+            known["instance_type"] = _WRANGLER_TYPE_ALIASES[old_name]
+            warnings.append(
+                f"{file}: {table.where('instance_type')}: {_show(old_name)} read as "
+                f"{_show(known['instance_type'])}, its current name"
+            )
+        kept = _Table(file, table.at, known, noun="object")
+        classes.append((kept, _container(kept)))
+
+    routes: list[tuple[_Table, Route]] = []
+    for index, entry in enumerate(top.array("routes")):
+        at = f"routes[{index}]"
+        if isinstance(entry, str) or (
+            isinstance(entry, dict) and "pattern" in entry and "path" not in entry
+        ):
+            # A Workers route (`example.com/*` or {pattern, zone_name}): Cloudflare's, not ours.
+            warnings.append(
+                f"{file}: {at}: ignored (a Workers route; "
+                "Portside routes are {path, class_name, instance})"
+            )
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(file, at, f"must be an object, not {_show(entry)}")
+        table = _Table(file, at, entry, noun="object")
+        routes.append((table, _route(table)))
+    return _assemble(classes, routes), warnings
+
+
+def strip_jsonc(text: str) -> str:
+    """JSON from JSONC: `//` and `/* */` comments and trailing commas become spaces.
+
+    Line and column numbers are kept, so JSON errors point into the user's file.
+    """
+    out: list[str] = []
+    last = -1  # index in `out` of the last character that is neither blank nor comment
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            while end < n and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            out.append(text[i : end + 1])
+            last = len(out) - 1
+            i = end + 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end == -1 else end
+            out.append(" " * (end - i))
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end == -1:
+                raise json.JSONDecodeError("unterminated /* comment", text, i)
+            out.append(re.sub(r"[^\n]", " ", text[i : end + 2]))
+            i = end + 2
+        else:
+            if char in "}]" and last >= 0 and out[last] == ",":
+                out[last] = " "
+            out.append(char)
+            if not char.isspace():
+                last = len(out) - 1
+            i += 1
+    return "".join(out)
+
+
+def _container(table: _Table) -> ContainerClass:
+    name = table.text("class_name")
+    if not _CLASS_NAME.fullmatch(name):
+        raise table.error(
+            "class_name",
+            f"{_show(name)} is not a class name; use a letter, then up to 62 letters, "
+            "digits, '_' or '-'",
+        )
+    image = table.text("image")
+    if not image.strip():
+        raise table.error("image", "must not be empty")
+    return ContainerClass(
+        name=name,
+        image=image,
+        default_port=table.integer("default_port", _DEFAULT.default_port, low=1, high=65535),
+        instance_type=(
+            _instance_type(table) if "instance_type" in table else _DEFAULT.instance_type
+        ),
+        sleep_after_s=table.duration("sleep_after", _DEFAULT.sleep_after_s),
+        max_instances=table.integer("max_instances", _DEFAULT.max_instances, low=0),
+        env=_env(table) if "env" in table else {},
+        entrypoint=_entrypoint(table) if "entrypoint" in table else (),
+        enable_internet=table.boolean("enable_internet", _DEFAULT.enable_internet),
+        boot_timeout_s=table.duration("boot_timeout", _DEFAULT.boot_timeout_s),
+    )
+
+
+def _instance_type(table: _Table) -> InstanceType:
+    value = table.data["instance_type"]
+    if isinstance(value, str) and value in INSTANCE_TYPES:
+        return INSTANCE_TYPES[value]
+    if not isinstance(value, dict):
+        raise table.error(
+            "instance_type",
+            f"{_show(value)} is not an instance type; use {', '.join(INSTANCE_TYPES)}, "
+            f"or {table.a_noun} {{{', '.join(_CUSTOM_TYPE_KEYS)}}}",
+        )
+    custom = table.table("instance_type")
+    custom.check_keys(_CUSTOM_TYPE_KEYS)
+    vcpu = custom.number("vcpu")
+    if not 0 < vcpu <= _MAX_VCPU:
+        raise custom.error("vcpu", f"must be more than 0 and at most {_MAX_VCPU:g}, not {vcpu:g}")
+    return InstanceType(
+        name="custom",
+        vcpu=vcpu,
+        memory_mib=custom.integer("memory_mib", low=_MIN_MEMORY_MIB),
+        disk_mb=custom.integer("disk_mb", _CUSTOM_DISK_MB, low=0),
+    )
+
+
+def _env(table: _Table) -> dict[str, str]:
+    env = table.table("env")
+    for key in env.data:
+        if not key or "=" in key or "\0" in key:
+            raise env.error(key, "is not a variable name; it must be non-empty, without '='")
+    return {key: env.text(key) for key in env.data}
+
+
+def _entrypoint(table: _Table) -> tuple[str, ...]:
+    items = table.array("entrypoint")
+    if not items:
+        raise table.error("entrypoint", "must not be empty; leave it out to use the image's")
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise table.error(f"entrypoint[{index}]", f"must be a string, not {_show(item)}")
+    return tuple(str(item) for item in items)
+
+
+def _route(table: _Table) -> Route:
+    table.check_keys(_ROUTE_KEYS)
+    path = table.text("path")
+    if not path.startswith("/"):
+        raise table.error("path", f'{_show(path)} must start with "/"')
+    if any(char in "?#" or char.isspace() for char in path):
+        raise table.error("path", f"{_show(path)} must be a bare path: no query, '#' or spaces")
+    instance = _instance_source(table) if "instance" in table else None
+    return Route(path=path, class_name=table.text("class_name"), instance=instance)
+
+
+def _instance_source(table: _Table) -> InstanceSource:
+    text = table.text("instance")
+    prefix, colon, arg = text.partition(":")
+    kind = _SOURCE_KINDS.get(prefix)
+    if not colon or kind is None:
+        raise table.error("instance", f"{_show(text)} is not an instance source; {_SOURCE_SYNTAX}")
+    if kind == "path":
+        if not _SEGMENT_INDEX.fullmatch(arg) or int(arg) < 1:
+            raise table.error(
+                "instance",
+                f"{_show(text)}: N in path:N must be a whole number from 1 "
+                "(the N-th path segment after the route's path)",
+            )
+        return InstanceSource(kind, index=int(arg))
+    if kind in ("header", "cookie") and not _HTTP_TOKEN.fullmatch(arg):
+        raise table.error("instance", f"{_show(text)}: {arg!r} is not a valid {kind} name")
+    if kind == "query" and (not arg or any(c in "&=#" or c.isspace() for c in arg)):
+        raise table.error("instance", f"{_show(text)}: {arg!r} is not a valid query name")
+    return InstanceSource(kind, name=arg)
+
+
+def _assemble(
+    classes: Sequence[tuple[_Table, ContainerClass]], routes: Sequence[tuple[_Table, Route]]
+) -> Config:
+    """The checks that span entries: unique class names and paths, routes to known classes."""
+    declared: dict[str, str] = {}
+    for table, cls in classes:
+        if cls.name in declared:
+            raise table.error(
+                "class_name", f"{_show(cls.name)} is already declared by {declared[cls.name]}"
+            )
+        declared[cls.name] = table.at
+    routed: dict[str, str] = {}
+    for table, route in routes:
+        if route.class_name not in declared:
+            known = ", ".join(declared) or "none"
+            raise table.error(
+                "class_name",
+                f"{_show(route.class_name)} is not a declared container class; declared: {known}",
+            )
+        if route.path in routed:
+            raise table.error(
+                "path", f"{_show(route.path)} is already routed by {routed[route.path]}"
+            )
+        routed[route.path] = table.at
+    return Config(
+        classes=tuple(cls for _, cls in classes), routes=tuple(route for _, route in routes)
+    )
+
+
+class _Table:
+    """One table (TOML) or object (JSON) of a config and where it sits, for error messages."""
+
+    def __init__(self, file: str, at: str, data: Mapping[str, object], noun: str) -> None:
+        self.file, self.at, self.data, self.noun = file, at, data, noun
+        self.a_noun = f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+
+    def __contains__(self, key: str) -> bool:
+        return self.data.get(key) is not None  # JSON null counts as absent
+
+    def where(self, key: str) -> str:
+        return f"{self.at}.{key}" if self.at else key
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.where(key), problem)
+
+    def check_keys(self, allowed: Sequence[str]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                hint = _did_you_mean(key, allowed, " (", ")")
+                raise self.error(key, f"unknown key{hint}; allowed: {', '.join(allowed)}")
+
+    def _value(self, key: str, default: object) -> object:
+        if key in self:
+            return self.data[key]
+        if isinstance(default, _Required):
+            raise self.error(key, "required, but missing")
+        return default
+
+    def text(self, key: str, default: str | _Required = _REQUIRED) -> str:
+        value = self._value(key, default)
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, not {_show(value)}")
+        return value
+
+    def boolean(self, key: str, default: bool | _Required = _REQUIRED) -> bool:
+        value = self._value(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_show(value)}")
+        return value
+
+    def integer(
+        self, key: str, default: int | _Required = _REQUIRED, *, low: int, high: int | None = None
+    ) -> int:
+        value = self._value(key, default)
+        in_range = f"from {low} to {high}" if high is not None else f">= {low}"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise self.error(key, f"must be an integer {in_range}, not {_show(value)}")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self._value(key, _REQUIRED)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, not {_show(value)}")
+        return float(value)
+
+    def duration(self, key: str, default: float) -> float:
+        if key not in self:
+            return default
+        value = self.text(key)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from exc
+        if seconds <= 0:
+            raise self.error(key, f"{_show(value)} must be longer than zero")
+        return seconds
+
+    def array(self, key: str) -> list[object]:
+        """The list at `key`, empty when absent."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"must be an array, not {_show(value)}")
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self._value(key, _REQUIRED)
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be {self.a_noun}, not {_show(value)}")
+        return _Table(self.file, self.where(key), value, self.noun)
+
+    def tables(self, key: str) -> Iterator[_Table]:
+        """The tables of an array of tables, like TOML's `[[containers]]`."""
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, list):
+            example = f" like [[{key}]]" if self.noun == "table" else ""
+            raise self.error(key, f"must be an array of {self.noun}s{example}, not {_show(value)}")
+        for index, item in enumerate(value or []):
+            at = f"{self.where(key)}[{index}]"
+            if not isinstance(item, dict):
+                raise ConfigError(self.file, at, f"must be {self.a_noun}, not {_show(item)}")
+            yield _Table(self.file, at, item, self.noun)
+
+
+def _did_you_mean(key: str, allowed: Sequence[str], before: str, after: str = "") -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"{before}did you mean {close[0]}?{after}" if close else ""
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it (JSON and TOML share strings, numbers and booleans)."""
+    try:
+        shown = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        shown = str(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
