@@ -1,0 +1,68 @@
+"""`portside edge`: the ingress proxy wired to the control plane — resolves over gRPC, follows
+the deployed config over a watch stream, serves /metrics on its own port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from edge.proxy import EdgeProxy, Target, metrics_app
+from portside import daemon, net
+from portside.api.v1 import controlplane_pb2 as cp
+from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.cluster import follow_config
+from portside.errors import from_grpc
+
+log = logging.getLogger("portside.edge")
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    controlplane: str
+    listen: str
+    metrics_listen: str
+    region: str
+    deadlines: net.Deadlines = net.Deadlines()
+
+
+class GrpcResolver:
+    """Resolves through the control plane; failures become Portside errors with its reason."""
+
+    def __init__(self, channel: grpc.aio.Channel, controlplane: str, deadline_s: float) -> None:
+        self.stub = cp_grpc.ControlPlaneStub(channel)
+        self.controlplane = controlplane
+        self.deadline_s = deadline_s
+
+    async def resolve(self, class_name: str, instance_name: str, hint: str) -> Target:
+        try:
+            reply = await self.stub.Resolve(
+                cp.ResolveRequest(class_name=class_name, instance_name=instance_name,
+                                  location_hint=hint),
+                timeout=self.deadline_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, f"control plane {self.controlplane}") from exc
+        return Target(node_id=reply.node_id, data_address=reply.data_address)
+
+
+async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
+    stop = stop or daemon.stop_on_signals()
+    async with net.grpc_channel(opts.controlplane) as channel:
+        proxy = EdgeProxy(opts.region, GrpcResolver(channel, opts.controlplane,
+                                                    opts.deadlines.resolve), opts.deadlines)
+        ingress = await net.start_http_server(proxy.app(), opts.listen)
+        scrape = await net.start_http_server(metrics_app(), opts.metrics_listen)
+        log.info("edge %s serving %s (metrics %s), control plane %s", opts.region, opts.listen,
+                 opts.metrics_listen, opts.controlplane)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                watch = tasks.create_task(follow_config(channel, proxy.set_config))
+                await stop.wait()
+                watch.cancel()
+        finally:
+            await ingress.cleanup()
+            await scrape.cleanup()
+            log.info("edge stopped")
