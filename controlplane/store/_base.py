@@ -5,7 +5,7 @@ Every write can be made conditional on a key's mod revision; keys are str, value
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -54,13 +54,22 @@ class Store(Protocol):
         """
         ...
 
-    def watch(self, prefix: str, start_revision: int = 0) -> AsyncIterator[WatchEvent]:
+    def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         """Events under `prefix` from `start_revision` (0: from now on), until the iterator
-        is closed. Raises StoreError if that revision has been compacted away."""
+        is closed. Raises StoreError if that revision has been compacted away.
+
+        Calling watch() does no I/O: the watch starts at the first `__anext__`, so "now" is
+        then. To miss nothing, watch from the revision `range()` returned, plus one.
+        `aclose()` (or `contextlib.aclosing`) cancels the watch at once; merely leaving an
+        `async for` leaves that to the garbage collector. If the store is closed while the
+        watch is open, the iterator raises StoreError rather than ending quietly.
+        """
         ...
 
     async def grant_lease(self, ttl_s: int) -> int:
-        """A new lease id; keys put with it vanish when it is not refreshed within ttl_s."""
+        """A new lease id; keys put with it vanish when it is not refreshed within ttl_s.
+
+        The store may grant more than ttl_s (etcd's minimum is 2 s with default timings)."""
         ...
 
     async def refresh_lease(self, lease: int) -> bool:
@@ -68,7 +77,7 @@ class Store(Protocol):
         ...
 
     async def revoke_lease(self, lease: int) -> None:
-        """End the lease now, deleting its keys."""
+        """End the lease now, deleting its keys; an expired or unknown lease is not an error."""
         ...
 
     async def close(self) -> None: ...
