@@ -10,6 +10,7 @@ from portside.spec import (
     ContainerClass,
     Config,
     InstanceSource,
+    InstanceSourceKind,
     InstanceType,
     Node,
     Route,
@@ -53,12 +54,17 @@ def route_to_pb(r: Route) -> pb.Route:
     return msg
 
 
+_SOURCE_KINDS: dict[str, InstanceSourceKind] = {
+    "header": "header", "query": "query", "cookie": "cookie", "path": "path"}
+
+
 def route_from_pb(m: pb.Route) -> Route:
     source = None
     if m.HasField("instance"):
-        kind = m.instance.kind
-        if kind not in ("header", "query", "cookie", "path"):
-            raise ValueError(f"route {m.path}: instance kind {kind!r} is not header, query, cookie or path")
+        kind = _SOURCE_KINDS.get(m.instance.kind)
+        if kind is None:
+            raise ValueError(f"route {m.path}: instance kind {m.instance.kind!r} is not "
+                             "header, query, cookie or path")
         source = InstanceSource(kind=kind, name=m.instance.name, index=m.instance.index)
     return Route(path=m.path, class_name=m.class_name, instance=source)
 

@@ -95,14 +95,14 @@ _FROM_GRPC: dict[grpc.StatusCode, type[PortsideError]] = {
 def grpc_code(exc: PortsideError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in GRPC_CODE:
-            return GRPC_CODE[cls]  # type: ignore[index]
+            return GRPC_CODE[cls]
     return grpc.StatusCode.INTERNAL
 
 
 def http_status(exc: PortsideError) -> int:
     for cls in type(exc).__mro__:
         if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
+            return HTTP_STATUS[cls]
     return 500
 
 

@@ -50,7 +50,7 @@ def grpc_server() -> grpc.aio.Server:
 
 def add_grpc_port(server: grpc.aio.Server, address: str) -> int:
     split_hostport(address, "listen address")
-    port = server.add_insecure_port(address)
+    port = int(server.add_insecure_port(address))
     if port == 0:
         raise InvalidArgument(f"cannot listen on {address}: address in use or not local")
     return port
@@ -91,5 +91,5 @@ def free_port(host: str = "127.0.0.1") -> int:
     """An unused TCP port on `host` (for tests and `portside up`)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        port = sock.getsockname()[1]
+        return int(port)

@@ -1,0 +1,67 @@
+"""`portside controlplane`: the gRPC server, its store, its view of the cluster, and /metrics.
+
+One TaskGroup owns every task; SIGINT/SIGTERM stop the server gracefully within a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
+from controlplane.service import ControlPlaneService
+from controlplane.store import open_store
+from controlplane.view import ClusterView
+from portside import daemon, net
+from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+
+log = logging.getLogger("portside.controlplane")
+
+
+@dataclass(frozen=True)
+class ControlPlaneOptions:
+    listen: str
+    store_url: str
+    metrics_listen: str
+    region: str = "fra"  # the location hint used when a resolve carries none
+    node_ttl_s: int = 10
+    grace_s: float = 5.0
+
+
+async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
+    stop = stop or daemon.stop_on_signals()
+    store = await open_store(opts.store_url)
+    view = ClusterView(store)
+    await view.load()
+    server = net.grpc_server()
+    cp_grpc.add_ControlPlaneServicer_to_server(
+        ControlPlaneService(store, view, node_ttl_s=opts.node_ttl_s, default_region=opts.region),
+        server,
+    )
+    net.add_grpc_port(server, opts.listen)
+    runner = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
+    await server.start()
+    log.info("control plane serving gRPC on %s, metrics on %s, store %s", opts.listen,
+             opts.metrics_listen, opts.store_url)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            # A failed watch ends the group, and with it the process: a stale view must not serve.
+            follow = tasks.create_task(view.follow())
+            gauges = tasks.create_task(_update_gauges(view))
+            await stop.wait()
+            follow.cancel()
+            gauges.cancel()
+    finally:
+        await server.stop(opts.grace_s)
+        await runner.cleanup()
+        await store.close()
+        log.info("control plane stopped")
+
+
+async def _update_gauges(view: ClusterView) -> None:
+    while True:
+        NODES_ALIVE.set(len(view.nodes))
+        for name, count in view.class_count.items():
+            INSTANCES_PLACED.labels(name).set(count)
+        await asyncio.sleep(1)

@@ -1,0 +1,34 @@
+"""The control plane's Prometheus metrics: every placement and resolve is counted or timed."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PLACEMENTS = Counter(
+    "portside_controlplane_placements_total",
+    "Placement decisions for named instances, by outcome (placed, replaced, rejected) and reason.",
+    ["class", "outcome", "reason"],
+)
+RESOLVE_SECONDS = Histogram(
+    "portside_controlplane_resolve_seconds",
+    "Time to resolve a named instance to its node, placing it if needed.",
+    ["result"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+NODES_ALIVE = Gauge("portside_controlplane_nodes_alive", "Nodes whose lease is alive.")
+INSTANCES_PLACED = Gauge(
+    "portside_controlplane_instances_placed", "Named instances placed, by class.", ["class"]
+)
+HEARTBEAT_STREAMS = Gauge(
+    "portside_controlplane_heartbeat_streams", "Node agents connected to this replica."
+)
+STORE_SECONDS = Histogram(
+    "portside_controlplane_store_seconds",
+    "Latency of store operations.",
+    ["op"],
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+)
+STORE_ERRORS = Counter(
+    "portside_controlplane_store_errors_total", "Store operations that failed.", ["op"]
+)
+DEPLOYS = Counter("portside_controlplane_deploys_total", "Configs deployed.")

@@ -1,0 +1,7 @@
+"""`python -m portside` is the `portside` command."""
+
+import sys
+
+from portside.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""Start a real Portside cluster the way a user does — `portside controlplane|agent|edge` as
+separate processes — and clean up after it: processes, their containers, their store keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+
+from portside.net import free_port
+
+PORTSIDE = [sys.executable, "-m", "portside"]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    address: str
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def wait_for_port(address: str, proc: Proc | None = None, timeout_s: float = 20.0) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{address} did not open within {timeout_s}s")
+
+
+@dataclass
+class Cluster:
+    """One test's cluster. Node ids carry a per-test tag, so containers are cleaned by label."""
+
+    tmp: Path
+    store_url: str
+    tag: str
+    procs: list[Proc] = field(default_factory=list)
+    controlplane_address: str = ""
+
+    def _start(self, name: str, args: list[str], address: str) -> Proc:
+        log = self.tmp / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen([*PORTSIDE, *args], stdout=log.open("wb"),
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = Proc(name, popen, log, address)
+        self.procs.append(proc)
+        wait_for_port(address, proc)
+        return proc
+
+    def start_controlplane(self, *extra: str) -> Proc:
+        address = f"127.0.0.1:{free_port()}"
+        proc = self._start(f"controlplane-{len(self.procs)}",
+                           ["controlplane", "--listen", address, "--store", self.store_url,
+                            "--metrics-listen", f"127.0.0.1:{free_port()}", *extra], address)
+        self.controlplane_address = self.controlplane_address or address
+        return proc
+
+    def start_agent(self, region: str, host: str = "127.0.0.1", *extra: str) -> Proc:
+        port = free_port(host)
+        api_port = free_port(host)
+        node_id = f"{self.tag}-{region}-{port}"
+        return self._start(f"agent-{node_id}",
+                           ["agent", "--controlplane", self.controlplane_address,
+                            "--listen", f"{host}:{port}", "--api-listen", f"{host}:{api_port}",
+                            "--region", region, "--node-id", node_id, *extra], f"{host}:{port}")
+
+    def start_edge(self, region: str, host: str = "127.0.0.1") -> Proc:
+        address = f"{host}:{free_port(host)}"
+        return self._start(f"edge-{region}-{len(self.procs)}",
+                           ["edge", "--controlplane", self.controlplane_address,
+                            "--listen", address, "--metrics-listen", f"{host}:{free_port(host)}",
+                            "--region", region], address)
+
+    def deploy(self, toml_text: str) -> None:
+        path = self.tmp / "portside.toml"
+        path.write_text(toml_text)
+        out = subprocess.run([*PORTSIDE, "deploy", str(path), "--controlplane",
+                              self.controlplane_address], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out = subprocess.run([*PORTSIDE, "nodes", "--json", "--controlplane",
+                                  self.controlplane_address], capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.count('"id"') >= count:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{count} nodes did not register within {timeout_s}s")
+
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(sig)
+            try:
+                proc.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+                raise AssertionError(f"{proc.name} did not stop within {timeout_s}s") from None
+        return proc.popen.returncode
+
+    def close(self, client: docker.DockerClient) -> None:
+        for proc in reversed(self.procs):
+            if proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+        for c in client.containers.list(all=True, filters={"label": "portside.node"}):
+            if c.labels.get("portside.node", "").startswith(self.tag + "-"):
+                c.remove(force=True)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name}\n{p.log_text()[-6000:]}" for p in self.procs)
