@@ -42,8 +42,12 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     net.add_grpc_port(server, opts.listen)
     runner = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
     await server.start()
-    log.info("control plane serving gRPC on %s, metrics on %s, store %s", opts.listen,
-             opts.metrics_listen, opts.store_url)
+    log.info(
+        "control plane serving gRPC on %s, metrics on %s, store %s",
+        opts.listen,
+        opts.metrics_listen,
+        opts.store_url,
+    )
     try:
         async with asyncio.TaskGroup() as tasks:
             # A failed watch ends the group, and with it the process: a stale view must not serve.

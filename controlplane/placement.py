@@ -57,13 +57,19 @@ async def resolve_named_instance(
             previous_node = current.node_id  # its node's lease expired: place it again
         # Instances already on the dead node (this one included) no longer reserve anything.
         states = [
-            NodeState(node=n, alive=True, used_vcpu=view.use_of(n.id).vcpu,
-                      used_memory_mib=view.use_of(n.id).memory_mib,
-                      instances=view.use_of(n.id).instances)
+            NodeState(
+                node=n,
+                alive=True,
+                used_vcpu=view.use_of(n.id).vcpu,
+                used_memory_mib=view.use_of(n.id).memory_mib,
+                instances=view.use_of(n.id).instances,
+            )
             for n in view.nodes.values()
         ]
         request = PlacementRequest(
-            class_name=class_name, instance_type=cls.instance_type, near=near,
+            class_name=class_name,
+            instance_type=cls.instance_type,
+            near=near,
             class_instances=view.instances_of(class_name) - (1 if kv is not None else 0),
             max_instances=cls.max_instances,
         )
@@ -73,8 +79,12 @@ async def resolve_named_instance(
             log.info("placement of %s/%s rejected: %s", class_name, name, decision.reason)
             raise NoCapacity(decision.reason)
         record = InstanceRecord(
-            class_name=class_name, name=name, instance_id=iid, node_id=decision.node.id,
-            vcpu=cls.instance_type.vcpu, memory_mib=cls.instance_type.memory_mib,
+            class_name=class_name,
+            name=name,
+            instance_id=iid,
+            node_id=decision.node.id,
+            vcpu=cls.instance_type.vcpu,
+            memory_mib=cls.instance_type.memory_mib,
             placed_at=time.time(),
         )
         expected = kv.mod_revision if kv is not None else 0
@@ -82,8 +92,15 @@ async def resolve_named_instance(
             view.note_placed(key, record)
             outcome = "replaced" if previous_node else "placed"
             PLACEMENTS.labels(class_name, outcome, "").inc()
-            log.info("%s %s/%s on %s (hint %s; scores %s)", outcome, class_name, name,
-                     decision.node.id, near.code, dict(decision.scores))
+            log.info(
+                "%s %s/%s on %s (hint %s; scores %s)",
+                outcome,
+                class_name,
+                name,
+                decision.node.id,
+                near.code,
+                dict(decision.scores),
+            )
             return Resolved(record, decision.node, placed=True)
         # Someone else placed (or moved) it first: read theirs on the next turn.
     raise StoreError(f"could not place {class_name}/{name}: {_MAX_ATTEMPTS} conflicting writes")

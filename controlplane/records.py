@@ -9,11 +9,11 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from portside.convert import class_from_pb, class_to_pb, route_from_pb, route_to_pb
-from portside.api.v1 import types_pb2
-from portside.spec import ContainerClass, Node, Route
-
 from google.protobuf import json_format
+
+from portside.api.v1 import types_pb2
+from portside.convert import class_from_pb, class_to_pb, route_from_pb, route_to_pb
+from portside.spec import ContainerClass, Node, Route
 
 ROOT = "/portside/"
 CLASSES = ROOT + "classes/"

@@ -107,7 +107,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         class_names = {c.name for c in config.classes}
         old_classes, _ = await self.store.range(records.CLASSES)
         for kv in old_classes:
-            if kv.key[len(records.CLASSES):] not in class_names:
+            if kv.key[len(records.CLASSES) :] not in class_names:
                 await self.store.delete(kv.key)
         DEPLOYS.inc()
         log.info("deployed %d classes, %d routes", len(config.classes), len(config.routes))
@@ -120,13 +120,12 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     async def WatchConfig(
         self, request: cp.WatchConfigRequest, context: Any
     ) -> AsyncIterator[cp.WatchConfigResponse]:
-        version = -1
+        sent = -1
         while True:
             async with self.view.config_changed:
-                await self.view.config_changed.wait_for(
-                    lambda: self.view.config_version != version
-                )
-                version = self.view.config_version
+                while self.view.config_version == sent:
+                    await self.view.config_changed.wait()
+                sent = self.view.config_version
                 config = self.view.config()
             yield cp.WatchConfigResponse(config=config_to_pb(config))
 
@@ -136,15 +135,21 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         result = "error"
         try:
             resolved = await resolve_named_instance(
-                self.store, self.view, request.class_name, request.instance_name,
-                request.location_hint, self.default_region,
+                self.store,
+                self.view,
+                request.class_name,
+                request.instance_name,
+                request.location_hint,
+                self.default_region,
             )
             result = "placed" if resolved.placed else "found"
         finally:
             RESOLVE_SECONDS.labels(result).observe(time.perf_counter() - start)
         return cp.ResolveResponse(
-            node_id=resolved.node.id, data_address=resolved.node.data_address,
-            instance_id=resolved.record.instance_id, region=resolved.node.region,
+            node_id=resolved.node.id,
+            data_address=resolved.node.data_address,
+            instance_id=resolved.record.instance_id,
+            region=resolved.node.region,
             placed=resolved.placed,
         )
 
@@ -153,9 +158,15 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         out = []
         for node_id in sorted(self.view.nodes):
             use = self.view.use_of(node_id)
-            out.append(cp.NodeInfo(node=node_to_pb(self.view.nodes[node_id]), alive=True,
-                                   used_vcpu=use.vcpu, used_memory_mib=use.memory_mib,
-                                   instances=use.instances))
+            out.append(
+                cp.NodeInfo(
+                    node=node_to_pb(self.view.nodes[node_id]),
+                    alive=True,
+                    used_vcpu=use.vcpu,
+                    used_memory_mib=use.memory_mib,
+                    instances=use.instances,
+                )
+            )
         return cp.ListNodesResponse(nodes=out)
 
     @_statuses
@@ -163,8 +174,13 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self, request: cp.ListInstancesRequest, context: Any
     ) -> cp.ListInstancesResponse:
         out = [
-            cp.PlacedInstance(class_name=r.class_name, name=r.name, instance_id=r.instance_id,
-                              node_id=r.node_id, placed_at=r.placed_at)
+            cp.PlacedInstance(
+                class_name=r.class_name,
+                name=r.name,
+                instance_id=r.instance_id,
+                node_id=r.node_id,
+                placed_at=r.placed_at,
+            )
             for r in sorted(self.view.instances.values(), key=lambda r: (r.class_name, r.name))
             if not request.class_name or r.class_name == request.class_name
         ]
@@ -182,25 +198,36 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             async for message in request_iterator:
                 if not lease:
                     if not message.HasField("node") or not message.node.id:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            "the first heartbeat must carry the node")
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "the first heartbeat must carry the node",
+                        )
                     node = node_from_pb(message.node)
                     try:
                         geo.lookup(node.region)
                     except PortsideError as exc:
                         await context.abort(grpc_code(exc), f"node {node.id}: {exc}")
                     lease = await self.store.grant_lease(self.node_ttl_s)
-                    await self.store.put(records.node_key(node.id), records.encode_node(node), lease)
-                    log.info("node %s joined (%s, %s, %.2f vCPU, %d MiB)", node.id, node.region,
-                             node.data_address, node.vcpu, node.memory_mib)
+                    await self.store.put(
+                        records.node_key(node.id), records.encode_node(node), lease
+                    )
+                    log.info(
+                        "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
+                        node.id,
+                        node.region,
+                        node.data_address,
+                        node.vcpu,
+                        node.memory_mib,
+                    )
                     yield cp.NodeHeartbeatResponse(lease_ttl_seconds=self.node_ttl_s)
                     continue
                 if not await self.store.refresh_lease(lease):
                     # The lease expired (a long pause, or a store failover): register again.
                     assert node is not None
                     lease = await self.store.grant_lease(self.node_ttl_s)
-                    await self.store.put(records.node_key(node.id), records.encode_node(node),
-                                         lease)
+                    await self.store.put(
+                        records.node_key(node.id), records.encode_node(node), lease
+                    )
                     log.warning("node %s lease had expired; renewed", node.id)
             if lease and node is not None:
                 await self.store.revoke_lease(lease)

@@ -61,7 +61,7 @@ class ClusterView:
         key, deleted = kv.key, event.type == "delete"
         try:
             if key.startswith(records.CLASSES):
-                name = key[len(records.CLASSES):]
+                name = key[len(records.CLASSES) :]
                 if deleted:
                     self.classes.pop(name, None)
                 else:
@@ -74,7 +74,7 @@ class ClusterView:
                     self.routes[key] = records.decode_route(kv.value)
                 return True
             if key.startswith(records.NODES):
-                node_id = key[len(records.NODES):]
+                node_id = key[len(records.NODES) :]
                 if deleted:
                     self.nodes.pop(node_id, None)
                 else:
@@ -106,8 +106,10 @@ class ClusterView:
         self.class_count[rec.class_name] = self.class_count.get(rec.class_name, 0) + sign
 
     def config(self) -> Config:
-        return Config(classes=tuple(self.classes[k] for k in sorted(self.classes)),
-                      routes=tuple(self.routes[k] for k in sorted(self.routes)))
+        return Config(
+            classes=tuple(self.classes[k] for k in sorted(self.classes)),
+            routes=tuple(self.routes[k] for k in sorted(self.routes)),
+        )
 
     def use_of(self, node_id: str) -> NodeUse:
         return self.node_use.get(node_id) or NodeUse()

@@ -39,8 +39,9 @@ class GrpcResolver:
     async def resolve(self, class_name: str, instance_name: str, hint: str) -> Target:
         try:
             reply = await self.stub.Resolve(
-                cp.ResolveRequest(class_name=class_name, instance_name=instance_name,
-                                  location_hint=hint),
+                cp.ResolveRequest(
+                    class_name=class_name, instance_name=instance_name, location_hint=hint
+                ),
                 timeout=self.deadline_s,
             )
         except grpc.aio.AioRpcError as exc:
@@ -51,18 +52,38 @@ class GrpcResolver:
 async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
     async with net.grpc_channel(opts.controlplane) as channel:
-        proxy = EdgeProxy(opts.region, GrpcResolver(channel, opts.controlplane,
-                                                    opts.deadlines.resolve), opts.deadlines)
-        ingress = await net.start_http_server(proxy.app(), opts.listen)
+        proxy = EdgeProxy(
+            opts.region,
+            GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve),
+            opts.deadlines,
+        )
         scrape = await net.start_http_server(metrics_app(), opts.metrics_listen)
-        log.info("edge %s serving %s (metrics %s), control plane %s", opts.region, opts.listen,
-                 opts.metrics_listen, opts.controlplane)
+        ingress = None
         try:
             async with asyncio.TaskGroup() as tasks:
-                watch = tasks.create_task(follow_config(channel, proxy.set_config))
+                got_config = asyncio.Event()
+                watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
+                # Open the ingress with the routes in place, so that the first requests are not
+                # answered "no route"; an unreachable control plane only delays it by a bound.
+                try:
+                    await asyncio.wait_for(got_config.wait(), opts.deadlines.rpc)
+                except TimeoutError:
+                    log.warning(
+                        "no config from %s yet; serving without routes until it comes",
+                        opts.controlplane,
+                    )
+                ingress = await net.start_http_server(proxy.app(), opts.listen)
+                log.info(
+                    "edge %s serving %s (metrics %s), control plane %s",
+                    opts.region,
+                    opts.listen,
+                    opts.metrics_listen,
+                    opts.controlplane,
+                )
                 await stop.wait()
                 watch.cancel()
         finally:
-            await ingress.cleanup()
+            if ingress is not None:
+                await ingress.cleanup()
             await scrape.cleanup()
             log.info("edge stopped")

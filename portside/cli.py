@@ -31,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("controlplane", help="run a control plane replica")
     p.add_argument("--listen", default="127.0.0.1:7070", help="gRPC HOST:PORT")
-    p.add_argument("--store", required=True,
-                   help="etcd://HOST:PORT[,HOST:PORT...] or sqlite:///PATH")
+    p.add_argument(
+        "--store", required=True, help="etcd://HOST:PORT[,HOST:PORT...] or sqlite:///PATH"
+    )
     p.add_argument("--metrics-listen", help="HOST:PORT for /metrics (default: --listen port + 1)")
     p.add_argument("--region", default="fra", help="hint for resolves that carry none")
-    p.add_argument("--node-ttl", type=int, default=10, help="seconds a node lives without a heartbeat")
+    p.add_argument(
+        "--node-ttl", type=int, default=10, help="seconds a node lives without a heartbeat"
+    )
 
     p = sub.add_parser("agent", help="run a node agent")
     p.add_argument("--controlplane", default=_controlplane_default())
@@ -102,42 +105,67 @@ def _dispatch(args: argparse.Namespace) -> int:
         from controlplane.main import ControlPlaneOptions
         from controlplane.main import run as run_controlplane
 
-        asyncio.run(run_controlplane(ControlPlaneOptions(
-            listen=args.listen, store_url=args.store,
-            metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
-            region=args.region, node_ttl_s=args.node_ttl,
-        )))
+        asyncio.run(
+            run_controlplane(
+                ControlPlaneOptions(
+                    listen=args.listen,
+                    store_url=args.store,
+                    metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
+                    region=args.region,
+                    node_ttl_s=args.node_ttl,
+                )
+            )
+        )
         return 0
     if args.command == "agent":
         from nodeagent.agent import AgentOptions
         from nodeagent.agent import run as run_agent
 
         labels = dict(_key_value(x) for x in args.label)
-        asyncio.run(run_agent(AgentOptions(
-            controlplane=args.controlplane, listen=args.listen,
-            api_listen=args.api_listen or with_port_offset(args.listen, 1),
-            region=args.region, node_id=args.node_id, vcpu=args.vcpu,
-            memory_mib=args.memory_mib, labels=labels,
-        )))
+        asyncio.run(
+            run_agent(
+                AgentOptions(
+                    controlplane=args.controlplane,
+                    listen=args.listen,
+                    api_listen=args.api_listen or with_port_offset(args.listen, 1),
+                    region=args.region,
+                    node_id=args.node_id,
+                    vcpu=args.vcpu,
+                    memory_mib=args.memory_mib,
+                    labels=labels,
+                )
+            )
+        )
         return 0
     if args.command == "edge":
         from edge.main import EdgeOptions
         from edge.main import run as run_edge
 
-        asyncio.run(run_edge(EdgeOptions(
-            controlplane=args.controlplane, listen=args.listen,
-            metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
-            region=args.region,
-        )))
+        asyncio.run(
+            run_edge(
+                EdgeOptions(
+                    controlplane=args.controlplane,
+                    listen=args.listen,
+                    metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
+                    region=args.region,
+                )
+            )
+        )
         return 0
     if args.command == "up":
         from portside.up import UpOptions
         from portside.up import run as run_up
 
-        return run_up(UpOptions(config=args.config, listen=args.listen,
-                                controlplane_listen=args.controlplane_listen,
-                                agent_listen=args.agent_listen, region=args.region,
-                                data_dir=args.data_dir))
+        return run_up(
+            UpOptions(
+                config=args.config,
+                listen=args.listen,
+                controlplane_listen=args.controlplane_listen,
+                agent_listen=args.agent_listen,
+                region=args.region,
+                data_dir=args.data_dir,
+            )
+        )
     if args.command == "deploy":
         return asyncio.run(_deploy(args.file, args.controlplane))
     if args.command == "nodes":
@@ -166,8 +194,11 @@ async def deploy_config(file: str, controlplane: str) -> tuple[int, int]:
     async with net.grpc_channel(controlplane) as channel:
         stub = cp_grpc.ControlPlaneStub(channel)
         try:
-            reply = await stub.Deploy(cp.DeployRequest(config=config_to_pb(config)),
-                                      timeout=net.Deadlines().rpc, wait_for_ready=True)
+            reply = await stub.Deploy(
+                cp.DeployRequest(config=config_to_pb(config)),
+                timeout=net.Deadlines().rpc,
+                wait_for_ready=True,
+            )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"control plane {controlplane}") from exc
     return reply.classes, reply.routes
@@ -187,32 +218,57 @@ async def _nodes(controlplane: str, as_json: bool) -> int:
     async with net.grpc_channel(controlplane) as channel:
         try:
             reply = await cp_grpc.ControlPlaneStub(channel).ListNodes(
-                cp.ListNodesRequest(), timeout=net.Deadlines().rpc)
+                cp.ListNodesRequest(), timeout=net.Deadlines().rpc
+            )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"control plane {controlplane}") from exc
     rows = [
-        {"id": n.node.id, "region": n.node.region, "address": n.node.data_address,
-         "vcpu": n.node.vcpu, "memory_mib": n.node.memory_mib, "used_vcpu": n.used_vcpu,
-         "used_memory_mib": n.used_memory_mib, "instances": n.instances, "alive": n.alive}
+        {
+            "id": n.node.id,
+            "region": n.node.region,
+            "address": n.node.data_address,
+            "vcpu": n.node.vcpu,
+            "memory_mib": n.node.memory_mib,
+            "used_vcpu": n.used_vcpu,
+            "used_memory_mib": n.used_memory_mib,
+            "instances": n.instances,
+            "alive": n.alive,
+        }
         for n in reply.nodes
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'NODE':24} {'REGION':6} {'ADDRESS':22} {'VCPU':>11} {'MEMORY MiB':>15} {'INSTANCES':>9}")
+    print(
+        f"{'NODE':24} {'REGION':6} {'ADDRESS':22} {'VCPU':>11} {'MEMORY MiB':>15} {'INSTANCES':>9}"
+    )
     for r in rows:
-        print(f"{r['id']:24} {r['region']:6} {r['address']:22} "
-              f"{r['used_vcpu']:>5.2f}/{r['vcpu']:<5.2f} {r['used_memory_mib']:>7}/{r['memory_mib']:<7} "
-              f"{r['instances']:>9}")
+        print(
+            f"{r['id']:24} {r['region']:6} {r['address']:22} "
+            f"{r['used_vcpu']:>5.2f}/{r['vcpu']:<5.2f} "
+            f"{r['used_memory_mib']:>7}/{r['memory_mib']:<7} {r['instances']:>9}"
+        )
     return 0
 
 
 def _regions(as_json: bool) -> int:
     regions = sorted(geo.REGIONS.values(), key=lambda loc: (loc.area, loc.code))
     if as_json:
-        print(json.dumps([{"code": r.code, "name": r.name, "area": r.area,
-                           "latitude": r.latitude, "longitude": r.longitude} for r in regions],
-                         indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "code": r.code,
+                        "name": r.name,
+                        "area": r.area,
+                        "latitude": r.latitude,
+                        "longitude": r.longitude,
+                    }
+                    for r in regions
+                ],
+                indent=2,
+            )
+        )
         return 0
     print(f"{'CODE':5} {'AREA':5} {'LATITUDE':>9} {'LONGITUDE':>10}  NAME")
     for r in regions:

@@ -31,8 +31,11 @@ class Backoff:
         self.next = min(self.most, self.next * 2)
 
 
-async def follow_config(channel: grpc.aio.Channel, apply: Callable[[Config], None],
-                        first_config: asyncio.Event | None = None) -> None:
+async def follow_config(
+    channel: grpc.aio.Channel,
+    apply: Callable[[Config], None],
+    first_config: asyncio.Event | None = None,
+) -> None:
     """Call `apply` with the whole config now and after every deploy; runs until cancelled.
     While the control plane is unreachable the last config stays in force."""
     stub = cp_grpc.ControlPlaneStub(channel)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from portside.api.v1 import types_pb2 as pb
 from portside.spec import (
-    ContainerClass,
     Config,
+    ContainerClass,
     InstanceSource,
     InstanceSourceKind,
     InstanceType,
@@ -27,20 +27,30 @@ def instance_type_from_pb(m: pb.InstanceType) -> InstanceType:
 
 def class_to_pb(c: ContainerClass) -> pb.ContainerClass:
     return pb.ContainerClass(
-        name=c.name, image=c.image, default_port=c.default_port,
+        name=c.name,
+        image=c.image,
+        default_port=c.default_port,
         instance_type=instance_type_to_pb(c.instance_type),
-        sleep_after_seconds=c.sleep_after_s, max_instances=c.max_instances, env=dict(c.env),
-        entrypoint=list(c.entrypoint), enable_internet=c.enable_internet,
+        sleep_after_seconds=c.sleep_after_s,
+        max_instances=c.max_instances,
+        env=dict(c.env),
+        entrypoint=list(c.entrypoint),
+        enable_internet=c.enable_internet,
         boot_timeout_seconds=c.boot_timeout_s,
     )
 
 
 def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
     return ContainerClass(
-        name=m.name, image=m.image, default_port=m.default_port,
+        name=m.name,
+        image=m.image,
+        default_port=m.default_port,
         instance_type=instance_type_from_pb(m.instance_type),
-        sleep_after_s=m.sleep_after_seconds, max_instances=m.max_instances, env=dict(m.env),
-        entrypoint=tuple(m.entrypoint), enable_internet=m.enable_internet,
+        sleep_after_s=m.sleep_after_seconds,
+        max_instances=m.max_instances,
+        env=dict(m.env),
+        entrypoint=tuple(m.entrypoint),
+        enable_internet=m.enable_internet,
         boot_timeout_s=m.boot_timeout_seconds,
     )
 
@@ -55,7 +65,11 @@ def route_to_pb(r: Route) -> pb.Route:
 
 
 _SOURCE_KINDS: dict[str, InstanceSourceKind] = {
-    "header": "header", "query": "query", "cookie": "cookie", "path": "path"}
+    "header": "header",
+    "query": "query",
+    "cookie": "cookie",
+    "path": "path",
+}
 
 
 def route_from_pb(m: pb.Route) -> Route:
@@ -63,29 +77,50 @@ def route_from_pb(m: pb.Route) -> Route:
     if m.HasField("instance"):
         kind = _SOURCE_KINDS.get(m.instance.kind)
         if kind is None:
-            raise ValueError(f"route {m.path}: instance kind {m.instance.kind!r} is not "
-                             "header, query, cookie or path")
+            raise ValueError(
+                f"route {m.path}: instance kind {m.instance.kind!r} is not "
+                "header, query, cookie or path"
+            )
         source = InstanceSource(kind=kind, name=m.instance.name, index=m.instance.index)
     return Route(path=m.path, class_name=m.class_name, instance=source)
 
 
 def config_to_pb(c: Config) -> pb.Config:
-    return pb.Config(classes=[class_to_pb(x) for x in c.classes],
-                     routes=[route_to_pb(r) for r in c.routes])
+    return pb.Config(
+        classes=[class_to_pb(x) for x in c.classes], routes=[route_to_pb(r) for r in c.routes]
+    )
 
 
 def config_from_pb(m: pb.Config) -> Config:
-    return Config(classes=tuple(class_from_pb(x) for x in m.classes),
-                  routes=tuple(route_from_pb(r) for r in m.routes))
+    return Config(
+        classes=tuple(class_from_pb(x) for x in m.classes),
+        routes=tuple(route_from_pb(r) for r in m.routes),
+    )
 
 
 def node_to_pb(n: Node) -> pb.Node:
-    return pb.Node(id=n.id, data_address=n.data_address, api_address=n.api_address,
-                   region=n.region, latitude=n.latitude, longitude=n.longitude, vcpu=n.vcpu,
-                   memory_mib=n.memory_mib, labels=dict(n.labels))
+    return pb.Node(
+        id=n.id,
+        data_address=n.data_address,
+        api_address=n.api_address,
+        region=n.region,
+        latitude=n.latitude,
+        longitude=n.longitude,
+        vcpu=n.vcpu,
+        memory_mib=n.memory_mib,
+        labels=dict(n.labels),
+    )
 
 
 def node_from_pb(m: pb.Node) -> Node:
-    return Node(id=m.id, data_address=m.data_address, api_address=m.api_address,
-                region=m.region, latitude=m.latitude, longitude=m.longitude, vcpu=m.vcpu,
-                memory_mib=m.memory_mib, labels=dict(m.labels))
+    return Node(
+        id=m.id,
+        data_address=m.data_address,
+        api_address=m.api_address,
+        region=m.region,
+        latitude=m.latitude,
+        longitude=m.longitude,
+        vcpu=m.vcpu,
+        memory_mib=m.memory_mib,
+        labels=dict(m.labels),
+    )

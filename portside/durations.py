@@ -18,7 +18,7 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _UNIT[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(f"{text!r} is not a duration; use e.g. \"500ms\", \"30s\", \"5m\", \"1h\"")
+        raise ValueError(f'{text!r} is not a duration; use e.g. "500ms", "30s", "5m", "1h"')
     return total
 
 

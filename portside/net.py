@@ -64,12 +64,23 @@ def grpc_channel(target: str) -> grpc.aio.Channel:
 def http_client_session(deadlines: Deadlines, limit: int = 1000) -> aiohttp.ClientSession:
     """A pooled keep-alive session for proxying: no total timeout (bodies stream for as long as
     they flow), but bounded connect and between-bytes reads."""
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300,
-                                     enable_cleanup_closed=True, keepalive_timeout=30)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=deadlines.connect,
-                                    sock_read=deadlines.upstream_read)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+    connector = aiohttp.TCPConnector(
+        limit=limit,
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+        keepalive_timeout=30,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=deadlines.connect, sock_read=deadlines.upstream_read
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+    )
 
 
 async def start_http_server(app: web.Application, address: str) -> web.AppRunner:

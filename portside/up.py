@@ -54,23 +54,51 @@ def run(opts: UpOptions) -> int:
         children.append((name, proc))
 
     try:
-        spawn("control plane", "controlplane", "--listen", opts.controlplane_listen,
-              "--store", store_url, "--region", opts.region)
+        spawn(
+            "control plane",
+            "controlplane",
+            "--listen",
+            opts.controlplane_listen,
+            "--store",
+            store_url,
+            "--region",
+            opts.region,
+        )
         _wait_for_port(opts.controlplane_listen, "control plane", children, opts.start_timeout_s)
         from portside.cli import deploy_config
 
         classes, routes = asyncio.run(deploy_config(opts.config, opts.controlplane_listen))
-        spawn("agent", "agent", "--controlplane", opts.controlplane_listen,
-              "--listen", opts.agent_listen, "--region", opts.region)
-        spawn("edge", "edge", "--controlplane", opts.controlplane_listen,
-              "--listen", opts.listen, "--region", opts.region)
+        spawn(
+            "agent",
+            "agent",
+            "--controlplane",
+            opts.controlplane_listen,
+            "--listen",
+            opts.agent_listen,
+            "--region",
+            opts.region,
+        )
+        spawn(
+            "edge",
+            "edge",
+            "--controlplane",
+            opts.controlplane_listen,
+            "--listen",
+            opts.listen,
+            "--region",
+            opts.region,
+        )
         _wait_for_port(opts.agent_listen, "agent", children, opts.start_timeout_s)
         _wait_for_port(opts.listen, "edge", children, opts.start_timeout_s)
-        print(f"Portside is up: http://{opts.listen} serves {classes} classes and {routes} routes "
-              f"from {opts.config}\n  control plane {opts.controlplane_listen} "
-              f"(metrics {with_port_offset(opts.controlplane_listen, 1)}), agent "
-              f"{opts.agent_listen}, edge metrics {with_port_offset(opts.listen, 1)}\n"
-              f"  store {store_url}; Ctrl-C stops everything", flush=True)
+        asyncio.run(_wait_for_node(opts.controlplane_listen, opts.start_timeout_s))
+        print(
+            f"Portside is up: http://{opts.listen} serves {classes} classes and {routes} routes "
+            f"from {opts.config}\n  control plane {opts.controlplane_listen} "
+            f"(metrics {with_port_offset(opts.controlplane_listen, 1)}), agent "
+            f"{opts.agent_listen}, edge metrics {with_port_offset(opts.listen, 1)}\n"
+            f"  store {store_url}; Ctrl-C stops everything",
+            flush=True,
+        )
         while not stopping:
             for name, proc in children:
                 if proc.poll() is not None:
@@ -84,8 +112,9 @@ def run(opts: UpOptions) -> int:
         _stop_all(children, opts.stop_timeout_s)
 
 
-def _wait_for_port(address: str, name: str, children: list[tuple[str, subprocess.Popen[bytes]]],
-                   timeout_s: float) -> None:
+def _wait_for_port(
+    address: str, name: str, children: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float
+) -> None:
     import socket
 
     host, port = split_hostport(address)
@@ -93,14 +122,33 @@ def _wait_for_port(address: str, name: str, children: list[tuple[str, subprocess
     while time.monotonic() < deadline:
         for child_name, proc in children:
             if proc.poll() is not None:
-                raise Unavailable(f"the {child_name} exited with code {proc.returncode} "
-                                  "during start-up (its log is above)")
+                raise Unavailable(
+                    f"the {child_name} exited with code {proc.returncode} "
+                    "during start-up (its log is above)"
+                )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     raise Unavailable(f"the {name} did not open {address} within {timeout_s:g}s")
+
+
+async def _wait_for_node(controlplane: str, timeout_s: float) -> None:
+    """Ready means the agent has registered: before that every resolve would answer 503."""
+    from portside import net
+    from portside.api.v1 import controlplane_pb2 as cp
+    from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with net.grpc_channel(controlplane) as channel:
+        stub = cp_grpc.ControlPlaneStub(channel)
+        while time.monotonic() < deadline:
+            reply = await stub.ListNodes(cp.ListNodesRequest(), timeout=net.Deadlines().rpc)
+            if reply.nodes:
+                return
+            await asyncio.sleep(0.05)
+    raise Unavailable(f"the agent did not register with the control plane within {timeout_s:g}s")
 
 
 def _stop_all(children: list[tuple[str, subprocess.Popen[bytes]]], timeout_s: float) -> None:

@@ -29,8 +29,15 @@ def generate(out_dir: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = str(Path(protoc.__file__).parent / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *protos,
+        ]
         if protoc.main(args) != 0:
             sys.exit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +46,9 @@ def generate(out_dir: Path) -> None:
             # protoc names imports after the proto package path; the code lives in portside.api.
             text = re.sub(r"\bfrom portside\.v1 import\b", "from portside.api.v1 import", text)
             (out_dir / src.name).write_text(text)
-    (out_dir / "__init__.py").write_text('"""Generated gRPC code for portside.v1 (scripts/gen_proto.py)."""\n')
+    (out_dir / "__init__.py").write_text(
+        '"""Generated gRPC code for portside.v1 (scripts/gen_proto.py)."""\n'
+    )
 
 
 if __name__ == "__main__":

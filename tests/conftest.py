@@ -29,7 +29,9 @@ def etcd_url() -> str:
     parsed = urlparse(ETCD_URL)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 2379
     if not _reachable(host, port):
-        pytest.fail(f"etcd is not running at {host}:{port}: start it as .ci/run does", pytrace=False)
+        pytest.fail(
+            f"etcd is not running at {host}:{port}: start it as .ci/run does", pytrace=False
+        )
     return ETCD_URL
 
 

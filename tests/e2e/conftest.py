@@ -32,11 +32,26 @@ def test_image(docker_client: docker.DockerClient) -> str:
 
 
 @pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path, etcd_url: str,
-            docker_client: docker.DockerClient, test_image: str) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    etcd_url: str,
+    docker_client: docker.DockerClient,
+    test_image: str,
+) -> Iterator[Cluster]:
     # Every e2e test gets an empty Portside keyspace in the shared etcd.
-    subprocess.run(["etcdctl", "--endpoints", etcd_url.removeprefix("etcd://"), "del",
-                    "--prefix", "/portside/"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "etcdctl",
+            "--endpoints",
+            etcd_url.removeprefix("etcd://"),
+            "del",
+            "--prefix",
+            "/portside/",
+        ],
+        check=True,
+        capture_output=True,
+    )
     c = Cluster(tmp=tmp_path, store_url=etcd_url, tag="t" + secrets.token_hex(3))
     try:
         yield c

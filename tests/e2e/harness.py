@@ -35,7 +35,9 @@ def wait_for_port(address: str, proc: Proc | None = None, timeout_s: float = 20.
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()}")
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()}"
+            )
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
                 return
@@ -57,8 +59,13 @@ class Cluster:
     def _start(self, name: str, args: list[str], address: str) -> Proc:
         log = self.tmp / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        popen = subprocess.Popen([*PORTSIDE, *args], stdout=log.open("wb"),
-                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        popen = subprocess.Popen(
+            [*PORTSIDE, *args],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         proc = Proc(name, popen, log, address)
         self.procs.append(proc)
         wait_for_port(address, proc)
@@ -66,9 +73,20 @@ class Cluster:
 
     def start_controlplane(self, *extra: str) -> Proc:
         address = f"127.0.0.1:{free_port()}"
-        proc = self._start(f"controlplane-{len(self.procs)}",
-                           ["controlplane", "--listen", address, "--store", self.store_url,
-                            "--metrics-listen", f"127.0.0.1:{free_port()}", *extra], address)
+        proc = self._start(
+            f"controlplane-{len(self.procs)}",
+            [
+                "controlplane",
+                "--listen",
+                address,
+                "--store",
+                self.store_url,
+                "--metrics-listen",
+                f"127.0.0.1:{free_port()}",
+                *extra,
+            ],
+            address,
+        )
         self.controlplane_address = self.controlplane_address or address
         return proc
 
@@ -76,31 +94,62 @@ class Cluster:
         port = free_port(host)
         api_port = free_port(host)
         node_id = f"{self.tag}-{region}-{port}"
-        return self._start(f"agent-{node_id}",
-                           ["agent", "--controlplane", self.controlplane_address,
-                            "--listen", f"{host}:{port}", "--api-listen", f"{host}:{api_port}",
-                            "--region", region, "--node-id", node_id, *extra], f"{host}:{port}")
+        return self._start(
+            f"agent-{node_id}",
+            [
+                "agent",
+                "--controlplane",
+                self.controlplane_address,
+                "--listen",
+                f"{host}:{port}",
+                "--api-listen",
+                f"{host}:{api_port}",
+                "--region",
+                region,
+                "--node-id",
+                node_id,
+                *extra,
+            ],
+            f"{host}:{port}",
+        )
 
     def start_edge(self, region: str, host: str = "127.0.0.1") -> Proc:
         address = f"{host}:{free_port(host)}"
-        return self._start(f"edge-{region}-{len(self.procs)}",
-                           ["edge", "--controlplane", self.controlplane_address,
-                            "--listen", address, "--metrics-listen", f"{host}:{free_port(host)}",
-                            "--region", region], address)
+        return self._start(
+            f"edge-{region}-{len(self.procs)}",
+            [
+                "edge",
+                "--controlplane",
+                self.controlplane_address,
+                "--listen",
+                address,
+                "--metrics-listen",
+                f"{host}:{free_port(host)}",
+                "--region",
+                region,
+            ],
+            address,
+        )
 
     def deploy(self, toml_text: str) -> None:
         path = self.tmp / "portside.toml"
         path.write_text(toml_text)
-        out = subprocess.run([*PORTSIDE, "deploy", str(path), "--controlplane",
-                              self.controlplane_address], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [*PORTSIDE, "deploy", str(path), "--controlplane", self.controlplane_address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0, out.stderr
 
     def wait_for_nodes(self, count: int, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            out = subprocess.run([*PORTSIDE, "nodes", "--json", "--controlplane",
-                                  self.controlplane_address], capture_output=True, text=True)
+            out = subprocess.run(
+                [*PORTSIDE, "nodes", "--json", "--controlplane", self.controlplane_address],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode == 0 and out.stdout.count('"id"') >= count:
                 return
             time.sleep(0.2)

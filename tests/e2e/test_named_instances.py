@@ -4,16 +4,13 @@ on real processes started from the CLI, a real etcd and a real Docker engine."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
-import urllib.request
 
 import aiohttp
 import docker
 import pytest
 
-from tests.e2e.harness import PORTSIDE, Cluster
+from tests.e2e.harness import Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +37,9 @@ instance = "path:1"
 """
 
 
-async def get(session: aiohttp.ClientSession, url: str, name: str | None = None,
-              hint: str | None = None) -> tuple[int, str, dict[str, str]]:
+async def get(
+    session: aiohttp.ClientSession, url: str, name: str | None = None, hint: str | None = None
+) -> tuple[int, str, dict[str, str]]:
     headers = {}
     if name is not None:
         headers["X-Session-Id"] = name
@@ -51,7 +49,9 @@ async def get(session: aiohttp.ClientSession, url: str, name: str | None = None,
         return resp.status, await resp.text(), dict(resp.headers)
 
 
-def containers_of(client: docker.DockerClient, name: str, cluster: Cluster) -> list[docker.models.containers.Container]:
+def containers_of(
+    client: docker.DockerClient, name: str, cluster: Cluster
+) -> list[docker.models.containers.Container]:
     found = client.containers.list(all=True, filters={"label": f"portside.instance={name}"})
     return [c for c in found if c.labels["portside.node"].startswith(cluster.tag + "-")]
 
@@ -127,7 +127,9 @@ async def test_location_hint_places_near(
     async with aiohttp.ClientSession() as s:
         assert (await get(s, f"http://{edge.address}/session/whoami", "asia", hint="sin"))[0] == 200
         assert (await get(s, f"http://{edge.address}/session/whoami", "europe"))[0] == 200
-        assert (await get(s, f"http://{edge.address}/session/whoami", "area", hint="apac"))[0] == 200
+        assert (await get(s, f"http://{edge.address}/session/whoami", "area", hint="apac"))[
+            0
+        ] == 200
     (asia,) = containers_of(docker_client, "asia", cluster)
     (europe,) = containers_of(docker_client, "europe", cluster)
     (area,) = containers_of(docker_client, "area", cluster)
@@ -140,16 +142,33 @@ async def test_fifty_concurrent_first_requests_from_two_edges_boot_one_container
     cluster: Cluster, test_image: str, docker_client: docker.DockerClient
 ) -> None:
     cluster.start_controlplane()
-    cluster.deploy(config(test_image))
+    # busybox httpd (not the image's nc server) so that 50 connections at once are all accepted.
+    cluster.deploy(
+        config(
+            test_image,
+            extra=f"""
+[[containers]]
+class_name = "Httpd"
+image = "{test_image}"
+instance_type = "lite"
+entrypoint = ["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]
+
+[[routes]]
+path = "/cgi-bin"
+class_name = "Httpd"
+instance = "header:X-Session-Id"
+""",
+        )
+    )
     cluster.start_agent("fra", "127.0.0.2")
     cluster.start_agent("ams", "127.0.0.3")
     edges = [cluster.start_edge("fra"), cluster.start_edge("ams")]
     cluster.wait_for_nodes(2)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as s:
-        results = await asyncio.gather(*(
-            get(s, f"http://{edges[i % 2].address}/session/whoami", "crowd") for i in range(50)
-        ))
-    assert [r[0] for r in results] == [200] * 50, results
+        results = await asyncio.gather(
+            *(get(s, f"http://{edges[i % 2].address}/cgi-bin/whoami", "crowd") for i in range(50))
+        )
+    assert [r[0] for r in results] == [200] * 50, [r[:2] for r in results if r[0] != 200]
     assert len({r[1] for r in results}) == 1
     assert len(containers_of(docker_client, "crowd", cluster)) == 1
 
@@ -231,7 +250,10 @@ async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) ->
         await asyncio.sleep(2.5)  # let it sleep once
         cp_metrics = _metrics_address(cp.popen.args)
         text = await (await s.get(f"http://{cp_metrics}/metrics")).text()
-        assert 'portside_controlplane_placements_total{class="Echo",outcome="placed",reason=""} 1.0' in text
+        assert (
+            'portside_controlplane_placements_total{class="Echo",outcome="placed",reason=""} 1.0'
+            in text
+        )
         assert "portside_controlplane_resolve_seconds_bucket" in text
         text = await (await s.get(f"http://{agent.address}/metrics")).text()
         assert 'portside_agent_boots_total{class="Echo",outcome="ok"} 1.0' in text

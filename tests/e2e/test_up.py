@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from portside.net import free_port
-from tests.e2e.harness import PORTSIDE, wait_for_port
+from tests.e2e.harness import PORTSIDE
 
 pytestmark = pytest.mark.e2e
 
@@ -34,16 +34,23 @@ instance = "query:user"
 """)
     edge, cp, agent = (f"127.0.0.1:{free_port()}" for _ in range(3))
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen([*PORTSIDE, "up", "--listen", edge, "--controlplane-listen", cp,
-                           "--agent-listen", agent], cwd=tmp_path, stdout=log,
-                          stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        [*PORTSIDE, "up", "--listen", edge, "--controlplane-listen", cp, "--agent-listen", agent],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     node_prefix = None
     try:
-        wait_for_port(edge, timeout_s=30)
+        deadline = time.monotonic() + 30
+        while "Portside is up" not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "up.log"
+            ).read_text()
+            time.sleep(0.05)
         with urllib.request.urlopen(f"http://{edge}/hello/whoami?user=ada", timeout=30) as resp:
             assert resp.status == 200
-        (container,) = docker_client.containers.list(
-            filters={"label": "portside.instance=ada"})
+        (container,) = docker_client.containers.list(filters={"label": "portside.instance=ada"})
         node_prefix = container.labels["portside.node"]
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0, (tmp_path / "up.log").read_text()
@@ -63,8 +70,12 @@ instance = "query:user"
 def test_deploy_of_a_bad_config_names_file_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "portside.toml"
     bad.write_text('[[containers]]\nclass_name = "A"\nimage = "x"\ninstance_type = "huge"\n')
-    out = subprocess.run([*PORTSIDE, "deploy", str(bad), "--controlplane", "127.0.0.1:1"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*PORTSIDE, "deploy", str(bad), "--controlplane", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1
     assert str(bad) in out.stderr and "containers[0].instance_type" in out.stderr
     assert "standard-1" in out.stderr
@@ -73,7 +84,12 @@ def test_deploy_of_a_bad_config_names_file_and_field(tmp_path: Path) -> None:
 def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
     (tmp_path / "portside.toml").write_text('[[routes]]\npath = "nope"\nclass_name = "X"\n')
     started = time.monotonic()
-    out = subprocess.run([*PORTSIDE, "up", "--listen", f"127.0.0.1:{free_port()}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [*PORTSIDE, "up", "--listen", f"127.0.0.1:{free_port()}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 1 and "portside.toml" in out.stderr and "routes[0]" in out.stderr
     assert time.monotonic() - started < 10

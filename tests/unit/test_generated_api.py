@@ -10,8 +10,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_matches_proto(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check", str(tmp_path)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check", str(tmp_path)],
+        check=True,
+    )
     committed = ROOT / "portside" / "api" / "v1"
     fresh = {p.name: p.read_text() for p in tmp_path.iterdir()}
     current = {p.name: p.read_text() for p in committed.iterdir() if p.suffix in (".py", ".pyi")}

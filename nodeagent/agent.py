@@ -1,0 +1,227 @@
+"""`portside agent`: one per host — runs the instance manager and the HTTP data plane, serves the
+NodeAgent gRPC API, and keeps the node registered through a heartbeat stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from nodeagent.instances import InstanceManager, InstanceSnapshot
+from nodeagent.proxy import DataPlane
+from nodeagent.runtime import DockerRuntime
+from portside import daemon, geo, net
+from portside.api.v1 import controlplane_pb2 as cp
+from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.api.v1 import nodeagent_pb2 as na
+from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
+from portside.api.v1 import types_pb2 as pb
+from portside.cluster import Backoff, follow_config
+from portside.convert import node_to_pb
+from portside.spec import Config, ContainerClass, Node
+
+log = logging.getLogger("portside.agent")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    controlplane: str
+    listen: str
+    api_listen: str
+    region: str
+    node_id: str | None = None
+    vcpu: float | None = None
+    memory_mib: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # A busy container's accept queue can overflow (busybox httpd listens with a backlog of 9):
+    # connects then wait for SYN retransmits, so the connect deadline must allow a few seconds.
+    deadlines: net.Deadlines = net.Deadlines()
+
+
+def host_memory_mib() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+def build_node(opts: AgentOptions) -> Node:
+    location = geo.lookup(opts.region)
+    _, port = net.split_hostport(opts.listen)
+    return Node(
+        id=opts.node_id or f"{socket.gethostname()}-{port}",
+        data_address=opts.listen,
+        api_address=opts.api_listen,
+        region=location.code,
+        latitude=location.latitude,
+        longitude=location.longitude,
+        vcpu=opts.vcpu if opts.vcpu is not None else float(os.cpu_count() or 1),
+        memory_mib=opts.memory_mib if opts.memory_mib is not None else host_memory_mib(),
+        labels=dict(opts.labels),
+    )
+
+
+class ClassCatalog:
+    """The deployed classes by name, replaced whole on every config the control plane sends."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, ContainerClass] = {}
+
+    def apply(self, config: Config) -> None:
+        self._classes = {c.name: c for c in config.classes}
+
+    def get(self, name: str) -> ContainerClass | None:
+        return self._classes.get(name)
+
+
+def status_to_pb(s: InstanceSnapshot, now: float) -> pb.InstanceStatus:
+    return pb.InstanceStatus(
+        instance_id=s.id,
+        class_name=s.class_name,
+        name=s.name,
+        state=s.state.value,
+        container_id=s.container_id or "",
+        in_flight=s.in_flight,
+        idle_seconds=max(0.0, now - s.last_activity) if s.in_flight == 0 else 0.0,
+    )
+
+
+class NodeAgentService(na_grpc.NodeAgentServicer):
+    def __init__(self, manager: InstanceManager) -> None:
+        self.manager = manager
+
+    async def ListInstances(
+        self, request: na.ListAgentInstancesRequest, context: Any
+    ) -> na.ListAgentInstancesResponse:
+        now = time.monotonic()
+        return na.ListAgentInstancesResponse(
+            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
+        )
+
+    async def StopInstance(
+        self, request: na.StopInstanceRequest, context: Any
+    ) -> na.StopInstanceResponse:
+        if not await self.manager.stop(request.instance_id):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"this agent has no instance {request.instance_id}"
+            )
+        return na.StopInstanceResponse()
+
+
+class Heartbeat:
+    """Keeps the node registered: one stream, a message every third of the lease, reconnecting
+    with backoff when the control plane goes away (containers keep serving meanwhile). `leave()`
+    ends the stream cleanly, which tells the control plane to drop the node at once."""
+
+    def __init__(self, channel: grpc.aio.Channel, node: Node, manager: InstanceManager) -> None:
+        self.stub = cp_grpc.ControlPlaneStub(channel)
+        self.node = node
+        self.manager = manager
+        self.period = 1.0
+        self.leaving = asyncio.Event()
+
+    def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
+        now = time.monotonic()
+        msg = cp.NodeHeartbeatRequest(
+            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
+        )
+        if first:
+            msg.node.CopyFrom(node_to_pb(self.node))
+        return msg
+
+    async def _messages(self) -> AsyncIterator[cp.NodeHeartbeatRequest]:
+        yield self._message(first=True)
+        while not self.leaving.is_set():
+            try:
+                await asyncio.wait_for(self.leaving.wait(), self.period)
+            except TimeoutError:
+                yield self._message(first=False)
+
+    async def run(self) -> None:
+        backoff = Backoff(most=2.0)
+        while not self.leaving.is_set():
+            registered = False
+            try:
+                async for reply in self.stub.NodeHeartbeat(self._messages()):
+                    self.period = max(0.2, reply.lease_ttl_seconds / 3)
+                    if not registered:
+                        log.info(
+                            "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
+                        )
+                        registered = True
+                    backoff.reset()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise SystemExit(
+                        f"portside agent: the control plane refused this node: {exc.details()}"
+                    ) from exc
+                log.warning(
+                    "heartbeat stream of %s lost (%s); reconnecting", self.node.id, exc.code().name
+                )
+            if not self.leaving.is_set():
+                await backoff.wait()
+
+    async def leave(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
+        self.leaving.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            task.cancel()
+
+
+async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
+    stop = stop or daemon.stop_on_signals()
+    node = build_node(opts)
+    catalog = ClassCatalog()
+    runtime = DockerRuntime(node.id)
+    manager = InstanceManager(runtime, catalog.get)
+    adopted = await manager.adopt()
+    if adopted:
+        log.info("adopted %d containers of node %s", len(adopted), node.id)
+    async with net.grpc_channel(opts.controlplane) as channel:
+        api = net.grpc_server()
+        na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager), api)
+        net.add_grpc_port(api, opts.api_listen)
+        data_plane = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                got_config = asyncio.Event()
+                watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
+                try:
+                    await asyncio.wait_for(got_config.wait(), opts.deadlines.rpc)
+                except TimeoutError:
+                    log.warning(
+                        "no config from %s yet; serving without classes until it comes",
+                        opts.controlplane,
+                    )
+                data_plane = await net.start_http_server(
+                    DataPlane(manager, catalog.get, opts.deadlines).app(), opts.listen
+                )
+                await api.start()
+                heartbeat = Heartbeat(channel, node, manager)
+                beat = tasks.create_task(heartbeat.run())
+                sleeper = tasks.create_task(manager.run())
+                log.info(
+                    "agent %s (%s) serving %s, API %s, control plane %s",
+                    node.id,
+                    node.region,
+                    opts.listen,
+                    opts.api_listen,
+                    opts.controlplane,
+                )
+                await stop.wait()
+                await heartbeat.leave(beat)
+                for task in (watch, sleeper):
+                    task.cancel()
+        finally:
+            # Containers keep running: the next agent on this node adopts them.
+            if data_plane is not None:
+                await data_plane.cleanup()
+            await api.stop(2)
+            await manager.close()
+            await runtime.close()
+            log.info("agent %s stopped", node.id)

@@ -1,0 +1,58 @@
+"""The node agent's Prometheus metrics: boots, wakes, sleeps, proxied requests and their latency.
+
+Module-level objects in prometheus_client's default registry; the data plane serves /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Boots range from ~100 ms (a warm wake) to the longest boot_timeout a class may set.
+_BOOT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+# A proxied request costs the agent well under a millisecond; the rest is the container's time.
+_PROXY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                  10.0, 30.0, 60.0)
+
+BOOTS = Counter(
+    "portside_agent_boots_total",
+    "Container boots (create or wake, until the port answers), by outcome: ok, exited, timeout, "
+    "error.",
+    ["class", "outcome"],
+)
+BOOT_SECONDS = Histogram(
+    "portside_agent_boot_seconds",
+    "Time from the request that triggered a boot until the container's port answered.",
+    ["class"],
+    buckets=_BOOT_BUCKETS,
+)
+WAKES = Counter(
+    "portside_agent_wakes_total",
+    "Boots that restarted an existing stopped container (its writable layer kept), any outcome.",
+    ["class"],
+)
+SLEEPS = Counter(
+    "portside_agent_sleeps_total",
+    "Containers stopped because they were idle for their class's sleep_after.",
+    ["class"],
+)
+PROXIED_REQUESTS = Counter(
+    "portside_agent_proxied_requests_total",
+    "Requests the data plane answered for a class, by HTTP status (Portside's own errors too).",
+    ["class", "code"],
+)
+PROXY_SECONDS = Histogram(
+    "portside_agent_proxy_seconds",
+    "Time from a request's arrival until its response was fully sent, boots included.",
+    ["class"],
+    buckets=_PROXY_BUCKETS,
+)
+REQUESTS_IN_FLIGHT = Gauge(
+    "portside_agent_requests_in_flight",
+    "Requests and WebSockets that hold an instance awake right now (booting ones included).",
+    ["class"],
+)
+INSTANCES = Gauge(
+    "portside_agent_instances",
+    "Instances this agent knows, by state: stopped, booting, running, stopping.",
+    ["state"],
+)

@@ -1,0 +1,303 @@
+"""Unit tests of the instance manager's logic (shared boots, sleep, adopt, reconcile) over a fake
+runtime and a fake port probe: no Docker, no sockets. tests/integration covers the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+
+import pytest
+
+from nodeagent.instances import InstanceManager, InstanceState, Timing, Upstream
+from nodeagent.runtime import ContainerInfo
+from portside.errors import BootTimeout, ContainerExited, NotFound
+from portside.spec import ContainerClass, instance_id
+
+ECHO = ContainerClass("echo", "echo:latest", sleep_after_s=2.0, boot_timeout_s=1.0)
+FAST = Timing(sleep_check=0.01, reconcile=3600, port_poll=0.001, exit_poll=0.005, stop_grace=1)
+
+
+class FakeRuntime:
+    """Containers in a dict. `exit_on_start` makes a started container exit at once with that
+    code; `start_delay` stretches start() so tests can pile requests onto one boot."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, ContainerInfo] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.exit_on_start: int | None = None
+        self.start_delay = 0.0
+        self._next_ip = 1
+
+    def add(self, cls: ContainerClass, name: str, status: str, exit_code: int | None = None,
+            ip: str | None = None) -> ContainerInfo:
+        iid = instance_id(cls.name, name)
+        info = ContainerInfo(id=f"c-{iid[:8]}", name=f"portside-n-{iid[:16]}", status=status,
+                             exit_code=exit_code, ip=ip, port=cls.default_port,
+                             class_name=cls.name, instance_name=name, instance_id=iid)
+        self.containers[info.id] = info
+        return info
+
+    def set(self, container_id: str, **changes: object) -> None:
+        self.containers[container_id] = dataclasses.replace(self.containers[container_id],
+                                                            **changes)  # type: ignore[arg-type]
+
+    async def ensure_networks(self) -> None:
+        self.calls.append(("ensure_networks", ""))
+
+    async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
+        return list(self.containers.values())
+
+    async def create(self, cls: ContainerClass, name: str) -> str:
+        self.calls.append(("create", name))
+        return self.add(cls, name, "created").id
+
+    async def start(self, container_id: str) -> ContainerInfo:
+        self.calls.append(("start", container_id))
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        await asyncio.sleep(self.start_delay)
+        if self.exit_on_start is not None:
+            self.set(container_id, status="exited", exit_code=self.exit_on_start, ip=None)
+        else:
+            self._next_ip += 1
+            self.set(container_id, status="running", exit_code=None, ip=f"10.0.0.{self._next_ip}")
+        return self.containers[container_id]
+
+    async def stop(self, container_id: str, grace_s: float) -> None:
+        self.calls.append(("stop", container_id))
+        await asyncio.sleep(0.01)
+        self.set(container_id, status="exited", exit_code=143, ip=None)
+
+    async def inspect(self, container_id: str) -> ContainerInfo:
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        return self.containers[container_id]
+
+    async def remove(self, container_id: str, force: bool = False) -> None:
+        self.containers.pop(container_id, None)
+
+    async def close(self) -> None:
+        pass
+
+    def count(self, call: str) -> int:
+        return sum(1 for c, _ in self.calls if c == call)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Probe:
+    """The port answers once `answers` is true."""
+
+    def __init__(self) -> None:
+        self.answers = True
+
+    async def __call__(self, host: str, port: int) -> bool:
+        return self.answers
+
+
+@pytest.fixture
+def runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+def manager_for(runtime: FakeRuntime, probe: Probe, *classes: ContainerClass,
+                clock: Clock | None = None) -> InstanceManager:
+    by_name = {c.name: c for c in (classes or (ECHO,))}
+    return InstanceManager(runtime, by_name.get, timing=FAST, port_probe=probe,
+                           **({"clock": clock} if clock else {}))
+
+
+def state_of(manager: InstanceManager, cls: ContainerClass, name: str) -> InstanceState:
+    snap = manager.get(instance_id(cls.name, name))
+    assert snap is not None
+    return snap.state
+
+
+async def test_concurrent_acquires_share_one_boot(runtime: FakeRuntime, probe: Probe) -> None:
+    runtime.start_delay = 0.05
+    manager = manager_for(runtime, probe)
+    leases = await asyncio.gather(*(manager.acquire(ECHO, "alice") for _ in range(50)))
+    assert runtime.count("create") == 1 and runtime.count("start") == 1
+    assert {lease.upstream for lease in leases} == {Upstream("10.0.0.2", 8080)}
+    snap = manager.get(instance_id("echo", "alice"))
+    assert snap is not None and snap.in_flight == 50 and snap.state is InstanceState.RUNNING
+    for lease in leases:
+        lease.release()
+        lease.release()  # a second release is ignored
+    snap = manager.get(instance_id("echo", "alice"))
+    assert snap is not None and snap.in_flight == 0
+
+
+async def test_exit_during_boot_reports_the_code_and_next_request_wakes_it(
+        runtime: FakeRuntime, probe: Probe) -> None:
+    runtime.exit_on_start = 3
+    manager = manager_for(runtime, probe)
+    results = await asyncio.gather(*(manager.acquire(ECHO, "bob") for _ in range(3)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ContainerExited) for r in results)
+    error = results[0]
+    assert isinstance(error, ContainerExited) and error.exit_code == 3
+    assert str(error) == "container for echo/bob exited with code 3 before its port 8080 answered"
+    assert state_of(manager, ECHO, "bob") is InstanceState.STOPPED
+    runtime.exit_on_start = None
+    async with manager.use(ECHO, "bob"):
+        pass
+    # The same container was started again, not replaced.
+    assert runtime.count("create") == 1 and runtime.count("start") == 2
+
+
+async def test_silent_port_times_out_and_stops_the_container(runtime: FakeRuntime,
+                                                             probe: Probe) -> None:
+    probe.answers = False
+    cls = dataclasses.replace(ECHO, boot_timeout_s=0.1)
+    manager = manager_for(runtime, probe, cls)
+    with pytest.raises(BootTimeout, match=r"port 8080 did not answer within 0\.1s"):
+        await manager.acquire(cls, "carol")
+    assert state_of(manager, cls, "carol") is InstanceState.STOPPING
+    await asyncio.sleep(0.05)
+    assert state_of(manager, cls, "carol") is InstanceState.STOPPED
+    assert runtime.count("stop") == 1
+
+
+async def test_cancelled_waiter_frees_its_hold_and_boot_goes_on(runtime: FakeRuntime,
+                                                                probe: Probe) -> None:
+    runtime.start_delay = 0.05
+    manager = manager_for(runtime, probe)
+    waiter = asyncio.create_task(manager.acquire(ECHO, "dave"))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    snap = manager.get(instance_id("echo", "dave"))
+    assert snap is not None and snap.in_flight == 0 and snap.state is InstanceState.BOOTING
+    await asyncio.sleep(0.1)
+    assert state_of(manager, ECHO, "dave") is InstanceState.RUNNING
+
+
+async def test_sleeps_after_idle_never_while_in_flight(runtime: FakeRuntime, probe: Probe) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    lease = await manager.acquire(ECHO, "erin")
+    clock.now += 10
+    assert manager.sleep_idle() == []  # a request is in flight
+    lease.release()
+    clock.now += 1.9
+    assert manager.sleep_idle() == []
+    clock.now += 0.1
+    assert manager.sleep_idle() == [instance_id("echo", "erin")]
+    assert state_of(manager, ECHO, "erin") is InstanceState.STOPPING
+    await asyncio.sleep(0.05)
+    assert state_of(manager, ECHO, "erin") is InstanceState.STOPPED
+
+
+async def test_request_during_stop_waits_then_boots_again(runtime: FakeRuntime,
+                                                         probe: Probe) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    async with manager.use(ECHO, "fay"):
+        pass
+    clock.now += 5
+    manager.sleep_idle()
+    async with manager.use(ECHO, "fay") as upstream:
+        assert state_of(manager, ECHO, "fay") is InstanceState.RUNNING
+        assert upstream == Upstream("10.0.0.3", 8080)  # a new IP after the restart
+    assert runtime.count("stop") == 1 and runtime.count("start") == 2
+    assert runtime.count("create") == 1
+
+
+async def test_unknown_class_sleeps_after_the_default(runtime: FakeRuntime, probe: Probe) -> None:
+    clock = Clock()
+    manager = InstanceManager(runtime, lambda name: None, timing=FAST, clock=clock,
+                              port_probe=probe)
+    async with manager.use(ECHO, "gus"):
+        pass
+    clock.now += 60
+    assert manager.sleep_idle() == []
+    clock.now += 600
+    assert manager.sleep_idle() == [instance_id("echo", "gus")]
+
+
+async def test_adopt_takes_over_running_and_stopped_containers(runtime: FakeRuntime,
+                                                              probe: Probe) -> None:
+    running = runtime.add(ECHO, "hal", "running", ip="10.0.0.50")
+    stopped = runtime.add(ECHO, "ida", "exited", exit_code=143)
+    manager = manager_for(runtime, probe)
+    adopted = await manager.adopt()
+    assert {s.name: s.state for s in adopted} == {"hal": InstanceState.RUNNING,
+                                                  "ida": InstanceState.STOPPED}
+    async with manager.use(ECHO, "hal") as upstream:
+        assert upstream == Upstream("10.0.0.50", 8080)
+    assert runtime.count("start") == 0
+    async with manager.use(ECHO, "ida"):
+        pass
+    assert runtime.calls.count(("start", stopped.id)) == 1 and runtime.count("create") == 0
+    assert running.id in runtime.containers
+
+
+async def test_reconcile_notices_a_container_that_exited(runtime: FakeRuntime,
+                                                         probe: Probe) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    lease = await manager.acquire(ECHO, "jo")
+    lease.release()
+    assert lease.container_id is not None
+    runtime.set(lease.container_id, status="exited", exit_code=137, ip=None)
+    clock.now += 0.01
+    await manager.reconcile()
+    snap = manager.get(lease.instance_id)
+    assert snap is not None and snap.state is InstanceState.STOPPED and snap.exit_code == 137
+    async with manager.use(ECHO, "jo"):
+        pass
+    assert runtime.count("start") == 2
+
+
+async def test_reconcile_ignores_a_listing_older_than_the_boot(runtime: FakeRuntime,
+                                                               probe: Probe) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    lease = await manager.acquire(ECHO, "kim")
+    assert lease.container_id is not None
+    runtime.set(lease.container_id, status="exited", exit_code=0)
+    await manager.reconcile()  # the clock did not move: the listing may predate the boot
+    assert state_of(manager, ECHO, "kim") is InstanceState.RUNNING
+    lease.release()
+
+
+async def test_recheck_marks_a_dead_container_stopped(runtime: FakeRuntime, probe: Probe) -> None:
+    manager = manager_for(runtime, probe)
+    lease = await manager.acquire(ECHO, "lou")
+    assert lease.container_id is not None
+    assert (await manager.recheck(lease)) is not None
+    assert state_of(manager, ECHO, "lou") is InstanceState.RUNNING
+    runtime.set(lease.container_id, status="exited", exit_code=143, ip=None)
+    info = await manager.recheck(lease)
+    assert info is not None and info.exit_code == 143
+    assert state_of(manager, ECHO, "lou") is InstanceState.STOPPED
+    lease.release()
+
+
+async def test_removed_container_is_created_again(runtime: FakeRuntime, probe: Probe) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    lease = await manager.acquire(ECHO, "max")
+    lease.release()
+    clock.now += 5
+    manager.sleep_idle()
+    await asyncio.sleep(0.05)
+    assert lease.container_id is not None
+    await runtime.remove(lease.container_id)
+    async with manager.use(ECHO, "max"):
+        pass
+    assert runtime.count("create") == 2
