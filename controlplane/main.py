@@ -66,6 +66,6 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
 async def _update_gauges(view: ClusterView) -> None:
     while True:
         NODES_ALIVE.set(len(view.nodes))
-        for name, count in view.class_count.items():
+        for name, count in view.placed_by_class().items():
             INSTANCES_PLACED.labels(name).set(count)
         await asyncio.sleep(1)

@@ -55,7 +55,7 @@ async def resolve_named_instance(
             if node is not None:
                 return Resolved(current, node, placed=False)
             previous_node = current.node_id  # its node's lease expired: place it again
-        # Instances already on the dead node (this one included) no longer reserve anything.
+        # Only awake instances (and fresh placements) use capacity; a dead node's are gone.
         states = [
             NodeState(
                 node=n,
@@ -70,7 +70,7 @@ async def resolve_named_instance(
             class_name=class_name,
             instance_type=cls.instance_type,
             near=near,
-            class_instances=view.instances_of(class_name) - (1 if kv is not None else 0),
+            class_instances=view.instances_of(class_name),
             max_instances=cls.max_instances,
         )
         decision = place(request, states)

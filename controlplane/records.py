@@ -77,11 +77,14 @@ def decode_route(data: bytes) -> Route:
     return route_from_pb(json_format.Parse(data, types_pb2.Route()))
 
 
-def encode_node(n: Node) -> bytes:
+def encode_node(n: Node, awake: frozenset[str] = frozenset()) -> bytes:
+    """A node as it registered, and the ids of its instances that are awake (booting, running
+    or stopping) as its last heartbeat said: the control plane accounts capacity by them."""
     body: dict[str, Any] = asdict(n)
     body["labels"] = dict(n.labels)
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps({"node": body, "awake": sorted(awake)}, separators=(",", ":")).encode()
 
 
-def decode_node(data: bytes) -> Node:
-    return Node(**json.loads(data))
+def decode_node(data: bytes) -> tuple[Node, frozenset[str]]:
+    body = json.loads(data)
+    return Node(**body["node"]), frozenset(body.get("awake", ()))

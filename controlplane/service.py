@@ -24,7 +24,7 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.convert import config_from_pb, config_to_pb, node_from_pb, node_to_pb
 from portside.errors import InvalidArgument, PortsideError, grpc_code
-from portside.spec import Config
+from portside.spec import Config, Node
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         stream (agent shutting down) revokes the lease at once; a broken one lets it expire."""
         HEARTBEAT_STREAMS.inc()
         lease = 0
-        node = None
+        node: Node | None = None
+        awake: frozenset[str] = frozenset()
         try:
             async for message in request_iterator:
-                if not lease:
+                if node is None:
                     if not message.HasField("node") or not message.node.id:
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT,
@@ -208,8 +209,9 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     except PortsideError as exc:
                         await context.abort(grpc_code(exc), f"node {node.id}: {exc}")
                     lease = await self.store.grant_lease(self.node_ttl_s)
+                    awake = _awake(message)
                     await self.store.put(
-                        records.node_key(node.id), records.encode_node(node), lease
+                        records.node_key(node.id), records.encode_node(node, awake), lease
                     )
                     log.info(
                         "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
@@ -221,19 +223,27 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     )
                     yield cp.NodeHeartbeatResponse(lease_ttl_seconds=self.node_ttl_s)
                     continue
+                now_awake = _awake(message)
                 if not await self.store.refresh_lease(lease):
                     # The lease expired (a long pause, or a store failover): register again.
-                    assert node is not None
                     lease = await self.store.grant_lease(self.node_ttl_s)
-                    await self.store.put(
-                        records.node_key(node.id), records.encode_node(node), lease
-                    )
+                    awake = frozenset({"(renewed)"})  # forces the write below
                     log.warning("node %s lease had expired; renewed", node.id)
-            if lease and node is not None:
+                if now_awake != awake:
+                    # Capacity is accounted by awake instances: publish a change at once.
+                    awake = now_awake
+                    await self.store.put(
+                        records.node_key(node.id), records.encode_node(node, awake), lease
+                    )
+            if node is not None:
                 await self.store.revoke_lease(lease)
                 log.info("node %s left", node.id)
         finally:
             HEARTBEAT_STREAMS.dec()
+
+
+def _awake(message: cp.NodeHeartbeatRequest) -> frozenset[str]:
+    return frozenset(s.instance_id for s in message.instances if s.state != "stopped")
 
 
 async def await_view_ready(view: ClusterView) -> None:

@@ -1,10 +1,16 @@
 """The control plane's in-memory view of the store: classes, routes, live nodes and placed
-instances, loaded once and then kept current by one watch (like a Kubernetes informer)."""
+instances, loaded once and then kept current by one watch (like a Kubernetes informer).
+
+Capacity is accounted by what is awake: the instances each node's heartbeat reports booting,
+running or stopping, plus placements too recent to have been reported yet. A sleeping instance
+keeps its node but uses none of it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane import records
@@ -13,6 +19,10 @@ from controlplane.store import KeyValue, Store, WatchEvent
 from portside.spec import Config, ContainerClass, Node, Route
 
 log = logging.getLogger(__name__)
+
+# A placement counts against its node this long, or until the node reports the instance awake:
+# it covers the time from placement to the first request's boot and the heartbeat after it.
+PENDING_S = 15.0
 
 
 @dataclass
@@ -32,8 +42,11 @@ class ClusterView:
     routes: dict[str, Route] = field(default_factory=dict)  # store key -> route
     nodes: dict[str, Node] = field(default_factory=dict)
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
-    node_use: dict[str, NodeUse] = field(default_factory=dict)
-    class_count: dict[str, int] = field(default_factory=dict)
+    by_id: dict[str, InstanceRecord] = field(default_factory=dict)
+    awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
+    recent: dict[str, InstanceRecord] = field(default_factory=dict)  # placed within PENDING_S
+    reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
+    clock: Callable[[], float] = time.time
     revision: int = 0
     config_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     config_version: int = 0
@@ -77,8 +90,10 @@ class ClusterView:
                 node_id = key[len(records.NODES) :]
                 if deleted:
                     self.nodes.pop(node_id, None)
+                    self.awake.pop(node_id, None)
                 else:
-                    self.nodes[node_id] = records.decode_node(kv.value)
+                    self.nodes[node_id], self.awake[node_id] = records.decode_node(kv.value)
+                    self.reported |= self.awake[node_id]
             elif key.startswith(records.INSTANCES):
                 self._set_instance(key, None if deleted else InstanceRecord.decode(kv.value))
         except (ValueError, TypeError, KeyError) as exc:
@@ -90,20 +105,26 @@ class ClusterView:
         self._set_instance(key, record)
 
     def _set_instance(self, key: str, record: InstanceRecord | None) -> None:
-        # Use per node and count per class are kept incrementally: placement reads them often.
         old = self.instances.pop(key, None)
         if old is not None:
-            self._count(old, -1)
+            self.by_id.pop(old.instance_id, None)
+            self.recent.pop(key, None)
+            if record is None:
+                self.reported.discard(old.instance_id)
         if record is not None:
+            if old is None or old.placed_at != record.placed_at:
+                self.reported.discard(record.instance_id)  # a new placement: not reported yet
             self.instances[key] = record
-            self._count(record, +1)
+            self.by_id[record.instance_id] = record
+            if self.clock() - record.placed_at < PENDING_S:
+                self.recent[key] = record
 
-    def _count(self, rec: InstanceRecord, sign: int) -> None:
-        use = self.node_use.setdefault(rec.node_id, NodeUse())
-        use.vcpu += sign * rec.vcpu
-        use.memory_mib += sign * rec.memory_mib
-        use.instances += sign
-        self.class_count[rec.class_name] = self.class_count.get(rec.class_name, 0) + sign
+    def _pending(self) -> list[InstanceRecord]:
+        """Recent placements that their node has never reported awake yet."""
+        now = self.clock()
+        for key in [k for k, r in self.recent.items() if now - r.placed_at >= PENDING_S]:
+            del self.recent[key]
+        return [r for r in self.recent.values() if r.instance_id not in self.reported]
 
     def config(self) -> Config:
         return Config(
@@ -112,7 +133,28 @@ class ClusterView:
         )
 
     def use_of(self, node_id: str) -> NodeUse:
-        return self.node_use.get(node_id) or NodeUse()
+        """What the node's awake and pending instances take of it."""
+        use = NodeUse()
+        counted = [self.by_id.get(iid) for iid in self.awake.get(node_id, frozenset())]
+        counted += [r for r in self._pending() if r.node_id == node_id]
+        for rec in counted:
+            if rec is not None and rec.node_id == node_id:
+                use.vcpu += rec.vcpu
+                use.memory_mib += rec.memory_mib
+                use.instances += 1
+        return use
 
     def instances_of(self, class_name: str) -> int:
-        return self.class_count.get(class_name, 0)
+        """Awake and pending instances of the class, cluster-wide: what max_instances limits."""
+        awake = sum(
+            1 for node_id, ids in self.awake.items() for iid in ids
+            if (rec := self.by_id.get(iid)) is not None and rec.class_name == class_name
+            and rec.node_id == node_id
+        )
+        return awake + sum(1 for r in self._pending() if r.class_name == class_name)
+
+    def placed_by_class(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for rec in self.instances.values():
+            counts[rec.class_name] = counts.get(rec.class_name, 0) + 1
+        return counts

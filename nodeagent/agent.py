@@ -4,17 +4,18 @@ NodeAgent gRPC API, and keeps the node registered through a heartbeat stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from nodeagent.instances import InstanceManager, InstanceSnapshot
+from nodeagent.instances import Capacity, InstanceManager, InstanceSnapshot
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
 from portside import daemon, geo, net
@@ -63,6 +64,17 @@ def build_node(opts: AgentOptions) -> Node:
         memory_mib=opts.memory_mib if opts.memory_mib is not None else host_memory_mib(),
         labels=dict(opts.labels),
     )
+
+
+class _Relay:
+    """Forwards instance state changes to whoever listens once the heartbeat exists."""
+
+    def __init__(self) -> None:
+        self.target: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        if self.target is not None:
+            self.target()
 
 
 class ClassCatalog:
@@ -123,6 +135,11 @@ class Heartbeat:
         self.manager = manager
         self.period = 1.0
         self.leaving = asyncio.Event()
+        self.wake = asyncio.Event()  # set by leave() and by instance state changes
+
+    def changed(self) -> None:
+        """An instance woke or slept: tell the control plane now, it accounts capacity by it."""
+        self.wake.set()
 
     def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
         now = time.monotonic()
@@ -135,11 +152,13 @@ class Heartbeat:
 
     async def _messages(self) -> AsyncIterator[cp.NodeHeartbeatRequest]:
         yield self._message(first=True)
-        while not self.leaving.is_set():
-            try:
-                await asyncio.wait_for(self.leaving.wait(), self.period)
-            except TimeoutError:
-                yield self._message(first=False)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.period)
+            if self.leaving.is_set():
+                return
+            self.wake.clear()
+            yield self._message(first=False)
 
     async def run(self) -> None:
         backoff = Backoff(most=2.0)
@@ -167,6 +186,7 @@ class Heartbeat:
 
     async def leave(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
         self.leaving.set()
+        self.wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except (TimeoutError, grpc.aio.AioRpcError):
@@ -178,7 +198,9 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     node = build_node(opts)
     catalog = ClassCatalog()
     runtime = DockerRuntime(node.id)
-    manager = InstanceManager(runtime, catalog.get)
+    changes = _Relay()
+    manager = InstanceManager(runtime, catalog.get, on_change=changes,
+                              capacity=Capacity(node.id, node.vcpu, node.memory_mib))
     adopted = await manager.adopt()
     if adopted:
         log.info("adopted %d containers of node %s", len(adopted), node.id)
@@ -203,6 +225,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 )
                 await api.start()
                 heartbeat = Heartbeat(channel, node, manager)
+                changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())
                 log.info(

@@ -13,14 +13,21 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 from nodeagent import metrics
-from nodeagent.runtime import ContainerInfo, ContainerRuntime
-from portside.errors import BootTimeout, ContainerExited, NotFound, PortsideError, Unavailable
+from nodeagent.runtime import LABEL_MEMORY_MIB, LABEL_VCPU, ContainerInfo, ContainerRuntime
+from portside.errors import (
+    BootTimeout,
+    ContainerExited,
+    NoCapacity,
+    NotFound,
+    PortsideError,
+    Unavailable,
+)
 from portside.spec import DEFAULT_SLEEP_AFTER_S, ContainerClass, instance_id
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,15 @@ class InstanceSnapshot:
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """What this node offers to awake instances."""
+
+    node_id: str
+    vcpu: float
+    memory_mib: int
+
+
+@dataclass(frozen=True)
 class Timing:
     """How often the manager looks at things, in seconds."""
 
@@ -84,6 +100,8 @@ class _Instance:
         self.last_activity = now
         self.ready_at = 0.0  # when it last became running, to ignore older engine listings
         self.exit_code: int | None = None
+        self.vcpu = 0.0  # the instance type it runs with; counts against the node while awake
+        self.memory_mib = 0
         self.boot: asyncio.Task[Upstream] | None = None
         self.stop: asyncio.Task[None] | None = None
 
@@ -129,8 +147,12 @@ class InstanceManager:
                  get_class: Callable[[str], ContainerClass | None], *,
                  timing: Timing | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 port_probe: Callable[[str, int], Awaitable[bool]] | None = None) -> None:
+                 port_probe: Callable[[str, int], Awaitable[bool]] | None = None,
+                 capacity: Capacity | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self._runtime = runtime
+        self._capacity = capacity
+        self._on_change = on_change
         self._get_class = get_class
         self._timing = timing or Timing()
         self._clock = clock
@@ -183,12 +205,35 @@ class InstanceManager:
                 await asyncio.shield(inst.stop)
                 continue
             if inst.state is InstanceState.STOPPED:
+                self._check_capacity(inst, cls)
+                inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
                 self._set_state(inst, InstanceState.BOOTING)
                 inst.boot = self._spawn(self._boot(inst, cls))
             if inst.boot is None:  # unreachable: booting always has its task
                 raise Unavailable(f"instance {cls.name}/{inst.name} is {inst.state} without a task")
             # Every waiter gets the boot's result or its error; none of them owns the boot.
             return await asyncio.shield(inst.boot)
+
+    def _check_capacity(self, inst: _Instance, cls: ContainerClass) -> None:
+        """Awake instances may not use more than the node offers. The control plane places with
+        the same rule, but a sleeping instance wakes here without asking it, so the agent checks."""
+        if self._capacity is None:
+            return
+        awake = [i for i in self._instances.values() if i.state is not InstanceState.STOPPED]
+        vcpu = sum(i.vcpu for i in awake) + cls.instance_type.vcpu
+        memory = sum(i.memory_mib for i in awake) + cls.instance_type.memory_mib
+        cap = self._capacity
+        if vcpu > cap.vcpu + 1e-6 or memory > cap.memory_mib:
+            raise NoCapacity(
+                f"node {cap.node_id} is full: {len(awake)} awake instances use "
+                f"{vcpu - cls.instance_type.vcpu:g}/{cap.vcpu:g} vCPU and "
+                f"{memory - cls.instance_type.memory_mib}/{cap.memory_mib} MiB; "
+                f"{cls.name}/{inst.name} can wake when others sleep")
+
+    def awake_use(self) -> tuple[float, int]:
+        """vCPU and MiB of the instance types of every instance not stopped."""
+        awake = [i for i in self._instances.values() if i.state is not InstanceState.STOPPED]
+        return sum(i.vcpu for i in awake), sum(i.memory_mib for i in awake)
 
     async def recheck(self, lease: Lease) -> ContainerInfo | None:
         """After a request to `lease`'s container failed to connect or was cut: inspect it, and if
@@ -362,6 +407,7 @@ class InstanceManager:
                 continue
             inst = _Instance(info.instance_id, info.instance_name, info.class_name, now)
             inst.container_id, inst.port = info.id, info.port
+            inst.vcpu, inst.memory_mib = _size(info.labels)
             self._instances[inst.id] = inst
             metrics.INSTANCES.labels(inst.state.value).inc()
             if info.running and info.ip is not None:
@@ -432,6 +478,8 @@ class InstanceManager:
             metrics.INSTANCES.labels(inst.state.value).dec()
             metrics.INSTANCES.labels(state.value).inc()
             inst.state = state
+            if self._on_change is not None:
+                self._on_change()
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.create_task(coro)
@@ -463,3 +511,10 @@ def _snapshot(inst: _Instance) -> InstanceSnapshot:
         container_id=inst.container_id, upstream=inst.upstream, in_flight=inst.in_flight,
         last_activity=inst.last_activity, exit_code=inst.exit_code,
     )
+
+
+def _size(labels: Mapping[str, str]) -> tuple[float, int]:
+    try:
+        return float(labels.get(LABEL_VCPU, "0")), int(labels.get(LABEL_MEMORY_MIB, "0"))
+    except ValueError:
+        return 0.0, 0

@@ -21,6 +21,7 @@ from nodeagent.runtime import ContainerInfo
 from portside.errors import (
     BootTimeout,
     ContainerExited,
+    NoCapacity,
     NotFound,
     PortsideError,
     Unavailable,
@@ -56,6 +57,7 @@ _ERROR_KINDS: tuple[tuple[type[PortsideError], str], ...] = (
     (ContainerExited, "container-exited"),
     (BootTimeout, "boot-timeout"),
     (NotFound, "not-found"),
+    (NoCapacity, "no-capacity"),
     (Unavailable, "unavailable"),
 )
 

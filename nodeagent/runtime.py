@@ -34,6 +34,9 @@ LABEL_NODE = "portside.node"
 # The port is baked into the container (its PORT env) when it is created, so a redeployed class
 # with another default_port must not change where an existing container is reached.
 LABEL_PORT = "portside.port"
+# The instance type's size, so that an agent that adopts the container can account for it.
+LABEL_VCPU = "portside.vcpu"
+LABEL_MEMORY_MIB = "portside.memory_mib"
 LABEL_MANAGED = "portside.managed"  # on the networks Portside creates
 
 NETWORK_INTERNAL = "portside-internal"  # internal=True: no route out, for enable_internet=false
@@ -232,6 +235,8 @@ class DockerRuntime:
         labels = {
             LABEL_CLASS: cls.name, LABEL_INSTANCE: name, LABEL_INSTANCE_ID: iid,
             LABEL_NODE: self.node_id, LABEL_PORT: str(cls.default_port),
+            LABEL_VCPU: repr(cls.instance_type.vcpu),
+            LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
         }
         # Portside's variables win over the class's: the agent connects to PORT.
         env = {**cls.env, "PORTSIDE_CLASS": cls.name, "PORTSIDE_INSTANCE": name,

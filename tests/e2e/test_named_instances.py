@@ -192,6 +192,7 @@ boot_timeout = "2s"
 class_name = "Big"
 image = "{test_image}"
 instance_type = "standard-2"
+sleep_after = "1s"
 
 [[routes]]
 path = "/crash"
@@ -225,11 +226,9 @@ instance = "cookie:sid"
         assert time.monotonic() - started < 6
 
         # standard-2 is 1 vCPU; the node offers 1.5: the first fits, the second does not.
-        async with s.get(f"{base}/big/whoami", cookies={"sid": "first"}) as resp:
-            assert resp.status == 200, await resp.text()
-        async with s.get(f"{base}/big/whoami", cookies={"sid": "second"}) as resp:
-            text = await resp.text()
-            assert resp.status == 503 and "no node has capacity" in text, text
+        assert (await big(s, base, "first"))[0] == 200
+        status, text = await big(s, base, "second")
+        assert status == 503 and "no node has capacity" in text, text
 
         status, text, _ = await get(s, f"{base}/nowhere")
         assert status == 404 and "no route" in text, text
@@ -237,6 +236,51 @@ instance = "cookie:sid"
         assert status == 400 and "X-Session-Id" in text, text
         status, text, _ = await get(s, f"{base}/session/whoami", "y", hint="atlantis")
         assert status == 400 and "unknown location" in text, text
+
+
+async def big(s: aiohttp.ClientSession, base: str, sid: str) -> tuple[int, str]:
+    async with s.get(f"{base}/big/whoami", cookies={"sid": sid}) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_sleeping_instances_free_capacity_and_wake_only_where_there_is_room(
+    cluster: Cluster, test_image: str, docker_client: docker.DockerClient
+) -> None:
+    cluster.start_controlplane()
+    cluster.deploy(config(test_image, extra=f"""
+[[containers]]
+class_name = "Big"
+image = "{test_image}"
+instance_type = "standard-2"
+sleep_after = "1s"
+
+[[routes]]
+path = "/big"
+class_name = "Big"
+instance = "cookie:sid"
+"""))
+    cluster.start_agent("fra", "127.0.0.1", "--vcpu", "1.5", "--memory-mib", "16384")
+    edge = cluster.start_edge("fra")
+    cluster.wait_for_nodes(1)
+    base = f"http://{edge.address}"
+    async with aiohttp.ClientSession() as s:
+        assert (await big(s, base, "a"))[0] == 200
+        status, text = await big(s, base, "b")
+        assert status == 503 and "no node has capacity" in text, text
+        (a,) = containers_of(docker_client, "a", cluster)
+        deadline = time.monotonic() + 10
+        while a.status == "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            a.reload()
+        assert a.status != "running"
+        await asyncio.sleep(0.5)  # the agent's heartbeat tells the control plane a slept
+        status, text = await big(s, base, "b")
+        assert status == 200, text
+        # a keeps its node, which b now fills: a cannot wake until b sleeps.
+        status, text = await big(s, base, "a")
+        assert status == 503 and "is full" in text and "can wake when others sleep" in text, text
+        await asyncio.sleep(2.5)
+        assert (await big(s, base, "a"))[0] == 200
 
 
 async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) -> None:

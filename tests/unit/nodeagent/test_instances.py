@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from nodeagent.instances import InstanceManager, InstanceState, Timing, Upstream
+from nodeagent.instances import Capacity, InstanceManager, InstanceState, Timing, Upstream
 from nodeagent.runtime import ContainerInfo
-from portside.errors import BootTimeout, ContainerExited, NotFound
+from portside.errors import BootTimeout, ContainerExited, NoCapacity, NotFound
 from portside.spec import ContainerClass, instance_id
 
 ECHO = ContainerClass("echo", "echo:latest", sleep_after_s=2.0, boot_timeout_s=1.0)
@@ -301,3 +301,21 @@ async def test_removed_container_is_created_again(runtime: FakeRuntime, probe: P
     async with manager.use(ECHO, "max"):
         pass
     assert runtime.count("create") == 2
+
+
+async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe: Probe) -> None:
+    # ECHO is "basic": 0.25 vCPU. A node offering 0.5 vCPU holds two awake at once.
+    changes: list[int] = []
+    manager = InstanceManager(runtime, {ECHO.name: ECHO}.get, timing=FAST, port_probe=probe,
+                              capacity=Capacity("n1", 0.5, 1 << 20),
+                              on_change=lambda: changes.append(1))
+    (await manager.acquire(ECHO, "a")).release()
+    (await manager.acquire(ECHO, "b")).release()
+    assert manager.awake_use() == (0.5, 2048)
+    with pytest.raises(NoCapacity, match="node n1 is full.*echo/c can wake when others sleep"):
+        await manager.acquire(ECHO, "c")
+    assert state_of(manager, ECHO, "c") is InstanceState.STOPPED
+    await manager.stop(instance_id(ECHO.name, "a"))
+    (await manager.acquire(ECHO, "c")).release()
+    assert manager.awake_use() == (0.5, 2048)
+    assert changes  # every state change is announced, for the heartbeat
