@@ -196,9 +196,8 @@ instance = "header:X-Session-Id"
         cold = asyncio.run(first_requests(edge, args.cold))
         print(f"  docker run until the port answers      {summary(base)}")
         print(f"  first request through edge + agent     {summary(cold)}")
-        print(
-            f"  ratio (medians)                        {statistics.median(cold) / statistics.median(base):.2f}x"
-        )
+        ratio = statistics.median(cold) / statistics.median(base)
+        print(f"  ratio (medians)                        {ratio:.2f}x")
 
         (container,) = client.containers.list(
             filters={
@@ -213,9 +212,8 @@ instance = "header:X-Session-Id"
         through = asyncio.run(warm_requests(f"http://{edge}/index.html", args.warm, headers))
         print(f"  straight to the container              {summary(direct)}")
         print(f"  through edge + agent                   {summary(through)}")
-        print(
-            f"  added by Portside (medians)            {(statistics.median(through) - statistics.median(direct)) * 1000:.2f} ms"
-        )
+        added_ms = (statistics.median(through) - statistics.median(direct)) * 1000
+        print(f"  added by Portside (medians)            {added_ms:.2f} ms")
     finally:
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)

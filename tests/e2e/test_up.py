@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -17,30 +19,22 @@ from tests.e2e.harness import PORTSIDE
 
 pytestmark = pytest.mark.e2e
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-def test_portside_up_serves_and_stops_on_ctrl_c(
-    tmp_path: Path, test_image: str, docker_client: docker.DockerClient
+
+def test_portside_up_runs_the_readme_example_and_stops_on_ctrl_c(
+    tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
-    (tmp_path / "portside.toml").write_text(f"""
-[[containers]]
-class_name = "Hello"
-image = "{test_image}"
-instance_type = "lite"
-
-[[routes]]
-path = "/hello"
-class_name = "Hello"
-instance = "query:user"
-""")
+    # The README's own steps: build the example image, `portside up` next to its portside.toml.
+    subprocess.run([str(EXAMPLES / "hello" / "build.sh")], check=True, capture_output=True)
+    shutil.copy(EXAMPLES / "portside.toml", tmp_path / "portside.toml")
     edge, cp, agent = (f"127.0.0.1:{free_port()}" for _ in range(3))
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
         [*PORTSIDE, "up", "--listen", edge, "--controlplane-listen", cp, "--agent-listen", agent],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
     )
-    node_prefix = None
+    node_id = f"{socket.gethostname()}-{agent.rsplit(':', 1)[1]}"  # the agent's default id
     try:
         deadline = time.monotonic() + 30
         while "Portside is up" not in (tmp_path / "up.log").read_text():
@@ -48,10 +42,19 @@ instance = "query:user"
                 tmp_path / "up.log"
             ).read_text()
             time.sleep(0.05)
-        with urllib.request.urlopen(f"http://{edge}/hello/whoami?user=ada", timeout=30) as resp:
-            assert resp.status == 200
-        (container,) = docker_client.containers.list(filters={"label": "portside.instance=ada"})
-        node_prefix = container.labels["portside.node"]
+        replies = []
+        for _ in range(2):
+            request = urllib.request.Request(
+                f"http://{edge}/cgi-bin/hello", headers={"X-Session-Id": "ada"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                assert resp.status == 200
+                replies.append(resp.read().decode())
+        assert "(instance ada), visit 1" in replies[0] and "visit 2" in replies[1], replies
+        (container,) = docker_client.containers.list(
+            filters={"label": ["portside.instance=ada", f"portside.node={node_id}"]}
+        )
+        assert container.status == "running"
         up.send_signal(signal.SIGINT)
         assert up.wait(30) == 0, (tmp_path / "up.log").read_text()
         for address in (edge, cp, agent):
@@ -63,7 +66,7 @@ instance = "query:user"
             up.kill()
             up.wait()
         for c in docker_client.containers.list(all=True, filters={"label": "portside.node"}):
-            if node_prefix and c.labels["portside.node"] == node_prefix:
+            if c.labels["portside.node"] == node_id:
                 c.remove(force=True)
 
 
