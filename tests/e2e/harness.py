@@ -131,6 +131,11 @@ class Cluster:
             address,
         )
 
+    def restart(self, proc: Proc) -> Proc:
+        """Start `proc` again with the same arguments (same node id, same ports)."""
+        args = [str(a) for a in proc.popen.args][len(PORTSIDE) :]  # type: ignore[union-attr]
+        return self._start(proc.name + "-again", args, proc.address)
+
     def deploy(self, toml_text: str) -> None:
         path = self.tmp / "portside.toml"
         path.write_text(toml_text)
