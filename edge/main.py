@@ -13,7 +13,7 @@ from edge.proxy import EdgeProxy, Target, metrics_app
 from portside import daemon, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
-from portside.cluster import follow_config
+from portside.cluster import first_config, follow_config
 from portside.errors import from_grpc
 
 log = logging.getLogger("portside.edge")
@@ -63,15 +63,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
             async with asyncio.TaskGroup() as tasks:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
-                # Open the ingress with the routes in place, so that the first requests are not
-                # answered "no route"; an unreachable control plane only delays it by a bound.
-                try:
-                    await asyncio.wait_for(got_config.wait(), opts.deadlines.rpc)
-                except TimeoutError:
-                    log.warning(
-                        "no config from %s yet; serving without routes until it comes",
-                        opts.controlplane,
-                    )
+                await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "routes")
                 ingress = await net.start_http_server(proxy.app(), opts.listen)
                 log.info(
                     "edge %s serving %s (metrics %s), control plane %s",

@@ -24,7 +24,7 @@ from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
 from portside.api.v1 import types_pb2 as pb
-from portside.cluster import Backoff, follow_config
+from portside.cluster import Backoff, first_config, follow_config
 from portside.convert import node_to_pb
 from portside.spec import Config, ContainerClass, Node
 
@@ -213,13 +213,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             async with asyncio.TaskGroup() as tasks:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
-                try:
-                    await asyncio.wait_for(got_config.wait(), opts.deadlines.rpc)
-                except TimeoutError:
-                    log.warning(
-                        "no config from %s yet; serving without classes until it comes",
-                        opts.controlplane,
-                    )
+                await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "classes")
                 data_plane = await net.start_http_server(
                     DataPlane(manager, catalog.get, opts.deadlines).app(), opts.listen
                 )

@@ -54,3 +54,13 @@ async def follow_config(
         except grpc.aio.AioRpcError as exc:
             log.warning("config watch interrupted (%s); reconnecting", exc.code().name)
         await backoff.wait()
+
+
+async def first_config(got_config: asyncio.Event, timeout_s: float, controlplane: str,
+                       what: str) -> None:
+    """Wait a bounded time for the first config, so a daemon opens its port with routes and
+    classes in place; an unreachable control plane only delays the start by `timeout_s`."""
+    try:
+        await asyncio.wait_for(got_config.wait(), timeout_s)
+    except TimeoutError:
+        log.warning("no config from %s yet; serving without %s until it comes", controlplane, what)

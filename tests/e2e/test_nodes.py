@@ -3,6 +3,7 @@ instances are placed again on their next request; a restarted agent adopts its c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -45,7 +46,7 @@ async def test_lost_node_is_no_target_and_its_instances_move_on_next_request(
         deadline = time.monotonic() + 10
         while len(node_ids(cluster)) > 1:
             assert time.monotonic() < deadline, "the dead node's lease did not expire"
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         assert all("-sin-" in n for n in node_ids(cluster))
 
         # The edge still caches the fra node: its connect fails, it resolves again and retries.

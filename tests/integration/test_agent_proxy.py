@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import docker
@@ -15,10 +14,10 @@ import pytest
 
 from nodeagent.instances import InstanceManager, InstanceState, Timing
 from nodeagent.proxy import DataPlane
-from nodeagent.runtime import LABEL_NODE, DockerRuntime
+from nodeagent.runtime import DockerRuntime
 from portside.net import Deadlines, free_port, start_http_server
 from portside.spec import ContainerClass, instance_id
-from tests.images.build import ECHO_IMAGE, build_image
+from tests.images.build import ECHO_IMAGE
 
 pytestmark = pytest.mark.integration
 
@@ -42,20 +41,6 @@ class Agent:
     def state(self, cls: str, name: str) -> tuple[InstanceState | None, int]:
         snap = self.manager.get(instance_id(cls, name))
         return (snap.state, snap.in_flight) if snap is not None else (None, 0)
-
-
-@pytest.fixture(scope="module")
-def echo_image(docker_client: docker.DockerClient) -> str:
-    return build_image(docker_client)
-
-
-@pytest.fixture
-def node_id(docker_client: docker.DockerClient) -> Iterator[str]:
-    node = f"test-{uuid.uuid4().hex[:10]}"
-    yield node
-    for container in docker_client.containers.list(all=True,
-                                                   filters={"label": f"{LABEL_NODE}={node}"}):
-        container.remove(force=True)
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ import asyncio
 import dataclasses
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import docker
@@ -27,7 +26,7 @@ from nodeagent.runtime import (
 )
 from portside.errors import BootTimeout, ContainerExited
 from portside.spec import INSTANCE_TYPES, ContainerClass, instance_id
-from tests.images.build import ECHO_IMAGE, build_image
+from tests.images.build import ECHO_IMAGE
 
 pytestmark = pytest.mark.integration
 
@@ -38,21 +37,6 @@ SILENT = dataclasses.replace(ECHO, name="silent", entrypoint=("/bin/sleep", "360
                              boot_timeout_s=1.5)
 OPEN = dataclasses.replace(ECHO, name="open", enable_internet=True)
 CLASSES = {c.name: c for c in (ECHO, CRASH, SILENT, OPEN)}
-
-
-@pytest.fixture(scope="module")
-def echo_image(docker_client: docker.DockerClient) -> str:
-    return build_image(docker_client)
-
-
-@pytest.fixture
-def node_id(docker_client: docker.DockerClient) -> Iterator[str]:
-    """A node id of this test's own, whose containers are removed afterwards, even on failure."""
-    node = f"test-{uuid.uuid4().hex[:10]}"
-    yield node
-    for container in docker_client.containers.list(all=True,
-                                                   filters={"label": f"{LABEL_NODE}={node}"}):
-        container.remove(force=True)
 
 
 @pytest.fixture
