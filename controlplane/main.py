@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 
+from controlplane.leader import LeaderElection
 from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
+from controlplane.pools import PoolManager
 from controlplane.service import ControlPlaneService
 from controlplane.store import open_store
 from controlplane.view import ClusterView
@@ -25,7 +28,9 @@ class ControlPlaneOptions:
     store_url: str
     metrics_listen: str
     region: str = "fra"  # the location hint used when a resolve carries none
+    replica_id: str = ""  # default: HOSTNAME-PORT
     node_ttl_s: int = 10
+    leader_ttl_s: int = 5
     grace_s: float = 5.0
 
 
@@ -34,6 +39,9 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     store = await open_store(opts.store_url)
     view = ClusterView(store)
     await view.load()
+    replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
+    leader = LeaderElection(store, replica_id, opts.leader_ttl_s)
+    pools = PoolManager(store, view, leader, default_region=opts.region)
     server = net.grpc_server()
     cp_grpc.add_ControlPlaneServicer_to_server(
         ControlPlaneService(store, view, node_ttl_s=opts.node_ttl_s, default_region=opts.region),
@@ -51,11 +59,16 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     try:
         async with asyncio.TaskGroup() as tasks:
             # A failed watch ends the group, and with it the process: a stale view must not serve.
-            follow = tasks.create_task(view.follow())
-            gauges = tasks.create_task(_update_gauges(view))
+            background = [
+                tasks.create_task(view.follow()),
+                tasks.create_task(_update_gauges(view)),
+                tasks.create_task(leader.run()),
+                tasks.create_task(pools.run()),
+            ]
             await stop.wait()
-            follow.cancel()
-            gauges.cancel()
+            for task in background:
+                task.cancel()
+        await leader.resign()
     finally:
         await server.stop(opts.grace_s)
         await runner.cleanup()

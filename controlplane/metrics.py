@@ -32,3 +32,26 @@ STORE_ERRORS = Counter(
     "portside_controlplane_store_errors_total", "Store operations that failed.", ["op"]
 )
 DEPLOYS = Counter("portside_controlplane_deploys_total", "Configs deployed.")
+LEADER = Gauge(
+    "portside_controlplane_leader", "1 if this replica is the leader (runs the autoscaler)."
+)
+POOL_DESIRED = Gauge(
+    "portside_controlplane_pool_desired_instances",
+    "Instances the autoscaler wants, by class.",
+    ["class"],
+)
+POOL_CURRENT = Gauge(
+    "portside_controlplane_pool_instances",
+    "Pool instances placed and not draining, by class.",
+    ["class"],
+)
+POOL_UTILISATION = Gauge(
+    "portside_controlplane_pool_cpu_utilisation_percent",
+    "Average CPU of a pool's sampled instances, in percent of the instance type.",
+    ["class"],
+)
+SCALE_EVENTS = Counter(
+    "portside_controlplane_scale_events_total",
+    "Pool instances added (up) or drained (down) by the autoscaler.",
+    ["class", "direction"],
+)

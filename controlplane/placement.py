@@ -1,5 +1,5 @@
-"""Resolving a named instance to its node: read the placement, or decide one with the scheduler
-and write it with create-if-absent, so racing resolves of one name all get the same node."""
+"""Resolving an instance to its node: read the placement, or decide one with the scheduler and
+write it with create-if-absent, so racing resolves of one name all get the same node."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from controlplane import records
 from controlplane.metrics import PLACEMENTS
 from controlplane.records import InstanceRecord
-from controlplane.scheduler import NodeState, PlacementRequest, place
+from controlplane.scheduler import NodeState, PlacementRequest, node_location, place
 from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside import geo
-from portside.errors import InvalidArgument, NoCapacity, NotFound, StoreError
-from portside.spec import Node, instance_id
+from portside.errors import InvalidArgument, NoCapacity, NotFound, StoreError, Unavailable
+from portside.spec import ContainerClass, Node, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -29,87 +29,155 @@ class Resolved:
     placed: bool
 
 
-async def resolve_named_instance(
-    store: Store, view: ClusterView, class_name: str, name: str, hint: str, default_hint: str
-) -> Resolved:
-    cls = view.classes.get(class_name)
-    if cls is None:
-        raise NotFound(f"unknown class {class_name!r}: deploy it with `portside deploy`")
-    if not name:
-        raise InvalidArgument("instance_name: must not be empty")
-    near = geo.lookup(hint or default_hint)
-    iid = instance_id(class_name, name)
-    key = records.instance_key(class_name, iid)
-
-    # Fast path: the view knows the placement and its node is alive.
-    known = view.instances.get(key)
-    if known is not None and known.node_id in view.nodes:
-        return Resolved(known, view.nodes[known.node_id], placed=False)
-
-    for _ in range(_MAX_ATTEMPTS):
-        kv = await store.get(key)
-        previous_node = ""
-        if kv is not None:
-            current = InstanceRecord.decode(kv.value)
-            node = view.nodes.get(current.node_id)
-            if node is not None:
-                return Resolved(current, node, placed=False)
-            previous_node = current.node_id  # its node's lease expired: place it again
-        # Only awake instances (and fresh placements) use capacity; a dead node's are gone.
-        states = [
+def node_states(view: ClusterView) -> list[NodeState]:
+    """The scheduler's snapshot: live nodes and what their awake instances take of them."""
+    states = []
+    for n in view.nodes.values():
+        use = view.use_of(n.id)
+        states.append(
             NodeState(
                 node=n,
                 alive=True,
-                used_vcpu=view.use_of(n.id).vcpu,
-                used_memory_mib=view.use_of(n.id).memory_mib,
-                instances=view.use_of(n.id).instances,
+                used_vcpu=use.vcpu,
+                used_memory_mib=use.memory_mib,
+                instances=use.instances,
             )
-            for n in view.nodes.values()
-        ]
-        request = PlacementRequest(
-            class_name=class_name,
+        )
+    return states
+
+
+async def resolve_instance(
+    store: Store, view: ClusterView, class_name: str, name: str, hint: str, default_hint: str
+) -> Resolved:
+    """The node of instance `name` of a class; for a pool (empty name) the nearest member,
+    starting one if the pool has none."""
+    cls = view.classes.get(class_name)
+    if cls is None:
+        raise NotFound(f"unknown class {class_name!r}: deploy it with `portside deploy`")
+    near = geo.lookup(hint or default_hint)
+    if cls.autoscaling is not None:
+        if not name:
+            return await _resolve_pool(store, view, cls, near)
+        member = view.instances.get(records.instance_key(cls.name, instance_id(cls.name, name)))
+        if member is None or member.node_id not in view.nodes:
+            raise Unavailable(f"pool instance {name} of {cls.name} is gone; send the request again")
+        return Resolved(member, view.nodes[member.node_id], placed=False)
+    if not name:
+        raise InvalidArgument(f"instance_name: must not be empty (class {class_name} is no pool)")
+    return await resolve_named(store, view, cls, name, near)
+
+
+async def _resolve_pool(
+    store: Store, view: ClusterView, cls: ContainerClass, near: geo.Location
+) -> Resolved:
+    members = [r for r in view.pool_members(cls.name) if not r.draining]
+    if members:
+        nearest = min(
+            members, key=lambda r: geo.distance_km(near, node_location(view.nodes[r.node_id]))
+        )
+        return Resolved(nearest, view.nodes[nearest.node_id], placed=False)
+    # An empty pool (minimum 0): one instance with a fixed name, so that racing first requests
+    # from several edges start one instance, not one each. The autoscaler takes it from there.
+    return await resolve_named(store, view, cls, f"{cls.name}-0", near, pool=True)
+
+
+async def resolve_named(
+    store: Store,
+    view: ClusterView,
+    cls: ContainerClass,
+    name: str,
+    near: geo.Location,
+    *,
+    pool: bool = False,
+) -> Resolved:
+    key = records.instance_key(cls.name, instance_id(cls.name, name))
+    known = view.instances.get(key)
+    if known is not None and known.node_id in view.nodes and not known.draining:
+        return Resolved(known, view.nodes[known.node_id], placed=False)
+    for _ in range(_MAX_ATTEMPTS):
+        kv = await store.get(key)
+        replaced = ""
+        if kv is not None:
+            current = InstanceRecord.decode(kv.value)
+            node = view.nodes.get(current.node_id)
+            if node is not None and not current.draining:
+                return Resolved(current, node, placed=False)
+            replaced = current.node_id  # its node died (or it drains): place it again
+        resolved = await place_instance(
+            store,
+            view,
+            cls,
+            name,
+            near,
+            pool=pool,
+            expected_revision=kv.mod_revision if kv else 0,
+            replaced=replaced,
+        )
+        if resolved is not None:
+            return resolved
+        # Someone else placed (or moved) it first: read theirs on the next turn.
+    raise StoreError(f"could not place {cls.name}/{name}: {_MAX_ATTEMPTS} conflicting writes")
+
+
+async def place_instance(
+    store: Store,
+    view: ClusterView,
+    cls: ContainerClass,
+    name: str,
+    near: geo.Location,
+    *,
+    pool: bool,
+    expected_revision: int = 0,
+    replaced: str = "",
+) -> Resolved | None:
+    """Choose a node and write the placement if the key is still at `expected_revision`
+    (0: absent). None if another writer got there first; NoCapacity if no node can take it."""
+    decision = place(
+        PlacementRequest(
+            class_name=cls.name,
             instance_type=cls.instance_type,
             near=near,
-            class_instances=view.instances_of(class_name),
-            max_instances=cls.max_instances,
-        )
-        decision = place(request, states)
-        if decision.node is None:
-            PLACEMENTS.labels(class_name, "rejected", _reason_label(decision.reason)).inc()
-            log.info("placement of %s/%s rejected: %s", class_name, name, decision.reason)
-            raise NoCapacity(decision.reason)
-        record = InstanceRecord(
-            class_name=class_name,
-            name=name,
-            instance_id=iid,
-            node_id=decision.node.id,
-            vcpu=cls.instance_type.vcpu,
-            memory_mib=cls.instance_type.memory_mib,
-            placed_at=time.time(),
-        )
-        expected = kv.mod_revision if kv is not None else 0
-        if await store.compare_and_swap(key, expected, record.encode()):
-            view.note_placed(key, record)
-            outcome = "replaced" if previous_node else "placed"
-            PLACEMENTS.labels(class_name, outcome, "").inc()
-            log.info(
-                "%s %s/%s on %s (hint %s; scores %s)",
-                outcome,
-                class_name,
-                name,
-                decision.node.id,
-                near.code,
-                dict(decision.scores),
-            )
-            return Resolved(record, decision.node, placed=True)
-        # Someone else placed (or moved) it first: read theirs on the next turn.
-    raise StoreError(f"could not place {class_name}/{name}: {_MAX_ATTEMPTS} conflicting writes")
+            class_instances=view.instances_of(cls.name),
+            max_instances=0 if pool else cls.max_instances,  # the autoscaler clamps pools itself
+        ),
+        node_states(view),
+    )
+    if decision.node is None:
+        PLACEMENTS.labels(cls.name, "rejected", _reason_label(decision.reason)).inc()
+        log.info("placement of %s/%s rejected: %s", cls.name, name, decision.reason)
+        raise NoCapacity(decision.reason)
+    record = InstanceRecord(
+        class_name=cls.name,
+        name=name,
+        instance_id=instance_id(cls.name, name),
+        node_id=decision.node.id,
+        vcpu=cls.instance_type.vcpu,
+        memory_mib=cls.instance_type.memory_mib,
+        placed_at=time.time(),
+        pool=pool,
+    )
+    key = records.instance_key(cls.name, record.instance_id)
+    if not await store.compare_and_swap(key, expected_revision, record.encode()):
+        return None
+    view.note_placed(key, record)
+    outcome = "replaced" if replaced else "placed"
+    PLACEMENTS.labels(cls.name, outcome, "").inc()
+    log.info(
+        "%s %s/%s on %s (near %s; scores %s)",
+        outcome,
+        cls.name,
+        name,
+        decision.node.id,
+        near.code,
+        dict(decision.scores),
+    )
+    return Resolved(record, decision.node, placed=True)
 
 
 def _reason_label(reason: str) -> str:
     # Metric labels must have few values: keep the reason's kind, not its node list.
     if "max_instances" in reason:
         return "max_instances"
-    if "no live node" in reason or "no node" in reason:
+    if "no node" in reason:
         return "no_capacity"
     return "other"

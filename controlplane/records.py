@@ -1,11 +1,13 @@
 """What the control plane keeps in the store: key layout and the JSON records under each key.
 
-Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>.
+Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
+demand/<edge>, leader.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ CLASSES = ROOT + "classes/"
 ROUTES = ROOT + "routes/"
 NODES = ROOT + "nodes/"
 INSTANCES = ROOT + "instances/"
+DEMAND = ROOT + "demand/"
+LEADER = ROOT + "leader"
 
 
 def class_key(name: str) -> str:
@@ -38,9 +42,15 @@ def instance_key(class_name: str, instance_id: str) -> str:
     return f"{INSTANCES}{class_name}/{instance_id}"
 
 
+def demand_key(edge_id: str) -> str:
+    return DEMAND + edge_id
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
-    """A placed named instance: which node it lives on and what it reserves there."""
+    """A placed instance: which node it lives on and what its type takes there while awake.
+    Pool instances are placed by the autoscaler; `draining` ones get no new requests and are
+    removed once idle."""
 
     class_name: str
     name: str
@@ -49,6 +59,8 @@ class InstanceRecord:
     vcpu: float
     memory_mib: int
     placed_at: float
+    pool: bool = False
+    draining: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -77,14 +89,51 @@ def decode_route(data: bytes) -> Route:
     return route_from_pb(json_format.Parse(data, types_pb2.Route()))
 
 
-def encode_node(n: Node, awake: frozenset[str] = frozenset()) -> bytes:
-    """A node as it registered, and the ids of its instances that are awake (booting, running
-    or stopping) as its last heartbeat said: the control plane accounts capacity by them."""
+@dataclass(frozen=True)
+class InstanceStat:
+    """One instance as its node's last heartbeat reported it."""
+
+    state: str  # stopped, booting, running, stopping
+    cpu_percent: float | None = None  # of its instance type's vCPU; None: no sample yet
+    memory_bytes: int = 0
+    in_flight: int = 0
+    pool: bool = False
+
+    @property
+    def awake(self) -> bool:
+        return self.state != "stopped"
+
+
+def encode_node(n: Node, stats: Mapping[str, InstanceStat] | None = None) -> bytes:
+    """A node as it registered, and its instances as its last heartbeat reported them: the
+    control plane accounts capacity by the awake ones and scales pools by their CPU."""
     body: dict[str, Any] = asdict(n)
     body["labels"] = dict(n.labels)
-    return json.dumps({"node": body, "awake": sorted(awake)}, separators=(",", ":")).encode()
+    instances = {iid: asdict(st) for iid, st in sorted((stats or {}).items())}
+    return json.dumps({"node": body, "instances": instances}, separators=(",", ":")).encode()
 
 
-def decode_node(data: bytes) -> tuple[Node, frozenset[str]]:
+def decode_node(data: bytes) -> tuple[Node, dict[str, InstanceStat]]:
     body = json.loads(data)
-    return Node(**body["node"]), frozenset(body.get("awake", ()))
+    stats = {iid: InstanceStat(**st) for iid, st in body.get("instances", {}).items()}
+    return Node(**body["node"]), stats
+
+
+@dataclass(frozen=True)
+class Demand:
+    """An edge's recent request rates by class, to place pool instances near them."""
+
+    region: str
+    requests_per_second: Mapping[str, float]
+    at: float
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"region": self.region, "rps": dict(self.requests_per_second), "at": self.at},
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Demand:
+        body = json.loads(data)
+        return cls(region=body["region"], requests_per_second=body["rps"], at=body["at"])

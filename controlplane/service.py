@@ -16,17 +16,21 @@ import grpc
 
 from controlplane import records
 from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
-from controlplane.placement import resolve_named_instance
+from controlplane.placement import resolve_instance
 from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.api.v1 import types_pb2 as pb
 from portside.convert import config_from_pb, config_to_pb, node_from_pb, node_to_pb
 from portside.errors import InvalidArgument, PortsideError, grpc_code
 from portside.spec import Config, Node
 
 log = logging.getLogger(__name__)
+
+DEMAND_EVERY_S = 5.0  # how often edges report their request rates
+DEMAND_TTL_S = 15.0  # a report counts this long: an edge that stops reporting stops counting
 
 R = TypeVar("R")
 
@@ -66,6 +70,7 @@ def validate_config(config: Config) -> None:
         if cls.sleep_after_s <= 0 or cls.boot_timeout_s <= 0:
             raise InvalidArgument(f"{where}: sleep_after and boot_timeout must be > 0")
     paths = set()
+    pools = {c.name: c.autoscaling is not None for c in config.classes}
     for i, route in enumerate(config.routes):
         where = f"routes[{i}]"
         if not route.path.startswith("/"):
@@ -75,6 +80,14 @@ def validate_config(config: Config) -> None:
         paths.add(route.path)
         if route.class_name not in names:
             raise InvalidArgument(f"{where}.class_name: no class named {route.class_name!r}")
+        pool = pools[route.class_name]
+        if route.instance is None and not pool:
+            raise InvalidArgument(f"{where}.instance: missing; class {route.class_name} is no pool")
+        if route.instance is not None and pool:
+            raise InvalidArgument(
+                f"{where}.instance: class {route.class_name} is a pool: its routes take no "
+                "instance key"
+            )
 
 
 class ControlPlaneService(cp_grpc.ControlPlaneServicer):
@@ -134,7 +147,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         start = time.perf_counter()
         result = "error"
         try:
-            resolved = await resolve_named_instance(
+            resolved = await resolve_instance(
                 self.store,
                 self.view,
                 request.class_name,
@@ -151,6 +164,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             instance_id=resolved.record.instance_id,
             region=resolved.node.region,
             placed=resolved.placed,
+            instance_name=resolved.record.name,
         )
 
     @_statuses
@@ -190,11 +204,12 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
     ) -> AsyncIterator[cp.NodeHeartbeatResponse]:
         """The node's key lives under a lease that each message refreshes. A clean end of the
-        stream (agent shutting down) revokes the lease at once; a broken one lets it expire."""
+        stream (agent shutting down) revokes the lease at once; a broken one lets it expire.
+        Each reply lists the pool instances the node should run."""
         HEARTBEAT_STREAMS.inc()
         lease = 0
         node: Node | None = None
-        awake: frozenset[str] = frozenset()
+        written: dict[str, records.InstanceStat] | None = None
         try:
             async for message in request_iterator:
                 if node is None:
@@ -209,10 +224,6 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     except PortsideError as exc:
                         await context.abort(grpc_code(exc), f"node {node.id}: {exc}")
                     lease = await self.store.grant_lease(self.node_ttl_s)
-                    awake = _awake(message)
-                    await self.store.put(
-                        records.node_key(node.id), records.encode_node(node, awake), lease
-                    )
                     log.info(
                         "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
                         node.id,
@@ -221,29 +232,98 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                         node.vcpu,
                         node.memory_mib,
                     )
-                    yield cp.NodeHeartbeatResponse(lease_ttl_seconds=self.node_ttl_s)
-                    continue
-                now_awake = _awake(message)
-                if not await self.store.refresh_lease(lease):
+                elif not await self.store.refresh_lease(lease):
                     # The lease expired (a long pause, or a store failover): register again.
                     lease = await self.store.grant_lease(self.node_ttl_s)
-                    awake = frozenset({"(renewed)"})  # forces the write below
+                    written = None
                     log.warning("node %s lease had expired; renewed", node.id)
-                if now_awake != awake:
-                    # Capacity is accounted by awake instances: publish a change at once.
-                    awake = now_awake
+                stats = _stats(message)
+                if stats != written:
+                    # Capacity follows awake instances and the autoscaler follows CPU: publish.
                     await self.store.put(
-                        records.node_key(node.id), records.encode_node(node, awake), lease
+                        records.node_key(node.id), records.encode_node(node, stats), lease
                     )
+                    written = stats
+                yield cp.NodeHeartbeatResponse(
+                    lease_ttl_seconds=self.node_ttl_s, pool=self._assignments(node.id)
+                )
             if node is not None:
                 await self.store.revoke_lease(lease)
                 log.info("node %s left", node.id)
         finally:
             HEARTBEAT_STREAMS.dec()
 
+    def _assignments(self, node_id: str) -> list[pb.PoolAssignment]:
+        return [
+            pb.PoolAssignment(
+                class_name=r.class_name, name=r.name, instance_id=r.instance_id, draining=r.draining
+            )
+            for r in self.view.pool_members()
+            if r.node_id == node_id
+        ]
 
-def _awake(message: cp.NodeHeartbeatRequest) -> frozenset[str]:
-    return frozenset(s.instance_id for s in message.instances if s.state != "stopped")
+    async def WatchPools(
+        self, request: cp.WatchPoolsRequest, context: Any
+    ) -> AsyncIterator[cp.WatchPoolsResponse]:
+        sent = -1
+        last: list[pb.PoolMember] | None = None
+        while True:
+            async with self.view.pools_changed:
+                while self.view.pools_version == sent:
+                    await self.view.pools_changed.wait()
+                sent = self.view.pools_version
+                members = self._pool_members()
+            if members != last:  # node heartbeats change the view often, members rarely
+                last = members
+                yield cp.WatchPoolsResponse(members=members)
+
+    def _pool_members(self) -> list[pb.PoolMember]:
+        out = []
+        for rec in self.view.pool_members():
+            node = self.view.nodes[rec.node_id]
+            stat = self.view.stat_of(rec)
+            out.append(
+                pb.PoolMember(
+                    class_name=rec.class_name,
+                    name=rec.name,
+                    instance_id=rec.instance_id,
+                    node_id=node.id,
+                    data_address=node.data_address,
+                    region=node.region,
+                    latitude=node.latitude,
+                    longitude=node.longitude,
+                    draining=rec.draining,
+                    ready=stat is not None and stat.state == "running",
+                )
+            )
+        return out
+
+    @_statuses
+    async def ReportDemand(
+        self, request: cp.ReportDemandRequest, context: Any
+    ) -> cp.ReportDemandResponse:
+        if not request.edge_id:
+            raise InvalidArgument("edge_id: must not be empty")
+        region = geo.lookup(request.region).code
+        lease = await self.store.grant_lease(int(DEMAND_TTL_S))
+        demand = records.Demand(
+            region=region, at=time.time(), requests_per_second=dict(request.requests_per_second)
+        )
+        await self.store.put(records.demand_key(request.edge_id), demand.encode(), lease)
+        return cp.ReportDemandResponse(report_every_seconds=DEMAND_EVERY_S)
+
+
+def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
+    return {
+        s.instance_id: records.InstanceStat(
+            state=s.state,
+            cpu_percent=round(s.cpu_percent, 1) if s.HasField("cpu_percent") else None,
+            memory_bytes=s.memory_bytes,
+            in_flight=s.in_flight,
+            pool=s.pool,
+        )
+        for s in message.instances
+    }
 
 
 async def await_view_ready(view: ClusterView) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane import records
-from controlplane.records import InstanceRecord
+from controlplane.records import Demand, InstanceRecord, InstanceStat
 from controlplane.store import KeyValue, Store, WatchEvent
 from portside.spec import Config, ContainerClass, Node, Route
 
@@ -44,12 +44,17 @@ class ClusterView:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
     by_id: dict[str, InstanceRecord] = field(default_factory=dict)
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
+    stats: dict[str, dict[str, InstanceStat]] = field(default_factory=dict)  # node -> id -> stat
+    demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
     recent: dict[str, InstanceRecord] = field(default_factory=dict)  # placed within PENDING_S
     reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
     clock: Callable[[], float] = time.time
     revision: int = 0
     config_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     config_version: int = 0
+    # Pool members (instances and their nodes) changed: edges' pool watches resend.
+    pools_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    pools_version: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def load(self) -> None:
@@ -61,15 +66,20 @@ class ClusterView:
     async def follow(self) -> None:
         """Apply every change after the loaded revision; runs until cancelled."""
         async for event in self.store.watch(records.ROOT, self.revision + 1):
-            config_changed = self._apply(event)
+            changed = self._apply(event)
             self.revision = max(self.revision, event.kv.mod_revision)
-            if config_changed:
+            if changed == "config":
                 async with self.config_changed:
                     self.config_version += 1
                     self.config_changed.notify_all()
+            elif changed == "pools":
+                async with self.pools_changed:
+                    self.pools_version += 1
+                    self.pools_changed.notify_all()
 
-    def _apply(self, event: WatchEvent) -> bool:
-        """Apply one event; True if it changed classes or routes."""
+    def _apply(self, event: WatchEvent) -> str:
+        """Apply one event; says what it changed: "config" (classes, routes), "pools" (nodes,
+        instances) or ""."""
         kv: KeyValue = event.kv
         key, deleted = kv.key, event.type == "delete"
         try:
@@ -79,27 +89,38 @@ class ClusterView:
                     self.classes.pop(name, None)
                 else:
                     self.classes[name] = records.decode_class(kv.value)
-                return True
+                return "config"
             if key.startswith(records.ROUTES):
                 if deleted:
                     self.routes.pop(key, None)
                 else:
                     self.routes[key] = records.decode_route(kv.value)
-                return True
+                return "config"
             if key.startswith(records.NODES):
                 node_id = key[len(records.NODES) :]
                 if deleted:
                     self.nodes.pop(node_id, None)
                     self.awake.pop(node_id, None)
+                    self.stats.pop(node_id, None)
                 else:
-                    self.nodes[node_id], self.awake[node_id] = records.decode_node(kv.value)
+                    self.nodes[node_id], stats = records.decode_node(kv.value)
+                    self.stats[node_id] = stats
+                    self.awake[node_id] = frozenset(i for i, st in stats.items() if st.awake)
                     self.reported |= self.awake[node_id]
+                return "pools"
             elif key.startswith(records.INSTANCES):
                 self._set_instance(key, None if deleted else InstanceRecord.decode(kv.value))
+                return "pools"
+            elif key.startswith(records.DEMAND):
+                edge_id = key[len(records.DEMAND) :]
+                if deleted:
+                    self.demand.pop(edge_id, None)
+                else:
+                    self.demand[edge_id] = Demand.decode(kv.value)
         except (ValueError, TypeError, KeyError) as exc:
             # A record this version cannot read must not stop the view; it is skipped loudly.
             log.error("skipping unreadable store key %s: %s", key, exc)
-        return False
+        return ""
 
     def note_placed(self, key: str, record: InstanceRecord) -> None:
         self._set_instance(key, record)
@@ -147,11 +168,39 @@ class ClusterView:
     def instances_of(self, class_name: str) -> int:
         """Awake and pending instances of the class, cluster-wide: what max_instances limits."""
         awake = sum(
-            1 for node_id, ids in self.awake.items() for iid in ids
-            if (rec := self.by_id.get(iid)) is not None and rec.class_name == class_name
+            1
+            for node_id, ids in self.awake.items()
+            for iid in ids
+            if (rec := self.by_id.get(iid)) is not None
+            and rec.class_name == class_name
             and rec.node_id == node_id
         )
         return awake + sum(1 for r in self._pending() if r.class_name == class_name)
+
+    def pool_members(self, class_name: str | None = None) -> list[InstanceRecord]:
+        """Pool instances placed on live nodes (draining ones included), by name."""
+        return sorted(
+            (
+                r
+                for r in self.instances.values()
+                if r.pool
+                and r.node_id in self.nodes
+                and (class_name is None or r.class_name == class_name)
+            ),
+            key=lambda r: r.name,
+        )
+
+    def stat_of(self, rec: InstanceRecord) -> InstanceStat | None:
+        return self.stats.get(rec.node_id, {}).get(rec.instance_id)
+
+    def demand_by_region(self, class_name: str) -> dict[str, float]:
+        """Requests per second for the class, by the region of the edge that saw them."""
+        out: dict[str, float] = {}
+        for d in self.demand.values():
+            rate = d.requests_per_second.get(class_name, 0.0)
+            if rate > 0:
+                out[d.region] = out.get(d.region, 0.0) + rate
+        return out
 
     def placed_by_class(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 
 import grpc
 
+from edge.pools import PoolMember
 from edge.proxy import EdgeProxy, Target, metrics_app
 from portside import daemon, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
-from portside.cluster import first_config, follow_config
+from portside.cluster import Backoff, first_config, follow_config
 from portside.errors import from_grpc
 
 log = logging.getLogger("portside.edge")
@@ -46,7 +48,64 @@ class GrpcResolver:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc, f"control plane {self.controlplane}") from exc
-        return Target(node_id=reply.node_id, data_address=reply.data_address)
+        return Target(
+            node_id=reply.node_id,
+            data_address=reply.data_address,
+            instance_name=reply.instance_name,
+        )
+
+
+async def follow_pools(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
+    """Keep the proxy's pool members current; the last list stays while the stream is down."""
+    stub = cp_grpc.ControlPlaneStub(channel)
+    backoff = Backoff()
+    while True:
+        try:
+            async for message in stub.WatchPools(cp.WatchPoolsRequest()):
+                backoff.reset()
+                pools: dict[str, list[PoolMember]] = {}
+                for m in message.members:
+                    pools.setdefault(m.class_name, []).append(
+                        PoolMember(
+                            instance_id=m.instance_id,
+                            name=m.name,
+                            node_id=m.node_id,
+                            data_address=m.data_address,
+                            region=m.region,
+                            latitude=m.latitude,
+                            longitude=m.longitude,
+                            draining=m.draining,
+                            ready=m.ready,
+                        )
+                    )
+                proxy.set_pool_members(pools)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("pool watch interrupted (%s); reconnecting", exc.code().name)
+        await backoff.wait()
+
+
+async def report_demand(
+    channel: grpc.aio.Channel, proxy: EdgeProxy, edge_id: str, region: str
+) -> None:
+    """Tell the control plane how many requests per second each class gets here, so that new
+    pool instances are placed near them."""
+    stub = cp_grpc.ControlPlaneStub(channel)
+    every = 5.0
+    while True:
+        await asyncio.sleep(every)
+        counts, proxy.demand = proxy.demand, {}
+        try:
+            reply = await stub.ReportDemand(
+                cp.ReportDemandRequest(
+                    edge_id=edge_id,
+                    region=region,
+                    requests_per_second={c: n / every for c, n in counts.items()},
+                ),
+                timeout=net.Deadlines().rpc,
+            )
+            every = reply.report_every_seconds or every
+        except grpc.aio.AioRpcError as exc:
+            log.warning("demand report failed (%s)", exc.code().name)
 
 
 async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
@@ -63,6 +122,12 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
             async with asyncio.TaskGroup() as tasks:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
+                pools = tasks.create_task(follow_pools(channel, proxy))
+                demand = tasks.create_task(
+                    report_demand(
+                        channel, proxy, f"{socket.gethostname()}-{opts.listen}", opts.region
+                    )
+                )
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "routes")
                 ingress = await net.start_http_server(proxy.app(), opts.listen)
                 log.info(
@@ -73,7 +138,8 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                     opts.controlplane,
                 )
                 await stop.wait()
-                watch.cancel()
+                for task in (watch, pools, demand):
+                    task.cancel()
         finally:
             if ingress is not None:
                 await ingress.cleanup()

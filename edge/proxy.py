@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from edge import metrics
+from edge.pools import InFlight, PoolMember, choose
 from edge.routing import (
     RequestParts,
     RouteTable,
@@ -26,9 +28,10 @@ from edge.routing import (
     location_hint,
     normalize_prefix,
 )
+from portside import geo
 from portside.errors import InvalidArgument, PortsideError, Unavailable, http_status
 from portside.net import Deadlines, http_client_session
-from portside.spec import Config, Route
+from portside.spec import Config, Route, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,12 @@ _CONNECT_FAILURES: Final = (
 
 @dataclass(frozen=True)
 class Target:
-    """Where an instance runs: its node and the node agent's HTTP data plane ("host:port")."""
+    """Where an instance runs: its node and the node agent's HTTP data plane ("host:port").
+    For a pool, `instance_name` is the member the control plane chose."""
 
     node_id: str
     data_address: str
+    instance_name: str = ""
 
 
 class Resolver(Protocol):
@@ -156,6 +161,10 @@ class RouteCache:
             # LRU (that would cost a move on every warm hit); an evicted route resolves again.
             del self._targets[next(iter(self._targets))]
         self._targets[key] = target
+
+    def put(self, class_name: str, name: str, target: Target) -> None:
+        """Cache a route known without a resolve (a pool member from the pool watch)."""
+        self._store((class_name, name), target)
 
     def drop(self, class_name: str, name: str, stale: Target) -> None:
         """Forget the route only if it still is `stale`: a concurrent request may already have
@@ -243,6 +252,12 @@ class EdgeProxy:
         self._session: aiohttp.ClientSession | None = None
         self._websockets: set[web.WebSocketResponse] = set()
         self._stopping = asyncio.Event()
+        self._resolver = resolver
+        self._pools: dict[str, list[PoolMember]] = {}  # class -> members, from the pool watch
+        self._limits: dict[str, int] = {}  # class -> concurrency_limit
+        self._in_flight = InFlight()  # this edge's requests in flight per pool instance id
+        self._rng = random.Random()
+        self.demand: dict[str, int] = {}  # class -> requests since the last demand report
 
     # --- what the lead's watch stream calls -------------------------------------------------
 
@@ -251,6 +266,12 @@ class EdgeProxy:
         old table or the new one, never a mix; cached routes of classes no longer routed go."""
         self._table = RouteTable(config.routes)
         self.cache.retain_classes(route.class_name for route in config.routes)
+        self._limits = {c.name: c.autoscaling.concurrency_limit
+                        for c in config.classes if c.autoscaling is not None}
+
+    def set_pool_members(self, pools: dict[str, list[PoolMember]]) -> None:
+        """Swap in the members of every pool, by class (the pool watch calls this)."""
+        self._pools = pools
 
     def invalidate(self, class_name: str, name: str) -> None:
         """The instance moved or stopped: its next request resolves again."""
@@ -323,12 +344,10 @@ class EdgeProxy:
 
     async def _serve(self, request: web.Request, route: Route,
                      raw_path: str) -> web.StreamResponse:
+        self.demand[route.class_name] = self.demand.get(route.class_name, 0) + 1
         source = route.instance
         if source is None:
-            return error_response(
-                501, "pool-unsupported",
-                f"route {normalize_prefix(route.path)} serves class {route.class_name} as a pool;"
-                " this edge routes named instances only")
+            return await self._serve_pool(request, route.class_name)
         # Parse the query string and cookies only for routes that read them.
         parts = RequestParts(
             path=raw_path,
@@ -350,6 +369,25 @@ class EdgeProxy:
         if _is_websocket_upgrade(request):
             return await self._proxy_websocket(request, route.class_name, name, hint, headers)
         return await self._proxy_http(request, route.class_name, name, hint, headers)
+
+    async def _serve_pool(self, request: web.Request, class_name: str) -> web.StreamResponse:
+        """Any member serves: the nearest with room, by `pools.choose`; with none ready, the
+        control plane names one (starting it if the pool is empty) and the request waits."""
+        hint = location_hint(request.headers, self.region)
+        member = choose(self._pools.get(class_name, ()), geo.lookup(hint), self._in_flight,
+                        self._limits.get(class_name, 0), self._rng)
+        if member is not None:
+            name = member.name
+            self.cache.put(class_name, name, Target(member.node_id, member.data_address, name))
+        else:
+            target = await self.cache.target(class_name, "", hint)
+            name = target.instance_name
+            self.cache.put(class_name, name, target)
+        headers = _upstream_headers(request, class_name, name)
+        with self._in_flight.acquire(instance_id(class_name, name)):
+            if _is_websocket_upgrade(request):
+                return await self._proxy_websocket(request, class_name, name, hint, headers)
+            return await self._proxy_http(request, class_name, name, hint, headers)
 
     # --- plain HTTP -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from nodeagent.instances import Capacity, InstanceManager, InstanceSnapshot
+from nodeagent.pools import Assignment, PoolKeeper, Usage, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
 from portside import daemon, geo, net
@@ -90,8 +91,8 @@ class ClassCatalog:
         return self._classes.get(name)
 
 
-def status_to_pb(s: InstanceSnapshot, now: float) -> pb.InstanceStatus:
-    return pb.InstanceStatus(
+def status_to_pb(s: InstanceSnapshot, now: float, usage: Usage | None = None) -> pb.InstanceStatus:
+    msg = pb.InstanceStatus(
         instance_id=s.id,
         class_name=s.class_name,
         name=s.name,
@@ -99,7 +100,15 @@ def status_to_pb(s: InstanceSnapshot, now: float) -> pb.InstanceStatus:
         container_id=s.container_id or "",
         in_flight=s.in_flight,
         idle_seconds=max(0.0, now - s.last_activity) if s.in_flight == 0 else 0.0,
+        pool=s.pinned,
     )
+    if usage is not None:
+        msg.memory_bytes = usage.memory_bytes
+        # Only pools scale on CPU; leaving it out for named instances spares the store a write
+        # every heartbeat on nodes that run no pool.
+        if s.pinned and usage.cpu_percent is not None:
+            msg.cpu_percent = usage.cpu_percent
+    return msg
 
 
 class NodeAgentService(na_grpc.NodeAgentServicer):
@@ -129,10 +138,19 @@ class Heartbeat:
     with backoff when the control plane goes away (containers keep serving meanwhile). `leave()`
     ends the stream cleanly, which tells the control plane to drop the node at once."""
 
-    def __init__(self, channel: grpc.aio.Channel, node: Node, manager: InstanceManager) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        node: Node,
+        manager: InstanceManager,
+        usage: UsageSampler,
+        pools: PoolKeeper,
+    ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
         self.node = node
         self.manager = manager
+        self.usage = usage
+        self.pools = pools
         self.period = 1.0
         self.leaving = asyncio.Event()
         self.wake = asyncio.Event()  # set by leave() and by instance state changes
@@ -143,8 +161,9 @@ class Heartbeat:
 
     def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
         now = time.monotonic()
+        latest = self.usage.latest
         msg = cp.NodeHeartbeatRequest(
-            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
+            instances=[status_to_pb(s, now, latest.get(s.id)) for s in self.manager.snapshot()]
         )
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
@@ -166,7 +185,14 @@ class Heartbeat:
             registered = False
             try:
                 async for reply in self.stub.NodeHeartbeat(self._messages()):
-                    self.period = max(0.2, reply.lease_ttl_seconds / 3)
+                    # A third of the lease keeps the node alive; CPU samples want every 2 s.
+                    self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
+                    self.pools.apply(
+                        [
+                            Assignment(a.class_name, a.name, a.instance_id, a.draining)
+                            for a in reply.pool
+                        ]
+                    )
                     if not registered:
                         log.info(
                             "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
@@ -199,8 +225,12 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     catalog = ClassCatalog()
     runtime = DockerRuntime(node.id)
     changes = _Relay()
-    manager = InstanceManager(runtime, catalog.get, on_change=changes,
-                              capacity=Capacity(node.id, node.vcpu, node.memory_mib))
+    manager = InstanceManager(
+        runtime,
+        catalog.get,
+        on_change=changes,
+        capacity=Capacity(node.id, node.vcpu, node.memory_mib),
+    )
     adopted = await manager.adopt()
     if adopted:
         log.info("adopted %d containers of node %s", len(adopted), node.id)
@@ -218,10 +248,13 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                     DataPlane(manager, catalog.get, opts.deadlines).app(), opts.listen
                 )
                 await api.start()
-                heartbeat = Heartbeat(channel, node, manager)
+                usage = UsageSampler(manager, runtime)
+                keeper = PoolKeeper(manager, catalog.get)
+                heartbeat = Heartbeat(channel, node, manager, usage, keeper)
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())
+                sampling = tasks.create_task(usage.run())
                 log.info(
                     "agent %s (%s) serving %s, API %s, control plane %s",
                     node.id,
@@ -232,8 +265,9 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 )
                 await stop.wait()
                 await heartbeat.leave(beat)
-                for task in (watch, sleeper):
+                for task in (watch, sleeper, sampling):
                     task.cancel()
+                await keeper.close()
         finally:
             # Containers keep running: the next agent on this node adopts them.
             if data_plane is not None:

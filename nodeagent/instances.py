@@ -61,6 +61,8 @@ class InstanceSnapshot:
     in_flight: int
     last_activity: float
     exit_code: int | None  # of the last time the container exited; None while it runs
+    vcpu: float = 0.0  # its instance type's, while awake
+    pinned: bool = False  # a pool instance: never sleeps
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class InstanceManager:
         self._port_answers = port_probe or tcp_port_answers
         self._instances: dict[str, _Instance] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pinned: set[str] = set()  # pool instances: they never sleep, they are drained
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -349,12 +352,44 @@ class InstanceManager:
         for inst in self._instances.values():
             if inst.state is not InstanceState.RUNNING or inst.in_flight > 0:
                 continue
+            if inst.id in self._pinned:
+                continue
             cls = self._get_class(inst.class_name)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
             if now - inst.last_activity >= sleep_after:
                 self._begin_stop(inst, idle=True)
                 stopping.append(inst.id)
         return stopping
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    @property
+    def pinned(self) -> frozenset[str]:
+        return frozenset(self._pinned)
+
+    async def start_pinned(self, cls: ContainerClass, name: str) -> None:
+        """Boot a pool instance now (not on a request) and keep it awake until it is drained."""
+        self._pinned.add(instance_id(cls.name, name))
+        (await self.acquire(cls, name)).release()
+
+    async def drain_and_remove(self, iid: str, timeout_s: float = 60.0) -> None:
+        """Let a pool instance finish its requests in flight (up to `timeout_s`), then stop it
+        and remove its container: it is gone, not asleep."""
+        self._pinned.discard(iid)
+        inst = self._instances.get(iid)
+        if inst is None:
+            return
+        deadline = self._clock() + timeout_s
+        while inst.in_flight > 0 and self._clock() < deadline:  # noqa: ASYNC110 - a bounded poll; no event per release
+            await asyncio.sleep(0.1)
+        await self.stop(iid)
+        if inst.in_flight > 0 or inst.state is not InstanceState.STOPPED:
+            return  # a request came in meanwhile; the next drain pass tries again
+        if inst.container_id is not None:
+            await self._runtime.remove(inst.container_id, force=True)
+        del self._instances[iid]
+        metrics.INSTANCES.labels(inst.state.value).dec()
+        log.info("removed pool instance %s/%s", inst.class_name, inst.name)
 
     async def stop(self, iid: str) -> bool:
         """Stop an instance now, requests in flight or not (an operator's stop); it keeps its
@@ -459,7 +494,7 @@ class InstanceManager:
     # -- reporting and lifetime -------------------------------------------------------------------
 
     def snapshot(self) -> list[InstanceSnapshot]:
-        return [_snapshot(inst) for inst in self._instances.values()]
+        return [_snapshot(inst, inst.id in self._pinned) for inst in self._instances.values()]
 
     def get(self, iid: str) -> InstanceSnapshot | None:
         inst = self._instances.get(iid)
@@ -505,11 +540,12 @@ async def tcp_port_answers(host: str, port: int) -> bool:
     return True
 
 
-def _snapshot(inst: _Instance) -> InstanceSnapshot:
+def _snapshot(inst: _Instance, pinned: bool = False) -> InstanceSnapshot:
     return InstanceSnapshot(
         id=inst.id, name=inst.name, class_name=inst.class_name, state=inst.state,
         container_id=inst.container_id, upstream=inst.upstream, in_flight=inst.in_flight,
-        last_activity=inst.last_activity, exit_code=inst.exit_code,
+        last_activity=inst.last_activity, exit_code=inst.exit_code, vcpu=inst.vcpu,
+        pinned=pinned,
     )
 
 

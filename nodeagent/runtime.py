@@ -81,6 +81,7 @@ class ContainerInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    pid: int | None = None  # the main process, while running (from inspect only)
 
     @property
     def running(self) -> bool:
@@ -353,6 +354,7 @@ def _from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(labels),
         started_at=_time(state.get("StartedAt")),
         finished_at=_time(state.get("FinishedAt")),
+        pid=int(state.get("Pid") or 0) or None,
     )
 
 

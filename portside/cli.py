@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--node-ttl", type=int, default=10, help="seconds a node lives without a heartbeat"
     )
+    p.add_argument("--replica-id", default="", help="this replica's name (default: HOSTNAME-PORT)")
 
     p = sub.add_parser("agent", help="run a node agent")
     p.add_argument("--controlplane", default=_controlplane_default())
@@ -96,8 +97,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     for name in ("listen", "controlplane", "api_listen", "metrics_listen"):
         value = getattr(args, name, None)
-        if value:
-            split_hostport(value, f"--{name.replace('_', '-')}")
+        for address in (value or "").split(","):
+            if address:
+                split_hostport(address, f"--{name.replace('_', '-')}")
     if getattr(args, "region", None):
         geo.lookup(args.region)
 
@@ -113,6 +115,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
                     region=args.region,
                     node_ttl_s=args.node_ttl,
+                    replica_id=args.replica_id,
                 )
             )
         )

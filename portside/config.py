@@ -18,6 +18,7 @@ from portside.durations import parse_duration
 from portside.errors import ConfigError
 from portside.spec import (
     INSTANCE_TYPES,
+    Autoscaling,
     Config,
     ContainerClass,
     InstanceSource,
@@ -47,8 +48,15 @@ _CONTAINER_KEYS = (
     "env",
     "entrypoint",
     "boot_timeout",
+    "autoscaling",
 )
-_TOML_CONTAINER_KEYS = (*_CONTAINER_KEYS, "autoscaling")  # accepted now, read later
+_AUTOSCALING_KEYS = (
+    "minimum_instances",
+    "maximum_instances",
+    "cpu_target",
+    "scale_down_delay",
+    "concurrency_limit",
+)
 _ROUTE_KEYS = ("path", "class_name", "instance")
 _CUSTOM_TYPE_KEYS = ("vcpu", "memory_mib", "disk_mb")
 _CUSTOM_DISK_MB = 2_000
@@ -61,7 +69,8 @@ _SOURCE_KINDS: Mapping[str, InstanceSourceKind] = {
     "cookie": "cookie",
     "path": "path",
 }
-_SOURCE_SYNTAX = "use header:NAME, query:NAME, cookie:NAME or path:N"
+_SOURCE_FORMS = "header:NAME, query:NAME, cookie:NAME or path:N"
+_SOURCE_SYNTAX = f"use {_SOURCE_FORMS}"
 
 # Container fields that mean something to Cloudflare but nothing to Portside: a wrangler
 # file keeps working on both, so these are warnings, not errors.
@@ -73,7 +82,6 @@ _WRANGLER_IGNORED = frozenset(
         "rollout_step_percentage",
         "rollout_kind",
         "rollout_active_grace_period",
-        "autoscaling",
         "constraints",
         "affinities",
         "scheduling_policy",
@@ -87,6 +95,7 @@ _WRANGLER_IGNORED = frozenset(
 _WRANGLER_TYPE_ALIASES = {"dev": "lite", "standard": "standard-1"}
 
 _DEFAULT = ContainerClass(name="", image="")
+_DEFAULT_AUTOSCALING = Autoscaling()
 
 
 class _Required:
@@ -138,9 +147,9 @@ def parse_toml(text: str, file: str) -> Config:
     top.check_keys(_TOML_TOP_KEYS)
     classes: list[tuple[_Table, ContainerClass]] = []
     for table in top.tables("containers"):
-        table.check_keys(_TOML_CONTAINER_KEYS)
+        table.check_keys(_CONTAINER_KEYS)
         if "autoscaling" in table:
-            table.table("autoscaling")  # only its shape is checked until autoscaling lands
+            table.table("autoscaling").check_keys(_AUTOSCALING_KEYS)
         classes.append((table, _container(table)))
     routes = [(table, _route(table)) for table in top.tables("routes")]
     return _assemble(classes, routes)
@@ -176,6 +185,16 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
             else:
                 hint = _did_you_mean(key, _CONTAINER_KEYS, "; ")
                 warnings.append(f"{file}: {table.where(key)}: ignored (unknown field{hint})")
+        if "autoscaling" in table:
+            # Cloudflare may add fields here too: warn about the ones Portside does not read.
+            scaling = table.table("autoscaling")
+            known["autoscaling"] = {
+                key: value for key, value in scaling.data.items() if key in _AUTOSCALING_KEYS
+            }
+            for key in scaling.data:
+                if key not in _AUTOSCALING_KEYS:
+                    hint = _did_you_mean(key, _AUTOSCALING_KEYS, "; ")
+                    warnings.append(f"{file}: {scaling.where(key)}: ignored (unknown field{hint})")
         old_name = known.get("instance_type")
         if isinstance(old_name, str) and old_name in _WRANGLER_TYPE_ALIASES:
             known["instance_type"] = _WRANGLER_TYPE_ALIASES[old_name]
@@ -254,6 +273,7 @@ def _container(table: _Table) -> ContainerClass:
     image = table.text("image")
     if not image.strip():
         raise table.error("image", "must not be empty")
+    max_instances = table.integer("max_instances", _DEFAULT.max_instances, low=0)
     return ContainerClass(
         name=name,
         image=image,
@@ -262,11 +282,47 @@ def _container(table: _Table) -> ContainerClass:
             _instance_type(table) if "instance_type" in table else _DEFAULT.instance_type
         ),
         sleep_after_s=table.duration("sleep_after", _DEFAULT.sleep_after_s),
-        max_instances=table.integer("max_instances", _DEFAULT.max_instances, low=0),
+        max_instances=max_instances,
         env=_env(table) if "env" in table else {},
         entrypoint=_entrypoint(table) if "entrypoint" in table else (),
         enable_internet=table.boolean("enable_internet", _DEFAULT.enable_internet),
         boot_timeout_s=table.duration("boot_timeout", _DEFAULT.boot_timeout_s),
+        autoscaling=_autoscaling(table, max_instances) if "autoscaling" in table else None,
+    )
+
+
+def _autoscaling(table: _Table, max_instances: int) -> Autoscaling:
+    """A pool's bounds and target; an empty block is a pool with every default."""
+    scaling = table.table("autoscaling")
+    default = _DEFAULT_AUTOSCALING
+    minimum = scaling.integer("minimum_instances", default.minimum_instances, low=0)
+    maximum = scaling.integer("maximum_instances", default.maximum_instances, low=0)
+    cpu_target = scaling.number("cpu_target", default.cpu_target)
+    if not 0 < cpu_target <= 100:
+        raise scaling.error(
+            "cpu_target",
+            "must be more than 0 and at most 100 (percent of the instance type's vCPU), "
+            f"not {cpu_target:g}",
+        )
+    # maximum_instances = 0 (or absent) means the class's max_instances bounds the pool.
+    if maximum and minimum > maximum:
+        raise scaling.error(
+            "minimum_instances", f"{minimum} is more than maximum_instances ({maximum})"
+        )
+    if not maximum and max_instances and minimum > max_instances:
+        raise scaling.error(
+            "minimum_instances",
+            f"{minimum} is more than the class's max_instances ({max_instances}), "
+            "which bounds the pool when maximum_instances is not set",
+        )
+    return Autoscaling(
+        minimum_instances=minimum,
+        maximum_instances=maximum,
+        cpu_target=cpu_target,
+        scale_down_delay_s=scaling.duration(
+            "scale_down_delay", default.scale_down_delay_s, allow_zero=True
+        ),
+        concurrency_limit=scaling.integer("concurrency_limit", default.concurrency_limit, low=0),
     )
 
 
@@ -346,14 +402,15 @@ def _instance_source(table: _Table) -> InstanceSource:
 def _assemble(
     classes: Sequence[tuple[_Table, ContainerClass]], routes: Sequence[tuple[_Table, Route]]
 ) -> Config:
-    """The checks that span entries: unique class names and paths, routes to known classes."""
-    declared: dict[str, str] = {}
+    """The checks that span entries: unique class names and paths, routes to known classes;
+    a route to a pool takes no instance source, a route to any other class needs one."""
+    declared: dict[str, tuple[str, ContainerClass]] = {}
     for table, cls in classes:
         if cls.name in declared:
             raise table.error(
-                "class_name", f"{_show(cls.name)} is already declared by {declared[cls.name]}"
+                "class_name", f"{_show(cls.name)} is already declared by {declared[cls.name][0]}"
             )
-        declared[cls.name] = table.at
+        declared[cls.name] = (table.at, cls)
     routed: dict[str, str] = {}
     for table, route in routes:
         if route.class_name not in declared:
@@ -361,6 +418,20 @@ def _assemble(
             raise table.error(
                 "class_name",
                 f"{_show(route.class_name)} is not a declared container class; declared: {known}",
+            )
+        is_pool = declared[route.class_name][1].autoscaling is not None
+        if route.instance is None and not is_pool:
+            raise table.error(
+                "instance",
+                f"missing; class {_show(route.class_name)} is not a pool (it has no autoscaling "
+                "block), so the route must say where the instance name comes from "
+                f"({_SOURCE_FORMS})",
+            )
+        if route.instance is not None and is_pool:
+            raise table.error(
+                "instance",
+                f"class {_show(route.class_name)} is a pool (autoscaling): any instance serves, "
+                "so its routes take no instance key",
             )
         if route.path in routed:
             raise table.error(
@@ -427,13 +498,13 @@ class _Table:
             raise self.error(key, f"must be an integer {in_range}, not {_show(value)}")
         return value
 
-    def number(self, key: str) -> float:
-        value = self._value(key, _REQUIRED)
+    def number(self, key: str, default: float | _Required = _REQUIRED) -> float:
+        value = self._value(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"must be a number, not {_show(value)}")
         return float(value)
 
-    def duration(self, key: str, default: float) -> float:
+    def duration(self, key: str, default: float, *, allow_zero: bool = False) -> float:
         if key not in self:
             return default
         value = self.text(key)
@@ -441,7 +512,7 @@ class _Table:
             seconds = parse_duration(value)
         except ValueError as exc:
             raise self.error(key, str(exc)) from exc
-        if seconds <= 0:
+        if seconds <= 0 and not allow_zero:  # parse_duration never returns less than zero
             raise self.error(key, f"{_show(value)} must be longer than zero")
         return seconds
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from portside.api.v1 import types_pb2 as pb
 from portside.spec import (
+    Autoscaling,
     Config,
     ContainerClass,
     InstanceSource,
@@ -25,7 +26,30 @@ def instance_type_from_pb(m: pb.InstanceType) -> InstanceType:
     return InstanceType(name=m.name, vcpu=m.vcpu, memory_mib=m.memory_mib, disk_mb=m.disk_mb)
 
 
+def autoscaling_to_pb(a: Autoscaling) -> pb.Autoscaling:
+    return pb.Autoscaling(
+        minimum_instances=a.minimum_instances, maximum_instances=a.maximum_instances,
+        cpu_target=a.cpu_target, scale_down_delay_seconds=a.scale_down_delay_s,
+        concurrency_limit=a.concurrency_limit,
+    )
+
+
+def autoscaling_from_pb(m: pb.Autoscaling) -> Autoscaling:
+    return Autoscaling(
+        minimum_instances=m.minimum_instances, maximum_instances=m.maximum_instances,
+        cpu_target=m.cpu_target, scale_down_delay_s=m.scale_down_delay_seconds,
+        concurrency_limit=m.concurrency_limit,
+    )
+
+
 def class_to_pb(c: ContainerClass) -> pb.ContainerClass:
+    msg = _class_to_pb(c)
+    if c.autoscaling is not None:
+        msg.autoscaling.CopyFrom(autoscaling_to_pb(c.autoscaling))
+    return msg
+
+
+def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
     return pb.ContainerClass(
         name=c.name,
         image=c.image,
@@ -52,6 +76,7 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         entrypoint=tuple(m.entrypoint),
         enable_internet=m.enable_internet,
         boot_timeout_s=m.boot_timeout_seconds,
+        autoscaling=autoscaling_from_pb(m.autoscaling) if m.HasField("autoscaling") else None,
     )
 
 

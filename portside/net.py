@@ -57,8 +57,27 @@ def add_grpc_port(server: grpc.aio.Server, address: str) -> int:
 
 
 def grpc_channel(target: str) -> grpc.aio.Channel:
-    split_hostport(target, "control plane address")
+    """A channel to one control plane, or to several replicas ("10.0.0.1:7070,10.0.0.2:7070"):
+    gRPC then connects to the first that answers and moves on when it fails."""
+    addresses = [a.strip() for a in target.split(",") if a.strip()]
+    for address in addresses:
+        split_hostport(address, "control plane address")
+    if len(addresses) > 1:
+        hosts = [split_hostport(a)[0] for a in addresses]
+        if not all(_is_ipv4(h) for h in hosts):
+            raise InvalidArgument(
+                f"control plane addresses {target!r}: several replicas must be given as "
+                "IPv4 addresses (or put them behind one name)")
+        target = "ipv4:" + ",".join(addresses)
     return grpc.aio.insecure_channel(target, options=_GRPC_OPTIONS)
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return host.count(".") == 3
 
 
 def http_client_session(deadlines: Deadlines, limit: int = 1000) -> aiohttp.ClientSession:

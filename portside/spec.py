@@ -39,6 +39,18 @@ DEFAULT_BOOT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
+class Autoscaling:
+    """A pool: any instance serves any request; the autoscaler keeps between minimum and maximum
+    instances so that average CPU sits at `cpu_target` percent of the instance type's vCPU."""
+
+    minimum_instances: int = 0
+    maximum_instances: int = 0  # 0: the class's max_instances (and cluster capacity)
+    cpu_target: float = 75.0
+    scale_down_delay_s: float = 60.0
+    concurrency_limit: int = 0  # requests in flight per instance before overflow; 0: none
+
+
+@dataclass(frozen=True)
 class ContainerClass:
     """A named container spec, registered with `portside deploy`."""
 
@@ -52,6 +64,14 @@ class ContainerClass:
     entrypoint: tuple[str, ...] = ()
     enable_internet: bool = False
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
+    autoscaling: Autoscaling | None = None  # set: the class is a pool
+
+    @property
+    def pool_maximum(self) -> int:
+        """The most instances the pool may have (0: only capacity limits it)."""
+        if self.autoscaling is None:
+            return 0
+        return self.autoscaling.maximum_instances or self.max_instances
 
 
 InstanceSourceKind = Literal["header", "query", "cookie", "path"]

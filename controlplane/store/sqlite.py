@@ -382,9 +382,7 @@ class SqliteStore:
             return
         with self._write(f"compact to {revision}") as txn:
             txn.db.execute("DELETE FROM events WHERE revision < ?", (revision,))
-            txn.db.execute(
-                "UPDATE meta SET value = ? WHERE name = 'compact_revision'", (revision,)
-            )
+            txn.db.execute("UPDATE meta SET value = ? WHERE name = 'compact_revision'", (revision,))
         self._compact_revision = revision
 
     async def close(self) -> None:

@@ -14,17 +14,18 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from edge.pools import PoolMember
 from edge.proxy import EdgeProxy, Target, metrics_app
 from portside.errors import NoCapacity, NotFound, PortsideError
 from portside.net import Deadlines, free_port, start_http_server
-from portside.spec import Config, InstanceSource, Route
+from portside.spec import Autoscaling, Config, ContainerClass, InstanceSource, Route
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB
 BIG_CHUNKS = 320  # 20 MiB
 BIG_SIZE = len(CHUNK) * BIG_CHUNKS
 BIG_SHA256 = hashlib.sha256(CHUNK * BIG_CHUNKS).hexdigest()
 
-CONFIG = Config(routes=(
+CONFIG = Config(classes=(ContainerClass("stateless", "img", autoscaling=Autoscaling()),), routes=(
     Route("/execute-code", "sandbox", InstanceSource("header", "X-Session-Id")),
     Route("/u", "profile", InstanceSource("path", index=1)),
     Route("/pool", "stateless"),
@@ -207,6 +208,25 @@ async def test_headers_are_added_stripped_and_passed(make_cluster: EdgeFactory) 
     assert headers["host"] == [c.agent_target.data_address]
 
 
+async def test_pool_route_goes_to_a_member_or_asks_for_one(make_cluster: EdgeFactory) -> None:
+    c = await make_cluster([Target("n1", "", "stateless-0")])
+    c.resolver.targets = [Target("n1", c.agent_target.data_address, "stateless-0")]
+    # No members known: the resolver names one (the control plane starts it if needed).
+    async with c.client.get(f"{c.edge_url}/pool/x") as response:
+        seen = await response.json()
+    assert ["Portside-Instance", "stateless-0"] in seen["headers"]
+    assert c.resolver.calls == 1
+    # Members from the pool watch: the edge picks one itself, no resolve.
+    c.proxy.set_pool_members({"stateless": [PoolMember(
+        instance_id="i7", name="stateless-7", node_id="n1",
+        data_address=c.agent_target.data_address, region="fra", latitude=50.1, longitude=8.7)]})
+    async with c.client.get(f"{c.edge_url}/pool/x") as response:
+        seen = await response.json()
+    assert ["Portside-Instance", "stateless-7"] in seen["headers"]
+    assert ["Portside-Class", "stateless"] in seen["headers"]
+    assert c.resolver.calls == 1
+
+
 async def test_instance_name_from_path(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
     async with c.client.post(f"{c.edge_url}/u/ada/settings", data=b"hi") as response:
@@ -227,8 +247,9 @@ async def test_instance_name_from_path(make_cluster: EdgeFactory) -> None:
          "no instance name: route /u takes it from path segment 1 after /u"),
         ("/execute-code", {"X-Session-Id": "x" * 300}, 400, "invalid-instance-name",
          "instance name from header X-Session-Id is 300 characters long; the limit is 256"),
-        ("/pool", {}, 501, "pool-unsupported",
-         "route /pool serves class stateless as a pool; this edge routes named instances only"),
+        ("/pool", {"Portside-Location-Hint": "atlantis"}, 400, "invalid-argument",
+         'unknown location "atlantis": use a region code such as fra, iad, sin (all of them:'
+         ' portside regions) or an area: wnam, enam, sam, weur, eeur, apac, oc, afr, me'),
     ],
 )
 async def test_refusals(make_cluster: EdgeFactory, path: str, headers: dict[str, str],

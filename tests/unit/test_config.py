@@ -14,6 +14,7 @@ from portside.config import load_config, parse_toml, parse_wrangler, strip_jsonc
 from portside.errors import ConfigError
 from portside.spec import (
     INSTANCE_TYPES,
+    Autoscaling,
     Config,
     ContainerClass,
     InstanceSource,
@@ -34,13 +35,22 @@ env = { MODE = "sandbox" }
 entrypoint = ["/bin/sh", "-c", "exec server"]
 boot_timeout = "45s"
 
-[containers.autoscaling]
-min = 1
-
 [[containers]]
 class_name = "Renderer"
 image = "renderer:1"
 instance_type = { vcpu = 0.5, memory_mib = 512 }
+
+[[containers]]
+class_name = "GifMaker"
+image = "gifmaker:2"
+default_port = 1337
+instance_type = "basic"
+[containers.autoscaling]
+minimum_instances = 1
+maximum_instances = 10       # defaults to max_instances (0 = capacity only)
+cpu_target = 75              # percent of the instance type's vCPU
+scale_down_delay = "60s"     # stabilisation window before removing instances
+concurrency_limit = 50       # optional: requests in flight per instance before overflow
 
 [[routes]]
 path = "/execute-code"
@@ -53,8 +63,8 @@ class_name = "Renderer"
 instance = "path:2"
 
 [[routes]]
-path = "/pool"
-class_name = "Renderer"
+path = "/make-gif"
+class_name = "GifMaker"      # no instance key: any instance of the pool serves
 """
 
 FULL_CONFIG = Config(
@@ -76,11 +86,24 @@ FULL_CONFIG = Config(
             image="renderer:1",
             instance_type=InstanceType("custom", 0.5, 512, 2000),
         ),
+        ContainerClass(
+            name="GifMaker",
+            image="gifmaker:2",
+            default_port=1337,
+            instance_type=INSTANCE_TYPES["basic"],
+            autoscaling=Autoscaling(
+                minimum_instances=1,
+                maximum_instances=10,
+                cpu_target=75.0,
+                scale_down_delay_s=60.0,
+                concurrency_limit=50,
+            ),
+        ),
     ),
     routes=(
         Route("/execute-code", "CodeExecutor", InstanceSource("header", name="X-Session-Id")),
         Route("/render", "Renderer", InstanceSource("path", index=2)),
-        Route("/pool", "Renderer", None),
+        Route("/make-gif", "GifMaker", None),
     ),
 )
 
@@ -126,6 +149,54 @@ def _container(line: str) -> str:
 
 def _route(*lines: str) -> str:
     return CONTAINER + "\n[[routes]]\n" + "\n".join(lines) + "\n"
+
+
+def _pool(autoscaling: str, *, before: str = "", routes: str = "") -> str:
+    """Class A as a pool: `before` are container lines, `autoscaling` its block's lines."""
+    return f"{CONTAINER}\n{before}\n[containers.autoscaling]\n{autoscaling}\n{routes}\n"
+
+
+# (the class's max_instances, its autoscaling lines, the Autoscaling read, pool_maximum)
+POOLS: list[tuple[int, str, Autoscaling, int]] = [
+    (0, "", Autoscaling(), 0),
+    (8, "", Autoscaling(), 8),
+    (8, "maximum_instances = 3", Autoscaling(maximum_instances=3), 3),
+    (8, "maximum_instances = 0", Autoscaling(maximum_instances=0), 8),
+    (0, "minimum_instances = 4", Autoscaling(minimum_instances=4), 0),
+    (4, "minimum_instances = 4", Autoscaling(minimum_instances=4), 4),
+    (
+        2,
+        "minimum_instances = 5\nmaximum_instances = 5",
+        Autoscaling(minimum_instances=5, maximum_instances=5),
+        5,
+    ),
+    (0, "cpu_target = 100", Autoscaling(cpu_target=100.0), 0),
+    (0, "cpu_target = 0.5", Autoscaling(cpu_target=0.5), 0),
+    (0, 'scale_down_delay = "0s"', Autoscaling(scale_down_delay_s=0.0), 0),
+    (0, 'scale_down_delay = "1m30s"', Autoscaling(scale_down_delay_s=90.0), 0),
+    (0, 'scale_down_delay = "250ms"', Autoscaling(scale_down_delay_s=0.25), 0),
+    (0, "concurrency_limit = 0", Autoscaling(concurrency_limit=0), 0),
+    (0, "concurrency_limit = 1", Autoscaling(concurrency_limit=1), 0),
+]
+
+
+@pytest.mark.parametrize(("max_instances", "lines", "expected", "pool_maximum"), POOLS)
+def test_autoscaling_blocks(
+    max_instances: int, lines: str, expected: Autoscaling, pool_maximum: int
+) -> None:
+    pool_route = '[[routes]]\npath = "/p"\nclass_name = "A"'
+    text = _pool(lines, before=f"max_instances = {max_instances}", routes=pool_route)
+    config = parse_toml(text, "p.toml")
+    cls = config.classes[0]
+    assert cls.autoscaling == expected
+    assert cls.pool_maximum == pool_maximum
+    assert config.routes == (Route("/p", "A", None),)
+
+
+def test_a_class_without_autoscaling_is_not_a_pool() -> None:
+    cls = parse_toml(CONTAINER, "p.toml").classes[0]
+    assert cls.autoscaling is None
+    assert cls.pool_maximum == 0
 
 
 # (config text, the field the error names, fragments its problem must contain)
@@ -266,9 +337,71 @@ TOML_ERRORS: list[tuple[str, str, tuple[str, ...]]] = [
         ("string",),
     ),
     (
-        _route('path = "/x"', 'class_name = "A"', "[[routes]]", 'path = "/x"', 'class_name = "A"'),
+        _route(
+            'path = "/x"',
+            'class_name = "A"',
+            'instance = "query:id"',
+            "[[routes]]",
+            'path = "/x"',
+            'class_name = "A"',
+            'instance = "query:id"',
+        ),
         "routes[1].path",
         ('"/x" is already routed by routes[0]',),
+    ),
+    *(
+        (_pool(line), f"containers[0].autoscaling.{field}", fragments)
+        for line, field, fragments in [
+            ("minimum_instances = -1", "minimum_instances", ("integer >= 0", "not -1")),
+            ('minimum_instances = "1"', "minimum_instances", ('not "1"',)),
+            ("minimum_instances = 1.5", "minimum_instances", ("integer", "not 1.5")),
+            ("maximum_instances = -2", "maximum_instances", ("integer >= 0", "not -2")),
+            ("maximum_instances = true", "maximum_instances", ("integer", "not true")),
+            ("concurrency_limit = -1", "concurrency_limit", ("integer >= 0", "not -1")),
+            ("concurrency_limit = 2.5", "concurrency_limit", ("integer", "not 2.5")),
+            ("cpu_target = 0", "cpu_target", ("more than 0", "at most 100", "not 0")),
+            ("cpu_target = -5", "cpu_target", ("not -5",)),
+            ("cpu_target = 100.5", "cpu_target", ("at most 100", "not 100.5")),
+            ("cpu_target = nan", "cpu_target", ("at most 100", "not nan")),
+            ('cpu_target = "75%"', "cpu_target", ("must be a number", 'not "75%"')),
+            ("cpu_target = true", "cpu_target", ("must be a number", "not true")),
+            ('scale_down_delay = "soon"', "scale_down_delay", ("'soon'", "not a duration")),
+            ('scale_down_delay = "-5s"', "scale_down_delay", ("not a duration",)),
+            ("scale_down_delay = 60", "scale_down_delay", ("string", "not 60")),
+            (
+                "minimum_instances = 3\nmaximum_instances = 2",
+                "minimum_instances",
+                ("3 is more than maximum_instances (2)",),
+            ),
+            (
+                "min = 1",
+                "min",
+                (
+                    "unknown key",
+                    "allowed: minimum_instances, maximum_instances, cpu_target, "
+                    "scale_down_delay, concurrency_limit",
+                ),
+            ),
+            ("cpu_targett = 50", "cpu_targett", ("did you mean cpu_target?",)),
+        ]
+    ),
+    (
+        _pool("minimum_instances = 6", before="max_instances = 5"),
+        "containers[0].autoscaling.minimum_instances",
+        ("6 is more than the class's max_instances (5)", "maximum_instances is not set"),
+    ),
+    (
+        _route('path = "/x"', 'class_name = "A"'),
+        "routes[0].instance",
+        (
+            'missing; class "A" is not a pool (it has no autoscaling block)',
+            "where the instance name comes from (header:NAME, query:NAME, cookie:NAME or path:N)",
+        ),
+    ),
+    (
+        _pool("", routes='[[routes]]\npath = "/x"\nclass_name = "A"\ninstance = "query:id"'),
+        "routes[0].instance",
+        ('class "A" is a pool (autoscaling): any instance serves, so its routes take no instance',),
     ),
 ]
 
@@ -361,6 +494,73 @@ def test_wrangler_without_containers_warns() -> None:
     assert warnings == ["wrangler.json: containers: missing; there is nothing for Portside to run"]
 
 
+WRANGLER_POOL = """
+{
+  "containers": [
+    {
+      "class_name": "GifMaker",
+      "image": "./Dockerfile",
+      "max_instances": 10,
+      "autoscaling": {
+        "minimum_instances": 1,
+        "cpu_target": 75,
+        "scale_down_delay": "2m",
+        "concurrency_limit": 50,
+        "max_surge": 2, // Cloudflare's, not Portside's
+        "cpu_targets": 80,
+      },
+    },
+    {"class_name": "Empty", "image": "e", "autoscaling": {}},
+    {"class_name": "Named", "image": "n", "autoscaling": null},
+  ],
+  "routes": [
+    {"path": "/make-gif", "class_name": "GifMaker"},
+    {"path": "/empty", "class_name": "Empty"},
+    {"path": "/named", "class_name": "Named", "instance": "cookie:sid"},
+  ],
+}
+"""
+
+
+def test_wrangler_reads_autoscaling_and_warns_about_unknown_fields_in_it() -> None:
+    config, warnings = parse_wrangler(WRANGLER_POOL, "wrangler.jsonc")
+    assert config == Config(
+        classes=(
+            ContainerClass(
+                name="GifMaker",
+                image="./Dockerfile",
+                max_instances=10,
+                autoscaling=Autoscaling(
+                    minimum_instances=1,
+                    cpu_target=75.0,
+                    scale_down_delay_s=120.0,
+                    concurrency_limit=50,
+                ),
+            ),
+            ContainerClass(name="Empty", image="e", autoscaling=Autoscaling()),
+            ContainerClass(name="Named", image="n"),
+        ),
+        routes=(
+            Route("/make-gif", "GifMaker", None),
+            Route("/empty", "Empty", None),
+            Route("/named", "Named", InstanceSource("cookie", name="sid")),
+        ),
+    )
+    assert config.classes[0].pool_maximum == 10
+    assert warnings == [
+        "wrangler.jsonc: containers[0].autoscaling.max_surge: ignored (unknown field)",
+        "wrangler.jsonc: containers[0].autoscaling.cpu_targets: ignored (unknown field; "
+        "did you mean cpu_target?)",
+    ]
+
+
+def _wrangler_pool(autoscaling: str, route: str = '{"path": "/p", "class_name": "A"}') -> str:
+    return (
+        f'{{"containers": [{{"class_name": "A", "image": "a", "autoscaling": {autoscaling}}}],'
+        f' "routes": [{route}]}}'
+    )
+
+
 # (wrangler text, the field the error names, fragments its problem must contain)
 WRANGLER_ERRORS: list[tuple[str, str, tuple[str, ...]]] = [
     ('{"containers": [{"image": "a"}]}', "containers[0].class_name", ("required",)),
@@ -383,6 +583,43 @@ WRANGLER_ERRORS: list[tuple[str, str, tuple[str, ...]]] = [
         ("not a declared container class",),
     ),
     ('{"containers": [], "routes": [3]}', "routes[0]", ("must be an object",)),
+    (_wrangler_pool("3"), "containers[0].autoscaling", ("must be an object", "not 3")),
+    (_wrangler_pool("[]"), "containers[0].autoscaling", ("must be an object", "not []")),
+    (
+        _wrangler_pool('{"cpu_target": 0}'),
+        "containers[0].autoscaling.cpu_target",
+        ("more than 0 and at most 100", "not 0"),
+    ),
+    (
+        _wrangler_pool('{"minimum_instances": -1}'),
+        "containers[0].autoscaling.minimum_instances",
+        ("integer >= 0", "not -1"),
+    ),
+    (
+        _wrangler_pool('{"minimum_instances": 4, "maximum_instances": 3}'),
+        "containers[0].autoscaling.minimum_instances",
+        ("4 is more than maximum_instances (3)",),
+    ),
+    (
+        _wrangler_pool('{"scale_down_delay": 60}'),
+        "containers[0].autoscaling.scale_down_delay",
+        ("string", "not 60"),
+    ),
+    (
+        _wrangler_pool('{"concurrency_limit": "50"}'),
+        "containers[0].autoscaling.concurrency_limit",
+        ('not "50"',),
+    ),
+    (
+        _wrangler_pool("{}", '{"path": "/p", "class_name": "A", "instance": "query:id"}'),
+        "routes[0].instance",
+        ('class "A" is a pool (autoscaling)',),
+    ),
+    (
+        _wrangler_pool("null"),
+        "routes[0].instance",
+        ('missing; class "A" is not a pool', "header:NAME"),
+    ),
 ]
 
 

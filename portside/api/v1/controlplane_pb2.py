@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from portside.api.v1 import types_pb2 as portside_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eportside/v1/controlplane.proto\x12\x0bportside.v1\x1a\x17portside/v1/types.proto\"4\n\rDeployRequest\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"1\n\x0e\x44\x65ployResponse\x12\x0f\n\x07\x63lasses\x18\x01 \x01(\x05\x12\x0e\n\x06routes\x18\x02 \x01(\x05\"\x12\n\x10GetConfigRequest\"8\n\x11GetConfigResponse\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"\x14\n\x12WatchConfigRequest\":\n\x13WatchConfigResponse\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"R\n\x0eResolveRequest\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x15\n\rinstance_name\x18\x02 \x01(\t\x12\x15\n\rlocation_hint\x18\x03 \x01(\t\"m\n\x0fResolveResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0e\n\x06placed\x18\x05 \x01(\x08\"\x12\n\x10ListNodesRequest\"y\n\x08NodeInfo\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.portside.v1.Node\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x11\n\tused_vcpu\x18\x03 \x01(\x01\x12\x17\n\x0fused_memory_mib\x18\x04 \x01(\x03\x12\x11\n\tinstances\x18\x05 \x01(\x05\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.portside.v1.NodeInfo\"*\n\x14ListInstancesRequest\x12\x12\n\nclass_name\x18\x01 \x01(\t\"k\n\x0ePlacedInstance\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tplaced_at\x18\x05 \x01(\x01\"G\n\x15ListInstancesResponse\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.portside.v1.PlacedInstance\"g\n\x14NodeHeartbeatRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.portside.v1.Node\x12.\n\tinstances\x18\x02 \x03(\x0b\x32\x1b.portside.v1.InstanceStatus\"2\n\x15NodeHeartbeatResponse\x12\x19\n\x11lease_ttl_seconds\x18\x01 \x01(\x01\x32\xb7\x04\n\x0c\x43ontrolPlane\x12\x41\n\x06\x44\x65ploy\x12\x1a.portside.v1.DeployRequest\x1a\x1b.portside.v1.DeployResponse\x12J\n\tGetConfig\x12\x1d.portside.v1.GetConfigRequest\x1a\x1e.portside.v1.GetConfigResponse\x12R\n\x0bWatchConfig\x12\x1f.portside.v1.WatchConfigRequest\x1a .portside.v1.WatchConfigResponse0\x01\x12\x44\n\x07Resolve\x12\x1b.portside.v1.ResolveRequest\x1a\x1c.portside.v1.ResolveResponse\x12J\n\tListNodes\x12\x1d.portside.v1.ListNodesRequest\x1a\x1e.portside.v1.ListNodesResponse\x12V\n\rListInstances\x12!.portside.v1.ListInstancesRequest\x1a\".portside.v1.ListInstancesResponse\x12Z\n\rNodeHeartbeat\x12!.portside.v1.NodeHeartbeatRequest\x1a\".portside.v1.NodeHeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eportside/v1/controlplane.proto\x12\x0bportside.v1\x1a\x17portside/v1/types.proto\"4\n\rDeployRequest\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"1\n\x0e\x44\x65ployResponse\x12\x0f\n\x07\x63lasses\x18\x01 \x01(\x05\x12\x0e\n\x06routes\x18\x02 \x01(\x05\"\x12\n\x10GetConfigRequest\"8\n\x11GetConfigResponse\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"\x14\n\x12WatchConfigRequest\":\n\x13WatchConfigResponse\x12#\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x13.portside.v1.Config\"R\n\x0eResolveRequest\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x15\n\rinstance_name\x18\x02 \x01(\t\x12\x15\n\rlocation_hint\x18\x03 \x01(\t\"\x84\x01\n\x0fResolveResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0e\n\x06placed\x18\x05 \x01(\x08\x12\x15\n\rinstance_name\x18\x06 \x01(\t\"\x12\n\x10ListNodesRequest\"y\n\x08NodeInfo\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.portside.v1.Node\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x11\n\tused_vcpu\x18\x03 \x01(\x01\x12\x17\n\x0fused_memory_mib\x18\x04 \x01(\x03\x12\x11\n\tinstances\x18\x05 \x01(\x05\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.portside.v1.NodeInfo\"*\n\x14ListInstancesRequest\x12\x12\n\nclass_name\x18\x01 \x01(\t\"k\n\x0ePlacedInstance\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tplaced_at\x18\x05 \x01(\x01\"G\n\x15ListInstancesResponse\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.portside.v1.PlacedInstance\"g\n\x14NodeHeartbeatRequest\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.portside.v1.Node\x12.\n\tinstances\x18\x02 \x03(\x0b\x32\x1b.portside.v1.InstanceStatus\"]\n\x15NodeHeartbeatResponse\x12\x19\n\x11lease_ttl_seconds\x18\x01 \x01(\x01\x12)\n\x04pool\x18\x02 \x03(\x0b\x32\x1b.portside.v1.PoolAssignment\"\x13\n\x11WatchPoolsRequest\">\n\x12WatchPoolsResponse\x12(\n\x07members\x18\x01 \x03(\x0b\x32\x17.portside.v1.PoolMember\"\xc6\x01\n\x13ReportDemandRequest\x12\x0f\n\x07\x65\x64ge_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12T\n\x13requests_per_second\x18\x03 \x03(\x0b\x32\x37.portside.v1.ReportDemandRequest.RequestsPerSecondEntry\x1a\x38\n\x16RequestsPerSecondEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"4\n\x14ReportDemandResponse\x12\x1c\n\x14report_every_seconds\x18\x01 \x01(\x01\x32\xdd\x05\n\x0c\x43ontrolPlane\x12\x41\n\x06\x44\x65ploy\x12\x1a.portside.v1.DeployRequest\x1a\x1b.portside.v1.DeployResponse\x12J\n\tGetConfig\x12\x1d.portside.v1.GetConfigRequest\x1a\x1e.portside.v1.GetConfigResponse\x12R\n\x0bWatchConfig\x12\x1f.portside.v1.WatchConfigRequest\x1a .portside.v1.WatchConfigResponse0\x01\x12\x44\n\x07Resolve\x12\x1b.portside.v1.ResolveRequest\x1a\x1c.portside.v1.ResolveResponse\x12O\n\nWatchPools\x12\x1e.portside.v1.WatchPoolsRequest\x1a\x1f.portside.v1.WatchPoolsResponse0\x01\x12S\n\x0cReportDemand\x12 .portside.v1.ReportDemandRequest\x1a!.portside.v1.ReportDemandResponse\x12J\n\tListNodes\x12\x1d.portside.v1.ListNodesRequest\x1a\x1e.portside.v1.ListNodesResponse\x12V\n\rListInstances\x12!.portside.v1.ListInstancesRequest\x1a\".portside.v1.ListInstancesResponse\x12Z\n\rNodeHeartbeat\x12!.portside.v1.NodeHeartbeatRequest\x1a\".portside.v1.NodeHeartbeatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'portside.v1.controlplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REPORTDEMANDREQUEST_REQUESTSPERSECONDENTRY']._loaded_options = None
+  _globals['_REPORTDEMANDREQUEST_REQUESTSPERSECONDENTRY']._serialized_options = b'8\001'
   _globals['_DEPLOYREQUEST']._serialized_start=72
   _globals['_DEPLOYREQUEST']._serialized_end=124
   _globals['_DEPLOYRESPONSE']._serialized_start=126
@@ -46,24 +48,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHCONFIGRESPONSE']._serialized_end=335
   _globals['_RESOLVEREQUEST']._serialized_start=337
   _globals['_RESOLVEREQUEST']._serialized_end=419
-  _globals['_RESOLVERESPONSE']._serialized_start=421
-  _globals['_RESOLVERESPONSE']._serialized_end=530
-  _globals['_LISTNODESREQUEST']._serialized_start=532
-  _globals['_LISTNODESREQUEST']._serialized_end=550
-  _globals['_NODEINFO']._serialized_start=552
-  _globals['_NODEINFO']._serialized_end=673
-  _globals['_LISTNODESRESPONSE']._serialized_start=675
-  _globals['_LISTNODESRESPONSE']._serialized_end=732
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=734
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=776
-  _globals['_PLACEDINSTANCE']._serialized_start=778
-  _globals['_PLACEDINSTANCE']._serialized_end=885
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=887
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=958
-  _globals['_NODEHEARTBEATREQUEST']._serialized_start=960
-  _globals['_NODEHEARTBEATREQUEST']._serialized_end=1063
-  _globals['_NODEHEARTBEATRESPONSE']._serialized_start=1065
-  _globals['_NODEHEARTBEATRESPONSE']._serialized_end=1115
-  _globals['_CONTROLPLANE']._serialized_start=1118
-  _globals['_CONTROLPLANE']._serialized_end=1685
+  _globals['_RESOLVERESPONSE']._serialized_start=422
+  _globals['_RESOLVERESPONSE']._serialized_end=554
+  _globals['_LISTNODESREQUEST']._serialized_start=556
+  _globals['_LISTNODESREQUEST']._serialized_end=574
+  _globals['_NODEINFO']._serialized_start=576
+  _globals['_NODEINFO']._serialized_end=697
+  _globals['_LISTNODESRESPONSE']._serialized_start=699
+  _globals['_LISTNODESRESPONSE']._serialized_end=756
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=758
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=800
+  _globals['_PLACEDINSTANCE']._serialized_start=802
+  _globals['_PLACEDINSTANCE']._serialized_end=909
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=911
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=982
+  _globals['_NODEHEARTBEATREQUEST']._serialized_start=984
+  _globals['_NODEHEARTBEATREQUEST']._serialized_end=1087
+  _globals['_NODEHEARTBEATRESPONSE']._serialized_start=1089
+  _globals['_NODEHEARTBEATRESPONSE']._serialized_end=1182
+  _globals['_WATCHPOOLSREQUEST']._serialized_start=1184
+  _globals['_WATCHPOOLSREQUEST']._serialized_end=1203
+  _globals['_WATCHPOOLSRESPONSE']._serialized_start=1205
+  _globals['_WATCHPOOLSRESPONSE']._serialized_end=1267
+  _globals['_REPORTDEMANDREQUEST']._serialized_start=1270
+  _globals['_REPORTDEMANDREQUEST']._serialized_end=1468
+  _globals['_REPORTDEMANDREQUEST_REQUESTSPERSECONDENTRY']._serialized_start=1412
+  _globals['_REPORTDEMANDREQUEST_REQUESTSPERSECONDENTRY']._serialized_end=1468
+  _globals['_REPORTDEMANDRESPONSE']._serialized_start=1470
+  _globals['_REPORTDEMANDRESPONSE']._serialized_end=1522
+  _globals['_CONTROLPLANE']._serialized_start=1525
+  _globals['_CONTROLPLANE']._serialized_end=2258
 # @@protoc_insertion_point(module_scope)

@@ -52,18 +52,20 @@ class ResolveRequest(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., instance_name: _Optional[str] = ..., location_hint: _Optional[str] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("node_id", "data_address", "instance_id", "region", "placed")
+    __slots__ = ("node_id", "data_address", "instance_id", "region", "placed", "instance_name")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PLACED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     data_address: str
     instance_id: str
     region: str
     placed: bool
-    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., instance_id: _Optional[str] = ..., region: _Optional[str] = ..., placed: _Optional[bool] = ...) -> None: ...
+    instance_name: str
+    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., instance_id: _Optional[str] = ..., region: _Optional[str] = ..., placed: _Optional[bool] = ..., instance_name: _Optional[str] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -124,7 +126,42 @@ class NodeHeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
-    __slots__ = ("lease_ttl_seconds",)
+    __slots__ = ("lease_ttl_seconds", "pool")
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     lease_ttl_seconds: float
-    def __init__(self, lease_ttl_seconds: _Optional[float] = ...) -> None: ...
+    pool: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolAssignment]
+    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ...) -> None: ...
+
+class WatchPoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchPoolsResponse(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolMember]
+    def __init__(self, members: _Optional[_Iterable[_Union[_types_pb2.PoolMember, _Mapping]]] = ...) -> None: ...
+
+class ReportDemandRequest(_message.Message):
+    __slots__ = ("edge_id", "region", "requests_per_second")
+    class RequestsPerSecondEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    region: str
+    requests_per_second: _containers.ScalarMap[str, float]
+    def __init__(self, edge_id: _Optional[str] = ..., region: _Optional[str] = ..., requests_per_second: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportDemandResponse(_message.Message):
+    __slots__ = ("report_every_seconds",)
+    REPORT_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    report_every_seconds: float
+    def __init__(self, report_every_seconds: _Optional[float] = ...) -> None: ...

@@ -54,6 +54,16 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.WatchPools = channel.unary_stream(
+                '/portside.v1.ControlPlane/WatchPools',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.WatchPoolsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchPoolsResponse.FromString,
+                _registered_method=True)
+        self.ReportDemand = channel.unary_unary(
+                '/portside.v1.ControlPlane/ReportDemand',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/portside.v1.ControlPlane/ListNodes',
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListNodesRequest.SerializeToString,
@@ -105,6 +115,21 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPools(self, request, context):
+        """The members of every pool, now and after every change, until the client cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDemand(self, request, context):
+        """An edge's request counts per class since its last report, for placing pool instances near
+        the demand. INVALID_ARGUMENT: unknown region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Nodes with their capacity, use and liveness.
         """
@@ -150,6 +175,16 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.Resolve,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ResolveRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ResolveResponse.SerializeToString,
+            ),
+            'WatchPools': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPools,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchPoolsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.WatchPoolsResponse.SerializeToString,
+            ),
+            'ReportDemand': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDemand,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -275,6 +310,60 @@ class ControlPlane:
             '/portside.v1.ControlPlane/Resolve',
             portside_dot_v1_dot_controlplane__pb2.ResolveRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/WatchPools',
+            portside_dot_v1_dot_controlplane__pb2.WatchPoolsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.WatchPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDemand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ReportDemand',
+            portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.FromString,
             options,
             channel_credentials,
             insecure,

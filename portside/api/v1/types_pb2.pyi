@@ -19,7 +19,7 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ContainerClass(_message.Message):
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     ENABLE_INTERNET_FIELD_NUMBER: _ClassVar[int]
     BOOT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -47,7 +48,22 @@ class ContainerClass(_message.Message):
     entrypoint: _containers.RepeatedScalarFieldContainer[str]
     enable_internet: bool
     boot_timeout_seconds: float
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ...) -> None: ...
+    autoscaling: Autoscaling
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ...) -> None: ...
+
+class Autoscaling(_message.Message):
+    __slots__ = ("minimum_instances", "maximum_instances", "cpu_target", "scale_down_delay_seconds", "concurrency_limit")
+    MINIMUM_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    CPU_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DOWN_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    minimum_instances: int
+    maximum_instances: int
+    cpu_target: float
+    scale_down_delay_seconds: float
+    concurrency_limit: int
+    def __init__(self, minimum_instances: _Optional[int] = ..., maximum_instances: _Optional[int] = ..., cpu_target: _Optional[float] = ..., scale_down_delay_seconds: _Optional[float] = ..., concurrency_limit: _Optional[int] = ...) -> None: ...
 
 class InstanceSource(_message.Message):
     __slots__ = ("kind", "name", "index")
@@ -107,7 +123,7 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., data_address: _Optional[str] = ..., api_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "class_name", "name", "state", "container_id", "in_flight", "idle_seconds")
+    __slots__ = ("instance_id", "class_name", "name", "state", "container_id", "in_flight", "idle_seconds", "cpu_percent", "memory_bytes", "pool")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +131,9 @@ class InstanceStatus(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     class_name: str
     name: str
@@ -122,4 +141,43 @@ class InstanceStatus(_message.Message):
     container_id: str
     in_flight: int
     idle_seconds: float
-    def __init__(self, instance_id: _Optional[str] = ..., class_name: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., container_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+    cpu_percent: float
+    memory_bytes: int
+    pool: bool
+    def __init__(self, instance_id: _Optional[str] = ..., class_name: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., container_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[bool] = ...) -> None: ...
+
+class PoolAssignment(_message.Message):
+    __slots__ = ("class_name", "name", "instance_id", "draining")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    name: str
+    instance_id: str
+    draining: bool
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class PoolMember(_message.Message):
+    __slots__ = ("class_name", "name", "instance_id", "node_id", "data_address", "region", "latitude", "longitude", "draining", "ready")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    LATITUDE_FIELD_NUMBER: _ClassVar[int]
+    LONGITUDE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    name: str
+    instance_id: str
+    node_id: str
+    data_address: str
+    region: str
+    latitude: float
+    longitude: float
+    draining: bool
+    ready: bool
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., draining: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from controlplane import records
-from controlplane.records import InstanceRecord
+from controlplane.records import InstanceRecord, InstanceStat
 from controlplane.store import KeyValue, WatchEvent
 from controlplane.view import PENDING_S, ClusterView
 from portside.spec import Node
@@ -52,7 +52,8 @@ def place(
 
 
 def report(view: ClusterView, *awake: str) -> None:
-    put(view, records.node_key("n1"), records.encode_node(NODE, frozenset(awake)))
+    stats = {iid: InstanceStat(state="running") for iid in awake}
+    put(view, records.node_key("n1"), records.encode_node(NODE, stats))
 
 
 def make_view() -> tuple[ClusterView, Clock]:

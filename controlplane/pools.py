@@ -1,0 +1,215 @@
+"""The autoscaler's loop, on the leader only: every tick, for each pool, gather CPU samples from
+the view, let `autoscaler.decide` pick a count, then place new instances near the demand or
+drain the ones least needed; drained instances leave the store once their agent stopped them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+
+from controlplane import records
+from controlplane.autoscaler import InstanceSample, PoolState, Recommendation, decide
+from controlplane.leader import LeaderElection
+from controlplane.metrics import POOL_CURRENT, POOL_DESIRED, POOL_UTILISATION, SCALE_EVENTS
+from controlplane.placement import place_instance
+from controlplane.records import InstanceRecord
+from controlplane.store import Store
+from controlplane.view import PENDING_S, ClusterView
+from portside import geo
+from portside.errors import NoCapacity, StoreError
+from portside.spec import ContainerClass, InstanceType
+
+log = logging.getLogger(__name__)
+
+
+def room_for(view: ClusterView, itype: InstanceType) -> int:
+    """How many more instances of this type the live nodes can hold now."""
+    room = 0
+    for node in view.nodes.values():
+        use = view.use_of(node.id)
+        by_cpu = math.floor((node.vcpu - use.vcpu) / itype.vcpu + 1e-9)
+        by_memory = (node.memory_mib - use.memory_mib) // itype.memory_mib
+        room += max(0, min(by_cpu, by_memory))
+    return room
+
+
+def target_region(
+    demand: dict[str, float],
+    members_by_region: dict[str, int],
+    node_regions: set[str],
+    default: str,
+) -> str:
+    """Where the next instance should go: the region whose demand has the least instances per
+    request (members in the region + 1); with no demand, the node region with the fewest
+    members (spread), then the default."""
+    if demand:
+        return max(sorted(demand), key=lambda r: demand[r] / (members_by_region.get(r, 0) + 1))
+    if node_regions:
+        return min(sorted(node_regions), key=lambda r: members_by_region.get(r, 0))
+    return default
+
+
+def drain_order(
+    members: list[InstanceRecord], view: ClusterView, demand: dict[str, float]
+) -> list[InstanceRecord]:
+    """Which instances to retire first: not ready, then in regions with the least demand per
+    instance, then the least busy."""
+    per_region: dict[str, int] = {}
+    for r in members:
+        region = view.nodes[r.node_id].region
+        per_region[region] = per_region.get(region, 0) + 1
+
+    def cost(r: InstanceRecord) -> tuple[int, float, int, str]:
+        stat = view.stat_of(r)
+        ready = stat is not None and stat.state == "running"
+        region = view.nodes[r.node_id].region
+        return (
+            1 if ready else 0,
+            demand.get(region, 0.0) / per_region[region],
+            stat.in_flight if stat else 0,
+            r.name,
+        )
+
+    return sorted(members, key=cost)
+
+
+class PoolManager:
+    def __init__(
+        self,
+        store: Store,
+        view: ClusterView,
+        leader: LeaderElection,
+        *,
+        default_region: str,
+        tick_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.view = view
+        self.leader = leader
+        self.default_region = default_region
+        self.tick_s = tick_s
+        self.clock = clock
+        self.history: dict[str, tuple[Recommendation, ...]] = {}
+        self.last_logged: dict[str, tuple[int, int]] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            if not self.leader.is_leader:
+                self.history.clear()  # a new leader starts its stabilisation window afresh
+                continue
+            try:
+                await self.tick()
+            except StoreError as exc:
+                log.warning("autoscaler tick failed: %s", exc)
+
+    async def tick(self) -> None:
+        pools = {c.name: c for c in self.view.classes.values() if c.autoscaling is not None}
+        for cls in pools.values():
+            await self._scale(cls)
+        for rec in self.view.pool_members():
+            if rec.class_name not in pools and not rec.draining:
+                await self._drain(rec, "its class is no longer an autoscaled pool")
+        await self._remove_drained()
+
+    async def _scale(self, cls: ContainerClass) -> None:
+        assert cls.autoscaling is not None
+        members = [r for r in self.view.pool_members(cls.name) if not r.draining]
+        samples = []
+        for r in members:
+            stat = self.view.stat_of(r)
+            ready = stat is not None and stat.state == "running"
+            samples.append(
+                InstanceSample(r.instance_id, stat.cpu_percent if ready and stat else None)
+            )
+        state = PoolState(
+            class_name=cls.name,
+            autoscaling=cls.autoscaling,
+            max_instances=cls.max_instances,
+            samples=tuple(samples),
+            room=room_for(self.view, cls.instance_type),
+        )
+        decision = decide(state, self.history.get(cls.name, ()), self.clock())
+        self.history[cls.name] = decision.history
+        POOL_DESIRED.labels(cls.name).set(decision.desired)
+        POOL_CURRENT.labels(cls.name).set(decision.current)
+        if decision.utilisation is not None:
+            POOL_UTILISATION.labels(cls.name).set(decision.utilisation)
+        if (decision.current, decision.desired) != self.last_logged.get(cls.name):
+            log.info("autoscaler %s: %s", cls.name, decision.reason)
+            self.last_logged[cls.name] = (decision.current, decision.desired)
+        demand = self.view.demand_by_region(cls.name)
+        if decision.desired > decision.current:
+            await self._grow(cls, members, decision.desired - decision.current, demand)
+        elif decision.desired < decision.current:
+            victims = drain_order(members, self.view, demand)[: decision.current - decision.desired]
+            for rec in victims:
+                await self._drain(rec, f"autoscaler wants {decision.desired}")
+
+    async def _grow(
+        self,
+        cls: ContainerClass,
+        members: list[InstanceRecord],
+        count: int,
+        demand: dict[str, float],
+    ) -> None:
+        by_region: dict[str, int] = {}
+        for r in members:
+            region = self.view.nodes[r.node_id].region
+            by_region[region] = by_region.get(region, 0) + 1
+        node_regions = {n.region for n in self.view.nodes.values()}
+        for _ in range(count):
+            region = target_region(demand, by_region, node_regions, self.default_region)
+            name = f"{cls.name}-{secrets.token_hex(4)}"
+            try:
+                placed = await place_instance(
+                    self.store, self.view, cls, name, geo.lookup(region), pool=True
+                )
+            except NoCapacity as exc:
+                log.warning("autoscaler %s: cannot add an instance: %s", cls.name, exc)
+                return
+            if placed is None:
+                continue
+            placed_region = placed.node.region
+            by_region[placed_region] = by_region.get(placed_region, 0) + 1
+            SCALE_EVENTS.labels(cls.name, "up").inc()
+            log.info(
+                "autoscaler %s: added %s on %s (near %s; demand %s)",
+                cls.name,
+                name,
+                placed.node.id,
+                region,
+                demand or "none",
+            )
+
+    async def _drain(self, rec: InstanceRecord, why: str) -> None:
+        key = records.instance_key(rec.class_name, rec.instance_id)
+        kv = await self.store.get(key)
+        if kv is None:
+            return
+        current = InstanceRecord.decode(kv.value)
+        drained = InstanceRecord(**{**current.__dict__, "draining": True})
+        if await self.store.compare_and_swap(key, kv.mod_revision, drained.encode()):
+            self.view.note_placed(key, drained)
+            SCALE_EVENTS.labels(rec.class_name, "down").inc()
+            log.info(
+                "autoscaler %s: draining %s on %s (%s)", rec.class_name, rec.name, rec.node_id, why
+            )
+
+    async def _remove_drained(self) -> None:
+        """A draining instance leaves the store once its agent no longer has it awake (it finished
+        its requests and stopped), or once its node is gone."""
+        now = time.time()
+        for key, rec in list(self.view.instances.items()):
+            if not rec.pool or not rec.draining:
+                continue
+            stat = self.view.stat_of(rec)
+            gone = rec.node_id not in self.view.nodes or stat is None or not stat.awake
+            if gone and (rec.instance_id in self.view.reported or now - rec.placed_at > PENDING_S):
+                await self.store.delete(key)
+                log.info("removed drained pool instance %s/%s", rec.class_name, rec.name)

@@ -1,0 +1,163 @@
+"""Which instance of a pool serves a request: the nearest place with spare capacity, then the
+less loaded of two random members there; and the edge's own count of requests in flight."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from portside.geo import Location, distance_km
+
+# Members closer together than this count as one place (several hosts in one city), so load,
+# not a few hundred metres, decides between them. The same rule as the scheduler's.
+SAME_PLACE_KM = 1.0
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    """One instance of a pool as the edge's route cache knows it, with where its node is."""
+
+    instance_id: str
+    name: str
+    node_id: str
+    data_address: str  # host:port of the node agent's data plane
+    region: str
+    latitude: float
+    longitude: float
+    draining: bool = False
+    ready: bool = True
+
+
+def member_location(member: PoolMember) -> Location:
+    """Where `member` runs: its node's own coordinates."""
+    return Location(member.region, member.region, member.latitude, member.longitude, area="")
+
+
+def places(members: Sequence[PoolMember], near: Location) -> list[list[PoolMember]]:
+    """`members` grouped into places, nearest to `near` first; each place ordered by instance id.
+
+    The nearest member not yet placed opens a place; every other member of its region, or
+    within SAME_PLACE_KM of its distance from `near`, joins it.
+    """
+    distance = {m.instance_id: distance_km(near, member_location(m)) for m in members}
+    rest = sorted(members, key=lambda m: (distance[m.instance_id], m.instance_id))
+    grouped: list[list[PoolMember]] = []
+    while rest:
+        region = rest[0].region.lower()
+        reach = distance[rest[0].instance_id] + SAME_PLACE_KM
+        place = [
+            m
+            for m in rest
+            if (region and m.region.lower() == region) or distance[m.instance_id] <= reach
+        ]
+        grouped.append(sorted(place, key=lambda m: m.instance_id))
+        taken = {m.instance_id for m in place}
+        rest = [m for m in rest if m.instance_id not in taken]
+    return grouped
+
+
+def choose(
+    members: Sequence[PoolMember],
+    near: Location,
+    in_flight: Mapping[str, int],
+    concurrency_limit: int,
+    rng: random.Random,
+) -> PoolMember | None:
+    """The member that should serve the next request from `near`, or None if none can.
+
+    Policy:
+    1. Only ready, non-draining members are eligible.
+    2. They are grouped into places by distance from `near` (see `places`): one region, or
+       members within ~1 km of each other, is one place.
+    3. The nearest place with a member under `concurrency_limit` requests in flight wins
+       (`in_flight` is this edge's own count per instance id, absent meaning 0; a limit of 0
+       means no limit). A full place overflows to the next nearest, not to a random one.
+    4. Inside it, power of two choices: two distinct members under the limit picked at random
+       with `rng`, the one with fewer requests in flight taken (a tie: the first picked). Each
+       edge sees only its own counts, so "least loaded" would send every edge to the same
+       instance at once; two random picks spread them, yet almost always avoid a busy member.
+    5. If every member everywhere is at the limit, the least loaded member of the nearest place
+       (a tie: the lowest instance id) takes it and queues it, rather than the request failing.
+    The same members, counts and rng state give the same choice, whatever the input order.
+    """
+    eligible = [m for m in members if m.ready and not m.draining]
+    if not eligible:
+        return None
+
+    def load(m: PoolMember) -> int:
+        return in_flight.get(m.instance_id, 0)
+
+    grouped = places(eligible, near)
+    for place in grouped:
+        open_ = [m for m in place if concurrency_limit <= 0 or load(m) < concurrency_limit]
+        if len(open_) == 1:
+            return open_[0]
+        if open_:
+            first, second = rng.sample(open_, 2)
+            return second if load(second) < load(first) else first
+    return min(grouped[0], key=lambda m: (load(m), m.instance_id))
+
+
+class InFlight(Mapping[str, int]):
+    """This edge's count of requests in flight per instance id, readable as a Mapping.
+
+    `acquire(id)` counts one request at once and returns a lease; leaving its `with` block, or
+    calling `release()` on it, uncounts it exactly once. `release(id)` uncounts one directly.
+    Ids whose count falls to 0 are dropped, so instances that come and go leave nothing behind.
+    Not thread-safe: meant for one asyncio event loop, where nothing runs between statements.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def __getitem__(self, instance_id: str) -> int:
+        return self._counts[instance_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __repr__(self) -> str:
+        return f"InFlight({self._counts!r})"
+
+    def acquire(self, instance_id: str) -> Lease:
+        """Count one request on `instance_id` now; the returned lease uncounts it."""
+        self._counts[instance_id] = self._counts.get(instance_id, 0) + 1
+        return Lease(self, instance_id)
+
+    def release(self, instance_id: str) -> None:
+        """Uncount one request on `instance_id`; never below 0."""
+        count = self._counts.get(instance_id, 0) - 1
+        if count > 0:
+            self._counts[instance_id] = count
+        else:
+            self._counts.pop(instance_id, None)
+
+
+class Lease:
+    """One counted request; a context manager that releases it on exit, whatever the outcome."""
+
+    def __init__(self, counter: InFlight, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self._counter: InFlight | None = counter
+
+    def release(self) -> None:
+        """Uncount the request; a second call does nothing, so cleanup paths may overlap."""
+        if self._counter is not None:
+            self._counter.release(self.instance_id)
+            self._counter = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

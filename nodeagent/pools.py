@@ -1,0 +1,142 @@
+"""The agent's side of pools and autoscaling: start and drain the pool instances the control
+plane assigns to this node, and sample every running container's CPU and memory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.instances import InstanceManager, InstanceState
+from nodeagent.runtime import ContainerRuntime
+from nodeagent.stats import CgroupSampler, cpu_percent
+from portside.errors import NotFound, PortsideError
+from portside.spec import ContainerClass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    class_name: str
+    name: str
+    instance_id: str
+    draining: bool
+
+
+class PoolKeeper:
+    """Makes this node run what the control plane assigns: every assigned pool instance
+    started and kept awake, every draining or unassigned one drained and removed. A start
+    that fails is retried with backoff (2 s doubling to 60 s), like a crash loop."""
+
+    def __init__(self, manager: InstanceManager,
+                 get_class: Callable[[str], ContainerClass | None]) -> None:
+        self.manager = manager
+        self.get_class = get_class
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.failures: dict[str, tuple[int, float]] = {}  # id -> (count, retry not before)
+
+    def apply(self, assignments: list[Assignment]) -> None:
+        wanted = {a.instance_id: a for a in assignments}
+        awake = {s.id for s in self.manager.snapshot() if s.state is not InstanceState.STOPPED}
+        pinned = self.manager.pinned
+        now = time.monotonic()
+        for a in wanted.values():
+            if a.draining:
+                if a.instance_id in pinned or a.instance_id in awake:
+                    self._spawn(a.instance_id, self.manager.drain_and_remove(a.instance_id))
+                continue
+            if a.instance_id in pinned and a.instance_id in awake:
+                continue
+            cls = self.get_class(a.class_name)
+            count, not_before = self.failures.get(a.instance_id, (0, 0.0))
+            if cls is None or now < not_before:
+                continue
+            self._spawn(a.instance_id, self._start(cls, a))
+        for iid in pinned - wanted.keys():
+            self._spawn(iid, self.manager.drain_and_remove(iid))
+
+    async def _start(self, cls: ContainerClass, a: Assignment) -> None:
+        try:
+            await self.manager.start_pinned(cls, a.name)
+            self.failures.pop(a.instance_id, None)
+        except PortsideError as exc:
+            count = self.failures.get(a.instance_id, (0, 0.0))[0] + 1
+            delay = min(60.0, 2.0 ** count)
+            self.failures[a.instance_id] = (count, time.monotonic() + delay)
+            log.warning("pool instance %s/%s did not start (%s); retrying in %gs", cls.name,
+                        a.name, exc, delay)
+
+    def _spawn(self, iid: str, work: Coroutine[Any, Any, None]) -> None:
+        if iid in self.tasks:
+            work.close()  # one task per instance at a time; the next heartbeat looks again
+            return
+        task = asyncio.create_task(work)
+        self.tasks[iid] = task
+        task.add_done_callback(lambda t: self._done(iid, t))
+
+    def _done(self, iid: str, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(iid, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("pool work on %s failed", iid, exc_info=task.exception())
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_percent: float | None  # of the instance type's vCPU, over the last interval
+    memory_bytes: int
+
+
+class UsageSampler:
+    """CPU and memory of every running instance every `every_s`, from cgroup counters (about
+    40 µs a container); each container's PID is looked up once, when it is first seen."""
+
+    def __init__(self, manager: InstanceManager, runtime: ContainerRuntime,
+                 every_s: float = 2.0) -> None:
+        self.manager = manager
+        self.runtime = runtime
+        self.every_s = every_s
+        self.sampler = CgroupSampler()
+        self.pids: dict[str, int] = {}
+        self.latest: dict[str, Usage] = {}  # instance id -> usage
+
+    async def run(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.every_s)
+
+    async def sample(self) -> None:
+        running = [s for s in self.manager.snapshot()
+                   if s.state is InstanceState.RUNNING and s.container_id]
+        for snap in running:
+            cid = snap.container_id
+            assert cid is not None
+            if cid not in self.pids:
+                try:
+                    info = await self.runtime.inspect(cid)
+                except NotFound:
+                    continue
+                if info.pid:
+                    self.pids[cid] = info.pid
+        usage = self.sampler.sample({s.container_id: self.pids[s.container_id]
+                                     for s in running if s.container_id in self.pids})
+        for cid in list(self.pids):
+            if cid not in usage:
+                del self.pids[cid]  # stopped or restarted: look its PID up again when it runs
+        latest = {}
+        for snap in running:
+            u = usage.get(snap.container_id or "")
+            if u is not None:
+                latest[snap.id] = Usage(
+                    cpu_percent=cpu_percent(u, snap.vcpu) if snap.vcpu > 0 else None,
+                    memory_bytes=u.memory_bytes)
+        self.latest = latest
