@@ -29,8 +29,8 @@ from portside.spec import Config, Node
 
 log = logging.getLogger(__name__)
 
-DEMAND_EVERY_S = 5.0  # how often edges report their request rates
-DEMAND_TTL_S = 15.0  # a report counts this long: an edge that stops reporting stops counting
+DEMAND_EVERY_S = 2.0  # how often edges report their request rates
+DEMAND_TTL_S = 10.0  # a report counts this long: an edge that stops reporting stops counting
 
 R = TypeVar("R")
 

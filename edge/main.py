@@ -90,7 +90,7 @@ async def report_demand(
     """Tell the control plane how many requests per second each class gets here, so that new
     pool instances are placed near them."""
     stub = cp_grpc.ControlPlaneStub(channel)
-    every = 5.0
+    every = 2.0
     while True:
         await asyncio.sleep(every)
         counts, proxy.demand = proxy.demand, {}
