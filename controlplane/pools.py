@@ -21,7 +21,7 @@ from controlplane.store import Store
 from controlplane.view import PENDING_S, ClusterView
 from portside import geo
 from portside.errors import NoCapacity, StoreError
-from portside.spec import ContainerClass, InstanceType
+from portside.spec import CPU_SAMPLE_INTERVAL_S, ContainerClass, InstanceType
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class PoolManager:
         leader: LeaderElection,
         *,
         default_region: str,
-        tick_s: float = 1.0,
+        tick_s: float = CPU_SAMPLE_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -99,7 +99,10 @@ class PoolManager:
 
     async def run(self) -> None:
         while True:
-            await asyncio.sleep(self.tick_s)
+            # Half way between the agents' sampling instants: every node's latest sample then
+            # covers the same interval (see nodeagent.pools.UsageSampler).
+            now = time.time()
+            await asyncio.sleep((self.tick_s / 2 - now) % self.tick_s or self.tick_s)
             if not self.leader.is_leader:
                 self.history.clear()  # a new leader starts its stabilisation window afresh
                 continue

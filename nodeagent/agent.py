@@ -254,7 +254,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())
-                sampling = tasks.create_task(usage.run())
+                sampling = tasks.create_task(usage.run(on_sample=heartbeat.changed))
                 log.info(
                     "agent %s (%s) serving %s, API %s, control plane %s",
                     node.id,

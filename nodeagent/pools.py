@@ -14,7 +14,7 @@ from nodeagent.instances import InstanceManager, InstanceState
 from nodeagent.runtime import ContainerRuntime
 from nodeagent.stats import CgroupSampler, cpu_percent
 from portside.errors import NotFound, PortsideError
-from portside.spec import ContainerClass
+from portside.spec import CPU_SAMPLE_INTERVAL_S, ContainerClass
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,27 @@ class PoolKeeper:
 
 @dataclass(frozen=True)
 class Usage:
-    cpu_percent: float | None  # of the instance type's vCPU, over the last interval
+    cpu_percent: float | None  # of the instance type's vCPU over the last interval, at most 100
     memory_bytes: int
+
+
+def until_next(period_s: float, offset_s: float = 0.0) -> float:
+    """Seconds until the wall clock next reaches a multiple of `period_s` (plus `offset_s`)."""
+    now = time.time()
+    return (offset_s - now) % period_s or period_s
 
 
 class UsageSampler:
     """CPU and memory of every running instance every `every_s`, from cgroup counters (about
-    40 µs a container); each container's PID is looked up once, when it is first seen."""
+    40 µs a container); each container's PID is looked up once, when it is first seen.
+
+    A pool's average CPU is only meaningful over one interval for all its instances: instances
+    sampled over staggered intervals can each look busy while one request moves between them.
+    Sampling on wall-clock boundaries lines the intervals up across nodes (NTP keeps them within
+    milliseconds), and the autoscaler ticks in the middle of each interval."""
 
     def __init__(self, manager: InstanceManager, runtime: ContainerRuntime,
-                 every_s: float = 2.0) -> None:
+                 every_s: float = CPU_SAMPLE_INTERVAL_S) -> None:
         self.manager = manager
         self.runtime = runtime
         self.every_s = every_s
@@ -109,10 +120,14 @@ class UsageSampler:
         self.pids: dict[str, int] = {}
         self.latest: dict[str, Usage] = {}  # instance id -> usage
 
-    async def run(self) -> None:
+    async def run(self, on_sample: Callable[[], None] | None = None) -> None:
+        """Sample at wall-clock multiples of `every_s`, so that every node's interval is the
+        same one and the autoscaler averages like with like; `on_sample` sends them on."""
         while True:
+            await asyncio.sleep(until_next(self.every_s))
             await self.sample()
-            await asyncio.sleep(self.every_s)
+            if on_sample is not None:
+                on_sample()
 
     async def sample(self) -> None:
         running = [s for s in self.manager.snapshot()
@@ -136,7 +151,9 @@ class UsageSampler:
         for snap in running:
             u = usage.get(snap.container_id or "")
             if u is not None:
-                latest[snap.id] = Usage(
-                    cpu_percent=cpu_percent(u, snap.vcpu) if snap.vcpu > 0 else None,
-                    memory_bytes=u.memory_bytes)
+                cpu = cpu_percent(u, snap.vcpu) if snap.vcpu > 0 else None
+                # The CPU quota holds use at 100% of the instance type; a reading above it is the
+                # jitter of two short intervals, and at a 50% target 101% would ask for 3, not 2.
+                latest[snap.id] = Usage(cpu_percent=None if cpu is None else min(cpu, 100.0),
+                                        memory_bytes=u.memory_bytes)
         self.latest = latest

@@ -35,6 +35,9 @@ INSTANCE_TYPES: Mapping[str, InstanceType] = {
 }
 
 DEFAULT_SLEEP_AFTER_S = 600.0
+# Agents sample container CPU at wall-clock multiples of this; the autoscaler ticks half way
+# between, so that every instance's sample covers the same interval.
+CPU_SAMPLE_INTERVAL_S = 2.0
 DEFAULT_BOOT_TIMEOUT_S = 30.0
 
 

@@ -44,10 +44,17 @@ class_name = "Burner"
 """
 
 
-def pool(client: docker.DockerClient, cluster: Cluster) -> list[docker.models.containers.Container]:
-    """The pool's running containers on this test's nodes."""
-    found = client.containers.list(filters={"label": "portside.class=Burner"})
-    return [c for c in found if c.labels["portside.node"].startswith(cluster.tag + "-")]
+def pool(client: docker.DockerClient, cluster: Cluster) -> list[str]:
+    """Ids of the pool's running containers on this test's nodes (one list call: no inspect
+    of containers that may be removed meanwhile)."""
+    found = client.api.containers(filters={"label": "portside.class=Burner"})
+    return [c["Id"] for c in found if c["Labels"]["portside.node"].startswith(cluster.tag + "-")]
+
+
+def pool_in(client: docker.DockerClient, cluster: Cluster, region: str) -> set[str]:
+    found = client.api.containers(filters={"label": "portside.class=Burner"})
+    return {c["Id"][:12] for c in found
+            if c["Labels"]["portside.node"].startswith(f"{cluster.tag}-{region}-")}
 
 
 async def wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> float:
@@ -115,8 +122,7 @@ async def test_pool_scales_up_near_demand_and_back_down(
         await wait_until("the pool grows", lambda: len(pool(docker_client, cluster)) >= 2, 20)
 
         def served_in_sin() -> bool:
-            sin = {c.id[:12] for c in pool(docker_client, cluster)
-                   if "-sin-" in c.labels["portside.node"]}
+            sin = pool_in(docker_client, cluster, "sin")
             return bool(sin) and any(c in sin for c in load.answered_by[-3:])
 
         # Demand comes from the sin edge: an instance is placed in sin and serves it.
