@@ -313,3 +313,22 @@ async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) ->
 def _metrics_address(args: object) -> str:
     argv = list(args)  # type: ignore[call-overload]
     return str(argv[argv.index("--metrics-listen") + 1])
+
+
+async def test_max_instances_counts_awake_named_instances(
+    cluster: Cluster, test_image: str
+) -> None:
+    cluster.start_controlplane()
+    cluster.deploy(config(test_image).replace(
+        'sleep_after = "10m"', 'sleep_after = "1s"\nmax_instances = 1'))
+    cluster.start_agent("fra")
+    edge = cluster.start_edge("fra")
+    cluster.wait_for_nodes(1)
+    base = f"http://{edge.address}"
+    async with aiohttp.ClientSession() as s:
+        assert (await get(s, f"{base}/session/whoami", "one"))[0] == 200
+        status, text, headers = await get(s, f"{base}/session/whoami", "two")
+        assert status == 503 and "class Echo is at max_instances (1)" in text, text
+        assert headers["Portside-Error"] == "no-capacity"
+        await asyncio.sleep(3)  # "one" sleeps after 1 s: it no longer counts
+        assert (await get(s, f"{base}/session/whoami", "two"))[0] == 200
