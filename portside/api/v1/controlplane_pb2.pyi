@@ -92,24 +92,30 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
-    __slots__ = ("class_name",)
+    __slots__ = ("class_name", "node_id", "state")
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     class_name: str
-    def __init__(self, class_name: _Optional[str] = ...) -> None: ...
+    node_id: str
+    state: str
+    def __init__(self, class_name: _Optional[str] = ..., node_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class PlacedInstance(_message.Message):
-    __slots__ = ("class_name", "name", "instance_id", "node_id", "placed_at")
+    __slots__ = ("class_name", "name", "instance_id", "node_id", "placed_at", "info")
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PLACED_AT_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
     class_name: str
     name: str
     instance_id: str
     node_id: str
     placed_at: float
-    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., placed_at: _Optional[float] = ...) -> None: ...
+    info: _types_pb2.InstanceInfo
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., placed_at: _Optional[float] = ..., info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
@@ -118,12 +124,14 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[PlacedInstance, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
-    __slots__ = ("node", "instances")
+    __slots__ = ("node", "instances", "events")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
     __slots__ = ("lease_ttl_seconds", "pool")
@@ -165,3 +173,152 @@ class ReportDemandResponse(_message.Message):
     REPORT_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     report_every_seconds: float
     def __init__(self, report_every_seconds: _Optional[float] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("instance", "entrypoint", "env", "location_hint", "no_wait")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_HINT_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    entrypoint: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    location_hint: str
+    no_wait: bool
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., location_hint: _Optional[str] = ..., no_wait: _Optional[bool] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: _types_pb2.InstanceInfo
+    def __init__(self, info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ("instance", "signal", "grace_seconds")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    signal: int
+    grace_seconds: float
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., signal: _Optional[int] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class StopResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: _types_pb2.InstanceInfo
+    def __init__(self, info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class SignalRequest(_message.Message):
+    __slots__ = ("instance", "signal")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    signal: int
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class SignalResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DestroyRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ...) -> None: ...
+
+class DestroyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ...) -> None: ...
+
+class GetStateResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: _types_pb2.InstanceInfo
+    def __init__(self, info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class RenewActivityRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ...) -> None: ...
+
+class RenewActivityResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("class_name", "name", "after_revision")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AFTER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    name: str
+    after_revision: int
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., after_revision: _Optional[int] = ...) -> None: ...
+
+class GetStateValueRequest(_message.Message):
+    __slots__ = ("instance", "key")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    key: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., key: _Optional[str] = ...) -> None: ...
+
+class GetStateValueResponse(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: bytes
+    def __init__(self, value: _Optional[bytes] = ...) -> None: ...
+
+class PutStateValueRequest(_message.Message):
+    __slots__ = ("instance", "key", "value")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    key: str
+    value: bytes
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class PutStateValueResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeleteStateValueRequest(_message.Message):
+    __slots__ = ("instance", "key")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    key: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., key: _Optional[str] = ...) -> None: ...
+
+class DeleteStateValueResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class ListClassesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListClassesResponse(_message.Message):
+    __slots__ = ("classes",)
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[_types_pb2.ContainerClass]
+    def __init__(self, classes: _Optional[_Iterable[_Union[_types_pb2.ContainerClass, _Mapping]]] = ...) -> None: ...

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from portside.api.v1 import controlplane_pb2 as portside_dot_v1_dot_controlplane__pb2
+from portside.api.v1 import types_pb2 as portside_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -63,6 +64,71 @@ class ControlPlaneStub:
                 '/portside.v1.ControlPlane/ReportDemand',
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.FromString,
+                _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/portside.v1.ControlPlane/Start',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.StartRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.StartResponse.FromString,
+                _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/portside.v1.ControlPlane/Stop',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.StopRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.StopResponse.FromString,
+                _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/portside.v1.ControlPlane/Signal',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.SignalRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.SignalResponse.FromString,
+                _registered_method=True)
+        self.Destroy = channel.unary_unary(
+                '/portside.v1.ControlPlane/Destroy',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.DestroyRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.DestroyResponse.FromString,
+                _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/portside.v1.ControlPlane/Exec',
+                request_serializer=portside_dot_v1_dot_types__pb2.ExecRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_types__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/portside.v1.ControlPlane/Logs',
+                request_serializer=portside_dot_v1_dot_types__pb2.LogsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_types__pb2.LogsResponse.FromString,
+                _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/portside.v1.ControlPlane/GetState',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.GetStateResponse.FromString,
+                _registered_method=True)
+        self.RenewActivity = channel.unary_unary(
+                '/portside.v1.ControlPlane/RenewActivity',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.RenewActivityRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.RenewActivityResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/portside.v1.ControlPlane/WatchEvents',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_types__pb2.Event.FromString,
+                _registered_method=True)
+        self.GetStateValue = channel.unary_unary(
+                '/portside.v1.ControlPlane/GetStateValue',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.GetStateValueRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.GetStateValueResponse.FromString,
+                _registered_method=True)
+        self.PutStateValue = channel.unary_unary(
+                '/portside.v1.ControlPlane/PutStateValue',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.PutStateValueRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.PutStateValueResponse.FromString,
+                _registered_method=True)
+        self.DeleteStateValue = channel.unary_unary(
+                '/portside.v1.ControlPlane/DeleteStateValue',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteStateValueRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteStateValueResponse.FromString,
+                _registered_method=True)
+        self.ListClasses = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListClasses',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.FromString,
                 _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/portside.v1.ControlPlane/ListNodes',
@@ -130,6 +196,110 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Start(self, request, context):
+        """--- the lifecycle API (issue 4): instances by (class, name) ---
+
+        Start an instance: place it if needed (near location_hint), boot its container with the
+        optional entrypoint and env, and (unless no_wait) wait until its port answers.
+        NOT_FOUND: unknown class. RESOURCE_EXHAUSTED: no capacity. ABORTED: the container exited
+        while starting (the message has its exit code). DEADLINE_EXCEEDED: the port never answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stop(self, request, context):
+        """Stop: send `signal` (default SIGTERM), then SIGKILL after `grace_seconds` (default 10).
+        The instance keeps its node and writable layer. NOT_FOUND: unknown class or instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Signal(self, request, context):
+        """Send any signal to the container's main process.
+        NOT_FOUND: unknown instance. FAILED_PRECONDITION: it is not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Destroy(self, request, context):
+        """Remove the container and its writable layer and forget the placement.
+        NOT_FOUND: unknown instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exec(self, request_iterator, context):
+        """Run a command in the instance; see ExecRequest and ExecResponse.
+        NOT_FOUND: unknown instance. FAILED_PRECONDITION: it is not running.
+        INVALID_ARGUMENT: empty command.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """The container's output. NOT_FOUND: unknown instance or no container yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetState(self, request, context):
+        """Where an instance is and what it is doing. NOT_FOUND: unknown class or never placed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewActivity(self, request, context):
+        """Push the sleep timer of a running instance as if a request had just ended.
+        NOT_FOUND: unknown instance. FAILED_PRECONDITION: it is not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Lifecycle events of one instance (class and name), one class (class), or all (neither),
+        from `after_revision` + 1 (0: from now), until the client cancels. Events are kept for an
+        hour. OUT_OF_RANGE: that revision is no longer in the store's history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStateValue(self, request, context):
+        """Per-instance key/value state, kept beside the instance in the store. Keys are 1..256
+        bytes of [A-Za-z0-9._-/]; values at most 64 KiB; at most 128 keys an instance.
+        NOT_FOUND: unknown class, or (get) no such key. INVALID_ARGUMENT: a limit, named.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStateValue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteStateValue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListClasses(self, request, context):
+        """The deployed classes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Nodes with their capacity, use and liveness.
         """
@@ -185,6 +355,71 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ReportDemand,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.SerializeToString,
+            ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.StartRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.StartResponse.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.StopRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.StopResponse.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.SignalRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.SignalResponse.SerializeToString,
+            ),
+            'Destroy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Destroy,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.DestroyRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.DestroyResponse.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=portside_dot_v1_dot_types__pb2.ExecRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_types__pb2.ExecResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=portside_dot_v1_dot_types__pb2.LogsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_types__pb2.LogsResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.GetStateRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.GetStateResponse.SerializeToString,
+            ),
+            'RenewActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewActivity,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.RenewActivityRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.RenewActivityResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchEventsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_types__pb2.Event.SerializeToString,
+            ),
+            'GetStateValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStateValue,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.GetStateValueRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.GetStateValueResponse.SerializeToString,
+            ),
+            'PutStateValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutStateValue,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.PutStateValueRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.PutStateValueResponse.SerializeToString,
+            ),
+            'DeleteStateValue': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStateValue,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteStateValueRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteStateValueResponse.SerializeToString,
+            ),
+            'ListClasses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClasses,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -364,6 +599,357 @@ class ControlPlane:
             '/portside.v1.ControlPlane/ReportDemand',
             portside_dot_v1_dot_controlplane__pb2.ReportDemandRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ReportDemandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Start',
+            portside_dot_v1_dot_controlplane__pb2.StartRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.StartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Stop',
+            portside_dot_v1_dot_controlplane__pb2.StopRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.StopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Signal',
+            portside_dot_v1_dot_controlplane__pb2.SignalRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.SignalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Destroy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Destroy',
+            portside_dot_v1_dot_controlplane__pb2.DestroyRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.DestroyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/portside.v1.ControlPlane/Exec',
+            portside_dot_v1_dot_types__pb2.ExecRequest.SerializeToString,
+            portside_dot_v1_dot_types__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Logs',
+            portside_dot_v1_dot_types__pb2.LogsRequest.SerializeToString,
+            portside_dot_v1_dot_types__pb2.LogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/GetState',
+            portside_dot_v1_dot_controlplane__pb2.GetStateRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.GetStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/RenewActivity',
+            portside_dot_v1_dot_controlplane__pb2.RenewActivityRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.RenewActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/WatchEvents',
+            portside_dot_v1_dot_controlplane__pb2.WatchEventsRequest.SerializeToString,
+            portside_dot_v1_dot_types__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStateValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/GetStateValue',
+            portside_dot_v1_dot_controlplane__pb2.GetStateValueRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.GetStateValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStateValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/PutStateValue',
+            portside_dot_v1_dot_controlplane__pb2.PutStateValueRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.PutStateValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStateValue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/DeleteStateValue',
+            portside_dot_v1_dot_controlplane__pb2.DeleteStateValueRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.DeleteStateValueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClasses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListClasses',
+            portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.FromString,
             options,
             channel_credentials,
             insecure,

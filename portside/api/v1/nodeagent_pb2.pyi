@@ -7,6 +7,80 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AgentStartRequest(_message.Message):
+    __slots__ = ("name", "entrypoint", "env", "no_wait")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CLASS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    entrypoint: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    no_wait: bool
+    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., no_wait: _Optional[bool] = ..., **kwargs) -> None: ...
+
+class AgentInstanceResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: _types_pb2.InstanceInfo
+    def __init__(self, info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
+
+class AgentStopRequest(_message.Message):
+    __slots__ = ("instance_id", "signal", "grace_seconds")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    signal: int
+    grace_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., signal: _Optional[int] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
+
+class AgentSignalRequest(_message.Message):
+    __slots__ = ("instance_id", "signal")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    signal: int
+    def __init__(self, instance_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class AgentSignalResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentDestroyRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class AgentDestroyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentGetInstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class AgentRenewActivityRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class AgentRenewActivityResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ListAgentInstancesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

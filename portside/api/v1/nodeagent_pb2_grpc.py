@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from portside.api.v1 import nodeagent_pb2 as portside_dot_v1_dot_nodeagent__pb2
+from portside.api.v1 import types_pb2 as portside_dot_v1_dot_types__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -44,6 +45,46 @@ class NodeAgentStub:
                 request_serializer=portside_dot_v1_dot_nodeagent__pb2.StopInstanceRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_nodeagent__pb2.StopInstanceResponse.FromString,
                 _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/portside.v1.NodeAgent/Start',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentStartRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+                _registered_method=True)
+        self.Stop = channel.unary_unary(
+                '/portside.v1.NodeAgent/Stop',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentStopRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+                _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/portside.v1.NodeAgent/Signal',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSignalRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSignalResponse.FromString,
+                _registered_method=True)
+        self.Destroy = channel.unary_unary(
+                '/portside.v1.NodeAgent/Destroy',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentDestroyRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentDestroyResponse.FromString,
+                _registered_method=True)
+        self.Exec = channel.stream_stream(
+                '/portside.v1.NodeAgent/Exec',
+                request_serializer=portside_dot_v1_dot_types__pb2.ExecRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_types__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/portside.v1.NodeAgent/Logs',
+                request_serializer=portside_dot_v1_dot_types__pb2.LogsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_types__pb2.LogsResponse.FromString,
+                _registered_method=True)
+        self.GetInstance = channel.unary_unary(
+                '/portside.v1.NodeAgent/GetInstance',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentGetInstanceRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+                _registered_method=True)
+        self.RenewActivity = channel.unary_unary(
+                '/portside.v1.NodeAgent/RenewActivity',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -64,6 +105,66 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Start(self, request, context):
+        """--- what the control plane's lifecycle API forwards to the instance's node ---
+
+        Boot (or wake) an instance of `class` (the full spec: the agent may not know it yet), with
+        the optional entrypoint and env overrides; a container made with other overrides is
+        made again. ABORTED: exited while starting; DEADLINE_EXCEEDED: port never answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stop(self, request, context):
+        """SIGNAL (default SIGTERM), then SIGKILL after the grace period. NOT_FOUND: no instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Signal(self, request, context):
+        """NOT_FOUND: no instance. FAILED_PRECONDITION: not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Destroy(self, request, context):
+        """Remove the container and its writable layer. NOT_FOUND: no instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exec(self, request_iterator, context):
+        """As ControlPlane.Exec; FAILED_PRECONDITION: not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """As ControlPlane.Logs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInstance(self, request, context):
+        """One instance's state. NOT_FOUND: the agent has no such instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewActivity(self, request, context):
+        """Push the sleep timer. NOT_FOUND: no instance. FAILED_PRECONDITION: not running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +177,46 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.StopInstance,
                     request_deserializer=portside_dot_v1_dot_nodeagent__pb2.StopInstanceRequest.FromString,
                     response_serializer=portside_dot_v1_dot_nodeagent__pb2.StopInstanceResponse.SerializeToString,
+            ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentStartRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.SerializeToString,
+            ),
+            'Stop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stop,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentStopRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSignalRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSignalResponse.SerializeToString,
+            ),
+            'Destroy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Destroy,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentDestroyRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentDestroyResponse.SerializeToString,
+            ),
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=portside_dot_v1_dot_types__pb2.ExecRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_types__pb2.ExecResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=portside_dot_v1_dot_types__pb2.LogsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_types__pb2.LogsResponse.SerializeToString,
+            ),
+            'GetInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInstance,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentGetInstanceRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.SerializeToString,
+            ),
+            'RenewActivity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewActivity,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +273,222 @@ class NodeAgent:
             '/portside.v1.NodeAgent/StopInstance',
             portside_dot_v1_dot_nodeagent__pb2.StopInstanceRequest.SerializeToString,
             portside_dot_v1_dot_nodeagent__pb2.StopInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Start',
+            portside_dot_v1_dot_nodeagent__pb2.AgentStartRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Stop',
+            portside_dot_v1_dot_nodeagent__pb2.AgentStopRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Signal',
+            portside_dot_v1_dot_nodeagent__pb2.AgentSignalRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentSignalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Destroy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Destroy',
+            portside_dot_v1_dot_nodeagent__pb2.AgentDestroyRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentDestroyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/portside.v1.NodeAgent/Exec',
+            portside_dot_v1_dot_types__pb2.ExecRequest.SerializeToString,
+            portside_dot_v1_dot_types__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Logs',
+            portside_dot_v1_dot_types__pb2.LogsRequest.SerializeToString,
+            portside_dot_v1_dot_types__pb2.LogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/GetInstance',
+            portside_dot_v1_dot_nodeagent__pb2.AgentGetInstanceRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/RenewActivity',
+            portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.FromString,
             options,
             channel_credentials,
             insecure,
