@@ -11,20 +11,19 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
-from nodeagent.instances import Capacity, InstanceManager, InstanceSnapshot
-from nodeagent.pools import Assignment, PoolKeeper, Usage, UsageSampler
+from nodeagent.api import NodeAgentService, event_to_pb, status_to_pb
+from nodeagent.events import EventOutbox
+from nodeagent.instances import Capacity, InstanceManager
+from nodeagent.pools import Assignment, PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
 from portside import daemon, geo, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
-from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
-from portside.api.v1 import types_pb2 as pb
 from portside.cluster import Backoff, first_config, follow_config
 from portside.convert import node_to_pb
 from portside.spec import Config, ContainerClass, Node
@@ -91,52 +90,13 @@ class ClassCatalog:
         return self._classes.get(name)
 
 
-def status_to_pb(s: InstanceSnapshot, now: float, usage: Usage | None = None) -> pb.InstanceStatus:
-    msg = pb.InstanceStatus(
-        instance_id=s.id,
-        class_name=s.class_name,
-        name=s.name,
-        state=s.state.value,
-        container_id=s.container_id or "",
-        in_flight=s.in_flight,
-        idle_seconds=max(0.0, now - s.last_activity) if s.in_flight == 0 else 0.0,
-        pool=s.pinned,
-    )
-    if usage is not None:
-        msg.memory_bytes = usage.memory_bytes
-        # Only pools scale on CPU; leaving it out for named instances spares the store a write
-        # every heartbeat on nodes that run no pool.
-        if s.pinned and usage.cpu_percent is not None:
-            msg.cpu_percent = usage.cpu_percent
-    return msg
-
-
-class NodeAgentService(na_grpc.NodeAgentServicer):
-    def __init__(self, manager: InstanceManager) -> None:
-        self.manager = manager
-
-    async def ListInstances(
-        self, request: na.ListAgentInstancesRequest, context: Any
-    ) -> na.ListAgentInstancesResponse:
-        now = time.monotonic()
-        return na.ListAgentInstancesResponse(
-            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
-        )
-
-    async def StopInstance(
-        self, request: na.StopInstanceRequest, context: Any
-    ) -> na.StopInstanceResponse:
-        if not await self.manager.stop(request.instance_id):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"this agent has no instance {request.instance_id}"
-            )
-        return na.StopInstanceResponse()
-
-
 class Heartbeat:
     """Keeps the node registered: one stream, a message every third of the lease, reconnecting
     with backoff when the control plane goes away (containers keep serving meanwhile). `leave()`
-    ends the stream cleanly, which tells the control plane to drop the node at once."""
+    ends the stream cleanly, which tells the control plane to drop the node at once.
+
+    Lifecycle events ride on the same stream: a queued event wakes the sender, and the events of
+    messages the control plane has not answered go again after a reconnect (see EventOutbox)."""
 
     def __init__(
         self,
@@ -145,25 +105,29 @@ class Heartbeat:
         manager: InstanceManager,
         usage: UsageSampler,
         pools: PoolKeeper,
+        outbox: EventOutbox | None = None,
     ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
         self.node = node
         self.manager = manager
         self.usage = usage
         self.pools = pools
+        self.outbox = outbox if outbox is not None else EventOutbox()
         self.period = 1.0
         self.leaving = asyncio.Event()
-        self.wake = asyncio.Event()  # set by leave() and by instance state changes
+        self.wake = asyncio.Event()  # set by leave(), instance state changes and new events
 
     def changed(self) -> None:
-        """An instance woke or slept: tell the control plane now, it accounts capacity by it."""
+        """An instance woke or slept, or an event is queued: tell the control plane now (it
+        accounts capacity by awake instances, and users watch events as they happen)."""
         self.wake.set()
 
     def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
         now = time.monotonic()
         latest = self.usage.latest
         msg = cp.NodeHeartbeatRequest(
-            instances=[status_to_pb(s, now, latest.get(s.id)) for s in self.manager.snapshot()]
+            instances=[status_to_pb(s, now, latest.get(s.id)) for s in self.manager.snapshot()],
+            events=[event_to_pb(e) for e in self.outbox.take()],
         )
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
@@ -172,9 +136,12 @@ class Heartbeat:
     async def _messages(self) -> AsyncIterator[cp.NodeHeartbeatRequest]:
         yield self._message(first=True)
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.period)
+            if not self.outbox.has_pending:  # more than one message's worth: send on at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self.period)
             if self.leaving.is_set():
+                if self.outbox.has_pending:  # the last events (a shutdown's) go out first
+                    yield self._message(first=False)
                 return
             self.wake.clear()
             yield self._message(first=False)
@@ -185,6 +152,7 @@ class Heartbeat:
             registered = False
             try:
                 async for reply in self.stub.NodeHeartbeat(self._messages()):
+                    self.outbox.acknowledge()
                     # A third of the lease keeps the node alive; CPU samples want every 2 s.
                     self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
                     self.pools.apply(
@@ -207,6 +175,8 @@ class Heartbeat:
                 log.warning(
                     "heartbeat stream of %s lost (%s); reconnecting", self.node.id, exc.code().name
                 )
+            finally:
+                self.outbox.stream_lost()
             if not self.leaving.is_set():
                 await backoff.wait()
 
@@ -225,11 +195,14 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     catalog = ClassCatalog()
     runtime = DockerRuntime(node.id)
     changes = _Relay()
+    outbox = EventOutbox(wake=changes)
     manager = InstanceManager(
         runtime,
         catalog.get,
         on_change=changes,
+        on_event=outbox.put,
         capacity=Capacity(node.id, node.vcpu, node.memory_mib),
+        node_id=node.id,
     )
     adopted = await manager.adopt()
     if adopted:
@@ -250,7 +223,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await api.start()
                 usage = UsageSampler(manager, runtime)
                 keeper = PoolKeeper(manager, catalog.get)
-                heartbeat = Heartbeat(channel, node, manager, usage, keeper)
+                heartbeat = Heartbeat(channel, node, manager, usage, keeper, outbox)
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())

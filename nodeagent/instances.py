@@ -4,6 +4,22 @@ all concurrent requests), tracks requests in flight, sleeps idle containers, ado
     stopped ──acquire──▶ booting ──port answers──▶ running ──idle sleep_after──▶ stopping ─▶ stopped
                             └──exited / timeout──▶ stopped (or stopping)          ▲
                                                    running ──container exited────┘ (noticed)
+
+The lifecycle API (start with overrides, stop with a signal, signal, exec, logs, destroy) works on
+the same instances, and every change is reported as a `LifecycleEvent` through `on_event`:
+
+    starting          a boot began (a request, a Start, a pool assignment)
+    ready             the port answered: the instance is healthy
+    activity-expired  sleep_after passed without activity; a sleep follows
+    slept             the sleep's stop finished
+    exited            the container stopped by itself, by a user's signal, or by a Stop (exit_code,
+                      and signal = code - 128 when the code is above 128); "out of memory" as
+                      reason when the kernel killed it for that
+    failed            a boot failed: the reason says why (timeout, exit, image missing ...)
+    removed           Destroy, or a pool instance drained and removed
+
+The agent's own stops (a sleep, a boot timeout, a container made again for other overrides, a
+destroy or drain) are not reported as `exited`: each container run ends in at most one event.
 """
 
 from __future__ import annotations
@@ -13,16 +29,28 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
 from nodeagent import metrics
-from nodeagent.runtime import LABEL_MEMORY_MIB, LABEL_VCPU, ContainerInfo, ContainerRuntime
+from nodeagent.runtime import (
+    LABEL_MEMORY_MIB,
+    LABEL_OVERRIDES,
+    LABEL_VCPU,
+    NO_OVERRIDES,
+    ContainerEvent,
+    ContainerInfo,
+    ContainerRuntime,
+    ExecProcess,
+    Overrides,
+    Stream,
+)
 from portside.errors import (
     BootTimeout,
     ContainerExited,
+    FailedPrecondition,
     NoCapacity,
     NotFound,
     PortsideError,
@@ -66,6 +94,52 @@ class InstanceSnapshot:
 
 
 @dataclass(frozen=True)
+class InstanceInfo:
+    """One instance as the lifecycle API reports it. `state` is stopped | starting | running |
+    healthy | stopping | exited (exited: it stopped by itself; see exit_code); `since` is the
+    unix time of its last change."""
+
+    instance_id: str
+    class_name: str
+    name: str
+    state: str
+    exit_code: int | None
+    since: float
+    pool: bool
+    in_flight: int
+    node_id: str
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One lifecycle event (kinds in the module docstring); `time` is unix seconds."""
+
+    kind: str
+    time: float
+    class_name: str
+    name: str
+    instance_id: str
+    node_id: str
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _StopOrder:
+    """Why the agent stops a container, and how. `cause` decides which event its death makes:
+    sleep → slept, stop → exited, the others (boot-timeout, replace, destroy, drain) none."""
+
+    cause: str
+    signum: int | None = None  # None: the image's stop signal (SIGTERM)
+    grace_s: float | None = None  # None: Timing.stop_grace
+
+
+class _Aborted(Exception):
+    """A stop or destroy came while the instance booted."""
+
+
+@dataclass(frozen=True)
 class Capacity:
     """What this node offers to awake instances."""
 
@@ -106,6 +180,20 @@ class _Instance:
         self.memory_mib = 0
         self.boot: asyncio.Task[Upstream] | None = None
         self.stop: asyncio.Task[None] | None = None
+        # What a Start asked for when the container was made (None: unknown, adopted), and the
+        # digest of it that the container's label carries.
+        self.overrides: Overrides | None = NO_OVERRIDES
+        self.overrides_digest = ""
+        self.run_open = False  # its container runs and its death is not handled yet
+        self.healthy = False  # the port answered since the container last started
+        self.exited = False  # stopped by itself (not by the agent) the last time
+        self.oom = False  # the kernel's OOM killer hit the running container
+        self.stopping_for: str | None = None  # the cause of the agent's stop in progress
+        self.abort: _StopOrder | None = None  # set by a stop that comes while it boots
+        self.started: asyncio.Event | None = None  # set once the boot's docker start returned
+        self.health: asyncio.Task[bool] | None = None  # port probe after a no-wait start
+        self.public = "stopped"  # the lifecycle state last reported, and since when (unix)
+        self.since = 0.0
 
 
 class Lease:
@@ -151,8 +239,14 @@ class InstanceManager:
                  clock: Callable[[], float] = time.monotonic,
                  port_probe: Callable[[str, int], Awaitable[bool]] | None = None,
                  capacity: Capacity | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None,
+                 on_event: Callable[[LifecycleEvent], None] | None = None,
+                 node_id: str = "",
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._runtime = runtime
+        self._on_event = on_event
+        self._node_id = node_id or (capacity.node_id if capacity is not None else "")
+        self._wall = wall_clock
         self._capacity = capacity
         self._on_change = on_change
         self._get_class = get_class
@@ -162,18 +256,15 @@ class InstanceManager:
         self._instances: dict[str, _Instance] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pinned: set[str] = set()  # pool instances: they never sleep, they are drained
+        # Classes as Start gave them, for a class the control plane's config has not brought yet.
+        self._started_classes: dict[str, ContainerClass] = {}
 
     # -- requests -----------------------------------------------------------------------------
 
     async def acquire(self, cls: ContainerClass, name: str) -> Lease:
         """Hold instance `name` of `cls` awake, booting it first if needed (concurrent callers
         share one boot). Raises ContainerExited, BootTimeout or Unavailable."""
-        iid = instance_id(cls.name, name)
-        inst = self._instances.get(iid)
-        if inst is None:
-            inst = _Instance(iid, name, cls.name, self._clock())
-            self._instances[iid] = inst
-            metrics.INSTANCES.labels(inst.state.value).inc()
+        inst = self._instance(cls, name)
         inst.in_flight += 1
         inst.last_activity = self._clock()
         metrics.REQUESTS_IN_FLIGHT.labels(inst.class_name).inc()
@@ -194,6 +285,16 @@ class InstanceManager:
         finally:
             lease.release()
 
+    def _instance(self, cls: ContainerClass, name: str) -> _Instance:
+        iid = instance_id(cls.name, name)
+        inst = self._instances.get(iid)
+        if inst is None:
+            inst = _Instance(iid, name, cls.name, self._clock())
+            inst.since = self._wall()
+            self._instances[iid] = inst
+            metrics.INSTANCES.labels(inst.state.value).inc()
+        return inst
+
     def _release(self, inst: _Instance) -> None:
         inst.in_flight -= 1
         inst.last_activity = self._clock()
@@ -208,14 +309,23 @@ class InstanceManager:
                 await asyncio.shield(inst.stop)
                 continue
             if inst.state is InstanceState.STOPPED:
-                self._check_capacity(inst, cls)
-                inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
-                self._set_state(inst, InstanceState.BOOTING)
-                inst.boot = self._spawn(self._boot(inst, cls))
+                self._begin_boot(inst, cls, detached=False)
             if inst.boot is None:  # unreachable: booting always has its task
                 raise Unavailable(f"instance {cls.name}/{inst.name} is {inst.state} without a task")
             # Every waiter gets the boot's result or its error; none of them owns the boot.
-            return await asyncio.shield(inst.boot)
+            upstream = await asyncio.shield(inst.boot)
+            if inst.health is not None:
+                # Started without waiting for its port: a request waits for it like a boot.
+                await asyncio.shield(inst.health)
+            return upstream
+
+    def _begin_boot(self, inst: _Instance, cls: ContainerClass, *, detached: bool) -> None:
+        self._check_capacity(inst, cls)
+        inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
+        inst.started = asyncio.Event()
+        inst.abort = None
+        self._set_state(inst, InstanceState.BOOTING)
+        inst.boot = self._spawn(self._boot(inst, cls, detached))
 
     def _check_capacity(self, inst: _Instance, cls: ContainerClass) -> None:
         """Awake instances may not use more than the node offers. The control plane places with
@@ -256,51 +366,77 @@ class InstanceManager:
 
     # -- boot ---------------------------------------------------------------------------------
 
-    async def _boot(self, inst: _Instance, cls: ContainerClass) -> Upstream:
+    async def _boot(self, inst: _Instance, cls: ContainerClass, detached: bool) -> Upstream:
+        """Start the container and wait for its port. `detached` (a Start without waiting):
+        done once the container runs; the port is probed in the background, and a port that
+        never answers leaves it running (a job need not serve HTTP) instead of stopping it."""
         started = self._clock()
         woke = inst.container_id is not None
         if woke:
             metrics.WAKES.labels(cls.name).inc()
+        inst.exited = inst.healthy = False
+        self._emit(inst, "starting")
         outcome = "error"
+        failure: str | None = None
         try:
             async with asyncio.timeout(cls.boot_timeout_s):
-                upstream = await self._start_and_wait(inst, cls, started)
+                upstream, answered = await self._start_and_wait(inst, cls, detached)
             outcome = "ok"
         except TimeoutError:
             outcome = "timeout"
             port = inst.port or cls.default_port
             what = (f"port {port} did not answer" if inst.container_id is not None
                     else "docker did not create its container")
+            failure = (f"container for {cls.name}/{inst.name}: {what} within "
+                       f"{cls.boot_timeout_s:g}s")
             # Stop it in the background: the waiters hear of the timeout now, and a request that
             # comes during the stop waits for it and then boots afresh.
-            self._begin_stop(inst, idle=False)
-            raise BootTimeout(f"container for {cls.name}/{inst.name}: {what} within "
-                              f"{cls.boot_timeout_s:g}s") from None
-        except ContainerExited:
+            self._begin_stop(inst, _StopOrder("boot-timeout"))
+            raise BootTimeout(failure) from None
+        except _Aborted:
+            outcome = "aborted"
+            order = inst.abort or _StopOrder("stop")
+            self._begin_stop(inst, order)
+            raise Unavailable(f"{cls.name}/{inst.name} was stopped ({order.cause}) while it "
+                              "started; start it again") from None
+        except ContainerExited as exc:
             outcome = "exited"
+            failure = str(exc)
             raise
-        except PortsideError:
+        except PortsideError as exc:
+            failure = str(exc)
             raise
         except Exception as exc:
             log.exception("boot of %s/%s failed", cls.name, inst.name)
-            raise Unavailable(f"boot of {cls.name}/{inst.name} failed: {exc}") from exc
+            failure = f"boot of {cls.name}/{inst.name} failed: {exc}"
+            raise Unavailable(failure) from exc
         finally:
             metrics.BOOTS.labels(cls.name, outcome).inc()
+            if failure is not None:
+                self._emit(inst, "failed", reason=failure)
             if outcome != "ok" and inst.state is InstanceState.BOOTING:
                 self._set_state(inst, InstanceState.STOPPED)
             inst.boot = None
+            inst.abort = None
+            if inst.started is not None:
+                inst.started.set()
         now = self._clock()
-        metrics.BOOT_SECONDS.labels(cls.name).observe(now - started)
         inst.upstream = upstream
         inst.exit_code = None
         inst.ready_at = inst.last_activity = now
         self._set_state(inst, InstanceState.RUNNING)
-        log.info("%s %s/%s in %.0f ms at %s:%d", "woke" if woke else "booted", cls.name, inst.name,
-                 (now - started) * 1000, upstream.host, upstream.port)
+        if answered:
+            metrics.BOOT_SECONDS.labels(cls.name).observe(now - started)
+            self._became_healthy(inst)
+            log.info("%s %s/%s in %.0f ms at %s:%d", "woke" if woke else "booted", cls.name,
+                     inst.name, (now - started) * 1000, upstream.host, upstream.port)
+        else:
+            inst.health = self._spawn(
+                self._probe(inst, upstream, started + cls.boot_timeout_s))
         return upstream
 
     async def _start_and_wait(self, inst: _Instance, cls: ContainerClass,
-                              started: float) -> Upstream:
+                              detached: bool) -> tuple[Upstream, bool]:
         info: ContainerInfo | None = None
         if inst.container_id is not None:
             try:
@@ -310,24 +446,62 @@ class InstanceManager:
                             inst.container_id, cls.name, inst.name)
                 inst.container_id = None
         if inst.container_id is None:
-            inst.container_id = await self._runtime.create(cls, inst.name)
+            overrides = inst.overrides or NO_OVERRIDES
+            inst.container_id = await self._runtime.create(cls, inst.name, overrides)
+            inst.overrides_digest = overrides.digest
             inst.port = cls.default_port
             info = await self._runtime.start(inst.container_id)
         assert info is not None
+        inst.oom = False
+        inst.run_open = info.running
+        if not info.running:
+            inst.run_open = True  # so that its death is reported once, here
+            self._container_died(inst, inst.container_id, info.exit_code)
+        self._refresh(inst)
+        if inst.started is not None:
+            inst.started.set()
         port = inst.port or cls.default_port
         next_inspect = self._clock() + self._timing.exit_poll
         while True:
-            if not info.running:
-                inst.exit_code = info.exit_code
+            if inst.abort is not None:
+                raise _Aborted()
+            if not inst.run_open or not info.running:
+                if info.running:  # the engine's die event came first
+                    info = await self._runtime.inspect(inst.container_id)
+                self._container_died(inst, inst.container_id, info.exit_code)
                 raise ContainerExited(
-                    f"container for {cls.name}/{inst.name} exited with code {info.exit_code} "
-                    f"before its port {port} answered", exit_code=info.exit_code)
+                    f"container for {cls.name}/{inst.name} exited with code {inst.exit_code} "
+                    f"before its port {port} answered", exit_code=inst.exit_code)
+            if detached and info.ip is not None:
+                return Upstream(info.ip, port), False
             if info.ip is not None and await self._port_answers(info.ip, port):
-                return Upstream(info.ip, port)
+                return Upstream(info.ip, port), True
             await asyncio.sleep(self._timing.port_poll)
             if self._clock() >= next_inspect:
                 info = await self._runtime.inspect(inst.container_id)
                 next_inspect = self._clock() + self._timing.exit_poll
+
+    async def _probe(self, inst: _Instance, upstream: Upstream, deadline: float) -> bool:
+        """After a no-wait start: whether the port answers before `deadline` (then: ready)."""
+        try:
+            while self._clock() < deadline:
+                if inst.state is not InstanceState.RUNNING or inst.upstream != upstream:
+                    return False
+                if await self._port_answers(upstream.host, upstream.port):
+                    self._became_healthy(inst)
+                    return True
+                await asyncio.sleep(max(self._timing.port_poll, 0.05))
+            log.info("%s/%s: port %d did not answer; it keeps running", inst.class_name,
+                     inst.name, upstream.port)
+            return False
+        finally:
+            if inst.health is asyncio.current_task():  # not a later boot's probe
+                inst.health = None
+
+    def _became_healthy(self, inst: _Instance) -> None:
+        inst.healthy = True
+        self._refresh(inst)
+        self._emit(inst, "ready")
 
     # -- sleep --------------------------------------------------------------------------------
 
@@ -337,6 +511,7 @@ class InstanceManager:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._sleep_loop())
             group.create_task(self._reconcile_loop())
+            group.create_task(self._follow_engine())
 
     async def _sleep_loop(self) -> None:
         while True:
@@ -354,10 +529,11 @@ class InstanceManager:
                 continue
             if inst.id in self._pinned:
                 continue
-            cls = self._get_class(inst.class_name)
+            cls = self._get_class(inst.class_name) or self._started_classes.get(inst.class_name)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
             if now - inst.last_activity >= sleep_after:
-                self._begin_stop(inst, idle=True)
+                self._emit(inst, "activity-expired", reason=f"idle for {sleep_after:g}s")
+                self._begin_stop(inst, _StopOrder("sleep"))
                 stopping.append(inst.id)
         return stopping
 
@@ -382,47 +558,268 @@ class InstanceManager:
         deadline = self._clock() + timeout_s
         while inst.in_flight > 0 and self._clock() < deadline:  # noqa: ASYNC110 - a bounded poll; no event per release
             await asyncio.sleep(0.1)
-        await self.stop(iid)
+        await self._stop_instance(inst, _StopOrder("drain"))
         if inst.in_flight > 0 or inst.state is not InstanceState.STOPPED:
             return  # a request came in meanwhile; the next drain pass tries again
         if inst.container_id is not None:
             await self._runtime.remove(inst.container_id, force=True)
-        del self._instances[iid]
-        metrics.INSTANCES.labels(inst.state.value).dec()
+        self._forget(inst, "drained")
         log.info("removed pool instance %s/%s", inst.class_name, inst.name)
 
-    async def stop(self, iid: str) -> bool:
-        """Stop an instance now, requests in flight or not (an operator's stop); it keeps its
-        container and wakes on its next request. False if this agent has no such instance."""
+    async def stop(self, iid: str, signum: int | None = None,
+                   grace_s: float | None = None) -> bool:
+        """Stop an instance now, requests in flight or not (an operator's or the Stop RPC's):
+        `signum` (None: the image's stop signal, SIGTERM), then SIGKILL after `grace_s` (None:
+        Timing.stop_grace). It keeps its container and wakes on its next request; its death is
+        reported as `exited` with the code. False if this agent has no such instance."""
         inst = self._instances.get(iid)
         if inst is None:
             return False
-        if inst.state is InstanceState.RUNNING:
-            self._begin_stop(inst, idle=False)
-        if inst.stop is not None:
-            await asyncio.shield(inst.stop)
+        await self._stop_instance(inst, _StopOrder("stop", signum, grace_s))
         return True
 
-    def _begin_stop(self, inst: _Instance, *, idle: bool) -> None:
-        self._set_state(inst, InstanceState.STOPPING)
-        inst.upstream = None
-        inst.stop = self._spawn(self._stop(inst, idle))
+    async def _stop_instance(self, inst: _Instance, order: _StopOrder) -> None:
+        while inst.state is InstanceState.BOOTING and inst.boot is not None:
+            # The boot notices within a port poll and hands the container to the stop.
+            inst.abort = order
+            with contextlib.suppress(PortsideError):
+                await asyncio.shield(inst.boot)
+        if inst.state is InstanceState.RUNNING:
+            self._begin_stop(inst, order)
+        if inst.stop is not None:
+            await asyncio.shield(inst.stop)
 
-    async def _stop(self, inst: _Instance, idle: bool) -> None:
+    def _begin_stop(self, inst: _Instance, order: _StopOrder) -> None:
+        inst.stopping_for = order.cause
+        inst.upstream = None
+        inst.healthy = False
+        self._set_state(inst, InstanceState.STOPPING)
+        inst.stop = self._spawn(self._stop(inst, order))
+
+    async def _stop(self, inst: _Instance, order: _StopOrder) -> None:
+        container_id = inst.container_id
         try:
-            if inst.container_id is not None:
-                await self._runtime.stop(inst.container_id, self._timing.stop_grace)
-            if idle:
+            if container_id is not None:
+                grace = self._timing.stop_grace if order.grace_s is None else order.grace_s
+                code = await self._runtime.stop(container_id, grace, order.signum)
+                self._container_died(inst, container_id, code)
+            if order.cause == "sleep":
                 metrics.SLEEPS.labels(inst.class_name).inc()
                 log.info("slept %s/%s", inst.class_name, inst.name)
         except NotFound:
+            self._container_died(inst, container_id, None)
             inst.container_id = None
         except Exception:
             # The next wake starts it again (a no-op if it still runs) and re-inspects its IP.
             log.exception("stopping %s/%s failed", inst.class_name, inst.name)
         finally:
             inst.stop = None
+            inst.stopping_for = None
             self._set_state(inst, InstanceState.STOPPED)
+
+    # -- the lifecycle API ----------------------------------------------------------------------
+
+    async def start(self, cls: ContainerClass, name: str,
+                    overrides: Overrides = NO_OVERRIDES, *, wait: bool = True) -> InstanceInfo:
+        """Boot (or wake) instance `name`. A container made with other overrides is stopped if
+        needed, removed and made again. `wait`: until the port answers (ContainerExited,
+        BootTimeout as for a request); else until docker started it (a container that already
+        exited is reported in the returned state, not raised)."""
+        self._started_classes[cls.name] = cls
+        inst = self._instance(cls, name)
+        inst.last_activity = self._clock()
+        detached = not wait
+        while True:
+            if inst.state is InstanceState.STOPPING and inst.stop is not None:
+                await asyncio.shield(inst.stop)
+                continue
+            if inst.state is not InstanceState.STOPPED:
+                if inst.overrides_digest != overrides.digest:
+                    await self._stop_instance(inst, _StopOrder("replace"))
+                    continue
+                break  # booting or running as asked: join it
+            if inst.container_id is not None and inst.overrides_digest != overrides.digest:
+                container_id, inst.container_id = inst.container_id, None
+                log.info("making %s/%s again with other overrides", cls.name, name)
+                await self._runtime.remove(container_id, force=True)
+                continue
+            inst.overrides = overrides
+            self._begin_boot(inst, cls, detached=detached)
+            break
+        boot, started = inst.boot, inst.started
+        if wait:
+            if boot is not None:
+                await asyncio.shield(boot)
+            if inst.health is not None:  # started earlier without waiting: wait for the port
+                await asyncio.shield(inst.health)
+            if inst.state is InstanceState.RUNNING and not inst.healthy:
+                raise BootTimeout(f"{cls.name}/{name} runs, but its port "
+                                  f"{inst.port or cls.default_port} did not answer in time")
+        elif boot is not None and started is not None and not started.is_set():
+            waiter = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({waiter, boot}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if boot.done() and not boot.cancelled():
+                exc = boot.exception()
+                if exc is not None and not isinstance(exc, ContainerExited):
+                    raise exc
+        inst.last_activity = self._clock()
+        return self._info(inst)
+
+    async def signal(self, iid: str, signum: int) -> None:
+        """Send `signum` to the container's main process. NotFound; FailedPrecondition when
+        its container does not run."""
+        inst = self._known(iid)
+        if not inst.run_open or inst.container_id is None:
+            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                                     "not running: start it first")
+        await self._runtime.signal(inst.container_id, signum)
+
+    async def destroy(self, iid: str) -> None:
+        """Kill and remove the container and its writable layer, and forget the instance."""
+        inst = self._known(iid)
+        self._pinned.discard(iid)
+        await self._stop_instance(inst, _StopOrder("destroy", grace_s=1.0))
+        if inst.container_id is not None:
+            inst.stopping_for = "destroy"  # its death, if it still ran, is ours
+            await self._runtime.remove(inst.container_id, force=True)
+        self._forget(inst, "destroyed")
+
+    def renew(self, iid: str) -> None:
+        """Push the sleep timer, as a request would. FailedPrecondition: not awake."""
+        inst = self._known(iid)
+        if inst.state not in (InstanceState.BOOTING, InstanceState.RUNNING):
+            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                                     "not running: start it first")
+        inst.last_activity = self._clock()
+
+    def info(self, iid: str) -> InstanceInfo:
+        return self._info(self._known(iid))
+
+    async def exec(self, iid: str, command: list[str], env: Mapping[str, str],
+                   working_dir: str = "", stdin: bool = False) -> ExecProcess:
+        """Run a command in the running container (hold the instance with `holding` meanwhile).
+        FailedPrecondition when it does not run."""
+        inst = self._known(iid)
+        if not inst.run_open or inst.container_id is None or inst.state not in (
+                InstanceState.BOOTING, InstanceState.RUNNING):
+            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                                     "not running: start it first")
+        return await self._runtime.exec(inst.container_id, command, env, working_dir, stdin)
+
+    @contextlib.contextmanager
+    def holding(self, iid: str) -> Iterator[None]:
+        """Keep the instance awake, like a request in flight (an exec session)."""
+        inst = self._known(iid)
+        inst.in_flight += 1
+        inst.last_activity = self._clock()
+        metrics.REQUESTS_IN_FLIGHT.labels(inst.class_name).inc()
+        try:
+            yield
+        finally:
+            self._release(inst)
+
+    async def logs(self, iid: str, follow: bool, tail: int) -> AsyncIterator[tuple[Stream, bytes]]:
+        """The container's output; nothing when it has none yet."""
+        inst = self._known(iid)
+        if inst.container_id is None:
+            return
+        async for item in self._runtime.logs(inst.container_id, follow, tail):
+            yield item
+
+    def _known(self, iid: str) -> _Instance:
+        inst = self._instances.get(iid)
+        if inst is None:
+            raise NotFound(f"this agent has no instance {iid}")
+        return inst
+
+    def _forget(self, inst: _Instance, why: str) -> None:
+        if self._instances.get(inst.id) is inst:
+            del self._instances[inst.id]
+            metrics.INSTANCES.labels(inst.state.value).dec()
+        self._emit(inst, "removed", reason=why)
+
+    def _info(self, inst: _Instance) -> InstanceInfo:
+        return InstanceInfo(
+            instance_id=inst.id, class_name=inst.class_name, name=inst.name, state=inst.public,
+            exit_code=inst.exit_code if inst.state is InstanceState.STOPPED else None,
+            since=inst.since, pool=inst.id in self._pinned, in_flight=inst.in_flight,
+            node_id=self._node_id)
+
+    # -- deaths and events ----------------------------------------------------------------------
+
+    def _container_died(self, inst: _Instance, container_id: str | None,
+                        exit_code: int | None) -> None:
+        """The container of `inst` stopped, however we learned it (the engine's event, a boot's
+        inspect, our own stop, the reconcile loop): report it once per run, by its cause."""
+        if container_id is None or container_id != inst.container_id or not inst.run_open:
+            return
+        inst.run_open = False
+        inst.exit_code = exit_code
+        cause = inst.stopping_for
+        if cause in (None, "stop"):
+            inst.exited = cause is None
+            signal = exit_code - 128 if exit_code is not None and exit_code > 128 else None
+            reason = "out of memory" if inst.oom else ("stopped" if cause else "")
+            self._emit(inst, "exited", exit_code=exit_code, signal=signal, reason=reason)
+        elif cause == "sleep":
+            self._emit(inst, "slept")
+        if inst.state is InstanceState.RUNNING:
+            log.warning("container of %s/%s exited with code %s while running", inst.class_name,
+                        inst.name, exit_code)
+            inst.upstream = None
+            inst.healthy = False
+            self._set_state(inst, InstanceState.STOPPED)
+        else:
+            self._refresh(inst)
+
+    def _on_container_event(self, event: ContainerEvent) -> None:
+        inst = self._instances.get(event.instance_id)
+        if inst is None or event.container_id != inst.container_id:
+            return
+        if event.kind == "die":
+            self._container_died(inst, event.container_id, event.exit_code)
+        elif event.kind == "oom":
+            inst.oom = True
+        elif event.kind == "destroy" and inst.stopping_for != "destroy":
+            if inst.state is InstanceState.RUNNING:
+                self._container_gone(inst, None)
+            elif inst.state is InstanceState.STOPPED:
+                inst.container_id = None
+
+    async def _follow_engine(self) -> None:
+        while True:
+            try:
+                async for event in self._runtime.events():
+                    self._on_container_event(event)
+            except PortsideError as exc:
+                log.warning("cannot follow the engine's events: %s", exc)
+            await asyncio.sleep(1.0)
+
+    def _emit(self, inst: _Instance, kind: str, *, exit_code: int | None = None,
+              signal: int | None = None, reason: str = "") -> None:
+        metrics.LIFECYCLE_EVENTS.labels(inst.class_name, kind).inc()
+        if self._on_event is None:
+            return
+        self._on_event(LifecycleEvent(
+            kind=kind, time=self._wall(), class_name=inst.class_name, name=inst.name,
+            instance_id=inst.id, node_id=self._node_id, exit_code=exit_code, signal=signal,
+            reason=reason))
+
+    def _refresh(self, inst: _Instance) -> None:
+        if inst.state is InstanceState.BOOTING:
+            public = "running" if inst.run_open else "starting"
+        elif inst.state is InstanceState.RUNNING:
+            public = "healthy" if inst.healthy else "running"
+        elif inst.state is InstanceState.STOPPING:
+            public = "stopping"
+        else:
+            public = "exited" if inst.exited else "stopped"
+        if public != inst.public:
+            inst.public = public
+            inst.since = self._wall()
 
     # -- engine ---------------------------------------------------------------------------------
 
@@ -441,13 +838,17 @@ class InstanceManager:
             if inst is not None:
                 continue
             inst = _Instance(info.instance_id, info.instance_name, info.class_name, now)
+            inst.since = self._wall()
             inst.container_id, inst.port = info.id, info.port
+            inst.overrides = None  # only its digest is known
+            inst.overrides_digest = info.labels.get(LABEL_OVERRIDES, "")
             inst.vcpu, inst.memory_mib = _size(info.labels)
             self._instances[inst.id] = inst
             metrics.INSTANCES.labels(inst.state.value).inc()
             if info.running and info.ip is not None:
                 inst.upstream = Upstream(info.ip, info.port)
                 inst.ready_at = now
+                inst.run_open = inst.healthy = True
                 self._set_state(inst, InstanceState.RUNNING)
             else:
                 inst.exit_code = info.exit_code
@@ -483,12 +884,14 @@ class InstanceManager:
                 inst.container_id = None  # removed behind our back: the next boot creates one
 
     def _container_gone(self, inst: _Instance, info: ContainerInfo | None) -> None:
+        self._container_died(inst, inst.container_id, info.exit_code if info is not None else None)
         inst.exit_code = info.exit_code if info is not None else None
         if info is None:
             inst.container_id = None
-        log.warning("container of %s/%s %s while running", inst.class_name, inst.name,
-                    "was removed" if info is None else f"exited with code {info.exit_code}")
+            log.warning("container of %s/%s was removed while running", inst.class_name,
+                        inst.name)
         inst.upstream = None
+        inst.healthy = False
         self._set_state(inst, InstanceState.STOPPED)
 
     # -- reporting and lifetime -------------------------------------------------------------------
@@ -513,6 +916,7 @@ class InstanceManager:
             metrics.INSTANCES.labels(inst.state.value).dec()
             metrics.INSTANCES.labels(state.value).inc()
             inst.state = state
+            self._refresh(inst)
             if self._on_change is not None:
                 self._on_change()
 

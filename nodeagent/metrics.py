@@ -56,3 +56,13 @@ INSTANCES = Gauge(
     "Instances this agent knows, by state: stopped, booting, running, stopping.",
     ["state"],
 )
+LIFECYCLE_EVENTS = Counter(
+    "portside_agent_lifecycle_events_total",
+    "Lifecycle events the agent emitted (starting, ready, activity-expired, slept, exited, "
+    "failed, removed), by class and kind.",
+    ["class", "kind"],
+)
+EVENTS_DROPPED = Counter(
+    "portside_agent_events_dropped_total",
+    "Lifecycle events dropped because the outbox was full while the control plane was away.",
+)

@@ -4,6 +4,7 @@
      ├── ConfigError          bad config file or deploy request   INVALID_ARGUMENT / 400
      ├── InvalidArgument      a request names something malformed  INVALID_ARGUMENT / 400
      ├── NotFound             unknown class, route or instance     NOT_FOUND / 404
+     ├── FailedPrecondition   not in a state that allows it        FAILED_PRECONDITION / 409
      ├── NoCapacity           no node can take the instance        RESOURCE_EXHAUSTED / 503
      ├── ContainerExited      the container stopped while booting  ABORTED / 502
      ├── BootTimeout          the port never answered in time      DEADLINE_EXCEEDED / 504
@@ -38,6 +39,11 @@ class NotFound(PortsideError):
     pass
 
 
+class FailedPrecondition(PortsideError):
+    """The target exists but its state does not allow the operation (exec into a stopped
+    instance); the reason says which state it is in and what to do."""
+
+
 class NoCapacity(PortsideError):
     pass
 
@@ -64,6 +70,7 @@ GRPC_CODE: dict[type[PortsideError], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NoCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ContainerExited: grpc.StatusCode.ABORTED,
     BootTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -75,6 +82,7 @@ HTTP_STATUS: dict[type[PortsideError], int] = {
     ConfigError: 400,
     InvalidArgument: 400,
     NotFound: 404,
+    FailedPrecondition: 409,
     NoCapacity: 503,
     ContainerExited: 502,
     BootTimeout: 504,
@@ -85,6 +93,7 @@ HTTP_STATUS: dict[type[PortsideError], int] = {
 _FROM_GRPC: dict[grpc.StatusCode, type[PortsideError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacity,
     grpc.StatusCode.ABORTED: ContainerExited,
     grpc.StatusCode.DEADLINE_EXCEEDED: BootTimeout,

@@ -5,13 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
-from nodeagent.instances import Capacity, InstanceManager, InstanceState, Timing, Upstream
-from nodeagent.runtime import ContainerInfo
-from portside.errors import BootTimeout, ContainerExited, NoCapacity, NotFound
+from nodeagent.instances import (
+    Capacity,
+    InstanceManager,
+    InstanceState,
+    LifecycleEvent,
+    Timing,
+    Upstream,
+)
+from nodeagent.runtime import (
+    LABEL_OVERRIDES,
+    NO_OVERRIDES,
+    ContainerEvent,
+    ContainerInfo,
+    Overrides,
+)
+from portside.errors import (
+    BootTimeout,
+    ContainerExited,
+    FailedPrecondition,
+    NoCapacity,
+    NotFound,
+    Unavailable,
+)
 from portside.spec import ContainerClass, instance_id
 
 ECHO = ContainerClass("echo", "echo:latest", sleep_after_s=2.0, boot_timeout_s=1.0)
@@ -28,6 +48,7 @@ class FakeRuntime:
         self.exit_on_start: int | None = None
         self.start_delay = 0.0
         self._next_ip = 1
+        self.engine_events: asyncio.Queue[ContainerEvent] = asyncio.Queue()
 
     def add(self, cls: ContainerClass, name: str, status: str, exit_code: int | None = None,
             ip: str | None = None) -> ContainerInfo:
@@ -48,9 +69,12 @@ class FakeRuntime:
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
         return list(self.containers.values())
 
-    async def create(self, cls: ContainerClass, name: str) -> str:
+    async def create(self, cls: ContainerClass, name: str,
+                     overrides: Overrides = NO_OVERRIDES) -> str:
         self.calls.append(("create", name))
-        return self.add(cls, name, "created").id
+        info = self.add(cls, name, "created")
+        self.set(info.id, labels={LABEL_OVERRIDES: overrides.digest})
+        return info.id
 
     async def start(self, container_id: str) -> ContainerInfo:
         self.calls.append(("start", container_id))
@@ -64,10 +88,28 @@ class FakeRuntime:
             self.set(container_id, status="running", exit_code=None, ip=f"10.0.0.{self._next_ip}")
         return self.containers[container_id]
 
-    async def stop(self, container_id: str, grace_s: float) -> None:
+    async def stop(self, container_id: str, grace_s: float,
+                   signum: int | None = None) -> int | None:
         self.calls.append(("stop", container_id))
         await asyncio.sleep(0.01)
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
         self.set(container_id, status="exited", exit_code=143, ip=None)
+        return 143
+
+    async def signal(self, container_id: str, signum: int) -> None:
+        self.calls.append(("signal", container_id))
+
+    async def events(self) -> AsyncIterator[ContainerEvent]:
+        while True:
+            yield await self.engine_events.get()
+
+    def die(self, container_id: str, exit_code: int) -> None:
+        """The container exits on its own; the engine reports it."""
+        info = self.containers[container_id]
+        self.set(container_id, status="exited", exit_code=exit_code, ip=None)
+        self.engine_events.put_nowait(ContainerEvent("die", container_id, info.instance_id,
+                                                     0.0, exit_code))
 
     async def inspect(self, container_id: str) -> ContainerInfo:
         if container_id not in self.containers:
@@ -319,3 +361,140 @@ async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe:
     (await manager.acquire(ECHO, "c")).release()
     assert manager.awake_use() == (0.5, 2048)
     assert changes  # every state change is announced, for the heartbeat
+
+
+# -- the lifecycle API and its events ---------------------------------------------------------
+
+
+def events_manager(runtime: FakeRuntime, probe: Probe, *classes: ContainerClass,
+                   clock: Clock | None = None) -> tuple[InstanceManager, list[LifecycleEvent]]:
+    events: list[LifecycleEvent] = []
+    by_name = {c.name: c for c in (classes or (ECHO,))}
+    manager = InstanceManager(runtime, by_name.get, timing=FAST, port_probe=probe,
+                              on_event=events.append, node_id="n1",
+                              **({"clock": clock} if clock else {}))
+    return manager, events
+
+
+def kinds(events: list[LifecycleEvent]) -> list[str]:
+    return [e.kind for e in events]
+
+
+async def test_an_exit_reported_by_the_engine_is_noticed_at_once(runtime: FakeRuntime,
+                                                                 probe: Probe) -> None:
+    manager, events = events_manager(runtime, probe)
+    iid = instance_id("echo", "a")
+    await manager.start(ECHO, "a")
+    assert manager.info(iid).state == "healthy"
+    loop = asyncio.create_task(manager.run())  # reconcile is hourly in FAST: only events tell
+    try:
+        container = manager.info(iid) and manager.get(iid)
+        assert container is not None and container.container_id is not None
+        runtime.die(container.container_id, 137)
+        for _ in range(100):
+            if manager.info(iid).state == "exited":
+                break
+            await asyncio.sleep(0.01)
+        info = manager.info(iid)
+        assert (info.state, info.exit_code) == ("exited", 137)
+        assert kinds(events) == ["starting", "ready", "exited"]
+        assert (events[-1].exit_code, events[-1].signal, events[-1].node_id) == (137, 9, "n1")
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
+async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(runtime: FakeRuntime,
+                                                                 probe: Probe) -> None:
+    clock = Clock()
+    manager, events = events_manager(runtime, probe, clock=clock)
+    iid = instance_id("echo", "a")
+    await manager.start(ECHO, "a")
+    clock.now += ECHO.sleep_after_s
+    assert manager.sleep_idle() == [iid]
+    await manager.stop(iid)  # waits for the sleep in progress
+    assert kinds(events) == ["starting", "ready", "activity-expired", "slept"]
+    assert manager.info(iid).state == "stopped"
+
+    await manager.start(ECHO, "a")
+    assert await manager.stop(iid, signum=15, grace_s=1)
+    assert kinds(events)[-3:] == ["starting", "ready", "exited"]
+    assert (events[-1].exit_code, events[-1].reason) == (143, "stopped")
+    info = manager.info(iid)
+    assert (info.state, info.exit_code) == ("stopped", 143)
+
+
+async def test_a_crash_while_starting_is_exited_then_failed(runtime: FakeRuntime,
+                                                            probe: Probe) -> None:
+    runtime.exit_on_start = 3
+    manager, events = events_manager(runtime, probe)
+    with pytest.raises(ContainerExited):
+        await manager.start(ECHO, "a")
+    assert kinds(events) == ["starting", "exited", "failed"]
+    assert "exited with code 3" in events[-1].reason
+    assert manager.info(instance_id("echo", "a")).state == "exited"
+
+
+async def test_start_without_wait_leaves_a_silent_container_running(runtime: FakeRuntime,
+                                                                    probe: Probe) -> None:
+    probe.answers = False
+    cls = dataclasses.replace(ECHO, boot_timeout_s=0.1)
+    manager, events = events_manager(runtime, probe, cls)
+    info = await manager.start(cls, "job", wait=False)
+    assert info.state == "running"
+    await asyncio.sleep(0.2)  # past boot_timeout: no stop, no failure
+    assert manager.info(info.instance_id).state == "running"
+    assert runtime.count("stop") == 0 and kinds(events) == ["starting"]
+    with pytest.raises(BootTimeout):
+        await manager.start(cls, "job")  # waiting for a port that never answered
+
+
+async def test_other_overrides_make_the_container_again(runtime: FakeRuntime,
+                                                        probe: Probe) -> None:
+    manager, _ = events_manager(runtime, probe)
+    iid = instance_id("echo", "a")
+    await manager.start(ECHO, "a", Overrides(env={"A": "1"}))
+    first = manager.get(iid)
+    await manager.start(ECHO, "a", Overrides(env={"A": "1"}))
+    assert runtime.count("create") == 1
+    await manager.start(ECHO, "a", Overrides(env={"A": "2"}))
+    second = manager.get(iid)
+    # The fake names containers after the instance: the new one replaced the old in its dict.
+    assert runtime.count("create") == 2 and runtime.count("stop") == 1
+    assert first is not None and second is not None and second.container_id is not None
+    assert runtime.containers[second.container_id].labels[LABEL_OVERRIDES] == \
+        Overrides(env={"A": "2"}).digest != Overrides(env={"A": "1"}).digest
+
+
+async def test_verbs_on_a_stopped_instance_fail_precondition(runtime: FakeRuntime,
+                                                             probe: Probe) -> None:
+    manager, events = events_manager(runtime, probe)
+    iid = instance_id("echo", "a")
+    with pytest.raises(NotFound):
+        manager.info(iid)
+    await manager.start(ECHO, "a")
+    await manager.stop(iid)
+    with pytest.raises(FailedPrecondition, match="is stopped"):
+        await manager.signal(iid, 15)
+    with pytest.raises(FailedPrecondition):
+        manager.renew(iid)
+    with pytest.raises(FailedPrecondition):
+        await manager.exec(iid, ["true"], {})
+    await manager.destroy(iid)
+    assert kinds(events)[-1] == "removed" and not runtime.containers
+    with pytest.raises(NotFound):
+        manager.info(iid)
+
+
+async def test_a_stop_while_starting_ends_the_boot(runtime: FakeRuntime, probe: Probe) -> None:
+    probe.answers = False
+    manager, events = events_manager(runtime, probe)
+    iid = instance_id("echo", "a")
+    request = asyncio.create_task(manager.acquire(ECHO, "a"))
+    await asyncio.sleep(0.02)
+    assert manager.info(iid).state == "running"  # docker started it; the port is silent
+    await manager.stop(iid)
+    with pytest.raises(Unavailable, match="stopped"):
+        await request
+    assert manager.info(iid).state == "stopped" and runtime.count("stop") == 1
+    assert kinds(events) == ["starting", "exited"]

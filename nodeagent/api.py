@@ -1,0 +1,243 @@
+"""The NodeAgent gRPC service: the lifecycle verbs the control plane forwards to an instance's
+node (Start, Stop, Signal, Destroy, Exec, Logs, GetInstance, RenewActivity) and listings.
+
+Protobuf stays here: requests become domain values, PortsideErrors become gRPC statuses with
+their one-line reason, and the instance manager never sees a `_pb2` type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from nodeagent.instances import InstanceInfo, InstanceManager, InstanceSnapshot, LifecycleEvent
+from nodeagent.pools import Usage
+from nodeagent.runtime import ExecProcess, Overrides
+from portside.api.v1 import nodeagent_pb2 as na
+from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
+from portside.api.v1 import types_pb2 as pb
+from portside.convert import class_from_pb
+from portside.errors import InvalidArgument, NotFound, PortsideError, grpc_code
+from portside.spec import instance_id
+
+R = TypeVar("R")
+M = TypeVar("M")
+
+
+def status_to_pb(s: InstanceSnapshot, now: float, usage: Usage | None = None) -> pb.InstanceStatus:
+    msg = pb.InstanceStatus(
+        instance_id=s.id,
+        class_name=s.class_name,
+        name=s.name,
+        state=s.state.value,
+        container_id=s.container_id or "",
+        in_flight=s.in_flight,
+        idle_seconds=max(0.0, now - s.last_activity) if s.in_flight == 0 else 0.0,
+        pool=s.pinned,
+    )
+    if usage is not None:
+        msg.memory_bytes = usage.memory_bytes
+        # Only pools scale on CPU; leaving it out for named instances spares the store a write
+        # every heartbeat on nodes that run no pool.
+        if s.pinned and usage.cpu_percent is not None:
+            msg.cpu_percent = usage.cpu_percent
+    return msg
+
+
+def info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
+    msg = pb.InstanceInfo(
+        class_name=i.class_name, name=i.name, instance_id=i.instance_id, state=i.state,
+        node_id=i.node_id, since=i.since, pool=i.pool, in_flight=i.in_flight,
+    )
+    if i.exit_code is not None:
+        msg.exit_code = i.exit_code
+    return msg
+
+
+def event_to_pb(e: LifecycleEvent) -> pb.Event:
+    msg = pb.Event(
+        time=e.time, kind=e.kind, class_name=e.class_name, name=e.name,
+        instance_id=e.instance_id, node_id=e.node_id, reason=e.reason,
+    )
+    if e.exit_code is not None:
+        msg.exit_code = e.exit_code
+    if e.signal is not None:
+        msg.signal = e.signal
+    return msg
+
+
+def _statuses(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Turn a PortsideError raised by a unary handler into its gRPC status and one-line reason."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
+        try:
+            return await fn(self, request, context)
+        except PortsideError as exc:
+            await context.abort(grpc_code(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _stream_statuses(
+    fn: Callable[..., AsyncIterator[M]],
+) -> Callable[..., AsyncGenerator[M, None]]:
+    """As _statuses, for a handler that streams its replies."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[M, None]:
+        try:
+            async for reply in fn(self, request, context):
+                yield reply
+        except PortsideError as exc:
+            await context.abort(grpc_code(exc), str(exc))
+
+    return wrapper
+
+
+def _instance_of(ref: pb.InstanceRef) -> str:
+    if not ref.class_name:
+        raise InvalidArgument("instance.class_name: must not be empty")
+    if not ref.name:
+        raise InvalidArgument("instance.name: must not be empty")
+    return instance_id(ref.class_name, ref.name)
+
+
+def _required_id(iid: str) -> str:
+    if not iid:
+        raise InvalidArgument("instance_id: must not be empty")
+    return iid
+
+
+class NodeAgentService(na_grpc.NodeAgentServicer):
+    """The agent's API over its instance manager; see nodeagent.proto for each RPC's codes."""
+
+    def __init__(self, manager: InstanceManager) -> None:
+        self.manager = manager
+
+    async def ListInstances(
+        self, request: na.ListAgentInstancesRequest, context: Any
+    ) -> na.ListAgentInstancesResponse:
+        now = time.monotonic()
+        return na.ListAgentInstancesResponse(
+            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
+        )
+
+    async def StopInstance(
+        self, request: na.StopInstanceRequest, context: Any
+    ) -> na.StopInstanceResponse:
+        if not await self.manager.stop(request.instance_id):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"this agent has no instance {request.instance_id}"
+            )
+        return na.StopInstanceResponse()
+
+    @_statuses
+    async def Start(self, request: na.AgentStartRequest, context: Any) -> na.AgentInstanceResponse:
+        spec = getattr(request, "class")  # `class` is a Python keyword
+        if not spec.name:
+            raise InvalidArgument("class.name: must not be empty")
+        if not spec.image:
+            raise InvalidArgument("class.image: must not be empty")
+        if not request.name:
+            raise InvalidArgument("name: must not be empty")
+        cls = class_from_pb(spec)
+        overrides = Overrides(tuple(request.entrypoint), dict(request.env))
+        info = await self.manager.start(cls, request.name, overrides, wait=not request.no_wait)
+        return na.AgentInstanceResponse(info=info_to_pb(info))
+
+    @_statuses
+    async def Stop(self, request: na.AgentStopRequest, context: Any) -> na.AgentInstanceResponse:
+        iid = _required_id(request.instance_id)
+        if request.signal < 0 or request.signal > 64:
+            raise InvalidArgument(f"signal: {request.signal} is not a signal number (1-64)")
+        if request.grace_seconds < 0:
+            raise InvalidArgument("grace_seconds: must not be negative")
+        # Zero means unset in proto3: the image's stop signal, and the agent's grace period.
+        if not await self.manager.stop(iid, request.signal or None,
+                                       request.grace_seconds or None):
+            raise NotFound(f"this agent has no instance {iid}")
+        return na.AgentInstanceResponse(info=info_to_pb(self.manager.info(iid)))
+
+    @_statuses
+    async def Signal(self, request: na.AgentSignalRequest, context: Any) -> na.AgentSignalResponse:
+        iid = _required_id(request.instance_id)
+        if not 0 < request.signal <= 64:
+            raise InvalidArgument(f"signal: {request.signal} is not a signal number (1-64)")
+        await self.manager.signal(iid, request.signal)
+        return na.AgentSignalResponse()
+
+    @_statuses
+    async def Destroy(self, request: na.AgentDestroyRequest,
+                      context: Any) -> na.AgentDestroyResponse:
+        await self.manager.destroy(_required_id(request.instance_id))
+        return na.AgentDestroyResponse()
+
+    @_statuses
+    async def GetInstance(self, request: na.AgentGetInstanceRequest,
+                          context: Any) -> na.AgentInstanceResponse:
+        return na.AgentInstanceResponse(
+            info=info_to_pb(self.manager.info(_required_id(request.instance_id))))
+
+    @_statuses
+    async def RenewActivity(self, request: na.AgentRenewActivityRequest,
+                            context: Any) -> na.AgentRenewActivityResponse:
+        self.manager.renew(_required_id(request.instance_id))
+        return na.AgentRenewActivityResponse()
+
+    @_stream_statuses
+    async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogsResponse]:
+        iid = _instance_of(request.instance)
+        self.manager.info(iid)  # NOT_FOUND before the stream starts
+        if request.tail < 0:
+            raise InvalidArgument("tail: must not be negative")
+        async for stream, data in self.manager.logs(iid, request.follow, request.tail):
+            yield pb.LogsResponse(stdout=data) if stream == "stdout" else \
+                pb.LogsResponse(stderr=data)
+
+    @_stream_statuses
+    async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest],
+                   context: Any) -> AsyncIterator[pb.ExecResponse]:
+        """First message `start`; then stdin chunks and `stdin_close` (or the end of the
+        client's stream, which closes stdin too). Output streams back; `exit_code` is last."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "start":
+            raise InvalidArgument("the first Exec message must carry `start`")
+        start = first.start
+        if not start.command:
+            raise InvalidArgument("start.command: must not be empty")
+        iid = _instance_of(start.instance)
+        with self.manager.holding(iid):
+            process = await self.manager.exec(iid, list(start.command), dict(start.env),
+                                              start.working_dir, start.stdin)
+            feeder = (asyncio.create_task(_feed_stdin(request_iterator, process))
+                      if start.stdin else None)
+            try:
+                async for stream, data in process.output():
+                    yield pb.ExecResponse(stdout=data) if stream == "stdout" else \
+                        pb.ExecResponse(stderr=data)
+                yield pb.ExecResponse(exit_code=await process.exit_code())
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await feeder
+                await process.close()
+
+
+async def _feed_stdin(requests: AsyncIterator[pb.ExecRequest], process: ExecProcess) -> None:
+    async for message in requests:
+        kind = message.WhichOneof("message")
+        if kind == "stdin":
+            await process.write(message.stdin)
+        elif kind == "stdin_close":
+            break
+    await process.close_stdin()
