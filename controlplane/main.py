@@ -1,6 +1,6 @@
-"""`portside controlplane`: the gRPC server, its store, its view of the cluster, and /metrics.
-
-One TaskGroup owns every task; SIGINT/SIGTERM stop the server gracefully within a bound.
+"""`portside controlplane`: the gRPC server (with health checking and reflection, for grpcurl),
+its store, its view of the cluster, and /metrics. One TaskGroup owns every task; SIGINT/SIGTERM
+stop the server gracefully within a bound.
 """
 
 from __future__ import annotations
@@ -10,13 +10,20 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controlplane.agents import AgentClients
+from controlplane.events import EventLog
 from controlplane.leader import LeaderElection
+from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
 from controlplane.service import ControlPlaneService
 from controlplane.store import open_store
 from controlplane.view import ClusterView
 from portside import daemon, net
+from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 
 log = logging.getLogger("portside.controlplane")
@@ -41,15 +48,32 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     await view.load()
     replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
     leader = LeaderElection(store, replica_id, opts.leader_ttl_s)
-    pools = PoolManager(store, view, leader, default_region=opts.region)
+    events = EventLog(store)
+    agents = AgentClients(view)
+    pools = PoolManager(store, view, leader, default_region=opts.region, events=events)
     server = net.grpc_server()
     cp_grpc.add_ControlPlaneServicer_to_server(
-        ControlPlaneService(store, view, node_ttl_s=opts.node_ttl_s, default_region=opts.region),
+        ControlPlaneService(
+            store,
+            view,
+            node_ttl_s=opts.node_ttl_s,
+            default_region=opts.region,
+            lifecycle=Lifecycle(store, view, agents, events, default_region=opts.region),
+            events=events,
+        ),
         server,
+    )
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    service_name = cp.DESCRIPTOR.services_by_name["ControlPlane"].full_name
+    reflection.enable_server_reflection(
+        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     net.add_grpc_port(server, opts.listen)
     runner = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
     await server.start()
+    for name in ("", service_name):  # "": the server as a whole, as grpc-health-probe asks
+        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "control plane serving gRPC on %s, metrics on %s, store %s",
         opts.listen,
@@ -64,13 +88,16 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(_update_gauges(view)),
                 tasks.create_task(leader.run()),
                 tasks.create_task(pools.run()),
+                tasks.create_task(agents.follow_nodes()),
             ]
             await stop.wait()
             for task in background:
                 task.cancel()
         await leader.resign()
     finally:
+        await health_service.enter_graceful_shutdown()  # NOT_SERVING while calls drain
         await server.stop(opts.grace_s)
+        await agents.close()
         await runner.cleanup()
         await store.close()
         log.info("control plane stopped")

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from controlplane import records
+from controlplane.events import EventLog, EventRecord
 from controlplane.metrics import PLACEMENTS
 from controlplane.records import InstanceRecord
 from controlplane.scheduler import NodeState, PlacementRequest, node_location, place
@@ -47,7 +48,13 @@ def node_states(view: ClusterView) -> list[NodeState]:
 
 
 async def resolve_instance(
-    store: Store, view: ClusterView, class_name: str, name: str, hint: str, default_hint: str
+    store: Store,
+    view: ClusterView,
+    class_name: str,
+    name: str,
+    hint: str,
+    default_hint: str,
+    events: EventLog | None = None,
 ) -> Resolved:
     """The node of instance `name` of a class; for a pool (empty name) the nearest member,
     starting one if the pool has none."""
@@ -57,18 +64,22 @@ async def resolve_instance(
     near = geo.lookup(hint or default_hint)
     if cls.autoscaling is not None:
         if not name:
-            return await _resolve_pool(store, view, cls, near)
+            return await _resolve_pool(store, view, cls, near, events)
         member = view.instances.get(records.instance_key(cls.name, instance_id(cls.name, name)))
         if member is None or member.node_id not in view.nodes:
             raise Unavailable(f"pool instance {name} of {cls.name} is gone; send the request again")
         return Resolved(member, view.nodes[member.node_id], placed=False)
     if not name:
         raise InvalidArgument(f"instance_name: must not be empty (class {class_name} is no pool)")
-    return await resolve_named(store, view, cls, name, near)
+    return await resolve_named(store, view, cls, name, near, events=events)
 
 
 async def _resolve_pool(
-    store: Store, view: ClusterView, cls: ContainerClass, near: geo.Location
+    store: Store,
+    view: ClusterView,
+    cls: ContainerClass,
+    near: geo.Location,
+    events: EventLog | None,
 ) -> Resolved:
     members = [r for r in view.pool_members(cls.name) if not r.draining]
     if members:
@@ -78,7 +89,7 @@ async def _resolve_pool(
         return Resolved(nearest, view.nodes[nearest.node_id], placed=False)
     # An empty pool (minimum 0): one instance with a fixed name, so that racing first requests
     # from several edges start one instance, not one each. The autoscaler takes it from there.
-    return await resolve_named(store, view, cls, f"{cls.name}-0", near, pool=True)
+    return await resolve_named(store, view, cls, f"{cls.name}-0", near, pool=True, events=events)
 
 
 async def resolve_named(
@@ -89,6 +100,7 @@ async def resolve_named(
     near: geo.Location,
     *,
     pool: bool = False,
+    events: EventLog | None = None,
 ) -> Resolved:
     key = records.instance_key(cls.name, instance_id(cls.name, name))
     known = view.instances.get(key)
@@ -112,6 +124,7 @@ async def resolve_named(
             pool=pool,
             expected_revision=kv.mod_revision if kv else 0,
             replaced=replaced,
+            events=events,
         )
         if resolved is not None:
             return resolved
@@ -129,9 +142,11 @@ async def place_instance(
     pool: bool,
     expected_revision: int = 0,
     replaced: str = "",
+    events: EventLog | None = None,
 ) -> Resolved | None:
     """Choose a node and write the placement if the key is still at `expected_revision`
-    (0: absent). None if another writer got there first; NoCapacity if no node can take it."""
+    (0: absent), and its "placed" event to `events`. None if another writer got there first;
+    NoCapacity if no node can take it."""
     decision = place(
         PlacementRequest(
             class_name=cls.name,
@@ -160,6 +175,18 @@ async def place_instance(
     if not await store.compare_and_swap(key, expected_revision, record.encode()):
         return None
     view.note_placed(key, record)
+    if events is not None:
+        await events.record(
+            EventRecord(
+                kind="placed",
+                time=record.placed_at,
+                class_name=cls.name,
+                name=name,
+                instance_id=record.instance_id,
+                node_id=decision.node.id,
+                reason=f"moved from node {replaced}" if replaced else "",
+            )
+        )
     outcome = "replaced" if replaced else "placed"
     PLACEMENTS.labels(cls.name, outcome, "").inc()
     log.info(

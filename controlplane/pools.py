@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from controlplane import records
 from controlplane.autoscaler import InstanceSample, PoolState, Recommendation, decide
+from controlplane.events import EventLog
 from controlplane.leader import LeaderElection
 from controlplane.metrics import POOL_CURRENT, POOL_DESIRED, POOL_UTILISATION, SCALE_EVENTS
 from controlplane.placement import place_instance
@@ -87,8 +88,10 @@ class PoolManager:
         default_region: str,
         tick_s: float = CPU_SAMPLE_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        events: EventLog | None = None,
     ) -> None:
         self.store = store
+        self.events = events
         self.view = view
         self.leader = leader
         self.default_region = default_region
@@ -171,7 +174,13 @@ class PoolManager:
             name = f"{cls.name}-{secrets.token_hex(4)}"
             try:
                 placed = await place_instance(
-                    self.store, self.view, cls, name, geo.lookup(region), pool=True
+                    self.store,
+                    self.view,
+                    cls,
+                    name,
+                    geo.lookup(region),
+                    pool=True,
+                    events=self.events,
                 )
             except NoCapacity as exc:
                 log.warning("autoscaler %s: cannot add an instance: %s", cls.name, exc)

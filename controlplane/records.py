@@ -1,7 +1,7 @@
 """What the control plane keeps in the store: key layout and the JSON records under each key.
 
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
-demand/<edge>, leader.
+demand/<edge>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ NODES = ROOT + "nodes/"
 INSTANCES = ROOT + "instances/"
 DEMAND = ROOT + "demand/"
 LEADER = ROOT + "leader"
+EVENTS = ROOT + "events/"  # lifecycle events, under a lease: they expire after about an hour
+STATE = ROOT + "state/"  # users' per-instance values; opaque bytes, never decoded here
 
 
 def class_key(name: str) -> str:
@@ -44,6 +46,30 @@ def instance_key(class_name: str, instance_id: str) -> str:
 
 def demand_key(edge_id: str) -> str:
     return DEMAND + edge_id
+
+
+def events_prefix(class_name: str = "", instance_id: str = "") -> str:
+    """Every event, one class's (with its trailing slash, so `Echo` never matches `EchoX`), or
+    one instance's."""
+    if not class_name:
+        return EVENTS
+    if not instance_id:
+        return f"{EVENTS}{class_name}/"
+    return f"{EVENTS}{class_name}/{instance_id}/"
+
+
+def event_key(class_name: str, instance_id: str, time_ns: int, seq: int) -> str:
+    """Zero-padded, so an instance's events sort by time; `seq` tells apart two events of one
+    nanosecond (and those of replicas whose clocks agree)."""
+    return f"{events_prefix(class_name, instance_id)}{time_ns:020d}-{seq:06d}"
+
+
+def state_prefix(class_name: str, instance_id: str) -> str:
+    return f"{STATE}{class_name}/{instance_id}/"
+
+
+def state_key(class_name: str, instance_id: str, key: str) -> str:
+    return state_prefix(class_name, instance_id) + key
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,33 @@
-"""The control plane's gRPC service: deploy, config watch, resolve, listing, and node heartbeats.
-
-Messages are converted to domain types here; PortsideErrors become gRPC statuses here.
+"""The control plane's gRPC service: deploy, config watch, resolve, listing, node heartbeats, and
+the lifecycle API (see controlplane.lifecycle). PortsideErrors become gRPC statuses here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from controlplane import records
+from controlplane.events import EventLog, EventRecord, watch_events
+from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
 from controlplane.placement import resolve_instance
-from controlplane.store import Store
+from controlplane.store import Compacted, Store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import config_from_pb, config_to_pb, node_from_pb, node_to_pb
-from portside.errors import InvalidArgument, PortsideError, grpc_code
-from portside.spec import Config, Node
+from portside.convert import class_to_pb, config_from_pb, config_to_pb, node_from_pb, node_to_pb
+from portside.errors import InvalidArgument, PortsideError, StoreError, grpc_code
+from portside.spec import Config, Node, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ DEMAND_EVERY_S = 2.0  # how often edges report their request rates
 DEMAND_TTL_S = 10.0  # a report counts this long: an edge that stops reporting stops counting
 
 R = TypeVar("R")
+M = TypeVar("M")
+
+# How the view's heartbeat states read in InstanceInfo.state (the agent says "booting").
+_LISTED_STATE = {"booting": "starting"}
+_STATES = ("stopped", "starting", "running", "healthy", "stopping", "exited")
 
 
 def _statuses(
@@ -47,6 +54,27 @@ def _statuses(
         except PortsideError as exc:
             await context.abort(grpc_code(exc), str(exc))
             raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _stream_statuses(
+    fn: Callable[..., AsyncGenerator[M, None]],
+) -> Callable[..., AsyncGenerator[M, None]]:
+    """As _statuses, for a handler that streams its replies."""
+
+    @functools.wraps(fn)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[M, None]:
+        try:
+            # aclosing: when the client goes, the relay's own cleanup (cancelling the agent's
+            # side of the stream) runs now, not whenever the generator is collected.
+            async with contextlib.aclosing(fn(self, request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        except PortsideError as exc:
+            await context.abort(grpc_code(exc), str(exc))
 
     return wrapper
 
@@ -91,11 +119,22 @@ def validate_config(config: Config) -> None:
 
 
 class ControlPlaneService(cp_grpc.ControlPlaneServicer):
-    def __init__(self, store: Store, view: ClusterView, *, node_ttl_s: int, default_region: str):
+    def __init__(
+        self,
+        store: Store,
+        view: ClusterView,
+        *,
+        node_ttl_s: int,
+        default_region: str,
+        lifecycle: Lifecycle,
+        events: EventLog,
+    ):
         self.store = store
         self.view = view
         self.node_ttl_s = node_ttl_s
         self.default_region = default_region
+        self.lifecycle = lifecycle
+        self.events = events
 
     @_statuses
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -154,6 +193,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 request.instance_name,
                 request.location_hint,
                 self.default_region,
+                self.events,
             )
             result = "placed" if resolved.placed else "found"
         finally:
@@ -187,18 +227,52 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     async def ListInstances(
         self, request: cp.ListInstancesRequest, context: Any
     ) -> cp.ListInstancesResponse:
-        out = [
-            cp.PlacedInstance(
-                class_name=r.class_name,
-                name=r.name,
-                instance_id=r.instance_id,
-                node_id=r.node_id,
-                placed_at=r.placed_at,
+        if request.state and request.state not in _STATES:
+            raise InvalidArgument(f"state: {request.state!r} is not one of {', '.join(_STATES)}")
+        out = []
+        for r in sorted(self.view.instances.values(), key=lambda r: (r.class_name, r.name)):
+            if request.class_name and r.class_name != request.class_name:
+                continue
+            if request.node_id and r.node_id != request.node_id:
+                continue
+            info = self._listed_info(r)
+            if request.state and info.state != request.state:
+                continue
+            out.append(
+                cp.PlacedInstance(
+                    class_name=r.class_name,
+                    name=r.name,
+                    instance_id=r.instance_id,
+                    node_id=r.node_id,
+                    placed_at=r.placed_at,
+                    info=info,
+                )
             )
-            for r in sorted(self.view.instances.values(), key=lambda r: (r.class_name, r.name))
-            if not request.class_name or r.class_name == request.class_name
-        ]
         return cp.ListInstancesResponse(instances=out)
+
+    def _listed_info(self, r: records.InstanceRecord) -> pb.InstanceInfo:
+        """An instance as its node's last heartbeat reported it: cheap, for listing many (GetState
+        asks the agent). Not reported, or its node gone: stopped."""
+        node = self.view.nodes.get(r.node_id)
+        stat = self.view.stat_of(r)
+        return pb.InstanceInfo(
+            class_name=r.class_name,
+            name=r.name,
+            instance_id=r.instance_id,
+            state=_LISTED_STATE.get(stat.state, stat.state) if stat else "stopped",
+            node_id=r.node_id,
+            region=node.region if node else "",
+            pool=r.pool,
+            in_flight=stat.in_flight if stat else 0,
+        )
+
+    @_statuses
+    async def ListClasses(
+        self, request: cp.ListClassesRequest, context: Any
+    ) -> cp.ListClassesResponse:
+        return cp.ListClassesResponse(
+            classes=[class_to_pb(self.view.classes[n]) for n in sorted(self.view.classes)]
+        )
 
     async def NodeHeartbeat(
         self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
@@ -237,6 +311,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     lease = await self.store.grant_lease(self.node_ttl_s)
                     written = None
                     log.warning("node %s lease had expired; renewed", node.id)
+                for event in message.events:
+                    await self.events.record(_event_from_pb(event, node.id))
                 stats = _stats(message)
                 if stats != written:
                     # Capacity follows awake instances and the autoscaler follows CPU: publish.
@@ -311,6 +387,144 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
         await self.store.put(records.demand_key(request.edge_id), demand.encode(), lease)
         return cp.ReportDemandResponse(report_every_seconds=DEMAND_EVERY_S)
+
+
+    # --- the lifecycle API: see controlplane.lifecycle ---
+
+    @_statuses
+    async def Start(self, request: cp.StartRequest, context: Any) -> cp.StartResponse:
+        info = await self.lifecycle.start(
+            request.instance.class_name,
+            request.instance.name,
+            entrypoint=request.entrypoint,
+            env=request.env,
+            location_hint=request.location_hint,
+            no_wait=request.no_wait,
+        )
+        return cp.StartResponse(info=info)
+
+    @_statuses
+    async def Stop(self, request: cp.StopRequest, context: Any) -> cp.StopResponse:
+        if request.grace_seconds < 0:
+            raise InvalidArgument(f"grace_seconds: {request.grace_seconds} is negative")
+        info = await self.lifecycle.stop(
+            request.instance.class_name,
+            request.instance.name,
+            signal=request.signal,
+            grace_s=request.grace_seconds,
+        )
+        return cp.StopResponse(info=info)
+
+    @_statuses
+    async def Signal(self, request: cp.SignalRequest, context: Any) -> cp.SignalResponse:
+        await self.lifecycle.signal(
+            request.instance.class_name, request.instance.name, request.signal
+        )
+        return cp.SignalResponse()
+
+    @_statuses
+    async def Destroy(self, request: cp.DestroyRequest, context: Any) -> cp.DestroyResponse:
+        await self.lifecycle.destroy(request.instance.class_name, request.instance.name)
+        return cp.DestroyResponse()
+
+    @_statuses
+    async def GetState(self, request: cp.GetStateRequest, context: Any) -> cp.GetStateResponse:
+        info = await self.lifecycle.get_state(request.instance.class_name, request.instance.name)
+        return cp.GetStateResponse(info=info)
+
+    @_statuses
+    async def RenewActivity(
+        self, request: cp.RenewActivityRequest, context: Any
+    ) -> cp.RenewActivityResponse:
+        await self.lifecycle.renew_activity(request.instance.class_name, request.instance.name)
+        return cp.RenewActivityResponse()
+
+    @_stream_statuses
+    def Exec(
+        self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
+    ) -> AsyncGenerator[pb.ExecResponse, None]:
+        return self.lifecycle.exec(request_iterator)
+
+    @_stream_statuses
+    def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncGenerator[pb.LogsResponse, None]:
+        return self.lifecycle.logs(request)
+
+    @_stream_statuses
+    async def WatchEvents(
+        self, request: cp.WatchEventsRequest, context: Any
+    ) -> AsyncGenerator[pb.Event, None]:
+        if request.name and not request.class_name:
+            raise InvalidArgument("class_name: required when name is given")
+        iid = instance_id(request.class_name, request.name) if request.name else ""
+        prefix = records.events_prefix(request.class_name, iid)
+        try:
+            async for stored in watch_events(self.store, prefix, request.after_revision):
+                yield _event_to_pb(stored.revision, stored.event)
+        except Compacted as exc:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"after_revision {request.after_revision} is no longer in the store's history "
+                f"({exc}); watch from 0 (now) and read current states with GetState",
+            )
+        except StoreError as exc:
+            # The store closed or failed under the watch: the client should reconnect.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"event watch ended: {exc}")
+
+    @_statuses
+    async def GetStateValue(
+        self, request: cp.GetStateValueRequest, context: Any
+    ) -> cp.GetStateValueResponse:
+        value = await self.lifecycle.get_value(
+            request.instance.class_name, request.instance.name, request.key
+        )
+        return cp.GetStateValueResponse(value=value)
+
+    @_statuses
+    async def PutStateValue(
+        self, request: cp.PutStateValueRequest, context: Any
+    ) -> cp.PutStateValueResponse:
+        await self.lifecycle.put_value(
+            request.instance.class_name, request.instance.name, request.key, request.value
+        )
+        return cp.PutStateValueResponse()
+
+    @_statuses
+    async def DeleteStateValue(
+        self, request: cp.DeleteStateValueRequest, context: Any
+    ) -> cp.DeleteStateValueResponse:
+        existed = await self.lifecycle.delete_value(
+            request.instance.class_name, request.instance.name, request.key
+        )
+        return cp.DeleteStateValueResponse(existed=existed)
+
+
+def _event_from_pb(m: pb.Event, node_id: str) -> EventRecord:
+    return EventRecord(
+        kind=m.kind,
+        time=m.time or time.time(),
+        class_name=m.class_name,
+        name=m.name,
+        instance_id=m.instance_id or instance_id(m.class_name, m.name),
+        node_id=m.node_id or node_id,
+        exit_code=m.exit_code if m.HasField("exit_code") else None,
+        signal=m.signal if m.HasField("signal") else None,
+        reason=m.reason,
+    )
+
+
+def _event_to_pb(revision: int, e: EventRecord) -> pb.Event:
+    return pb.Event(
+        revision=revision,
+        time=e.time,
+        kind=e.kind,
+        class_name=e.class_name,
+        name=e.name,
+        instance_id=e.instance_id,
+        node_id=e.node_id,
+        exit_code=e.exit_code,
+        signal=e.signal,
+        reason=e.reason,
+    )
 
 
 def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:

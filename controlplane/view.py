@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # it covers the time from placement to the first request's boot and the heartbeat after it.
 PENDING_S = 15.0
 
+_VIEWED = (records.CLASSES, records.ROUTES, records.NODES, records.INSTANCES, records.DEMAND)
+_NOT_VIEWED = (records.EVENTS, records.STATE)
+
 
 @dataclass
 class NodeUse:
@@ -58,9 +61,16 @@ class ClusterView:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def load(self) -> None:
-        kvs, self.revision = await self.store.range(records.ROOT)
-        for kv in kvs:
-            self._apply(WatchEvent("put", kv))
+        # Prefix by prefix, not the whole root: events and state values are not the view's, and
+        # may be many. Following from the oldest of the reads replays what changed in between,
+        # in order, and applying a change again is harmless.
+        revisions = []
+        for prefix in _VIEWED:
+            kvs, revision = await self.store.range(prefix)
+            revisions.append(revision)
+            for kv in kvs:
+                self._apply(WatchEvent("put", kv))
+        self.revision = min(revisions)
         self.ready.set()
 
     async def follow(self) -> None:
@@ -82,6 +92,8 @@ class ClusterView:
         instances) or ""."""
         kv: KeyValue = event.kv
         key, deleted = kv.key, event.type == "delete"
+        if key.startswith(_NOT_VIEWED):
+            return ""  # the bulk of the watch's traffic: one prefix test, nothing decoded
         try:
             if key.startswith(records.CLASSES):
                 name = key[len(records.CLASSES) :]
@@ -124,6 +136,10 @@ class ClusterView:
 
     def note_placed(self, key: str, record: InstanceRecord) -> None:
         self._set_instance(key, record)
+
+    def note_removed(self, key: str) -> None:
+        """Apply a destroy at once, so that a Start right after it places the instance anew."""
+        self._set_instance(key, None)
 
     def _set_instance(self, key: str, record: InstanceRecord | None) -> None:
         old = self.instances.pop(key, None)

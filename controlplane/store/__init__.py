@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from portside.errors import ConfigError
 
 from . import etcd, sqlite
-from ._base import KeyValue, Store, WatchEvent
+from ._base import Compacted, KeyValue, Store, WatchEvent
 
-__all__ = ["KeyValue", "Store", "WatchEvent", "open_store"]
+__all__ = ["Compacted", "KeyValue", "Store", "WatchEvent", "open_store"]
 
 BACKENDS: dict[str, Callable[[str, float], Awaitable[Store]]] = {
     "etcd": etcd.open_url,

@@ -9,6 +9,12 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from portside.errors import StoreError
+
+
+class Compacted(StoreError):
+    """A watch asked for history the store no longer keeps."""
+
 
 @dataclass(frozen=True)
 class KeyValue:
@@ -56,7 +62,7 @@ class Store(Protocol):
 
     def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         """Events under `prefix` from `start_revision` (0: from now on), until the iterator
-        is closed. Raises StoreError if that revision has been compacted away.
+        is closed. Raises Compacted if that revision has been compacted away.
 
         Calling watch() does no I/O: the watch starts at the first `__anext__`, so "now" is
         then. To miss nothing, watch from the revision `range()` returned, plus one.

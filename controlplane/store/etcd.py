@@ -14,7 +14,7 @@ import grpc
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import KeyValue, WatchEvent
+from ._base import Compacted, KeyValue, WatchEvent
 
 DEFAULT_PORT = 2379
 
@@ -64,6 +64,10 @@ def _translated(what: str) -> Iterator[None]:
     """The one place where etcd's exceptions become Portside's."""
     try:
         yield
+    except aetcd.RevisionCompactedError as exc:
+        raise Compacted(
+            f"etcd: {what}: revision compacted (history starts at {exc.compacted_revision})"
+        ) from exc
     except aetcd.ClientError as exc:
         raise StoreError(f"etcd: {what}: {exc}") from exc
     except grpc.RpcError as exc:  # aetcd wraps most, but not those of a broken watch stream

@@ -15,7 +15,7 @@ from typing import Any
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import KeyValue, WatchEvent
+from ._base import Compacted, KeyValue, WatchEvent
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class SqliteStore:
                 if self._closed:
                     raise StoreError(f"sqlite: {what} ended: the store was closed")
                 if covered + 1 < self._compact_revision:
-                    raise StoreError(
+                    raise Compacted(
                         f"sqlite: {what}: revision {covered + 1} has been compacted"
                         f" (history starts at {self._compact_revision})"
                     )

@@ -3,6 +3,7 @@ separate processes — and clean up after it: processes, their containers, their
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -176,9 +177,11 @@ class Cluster:
             if proc.popen.poll() is None:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
-        for c in client.containers.list(all=True, filters={"label": "portside.node"}):
-            if c.labels.get("portside.node", "").startswith(self.tag + "-"):
-                c.remove(force=True)
+        # The low-level list: no inspect of containers that others may be removing meanwhile.
+        for c in client.api.containers(all=True, filters={"label": "portside.node"}):
+            if c["Labels"].get("portside.node", "").startswith(self.tag + "-"):
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.api.remove_container(c["Id"], force=True)
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name}\n{p.log_text()[-6000:]}" for p in self.procs)
