@@ -106,6 +106,12 @@ async def resolve_named(
     known = view.instances.get(key)
     if known is not None and known.node_id in view.nodes and not known.draining:
         return Resolved(known, view.nodes[known.node_id], placed=False)
+    if known is None:
+        # Unknown to the view: most likely a new name. Try to create it first (one store round
+        # trip); only a lost race or a placement the view has not seen yet costs a read.
+        resolved = await place_instance(store, view, cls, name, near, pool=pool, events=events)
+        if resolved is not None:
+            return resolved
     for _ in range(_MAX_ATTEMPTS):
         kv = await store.get(key)
         replaced = ""

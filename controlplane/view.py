@@ -49,8 +49,14 @@ class ClusterView:
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
     stats: dict[str, dict[str, InstanceStat]] = field(default_factory=dict)  # node -> id -> stat
     demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
-    recent: dict[str, InstanceRecord] = field(default_factory=dict)  # placed within PENDING_S
     reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
+    # Placement reads use per node and awake count per class on every resolve, so both are kept
+    # up to date as events arrive instead of being summed over all instances each time.
+    pending: dict[str, InstanceRecord] = field(default_factory=dict)  # placed, not yet reported
+    pending_use: dict[str, NodeUse] = field(default_factory=dict)
+    pending_class: dict[str, int] = field(default_factory=dict)
+    awake_use: dict[str, NodeUse] = field(default_factory=dict)
+    awake_class: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> class -> n
     clock: Callable[[], float] = time.time
     revision: int = 0
     config_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -117,8 +123,15 @@ class ClusterView:
                 else:
                     self.nodes[node_id], stats = records.decode_node(kv.value)
                     self.stats[node_id] = stats
-                    self.awake[node_id] = frozenset(i for i, st in stats.items() if st.awake)
-                    self.reported |= self.awake[node_id]
+                    awake = frozenset(i for i, st in stats.items() if st.awake)
+                    if awake != self.awake.get(node_id):
+                        self.awake[node_id] = awake
+                        for iid in awake - self.reported:
+                            self.reported.add(iid)
+                            rec = self.by_id.get(iid)
+                            if rec is not None:
+                                self._unpend(records.instance_key(rec.class_name, iid))
+                self._recount(node_id)
                 return "pools"
             elif key.startswith(records.INSTANCES):
                 self._set_instance(key, None if deleted else InstanceRecord.decode(kv.value))
@@ -143,9 +156,9 @@ class ClusterView:
 
     def _set_instance(self, key: str, record: InstanceRecord | None) -> None:
         old = self.instances.pop(key, None)
+        self._unpend(key)
         if old is not None:
             self.by_id.pop(old.instance_id, None)
-            self.recent.pop(key, None)
             if record is None:
                 self.reported.discard(old.instance_id)
         if record is not None:
@@ -153,15 +166,54 @@ class ClusterView:
                 self.reported.discard(record.instance_id)  # a new placement: not reported yet
             self.instances[key] = record
             self.by_id[record.instance_id] = record
-            if self.clock() - record.placed_at < PENDING_S:
-                self.recent[key] = record
+            if (
+                record.instance_id not in self.reported
+                and self.clock() - record.placed_at < PENDING_S
+            ):
+                self._pend(key, record)
+        for node_id in {r.node_id for r in (old, record) if r is not None}:
+            if node_id in self.awake:
+                self._recount(node_id)
 
-    def _pending(self) -> list[InstanceRecord]:
-        """Recent placements that their node has never reported awake yet."""
+    def _pend(self, key: str, rec: InstanceRecord) -> None:
+        self.pending[key] = rec
+        self._count(self.pending_use.setdefault(rec.node_id, NodeUse()), rec, +1)
+        self.pending_class[rec.class_name] = self.pending_class.get(rec.class_name, 0) + 1
+
+    def _unpend(self, key: str) -> None:
+        rec = self.pending.pop(key, None)
+        if rec is not None:
+            self._count(self.pending_use[rec.node_id], rec, -1)
+            self.pending_class[rec.class_name] -= 1
+
+    def _expire_pending(self) -> None:
+        # Placements enter in time order, so the expired ones are at the front.
         now = self.clock()
-        for key in [k for k, r in self.recent.items() if now - r.placed_at >= PENDING_S]:
-            del self.recent[key]
-        return [r for r in self.recent.values() if r.instance_id not in self.reported]
+        while self.pending:
+            key, rec = next(iter(self.pending.items()))
+            if now - rec.placed_at < PENDING_S:
+                break
+            self._unpend(key)
+
+    @staticmethod
+    def _count(use: NodeUse, rec: InstanceRecord, sign: int) -> None:
+        use.vcpu += sign * rec.vcpu
+        use.memory_mib += sign * rec.memory_mib
+        use.instances += sign
+
+    def _recount(self, node_id: str) -> None:
+        """Sum what the node's awake instances take, after its report or their records changed."""
+        use, classes = NodeUse(), dict[str, int]()
+        for iid in self.awake.get(node_id, frozenset()):
+            rec = self.by_id.get(iid)
+            if rec is not None and rec.node_id == node_id:
+                self._count(use, rec, +1)
+                classes[rec.class_name] = classes.get(rec.class_name, 0) + 1
+        if node_id in self.nodes:
+            self.awake_use[node_id], self.awake_class[node_id] = use, classes
+        else:
+            self.awake_use.pop(node_id, None)
+            self.awake_class.pop(node_id, None)
 
     def config(self) -> Config:
         return Config(
@@ -171,27 +223,20 @@ class ClusterView:
 
     def use_of(self, node_id: str) -> NodeUse:
         """What the node's awake and pending instances take of it."""
-        use = NodeUse()
-        counted = [self.by_id.get(iid) for iid in self.awake.get(node_id, frozenset())]
-        counted += [r for r in self._pending() if r.node_id == node_id]
-        for rec in counted:
-            if rec is not None and rec.node_id == node_id:
-                use.vcpu += rec.vcpu
-                use.memory_mib += rec.memory_mib
-                use.instances += 1
-        return use
+        self._expire_pending()
+        awake = self.awake_use.get(node_id) or NodeUse()
+        pending = self.pending_use.get(node_id) or NodeUse()
+        return NodeUse(
+            vcpu=awake.vcpu + pending.vcpu,
+            memory_mib=awake.memory_mib + pending.memory_mib,
+            instances=awake.instances + pending.instances,
+        )
 
     def instances_of(self, class_name: str) -> int:
         """Awake and pending instances of the class, cluster-wide: what max_instances limits."""
-        awake = sum(
-            1
-            for node_id, ids in self.awake.items()
-            for iid in ids
-            if (rec := self.by_id.get(iid)) is not None
-            and rec.class_name == class_name
-            and rec.node_id == node_id
-        )
-        return awake + sum(1 for r in self._pending() if r.class_name == class_name)
+        self._expire_pending()
+        awake = sum(classes.get(class_name, 0) for classes in self.awake_class.values())
+        return awake + self.pending_class.get(class_name, 0)
 
     def pool_members(self, class_name: str | None = None) -> list[InstanceRecord]:
         """Pool instances placed on live nodes (draining ones included), by name."""

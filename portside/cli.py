@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import dataclasses
 import json
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from portside import geo
-from portside.errors import PortsideError, from_grpc
+from portside.errors import InvalidArgument, PortsideError, from_grpc
+
+if TYPE_CHECKING:
+    from portside.client import Event, InstanceInfo, Portside
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
 
@@ -69,17 +79,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--controlplane", default=_controlplane_default())
 
-    p = sub.add_parser("nodes", help="list nodes")
-    p.add_argument("--controlplane", default=_controlplane_default())
-    p.add_argument("--json", action="store_true")
+    _client_parser(sub, "nodes", "list nodes")
 
     p = sub.add_parser("regions", help="list the region codes and areas Portside knows")
     p.add_argument("--json", action="store_true")
+
+    _add_client_verbs(sub)
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Like build_parser().parse_args, but `exec`'s command is everything after its `--`, so
+    the command's own options (`-- sh -c 'ls -l'`) never reach argparse."""
+    words = list(argv)
+    command: list[str] | None = None
+    verb = 0
+    while verb < len(words) and words[verb].startswith("-"):  # the global options
+        verb += 1 if "=" in words[verb] or words[verb] in ("-h", "--help") else 2
+    if words[verb : verb + 1] == ["exec"] and "--" in words[verb:]:
+        cut = words.index("--", verb)
+        words, command = words[:cut], words[cut + 1 :]
+    args = build_parser().parse_args(words)
+    if command is not None and args.command == "exec":
+        args.argv = command
+    return args
+
+
+def _client_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--controlplane", default=_controlplane_default(), help="HOST:PORT[,...]")
+    p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    return p
+
+
+def _instance_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    p = _client_parser(sub, name, help)
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument("name", metavar="NAME")
+    return p
+
+
+def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The verbs on instances and the cluster, all through the SDK (portside.client)."""
+    p = _client_parser(sub, "ps", "list placed instances")
+    p.add_argument("--class", dest="class_name", help="only this class")
+    p.add_argument("--node", help="only on this node")
+    p.add_argument("--state", help="only in this state (stopped, running, healthy, ...)")
+
+    _client_parser(sub, "classes", "list deployed classes")
+
+    p = _instance_parser(sub, "start", "start an instance (and wait until its port answers)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--entrypoint",
+        help="command replacing the class's, split like a shell does ('/bin/sh -c \"exit 3\"')"
+        " or a JSON array",
+    )
+    p.add_argument("--hint", help="location hint: a region code (fra) or an area (weur)")
+    p.add_argument("--no-wait", action="store_true", help="return once the container started")
+
+    p = _instance_parser(sub, "stop", "stop an instance: SIGNAL, then SIGKILL after --grace")
+    p.add_argument("--signal", default="TERM", help="name (TERM, SIGINT) or number (default TERM)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL (10)")
+
+    p = _instance_parser(sub, "signal", "send a signal to an instance's main process")
+    p.add_argument("signal", metavar="SIGNAL", help="name (HUP, SIGUSR1) or number (1)")
+
+    _instance_parser(sub, "destroy", "remove an instance's container and writable layer")
+
+    p = _instance_parser(sub, "exec", "run a command in an instance: exec CLASS NAME -- CMD...")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--workdir", help="working directory of the command")
+    p.add_argument("argv", nargs="*", metavar="-- CMD")
+
+    p = _instance_parser(sub, "logs", "print an instance's output")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+    p.add_argument("--tail", type=int, default=0, help="only the last N lines first (0: all)")
+
+    p = _client_parser(sub, "events", "follow lifecycle events (of everything, a class, or one)")
+    p.add_argument("class_name", metavar="CLASS", nargs="?")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--after", type=int, default=0, help="from this store revision + 1 (0: now)")
+    p.add_argument("--count", type=int, default=0, help="exit after N events (0: follow)")
+
+    p = _client_parser(sub, "state", "per-instance state values: get, put or delete a KEY")
+    p.add_argument("action", choices=["get", "put", "delete"])
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE", nargs="?", help="put: the value (default: stdin)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     from portside.daemon import setup_logging
 
     setup_logging(args.log_level)
@@ -171,10 +267,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if args.command == "deploy":
         return asyncio.run(_deploy(args.file, args.controlplane))
-    if args.command == "nodes":
-        return asyncio.run(_nodes(args.controlplane, args.json))
     if args.command == "regions":
         return _regions(args.json)
+    if args.command in _CLIENT_VERBS:
+        return asyncio.run(_CLIENT_VERBS[args.command](args))
     raise AssertionError(args.command)
 
 
@@ -213,34 +309,120 @@ async def _deploy(file: str, controlplane: str) -> int:
     return 0
 
 
-async def _nodes(controlplane: str, as_json: bool) -> int:
-    from portside import net
-    from portside.api.v1 import controlplane_pb2 as cp
-    from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+# --- client verbs: thin over the SDK, tables for people and --json for scripts ---
 
-    async with net.grpc_channel(controlplane) as channel:
+
+def parse_signal(text: str) -> int:
+    """15, "TERM", "SIGTERM" or "sigterm" -> 15."""
+    import signal as signals
+
+    if text.isdigit():
+        number = int(text)
+        if not 0 < number < 65:
+            raise InvalidArgument(f"signal {text}: use 1..64 or a name such as TERM")
+        return number
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signals.Signals[name])
+    except KeyError:
+        raise InvalidArgument(
+            f"signal {text!r}: unknown; use a number or a name such as TERM, HUP, USR1, KILL"
+        ) from None
+
+
+def parse_env(items: Sequence[str], flag: str = "--env") -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{flag} {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def parse_entrypoint(text: str | None) -> list[str] | None:
+    """A JSON array as it is, anything else split like a shell does."""
+    if text is None:
+        return None
+    if text.lstrip().startswith("["):
         try:
-            reply = await cp_grpc.ControlPlaneStub(channel).ListNodes(
-                cp.ListNodesRequest(), timeout=net.Deadlines().rpc
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, f"control plane {controlplane}") from exc
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"--entrypoint {text!r}: not a JSON array: {exc}") from exc
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise InvalidArgument(f"--entrypoint {text!r}: a JSON array of strings is needed")
+        return value
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"--entrypoint {text!r}: {exc}") from exc
+    if not words:
+        raise InvalidArgument("--entrypoint is empty")
+    return words
+
+
+def exec_command(words: Sequence[str]) -> list[str]:
+    """The command after `--` (argparse keeps the `--` in a REMAINDER)."""
+    command = list(words)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise InvalidArgument("no command: use portside exec CLASS NAME -- CMD [ARG...]")
+    return command
+
+
+def age(since: float, now: float | None = None) -> str:
+    """The age of a unix time: 12s, 5m, 3h or 2d; "-" when unknown."""
+    if since <= 0:
+        return "-"
+    seconds = max(0, int((time.time() if now is None else now) - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=list))
+
+
+def _info_row(i: InstanceInfo) -> dict[str, object]:
+    return dataclasses.asdict(i)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _connect(args: argparse.Namespace) -> Portside:
+    from portside.client import connect
+
+    return connect(args.controlplane)
+
+
+async def _nodes(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        nodes = await ps.nodes()
     rows = [
         {
-            "id": n.node.id,
-            "region": n.node.region,
-            "address": n.node.data_address,
-            "vcpu": n.node.vcpu,
-            "memory_mib": n.node.memory_mib,
+            "id": n.id,
+            "region": n.region,
+            "address": n.data_address,
+            "vcpu": n.vcpu,
+            "memory_mib": n.memory_mib,
             "used_vcpu": n.used_vcpu,
             "used_memory_mib": n.used_memory_mib,
             "instances": n.instances,
             "alive": n.alive,
         }
-        for n in reply.nodes
+        for n in nodes
     ]
-    if as_json:
-        print(json.dumps(rows, indent=2))
+    if args.json:
+        _print_json(rows)
         return 0
     print(
         f"{'NODE':24} {'REGION':6} {'ADDRESS':22} {'VCPU':>11} {'MEMORY MiB':>15} {'INSTANCES':>9}"
@@ -253,6 +435,240 @@ async def _nodes(controlplane: str, as_json: bool) -> int:
         )
     return 0
 
+
+async def _ps(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        found = await ps.instances(args.class_name, args.node, args.state)
+    if args.json:
+        _print_json([_info_row(i) for i in found])
+        return 0
+    now = time.time()
+    _print_table(
+        ("CLASS", "NAME", "STATE", "NODE", "REGION", "SINCE"),
+        [
+            (
+                i.class_name,
+                i.name,
+                i.state + (f" ({i.exit_code})" if i.exit_code is not None else ""),
+                i.node_id or "-",
+                i.region or "-",
+                age(i.since, now),
+            )
+            for i in found
+        ],
+    )
+    return 0
+
+
+async def _classes(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        classes = await ps.classes()
+    if args.json:
+        _print_json([dataclasses.asdict(c) for c in classes])
+        return 0
+    _print_table(
+        ("CLASS", "IMAGE", "PORT", "TYPE", "SLEEP AFTER", "MAX", "POOL"),
+        [
+            (
+                c.name,
+                c.image,
+                c.default_port,
+                c.instance_type,
+                f"{c.sleep_after:g}s",
+                c.max_instances or "-",
+                "yes" if c.pool else "no",
+            )
+            for c in classes
+        ],
+    )
+    return 0
+
+
+def _print_info(args: argparse.Namespace, info: InstanceInfo) -> None:
+    if args.json:
+        _print_json(_info_row(info))
+        return
+    code = f" (exit code {info.exit_code})" if info.exit_code is not None else ""
+    where = f" on {info.node_id} ({info.region})" if info.node_id else ""
+    print(f"{info.class_name}/{info.name}: {info.state}{code}{where}")
+
+
+async def _start(args: argparse.Namespace) -> int:
+    env = parse_env(args.env)
+    entrypoint = parse_entrypoint(args.entrypoint)
+    async with _connect(args) as ps:
+        info = await ps.container(args.class_name, args.name).start(
+            entrypoint=entrypoint, env=env, hint=args.hint, wait=not args.no_wait
+        )
+    _print_info(args, info)
+    return 0
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    sig = parse_signal(args.signal)
+    async with _connect(args) as ps:
+        info = await ps.container(args.class_name, args.name).stop(signal=sig, grace=args.grace)
+    _print_info(args, info)
+    return 0
+
+
+async def _signal(args: argparse.Namespace) -> int:
+    sig = parse_signal(args.signal)
+    async with _connect(args) as ps:
+        await ps.container(args.class_name, args.name).signal(sig)
+    if args.json:
+        _print_json({"class_name": args.class_name, "name": args.name, "signal": sig})
+    else:
+        print(f"{args.class_name}/{args.name}: sent signal {sig}")
+    return 0
+
+
+async def _destroy(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        await ps.container(args.class_name, args.name).destroy()
+    if args.json:
+        _print_json({"class_name": args.class_name, "name": args.name, "destroyed": True})
+    else:
+        print(f"{args.class_name}/{args.name}: destroyed")
+    return 0
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    """This process's stdin, read in a daemon thread: a command that exits before stdin ends
+    must not keep `portside exec` waiting for a read that never returns."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    def pump() -> None:
+        fd = sys.stdin.fileno()
+        try:
+            while True:
+                piece = os.read(fd, 64 * 1024)
+                asyncio.run_coroutine_threadsafe(queue.put(piece), loop).result()
+                if not piece:
+                    return
+        except (OSError, RuntimeError):
+            return  # stdin failed, or the command ended and the loop closed: nothing to send
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    while piece := await queue.get():
+        yield piece
+
+
+async def _exec(args: argparse.Namespace) -> int:
+    command = exec_command(args.argv)
+    env = parse_env(args.env)
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else _stdin_chunks()
+    exit_code = 1
+    async with _connect(args) as ps:
+        box = ps.container(args.class_name, args.name)
+        async for chunk in box.exec_stream(command, env=env, workdir=args.workdir, stdin=stdin):
+            if chunk.stream == "exit":
+                exit_code = chunk.exit_code if chunk.exit_code is not None else 1
+            else:
+                out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+                out.buffer.write(chunk.data)
+                out.flush()
+    return exit_code
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        async for chunk in ps.container(args.class_name, args.name).logs(
+            follow=args.follow, tail=args.tail
+        ):
+            if args.json:
+                text = chunk.data.decode(errors="replace")
+                print(json.dumps({"stream": chunk.stream, "data": text}), flush=True)
+                continue
+            out = sys.stdout if chunk.stream == "stdout" else sys.stderr
+            out.buffer.write(chunk.data)
+            out.flush()
+    return 0
+
+
+def format_event(e: Event) -> str:
+    stamp = datetime.fromtimestamp(e.time, UTC).strftime("%H:%M:%S.%f")[:-3]
+    detail = []
+    if e.exit_code is not None:
+        detail.append(f"exit code {e.exit_code}")
+    if e.signal is not None:
+        detail.append(f"signal {e.signal}")
+    if e.reason:
+        detail.append(e.reason)
+    return (
+        f"{stamp} {e.revision:>8} {e.kind:16} {e.class_name}/{e.name} "
+        f"{e.node_id or '-'} {'; '.join(detail)}".rstrip()
+    )
+
+
+async def _events(args: argparse.Namespace) -> int:
+    if args.name and not args.class_name:
+        raise InvalidArgument("events: NAME needs CLASS")
+    seen = 0
+    async with _connect(args) as ps:
+        if args.name:
+            stream = ps.container(args.class_name, args.name).events(after_revision=args.after)
+        else:
+            stream = ps.events(args.class_name, after_revision=args.after)
+        if not args.json:
+            print(f"{'TIME':12} {'REVISION':>8} {'KIND':16} INSTANCE NODE DETAIL", flush=True)
+        async for event in stream:
+            if args.json:
+                print(json.dumps(dataclasses.asdict(event)), flush=True)
+            else:
+                print(format_event(event), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    return 0
+
+
+async def _state(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        box = ps.container(args.class_name, args.name)
+        if args.action == "get":
+            if args.value is not None:
+                raise InvalidArgument("state get takes no VALUE")
+            value = await box.get_state_value(args.key)
+            if args.json:
+                try:
+                    _print_json({"key": args.key, "value": value.decode()})
+                except UnicodeDecodeError:
+                    _print_json({"key": args.key, "value_base64": base64.b64encode(value).decode()})
+            else:
+                sys.stdout.buffer.write(value)
+                sys.stdout.flush()
+        elif args.action == "put":
+            data = args.value.encode() if args.value is not None else sys.stdin.buffer.read()
+            await box.put_state_value(args.key, data)
+            if args.json:
+                _print_json({"key": args.key, "bytes": len(data)})
+            else:
+                print(f"{args.class_name}/{args.name}: {args.key} = {len(data)} bytes")
+        else:
+            existed = await box.delete_state_value(args.key)
+            if args.json:
+                _print_json({"key": args.key, "existed": existed})
+            else:
+                done = "deleted" if existed else "was not set"
+                print(f"{args.class_name}/{args.name}: {args.key} {done}")
+    return 0
+
+
+_CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "nodes": _nodes,
+    "ps": _ps,
+    "classes": _classes,
+    "start": _start,
+    "stop": _stop,
+    "signal": _signal,
+    "destroy": _destroy,
+    "exec": _exec,
+    "logs": _logs,
+    "events": _events,
+    "state": _state,
+}
 
 def _regions(as_json: bool) -> int:
     regions = sorted(geo.REGIONS.values(), key=lambda loc: (loc.area, loc.code))

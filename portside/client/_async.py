@@ -1,0 +1,563 @@
+"""The asynchronous client: `connect()` gives a `Portside`, `Portside.container()` a `Container`.
+
+Every call goes to the control plane over gRPC, except `Container.fetch`, which goes through an
+edge over HTTP. gRPC failures are translated into `portside.errors` in `_grpc_errors` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import grpc
+
+from portside import net
+from portside.api.v1 import controlplane_pb2 as cp
+from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.api.v1 import types_pb2 as pb
+from portside.client._models import (
+    ClassInfo,
+    DeployResult,
+    Event,
+    ExecChunk,
+    ExecResult,
+    InstanceInfo,
+    LogChunk,
+    NodeInfo,
+    Response,
+    class_info_from_pb,
+    event_from_pb,
+    exec_chunk_from_pb,
+    instance_info_from_pb,
+    log_chunks_from_pb,
+    node_info_from_pb,
+    placed_instance_from_pb,
+)
+from portside.errors import InvalidArgument, PortsideError, Unavailable, from_grpc
+
+DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
+DEFAULT_EDGE = "http://127.0.0.1:8787"
+DEFAULT_TIMEOUT = 10.0
+#: Start waits for the port (the class's boot_timeout bounds that on the server side).
+DEFAULT_START_TIMEOUT = 120.0
+#: How long `events()` keeps trying to resume a broken watch before it gives up.
+DEFAULT_RESUME_FOR = 60.0
+#: The header `fetch` names the instance in, unless told another (see `Container.fetch`).
+INSTANCE_HEADER = "Portside-Instance"
+LOCATION_HINT_HEADER = "Portside-Location-Hint"
+
+_STDIN_CHUNK = 64 * 1024
+# A watch broken by these (control plane restarting, a replica gone, the connection reset) is
+# resumed from the last revision seen; any other status is a real error.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+# How gRPC itself words a connection that failed (as opposed to a reason a server gave).
+_TRANSPORT_FAILURES = (
+    "failed to connect",
+    "Socket closed",
+    "Connection reset",
+    "Broken pipe",
+    "connections to all backends failing",
+)
+
+Stdin = bytes | AsyncIterable[bytes] | None
+
+
+def controlplane_address(address: str | None = None) -> str:
+    """`address`, else $PORTSIDE_CONTROLPLANE, else 127.0.0.1:7070."""
+    return address or os.environ.get("PORTSIDE_CONTROLPLANE") or DEFAULT_CONTROLPLANE
+
+
+def edge_url(edge: str | None = None) -> str:
+    """`edge`, else $PORTSIDE_EDGE, else http://127.0.0.1:8787; "HOST:PORT" gets http://."""
+    url = (edge or os.environ.get("PORTSIDE_EDGE") or DEFAULT_EDGE).rstrip("/")
+    if "://" not in url:
+        net.split_hostport(url, "edge address")
+        url = "http://" + url
+    return url
+
+
+def connect(
+    address: str | None = None,
+    *,
+    edge: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Portside:
+    """A client of the control plane at `address` ("HOST:PORT", or "A:1,B:2" for replicas;
+    default $PORTSIDE_CONTROLPLANE or 127.0.0.1:7070). Use it as an async context manager::
+
+        async with portside.connect("127.0.0.1:7070") as ps:
+            box = ps.container("CodeExecutor", name="session-42")
+            await box.start(env={"MODE": "sandbox"})
+            print((await box.exec(["echo", "hi"])).stdout)
+
+    `edge` is the base URL `Container.fetch` sends requests to (default $PORTSIDE_EDGE or
+    http://127.0.0.1:8787). `timeout` is the deadline of each short call, in seconds.
+    """
+    return Portside(address, edge=edge, timeout=timeout)
+
+
+class Portside:
+    """A connection to a Portside cluster. Create it with `portside.connect()`."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        edge: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.address = controlplane_address(address)
+        for part in self.address.split(","):
+            net.split_hostport(part.strip(), "control plane address")
+        self.edge = edge_url(edge)
+        self.timeout = timeout
+        #: The deadline of `Container.start` and `Container.fetch`, which may boot a container.
+        self.start_timeout = DEFAULT_START_TIMEOUT
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: Any = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Portside:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the gRPC channel and the HTTP session (also done by `async with`)."""
+        channel, self._channel, self._stub_ = self._channel, None, None
+        http, self._http = self._http, None
+        if channel is not None:
+            await channel.close()
+        if http is not None:
+            await http.close()
+
+    def __repr__(self) -> str:
+        return f"<Portside {self.address} edge={self.edge}>"
+
+    # --- plumbing ---
+
+    @property
+    def _stub(self) -> Any:
+        # Created on first use, inside the running event loop that will use it.
+        if self._stub_ is None:
+            self._channel = net.grpc_channel(self.address)
+            self._stub_ = cp_grpc.ControlPlaneStub(self._channel)
+        return self._stub_
+
+    @contextlib.contextmanager
+    def _grpc_errors(self) -> Iterator[None]:
+        """The one boundary where gRPC errors become Portside's."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> PortsideError:
+        # Name the control plane only when it is the one that could not be reached; an
+        # UNAVAILABLE it answered with (an agent is unreachable) carries its own reason.
+        transport = any(s in (exc.details() or "") for s in _TRANSPORT_FAILURES)
+        return from_grpc(exc, f"control plane {self.address}" if transport else "")
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = net.http_client_session(net.Deadlines(), limit=100)
+        return self._http
+
+    # --- the cluster ---
+
+    def container(self, class_name: str, name: str) -> Container:
+        """A handle on the named instance `name` of class `class_name` (no call is made)::
+
+            box = ps.container("CodeExecutor", name="session-42")
+        """
+        if not class_name:
+            raise InvalidArgument("class_name is empty")
+        if not name:
+            raise InvalidArgument(f"instance name for class {class_name!r} is empty")
+        return Container(self, class_name, name)
+
+    async def classes(self) -> list[ClassInfo]:
+        """The deployed classes."""
+        with self._grpc_errors():
+            reply = await self._stub.ListClasses(cp.ListClassesRequest(), timeout=self.timeout)
+        return [class_info_from_pb(c) for c in reply.classes]
+
+    async def instances(
+        self,
+        class_name: str | None = None,
+        node: str | None = None,
+        state: str | None = None,
+    ) -> list[InstanceInfo]:
+        """Placed named instances, optionally only of one class, on one node, or in one state::
+
+            for info in await ps.instances("CodeExecutor", state="healthy"):
+                print(info.name, info.node_id)
+        """
+        request = cp.ListInstancesRequest(
+            class_name=class_name or "", node_id=node or "", state=state or ""
+        )
+        with self._grpc_errors():
+            reply = await self._stub.ListInstances(request, timeout=self.timeout)
+        found = [placed_instance_from_pb(m) for m in reply.instances]
+        return [
+            i
+            for i in found
+            if (not class_name or i.class_name == class_name)
+            and (not node or i.node_id == node)
+            and (not state or i.state == state)
+        ]
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Nodes with their region, capacity, use and liveness."""
+        with self._grpc_errors():
+            reply = await self._stub.ListNodes(cp.ListNodesRequest(), timeout=self.timeout)
+        return [node_info_from_pb(n) for n in reply.nodes]
+
+    def events(
+        self,
+        class_name: str | None = None,
+        *,
+        after_revision: int = 0,
+        resume_for: float = DEFAULT_RESUME_FOR,
+    ) -> AsyncIterator[Event]:
+        """Lifecycle events of every instance (or of one class), until you stop iterating::
+
+            async for event in ps.events("CodeExecutor"):
+                print(event.kind, event.name, event.exit_code)
+
+        From `after_revision` + 1 (0: from now). A broken watch is resumed from the last
+        revision seen, for up to `resume_for` seconds, so no event still in the store's history
+        is missed; after that `Unavailable` is raised.
+        """
+        return self._watch(class_name or "", "", after_revision, resume_for)
+
+    async def deploy(self, path: str | os.PathLike[str]) -> DeployResult:
+        """Register the classes and routes of a portside.toml (or wrangler.jsonc), replacing
+        the ones registered before."""
+        from portside.config import load_config
+        from portside.convert import config_to_pb
+
+        request = cp.DeployRequest(config=config_to_pb(load_config(path)))
+        with self._grpc_errors():
+            reply = await self._stub.Deploy(request, timeout=self.timeout)
+        return DeployResult(classes=reply.classes, routes=reply.routes)
+
+    async def _watch(
+        self, class_name: str, name: str, after_revision: int, resume_for: float
+    ) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        last = after_revision
+        broken_since: float | None = None
+        delay = 0.1
+        while True:
+            request = cp.WatchEventsRequest(class_name=class_name, name=name, after_revision=last)
+            call = self._stub.WatchEvents(request)
+            reason = "the watch ended"
+            try:
+                async for message in call:
+                    event = event_from_pb(message)
+                    if last and 0 < event.revision <= last:
+                        continue  # already seen before the watch was resumed
+                    last = max(last, event.revision)
+                    broken_since, delay = None, 0.1
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RESUMABLE:
+                    raise self._error(exc) from exc
+                reason = exc.details() or exc.code().name
+            finally:
+                call.cancel()
+            now = loop.time()
+            broken_since = now if broken_since is None else broken_since
+            if now - broken_since >= resume_for:
+                raise Unavailable(
+                    f"event watch on control plane {self.address} lost for {resume_for:g}s "
+                    f"(last revision {last}): {reason}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+class Container:
+    """A named instance of a class: `ps.container("CodeExecutor", name="s-1")`.
+
+    Every method is one call to the control plane (or, for `fetch`, to an edge); the handle
+    itself holds no state and can be made as often as needed.
+    """
+
+    def __init__(self, portside: Portside, class_name: str, name: str) -> None:
+        self.portside = portside
+        self.class_name = class_name
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Container {self.class_name}/{self.name}>"
+
+    @property
+    def _ref(self) -> pb.InstanceRef:
+        return pb.InstanceRef(class_name=self.class_name, name=self.name)
+
+    async def start(
+        self,
+        entrypoint: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        hint: str | None = None,
+        wait: bool = True,
+    ) -> InstanceInfo:
+        """Place the instance if needed (near `hint`, a region code or area), boot its
+        container and, unless `wait` is false, wait until its port answers::
+
+            info = await box.start(env={"MODE": "sandbox"}, hint="fra")
+            print(info.state, info.node_id)
+
+        `entrypoint` replaces the class's command; `env` is added to the class's env.
+        Raises NotFound (unknown class), NoCapacity, ContainerExited (it exited while
+        starting; `.exit_code`) or BootTimeout.
+        """
+        if isinstance(entrypoint, str):
+            raise InvalidArgument("entrypoint is a list of arguments, e.g. ['/bin/app', '-v']")
+        request = cp.StartRequest(
+            instance=self._ref,
+            entrypoint=list(entrypoint or ()),
+            env=dict(env or {}),
+            location_hint=hint or "",
+            no_wait=not wait,
+        )
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.Start(request, timeout=self.portside.start_timeout)
+        return instance_info_from_pb(reply.info)
+
+    async def stop(self, signal: int = 15, grace: float = 10.0) -> InstanceInfo:
+        """Send `signal` (default SIGTERM), then SIGKILL after `grace` seconds. The instance
+        keeps its node and writable layer; the next start or request wakes it."""
+        request = cp.StopRequest(instance=self._ref, signal=signal, grace_seconds=grace)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.Stop(
+                request, timeout=self.portside.timeout + grace
+            )
+        return instance_info_from_pb(reply.info)
+
+    async def signal(self, signal: int) -> None:
+        """Send `signal` (a number: 15, or `signal.SIGHUP`) to the container's main process.
+        Raises FailedPrecondition when it is not running."""
+        request = cp.SignalRequest(instance=self._ref, signal=int(signal))
+        with self.portside._grpc_errors():
+            await self.portside._stub.Signal(request, timeout=self.portside.timeout)
+
+    async def destroy(self) -> None:
+        """Remove the container and its writable layer, and forget where it was placed."""
+        request = cp.DestroyRequest(instance=self._ref)
+        with self.portside._grpc_errors():
+            await self.portside._stub.Destroy(request, timeout=self.portside.timeout + 10)
+
+    async def state(self) -> InstanceInfo:
+        """Where the instance is and what it is doing (`info.state`, `info.exit_code`)."""
+        request = cp.GetStateRequest(instance=self._ref)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.GetState(request, timeout=self.portside.timeout)
+        return instance_info_from_pb(reply.info)
+
+    async def renew_activity(self) -> None:
+        """Push the sleep timer, as if a request had just ended."""
+        request = cp.RenewActivityRequest(instance=self._ref)
+        with self.portside._grpc_errors():
+            await self.portside._stub.RenewActivity(request, timeout=self.portside.timeout)
+
+    async def exec(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        stdin: Stdin = None,
+    ) -> ExecResult:
+        """Run `command` in the running container and wait for it::
+
+            result = await box.exec(["sh", "-c", "echo $MODE"])
+            assert result.exit_code == 0, result.stderr
+            zipped = await box.exec(["gzip", "-c"], stdin=b"some text")
+
+        `stdin` is bytes or an async iterable of bytes (streamed as it comes). A command that
+        fails is a result with its exit code, not an exception.
+        """
+        stdout, stderr = bytearray(), bytearray()
+        exit_code = -1
+        async for chunk in self.exec_stream(command, env=env, workdir=workdir, stdin=stdin):
+            if chunk.stream == "stdout":
+                stdout += chunk.data
+            elif chunk.stream == "stderr":
+                stderr += chunk.data
+            elif chunk.exit_code is not None:
+                exit_code = chunk.exit_code
+        return ExecResult(exit_code=exit_code, stdout=bytes(stdout), stderr=bytes(stderr))
+
+    async def exec_stream(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        stdin: Stdin = None,
+    ) -> AsyncIterator[ExecChunk]:
+        """Like `exec`, but yields the output as it comes, then one chunk with the exit code::
+
+            async for chunk in box.exec_stream(["sh", "-c", "make test"]):
+                if chunk.stream == "exit":
+                    print("exit code", chunk.exit_code)
+                else:
+                    sys.stdout.buffer.write(chunk.data)
+        """
+        if isinstance(command, str | bytes):
+            raise InvalidArgument("command is a list of arguments, e.g. ['sh', '-c', 'ls']")
+        if not command:
+            raise InvalidArgument("command is empty")
+        start = pb.ExecStart(
+            instance=self._ref,
+            command=list(command),
+            env=dict(env or {}),
+            working_dir=workdir or "",
+            stdin=stdin is not None,
+        )
+        call = self.portside._stub.Exec(_exec_requests(start, stdin))
+        exited = False
+        try:
+            with self.portside._grpc_errors():
+                async for message in call:
+                    chunk = exec_chunk_from_pb(message)
+                    if chunk is None:
+                        continue
+                    exited = chunk.stream == "exit"
+                    yield chunk
+                    if exited:
+                        break
+        finally:
+            call.cancel()
+        if not exited:
+            raise PortsideError(f"exec in {self.class_name}/{self.name} ended without exit code")
+
+    async def logs(self, follow: bool = False, tail: int = 0) -> AsyncIterator[LogChunk]:
+        """The container's output (the last `tail` lines, 0: all), then, with `follow`, what
+        it writes next until you stop iterating::
+
+            async for chunk in box.logs(follow=True):
+                print(chunk.stream, chunk.data.decode())
+        """
+        request = pb.LogsRequest(instance=self._ref, follow=follow, tail=tail)
+        call = self.portside._stub.Logs(request)
+        try:
+            with self.portside._grpc_errors():
+                async for message in call:
+                    for chunk in log_chunks_from_pb(message):
+                        yield chunk
+        finally:
+            call.cancel()
+
+    def events(
+        self, after_revision: int = 0, resume_for: float = DEFAULT_RESUME_FOR
+    ) -> AsyncIterator[Event]:
+        """This instance's lifecycle events, until you stop iterating::
+
+            async for event in box.events():
+                if event.kind == "exited":
+                    print("exit code", event.exit_code)
+                    break
+
+        From `after_revision` + 1 (0: from now); a broken watch resumes by itself from the last
+        revision seen (see `Portside.events`).
+        """
+        return self.portside._watch(self.class_name, self.name, after_revision, resume_for)
+
+    async def get_state_value(self, key: str) -> bytes:
+        """The value saved under `key`. Raises NotFound when there is none."""
+        request = cp.GetStateValueRequest(instance=self._ref, key=key)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.GetStateValue(request, timeout=self.portside.timeout)
+        value: bytes = reply.value
+        return value
+
+    async def put_state_value(self, key: str, value: bytes | str) -> None:
+        """Save `value` (at most 64 KiB; str is stored as UTF-8) under `key` beside the
+        instance in the store: it survives sleeps and moves to another node::
+
+            await box.put_state_value("progress", b"42")
+        """
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        request = cp.PutStateValueRequest(instance=self._ref, key=key, value=data)
+        with self.portside._grpc_errors():
+            await self.portside._stub.PutStateValue(request, timeout=self.portside.timeout)
+
+    async def delete_state_value(self, key: str) -> bool:
+        """Delete `key`; returns whether it existed."""
+        request = cp.DeleteStateValueRequest(instance=self._ref, key=key)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.DeleteStateValue(
+                request, timeout=self.portside.timeout
+            )
+        return bool(reply.existed)
+
+    async def fetch(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        data: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        hint: str | None = None,
+        name_header: str = INSTANCE_HEADER,
+    ) -> Response:
+        """An HTTP request to this instance through the edge given to `connect` (which boots it
+        if it sleeps), read in full::
+
+            resp = await box.fetch("/execute-code", method="POST", data=code,
+                                   name_header="X-Session-Id")
+            print(resp.status, resp.text)
+
+        The edge finds the instance from the request, as the route for `path` says. `fetch`
+        puts the instance name in the `name_header` header (default `Portside-Instance`), so
+        it reaches this instance when the route reads that header, e.g.
+        `instance = "header:Portside-Instance"`, or `"header:X-Session-Id"` with
+        `name_header="X-Session-Id"`. Other routes (query, cookie, path) need the name in
+        `params`, `headers` or `path` yourself. `hint` becomes Portside-Location-Hint.
+        Raises Unavailable when the edge cannot be reached; an answer from Portside itself
+        (no route, no capacity...) is a Response whose `.error` says which.
+        """
+        if not path.startswith("/"):
+            raise InvalidArgument(f"fetch path {path!r} must start with '/'")
+        sent = {name_header: self.name}
+        if hint:
+            sent[LOCATION_HINT_HEADER] = hint
+        sent.update(headers or {})
+        url = self.portside.edge + path
+        try:
+            async with self.portside._session().request(
+                method,
+                url,
+                data=data,
+                headers=sent,
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=self.portside.start_timeout),
+            ) as resp:
+                body = await resp.read()
+                return Response(status=resp.status, headers=dict(resp.headers), body=body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"edge {self.portside.edge}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _exec_requests(start: pb.ExecStart, stdin: Stdin) -> AsyncIterator[pb.ExecRequest]:
+    yield pb.ExecRequest(start=start)
+    if stdin is None:
+        return
+    if isinstance(stdin, bytes | bytearray | memoryview):
+        data = bytes(stdin)
+        for i in range(0, len(data), _STDIN_CHUNK):
+            yield pb.ExecRequest(stdin=data[i : i + _STDIN_CHUNK])
+    else:
+        async for piece in stdin:
+            for i in range(0, len(piece), _STDIN_CHUNK):
+                yield pb.ExecRequest(stdin=bytes(piece[i : i + _STDIN_CHUNK]))
+    yield pb.ExecRequest(stdin_close=True)
