@@ -358,6 +358,8 @@ entrypoint = ["/bin/sh", "-c", "sleep 1; exit 3"]
         assert state.state in ("running", "healthy"), state
         assert "slept" not in watch.kinds("napper")
         await watch.wait_for("slept", "napper", timeout_s=10)
+        kinds = watch.kinds("napper")
+        assert kinds.index("activity-expired") < kinds.index("slept"), kinds
 
         async def napper_state() -> str:
             info = (await stub.GetState(cp.GetStateRequest(instance=napper))).info
@@ -381,6 +383,8 @@ entrypoint = ["/bin/sh", "-c", "sleep 1; exit 3"]
         # Starting it without no_wait: it exits while starting, which is ABORTED.
         code, text = await status_of(stub.Start(cp.StartRequest(instance=job)))
         assert code == grpc.StatusCode.ABORTED and "3" in text, text
+        failed = await watch.wait_for("failed", "build-1")
+        assert "3" in failed.reason, failed.reason
         watch.close()
 
 

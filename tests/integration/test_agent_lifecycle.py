@@ -31,7 +31,8 @@ ECHO = ContainerClass("echo", ECHO_IMAGE, instance_type=INSTANCE_TYPES["lite"],
                       sleep_after_s=60.0, boot_timeout_s=10.0, env={"GREETING": "hi"})
 NAPPY = dataclasses.replace(ECHO, name="nappy", sleep_after_s=1.0)
 LOOP = ["/bin/sh", "-c", "while :; do sleep 0.1; done"]
-TRAP_TERM = ["/bin/sh", "-c", "echo ready; trap 'echo got TERM; exit 7' TERM; "
+# "ready" only once the trap is set: a SIGTERM before it would end the shell with 143.
+TRAP_TERM = ["/bin/sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; "
              "while :; do sleep 0.1; done"]
 TRAP_USR1 = ["/bin/sh", "-c", "trap 'echo usr1 > /signalled' USR1; while :; do sleep 0.1; done"]
 
