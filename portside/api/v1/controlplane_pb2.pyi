@@ -124,14 +124,38 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[PlacedInstance, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
-    __slots__ = ("node", "instances", "events")
+    __slots__ = ("node", "instances", "events", "usage")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[UsageReport]
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[UsageReport, _Mapping]]] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("class_name", "instance_id", "day", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_MS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    instance_id: str
+    day: str
+    running_ms: int
+    vcpu_seconds: float
+    memory_gib_seconds: float
+    disk_gb_seconds: float
+    cpu_seconds_used: float
+    egress_bytes: int
+    def __init__(self, class_name: _Optional[str] = ..., instance_id: _Optional[str] = ..., day: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
     __slots__ = ("lease_ttl_seconds", "pool")
@@ -152,7 +176,7 @@ class WatchPoolsResponse(_message.Message):
     def __init__(self, members: _Optional[_Iterable[_Union[_types_pb2.PoolMember, _Mapping]]] = ...) -> None: ...
 
 class ReportDemandRequest(_message.Message):
-    __slots__ = ("edge_id", "region", "requests_per_second")
+    __slots__ = ("edge_id", "region", "requests_per_second", "metrics_address")
     class RequestsPerSecondEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,10 +187,12 @@ class ReportDemandRequest(_message.Message):
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     edge_id: str
     region: str
     requests_per_second: _containers.ScalarMap[str, float]
-    def __init__(self, edge_id: _Optional[str] = ..., region: _Optional[str] = ..., requests_per_second: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, edge_id: _Optional[str] = ..., region: _Optional[str] = ..., requests_per_second: _Optional[_Mapping[str, float]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ReportDemandResponse(_message.Message):
     __slots__ = ("report_every_seconds",)
@@ -322,3 +348,37 @@ class ListClassesResponse(_message.Message):
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[_types_pb2.ContainerClass]
     def __init__(self, classes: _Optional[_Iterable[_Union[_types_pb2.ContainerClass, _Mapping]]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("class_name", "since")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    since: str
+    def __init__(self, class_name: _Optional[str] = ..., since: _Optional[str] = ...) -> None: ...
+
+class ClassUsage(_message.Message):
+    __slots__ = ("class_name", "day", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_MS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    day: str
+    running_ms: int
+    vcpu_seconds: float
+    memory_gib_seconds: float
+    disk_gb_seconds: float
+    cpu_seconds_used: float
+    egress_bytes: int
+    def __init__(self, class_name: _Optional[str] = ..., day: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("usage",)
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    usage: _containers.RepeatedCompositeFieldContainer[ClassUsage]
+    def __init__(self, usage: _Optional[_Iterable[_Union[ClassUsage, _Mapping]]] = ...) -> None: ...

@@ -130,6 +130,11 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/portside.v1.ControlPlane/GetUsage',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/portside.v1.ControlPlane/ListNodes',
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListNodesRequest.SerializeToString,
@@ -300,6 +305,14 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Metered use per class and UTC day, from `since` (YYYY-MM-DD, inclusive; empty: all kept).
+        INVALID_ARGUMENT: a malformed date.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Nodes with their capacity, use and liveness.
         """
@@ -420,6 +433,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListClasses,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.GetUsageRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.GetUsageResponse.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -950,6 +968,33 @@ class ControlPlane:
             '/portside.v1.ControlPlane/ListClasses',
             portside_dot_v1_dot_controlplane__pb2.ListClassesRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ListClassesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/GetUsage',
+            portside_dot_v1_dot_controlplane__pb2.GetUsageRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
