@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controlplane import records
 from controlplane.agents import AgentClients
+from controlplane.discovery import ReplicaRegistration, reachable_address, targets_route
 from controlplane.events import EventLog
 from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
 from controlplane.service import ControlPlaneService
-from controlplane.store import open_store
+from controlplane.store import instrument, open_store
+from controlplane.ui import ClusterPage
 from controlplane.view import ClusterView
-from portside import daemon, net
+from portside import daemon, geo, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 
@@ -43,10 +46,22 @@ class ControlPlaneOptions:
 
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
-    store = await open_store(opts.store_url)
+    store = instrument(await open_store(opts.store_url))
     view = ClusterView(store)
     await view.load()
     replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
+    registration = ReplicaRegistration(
+        store,
+        replica_id,
+        records.Replica(
+            region=geo.lookup(opts.region).code,
+            # Listening everywhere: advertised at the gRPC listen host, else the host name.
+            metrics_address=reachable_address(
+                opts.metrics_listen,
+                net.split_hostport(reachable_address(opts.listen, socket.gethostname()))[0],
+            ),
+        ),
+    )
     leader = LeaderElection(store, replica_id, opts.leader_ttl_s)
     events = EventLog(store)
     agents = AgentClients(view)
@@ -70,7 +85,10 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     net.add_grpc_port(server, opts.listen)
-    runner = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
+    page = ClusterPage(view, store)  # the live cluster page, on the same port as /metrics
+    runner = await net.start_http_server(
+        daemon.metrics_app([targets_route(view), *page.routes()]), opts.metrics_listen
+    )
     await server.start()
     for name in ("", service_name):  # "": the server as a whole, as grpc-health-probe asks
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -87,13 +105,16 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(view.follow()),
                 tasks.create_task(_update_gauges(view)),
                 tasks.create_task(leader.run()),
+                tasks.create_task(registration.run()),
                 tasks.create_task(pools.run()),
                 tasks.create_task(agents.follow_nodes()),
+                tasks.create_task(page.follow_events()),
             ]
             await stop.wait()
             for task in background:
                 task.cancel()
         await leader.resign()
+        await registration.deregister()
     finally:
         await health_service.enter_graceful_shutdown()  # NOT_SERVING while calls drain
         await server.stop(opts.grace_s)

@@ -45,6 +45,12 @@ POOL_CURRENT = Gauge(
     "Pool instances placed and not draining, by class.",
     ["class"],
 )
+POOL_MAX = Gauge(
+    "portside_controlplane_pool_max_instances",
+    "The most instances a pool may have (its maximum_instances, else the class's "
+    "max_instances); 0: only capacity limits it.",
+    ["class"],
+)
 POOL_UTILISATION = Gauge(
     "portside_controlplane_pool_cpu_utilisation_percent",
     "Average CPU of a pool's sampled instances, in percent of the instance type.",

@@ -12,10 +12,22 @@ import time
 from collections.abc import Callable
 
 from controlplane import records
-from controlplane.autoscaler import InstanceSample, PoolState, Recommendation, decide
+from controlplane.autoscaler import (
+    InstanceSample,
+    PoolState,
+    Recommendation,
+    decide,
+    pool_maximum,
+)
 from controlplane.events import EventLog
 from controlplane.leader import LeaderElection
-from controlplane.metrics import POOL_CURRENT, POOL_DESIRED, POOL_UTILISATION, SCALE_EVENTS
+from controlplane.metrics import (
+    POOL_CURRENT,
+    POOL_DESIRED,
+    POOL_MAX,
+    POOL_UTILISATION,
+    SCALE_EVENTS,
+)
 from controlplane.placement import place_instance
 from controlplane.records import InstanceRecord
 from controlplane.store import Store
@@ -144,6 +156,7 @@ class PoolManager:
         self.history[cls.name] = decision.history
         POOL_DESIRED.labels(cls.name).set(decision.desired)
         POOL_CURRENT.labels(cls.name).set(decision.current)
+        POOL_MAX.labels(cls.name).set(pool_maximum(state)[0])
         if decision.utilisation is not None:
             POOL_UTILISATION.labels(cls.name).set(decision.utilisation)
         if (decision.current, decision.desired) != self.last_logged.get(cls.name):

@@ -1,7 +1,8 @@
 """What the control plane keeps in the store: key layout and the JSON records under each key.
 
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
-demand/<edge>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>.
+demand/<edge>, replicas/<replica>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>,
+usage/<class>/<day>.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ ROUTES = ROOT + "routes/"
 NODES = ROOT + "nodes/"
 INSTANCES = ROOT + "instances/"
 DEMAND = ROOT + "demand/"
+REPLICAS = ROOT + "replicas/"  # control-plane replicas, each under its own lease
 LEADER = ROOT + "leader"
 EVENTS = ROOT + "events/"  # lifecycle events, under a lease: they expire after about an hour
 STATE = ROOT + "state/"  # users' per-instance values; opaque bytes, never decoded here
+USAGE = ROOT + "usage/"  # metered use per class and UTC day (controlplane.usage), kept
 
 
 def class_key(name: str) -> str:
@@ -46,6 +49,10 @@ def instance_key(class_name: str, instance_id: str) -> str:
 
 def demand_key(edge_id: str) -> str:
     return DEMAND + edge_id
+
+
+def replica_key(replica_id: str) -> str:
+    return REPLICAS + replica_id
 
 
 def events_prefix(class_name: str = "", instance_id: str = "") -> str:
@@ -152,14 +159,41 @@ class Demand:
     region: str
     requests_per_second: Mapping[str, float]
     at: float
+    metrics_address: str = ""  # host:port of the edge's /metrics, for Prometheus discovery
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"region": self.region, "rps": dict(self.requests_per_second), "at": self.at},
+            {
+                "region": self.region,
+                "rps": dict(self.requests_per_second),
+                "at": self.at,
+                "metrics": self.metrics_address,
+            },
             separators=(",", ":"),
         ).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Demand:
         body = json.loads(data)
-        return cls(region=body["region"], requests_per_second=body["rps"], at=body["at"])
+        return cls(
+            region=body["region"],
+            requests_per_second=body["rps"],
+            at=body["at"],
+            metrics_address=body.get("metrics", ""),
+        )
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A control-plane replica, registered while it runs, so Prometheus can discover it."""
+
+    region: str
+    metrics_address: str
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Replica:
+        body = json.loads(data)
+        return cls(region=body["region"], metrics_address=body["metrics_address"])

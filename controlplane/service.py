@@ -15,11 +15,13 @@ from typing import Any, TypeVar
 import grpc
 
 from controlplane import records
+from controlplane.discovery import peer_host, reachable_address
 from controlplane.events import EventLog, EventRecord, watch_events
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
 from controlplane.placement import resolve_instance
 from controlplane.store import Compacted, Store
+from controlplane.usage import UsageLedger, UsageReport, Use
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import controlplane_pb2 as cp
@@ -135,6 +137,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self.default_region = default_region
         self.lifecycle = lifecycle
         self.events = events
+        self.usage = UsageLedger(store)
 
     @_statuses
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -267,6 +270,25 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
 
     @_statuses
+    async def GetUsage(self, request: cp.GetUsageRequest, context: Any) -> cp.GetUsageResponse:
+        days = await self.usage.read(request.class_name, request.since)
+        return cp.GetUsageResponse(
+            usage=[
+                cp.ClassUsage(
+                    class_name=d.class_name,
+                    day=d.day,
+                    running_ms=d.use.running_ms,
+                    vcpu_seconds=d.use.vcpu_seconds,
+                    memory_gib_seconds=d.use.memory_gib_seconds,
+                    disk_gb_seconds=d.use.disk_gb_seconds,
+                    cpu_seconds_used=d.use.cpu_seconds_used,
+                    egress_bytes=d.use.egress_bytes,
+                )
+                for d in days
+            ]
+        )
+
+    @_statuses
     async def ListClasses(
         self, request: cp.ListClassesRequest, context: Any
     ) -> cp.ListClassesResponse:
@@ -313,6 +335,12 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     log.warning("node %s lease had expired; renewed", node.id)
                 for event in message.events:
                     await self.events.record(_event_from_pb(event, node.id))
+                if message.usage:
+                    # Before the reply, which acknowledges it: a failure breaks the stream and
+                    # the agent sends the batch again (added once per key, by its sequence).
+                    await self.usage.add(
+                        message.usage_source, message.usage_sequence, _usage_from_pb(message)
+                    )
                 stats = _stats(message)
                 if stats != written:
                     # Capacity follows awake instances and the autoscaler follows CPU: publish.
@@ -383,7 +411,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         region = geo.lookup(request.region).code
         lease = await self.store.grant_lease(int(DEMAND_TTL_S))
         demand = records.Demand(
-            region=region, at=time.time(), requests_per_second=dict(request.requests_per_second)
+            region=region,
+            at=time.time(),
+            requests_per_second=dict(request.requests_per_second),
+            metrics_address=reachable_address(request.metrics_address, _peer_host(context)),
         )
         await self.store.put(records.demand_key(request.edge_id), demand.encode(), lease)
         return cp.ReportDemandResponse(report_every_seconds=DEMAND_EVERY_S)
@@ -527,6 +558,25 @@ def _event_to_pb(revision: int, e: EventRecord) -> pb.Event:
     )
 
 
+def _usage_from_pb(message: cp.NodeHeartbeatRequest) -> list[UsageReport]:
+    return [
+        UsageReport(
+            class_name=u.class_name,
+            instance_id=u.instance_id,
+            day=u.day,
+            use=Use(
+                running_ms=u.running_ms,
+                vcpu_seconds=u.vcpu_seconds,
+                memory_gib_seconds=u.memory_gib_seconds,
+                disk_gb_seconds=u.disk_gb_seconds,
+                cpu_seconds_used=u.cpu_seconds_used,
+                egress_bytes=u.egress_bytes,
+            ),
+        )
+        for u in message.usage
+    ]
+
+
 def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
     return {
         s.instance_id: records.InstanceStat(
@@ -542,3 +592,9 @@ def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
 
 async def await_view_ready(view: ClusterView) -> None:
     await asyncio.wait_for(view.ready.wait(), timeout=30)
+
+
+def _peer_host(context: Any) -> str:
+    """The caller's IP, where the gRPC context knows it ("" for fakes in unit tests)."""
+    peer = getattr(context, "peer", None)
+    return peer_host(peer()) if callable(peer) else ""

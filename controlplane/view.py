@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane import records
-from controlplane.records import Demand, InstanceRecord, InstanceStat
+from controlplane.records import Demand, InstanceRecord, InstanceStat, Replica
 from controlplane.store import KeyValue, Store, WatchEvent
 from portside.spec import Config, ContainerClass, Node, Route
 
@@ -24,8 +24,15 @@ log = logging.getLogger(__name__)
 # it covers the time from placement to the first request's boot and the heartbeat after it.
 PENDING_S = 15.0
 
-_VIEWED = (records.CLASSES, records.ROUTES, records.NODES, records.INSTANCES, records.DEMAND)
-_NOT_VIEWED = (records.EVENTS, records.STATE)
+_VIEWED = (
+    records.CLASSES,
+    records.ROUTES,
+    records.NODES,
+    records.INSTANCES,
+    records.DEMAND,
+    records.REPLICAS,
+)
+_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class ClusterView:
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
     stats: dict[str, dict[str, InstanceStat]] = field(default_factory=dict)  # node -> id -> stat
     demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
+    replicas: dict[str, Replica] = field(default_factory=dict)  # control-plane replicas by id
     reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
     # Placement reads use per node and awake count per class on every resolve, so both are kept
     # up to date as events arrive instead of being summed over all instances each time.
@@ -142,6 +150,12 @@ class ClusterView:
                     self.demand.pop(edge_id, None)
                 else:
                     self.demand[edge_id] = Demand.decode(kv.value)
+            elif key.startswith(records.REPLICAS):
+                replica_id = key[len(records.REPLICAS) :]
+                if deleted:
+                    self.replicas.pop(replica_id, None)
+                else:
+                    self.replicas[replica_id] = Replica.decode(kv.value)
         except (ValueError, TypeError, KeyError) as exc:
             # A record this version cannot read must not stop the view; it is skipped loudly.
             log.error("skipping unreadable store key %s: %s", key, exc)

@@ -85,10 +85,15 @@ async def follow_pools(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
 
 
 async def report_demand(
-    channel: grpc.aio.Channel, proxy: EdgeProxy, edge_id: str, region: str
+    channel: grpc.aio.Channel,
+    proxy: EdgeProxy,
+    edge_id: str,
+    region: str,
+    metrics_address: str = "",
 ) -> None:
     """Tell the control plane how many requests per second each class gets here, so that new
-    pool instances are placed near them."""
+    pool instances are placed near them; the report also says where this edge's /metrics is,
+    for Prometheus discovery."""
     stub = cp_grpc.ControlPlaneStub(channel)
     every = 2.0
     while True:
@@ -100,6 +105,7 @@ async def report_demand(
                     edge_id=edge_id,
                     region=region,
                     requests_per_second={c: n / every for c, n in counts.items()},
+                    metrics_address=metrics_address,
                 ),
                 timeout=net.Deadlines().rpc,
             )
@@ -125,7 +131,11 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                 pools = tasks.create_task(follow_pools(channel, proxy))
                 demand = tasks.create_task(
                     report_demand(
-                        channel, proxy, f"{socket.gethostname()}-{opts.listen}", opts.region
+                        channel,
+                        proxy,
+                        f"{socket.gethostname()}-{opts.listen}",
+                        opts.region,
+                        opts.metrics_listen,
                     )
                 )
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "routes")

@@ -35,6 +35,7 @@ RESOLVE_SECONDS = Histogram(
 UPSTREAM_ERRORS = Counter(
     "portside_edge_upstream_errors_total",
     "Failures talking to node agents: connect (refused, reset, connect timeout; retried once),"
-    " timeout (no response headers in time), broken (the response stream broke midway).",
+    " timeout (no response headers in time), failed (any other client error), broken (the"
+    " response stream broke midway).",
     ["kind"],
 )

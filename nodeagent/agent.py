@@ -20,6 +20,7 @@ from nodeagent.instances import Capacity, InstanceManager
 from nodeagent.pools import Assignment, PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
+from nodeagent.usage import UsageBatch, UsageMeter, follow_runs, observe_sample
 from portside import daemon, geo, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
@@ -89,6 +90,11 @@ class ClassCatalog:
     def get(self, name: str) -> ContainerClass | None:
         return self._classes.get(name)
 
+    def size_of(self, name: str) -> tuple[int, bool] | None:
+        """What usage metering needs of a class beyond vCPU and memory: disk MB, internet."""
+        cls = self._classes.get(name)
+        return None if cls is None else (cls.instance_type.disk_mb, cls.enable_internet)
+
 
 class Heartbeat:
     """Keeps the node registered: one stream, a message every third of the lease, reconnecting
@@ -106,6 +112,7 @@ class Heartbeat:
         usage: UsageSampler,
         pools: PoolKeeper,
         outbox: EventOutbox | None = None,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
         self.node = node
@@ -113,6 +120,7 @@ class Heartbeat:
         self.usage = usage
         self.pools = pools
         self.outbox = outbox if outbox is not None else EventOutbox()
+        self.meter = meter if meter is not None else UsageMeter()
         self.period = 1.0
         self.leaving = asyncio.Event()
         self.wake = asyncio.Event()  # set by leave(), instance state changes and new events
@@ -129,6 +137,9 @@ class Heartbeat:
             instances=[status_to_pb(s, now, latest.get(s.id)) for s in self.manager.snapshot()],
             events=[event_to_pb(e) for e in self.outbox.take()],
         )
+        batch = self.meter.take()  # usage rides like events: resent until a reply acknowledges it
+        if batch is not None:
+            _add_usage(msg, batch)
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
         return msg
@@ -140,7 +151,8 @@ class Heartbeat:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.period)
             if self.leaving.is_set():
-                if self.outbox.has_pending:  # the last events (a shutdown's) go out first
+                # The last events (a shutdown's) and the usage metered until now go out first.
+                if self.outbox.has_pending or self.meter.has_usage:
                     yield self._message(first=False)
                 return
             self.wake.clear()
@@ -153,6 +165,7 @@ class Heartbeat:
             try:
                 async for reply in self.stub.NodeHeartbeat(self._messages()):
                     self.outbox.acknowledge()
+                    self.meter.acknowledge()
                     # A third of the lease keeps the node alive; CPU samples want every 2 s.
                     self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
                     self.pools.apply(
@@ -177,6 +190,7 @@ class Heartbeat:
                 )
             finally:
                 self.outbox.stream_lost()
+                self.meter.stream_lost()
             if not self.leaving.is_set():
                 await backoff.wait()
 
@@ -189,6 +203,24 @@ class Heartbeat:
             task.cancel()
 
 
+def _add_usage(msg: cp.NodeHeartbeatRequest, batch: UsageBatch) -> None:
+    msg.usage_source, msg.usage_sequence = batch.source, batch.sequence
+    msg.usage.extend(
+        cp.UsageReport(
+            class_name=key.class_name,
+            instance_id=key.instance_id,
+            day=key.day,
+            running_ms=t.running_ms,
+            vcpu_seconds=t.vcpu_seconds,
+            memory_gib_seconds=t.memory_gib_seconds,
+            disk_gb_seconds=t.disk_gb_seconds,
+            cpu_seconds_used=t.cpu_seconds_used,
+            egress_bytes=t.egress_bytes,
+        )
+        for key, t in batch.totals.items()
+    )
+
+
 async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
     node = build_node(opts)
@@ -196,11 +228,13 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     runtime = DockerRuntime(node.id)
     changes = _Relay()
     outbox = EventOutbox(wake=changes)
+    meter = UsageMeter(class_size=catalog.size_of)
     manager = InstanceManager(
         runtime,
         catalog.get,
         on_change=changes,
         on_event=outbox.put,
+        on_run=follow_runs(meter),
         capacity=Capacity(node.id, node.vcpu, node.memory_mib),
         node_id=node.id,
     )
@@ -223,11 +257,16 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await api.start()
                 usage = UsageSampler(manager, runtime)
                 keeper = PoolKeeper(manager, catalog.get)
-                heartbeat = Heartbeat(channel, node, manager, usage, keeper, outbox)
+                heartbeat = Heartbeat(channel, node, manager, usage, keeper, outbox, meter)
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())
-                sampling = tasks.create_task(usage.run(on_sample=heartbeat.changed))
+
+                def sampled() -> None:
+                    observe_sample(meter, usage, manager)
+                    heartbeat.changed()
+
+                sampling = tasks.create_task(usage.run(on_sample=sampled))
                 log.info(
                     "agent %s (%s) serving %s, API %s, control plane %s",
                     node.id,

@@ -91,6 +91,7 @@ class InstanceSnapshot:
     exit_code: int | None  # of the last time the container exited; None while it runs
     vcpu: float = 0.0  # its instance type's, while awake
     pinned: bool = False  # a pool instance: never sleeps
+    memory_mib: int = 0  # its instance type's, while awake
 
 
 @dataclass(frozen=True)
@@ -241,10 +242,14 @@ class InstanceManager:
                  capacity: Capacity | None = None,
                  on_change: Callable[[], None] | None = None,
                  on_event: Callable[[LifecycleEvent], None] | None = None,
+                 on_run: Callable[[InstanceSnapshot, str, float | None], None] | None = None,
                  node_id: str = "",
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._runtime = runtime
         self._on_event = on_event
+        # A container run began ("began", "adopted") or its death was handled ("ended", with the
+        # engine's unix time of the death when known): metering follows the time docker ran it.
+        self._on_run = on_run
         self._node_id = node_id or (capacity.node_id if capacity is not None else "")
         self._wall = wall_clock
         self._capacity = capacity
@@ -454,7 +459,9 @@ class InstanceManager:
         assert info is not None
         inst.oom = False
         inst.run_open = info.running
-        if not info.running:
+        if info.running:
+            self._run_changed(inst, "began")
+        else:
             inst.run_open = True  # so that its death is reported once, here
             self._container_died(inst, inst.container_id, info.exit_code)
         self._refresh(inst)
@@ -751,12 +758,13 @@ class InstanceManager:
     # -- deaths and events ----------------------------------------------------------------------
 
     def _container_died(self, inst: _Instance, container_id: str | None,
-                        exit_code: int | None) -> None:
+                        exit_code: int | None, at: float | None = None) -> None:
         """The container of `inst` stopped, however we learned it (the engine's event, a boot's
         inspect, our own stop, the reconcile loop): report it once per run, by its cause."""
         if container_id is None or container_id != inst.container_id or not inst.run_open:
             return
         inst.run_open = False
+        self._run_changed(inst, "ended", at)
         inst.exit_code = exit_code
         cause = inst.stopping_for
         if cause in (None, "stop"):
@@ -780,7 +788,7 @@ class InstanceManager:
         if inst is None or event.container_id != inst.container_id:
             return
         if event.kind == "die":
-            self._container_died(inst, event.container_id, event.exit_code)
+            self._container_died(inst, event.container_id, event.exit_code, event.time or None)
         elif event.kind == "oom":
             inst.oom = True
         elif event.kind == "destroy" and inst.stopping_for != "destroy":
@@ -850,6 +858,7 @@ class InstanceManager:
                 inst.ready_at = now
                 inst.run_open = inst.healthy = True
                 self._set_state(inst, InstanceState.RUNNING)
+                self._run_changed(inst, "adopted")
             else:
                 inst.exit_code = info.exit_code
             adopted.append(inst)
@@ -920,6 +929,10 @@ class InstanceManager:
             if self._on_change is not None:
                 self._on_change()
 
+    def _run_changed(self, inst: _Instance, change: str, at: float | None = None) -> None:
+        if self._on_run is not None:
+            self._on_run(_snapshot(inst, inst.id in self._pinned), change, at)
+
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -949,7 +962,7 @@ def _snapshot(inst: _Instance, pinned: bool = False) -> InstanceSnapshot:
         id=inst.id, name=inst.name, class_name=inst.class_name, state=inst.state,
         container_id=inst.container_id, upstream=inst.upstream, in_flight=inst.in_flight,
         last_activity=inst.last_activity, exit_code=inst.exit_code, vcpu=inst.vcpu,
-        pinned=pinned,
+        pinned=pinned, memory_mib=inst.memory_mib,
     )
 
 

@@ -66,3 +66,14 @@ EVENTS_DROPPED = Counter(
     "portside_agent_events_dropped_total",
     "Lifecycle events dropped because the outbox was full while the control plane was away.",
 )
+INSTANCE_CPU = Gauge(
+    "portside_agent_instance_cpu_ratio",
+    "CPU an awake instance used over the last sample interval, as a fraction of its instance "
+    "type's vCPU (1 = all of it).",
+    ["class", "instance"],
+)
+INSTANCE_MEMORY = Gauge(
+    "portside_agent_instance_memory_bytes",
+    "Memory an awake instance's container uses (its cgroup's current usage).",
+    ["class", "instance"],
+)

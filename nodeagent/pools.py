@@ -4,12 +4,14 @@ plane assigns to this node, and sample every running container's CPU and memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from nodeagent import metrics
 from nodeagent.instances import InstanceManager, InstanceState
 from nodeagent.runtime import ContainerRuntime
 from nodeagent.stats import CgroupSampler, cpu_percent
@@ -119,6 +121,7 @@ class UsageSampler:
         self.sampler = CgroupSampler()
         self.pids: dict[str, int] = {}
         self.latest: dict[str, Usage] = {}  # instance id -> usage
+        self.exported: set[tuple[str, str]] = set()  # (class, name) series on /metrics
 
     async def run(self, on_sample: Callable[[], None] | None = None) -> None:
         """Sample at wall-clock multiples of `every_s`, so that every node's interval is the
@@ -148,6 +151,7 @@ class UsageSampler:
             if cid not in usage:
                 del self.pids[cid]  # stopped or restarted: look its PID up again when it runs
         latest = {}
+        exported: set[tuple[str, str]] = set()
         for snap in running:
             u = usage.get(snap.container_id or "")
             if u is not None:
@@ -156,4 +160,18 @@ class UsageSampler:
                 # jitter of two short intervals, and at a 50% target 101% would ask for 3, not 2.
                 latest[snap.id] = Usage(cpu_percent=None if cpu is None else min(cpu, 100.0),
                                         memory_bytes=u.memory_bytes)
+                labels = (snap.class_name, snap.name)
+                exported.add(labels)
+                if cpu is not None:
+                    metrics.INSTANCE_CPU.labels(*labels).set(cpu / 100.0)
+                else:
+                    with contextlib.suppress(KeyError):  # its first sample: no interval yet
+                        metrics.INSTANCE_CPU.remove(*labels)
+                metrics.INSTANCE_MEMORY.labels(*labels).set(u.memory_bytes)
         self.latest = latest
+        # Instances that stopped or left the node leave /metrics too, not a frozen last value.
+        for labels in self.exported - exported:
+            for gauge in (metrics.INSTANCE_CPU, metrics.INSTANCE_MEMORY):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self.exported = exported

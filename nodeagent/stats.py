@@ -235,6 +235,12 @@ class CgroupSampler:
             self._forget(gone)
         return usage
 
+    def cpu_ns(self, container_id: str) -> int | None:
+        """The container's cumulative CPU time at its last sample (its cgroup's counter, which
+        starts at zero when the container starts); None if it was not sampled."""
+        last = self._last.get(container_id)
+        return last[0] if last is not None else None
+
     def _forget(self, container_id: str) -> None:
         self._dirs.pop(container_id, None)
         self._last.pop(container_id, None)

@@ -28,6 +28,7 @@ from portside.client import (
     Response,
     SyncContainer,
     SyncPortside,
+    Usage,
     connect,
     connect_sync,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "SyncContainer",
     "SyncPortside",
     "Unavailable",
+    "Usage",
     "__version__",
     "connect",
     "connect_sync",

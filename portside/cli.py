@@ -166,6 +166,16 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--after", type=int, default=0, help="from this store revision + 1 (0: now)")
     p.add_argument("--count", type=int, default=0, help="exit after N events (0: follow)")
 
+    p = _client_parser(sub, "usage", "metered use and its cost per class and UTC day")
+    p.add_argument("--class", dest="class_name", help="only this class")
+    p.add_argument("--since", help="from this UTC day on, YYYY-MM-DD (default: all kept)")
+    p.add_argument("--price-vcpu", type=float, default=PRICE_VCPU_S,
+                   help=f"dollars per vCPU-second ({PRICE_VCPU_S})")
+    p.add_argument("--price-memory", type=float, default=PRICE_GIB_S,
+                   help=f"dollars per GiB-second of memory ({PRICE_GIB_S})")
+    p.add_argument("--price-disk", type=float, default=PRICE_DISK_GB_S,
+                   help=f"dollars per GB-second of disk ({PRICE_DISK_GB_S})")
+
     p = _client_parser(sub, "state", "per-instance state values: get, put or delete a KEY")
     p.add_argument("action", choices=["get", "put", "delete"])
     p.add_argument("class_name", metavar="CLASS")
@@ -656,6 +666,52 @@ async def _state(args: argparse.Namespace) -> int:
     return 0
 
 
+# Cloudflare Containers' prices, the defaults of `portside usage`.
+PRICE_VCPU_S = 0.000020
+PRICE_GIB_S = 0.0000025
+PRICE_DISK_GB_S = 0.00000007
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    from portside.client import Usage
+
+    async with _connect(args) as ps:
+        days = await ps.usage(args.class_name, args.since)
+    prices = (args.price_vcpu, args.price_memory, args.price_disk)
+    total = Usage(
+        class_name="TOTAL",
+        day="",
+        running_ms=sum(u.running_ms for u in days),
+        vcpu_seconds=sum(u.vcpu_seconds for u in days),
+        memory_gib_seconds=sum(u.memory_gib_seconds for u in days),
+        disk_gb_seconds=sum(u.disk_gb_seconds for u in days),
+        cpu_seconds_used=sum(u.cpu_seconds_used for u in days),
+        egress_bytes=sum(u.egress_bytes for u in days),
+    )
+    if args.json:
+        total_row: dict[str, object] = dataclasses.asdict(total)
+        del total_row["class_name"], total_row["day"]
+        report: dict[str, object] = {
+            "prices": {"vcpu_second": prices[0], "memory_gib_second": prices[1],
+                       "disk_gb_second": prices[2]},
+            "usage": [{**dataclasses.asdict(u), "cost": u.cost(*prices)} for u in days],
+            "total": {**total_row, "cost": total.cost(*prices)},
+        }
+        _print_json(report)
+        return 0
+    _print_table(
+        ("CLASS", "DAY", "RUNNING S", "VCPU-S", "GIB-S", "DISK GB-S", "CPU USED S", "EGRESS B",
+         "COST"),
+        [
+            (u.class_name, u.day or "-", f"{u.running_ms / 1000:.2f}", f"{u.vcpu_seconds:.2f}",
+             f"{u.memory_gib_seconds:.2f}", f"{u.disk_gb_seconds:.2f}",
+             f"{u.cpu_seconds_used:.2f}", u.egress_bytes, f"${u.cost(*prices):.6f}")
+            for u in [*days, total]
+        ],
+    )
+    return 0
+
+
 _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "nodes": _nodes,
     "ps": _ps,
@@ -668,6 +724,7 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "logs": _logs,
     "events": _events,
     "state": _state,
+    "usage": _usage,
 }
 
 def _regions(as_json: bool) -> int:

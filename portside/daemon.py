@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,9 +43,11 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
-def metrics_app() -> web.Application:
-    """GET /metrics (Prometheus text format) and GET /healthz."""
+def metrics_app(extra: Sequence[web.RouteDef] = ()) -> web.Application:
+    """GET /metrics (Prometheus text format) and GET /healthz, plus a daemon's `extra` routes
+    (the control plane's Prometheus service discovery)."""
     app = web.Application()
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_routes(extra)
     return app

@@ -11,8 +11,17 @@ from portside.errors import ConfigError
 
 from . import etcd, sqlite
 from ._base import Compacted, KeyValue, Store, WatchEvent
+from .instrumented import InstrumentedStore, instrument
 
-__all__ = ["Compacted", "KeyValue", "Store", "WatchEvent", "open_store"]
+__all__ = [
+    "Compacted",
+    "InstrumentedStore",
+    "KeyValue",
+    "Store",
+    "WatchEvent",
+    "instrument",
+    "open_store",
+]
 
 BACKENDS: dict[str, Callable[[str, float], Awaitable[Store]]] = {
     "etcd": etcd.open_url,

@@ -14,6 +14,7 @@ from portside.client._models import (
     LogChunk,
     NodeInfo,
     Response,
+    Usage,
 )
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
 
@@ -31,6 +32,7 @@ __all__ = [
     "Response",
     "SyncContainer",
     "SyncPortside",
+    "Usage",
     "connect",
     "connect_sync",
 ]

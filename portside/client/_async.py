@@ -29,6 +29,7 @@ from portside.client._models import (
     LogChunk,
     NodeInfo,
     Response,
+    Usage,
     class_info_from_pb,
     event_from_pb,
     exec_chunk_from_pb,
@@ -36,6 +37,7 @@ from portside.client._models import (
     log_chunks_from_pb,
     node_info_from_pb,
     placed_instance_from_pb,
+    usage_from_pb,
 )
 from portside.errors import InvalidArgument, PortsideError, Unavailable, from_grpc
 
@@ -218,6 +220,18 @@ class Portside:
         with self._grpc_errors():
             reply = await self._stub.ListNodes(cp.ListNodesRequest(), timeout=self.timeout)
         return [node_info_from_pb(n) for n in reply.nodes]
+
+    async def usage(self, class_name: str | None = None, since: str | None = None) -> list[Usage]:
+        """Metered use per class and UTC day, optionally of one class and from `since`
+        (YYYY-MM-DD, inclusive)::
+
+            for u in await ps.usage(since="2026-11-01"):
+                print(u.class_name, u.day, u.vcpu_seconds, f"${u.cost():.4f}")
+        """
+        request = cp.GetUsageRequest(class_name=class_name or "", since=since or "")
+        with self._grpc_errors():
+            reply = await self._stub.GetUsage(request, timeout=self.timeout)
+        return [usage_from_pb(u) for u in reply.usage]
 
     def events(
         self,

@@ -128,6 +128,28 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What one class used on one UTC day (`day`, YYYY-MM-DD), metered by the agents in 10 ms
+    steps of running time: provisioned vCPU-seconds, GiB-seconds of memory and GB-seconds of
+    disk, the CPU its containers actually used, and bytes sent out (enable_internet classes)."""
+
+    class_name: str
+    day: str
+    running_ms: int = 0
+    vcpu_seconds: float = 0.0
+    memory_gib_seconds: float = 0.0
+    disk_gb_seconds: float = 0.0
+    cpu_seconds_used: float = 0.0
+    egress_bytes: int = 0
+
+    def cost(self, per_vcpu_second: float = 0.000020, per_gib_second: float = 0.0000025,
+             per_gb_second_disk: float = 0.00000007) -> float:
+        """In dollars, at these prices (defaults: Cloudflare Containers')."""
+        return (self.vcpu_seconds * per_vcpu_second + self.memory_gib_seconds * per_gib_second
+                + self.disk_gb_seconds * per_gb_second_disk)
+
+
+@dataclass(frozen=True)
 class ClassInfo:
     """A deployed container class. `pool` is true for an autoscaled pool."""
 
@@ -251,6 +273,19 @@ def node_info_from_pb(m: cp.NodeInfo) -> NodeInfo:
         instances=m.instances,
         alive=m.alive,
         labels=dict(n.labels),
+    )
+
+
+def usage_from_pb(m: cp.ClassUsage) -> Usage:
+    return Usage(
+        class_name=m.class_name,
+        day=m.day,
+        running_ms=m.running_ms,
+        vcpu_seconds=m.vcpu_seconds,
+        memory_gib_seconds=m.memory_gib_seconds,
+        disk_gb_seconds=m.disk_gb_seconds,
+        cpu_seconds_used=m.cpu_seconds_used,
+        egress_bytes=m.egress_bytes,
     )
 
 

@@ -29,6 +29,7 @@ from portside.client._models import (
     LogChunk,
     NodeInfo,
     Response,
+    Usage,
 )
 
 T = TypeVar("T")
@@ -143,6 +144,9 @@ class SyncPortside:
 
     def nodes(self) -> list[NodeInfo]:
         return self._loop.run(self._async.nodes())
+
+    def usage(self, class_name: str | None = None, since: str | None = None) -> list[Usage]:
+        return self._loop.run(self._async.usage(class_name, since))
 
     def events(
         self,

@@ -253,3 +253,12 @@ def test_age_and_event_lines() -> None:
                        node_id="nd", exit_code=143, signal=15)
     )
     assert "exited" in line and "C/n" in line and "exit code 143" in line and "signal 15" in line
+
+
+def test_usage_cost_at_default_and_given_prices() -> None:
+    from portside import Usage
+
+    u = Usage("C", "2026-11-27", running_ms=10_000, vcpu_seconds=2.5, memory_gib_seconds=10.0,
+              disk_gb_seconds=40.0)
+    assert u.cost() == pytest.approx(2.5 * 0.000020 + 10.0 * 0.0000025 + 40.0 * 0.00000007)
+    assert u.cost(1.0, 0.0, 0.0) == pytest.approx(2.5)

@@ -124,16 +124,20 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[PlacedInstance, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
-    __slots__ = ("node", "instances", "events", "usage")
+    __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    USAGE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
     usage: _containers.RepeatedCompositeFieldContainer[UsageReport]
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[UsageReport, _Mapping]]] = ...) -> None: ...
+    usage_source: str
+    usage_sequence: int
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[UsageReport, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ...) -> None: ...
 
 class UsageReport(_message.Message):
     __slots__ = ("class_name", "instance_id", "day", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")

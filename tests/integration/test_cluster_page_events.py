@@ -1,0 +1,53 @@
+"""The cluster page's recent events: the newest ones already stored are loaded, new ones follow
+from the watch, at most `size` are kept, newest first; on the embedded SQLite store (the etcd
+backend honours the same contract, and the e2e test runs the page on etcd)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from controlplane.events import EventLog, EventRecord
+from controlplane.store import open_store
+from controlplane.ui import RecentEvents
+
+pytestmark = pytest.mark.integration
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s}s"
+        await asyncio.sleep(0.05)
+
+
+def event(kind: str, name: str, at: float) -> EventRecord:
+    return EventRecord(kind, at, "Echo", name, "id-" + name, "n1")
+
+
+async def test_recent_events_load_then_follow_the_store(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite://{tmp_path / 'state.db'}")
+    log = EventLog(store)
+    # Stored before the page starts, in another instance's key order than their time order.
+    for name, at in (("b", 1003.0), ("a", 1001.0), ("c", 1002.0), ("a", 1004.0)):
+        await log.write(event("ready", name, at))
+    recent = RecentEvents(store, size=3)
+    follow = asyncio.create_task(recent.follow())
+    try:
+        await until(lambda: len(recent.latest()) == 3)
+        assert [e.time for e in recent.latest()] == [1004.0, 1003.0, 1002.0]
+        await log.write(event("slept", "d", 1005.0))
+        await until(lambda: recent.latest()[0].kind == "slept")
+        assert [(e.name, e.time) for e in recent.latest()] == [
+            ("d", 1005.0), ("a", 1004.0), ("b", 1003.0)
+        ]
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await store.close()
