@@ -93,7 +93,9 @@ def run(opts: UpOptions) -> int:
         asyncio.run(_wait_for_node(opts.controlplane_listen, opts.start_timeout_s))
         print(
             f"Portside is up: http://{opts.listen} serves {classes} classes and {routes} routes "
-            f"from {opts.config}\n  control plane {opts.controlplane_listen} "
+            f"from {opts.config}\n  cluster page "
+            f"http://{with_port_offset(opts.controlplane_listen, 1)}/\n"
+            f"  control plane {opts.controlplane_listen} "
             f"(metrics {with_port_offset(opts.controlplane_listen, 1)}), agent "
             f"{opts.agent_listen}, edge metrics {with_port_offset(opts.listen, 1)}\n"
             f"  store {store_url}; Ctrl-C stops everything",
