@@ -70,10 +70,10 @@ INSTANCE_CPU = Gauge(
     "portside_agent_instance_cpu_ratio",
     "CPU an awake instance used over the last sample interval, as a fraction of its instance "
     "type's vCPU (1 = all of it).",
-    ["class", "instance"],
+    ["class", "instance_name"],
 )
 INSTANCE_MEMORY = Gauge(
     "portside_agent_instance_memory_bytes",
     "Memory an awake instance's container uses (its cgroup's current usage).",
-    ["class", "instance"],
+    ["class", "instance_name"],
 )

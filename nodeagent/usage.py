@@ -43,7 +43,7 @@ TICK_S = 0.01  # the metering step: Cloudflare bills every 10 ms of a running in
 _DAY_S = 86_400
 _EPSILON = 1e-4  # of a step (1 µs): float noise (unix times are ~0.2 µs apart) adds no step
 
-_LABELS = ["class", "instance"]
+_LABELS = ["class", "instance_name"]
 VCPU_SECONDS = Counter(
     "portside_agent_usage_vcpu_seconds_total",
     "Provisioned vCPU-seconds of running instances: running time (10 ms steps) x the type's vCPU.",

@@ -157,7 +157,7 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
             await eventually_query(s, base, "portside_controlplane_store_seconds_count > 0")
             memory = await eventually_query(s, base, "portside_agent_instance_memory_bytes > 0")
             # The scraped `instance` label yields to the target's (see docs/metrics.md).
-            assert {m["metric"]["exported_instance"] for m in memory} == {"alice", "bob"}
+            assert {m["metric"]["instance_name"] for m in memory} == {"alice", "bob"}
             await eventually_query(s, base, "portside_agent_instance_cpu_ratio >= 0")
             await eventually_query(s, base, 'portside_edge_route_cache_total{result="hit"}')
 

@@ -42,7 +42,7 @@ class Stubs:
 
 
 def value(metric: str, name: str) -> float | None:
-    return REGISTRY.get_sample_value(metric, {"class": "Gauged", "instance": name})
+    return REGISTRY.get_sample_value(metric, {"class": "Gauged", "instance_name": name})
 
 
 async def test_gauges_follow_running_instances() -> None:
