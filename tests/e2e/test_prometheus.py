@@ -126,6 +126,14 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
         base = f"http://{address}"
         try:
             wait_for_port(address, timeout_s=30)
+            # The port opens before the TSDB is ready: until then the API answers 503.
+            deadline = time.monotonic() + 30
+            while True:
+                async with s.get(f"{base}/-/ready") as resp:
+                    if resp.status == 200:
+                        break
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
             deadline = time.monotonic() + 30
             while True:
                 targets = (await api(s, base, "targets"))["activeTargets"]
