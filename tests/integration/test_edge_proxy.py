@@ -185,7 +185,7 @@ async def test_headers_are_added_stripped_and_passed(make_cluster: EdgeFactory) 
     async with c.client.get(
         f"{c.edge_url}/execute-code/a%2Fb/c?x=1&y=%20z",
         headers={**SESSION, "Portside-Class": "evil", "Portside-Instance": "evil",
-                 "X-Forwarded-For": "10.0.0.1", "X-Custom": "kept", "X-Drop-Me": "hop",
+                 "X-Forwarded-For": "127.0.1.1", "X-Custom": "kept", "X-Drop-Me": "hop",
                  "Connection": "keep-alive, X-Drop-Me", "Portside-Location-Hint": "ENAM"},
     ) as response:
         assert response.status == 200
@@ -199,7 +199,7 @@ async def test_headers_are_added_stripped_and_passed(make_cluster: EdgeFactory) 
     assert seen["path_qs"] == "/execute-code/a%2Fb/c?x=1&y=%20z"  # raw, not re-encoded
     assert headers["portside-class"] == ["sandbox"]
     assert headers["portside-instance"] == ["s1"]
-    assert headers["x-forwarded-for"] == ["10.0.0.1, 127.0.0.1"]
+    assert headers["x-forwarded-for"] == ["127.0.1.1, 127.0.0.1"]
     assert headers["x-forwarded-proto"] == ["http"]
     assert headers["x-forwarded-host"] == [c.edge_url.removeprefix("http://")]
     assert headers["x-custom"] == ["kept"]

@@ -137,10 +137,10 @@ def test_addresses_default_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("PORTSIDE_EDGE", raising=False)
     assert _async.controlplane_address() == "127.0.0.1:7070"
     assert _async.edge_url() == "http://127.0.0.1:8787"
-    monkeypatch.setenv("PORTSIDE_CONTROLPLANE", "10.0.0.1:7070,10.0.0.2:7070")
+    monkeypatch.setenv("PORTSIDE_CONTROLPLANE", "127.0.1.1:7070,127.0.1.2:7070")
     monkeypatch.setenv("PORTSIDE_EDGE", "127.0.0.5:9000")
     ps = portside.connect()
-    assert ps.address == "10.0.0.1:7070,10.0.0.2:7070"
+    assert ps.address == "127.0.1.1:7070,127.0.1.2:7070"
     assert ps.edge == "http://127.0.0.5:9000"
     assert portside.connect("127.0.0.1:1", edge="https://edge.example/").edge == (
         "https://edge.example"

@@ -23,22 +23,22 @@ def delete(view: ClusterView, key: str) -> None:
 
 def make_view() -> ClusterView:
     view = ClusterView(store=cast(Any, None))
-    node = Node("n1", "10.0.0.2:7080", "10.0.0.2:7081", "fra", 50.0, 8.6, 2.0, 4096)
+    node = Node("n1", "127.0.1.2:7080", "127.0.1.2:7081", "fra", 50.0, 8.6, 2.0, 4096)
     put(view, records.node_key("n1"), records.encode_node(node, {}))
-    put(view, records.demand_key("e1"), Demand("sin", {}, 1.0, "10.0.0.3:8788").encode())
+    put(view, records.demand_key("e1"), Demand("sin", {}, 1.0, "127.0.1.3:8788").encode())
     put(view, records.demand_key("old-edge"), Demand("fra", {}, 1.0).encode())
-    put(view, records.replica_key("cp1"), Replica("fra", "10.0.0.1:7071").encode())
+    put(view, records.replica_key("cp1"), Replica("fra", "127.0.1.1:7071").encode())
     return view
 
 
 def test_every_live_daemon_is_a_target_with_its_labels() -> None:
     assert targets(make_view()) == [
         {
-            "targets": ["10.0.0.2:7080"],
+            "targets": ["127.0.1.2:7080"],
             "labels": {"portside_role": "agent", "portside_region": "fra", "portside_node": "n1"},
         },
         {
-            "targets": ["10.0.0.1:7071"],
+            "targets": ["127.0.1.1:7071"],
             "labels": {
                 "portside_role": "controlplane",
                 "portside_region": "fra",
@@ -46,7 +46,7 @@ def test_every_live_daemon_is_a_target_with_its_labels() -> None:
             },
         },
         {
-            "targets": ["10.0.0.3:8788"],
+            "targets": ["127.0.1.3:8788"],
             "labels": {"portside_role": "edge", "portside_region": "sin", "portside_node": "e1"},
         },
     ]  # the edge that reported no metrics address (an older edge) is left out
@@ -66,15 +66,15 @@ def test_demand_without_a_metrics_address_still_decodes() -> None:
 
 
 def test_an_unspecified_host_is_replaced_by_where_the_daemon_was_seen() -> None:
-    assert reachable_address("0.0.0.0:8788", "10.0.0.3") == "10.0.0.3:8788"
+    assert reachable_address("0.0.0.0:8788", "127.0.1.3") == "127.0.1.3:8788"
     assert reachable_address("[::]:8788", "fd00::3") == "[fd00::3]:8788"
-    assert reachable_address("10.0.0.9:8788", "10.0.0.3") == "10.0.0.9:8788"
+    assert reachable_address("127.0.1.9:8788", "127.0.1.3") == "127.0.1.9:8788"
     assert reachable_address("0.0.0.0:8788", "") == ""
-    assert reachable_address("", "10.0.0.3") == ""
-    assert reachable_address("nonsense", "10.0.0.3") == ""
+    assert reachable_address("", "127.0.1.3") == ""
+    assert reachable_address("nonsense", "127.0.1.3") == ""
 
 
 def test_peer_host_of_grpc_peers() -> None:
-    assert peer_host("ipv4:10.0.0.2:5000") == "10.0.0.2"
+    assert peer_host("ipv4:127.0.1.2:5000") == "127.0.1.2"
     assert peer_host("ipv6:[::1]:5000") == "::1"
     assert peer_host("unix:/tmp/sock") == ""

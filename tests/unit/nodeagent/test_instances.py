@@ -85,7 +85,7 @@ class FakeRuntime:
             self.set(container_id, status="exited", exit_code=self.exit_on_start, ip=None)
         else:
             self._next_ip += 1
-            self.set(container_id, status="running", exit_code=None, ip=f"10.0.0.{self._next_ip}")
+            self.set(container_id, status="running", exit_code=None, ip=f"127.0.1.{self._next_ip}")
         return self.containers[container_id]
 
     async def stop(self, container_id: str, grace_s: float,
@@ -172,7 +172,7 @@ async def test_concurrent_acquires_share_one_boot(runtime: FakeRuntime, probe: P
     manager = manager_for(runtime, probe)
     leases = await asyncio.gather(*(manager.acquire(ECHO, "alice") for _ in range(50)))
     assert runtime.count("create") == 1 and runtime.count("start") == 1
-    assert {lease.upstream for lease in leases} == {Upstream("10.0.0.2", 8080)}
+    assert {lease.upstream for lease in leases} == {Upstream("127.0.1.2", 8080)}
     snap = manager.get(instance_id("echo", "alice"))
     assert snap is not None and snap.in_flight == 50 and snap.state is InstanceState.RUNNING
     for lease in leases:
@@ -254,7 +254,7 @@ async def test_request_during_stop_waits_then_boots_again(runtime: FakeRuntime,
     manager.sleep_idle()
     async with manager.use(ECHO, "fay") as upstream:
         assert state_of(manager, ECHO, "fay") is InstanceState.RUNNING
-        assert upstream == Upstream("10.0.0.3", 8080)  # a new IP after the restart
+        assert upstream == Upstream("127.0.1.3", 8080)  # a new IP after the restart
     assert runtime.count("stop") == 1 and runtime.count("start") == 2
     assert runtime.count("create") == 1
 
@@ -273,14 +273,14 @@ async def test_unknown_class_sleeps_after_the_default(runtime: FakeRuntime, prob
 
 async def test_adopt_takes_over_running_and_stopped_containers(runtime: FakeRuntime,
                                                               probe: Probe) -> None:
-    running = runtime.add(ECHO, "hal", "running", ip="10.0.0.50")
+    running = runtime.add(ECHO, "hal", "running", ip="127.0.1.50")
     stopped = runtime.add(ECHO, "ida", "exited", exit_code=143)
     manager = manager_for(runtime, probe)
     adopted = await manager.adopt()
     assert {s.name: s.state for s in adopted} == {"hal": InstanceState.RUNNING,
                                                   "ida": InstanceState.STOPPED}
     async with manager.use(ECHO, "hal") as upstream:
-        assert upstream == Upstream("10.0.0.50", 8080)
+        assert upstream == Upstream("127.0.1.50", 8080)
     assert runtime.count("start") == 0
     async with manager.use(ECHO, "ida"):
         pass
