@@ -4,7 +4,6 @@ the lifecycle API (see controlplane.lifecycle). PortsideErrors become gRPC statu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -589,9 +588,6 @@ def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
         for s in message.instances
     }
 
-
-async def await_view_ready(view: ClusterView) -> None:
-    await asyncio.wait_for(view.ready.wait(), timeout=30)
 
 
 def _peer_host(context: Any) -> str:

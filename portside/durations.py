@@ -20,13 +20,3 @@ def parse_duration(text: str) -> float:
     if pos != len(text) or not text:
         raise ValueError(f'{text!r} is not a duration; use e.g. "500ms", "30s", "5m", "1h"')
     return total
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    if seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
