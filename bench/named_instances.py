@@ -49,7 +49,10 @@ def wait_port(host: str, port: int, timeout_s: float = 30.0) -> None:
 
 def summary(samples: list[float]) -> str:
     s = sorted(samples)
-    p = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+
+    def p(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))]
+
     return (
         f"median {statistics.median(s) * 1000:7.2f} ms  p90 {p(0.9) * 1000:7.2f} ms  (n={len(s)})"
     )
@@ -141,7 +144,7 @@ instance = "header:X-Session-Id"
                 start_new_session=True,
             )
         )
-        wait_port(*cp.split(":")[:1], int(cp.split(":")[1]))
+        wait_port(cp.split(":")[0], int(cp.split(":")[1]))
         subprocess.run(
             [*py, "deploy", str(tmp / "portside.toml"), "--controlplane", cp],
             check=True,

@@ -96,8 +96,11 @@ class EventLog:
             await self.write(event)
         except StoreError as exc:
             log.warning(
-                "could not record %s event of %s/%s: %s", event.kind, event.class_name,
-                event.name, exc,
+                "could not record %s event of %s/%s: %s",
+                event.kind,
+                event.class_name,
+                event.name,
+                exc,
             )
 
 

@@ -418,7 +418,6 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         await self.store.put(records.demand_key(request.edge_id), demand.encode(), lease)
         return cp.ReportDemandResponse(report_every_seconds=DEMAND_EVERY_S)
 
-
     # --- the lifecycle API: see controlplane.lifecycle ---
 
     @_statuses
@@ -587,7 +586,6 @@ def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
         )
         for s in message.instances
     }
-
 
 
 def _peer_host(context: Any) -> str:

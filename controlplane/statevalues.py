@@ -25,9 +25,7 @@ def validate_key(key: str) -> None:
         )
     if not _KEY.fullmatch(key):
         bad = next(c for c in key if not _KEY.fullmatch(c))
-        raise InvalidArgument(
-            f"key: {key!r} has {bad!r}; keys are 1..256 bytes of [A-Za-z0-9._/-]"
-        )
+        raise InvalidArgument(f"key: {key!r} has {bad!r}; keys are 1..256 bytes of [A-Za-z0-9._/-]")
 
 
 def validate_value(value: bytes) -> None:

@@ -113,9 +113,7 @@ class ClassDay:
         return cls(class_name, day, use, dict(body.get("applied", {})))
 
 
-def add_batch(
-    current: ClassDay, use: Use, source: str, sequence: int
-) -> ClassDay | None:
+def add_batch(current: ClassDay, use: Use, source: str, sequence: int) -> ClassDay | None:
     """`current` with `use` added, or None when this key already has that batch (a resend of
     a batch whose reply was lost). An empty source (an agent without batch numbers): added."""
     if source and sequence > 0:
@@ -139,8 +137,12 @@ class UsageLedger:
         sums: dict[tuple[str, str], Use] = {}
         for r in reports:
             if not r.class_name or "/" in r.class_name or not _DAY.fullmatch(r.day):
-                log.warning("usage report of %r for %r on %r is malformed; left out",
-                            r.instance_id, r.class_name, r.day)
+                log.warning(
+                    "usage report of %r for %r on %r is malformed; left out",
+                    r.instance_id,
+                    r.class_name,
+                    r.day,
+                )
                 continue
             key = (r.class_name, r.day)
             sums[key] = sums.get(key, Use()) + r.use
@@ -150,21 +152,28 @@ class UsageLedger:
                 changed += 1
         return changed
 
-    async def _add_one(self, class_name: str, day: str, use: Use, source: str,
-                       sequence: int) -> bool:
+    async def _add_one(
+        self, class_name: str, day: str, use: Use, source: str, sequence: int
+    ) -> bool:
         key = usage_key(class_name, day)
         for _ in range(MAX_ATTEMPTS):
             kv = await self.store.get(key)
-            current = (ClassDay.decode(class_name, day, kv.value) if kv is not None
-                       else ClassDay(class_name, day))
+            current = (
+                ClassDay.decode(class_name, day, kv.value)
+                if kv is not None
+                else ClassDay(class_name, day)
+            )
             updated = add_batch(current, use, source, sequence)
             if updated is None:
                 return False
-            if await self.store.compare_and_swap(key, kv.mod_revision if kv else 0,
-                                                 updated.encode()):
+            if await self.store.compare_and_swap(
+                key, kv.mod_revision if kv else 0, updated.encode()
+            ):
                 return True
-        raise StoreError(f"usage of {class_name} on {day}: {MAX_ATTEMPTS} conflicting writes "
-                         "in a row; the agent sends it again")
+        raise StoreError(
+            f"usage of {class_name} on {day}: {MAX_ATTEMPTS} conflicting writes "
+            "in a row; the agent sends it again"
+        )
 
     async def read(self, class_name: str = "", since: str = "") -> list[ClassDay]:
         """Every class's (or one class's) days from `since` (inclusive), by class then day."""
@@ -173,7 +182,7 @@ class UsageLedger:
         kvs, _ = await self.store.range(usage_prefix(class_name))
         out = []
         for kv in kvs:
-            cls, _, day = kv.key[len(records.USAGE):].partition("/")
+            cls, _, day = kv.key[len(records.USAGE) :].partition("/")
             if since and day < since:
                 continue
             out.append(ClassDay.decode(cls, day, kv.value))
@@ -181,6 +190,12 @@ class UsageLedger:
 
 
 __all__ = [
-    "ClassDay", "Use", "UsageLedger", "UsageReport", "add_batch", "parse_day", "usage_key",
+    "ClassDay",
+    "Use",
+    "UsageLedger",
+    "UsageReport",
+    "add_batch",
+    "parse_day",
+    "usage_key",
     "usage_prefix",
 ]

@@ -8,8 +8,23 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram
 
 # Latency buckets from a warm loopback hop (~0.5 ms) to a cold boot behind a resolve (seconds).
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 
 REQUESTS = Counter(
     "portside_edge_requests_total",

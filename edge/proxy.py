@@ -48,16 +48,26 @@ WS_CLOSE_TIMEOUT: Final = 5.0
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 _HOP_BY_HOP: Final = (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-    "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+    "Connection",
+    "Keep-Alive",
+    "Proxy-Authenticate",
+    "Proxy-Authorization",
+    "Proxy-Connection",
+    "TE",
+    "Trailer",
+    "Transfer-Encoding",
+    "Upgrade",
 )
 # Host names the edge, not the agent; Expect is answered by the edge's own server; the
 # Portside-* identity headers are the edge's to set, a client must not choose its instance.
 _NOT_FORWARDED: Final = (*_HOP_BY_HOP, "Host", "Expect", CLASS_HEADER, INSTANCE_HEADER)
 # ws_connect makes its own handshake; the client's key and extensions belong to the client side.
 _WS_HANDSHAKE: Final = (
-    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+    "Sec-WebSocket-Accept",
 )
 # aiohttp adds Accept, Accept-Encoding, User-Agent and a payload Content-Type on its own; a
 # transparent proxy must not (an unasked Accept-Encoding: gzip would reach a client that can't
@@ -99,8 +109,9 @@ class RouteCache:
     """(class, instance name) → Target, filled by the resolver. A warm lookup is one dict get;
     concurrent cold lookups of one key share one resolve (single-flight)."""
 
-    def __init__(self, resolver: Resolver, deadline: float,
-                 max_entries: int = DEFAULT_ROUTE_CACHE_SIZE) -> None:
+    def __init__(
+        self, resolver: Resolver, deadline: float, max_entries: int = DEFAULT_ROUTE_CACHE_SIZE
+    ) -> None:
         self._resolver = resolver
         self._deadline = deadline
         self._max_entries = max_entries
@@ -216,8 +227,9 @@ class _RequestBody:
 
 def error_response(status: int, kind: str, message: str) -> web.Response:
     """Every refusal the edge makes: a one-line text/plain reason and its kind in a header."""
-    return web.Response(status=status, text=message + "\n", content_type="text/plain",
-                        headers={ERROR_HEADER: kind})
+    return web.Response(
+        status=status, text=message + "\n", content_type="text/plain", headers={ERROR_HEADER: kind}
+    )
 
 
 def error_kind(exc: PortsideError) -> str:
@@ -242,9 +254,15 @@ class EdgeProxy:
         await scrape.cleanup()
     """
 
-    def __init__(self, region: str, resolver: Resolver, deadlines: Deadlines,
-                 config: Config | None = None, *,
-                 route_cache_size: int = DEFAULT_ROUTE_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        region: str,
+        resolver: Resolver,
+        deadlines: Deadlines,
+        config: Config | None = None,
+        *,
+        route_cache_size: int = DEFAULT_ROUTE_CACHE_SIZE,
+    ) -> None:
         self.region = region
         self._deadlines = deadlines
         self._table = RouteTable(config.routes if config is not None else ())
@@ -266,8 +284,11 @@ class EdgeProxy:
         old table or the new one, never a mix; cached routes of classes no longer routed go."""
         self._table = RouteTable(config.routes)
         self.cache.retain_classes(route.class_name for route in config.routes)
-        self._limits = {c.name: c.autoscaling.concurrency_limit
-                        for c in config.classes if c.autoscaling is not None}
+        self._limits = {
+            c.name: c.autoscaling.concurrency_limit
+            for c in config.classes
+            if c.autoscaling is not None
+        }
 
     def set_pool_members(self, pools: dict[str, list[PoolMember]]) -> None:
         """Swap in the members of every pool, by class (the pool watch calls this)."""
@@ -307,8 +328,10 @@ class EdgeProxy:
         # relays pass 1001 on to the agents.
         self._stopping.set()
         await asyncio.gather(
-            *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"edge shutting down")
-              for ws in list(self._websockets)),
+            *(
+                ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"edge shutting down")
+                for ws in list(self._websockets)
+            ),
             return_exceptions=True,
         )
 
@@ -340,10 +363,10 @@ class EdgeProxy:
             return error_response(500, "internal", "the edge failed on this request; see its log")
         finally:
             metrics.REQUESTS.labels(
-                route.class_name, normalize_prefix(route.path), str(status), self.region).inc()
+                route.class_name, normalize_prefix(route.path), str(status), self.region
+            ).inc()
 
-    async def _serve(self, request: web.Request, route: Route,
-                     raw_path: str) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, route: Route, raw_path: str) -> web.StreamResponse:
         self.demand[route.class_name] = self.demand.get(route.class_name, 0) + 1
         source = route.instance
         if source is None:
@@ -361,9 +384,11 @@ class EdgeProxy:
             return error_response(400, "invalid-instance-name", str(exc))
         if name is None:
             return error_response(
-                400, "no-instance-name",
+                400,
+                "no-instance-name",
                 f"no instance name: route {normalize_prefix(route.path)} takes it from"
-                f" {describe_source(route)}")
+                f" {describe_source(route)}",
+            )
         hint = location_hint(request.headers, self.region)
         headers = _upstream_headers(request, route.class_name, name)
         if _is_websocket_upgrade(request):
@@ -374,8 +399,13 @@ class EdgeProxy:
         """Any member serves: the nearest with room, by `pools.choose`; with none ready, the
         control plane names one (starting it if the pool is empty) and the request waits."""
         hint = location_hint(request.headers, self.region)
-        member = choose(self._pools.get(class_name, ()), geo.lookup(hint), self._in_flight,
-                        self._limits.get(class_name, 0), self._rng)
+        member = choose(
+            self._pools.get(class_name, ()),
+            geo.lookup(hint),
+            self._in_flight,
+            self._limits.get(class_name, 0),
+            self._rng,
+        )
         if member is not None:
             name = member.name
             self.cache.put(class_name, name, Target(member.node_id, member.data_address, name))
@@ -391,8 +421,9 @@ class EdgeProxy:
 
     # --- plain HTTP -------------------------------------------------------------------------
 
-    async def _proxy_http(self, request: web.Request, class_name: str, name: str, hint: str,
-                          headers: CIMultiDict[str]) -> web.StreamResponse:
+    async def _proxy_http(
+        self, request: web.Request, class_name: str, name: str, hint: str, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
         body = _RequestBody(request.content) if request.body_exists else None
         target = await self.cache.target(class_name, name, hint)
         for attempt in (1, 2):
@@ -400,30 +431,44 @@ class EdgeProxy:
             started = time.perf_counter()
             try:
                 upstream = await self.session.request(
-                    request.method, url, headers=headers,
+                    request.method,
+                    url,
+                    headers=headers,
                     data=body.chunks() if body is not None else None,
-                    allow_redirects=False, skip_auto_headers=_NO_AUTO_HEADERS)
+                    allow_redirects=False,
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                )
             except _CONNECT_FAILURES as exc:
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 self.cache.drop(class_name, name, target)
                 if attempt == 2 or (body is not None and body.started):
                     return _unreachable(target, exc)
-                log.info("node agent %s at %s is unreachable (%s); resolving %s/%s again",
-                         target.node_id, target.data_address, _reason(exc), class_name, name)
+                log.info(
+                    "node agent %s at %s is unreachable (%s); resolving %s/%s again",
+                    target.node_id,
+                    target.data_address,
+                    _reason(exc),
+                    class_name,
+                    name,
+                )
                 target = await self.cache.target(class_name, name, hint)
                 continue
             except aiohttp.ServerTimeoutError:
                 metrics.UPSTREAM_ERRORS.labels("timeout").inc()
                 return error_response(
-                    504, "upstream-timeout",
+                    504,
+                    "upstream-timeout",
                     f"node agent {target.node_id} at {target.data_address} sent no response"
-                    f" within {self._deadlines.upstream_read:g}s")
+                    f" within {self._deadlines.upstream_read:g}s",
+                )
             except aiohttp.ClientError as exc:
                 metrics.UPSTREAM_ERRORS.labels("failed").inc()
                 return error_response(
-                    502, "upstream-failed",
+                    502,
+                    "upstream-failed",
                     f"request to node agent {target.node_id} at {target.data_address} failed:"
-                    f" {_reason(exc)}")
+                    f" {_reason(exc)}",
+                )
             metrics.PROXY_SECONDS.labels(class_name).observe(time.perf_counter() - started)
             try:
                 return await _relay(request, upstream, target)
@@ -433,13 +478,16 @@ class EdgeProxy:
 
     # --- WebSocket --------------------------------------------------------------------------
 
-    async def _proxy_websocket(self, request: web.Request, class_name: str, name: str,
-                               hint: str, headers: CIMultiDict[str]) -> web.StreamResponse:
+    async def _proxy_websocket(
+        self, request: web.Request, class_name: str, name: str, hint: str, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
         for header in _WS_HANDSHAKE:
             headers.popall(header, None)
-        protocols = tuple(p.strip() for p in
-                          request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",")
-                          if p.strip())
+        protocols = tuple(
+            p.strip()
+            for p in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",")
+            if p.strip()
+        )
         target = await self.cache.target(class_name, name, hint)
         # Connect to the agent before answering the client, so that a refusal (no capacity,
         # boot timeout...) still reaches the client as an HTTP status, not a closed socket.
@@ -448,18 +496,24 @@ class EdgeProxy:
             started = time.perf_counter()
             try:
                 upstream = await self.session.ws_connect(
-                    url, headers=headers, protocols=protocols, max_msg_size=WS_MAX_MESSAGE,
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    max_msg_size=WS_MAX_MESSAGE,
                     compress=0,  # loopback/LAN hop: deflating costs CPU for nothing
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT))
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT),
+                )
             except aiohttp.WSServerHandshakeError as exc:
                 # The agent answered, but not with 101: pass its status and kind on. aiohttp
                 # drops the body of a refused handshake, so the reason is rebuilt here.
                 refusal = exc.headers.get(ERROR_HEADER) if exc.headers is not None else None
                 kind = refusal or "upgrade-refused"
                 return error_response(
-                    exc.status, kind,
+                    exc.status,
+                    kind,
                     f"node agent {target.node_id} refused the WebSocket upgrade: {exc.status}"
-                    f" {kind}")
+                    f" {kind}",
+                )
             except _CONNECT_FAILURES as exc:
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 self.cache.drop(class_name, name, target)
@@ -470,31 +524,36 @@ class EdgeProxy:
             except aiohttp.ServerTimeoutError:
                 metrics.UPSTREAM_ERRORS.labels("timeout").inc()
                 return error_response(
-                    504, "upstream-timeout",
+                    504,
+                    "upstream-timeout",
                     f"node agent {target.node_id} at {target.data_address} did not answer the"
-                    f" WebSocket upgrade within {self._deadlines.upstream_read:g}s")
+                    f" WebSocket upgrade within {self._deadlines.upstream_read:g}s",
+                )
             except aiohttp.ClientError as exc:
                 metrics.UPSTREAM_ERRORS.labels("failed").inc()
                 return error_response(
-                    502, "upstream-failed",
+                    502,
+                    "upstream-failed",
                     f"WebSocket upgrade at node agent {target.node_id} at {target.data_address}"
-                    f" failed: {_reason(exc)}")
+                    f" failed: {_reason(exc)}",
+                )
             metrics.PROXY_SECONDS.labels(class_name).observe(time.perf_counter() - started)
             break
         else:
             raise AssertionError("unreachable: the second attempt always returns or breaks")
 
         client = web.WebSocketResponse(
-            protocols=(upstream.protocol,) if upstream.protocol else (),
-            max_msg_size=WS_MAX_MESSAGE)
+            protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=WS_MAX_MESSAGE
+        )
         try:
             await client.prepare(request)
         except BaseException:
             await upstream.close()
             raise
         self._websockets.add(client)
-        relay = asyncio.create_task(_pump_both_ways(client, upstream, self._stopping),
-                                    name="ws relay")
+        relay = asyncio.create_task(
+            _pump_both_ways(client, upstream, self._stopping), name="ws relay"
+        )
         try:
             await asyncio.shield(relay)
         except asyncio.CancelledError:
@@ -510,8 +569,10 @@ class EdgeProxy:
 
 
 def _is_websocket_upgrade(request: web.Request) -> bool:
-    return (request.method == hdrs.METH_GET
-            and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket")
+    return (
+        request.method == hdrs.METH_GET
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+    )
 
 
 def _upstream_headers(request: web.Request, class_name: str, name: str) -> CIMultiDict[str]:
@@ -532,8 +593,9 @@ def _upstream_headers(request: web.Request, class_name: str, name: str) -> CIMul
     return headers
 
 
-def _drop_connection_tokens(headers: CIMultiDict[str],
-                            incoming: CIMultiDictProxy[str] | CIMultiDict[str]) -> None:
+def _drop_connection_tokens(
+    headers: CIMultiDict[str], incoming: CIMultiDictProxy[str] | CIMultiDict[str]
+) -> None:
     # Headers a Connection header names are hop-by-hop too (RFC 9110 section 7.6.1).
     for value in incoming.getall(hdrs.CONNECTION, ()):
         for token in value.split(","):
@@ -550,12 +612,14 @@ def _downstream_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return headers
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                 target: Target) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, target: Target
+) -> web.StreamResponse:
     """Stream the agent's response to the client chunk by chunk, status and headers (with the
     agent's own Portside-Error refusals) unchanged."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                  headers=_downstream_headers(upstream))
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=_downstream_headers(upstream)
+    )
     try:
         await response.prepare(request)
         while True:
@@ -563,8 +627,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                 chunk = await upstream.content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 metrics.UPSTREAM_ERRORS.labels("broken").inc()
-                log.warning("response from node agent %s at %s broke off: %s",
-                            target.node_id, target.data_address, _reason(exc))
+                log.warning(
+                    "response from node agent %s at %s broke off: %s",
+                    target.node_id,
+                    target.data_address,
+                    _reason(exc),
+                )
                 # The status line is sent already; cutting the connection is the only way left
                 # to tell the client the body is incomplete (a clean end would pass it as whole).
                 if request.transport is not None:
@@ -607,14 +675,17 @@ def _close_code(code: int | None) -> int:
     return code
 
 
-async def _pump_both_ways(client: web.WebSocketResponse,
-                          upstream: aiohttp.ClientWebSocketResponse,
-                          stopping: asyncio.Event) -> None:
+async def _pump_both_ways(
+    client: web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    stopping: asyncio.Event,
+) -> None:
     to_agent = asyncio.create_task(_pump(client, upstream), name="ws client->agent")
     to_client = asyncio.create_task(_pump(upstream, client), name="ws agent->client")
     try:
-        done, _pending = await asyncio.wait((to_agent, to_client),
-                                            return_when=asyncio.FIRST_COMPLETED)
+        done, _pending = await asyncio.wait(
+            (to_agent, to_client), return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         # The other direction stops before the close is passed on, so nothing is sent on a
         # socket being closed and each side gets exactly one close frame, from here.
@@ -639,8 +710,10 @@ async def _pump_both_ways(client: web.WebSocketResponse,
 
 def _unreachable(target: Target, exc: BaseException) -> web.Response:
     return error_response(
-        502, "node-unreachable",
-        f"node agent {target.node_id} at {target.data_address} is unreachable: {_reason(exc)}")
+        502,
+        "node-unreachable",
+        f"node agent {target.node_id} at {target.data_address} is unreachable: {_reason(exc)}",
+    )
 
 
 def _reason(exc: BaseException) -> str:

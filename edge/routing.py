@@ -30,7 +30,7 @@ class RequestParts:
 
 
 def normalize_prefix(path: str) -> str:
-    """"/execute-code/" and "/execute-code" are one route; "/" stays "/"."""
+    """ "/execute-code/" and "/execute-code" are one route; "/" stays "/"."""
     stripped = path.rstrip("/")
     return stripped if stripped else "/"
 
@@ -91,7 +91,7 @@ def path_segment(route: Route, path: str, index: int) -> str | None:
     if index < 1:
         return None
     prefix = normalize_prefix(route.path)
-    rest = path[len(prefix):] if prefix != "/" else path
+    rest = path[len(prefix) :] if prefix != "/" else path
     segments = [segment for segment in rest.split("/") if segment]
     if index > len(segments):
         return None

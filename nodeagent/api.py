@@ -52,8 +52,14 @@ def status_to_pb(s: InstanceSnapshot, now: float, usage: Usage | None = None) ->
 
 def info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
     msg = pb.InstanceInfo(
-        class_name=i.class_name, name=i.name, instance_id=i.instance_id, state=i.state,
-        node_id=i.node_id, since=i.since, pool=i.pool, in_flight=i.in_flight,
+        class_name=i.class_name,
+        name=i.name,
+        instance_id=i.instance_id,
+        state=i.state,
+        node_id=i.node_id,
+        since=i.since,
+        pool=i.pool,
+        in_flight=i.in_flight,
     )
     if i.exit_code is not None:
         msg.exit_code = i.exit_code
@@ -62,8 +68,13 @@ def info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
 
 def event_to_pb(e: LifecycleEvent) -> pb.Event:
     msg = pb.Event(
-        time=e.time, kind=e.kind, class_name=e.class_name, name=e.name,
-        instance_id=e.instance_id, node_id=e.node_id, reason=e.reason,
+        time=e.time,
+        kind=e.kind,
+        class_name=e.class_name,
+        name=e.name,
+        instance_id=e.instance_id,
+        node_id=e.node_id,
+        reason=e.reason,
     )
     if e.exit_code is not None:
         msg.exit_code = e.exit_code
@@ -92,8 +103,9 @@ def _stream_statuses(
     """As _statuses, for a handler that streams its replies."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any,
-                      context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[M, None]:
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[M, None]:
         try:
             async for reply in fn(self, request, context):
                 yield reply
@@ -162,8 +174,7 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         if request.grace_seconds < 0:
             raise InvalidArgument("grace_seconds: must not be negative")
         # Zero means unset in proto3: the image's stop signal, and the agent's grace period.
-        if not await self.manager.stop(iid, request.signal or None,
-                                       request.grace_seconds or None):
+        if not await self.manager.stop(iid, request.signal or None, request.grace_seconds or None):
             raise NotFound(f"this agent has no instance {iid}")
         return na.AgentInstanceResponse(info=info_to_pb(self.manager.info(iid)))
 
@@ -176,20 +187,24 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         return na.AgentSignalResponse()
 
     @_statuses
-    async def Destroy(self, request: na.AgentDestroyRequest,
-                      context: Any) -> na.AgentDestroyResponse:
+    async def Destroy(
+        self, request: na.AgentDestroyRequest, context: Any
+    ) -> na.AgentDestroyResponse:
         await self.manager.destroy(_required_id(request.instance_id))
         return na.AgentDestroyResponse()
 
     @_statuses
-    async def GetInstance(self, request: na.AgentGetInstanceRequest,
-                          context: Any) -> na.AgentInstanceResponse:
+    async def GetInstance(
+        self, request: na.AgentGetInstanceRequest, context: Any
+    ) -> na.AgentInstanceResponse:
         return na.AgentInstanceResponse(
-            info=info_to_pb(self.manager.info(_required_id(request.instance_id))))
+            info=info_to_pb(self.manager.info(_required_id(request.instance_id)))
+        )
 
     @_statuses
-    async def RenewActivity(self, request: na.AgentRenewActivityRequest,
-                            context: Any) -> na.AgentRenewActivityResponse:
+    async def RenewActivity(
+        self, request: na.AgentRenewActivityRequest, context: Any
+    ) -> na.AgentRenewActivityResponse:
         self.manager.renew(_required_id(request.instance_id))
         return na.AgentRenewActivityResponse()
 
@@ -200,12 +215,14 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         if request.tail < 0:
             raise InvalidArgument("tail: must not be negative")
         async for stream, data in self.manager.logs(iid, request.follow, request.tail):
-            yield pb.LogsResponse(stdout=data) if stream == "stdout" else \
-                pb.LogsResponse(stderr=data)
+            yield (
+                pb.LogsResponse(stdout=data) if stream == "stdout" else pb.LogsResponse(stderr=data)
+            )
 
     @_stream_statuses
-    async def Exec(self, request_iterator: AsyncIterator[pb.ExecRequest],
-                   context: Any) -> AsyncIterator[pb.ExecResponse]:
+    async def Exec(
+        self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
+    ) -> AsyncIterator[pb.ExecResponse]:
         """First message `start`; then stdin chunks and `stdin_close` (or the end of the
         client's stream, which closes stdin too). Output streams back; `exit_code` is last."""
         first = await anext(aiter(request_iterator), None)
@@ -216,14 +233,19 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
             raise InvalidArgument("start.command: must not be empty")
         iid = _instance_of(start.instance)
         with self.manager.holding(iid):
-            process = await self.manager.exec(iid, list(start.command), dict(start.env),
-                                              start.working_dir, start.stdin)
-            feeder = (asyncio.create_task(_feed_stdin(request_iterator, process))
-                      if start.stdin else None)
+            process = await self.manager.exec(
+                iid, list(start.command), dict(start.env), start.working_dir, start.stdin
+            )
+            feeder = (
+                asyncio.create_task(_feed_stdin(request_iterator, process)) if start.stdin else None
+            )
             try:
                 async for stream, data in process.output():
-                    yield pb.ExecResponse(stdout=data) if stream == "stdout" else \
-                        pb.ExecResponse(stderr=data)
+                    yield (
+                        pb.ExecResponse(stdout=data)
+                        if stream == "stdout"
+                        else pb.ExecResponse(stderr=data)
+                    )
                 yield pb.ExecResponse(exit_code=await process.exit_code())
             finally:
                 if feeder is not None:

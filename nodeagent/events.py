@@ -45,8 +45,7 @@ class EventOutbox:
     def take(self) -> list[LifecycleEvent]:
         """The next batch for a message about to be sent; call once per message, even when it
         is empty, so that replies and batches pair up."""
-        batch = [self._pending.popleft()
-                 for _ in range(min(MAX_PER_MESSAGE, len(self._pending)))]
+        batch = [self._pending.popleft() for _ in range(min(MAX_PER_MESSAGE, len(self._pending)))]
         self._in_flight.append(batch)
         return batch
 
@@ -74,5 +73,10 @@ class EventOutbox:
             self._pending.popleft()
         self.dropped += dropped
         metrics.EVENTS_DROPPED.inc(dropped)
-        log.warning("event outbox full (%d): dropped the %d oldest events (%d so far); is the "
-                    "control plane reachable?", self.limit, dropped, self.dropped)
+        log.warning(
+            "event outbox full (%d): dropped the %d oldest events (%d so far); is the "
+            "control plane reachable?",
+            self.limit,
+            dropped,
+            self.dropped,
+        )

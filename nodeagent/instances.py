@@ -222,8 +222,12 @@ class Lease:
     async def __aenter__(self) -> Upstream:
         return self.upstream
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.release()
 
 
@@ -234,17 +238,21 @@ class InstanceManager:
     plane); it decides sleep_after for instances whose class was only known by label (adopted).
     """
 
-    def __init__(self, runtime: ContainerRuntime,
-                 get_class: Callable[[str], ContainerClass | None], *,
-                 timing: Timing | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 port_probe: Callable[[str, int], Awaitable[bool]] | None = None,
-                 capacity: Capacity | None = None,
-                 on_change: Callable[[], None] | None = None,
-                 on_event: Callable[[LifecycleEvent], None] | None = None,
-                 on_run: Callable[[InstanceSnapshot, str, float | None], None] | None = None,
-                 node_id: str = "",
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        get_class: Callable[[str], ContainerClass | None],
+        *,
+        timing: Timing | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        port_probe: Callable[[str, int], Awaitable[bool]] | None = None,
+        capacity: Capacity | None = None,
+        on_change: Callable[[], None] | None = None,
+        on_event: Callable[[LifecycleEvent], None] | None = None,
+        on_run: Callable[[InstanceSnapshot, str, float | None], None] | None = None,
+        node_id: str = "",
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._runtime = runtime
         self._on_event = on_event
         # A container run began ("began", "adopted") or its death was handled ("ended", with the
@@ -346,7 +354,8 @@ class InstanceManager:
                 f"node {cap.node_id} is full: {len(awake)} awake instances use "
                 f"{vcpu - cls.instance_type.vcpu:g}/{cap.vcpu:g} vCPU and "
                 f"{memory - cls.instance_type.memory_mib}/{cap.memory_mib} MiB; "
-                f"{cls.name}/{inst.name} can wake when others sleep")
+                f"{cls.name}/{inst.name} can wake when others sleep"
+            )
 
     def awake_use(self) -> tuple[float, int]:
         """vCPU and MiB of the instance types of every instance not stopped."""
@@ -364,8 +373,11 @@ class InstanceManager:
             info: ContainerInfo | None = await self._runtime.inspect(lease.container_id)
         except NotFound:
             info = None
-        if (info is None or not info.running) and inst.state is InstanceState.RUNNING \
-                and inst.container_id == lease.container_id:
+        if (
+            (info is None or not info.running)
+            and inst.state is InstanceState.RUNNING
+            and inst.container_id == lease.container_id
+        ):
             self._container_gone(inst, info)
         return info
 
@@ -390,10 +402,12 @@ class InstanceManager:
         except TimeoutError:
             outcome = "timeout"
             port = inst.port or cls.default_port
-            what = (f"port {port} did not answer" if inst.container_id is not None
-                    else "docker did not create its container")
-            failure = (f"container for {cls.name}/{inst.name}: {what} within "
-                       f"{cls.boot_timeout_s:g}s")
+            what = (
+                f"port {port} did not answer"
+                if inst.container_id is not None
+                else "docker did not create its container"
+            )
+            failure = f"container for {cls.name}/{inst.name}: {what} within {cls.boot_timeout_s:g}s"
             # Stop it in the background: the waiters hear of the timeout now, and a request that
             # comes during the stop waits for it and then boots afresh.
             self._begin_stop(inst, _StopOrder("boot-timeout"))
@@ -402,8 +416,10 @@ class InstanceManager:
             outcome = "aborted"
             order = inst.abort or _StopOrder("stop")
             self._begin_stop(inst, order)
-            raise Unavailable(f"{cls.name}/{inst.name} was stopped ({order.cause}) while it "
-                              "started; start it again") from None
+            raise Unavailable(
+                f"{cls.name}/{inst.name} was stopped ({order.cause}) while it "
+                "started; start it again"
+            ) from None
         except ContainerExited as exc:
             outcome = "exited"
             failure = str(exc)
@@ -433,22 +449,33 @@ class InstanceManager:
         if answered:
             metrics.BOOT_SECONDS.labels(cls.name).observe(now - started)
             self._became_healthy(inst)
-            log.info("%s %s/%s in %.0f ms at %s:%d", "woke" if woke else "booted", cls.name,
-                     inst.name, (now - started) * 1000, upstream.host, upstream.port)
+            log.info(
+                "%s %s/%s in %.0f ms at %s:%d",
+                "woke" if woke else "booted",
+                cls.name,
+                inst.name,
+                (now - started) * 1000,
+                upstream.host,
+                upstream.port,
+            )
         else:
-            inst.health = self._spawn(
-                self._probe(inst, upstream, started + cls.boot_timeout_s))
+            inst.health = self._spawn(self._probe(inst, upstream, started + cls.boot_timeout_s))
         return upstream
 
-    async def _start_and_wait(self, inst: _Instance, cls: ContainerClass,
-                              detached: bool) -> tuple[Upstream, bool]:
+    async def _start_and_wait(
+        self, inst: _Instance, cls: ContainerClass, detached: bool
+    ) -> tuple[Upstream, bool]:
         info: ContainerInfo | None = None
         if inst.container_id is not None:
             try:
                 info = await self._runtime.start(inst.container_id)
             except NotFound:
-                log.warning("container %s of %s/%s is gone; creating a new one",
-                            inst.container_id, cls.name, inst.name)
+                log.warning(
+                    "container %s of %s/%s is gone; creating a new one",
+                    inst.container_id,
+                    cls.name,
+                    inst.name,
+                )
                 inst.container_id = None
         if inst.container_id is None:
             overrides = inst.overrides or NO_OVERRIDES
@@ -478,7 +505,9 @@ class InstanceManager:
                 self._container_died(inst, inst.container_id, info.exit_code)
                 raise ContainerExited(
                     f"container for {cls.name}/{inst.name} exited with code {inst.exit_code} "
-                    f"before its port {port} answered", exit_code=inst.exit_code)
+                    f"before its port {port} answered",
+                    exit_code=inst.exit_code,
+                )
             if detached and info.ip is not None:
                 return Upstream(info.ip, port), False
             if info.ip is not None and await self._port_answers(info.ip, port):
@@ -498,8 +527,12 @@ class InstanceManager:
                     self._became_healthy(inst)
                     return True
                 await asyncio.sleep(max(self._timing.port_poll, 0.05))
-            log.info("%s/%s: port %d did not answer; it keeps running", inst.class_name,
-                     inst.name, upstream.port)
+            log.info(
+                "%s/%s: port %d did not answer; it keeps running",
+                inst.class_name,
+                inst.name,
+                upstream.port,
+            )
             return False
         finally:
             if inst.health is asyncio.current_task():  # not a later boot's probe
@@ -573,8 +606,7 @@ class InstanceManager:
         self._forget(inst, "drained")
         log.info("removed pool instance %s/%s", inst.class_name, inst.name)
 
-    async def stop(self, iid: str, signum: int | None = None,
-                   grace_s: float | None = None) -> bool:
+    async def stop(self, iid: str, signum: int | None = None, grace_s: float | None = None) -> bool:
         """Stop an instance now, requests in flight or not (an operator's or the Stop RPC's):
         `signum` (None: the image's stop signal, SIGTERM), then SIGKILL after `grace_s` (None:
         Timing.stop_grace). It keeps its container and wakes on its next request; its death is
@@ -626,8 +658,14 @@ class InstanceManager:
 
     # -- the lifecycle API ----------------------------------------------------------------------
 
-    async def start(self, cls: ContainerClass, name: str,
-                    overrides: Overrides = NO_OVERRIDES, *, wait: bool = True) -> InstanceInfo:
+    async def start(
+        self,
+        cls: ContainerClass,
+        name: str,
+        overrides: Overrides = NO_OVERRIDES,
+        *,
+        wait: bool = True,
+    ) -> InstanceInfo:
         """Boot (or wake) instance `name`. A container made with other overrides is stopped if
         needed, removed and made again. `wait`: until the port answers (ContainerExited,
         BootTimeout as for a request); else until docker started it (a container that already
@@ -660,8 +698,10 @@ class InstanceManager:
             if inst.health is not None:  # started earlier without waiting: wait for the port
                 await asyncio.shield(inst.health)
             if inst.state is InstanceState.RUNNING and not inst.healthy:
-                raise BootTimeout(f"{cls.name}/{name} runs, but its port "
-                                  f"{inst.port or cls.default_port} did not answer in time")
+                raise BootTimeout(
+                    f"{cls.name}/{name} runs, but its port "
+                    f"{inst.port or cls.default_port} did not answer in time"
+                )
         elif boot is not None and started is not None and not started.is_set():
             waiter = asyncio.ensure_future(started.wait())
             try:
@@ -680,8 +720,10 @@ class InstanceManager:
         its container does not run."""
         inst = self._known(iid)
         if not inst.run_open or inst.container_id is None:
-            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                                     "not running: start it first")
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                "not running: start it first"
+            )
         await self._runtime.signal(inst.container_id, signum)
 
     async def destroy(self, iid: str) -> None:
@@ -698,22 +740,35 @@ class InstanceManager:
         """Push the sleep timer, as a request would. FailedPrecondition: not awake."""
         inst = self._known(iid)
         if inst.state not in (InstanceState.BOOTING, InstanceState.RUNNING):
-            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                                     "not running: start it first")
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                "not running: start it first"
+            )
         inst.last_activity = self._clock()
 
     def info(self, iid: str) -> InstanceInfo:
         return self._info(self._known(iid))
 
-    async def exec(self, iid: str, command: list[str], env: Mapping[str, str],
-                   working_dir: str = "", stdin: bool = False) -> ExecProcess:
+    async def exec(
+        self,
+        iid: str,
+        command: list[str],
+        env: Mapping[str, str],
+        working_dir: str = "",
+        stdin: bool = False,
+    ) -> ExecProcess:
         """Run a command in the running container (hold the instance with `holding` meanwhile).
         FailedPrecondition when it does not run."""
         inst = self._known(iid)
-        if not inst.run_open or inst.container_id is None or inst.state not in (
-                InstanceState.BOOTING, InstanceState.RUNNING):
-            raise FailedPrecondition(f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                                     "not running: start it first")
+        if (
+            not inst.run_open
+            or inst.container_id is None
+            or inst.state not in (InstanceState.BOOTING, InstanceState.RUNNING)
+        ):
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
+                "not running: start it first"
+            )
         return await self._runtime.exec(inst.container_id, command, env, working_dir, stdin)
 
     @contextlib.contextmanager
@@ -750,15 +805,26 @@ class InstanceManager:
 
     def _info(self, inst: _Instance) -> InstanceInfo:
         return InstanceInfo(
-            instance_id=inst.id, class_name=inst.class_name, name=inst.name, state=inst.public,
+            instance_id=inst.id,
+            class_name=inst.class_name,
+            name=inst.name,
+            state=inst.public,
             exit_code=inst.exit_code if inst.state is InstanceState.STOPPED else None,
-            since=inst.since, pool=inst.id in self._pinned, in_flight=inst.in_flight,
-            node_id=self._node_id)
+            since=inst.since,
+            pool=inst.id in self._pinned,
+            in_flight=inst.in_flight,
+            node_id=self._node_id,
+        )
 
     # -- deaths and events ----------------------------------------------------------------------
 
-    def _container_died(self, inst: _Instance, container_id: str | None,
-                        exit_code: int | None, at: float | None = None) -> None:
+    def _container_died(
+        self,
+        inst: _Instance,
+        container_id: str | None,
+        exit_code: int | None,
+        at: float | None = None,
+    ) -> None:
         """The container of `inst` stopped, however we learned it (the engine's event, a boot's
         inspect, our own stop, the reconcile loop): report it once per run, by its cause."""
         if container_id is None or container_id != inst.container_id or not inst.run_open:
@@ -775,8 +841,12 @@ class InstanceManager:
         elif cause == "sleep":
             self._emit(inst, "slept")
         if inst.state is InstanceState.RUNNING:
-            log.warning("container of %s/%s exited with code %s while running", inst.class_name,
-                        inst.name, exit_code)
+            log.warning(
+                "container of %s/%s exited with code %s while running",
+                inst.class_name,
+                inst.name,
+                exit_code,
+            )
             inst.upstream = None
             inst.healthy = False
             self._set_state(inst, InstanceState.STOPPED)
@@ -806,15 +876,31 @@ class InstanceManager:
                 log.warning("cannot follow the engine's events: %s", exc)
             await asyncio.sleep(1.0)
 
-    def _emit(self, inst: _Instance, kind: str, *, exit_code: int | None = None,
-              signal: int | None = None, reason: str = "") -> None:
+    def _emit(
+        self,
+        inst: _Instance,
+        kind: str,
+        *,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        reason: str = "",
+    ) -> None:
         metrics.LIFECYCLE_EVENTS.labels(inst.class_name, kind).inc()
         if self._on_event is None:
             return
-        self._on_event(LifecycleEvent(
-            kind=kind, time=self._wall(), class_name=inst.class_name, name=inst.name,
-            instance_id=inst.id, node_id=self._node_id, exit_code=exit_code, signal=signal,
-            reason=reason))
+        self._on_event(
+            LifecycleEvent(
+                kind=kind,
+                time=self._wall(),
+                class_name=inst.class_name,
+                name=inst.name,
+                instance_id=inst.id,
+                node_id=self._node_id,
+                exit_code=exit_code,
+                signal=signal,
+                reason=reason,
+            )
+        )
 
     def _refresh(self, inst: _Instance) -> None:
         if inst.state is InstanceState.BOOTING:
@@ -862,8 +948,11 @@ class InstanceManager:
             else:
                 inst.exit_code = info.exit_code
             adopted.append(inst)
-        log.info("adopted %d containers (%d running)", len(adopted),
-                 sum(1 for i in adopted if i.state is InstanceState.RUNNING))
+        log.info(
+            "adopted %d containers (%d running)",
+            len(adopted),
+            sum(1 for i in adopted if i.state is InstanceState.RUNNING),
+        )
         return [_snapshot(inst) for inst in adopted]
 
     async def _reconcile_loop(self) -> None:
@@ -886,8 +975,11 @@ class InstanceManager:
             if inst.state is InstanceState.RUNNING and inst.ready_at < listed_at:
                 if info is None or not info.running:
                     self._container_gone(inst, info)
-                elif info.ip is not None and inst.upstream is not None \
-                        and info.ip != inst.upstream.host:
+                elif (
+                    info.ip is not None
+                    and inst.upstream is not None
+                    and info.ip != inst.upstream.host
+                ):
                     inst.upstream = Upstream(info.ip, inst.upstream.port)
             elif inst.state is InstanceState.STOPPED and info is None:
                 inst.container_id = None  # removed behind our back: the next boot creates one
@@ -897,8 +989,7 @@ class InstanceManager:
         inst.exit_code = info.exit_code if info is not None else None
         if info is None:
             inst.container_id = None
-            log.warning("container of %s/%s was removed while running", inst.class_name,
-                        inst.name)
+            log.warning("container of %s/%s was removed while running", inst.class_name, inst.name)
         inst.upstream = None
         inst.healthy = False
         self._set_state(inst, InstanceState.STOPPED)
@@ -959,10 +1050,18 @@ async def tcp_port_answers(host: str, port: int) -> bool:
 
 def _snapshot(inst: _Instance, pinned: bool = False) -> InstanceSnapshot:
     return InstanceSnapshot(
-        id=inst.id, name=inst.name, class_name=inst.class_name, state=inst.state,
-        container_id=inst.container_id, upstream=inst.upstream, in_flight=inst.in_flight,
-        last_activity=inst.last_activity, exit_code=inst.exit_code, vcpu=inst.vcpu,
-        pinned=pinned, memory_mib=inst.memory_mib,
+        id=inst.id,
+        name=inst.name,
+        class_name=inst.class_name,
+        state=inst.state,
+        container_id=inst.container_id,
+        upstream=inst.upstream,
+        in_flight=inst.in_flight,
+        last_activity=inst.last_activity,
+        exit_code=inst.exit_code,
+        vcpu=inst.vcpu,
+        pinned=pinned,
+        memory_mib=inst.memory_mib,
     )
 
 

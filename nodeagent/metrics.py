@@ -10,8 +10,24 @@ from prometheus_client import Counter, Gauge, Histogram
 # Boots range from ~100 ms (a warm wake) to the longest boot_timeout a class may set.
 _BOOT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 # A proxied request costs the agent well under a millisecond; the rest is the container's time.
-_PROXY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                  10.0, 30.0, 60.0)
+_PROXY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 BOOTS = Counter(
     "portside_agent_boots_total",

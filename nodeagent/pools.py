@@ -34,8 +34,9 @@ class PoolKeeper:
     started and kept awake, every draining or unassigned one drained and removed. A start
     that fails is retried with backoff (2 s doubling to 60 s), like a crash loop."""
 
-    def __init__(self, manager: InstanceManager,
-                 get_class: Callable[[str], ContainerClass | None]) -> None:
+    def __init__(
+        self, manager: InstanceManager, get_class: Callable[[str], ContainerClass | None]
+    ) -> None:
         self.manager = manager
         self.get_class = get_class
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -67,10 +68,15 @@ class PoolKeeper:
             self.failures.pop(a.instance_id, None)
         except PortsideError as exc:
             count = self.failures.get(a.instance_id, (0, 0.0))[0] + 1
-            delay = min(60.0, 2.0 ** count)
+            delay = min(60.0, 2.0**count)
             self.failures[a.instance_id] = (count, time.monotonic() + delay)
-            log.warning("pool instance %s/%s did not start (%s); retrying in %gs", cls.name,
-                        a.name, exc, delay)
+            log.warning(
+                "pool instance %s/%s did not start (%s); retrying in %gs",
+                cls.name,
+                a.name,
+                exc,
+                delay,
+            )
 
     def _spawn(self, iid: str, work: Coroutine[Any, Any, None]) -> None:
         if iid in self.tasks:
@@ -113,8 +119,12 @@ class UsageSampler:
     Sampling on wall-clock boundaries lines the intervals up across nodes (NTP keeps them within
     milliseconds), and the autoscaler ticks in the middle of each interval."""
 
-    def __init__(self, manager: InstanceManager, runtime: ContainerRuntime,
-                 every_s: float = CPU_SAMPLE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        runtime: ContainerRuntime,
+        every_s: float = CPU_SAMPLE_INTERVAL_S,
+    ) -> None:
         self.manager = manager
         self.runtime = runtime
         self.every_s = every_s
@@ -133,8 +143,11 @@ class UsageSampler:
                 on_sample()
 
     async def sample(self) -> None:
-        running = [s for s in self.manager.snapshot()
-                   if s.state is InstanceState.RUNNING and s.container_id]
+        running = [
+            s
+            for s in self.manager.snapshot()
+            if s.state is InstanceState.RUNNING and s.container_id
+        ]
         for snap in running:
             cid = snap.container_id
             assert cid is not None
@@ -145,8 +158,13 @@ class UsageSampler:
                     continue
                 if info.pid:
                     self.pids[cid] = info.pid
-        usage = self.sampler.sample({s.container_id: self.pids[s.container_id]
-                                     for s in running if s.container_id in self.pids})
+        usage = self.sampler.sample(
+            {
+                s.container_id: self.pids[s.container_id]
+                for s in running
+                if s.container_id in self.pids
+            }
+        )
         for cid in list(self.pids):
             if cid not in usage:
                 del self.pids[cid]  # stopped or restarted: look its PID up again when it runs
@@ -158,8 +176,10 @@ class UsageSampler:
                 cpu = cpu_percent(u, snap.vcpu) if snap.vcpu > 0 else None
                 # The CPU quota holds use at 100% of the instance type; a reading above it is the
                 # jitter of two short intervals, and at a 50% target 101% would ask for 3, not 2.
-                latest[snap.id] = Usage(cpu_percent=None if cpu is None else min(cpu, 100.0),
-                                        memory_bytes=u.memory_bytes)
+                latest[snap.id] = Usage(
+                    cpu_percent=None if cpu is None else min(cpu, 100.0),
+                    memory_bytes=u.memory_bytes,
+                )
                 labels = (snap.class_name, snap.name)
                 exported.add(labels)
                 if cpu is not None:

@@ -40,13 +40,31 @@ ERROR_HEADER = istr("Portside-Error")
 
 # RFC 9110 7.6.1: meant for one connection only, never forwarded (plus the legacy
 # Proxy-Connection); the names a Connection header lists are dropped too.
-_HOP_BY_HOP = frozenset(istr(h) for h in (
-    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-    "TE", "Trailer", "Transfer-Encoding", "Upgrade"))
+_HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
 # aiohttp writes its own handshake for the upstream WebSocket.
-_WS_HANDSHAKE = frozenset(istr(h) for h in (
-    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-    "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept"))
+_WS_HANDSHAKE = frozenset(
+    istr(h)
+    for h in (
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Extensions",
+        "Sec-WebSocket-Protocol",
+        "Sec-WebSocket-Accept",
+    )
+)
 # Without these, aiohttp would add Accept and "Accept-Encoding: gzip, deflate" to requests that
 # did not have them, and the client could get a compressed body it never asked for.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -87,9 +105,12 @@ class DataPlane:
     `portside.net.start_http_server(plane.app(), address)`. The upstream session lives with the
     application (made on its startup, closed on its cleanup)."""
 
-    def __init__(self, manager: InstanceManager,
-                 get_class: Callable[[str], ContainerClass | None],
-                 deadlines: Deadlines | None = None) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        get_class: Callable[[str], ContainerClass | None],
+        deadlines: Deadlines | None = None,
+    ) -> None:
         self._manager = manager
         self._get_class = get_class
         self._deadlines = deadlines or Deadlines()
@@ -123,20 +144,31 @@ class DataPlane:
         name = request.headers.get(INSTANCE_HEADER)
         if not name:
             if request.path == "/metrics" and request.method == "GET":
-                return web.Response(body=generate_latest(),
-                                    headers={"Content-Type": CONTENT_TYPE_LATEST})
+                return web.Response(
+                    body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+                )
             if request.path == "/healthz":
                 return web.Response(text="ok")
         if not class_name:
-            return error_response(400, "no-class", "request has no Portside-Class header: "
-                                  "send it through a Portside edge")
+            return error_response(
+                400,
+                "no-class",
+                "request has no Portside-Class header: send it through a Portside edge",
+            )
         if not name:
-            return error_response(400, "no-instance", f"request for class {class_name} has no "
-                                  "Portside-Instance header: send it through a Portside edge")
+            return error_response(
+                400,
+                "no-instance",
+                f"request for class {class_name} has no "
+                "Portside-Instance header: send it through a Portside edge",
+            )
         cls = self._get_class(class_name)
         if cls is None:
-            return error_response(404, "unknown-class", f"class {class_name} is not deployed "
-                                  "(this node agent does not know it)")
+            return error_response(
+                404,
+                "unknown-class",
+                f"class {class_name} is not deployed (this node agent does not know it)",
+            )
         started = time.perf_counter()
         status = _CLIENT_GONE
         try:
@@ -152,8 +184,9 @@ class DataPlane:
 
     # -- HTTP ---------------------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request, cls: ContainerClass,
-                       name: str) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, cls: ContainerClass, name: str
+    ) -> web.StreamResponse:
         leases: list[Lease] = []  # more than one when a dead container was booted again
         try:
             leases.append(await self._manager.acquire(cls, name))
@@ -168,8 +201,9 @@ class DataPlane:
             for lease in leases:
                 lease.release()
 
-    async def _send(self, request: web.Request, cls: ContainerClass, name: str,
-                    leases: list[Lease]) -> aiohttp.ClientResponse:
+    async def _send(
+        self, request: web.Request, cls: ContainerClass, name: str, leases: list[Lease]
+    ) -> aiohttp.ClientResponse:
         """Send the request head (and body) upstream; if the container turns out to have died
         before the request was sent, boot it again and send once more (appending to `leases`).
 
@@ -182,33 +216,51 @@ class DataPlane:
             sent_at = datetime.now(UTC)
             try:
                 return await self.session.request(
-                    request.method, _upstream_url(request, lease), headers=headers, data=body,
-                    allow_redirects=False, skip_auto_headers=_NO_AUTO_HEADERS)
+                    request.method,
+                    _upstream_url(request, lease),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 info = await self._recheck(lease)
                 if info is not None and info.running:
-                    raise _UpstreamFailed(502, "upstream-refused",
-                                          _refused(cls, name, lease, exc, info)) from exc
+                    raise _UpstreamFailed(
+                        502, "upstream-refused", _refused(cls, name, lease, exc, info)
+                    ) from exc
                 if len(leases) > 1 or _exited_since(info, sent_at):
                     # It died with this request (or its retry by aiohttp) in hand, or again
                     # right after a reboot: sending it once more would do the same.
-                    raise _UpstreamFailed(502, "container-exited",
-                                          _exited(cls, name, info)) from exc
+                    raise _UpstreamFailed(
+                        502, "container-exited", _exited(cls, name, info)
+                    ) from exc
                 # It died while idle, before this request: boot it again and send once more.
                 lease.release()
                 leases.append(await self._manager.acquire(cls, name))
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                    aiohttp.ClientPayloadError) as exc:
+            except (
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError,
+                aiohttp.ClientPayloadError,
+            ) as exc:
                 info = await self._recheck(lease)
                 if info is None or not info.running:
-                    raise _UpstreamFailed(502, "container-exited",
-                                          _exited(cls, name, info)) from exc
-                raise _UpstreamFailed(502, "upstream-reset", f"container for {cls.name}/{name} "
-                                      f"closed the connection before answering ({exc!r})") from exc
+                    raise _UpstreamFailed(
+                        502, "container-exited", _exited(cls, name, info)
+                    ) from exc
+                raise _UpstreamFailed(
+                    502,
+                    "upstream-reset",
+                    f"container for {cls.name}/{name} "
+                    f"closed the connection before answering ({exc!r})",
+                ) from exc
             except TimeoutError as exc:
-                raise _UpstreamFailed(504, "upstream-timeout", f"container for {cls.name}/{name} "
-                                      f"sent no answer within {self._deadlines.upstream_read:g}s"
-                                      ) from exc
+                raise _UpstreamFailed(
+                    504,
+                    "upstream-timeout",
+                    f"container for {cls.name}/{name} "
+                    f"sent no answer within {self._deadlines.upstream_read:g}s",
+                ) from exc
 
     async def _recheck(self, lease: Lease) -> ContainerInfo | None:
         """The container after a failed exchange. A container whose server just died can still
@@ -219,10 +271,14 @@ class DataPlane:
             info = await self._manager.recheck(lease)
         return info
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     cls: ContainerClass, name: str) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                      headers=_downstream_headers(upstream.headers))
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, cls: ContainerClass, name: str
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=_downstream_headers(upstream.headers),
+        )
         await response.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
@@ -230,8 +286,14 @@ class DataPlane:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The head is sent, so no error answer is possible: cut the client's connection too,
             # so it sees a truncated response rather than a complete-looking short one.
-            log.warning("container for %s/%s broke off its answer to %s %s: %r", cls.name, name,
-                        request.method, request.path, exc)
+            log.warning(
+                "container for %s/%s broke off its answer to %s %s: %r",
+                cls.name,
+                name,
+                request.method,
+                request.path,
+                exc,
+            )
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
@@ -241,8 +303,9 @@ class DataPlane:
 
     # -- WebSocket ------------------------------------------------------------------------------
 
-    async def _websocket(self, request: web.Request, cls: ContainerClass,
-                         name: str) -> web.StreamResponse:
+    async def _websocket(
+        self, request: web.Request, cls: ContainerClass, name: str
+    ) -> web.StreamResponse:
         try:
             lease = await self._manager.acquire(cls, name)
         except PortsideError as exc:
@@ -252,26 +315,43 @@ class DataPlane:
             headers = _upstream_headers(request)
             for header in _WS_HANDSHAKE:
                 headers.popall(header, None)
-            protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "")
-                         .split(",") if p.strip()]
+            protocols = [
+                p.strip()
+                for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+                if p.strip()
+            ]
             try:
                 upstream = await self.session.ws_connect(
-                    _upstream_url(request, lease), headers=headers, protocols=protocols,
-                    max_msg_size=0, autoping=True)
+                    _upstream_url(request, lease),
+                    headers=headers,
+                    protocols=protocols,
+                    max_msg_size=0,
+                    autoping=True,
+                )
             except aiohttp.WSServerHandshakeError as exc:
-                return error_response(502, "upstream-refused", f"container for {cls.name}/{name} "
-                                      f"refused the WebSocket upgrade with status {exc.status}")
+                return error_response(
+                    502,
+                    "upstream-refused",
+                    f"container for {cls.name}/{name} "
+                    f"refused the WebSocket upgrade with status {exc.status}",
+                )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 info = await self._recheck(lease)
-                return error_response(502, "upstream-refused",
-                                      _refused(cls, name, lease, exc, info))
+                return error_response(
+                    502, "upstream-refused", _refused(cls, name, lease, exc, info)
+                )
             except aiohttp.ClientError as exc:
-                return error_response(502, "upstream-reset", f"container for {cls.name}/{name} "
-                                      f"broke the WebSocket upgrade: {exc}")
+                return error_response(
+                    502,
+                    "upstream-reset",
+                    f"container for {cls.name}/{name} broke the WebSocket upgrade: {exc}",
+                )
             async with upstream:
                 client = web.WebSocketResponse(
                     protocols=(upstream.protocol,) if upstream.protocol else (),
-                    max_msg_size=0, autoping=True)
+                    max_msg_size=0,
+                    autoping=True,
+                )
                 await client.prepare(request)
                 await _pump_both_ways(client, upstream)
                 return client
@@ -279,8 +359,9 @@ class DataPlane:
             lease.release()
 
 
-async def _pump_both_ways(client: web.WebSocketResponse,
-                          upstream: aiohttp.ClientWebSocketResponse) -> None:
+async def _pump_both_ways(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
     to_upstream = asyncio.create_task(_pump(client, upstream))
     to_client = asyncio.create_task(_pump(upstream, client))
     try:
@@ -297,8 +378,10 @@ async def _pump_both_ways(client: web.WebSocketResponse,
                 await ws.close()
 
 
-async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+async def _pump(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+) -> None:
     while True:
         message = await source.receive()
         if message.type is WSMsgType.TEXT:
@@ -306,8 +389,10 @@ async def _pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
         elif message.type is WSMsgType.BINARY:
             await sink.send_bytes(message.data)
         else:  # CLOSE (answered already: autoclose), CLOSING, CLOSED or ERROR
-            await sink.close(code=_forwardable_close_code(source.close_code),
-                             message=str(message.extra or "").encode()[:120])
+            await sink.close(
+                code=_forwardable_close_code(source.close_code),
+                message=str(message.extra or "").encode()[:120],
+            )
             return
 
 
@@ -332,8 +417,12 @@ def _upstream_url(request: web.Request, lease: Lease) -> URL:
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[istr]:
-    return {istr(token.strip()) for value in headers.getall("Connection", ())
-            for token in value.split(",") if token.strip()}
+    return {
+        istr(token.strip())
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
 
 
 def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
@@ -341,8 +430,9 @@ def _upstream_headers(request: web.Request) -> CIMultiDict[str]:
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if istr(k) not in drop)
     forwarded_for = request.headers.get("X-Forwarded-For")
     if request.remote:
-        headers["X-Forwarded-For"] = (f"{forwarded_for}, {request.remote}" if forwarded_for
-                                      else request.remote)
+        headers["X-Forwarded-For"] = (
+            f"{forwarded_for}, {request.remote}" if forwarded_for else request.remote
+        )
     # An edge in front already set these from the original request: keep what it saw.
     headers.setdefault("X-Forwarded-Proto", request.scheme)
     if request.host:
@@ -355,8 +445,9 @@ def _downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if istr(k) not in drop)
 
 
-def _refused(cls: ContainerClass, name: str, lease: Lease, exc: OSError,
-             info: ContainerInfo | None) -> str:
+def _refused(
+    cls: ContainerClass, name: str, lease: Lease, exc: OSError, info: ContainerInfo | None
+) -> str:
     host, port = lease.upstream
     if info is None:
         state = "was removed"
@@ -364,8 +455,9 @@ def _refused(cls: ContainerClass, name: str, lease: Lease, exc: OSError,
         state = "is running but did not accept a connection to"
     else:
         state = f"exited with code {info.exit_code} and did not accept a connection to"
-    return (f"container for {cls.name}/{name} {state} its port {port} at {host}: "
-            f"{exc.strerror or exc}")
+    return (
+        f"container for {cls.name}/{name} {state} its port {port} at {host}: {exc.strerror or exc}"
+    )
 
 
 def _exited_since(info: ContainerInfo | None, moment: datetime) -> bool:

@@ -81,7 +81,7 @@ class Overrides:
 
     @property
     def digest(self) -> str:
-        """"" for no overrides, else a short stable hash (the container's label)."""
+        """ "" for no overrides, else a short stable hash (the container's label)."""
         if not self.entrypoint and not self.env:
             return ""
         canonical = json.dumps([list(self.entrypoint), sorted(self.env.items())])
@@ -159,8 +159,9 @@ class ContainerRuntime(Protocol):
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
         """This node's containers, any status, optionally narrowed by more labels."""
 
-    async def create(self, cls: ContainerClass, name: str,
-                     overrides: Overrides = NO_OVERRIDES) -> str:
+    async def create(
+        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
         """Create (not start) the container of instance `name`; return its id. If it already
         exists (a create whose answer was lost), return the existing one's id."""
 
@@ -168,8 +169,9 @@ class ContainerRuntime(Protocol):
         """Start the container (no-op when running) and inspect it: its IP may change on
         every start. The returned status shows whether it already exited."""
 
-    async def stop(self, container_id: str, grace_s: float,
-                   signum: int | None = None) -> int | None:
+    async def stop(
+        self, container_id: str, grace_s: float, signum: int | None = None
+    ) -> int | None:
         """`signum` (None: the image's stop signal, SIGTERM by default), then SIGKILL after
         `grace_s` seconds; no-op when not running. Returns the exit code it stopped with (None
         if unknown)."""
@@ -177,12 +179,19 @@ class ContainerRuntime(Protocol):
     async def signal(self, container_id: str, signum: int) -> None:
         """Send `signum` to the container's main process. FailedPrecondition: not running."""
 
-    async def exec(self, container_id: str, command: Sequence[str], env: Mapping[str, str],
-                   working_dir: str, stdin: bool) -> ExecProcess:
+    async def exec(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        working_dir: str,
+        stdin: bool,
+    ) -> ExecProcess:
         """Run `command` in the running container. FailedPrecondition: not running."""
 
-    def logs(self, container_id: str, follow: bool, tail: int) -> AsyncIterator[
-            tuple[Stream, bytes]]:
+    def logs(
+        self, container_id: str, follow: bool, tail: int
+    ) -> AsyncIterator[tuple[Stream, bytes]]:
         """The container's output (the last `tail` lines first; 0: all), and with `follow` what
         it writes next, until it stops."""
 
@@ -207,9 +216,15 @@ class DockerRuntime:
     engine failure `Unavailable` with Docker's own explanation.
     """
 
-    def __init__(self, node_id: str, client: docker.DockerClient | None = None, *,
-                 workers: int = 16, internal_network: str = NETWORK_INTERNAL,
-                 egress_network: str = NETWORK_EGRESS) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        client: docker.DockerClient | None = None,
+        *,
+        workers: int = 16,
+        internal_network: str = NETWORK_INTERNAL,
+        egress_network: str = NETWORK_EGRESS,
+    ) -> None:
         if not node_id or not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", node_id):
             raise ValueError(f"node id {node_id!r} cannot be part of a container name")
         self.node_id = node_id
@@ -258,7 +273,10 @@ class DockerRuntime:
         if not existing:
             try:
                 api.create_network(
-                    name, driver="bridge", internal=internal, check_duplicate=True,
+                    name,
+                    driver="bridge",
+                    internal=internal,
+                    check_duplicate=True,
                     labels={LABEL_MANAGED: "true"},
                     # Instances of different users share the bridge: no container-to-container
                     # traffic, only the agent on the host reaches them.
@@ -275,11 +293,17 @@ class DockerRuntime:
         # matters. None is removed: a stopped container may still need it.
         chosen = min(existing, key=lambda n: (n.get("Created", ""), n["Id"]))
         if len(existing) > 1:
-            log.warning("%d docker networks are named %s; using the oldest, %s", len(existing),
-                        name, chosen["Id"][:12])
+            log.warning(
+                "%d docker networks are named %s; using the oldest, %s",
+                len(existing),
+                name,
+                chosen["Id"][:12],
+            )
         if chosen.get("Internal", False) != internal:
-            raise Unavailable(f"docker: network {name} exists with internal="
-                              f"{chosen.get('Internal')}; remove it so Portside can recreate it")
+            raise Unavailable(
+                f"docker: network {name} exists with internal="
+                f"{chosen.get('Internal')}; remove it so Portside can recreate it"
+            )
         net_id: str = chosen["Id"]
         return net_id
 
@@ -294,13 +318,15 @@ class DockerRuntime:
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
         wanted = {LABEL_NODE: self.node_id, **(labels or {})}
         summaries = await self._call(
-            self._client.api.containers, all=True,
+            self._client.api.containers,
+            all=True,
             filters={"label": [f"{k}={v}" for k, v in wanted.items()]},
         )
         return [_from_summary(s) for s in summaries]
 
-    async def create(self, cls: ContainerClass, name: str,
-                     overrides: Overrides = NO_OVERRIDES) -> str:
+    async def create(
+        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
         network = await self._network_for(cls)
         try:
             return await self._call(self._create, cls, name, network, overrides)
@@ -309,24 +335,35 @@ class DockerRuntime:
                 raise
             # Someone removed our network since it was ensured: make it again, once.
             self._networks.clear()
-            return await self._call(self._create, cls, name, await self._network_for(cls),
-                                    overrides)
+            return await self._call(
+                self._create, cls, name, await self._network_for(cls), overrides
+            )
 
-    def _create(self, cls: ContainerClass, name: str, network: str,
-                overrides: Overrides = NO_OVERRIDES) -> str:
+    def _create(
+        self, cls: ContainerClass, name: str, network: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
         api = self._client.api
         iid = instance_id(cls.name, name)
         cname = container_name(self.node_id, iid)
         labels = {
-            LABEL_CLASS: cls.name, LABEL_INSTANCE: name, LABEL_INSTANCE_ID: iid,
-            LABEL_NODE: self.node_id, LABEL_PORT: str(cls.default_port),
+            LABEL_CLASS: cls.name,
+            LABEL_INSTANCE: name,
+            LABEL_INSTANCE_ID: iid,
+            LABEL_NODE: self.node_id,
+            LABEL_PORT: str(cls.default_port),
             LABEL_VCPU: repr(cls.instance_type.vcpu),
             LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
             LABEL_OVERRIDES: overrides.digest,
         }
         # Portside's variables win over the class's and a Start's: the agent connects to PORT.
-        env = {**cls.env, **overrides.env, "PORTSIDE_CLASS": cls.name, "PORTSIDE_INSTANCE": name,
-               "PORTSIDE_INSTANCE_ID": iid, "PORT": str(cls.default_port)}
+        env = {
+            **cls.env,
+            **overrides.env,
+            "PORTSIDE_CLASS": cls.name,
+            "PORTSIDE_INSTANCE": name,
+            "PORTSIDE_INSTANCE_ID": iid,
+            "PORT": str(cls.default_port),
+        }
         entrypoint = list(overrides.entrypoint or cls.entrypoint) or None
         memory = cls.instance_type.memory_mib * 1024 * 1024
         host_config = api.create_host_config(
@@ -345,10 +382,15 @@ class DockerRuntime:
         )
         try:
             created = api.create_container(
-                image=cls.image, name=cname, labels=labels, environment=env,
-                entrypoint=entrypoint, host_config=host_config,
+                image=cls.image,
+                name=cname,
+                labels=labels,
+                environment=env,
+                entrypoint=entrypoint,
+                host_config=host_config,
                 networking_config=api.create_networking_config(
-                    {network: api.create_endpoint_config()}),
+                    {network: api.create_endpoint_config()}
+                ),
             )
         except docker.errors.APIError as exc:
             if exc.status_code != 409:
@@ -357,8 +399,11 @@ class DockerRuntime:
             # before it recorded the id). Reuse it if it is this instance's on this node.
             existing = api.inspect_container(cname)
             found = existing.get("Config", {}).get("Labels") or {}
-            if found.get(LABEL_NODE) != self.node_id or found.get(LABEL_INSTANCE_ID) != iid \
-                    or found.get(LABEL_OVERRIDES, "") != overrides.digest:
+            if (
+                found.get(LABEL_NODE) != self.node_id
+                or found.get(LABEL_INSTANCE_ID) != iid
+                or found.get(LABEL_OVERRIDES, "") != overrides.digest
+            ):
                 raise
             log.info("reusing existing container %s for %s/%s", cname, cls.name, name)
             reused: str = existing["Id"]
@@ -370,13 +415,15 @@ class DockerRuntime:
         await self._call(self._client.api.start, container_id)
         return await self.inspect(container_id)
 
-    async def stop(self, container_id: str, grace_s: float,
-                   signum: int | None = None) -> int | None:
+    async def stop(
+        self, container_id: str, grace_s: float, signum: int | None = None
+    ) -> int | None:
         if signum is None:
             # Docker's stop honours the image's STOPSIGNAL; it takes whole seconds, and 0 would
             # mean an immediate SIGKILL.
-            await self._call(self._client.api.stop, container_id,
-                             timeout=max(1, math.ceil(grace_s)))
+            await self._call(
+                self._client.api.stop, container_id, timeout=max(1, math.ceil(grace_s))
+            )
         else:
             await self._call(self._stop_with, container_id, grace_s, signum)
         try:
@@ -416,23 +463,36 @@ class DockerRuntime:
                 raise _NotRunning(str(exc)) from exc
             raise
 
-    async def exec(self, container_id: str, command: Sequence[str], env: Mapping[str, str],
-                   working_dir: str, stdin: bool) -> ExecProcess:
+    async def exec(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        working_dir: str,
+        stdin: bool,
+    ) -> ExecProcess:
         if not command:
             raise InvalidArgument("command: must not be empty")
         try:
             created = await self._call(
-                self._client.api.exec_create, container_id, list(command), stdout=True, stderr=True,
-                stdin=stdin, tty=False, environment=dict(env) or None,
-                workdir=working_dir or None)
+                self._client.api.exec_create,
+                container_id,
+                list(command),
+                stdout=True,
+                stderr=True,
+                stdin=stdin,
+                tty=False,
+                environment=dict(env) or None,
+                workdir=working_dir or None,
+            )
         except Unavailable as exc:
             if "is not running" in str(exc) or "is paused" in str(exc):
-                raise FailedPrecondition(
-                    f"container {container_id[:12]} is not running") from exc
+                raise FailedPrecondition(f"container {container_id[:12]} is not running") from exc
             raise
         exec_id: str = created["Id"]
         reader, writer = await self._open_stream(
-            "POST", f"/exec/{exec_id}/start", body={"Detach": False, "Tty": False}, upgrade=True)
+            "POST", f"/exec/{exec_id}/start", body={"Detach": False, "Tty": False}, upgrade=True
+        )
         return _DockerExec(self, exec_id, reader, writer)
 
     async def _exec_exit_code(self, exec_id: str) -> int:
@@ -445,21 +505,29 @@ class DockerRuntime:
             await asyncio.sleep(0.02)
         raise Unavailable(f"docker: exec {exec_id[:12]} still running after its output ended")
 
-    async def logs(self, container_id: str, follow: bool, tail: int) -> AsyncIterator[
-            tuple[Stream, bytes]]:
-        query = urlencode({"stdout": 1, "stderr": 1, "follow": int(follow),
-                           "tail": str(tail) if tail > 0 else "all"})
+    async def logs(
+        self, container_id: str, follow: bool, tail: int
+    ) -> AsyncIterator[tuple[Stream, bytes]]:
+        query = urlencode(
+            {
+                "stdout": 1,
+                "stderr": 1,
+                "follow": int(follow),
+                "tail": str(tail) if tail > 0 else "all",
+            }
+        )
         reader, writer = await self._open_stream(
-            "GET", f"/containers/{quote(container_id)}/logs?{query}")
+            "GET", f"/containers/{quote(container_id)}/logs?{query}"
+        )
         try:
             async for item in _frames(_ChunkedBody(reader)):
                 yield item
         finally:
             writer.close()
 
-    async def _open_stream(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                           upgrade: bool = False) -> tuple[asyncio.StreamReader,
-                                                           asyncio.StreamWriter]:
+    async def _open_stream(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, upgrade: bool = False
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A raw HTTP/1.1 exchange with the engine, for the streams the SDK cannot give
         asynchronously (exec with stdin, logs by stream): returns the connection after the
         response head, the body unread. Errors become NotFound / Unavailable."""
@@ -535,8 +603,13 @@ class _DockerExec:
     """An exec's hijacked connection: Docker multiplexes stdout and stderr on it in frames of
     an 8-byte header (stream, 0, 0, 0, big-endian length) and the payload; we write stdin."""
 
-    def __init__(self, runtime: DockerRuntime, exec_id: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        exec_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         self._runtime = runtime
         self.exec_id = exec_id
         self._reader, self._writer = reader, writer
@@ -566,8 +639,7 @@ class _DockerExec:
 _STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
 
 
-async def _frames(body: asyncio.StreamReader | _ChunkedBody) -> AsyncIterator[
-        tuple[Stream, bytes]]:
+async def _frames(body: asyncio.StreamReader | _ChunkedBody) -> AsyncIterator[tuple[Stream, bytes]]:
     while True:
         try:
             header = await body.readexactly(8)
@@ -612,8 +684,9 @@ async def _connect(api: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     if base.startswith("http://"):
         host, _, port = base.removeprefix("http://").partition(":")
         return await asyncio.open_connection(host, int(port or 2375), limit=1 << 20)
-    raise Unavailable(f"docker: exec and logs need the engine on a unix socket or plain TCP, "
-                      f"not {base}")
+    raise Unavailable(
+        f"docker: exec and logs need the engine on a unix socket or plain TCP, not {base}"
+    )
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
@@ -646,14 +719,20 @@ class _EventFeed:
 
     KINDS = frozenset({"die", "oom", "start", "destroy"})
 
-    def __init__(self, api: Any, node_id: str, loop: asyncio.AbstractEventLoop,
-                 queue: asyncio.Queue[ContainerEvent]) -> None:
+    def __init__(
+        self,
+        api: Any,
+        node_id: str,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[ContainerEvent],
+    ) -> None:
         self._api, self._node_id, self._loop, self._queue = api, node_id, loop, queue
         self._closing = threading.Event()
         self._stream: Any = None
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"docker-events-{node_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"docker-events-{node_id}", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -674,8 +753,10 @@ class _EventFeed:
         while not self._closing.is_set():
             try:
                 stream = self._api.events(
-                    decode=True, since=since,
-                    filters={"label": f"{LABEL_NODE}={self._node_id}", "type": "container"})
+                    decode=True,
+                    since=since,
+                    filters={"label": f"{LABEL_NODE}={self._node_id}", "type": "container"},
+                )
                 with self._lock:
                     self._stream = stream
                 if self._closing.is_set():
@@ -714,7 +795,8 @@ def _container_event(raw: Mapping[str, Any]) -> ContainerEvent | None:
     code = attributes.get("exitCode")
     nano = int(raw.get("timeNano") or 0)
     return ContainerEvent(
-        kind=kind, container_id=container_id,
+        kind=kind,
+        container_id=container_id,
         instance_id=attributes.get(LABEL_INSTANCE_ID, ""),
         time=nano / 1e9 if nano else float(raw.get("time") or 0),
         exit_code=int(code) if code is not None and code.lstrip("-").isdigit() else None,
@@ -753,7 +835,8 @@ def _time(text: str | None) -> datetime | None:
         return datetime.fromisoformat(text)
     whole, fraction = match.groups()
     return datetime.fromisoformat(whole).replace(
-        microsecond=int((fraction or "0")[:6].ljust(6, "0")), tzinfo=UTC)
+        microsecond=int((fraction or "0")[:6].ljust(6, "0")), tzinfo=UTC
+    )
 
 
 def _from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
@@ -796,8 +879,23 @@ def _from_summary(data: Mapping[str, Any]) -> ContainerInfo:
 
 
 __all__ = [
-    "CAP_DROP", "LABEL_CLASS", "LABEL_INSTANCE", "LABEL_INSTANCE_ID", "LABEL_NODE",
-    "LABEL_OVERRIDES", "LABEL_PORT", "NETWORK_EGRESS", "NETWORK_INTERNAL", "NO_OVERRIDES",
-    "PIDS_LIMIT", "ContainerEvent", "ContainerInfo", "ContainerRuntime", "DockerRuntime",
-    "ExecProcess", "Overrides", "Stream", "container_name",
+    "CAP_DROP",
+    "LABEL_CLASS",
+    "LABEL_INSTANCE",
+    "LABEL_INSTANCE_ID",
+    "LABEL_NODE",
+    "LABEL_OVERRIDES",
+    "LABEL_PORT",
+    "NETWORK_EGRESS",
+    "NETWORK_INTERNAL",
+    "NO_OVERRIDES",
+    "PIDS_LIMIT",
+    "ContainerEvent",
+    "ContainerInfo",
+    "ContainerRuntime",
+    "DockerRuntime",
+    "ExecProcess",
+    "Overrides",
+    "Stream",
+    "container_name",
 ]

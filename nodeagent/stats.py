@@ -16,8 +16,18 @@ UNIFIED = ""
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 # Kernel mount flags that appear among a cgroup v1 mount's super options next to its controllers.
-_MOUNT_FLAGS = frozenset({"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode",
-                          "favordynmods", "nofavordynmods"})
+_MOUNT_FLAGS = frozenset(
+    {
+        "rw",
+        "ro",
+        "noprefix",
+        "clone_children",
+        "xattr",
+        "cpuset_v2_mode",
+        "favordynmods",
+        "nofavordynmods",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -108,14 +118,13 @@ def _join(mount: CgroupMount, path: str) -> str | None:
     if mount.root == "/":
         relative = path
     elif path == mount.root or path.startswith(mount.root + "/"):
-        relative = path[len(mount.root):]
+        relative = path[len(mount.root) :]
     else:
         return None  # this mount shows another part of the hierarchy
     return mount.mount_point.rstrip("/") + relative
 
 
-def _v1_dir(controller: str, paths: Mapping[str, str],
-            mounts: Iterable[CgroupMount]) -> str | None:
+def _v1_dir(controller: str, paths: Mapping[str, str], mounts: Iterable[CgroupMount]) -> str | None:
     path = paths.get(controller)
     if path is None:
         return None
@@ -139,8 +148,9 @@ def _v2_dir(paths: Mapping[str, str], mounts: Iterable[CgroupMount]) -> str | No
     return None
 
 
-def locate_cgroup_dirs(paths: Mapping[str, str],
-                       mounts: Sequence[CgroupMount]) -> CgroupDirs | None:
+def locate_cgroup_dirs(
+    paths: Mapping[str, str], mounts: Sequence[CgroupMount]
+) -> CgroupDirs | None:
     """The directories of a process's CPU and memory counters, or None if either is not mounted.
 
     A v1 controller wins over the unified hierarchy: on a hybrid host (systemd's default on cgroup
@@ -152,8 +162,10 @@ def locate_cgroup_dirs(paths: Mapping[str, str],
     if (cpu is None or memory is None) and unified is None:
         return None
     return CgroupDirs(
-        cpu=cpu if cpu is not None else str(unified), cpu_v2=cpu is None,
-        memory=memory if memory is not None else str(unified), memory_v2=memory is None,
+        cpu=cpu if cpu is not None else str(unified),
+        cpu_v2=cpu is None,
+        memory=memory if memory is not None else str(unified),
+        memory_v2=memory is None,
     )
 
 
@@ -200,11 +212,17 @@ class CgroupSampler:
     run on the event loop. A container's first sample has `cpu_cores` None.
     """
 
-    def __init__(self, *, proc: str = "/proc", mounts: Sequence[CgroupMount] | None = None,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self,
+        *,
+        proc: str = "/proc",
+        mounts: Sequence[CgroupMount] | None = None,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         self._proc = proc
-        self._mounts = mounts if mounts is not None else parse_mountinfo(
-            _read(f"{proc}/self/mountinfo"))
+        self._mounts = (
+            mounts if mounts is not None else parse_mountinfo(_read(f"{proc}/self/mountinfo"))
+        )
         self._clock = clock
         self._dirs: dict[str, tuple[int, CgroupDirs]] = {}  # id -> (pid, dirs)
         self._last: dict[str, tuple[int, int]] = {}  # id -> (cpu ns, monotonic ns)
@@ -259,8 +277,9 @@ class CgroupSampler:
         if dirs is None:
             if not self._warned:
                 self._warned = True
-                log.warning("container %s: its cgroups (%s) are not mounted here",
-                            container_id[:12], paths)
+                log.warning(
+                    "container %s: its cgroups (%s) are not mounted here", container_id[:12], paths
+                )
             return None
         # Docker names its cgroups after the container (/docker/<id>, docker-<id>.scope). A PID
         # that the container's exit freed and another process took would point elsewhere.
@@ -284,7 +303,16 @@ class CgroupSampler:
 
 
 __all__ = [
-    "UNIFIED", "CgroupDirs", "CgroupMount", "CgroupSampler", "ContainerUsage", "cores_between",
-    "cpu_percent", "locate_cgroup_dirs", "parse_flat_keyed", "parse_mountinfo",
-    "parse_proc_cgroup", "working_set_bytes",
+    "UNIFIED",
+    "CgroupDirs",
+    "CgroupMount",
+    "CgroupSampler",
+    "ContainerUsage",
+    "cores_between",
+    "cpu_percent",
+    "locate_cgroup_dirs",
+    "parse_flat_keyed",
+    "parse_mountinfo",
+    "parse_proc_cgroup",
+    "working_set_bytes",
 ]

@@ -175,15 +175,30 @@ class UsageMeter:
 
     # -- runs -----------------------------------------------------------------------------------
 
-    def run_began(self, instance_id: str, class_name: str, instance_name: str,
-                  container_id: str | None, size: Size, *, adopted: bool = False) -> None:
+    def run_began(
+        self,
+        instance_id: str,
+        class_name: str,
+        instance_name: str,
+        container_id: str | None,
+        size: Size,
+        *,
+        adopted: bool = False,
+    ) -> None:
         """The container of `instance_id` runs from now. `adopted`: it ran before this agent
         started, so its counters are not at zero."""
         if instance_id in self._runs:
             self.run_ended(instance_id)
         self._runs[instance_id] = _Run(
-            class_name, instance_name, container_id, size, self.clock(), self.wall_clock(),
-            cpu_ns=None if adopted else 0, tx_bytes=None if adopted else 0)
+            class_name,
+            instance_name,
+            container_id,
+            size,
+            self.clock(),
+            self.wall_clock(),
+            cpu_ns=None if adopted else 0,
+            tx_bytes=None if adopted else 0,
+        )
 
     def run_ended(self, instance_id: str, at_wall: float | None = None) -> None:
         """The container stopped (`at_wall`: when, as the engine says, which may be a few tens
@@ -239,8 +254,9 @@ class UsageMeter:
 
     # -- readings -------------------------------------------------------------------------------
 
-    def observe(self, instance_id: str, container_id: str, cpu_ns: int | None,
-                tx_bytes: int | None) -> None:
+    def observe(
+        self, instance_id: str, container_id: str, cpu_ns: int | None, tx_bytes: int | None
+    ) -> None:
         """The cumulative counters of a running container, as the sampler read them (None:
         not read). A counter that went back belongs to a new cgroup or interface: all of it
         is new."""
@@ -320,16 +336,28 @@ def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, str, float | N
             meter.run_ended(snap.id, at)
             return
         found = meter.class_size(snap.class_name)
-        size = Size(snap.vcpu, snap.memory_mib, found[0] if found else 0,
-                    found[1] if found else False, known=found is not None)
-        meter.run_began(snap.id, snap.class_name, snap.name, snap.container_id, size,
-                        adopted=change == "adopted")
+        size = Size(
+            snap.vcpu,
+            snap.memory_mib,
+            found[0] if found else 0,
+            found[1] if found else False,
+            known=found is not None,
+        )
+        meter.run_began(
+            snap.id,
+            snap.class_name,
+            snap.name,
+            snap.container_id,
+            size,
+            adopted=change == "adopted",
+        )
 
     return on_run
 
 
-def observe_sample(meter: UsageMeter, sampler: UsageSampler, manager: InstanceManager,
-                   proc: str = "/proc") -> None:
+def observe_sample(
+    meter: UsageMeter, sampler: UsageSampler, manager: InstanceManager, proc: str = "/proc"
+) -> None:
     """After the sampler's round: add each metered run's CPU (the counters the sampler read) and
     egress; end runs of instances the manager no longer has (a safety net: it reports ends)."""
     known = {s.id: s for s in manager.snapshot()}
@@ -367,7 +395,21 @@ def parse_tx_bytes(net_dev: str, interface: str = "eth0") -> int | None:
 
 
 __all__ = [
-    "CPU_SECONDS_USED", "DISK_GB_SECONDS", "EGRESS_BYTES", "MEMORY_GIB_SECONDS", "TICK_S",
-    "VCPU_SECONDS", "Size", "Totals", "UsageBatch", "UsageKey", "UsageMeter", "follow_runs",
-    "observe_sample", "parse_tx_bytes", "read_tx_bytes", "ticks_by_day", "utc_day",
+    "CPU_SECONDS_USED",
+    "DISK_GB_SECONDS",
+    "EGRESS_BYTES",
+    "MEMORY_GIB_SECONDS",
+    "TICK_S",
+    "VCPU_SECONDS",
+    "Size",
+    "Totals",
+    "UsageBatch",
+    "UsageKey",
+    "UsageMeter",
+    "follow_runs",
+    "observe_sample",
+    "parse_tx_bytes",
+    "read_tx_bytes",
+    "ticks_by_day",
+    "utc_day",
 ]

@@ -169,12 +169,24 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = _client_parser(sub, "usage", "metered use and its cost per class and UTC day")
     p.add_argument("--class", dest="class_name", help="only this class")
     p.add_argument("--since", help="from this UTC day on, YYYY-MM-DD (default: all kept)")
-    p.add_argument("--price-vcpu", type=float, default=PRICE_VCPU_S,
-                   help=f"dollars per vCPU-second ({PRICE_VCPU_S})")
-    p.add_argument("--price-memory", type=float, default=PRICE_GIB_S,
-                   help=f"dollars per GiB-second of memory ({PRICE_GIB_S})")
-    p.add_argument("--price-disk", type=float, default=PRICE_DISK_GB_S,
-                   help=f"dollars per GB-second of disk ({PRICE_DISK_GB_S})")
+    p.add_argument(
+        "--price-vcpu",
+        type=float,
+        default=PRICE_VCPU_S,
+        help=f"dollars per vCPU-second ({PRICE_VCPU_S})",
+    )
+    p.add_argument(
+        "--price-memory",
+        type=float,
+        default=PRICE_GIB_S,
+        help=f"dollars per GiB-second of memory ({PRICE_GIB_S})",
+    )
+    p.add_argument(
+        "--price-disk",
+        type=float,
+        default=PRICE_DISK_GB_S,
+        help=f"dollars per GB-second of disk ({PRICE_DISK_GB_S})",
+    )
 
     p = _client_parser(sub, "state", "per-instance state values: get, put or delete a KEY")
     p.add_argument("action", choices=["get", "put", "delete"])
@@ -692,20 +704,40 @@ async def _usage(args: argparse.Namespace) -> int:
         total_row: dict[str, object] = dataclasses.asdict(total)
         del total_row["class_name"], total_row["day"]
         report: dict[str, object] = {
-            "prices": {"vcpu_second": prices[0], "memory_gib_second": prices[1],
-                       "disk_gb_second": prices[2]},
+            "prices": {
+                "vcpu_second": prices[0],
+                "memory_gib_second": prices[1],
+                "disk_gb_second": prices[2],
+            },
             "usage": [{**dataclasses.asdict(u), "cost": u.cost(*prices)} for u in days],
             "total": {**total_row, "cost": total.cost(*prices)},
         }
         _print_json(report)
         return 0
     _print_table(
-        ("CLASS", "DAY", "RUNNING S", "VCPU-S", "GIB-S", "DISK GB-S", "CPU USED S", "EGRESS B",
-         "COST"),
+        (
+            "CLASS",
+            "DAY",
+            "RUNNING S",
+            "VCPU-S",
+            "GIB-S",
+            "DISK GB-S",
+            "CPU USED S",
+            "EGRESS B",
+            "COST",
+        ),
         [
-            (u.class_name, u.day or "-", f"{u.running_ms / 1000:.2f}", f"{u.vcpu_seconds:.2f}",
-             f"{u.memory_gib_seconds:.2f}", f"{u.disk_gb_seconds:.2f}",
-             f"{u.cpu_seconds_used:.2f}", u.egress_bytes, f"${u.cost(*prices):.6f}")
+            (
+                u.class_name,
+                u.day or "-",
+                f"{u.running_ms / 1000:.2f}",
+                f"{u.vcpu_seconds:.2f}",
+                f"{u.memory_gib_seconds:.2f}",
+                f"{u.disk_gb_seconds:.2f}",
+                f"{u.cpu_seconds_used:.2f}",
+                u.egress_bytes,
+                f"${u.cost(*prices):.6f}",
+            )
             for u in [*days, total]
         ],
     )
@@ -726,6 +758,7 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "state": _state,
     "usage": _usage,
 }
+
 
 def _regions(as_json: bool) -> int:
     regions = sorted(geo.REGIONS.values(), key=lambda loc: (loc.area, loc.code))

@@ -56,8 +56,9 @@ async def follow_config(
         await backoff.wait()
 
 
-async def first_config(got_config: asyncio.Event, timeout_s: float, controlplane: str,
-                       what: str) -> None:
+async def first_config(
+    got_config: asyncio.Event, timeout_s: float, controlplane: str, what: str
+) -> None:
     """Wait a bounded time for the first config, so a daemon opens its port with routes and
     classes in place; an unreachable control plane only delays the start by `timeout_s`."""
     try:

@@ -28,16 +28,20 @@ def instance_type_from_pb(m: pb.InstanceType) -> InstanceType:
 
 def autoscaling_to_pb(a: Autoscaling) -> pb.Autoscaling:
     return pb.Autoscaling(
-        minimum_instances=a.minimum_instances, maximum_instances=a.maximum_instances,
-        cpu_target=a.cpu_target, scale_down_delay_seconds=a.scale_down_delay_s,
+        minimum_instances=a.minimum_instances,
+        maximum_instances=a.maximum_instances,
+        cpu_target=a.cpu_target,
+        scale_down_delay_seconds=a.scale_down_delay_s,
         concurrency_limit=a.concurrency_limit,
     )
 
 
 def autoscaling_from_pb(m: pb.Autoscaling) -> Autoscaling:
     return Autoscaling(
-        minimum_instances=m.minimum_instances, maximum_instances=m.maximum_instances,
-        cpu_target=m.cpu_target, scale_down_delay_s=m.scale_down_delay_seconds,
+        minimum_instances=m.minimum_instances,
+        maximum_instances=m.maximum_instances,
+        cpu_target=m.cpu_target,
+        scale_down_delay_s=m.scale_down_delay_seconds,
         concurrency_limit=m.concurrency_limit,
     )
 

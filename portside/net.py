@@ -67,7 +67,8 @@ def grpc_channel(target: str) -> grpc.aio.Channel:
         if not all(_is_ipv4(h) for h in hosts):
             raise InvalidArgument(
                 f"control plane addresses {target!r}: several replicas must be given as "
-                "IPv4 addresses (or put them behind one name)")
+                "IPv4 addresses (or put them behind one name)"
+            )
         target = "ipv4:" + ",".join(addresses)
     return grpc.aio.insecure_channel(target, options=_GRPC_OPTIONS)
 

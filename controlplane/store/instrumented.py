@@ -53,9 +53,7 @@ class InstrumentedStore:
             lambda: self.inner.compare_and_swap(key, mod_revision, value, lease),
         )
 
-    async def watch(
-        self, prefix: str, start_revision: int = 0
-    ) -> AsyncGenerator[WatchEvent, None]:
+    async def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         # An async generator itself, so that calling watch() still does no I/O.
         events = self.inner.watch(prefix, start_revision)
         try:

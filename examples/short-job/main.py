@@ -87,8 +87,13 @@ async def main() -> int:
     parser.add_argument("--input", type=Path, help="file to compress (default: 2 MiB of logs)")
     parser.add_argument("--output", type=Path, help="where to save it (default: INPUT.gz)")
     parser.add_argument("--attempts", type=int, default=3)
-    parser.add_argument("--fail-once", action="append", default=[], metavar="STEP",
-                        choices=["start", "compress", "save", "destroy"])
+    parser.add_argument(
+        "--fail-once",
+        action="append",
+        default=[],
+        metavar="STEP",
+        choices=["start", "compress", "save", "destroy"],
+    )
     args = parser.parse_args()
     fail_once = set(args.fail_once)
 

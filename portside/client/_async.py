@@ -176,7 +176,7 @@ class Portside:
     def container(self, class_name: str, name: str) -> Container:
         """A handle on the named instance `name` of class `class_name` (no call is made)::
 
-            box = ps.container("CodeExecutor", name="session-42")
+        box = ps.container("CodeExecutor", name="session-42")
         """
         if not class_name:
             raise InvalidArgument("class_name is empty")
@@ -198,8 +198,8 @@ class Portside:
     ) -> list[InstanceInfo]:
         """Placed named instances, optionally only of one class, on one node, or in one state::
 
-            for info in await ps.instances("CodeExecutor", state="healthy"):
-                print(info.name, info.node_id)
+        for info in await ps.instances("CodeExecutor", state="healthy"):
+            print(info.name, info.node_id)
         """
         request = cp.ListInstancesRequest(
             class_name=class_name or "", node_id=node or "", state=state or ""
@@ -352,9 +352,7 @@ class Container:
         keeps its node and writable layer; the next start or request wakes it."""
         request = cp.StopRequest(instance=self._ref, signal=signal, grace_seconds=grace)
         with self.portside._grpc_errors():
-            reply = await self.portside._stub.Stop(
-                request, timeout=self.portside.timeout + grace
-            )
+            reply = await self.portside._stub.Stop(request, timeout=self.portside.timeout + grace)
         return instance_info_from_pb(reply.info)
 
     async def signal(self, signal: int) -> None:
@@ -419,11 +417,11 @@ class Container:
     ) -> AsyncIterator[ExecChunk]:
         """Like `exec`, but yields the output as it comes, then one chunk with the exit code::
 
-            async for chunk in box.exec_stream(["sh", "-c", "make test"]):
-                if chunk.stream == "exit":
-                    print("exit code", chunk.exit_code)
-                else:
-                    sys.stdout.buffer.write(chunk.data)
+        async for chunk in box.exec_stream(["sh", "-c", "make test"]):
+            if chunk.stream == "exit":
+                print("exit code", chunk.exit_code)
+            else:
+                sys.stdout.buffer.write(chunk.data)
         """
         if isinstance(command, str | bytes):
             raise InvalidArgument("command is a list of arguments, e.g. ['sh', '-c', 'ls']")

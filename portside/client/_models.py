@@ -142,11 +142,18 @@ class Usage:
     cpu_seconds_used: float = 0.0
     egress_bytes: int = 0
 
-    def cost(self, per_vcpu_second: float = 0.000020, per_gib_second: float = 0.0000025,
-             per_gb_second_disk: float = 0.00000007) -> float:
+    def cost(
+        self,
+        per_vcpu_second: float = 0.000020,
+        per_gib_second: float = 0.0000025,
+        per_gb_second_disk: float = 0.00000007,
+    ) -> float:
         """In dollars, at these prices (defaults: Cloudflare Containers')."""
-        return (self.vcpu_seconds * per_vcpu_second + self.memory_gib_seconds * per_gib_second
-                + self.disk_gb_seconds * per_gb_second_disk)
+        return (
+            self.vcpu_seconds * per_vcpu_second
+            + self.memory_gib_seconds * per_gib_second
+            + self.disk_gb_seconds * per_gb_second_disk
+        )
 
 
 @dataclass(frozen=True)

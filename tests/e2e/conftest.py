@@ -20,7 +20,7 @@ TEST_IMAGE = "portside-test/echo:latest"
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
 

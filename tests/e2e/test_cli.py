@@ -87,16 +87,31 @@ def test_listing_verbs_print_tables_and_json(running: Cluster) -> None:
 def test_instance_verbs(running: Cluster) -> None:
     out = ok(
         portside(
-            running, "start", "Echo", "b1", "--env", "MODE=cli", "--entrypoint",
-            json.dumps(["/bin/sh", "-c", TRAPPING]), "--json",
+            running,
+            "start",
+            "Echo",
+            "b1",
+            "--env",
+            "MODE=cli",
+            "--entrypoint",
+            json.dumps(["/bin/sh", "-c", TRAPPING]),
+            "--json",
         )
     )
     assert json.loads(out)["state"] == "healthy"
 
     # exec streams the command's output and exits with its code; stdin is forwarded.
     result = portside(
-        running, "exec", "Echo", "b1", "--env", "X=1", "--",
-        "sh", "-c", "echo out $X; echo err >&2; exit 4",
+        running,
+        "exec",
+        "Echo",
+        "b1",
+        "--env",
+        "X=1",
+        "--",
+        "sh",
+        "-c",
+        "echo out $X; echo err >&2; exit 4",
     )
     assert (result.returncode, result.stdout, result.stderr) == (4, b"out 1\n", b"err\n")
     result = portside(running, "exec", "Echo", "b1", "--", "wc", "-c", stdin=b"x" * 100_000)

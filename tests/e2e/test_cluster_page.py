@@ -158,14 +158,19 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     iad = cluster.start_agent("iad", "127.0.0.4")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(3)
-    node_ids = {p.name.removeprefix("agent-"): region
-                for p, region in ((fra, "fra"), (sin, "sin"), (iad, "iad"))}
+    node_ids = {
+        p.name.removeprefix("agent-"): region
+        for p, region in ((fra, "fra"), (sin, "sin"), (iad, "iad"))
+    }
     by_region = {region: node for node, region in node_ids.items()}
 
     env = dict(os.environ, PORTSIDE_CONTROLPLANE=cluster.controlplane_address)
     started = subprocess.run(
         [*PORTSIDE, "start", "Echo", "ada-session", "--hint", "sin"],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert started.returncode == 0, started.stderr
     # A second named instance, through the edge: placed near it, in fra.
@@ -224,8 +229,10 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     with Load(edge.address):
         wait_for(
             "the pool's CPU and the edge's requests reach the API",
-            lambda: bool((data := cluster_json(base))["pools"][0]["cpu_percent"])
-            and any(e["requests_per_second"] > 0 for e in data["edges"]),
+            lambda: (
+                bool((data := cluster_json(base))["pools"][0]["cpu_percent"])
+                and any(e["requests_per_second"] > 0 for e in data["edges"])
+            ),
             30,
         )
         dom = chromium(tmp_path, base + "/", "--dump-dom")

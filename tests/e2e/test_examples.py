@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(
-    cluster: Cluster, name: str, image: str, *args: str, timeout: float = 150
-) -> str:
+def run_example(cluster: Cluster, name: str, image: str, *args: str, timeout: float = 150) -> str:
     # This checkout's portside, whatever else is installed.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PORTSIDE_CONTROLPLANE=cluster.controlplane_address, PYTHONPATH=path)
@@ -72,9 +70,7 @@ def test_ci_builder(cluster: Cluster, test_image: str, tmp_path: Path) -> None:
 
 def test_state_across_sleeps(cluster: Cluster, test_image: str) -> None:
     one_node(cluster)
-    out = run_example(
-        cluster, "state-across-sleeps", test_image, "--rounds", "3", "--name", "nb"
-    )
+    out = run_example(cluster, "state-across-sleeps", test_image, "--rounds", "3", "--name", "nb")
     # Memory is empty after every start; what is there comes back from the store.
     assert "round 1: found 0 lines in memory after start, restored 0, saved 1" in out
     assert "round 2: found 0 lines in memory after start, restored 1, saved 2" in out
@@ -82,9 +78,21 @@ def test_state_across_sleeps(cluster: Cluster, test_image: str) -> None:
     notes = out.split("notes:\n", 1)[1].splitlines()
     assert [line.split(" on ")[0] for line in notes] == ["round 1", "round 2", "round 3"]
     saved = subprocess.run(
-        [sys.executable, "-m", "portside", "state", "get", "Notebook", "nb", "notes",
-         "--controlplane", cluster.controlplane_address],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "portside",
+            "state",
+            "get",
+            "Notebook",
+            "nb",
+            "notes",
+            "--controlplane",
+            cluster.controlplane_address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert saved.stdout.splitlines() == notes
 
@@ -95,8 +103,17 @@ def test_health_check_manager(cluster: Cluster, test_image: str) -> None:
     cluster.start_agent("sin", "127.0.0.3")
     cluster.wait_for_nodes(2)
     out = run_example(
-        cluster, "health-check-manager", test_image,
-        "--region", "sin", "--count", "3", "--duration", "6", "--kill-after", "1.5",
+        cluster,
+        "health-check-manager",
+        test_image,
+        "--region",
+        "sin",
+        "--count",
+        "3",
+        "--duration",
+        "6",
+        "--kill-after",
+        "1.5",
     )
     prewarmed = [line for line in out.splitlines() if line.startswith("pre-warmed")]
     assert len(prewarmed) == 3 and all("region=sin" in line for line in prewarmed), out
@@ -117,16 +134,32 @@ def test_short_job(cluster: Cluster, test_image: str, tmp_path: Path) -> None:
     source.write_bytes(b"".join(b"line %d of the input\n" % i for i in range(100_000)))
     target = tmp_path / "out.gz"
     out = run_example(
-        cluster, "short-job", test_image,
-        "--input", str(source), "--output", str(target), "--fail-once", "compress",
+        cluster,
+        "short-job",
+        test_image,
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+        "--fail-once",
+        "compress",
     )
     assert "compress: attempt 1 failed: failed on purpose" in out
     assert "compress: ok (attempt 2)" in out
     assert "start: ok (attempt 1)" in out and "destroy: ok (attempt 1)" in out
     assert gzip.decompress(target.read_bytes()) == source.read_bytes()
     ps = subprocess.run(
-        [sys.executable, "-m", "portside", "ps", "--json",
-         "--controlplane", cluster.controlplane_address],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "portside",
+            "ps",
+            "--json",
+            "--controlplane",
+            cluster.controlplane_address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert json.loads(ps.stdout) == []  # the job's container is gone

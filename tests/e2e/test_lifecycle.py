@@ -150,8 +150,10 @@ class Watcher:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for e in self.events:
-                if e.kind == kind and e.name == name and all(
-                    getattr(e, k) == v for k, v in fields.items()
+                if (
+                    e.kind == kind
+                    and e.name == name
+                    and all(getattr(e, k) == v for k, v in fields.items())
                 ):
                     return e
             if self.error is not None:
@@ -518,9 +520,7 @@ instance_type = "standard-2"
             assert code == grpc.StatusCode.INVALID_ARGUMENT and text.startswith(field), text
 
 
-async def test_pool_members_are_addressed_by_their_names(
-    cluster: Cluster, test_image: str
-) -> None:
+async def test_pool_members_are_addressed_by_their_names(cluster: Cluster, test_image: str) -> None:
     cluster.start_controlplane()
     cluster.deploy(
         f"""

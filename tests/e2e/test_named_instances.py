@@ -247,7 +247,10 @@ async def test_sleeping_instances_free_capacity_and_wake_only_where_there_is_roo
     cluster: Cluster, test_image: str, docker_client: docker.DockerClient
 ) -> None:
     cluster.start_controlplane()
-    cluster.deploy(config(test_image, extra=f"""
+    cluster.deploy(
+        config(
+            test_image,
+            extra=f"""
 [[containers]]
 class_name = "Big"
 image = "{test_image}"
@@ -258,7 +261,9 @@ sleep_after = "1s"
 path = "/big"
 class_name = "Big"
 instance = "cookie:sid"
-"""))
+""",
+        )
+    )
     cluster.start_agent("fra", "127.0.0.1", "--vcpu", "1.5", "--memory-mib", "16384")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(1)
@@ -319,8 +324,9 @@ async def test_max_instances_counts_awake_named_instances(
     cluster: Cluster, test_image: str
 ) -> None:
     cluster.start_controlplane()
-    cluster.deploy(config(test_image).replace(
-        'sleep_after = "10m"', 'sleep_after = "1s"\nmax_instances = 1'))
+    cluster.deploy(
+        config(test_image).replace('sleep_after = "10m"', 'sleep_after = "1s"\nmax_instances = 1')
+    )
     cluster.start_agent("fra")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(1)

@@ -20,9 +20,12 @@ pytestmark = pytest.mark.e2e
 
 
 def node_ids(cluster: Cluster) -> list[str]:
-    out = subprocess.run([*PORTSIDE, "nodes", "--json", "--controlplane",
-                          cluster.controlplane_address], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [*PORTSIDE, "nodes", "--json", "--controlplane", cluster.controlplane_address],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [n["id"] for n in json.loads(out.stdout)]
 
 
@@ -53,8 +56,11 @@ async def test_lost_node_is_no_target_and_its_instances_move_on_next_request(
         status, after, _ = await get(s, f"{base}/session/whoami", "roamer")
         assert status == 200, after
         assert after != before
-        moved = [c for c in containers_of(docker_client, "roamer", cluster)
-                 if "-sin-" in c.labels["portside.node"]]
+        moved = [
+            c
+            for c in containers_of(docker_client, "roamer", cluster)
+            if "-sin-" in c.labels["portside.node"]
+        ]
         assert len(moved) == 1
         status, _, _ = await get(s, f"{base}/session/whoami", "newcomer")
         assert status == 200

@@ -21,8 +21,9 @@ pytestmark = pytest.mark.e2e
 HTTPD = '["/bin/httpd", "-f", "-p", "8080", "-h", "/www"]'
 
 
-def pool_config(image: str, minimum: int = 1, maximum: int = 4, delay: str = "3s",
-                concurrency: int = 1) -> str:
+def pool_config(
+    image: str, minimum: int = 1, maximum: int = 4, delay: str = "3s", concurrency: int = 1
+) -> str:
     # lite is 1/16 vCPU: one request burning CPU saturates an instance.
     return f"""
 [[containers]]
@@ -53,8 +54,11 @@ def pool(client: docker.DockerClient, cluster: Cluster) -> list[str]:
 
 def pool_in(client: docker.DockerClient, cluster: Cluster, region: str) -> set[str]:
     found = client.api.containers(filters={"label": "portside.class=Burner"})
-    return {c["Id"][:12] for c in found
-            if c["Labels"]["portside.node"].startswith(f"{cluster.tag}-{region}-")}
+    return {
+        c["Id"][:12]
+        for c in found
+        if c["Labels"]["portside.node"].startswith(f"{cluster.tag}-{region}-")
+    }
 
 
 async def wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> float:
@@ -113,8 +117,9 @@ async def test_pool_scales_up_near_demand_and_back_down(
     cluster.wait_for_nodes(3)
 
     # The minimum is started eagerly, before any request.
-    await wait_until("one pool instance running", lambda: len(pool(docker_client, cluster)) == 1,
-                     20)
+    await wait_until(
+        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    )
 
     load = Load(sin_edge.address, workers=3, limit_s=60)
     task = start(load)
@@ -146,8 +151,9 @@ async def test_steady_load_holds_a_steady_count(
     cluster.start_agent("ams", "127.0.0.3")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(2)
-    await wait_until("one pool instance running", lambda: len(pool(docker_client, cluster)) == 1,
-                     20)
+    await wait_until(
+        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    )
     # One request always in flight: one instance saturated. At a 50% target that is two
     # instances at an average of 50%, and it must stay two, not flap.
     load = Load(edge.address, workers=1, limit_s=60)
@@ -172,16 +178,17 @@ async def test_autoscaling_moves_to_the_other_replica_when_the_leader_dies(
     cluster.deploy(pool_config(test_image, minimum=1))
     cluster.start_agent("fra")
     cluster.wait_for_nodes(1)
-    await wait_until("one pool instance running", lambda: len(pool(docker_client, cluster)) == 1,
-                     20)
-    leader, survivor = ((first, second) if "is the leader" in first.log_text()
-                        else (second, first))
+    await wait_until(
+        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    )
+    leader, survivor = (first, second) if "is the leader" in first.log_text() else (second, first)
     assert "is the leader" in leader.log_text() and "is the leader" not in survivor.log_text()
 
     cluster.stop(leader, signal.SIGKILL)
     cluster.controlplane_address = survivor.address
-    took = await wait_until("the other replica leads", lambda: "is the leader" in
-                            survivor.log_text(), 20)
+    took = await wait_until(
+        "the other replica leads", lambda: "is the leader" in survivor.log_text(), 20
+    )
     assert took < 15
     # The new leader acts on the pool: a higher minimum is started.
     cluster.deploy(pool_config(test_image, minimum=2))

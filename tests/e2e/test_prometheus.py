@@ -28,8 +28,10 @@ DEPLOY = ROOT / "deploy/prometheus"
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: .ci/run installs the Debian package prometheus",
-                    pytrace=False)
+        pytest.fail(
+            f"{name} is not installed: .ci/run installs the Debian package prometheus",
+            pytrace=False,
+        )
     return path
 
 
@@ -40,8 +42,10 @@ def metrics_listen(proc: Proc) -> str:
 
 def test_promtool_accepts_the_deploy_files() -> None:
     promtool = tool("promtool")
-    for args in (["check", "config", str(DEPLOY / "prometheus.yml")],
-                 ["check", "rules", str(DEPLOY / "alerts.yml")]):
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "alerts.yml")],
+    ):
         out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
 
@@ -50,19 +54,31 @@ def start_prometheus(tmp: Path, sd_url: str) -> tuple[subprocess.Popen[bytes], s
     address = f"127.0.0.1:{free_port()}"
     conf = tmp / "prometheus.yml"
     # JSON is YAML: the test's scrape config, with the alert rules from deploy/ loaded as well.
-    conf.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(DEPLOY / "alerts.yml")],
-        "scrape_configs": [{
-            "job_name": "portside",
-            "http_sd_configs": [{"url": sd_url, "refresh_interval": "1s"}],
-        }],
-    }))
+    conf.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(DEPLOY / "alerts.yml")],
+                "scrape_configs": [
+                    {
+                        "job_name": "portside",
+                        "http_sd_configs": [{"url": sd_url, "refresh_interval": "1s"}],
+                    }
+                ],
+            }
+        )
+    )
     log = tmp / "prometheus.log"
     popen = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={conf}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-         f"--web.listen-address={address}"],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            tool("prometheus"),
+            f"--config.file={conf}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address={address}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return popen, address, log
 
@@ -148,7 +164,8 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
             (series,) = await eventually_query(s, base, "sum(portside_edge_requests_total) > 0")
             assert float(series["value"][1]) == 4
             requests = await eventually_query(
-                s, base, 'portside_edge_requests_total{class="Echo", code="200"}')
+                s, base, 'portside_edge_requests_total{class="Echo", code="200"}'
+            )
             assert requests[0]["metric"]["portside_region"] == "sin"
             assert requests[0]["metric"]["region"] == "sin"
             assert requests[0]["metric"]["route"] == "/session"
@@ -161,7 +178,8 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
             await eventually_query(s, base, "portside_agent_boot_seconds_count > 0")
             await eventually_query(s, base, 'portside_agent_instances{state="running"} == 2')
             await eventually_query(
-                s, base, 'portside_controlplane_placements_total{outcome="placed"}')
+                s, base, 'portside_controlplane_placements_total{outcome="placed"}'
+            )
             await eventually_query(s, base, "portside_controlplane_store_seconds_count > 0")
             memory = await eventually_query(s, base, "portside_agent_instance_memory_bytes > 0")
             # The scraped `instance` label yields to the target's (see docs/metrics.md).
@@ -171,8 +189,11 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
 
             # Every dashboard query is valid PromQL for this Prometheus.
             for where, query in dashboard_queries():
-                concrete = (query.replace("$__rate_interval", "1m")
-                            .replace("$class", "Echo").replace("$node", node_id))
+                concrete = (
+                    query.replace("$__rate_interval", "1m")
+                    .replace("$class", "Echo")
+                    .replace("$node", node_id)
+                )
                 async with s.get(f"{base}/api/v1/query", params={"query": concrete}) as resp:
                     assert resp.status == 200, f"{where}: {concrete}: {await resp.text()}"
             # The alert rules loaded and evaluate without errors.

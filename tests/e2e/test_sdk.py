@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -74,7 +75,7 @@ async def test_start_exec_fetch_state_stop_destroy(cluster: Cluster, edge: str) 
         big = bytes(range(256)) * 1024
         assert (await box.exec(["cat"], stdin=big)).stdout == big
 
-        async def pieces():  # type: ignore[no-untyped-def]
+        async def pieces() -> AsyncIterator[bytes]:
             for piece in (b"one ", b"two ", b"three"):
                 yield piece
                 await asyncio.sleep(0.05)
@@ -90,8 +91,9 @@ async def test_start_exec_fetch_state_stop_destroy(cluster: Cluster, edge: str) 
         # fetch goes through the edge; the /sdk route reads the Portside-Instance header.
         who = await box.fetch("/sdk/whoami")
         assert who.status == 200 and who.text.split()[1] == "s1", who
-        posted = await box.fetch("/session/run", method="POST", data=b"print(1)",
-                                 name_header="X-Session-Id")
+        posted = await box.fetch(
+            "/session/run", method="POST", data=b"print(1)", name_header="X-Session-Id"
+        )
         assert posted.status == 200 and posted.text == "POST /session/run\nprint(1)"
         again = await box.fetch("/sdk/whoami")
         assert again.text.split()[0] == who.text.split()[0]  # the same container
@@ -209,14 +211,15 @@ async def test_state_values_listing_and_errors(cluster: Cluster, edge: str) -> N
 
         (cls,) = await ps.classes()
         assert (cls.name, cls.default_port, cls.instance_type, dict(cls.env)) == (
-            "Echo", 8080, "lite", {"FROM_CLASS": "yes"},
+            "Echo",
+            8080,
+            "lite",
+            {"FROM_CLASS": "yes"},
         )
         (node,) = await ps.nodes()
         assert node.region == "fra" and node.alive and node.instances >= 1
         listed = await ps.instances("Echo")
-        assert [(i.class_name, i.name, i.node_id) for i in listed] == [
-            ("Echo", "values", node.id)
-        ]
+        assert [(i.class_name, i.name, i.node_id) for i in listed] == [("Echo", "values", node.id)]
         assert await ps.instances(node="elsewhere") == []
         # Listed states are as the node last reported them (every heartbeat).
         for _ in range(100):

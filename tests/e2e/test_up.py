@@ -32,7 +32,9 @@ def test_portside_up_runs_the_readme_example_and_stops_on_ctrl_c(
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
         [*PORTSIDE, "up", "--listen", edge, "--controlplane-listen", cp, "--agent-listen", agent],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     node_id = f"{socket.gethostname()}-{agent.rsplit(':', 1)[1]}"  # the agent's default id
     try:

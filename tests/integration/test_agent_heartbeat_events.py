@@ -25,8 +25,7 @@ from tests.images.build import ECHO_IMAGE
 
 pytestmark = pytest.mark.integration
 
-ECHO = ContainerClass("echo", ECHO_IMAGE, instance_type=INSTANCE_TYPES["lite"],
-                      boot_timeout_s=10.0)
+ECHO = ContainerClass("echo", ECHO_IMAGE, instance_type=INSTANCE_TYPES["lite"], boot_timeout_s=10.0)
 
 
 class ControlPlane(cp_grpc.ControlPlaneServicer):
@@ -39,8 +38,9 @@ class ControlPlane(cp_grpc.ControlPlaneServicer):
         self.streams = 0
         self.got = asyncio.Event()
 
-    async def NodeHeartbeat(self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest],
-                            context: Any) -> AsyncIterator[cp.NodeHeartbeatResponse]:
+    async def NodeHeartbeat(
+        self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
+    ) -> AsyncIterator[cp.NodeHeartbeatResponse]:
         self.streams += 1
         async for message in request_iterator:
             if message.events and self.break_next:
@@ -69,12 +69,23 @@ async def setup(node_id: str, echo_image: str) -> AsyncIterator[Setup]:
     await server.start()
     runtime = DockerRuntime(node_id)
     outbox = EventOutbox()
-    manager = InstanceManager(runtime, {ECHO.name: ECHO}.get, on_event=outbox.put,
-                              node_id=node_id, timing=Timing(reconcile=3600))
+    manager = InstanceManager(
+        runtime,
+        {ECHO.name: ECHO}.get,
+        on_event=outbox.put,
+        node_id=node_id,
+        timing=Timing(reconcile=3600),
+    )
     node = Node(node_id, "127.0.0.1:1", address, "weur", 50.0, 8.0, 2.0, 1024)
     channel = net.grpc_channel(address)
-    heartbeat = Heartbeat(channel, node, manager, UsageSampler(manager, runtime),
-                          PoolKeeper(manager, {ECHO.name: ECHO}.get), outbox)
+    heartbeat = Heartbeat(
+        channel,
+        node,
+        manager,
+        UsageSampler(manager, runtime),
+        PoolKeeper(manager, {ECHO.name: ECHO}.get),
+        outbox,
+    )
     heartbeat.period = 30.0  # only queued events and state changes send a message
     outbox.wake = heartbeat.changed
     beat = asyncio.create_task(heartbeat.run())
@@ -113,4 +124,5 @@ async def test_events_of_an_unanswered_message_are_sent_again(setup: Setup) -> N
     await wait_for_kinds(setup.control, ["slept", "exited"])
     assert setup.control.streams == 2
     assert setup.control.events[1].exit_code == 3 and not setup.control.events[0].HasField(
-        "exit_code")
+        "exit_code"
+    )

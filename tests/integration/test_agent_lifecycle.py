@@ -27,13 +27,22 @@ from tests.images.build import ECHO_IMAGE
 
 pytestmark = pytest.mark.integration
 
-ECHO = ContainerClass("echo", ECHO_IMAGE, instance_type=INSTANCE_TYPES["lite"],
-                      sleep_after_s=60.0, boot_timeout_s=10.0, env={"GREETING": "hi"})
+ECHO = ContainerClass(
+    "echo",
+    ECHO_IMAGE,
+    instance_type=INSTANCE_TYPES["lite"],
+    sleep_after_s=60.0,
+    boot_timeout_s=10.0,
+    env={"GREETING": "hi"},
+)
 NAPPY = dataclasses.replace(ECHO, name="nappy", sleep_after_s=1.0)
 LOOP = ["/bin/sh", "-c", "while :; do sleep 0.1; done"]
 # "ready" only once the trap is set: a SIGTERM before it would end the shell with 143.
-TRAP_TERM = ["/bin/sh", "-c", "trap 'echo got TERM; exit 7' TERM; echo ready; "
-             "while :; do sleep 0.1; done"]
+TRAP_TERM = [
+    "/bin/sh",
+    "-c",
+    "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
+]
 TRAP_USR1 = ["/bin/sh", "-c", "trap 'echo usr1 > /signalled' USR1; while :; do sleep 0.1; done"]
 
 
@@ -44,30 +53,47 @@ class Agent:
     events: list[LifecycleEvent]
     docker: docker.DockerClient
 
-    async def start(self, name: str, cls: ContainerClass = ECHO,
-                    entrypoint: list[str] | None = None, env: dict[str, str] | None = None,
-                    no_wait: bool = False) -> pb.InstanceInfo:
-        reply = await self.stub.Start(na.AgentStartRequest(
-            **{"class": class_to_pb(cls)}, name=name, entrypoint=entrypoint or [],
-            env=env or {}, no_wait=no_wait))
+    async def start(
+        self,
+        name: str,
+        cls: ContainerClass = ECHO,
+        entrypoint: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        no_wait: bool = False,
+    ) -> pb.InstanceInfo:
+        reply = await self.stub.Start(
+            na.AgentStartRequest(
+                **{"class": class_to_pb(cls)},
+                name=name,
+                entrypoint=entrypoint or [],
+                env=env or {},
+                no_wait=no_wait,
+            )
+        )
         info: pb.InstanceInfo = reply.info
         return info
 
     async def get(self, name: str, cls: ContainerClass = ECHO) -> pb.InstanceInfo:
         reply = await self.stub.GetInstance(
-            na.AgentGetInstanceRequest(instance_id=instance_id(cls.name, name)))
+            na.AgentGetInstanceRequest(instance_id=instance_id(cls.name, name))
+        )
         info: pb.InstanceInfo = reply.info
         return info
 
-    async def exec(self, name: str, command: list[str], stdin: bytes | None = None,
-                   cls: ContainerClass = ECHO) -> tuple[bytes, bytes, int | None]:
+    async def exec(
+        self, name: str, command: list[str], stdin: bytes | None = None, cls: ContainerClass = ECHO
+    ) -> tuple[bytes, bytes, int | None]:
         async def requests() -> AsyncIterator[pb.ExecRequest]:
-            yield pb.ExecRequest(start=pb.ExecStart(
-                instance=pb.InstanceRef(class_name=cls.name, name=name), command=command,
-                stdin=stdin is not None))
+            yield pb.ExecRequest(
+                start=pb.ExecStart(
+                    instance=pb.InstanceRef(class_name=cls.name, name=name),
+                    command=command,
+                    stdin=stdin is not None,
+                )
+            )
             if stdin is not None:
                 for i in range(0, len(stdin), 32_768):
-                    yield pb.ExecRequest(stdin=stdin[i:i + 32_768])
+                    yield pb.ExecRequest(stdin=stdin[i : i + 32_768])
                 yield pb.ExecRequest(stdin_close=True)
 
         out, err, code = b"", b"", None
@@ -92,14 +118,19 @@ class Agent:
 
 
 @pytest.fixture
-async def agent(node_id: str, echo_image: str,
-                docker_client: docker.DockerClient) -> AsyncIterator[Agent]:
+async def agent(
+    node_id: str, echo_image: str, docker_client: docker.DockerClient
+) -> AsyncIterator[Agent]:
     runtime = DockerRuntime(node_id)
     events: list[LifecycleEvent] = []
     # No reconcile loop: a container's own exit must be noticed through the engine's events.
     manager = InstanceManager(
-        runtime, {c.name: c for c in (ECHO, NAPPY)}.get, on_event=events.append,
-        node_id=node_id, timing=Timing(sleep_check=0.05, reconcile=3600, stop_grace=2))
+        runtime,
+        {c.name: c for c in (ECHO, NAPPY)}.get,
+        on_event=events.append,
+        node_id=node_id,
+        timing=Timing(sleep_check=0.05, reconcile=3600, stop_grace=2),
+    )
     await manager.adopt()
     loop = asyncio.create_task(manager.run())
     server = net.grpc_server()
@@ -137,7 +168,8 @@ async def eventually(check: Callable[[], object], within: float = 5.0) -> None:
 
 
 async def test_start_with_entrypoint_and_env_then_other_overrides_make_it_again(
-        agent: Agent) -> None:
+    agent: Agent,
+) -> None:
     info = await agent.start("a", env={"MODE": "sandbox"})
     assert info.state == "healthy" and info.instance_id == instance_id("echo", "a")
     out, _, code = await agent.exec("a", ["env"])
@@ -185,16 +217,20 @@ async def test_start_of_a_crashing_entrypoint_is_aborted_with_its_code(agent: Ag
 
 async def test_stop_sends_the_signal_and_waits_for_the_grace_period(agent: Agent) -> None:
     await agent.start("trap", entrypoint=TRAP_TERM, no_wait=True)
-    await eventually(lambda: b"ready" in agent.docker.containers.get(
-        agent.container("trap") or "").logs())
-    reply = await agent.stub.Stop(na.AgentStopRequest(
-        instance_id=instance_id("echo", "trap"), signal=15, grace_seconds=5))
+    await eventually(
+        lambda: b"ready" in agent.docker.containers.get(agent.container("trap") or "").logs()
+    )
+    reply = await agent.stub.Stop(
+        na.AgentStopRequest(instance_id=instance_id("echo", "trap"), signal=15, grace_seconds=5)
+    )
     assert reply.info.state == "stopped" and reply.info.exit_code == 7
-    assert agent.docker.containers.get(agent.container("trap") or "").status == "exited", \
+    assert agent.docker.containers.get(agent.container("trap") or "").status == "exited", (
         "a stopped instance keeps its container"
+    )
     logs = b""
-    async for chunk in agent.stub.Logs(pb.LogsRequest(
-            instance=pb.InstanceRef(class_name="echo", name="trap"))):
+    async for chunk in agent.stub.Logs(
+        pb.LogsRequest(instance=pb.InstanceRef(class_name="echo", name="trap"))
+    ):
         logs += chunk.stdout
     assert logs == b"ready\ngot TERM\n"
     exited = [e for e in agent.events if e.kind == "exited"]
@@ -202,14 +238,20 @@ async def test_stop_sends_the_signal_and_waits_for_the_grace_period(agent: Agent
 
 
 async def test_stop_kills_after_the_grace_period(agent: Agent) -> None:
-    await agent.start("stubborn", entrypoint=["/bin/sh", "-c", "trap '' TERM; echo ready; "
-                                                              "while :; do sleep 0.1; done"],
-                      no_wait=True)
-    await eventually(lambda: b"ready" in agent.docker.containers.get(
-        agent.container("stubborn") or "").logs())
+    await agent.start(
+        "stubborn",
+        entrypoint=["/bin/sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
+        no_wait=True,
+    )
+    await eventually(
+        lambda: b"ready" in agent.docker.containers.get(agent.container("stubborn") or "").logs()
+    )
     started = time.monotonic()
-    reply = await agent.stub.Stop(na.AgentStopRequest(
-        instance_id=instance_id("echo", "stubborn"), grace_seconds=0.5, signal=15))
+    reply = await agent.stub.Stop(
+        na.AgentStopRequest(
+            instance_id=instance_id("echo", "stubborn"), grace_seconds=0.5, signal=15
+        )
+    )
     assert 0.4 < time.monotonic() - started < 4
     assert reply.info.exit_code == 137
     assert [(e.exit_code, e.signal) for e in agent.events if e.kind == "exited"] == [(137, 9)]
@@ -218,11 +260,14 @@ async def test_stop_kills_after_the_grace_period(agent: Agent) -> None:
 async def test_signal_is_observed_by_the_container(agent: Agent) -> None:
     await agent.start("sig", entrypoint=TRAP_USR1, no_wait=True)
     await asyncio.sleep(0.3)  # let the shell set its trap
-    await agent.stub.Signal(na.AgentSignalRequest(instance_id=instance_id("echo", "sig"),
-                                                  signal=10))
+    await agent.stub.Signal(
+        na.AgentSignalRequest(instance_id=instance_id("echo", "sig"), signal=10)
+    )
+
     async def signalled() -> None:
         out, _, code = await agent.exec("sig", ["cat", "/signalled"])
         assert (out, code) == (b"usr1\n", 0)
+
     await eventually(signalled)
     assert (await agent.get("sig")).state == "running"
 
@@ -244,20 +289,28 @@ async def test_exec_streams_output_exit_code_and_stdin(agent: Agent) -> None:
 
 
 async def test_logs_follow_streams_until_the_container_stops(agent: Agent) -> None:
-    await agent.start("talker", entrypoint=["/bin/sh", "-c", "for i in 1 2 3; do echo line$i; "
-                                                             "echo oops$i >&2; sleep 0.3; done"],
-                      no_wait=True)
+    await agent.start(
+        "talker",
+        entrypoint=[
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3; do echo line$i; echo oops$i >&2; sleep 0.3; done",
+        ],
+        no_wait=True,
+    )
     out, err = b"", b""
     started = time.monotonic()
-    async for chunk in agent.stub.Logs(pb.LogsRequest(
-            instance=pb.InstanceRef(class_name="echo", name="talker"), follow=True)):
+    async for chunk in agent.stub.Logs(
+        pb.LogsRequest(instance=pb.InstanceRef(class_name="echo", name="talker"), follow=True)
+    ):
         out += chunk.stdout
         err += chunk.stderr
     assert out == b"line1\nline2\nline3\n" and err == b"oops1\noops2\noops3\n"
     assert time.monotonic() - started > 0.4, "it followed the running container"
     tail = b""
-    async for chunk in agent.stub.Logs(pb.LogsRequest(
-            instance=pb.InstanceRef(class_name="echo", name="talker"), tail=1)):
+    async for chunk in agent.stub.Logs(
+        pb.LogsRequest(instance=pb.InstanceRef(class_name="echo", name="talker"), tail=1)
+    ):
         tail += chunk.stdout + chunk.stderr
     assert tail in (b"line3\n", b"oops3\n")
 
@@ -298,8 +351,15 @@ async def test_states_renewal_and_events_of_a_boot_sleep_exit_cycle(agent: Agent
     await eventually(lambda: agent.kinds("cycle", NAPPY)[-1:] == ["exited"], within=3)
     info = await agent.get("cycle", NAPPY)
     assert info.state == "exited" and info.exit_code == 143
-    assert agent.kinds("cycle", NAPPY) == ["starting", "ready", "activity-expired", "slept",
-                                           "starting", "ready", "exited"]
+    assert agent.kinds("cycle", NAPPY) == [
+        "starting",
+        "ready",
+        "activity-expired",
+        "slept",
+        "starting",
+        "ready",
+        "exited",
+    ]
     exited = [e for e in agent.events if e.kind == "exited"][-1]
     assert (exited.exit_code, exited.signal) == (143, 15)
     times = [e.time for e in agent.events if e.instance_id == iid]
@@ -314,8 +374,9 @@ async def test_exec_signal_renew_into_a_stopped_instance_fail_precondition(agent
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "stopped" in (caught.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await agent.stub.Signal(na.AgentSignalRequest(instance_id=instance_id("echo", "idle"),
-                                                      signal=1))
+        await agent.stub.Signal(
+            na.AgentSignalRequest(instance_id=instance_id("echo", "idle"), signal=1)
+        )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -334,7 +395,8 @@ async def test_unknown_instances_are_not_found(agent: Agent) -> None:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND, caught.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in agent.stub.Logs(pb.LogsRequest(
-                instance=pb.InstanceRef(class_name="echo", name="nobody"))):
+        async for _ in agent.stub.Logs(
+            pb.LogsRequest(instance=pb.InstanceRef(class_name="echo", name="nobody"))
+        ):
             pass
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.integration
 
 ECHO = ContainerClass("echo", ECHO_IMAGE, sleep_after_s=1.0, boot_timeout_s=10.0)
 CRASH = dataclasses.replace(ECHO, name="crash", entrypoint=("/bin/sh", "-c", "exit 3"))
-SILENT = dataclasses.replace(ECHO, name="silent", entrypoint=("/bin/sleep", "3600"),
-                             boot_timeout_s=1.0)
+SILENT = dataclasses.replace(
+    ECHO, name="silent", entrypoint=("/bin/sleep", "3600"), boot_timeout_s=1.0
+)
 CLASSES = {c.name: c for c in (ECHO, CRASH, SILENT)}
 
 
@@ -52,8 +53,9 @@ async def agent(node_id: str, echo_image: str) -> AsyncIterator[Agent]:
     address = f"127.0.0.1:{free_port()}"
     runner = await start_http_server(DataPlane(manager, CLASSES.get).app(), address)
     # The client adds no headers of its own, so tests see exactly what they send.
-    session = aiohttp.ClientSession(skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
-                                    auto_decompress=False)
+    session = aiohttp.ClientSession(
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"), auto_decompress=False
+    )
     try:
         yield Agent(f"http://{address}", manager, session)
     finally:
@@ -86,10 +88,14 @@ async def test_health_metrics_and_header_errors(agent: Agent) -> None:
 
 
 async def test_forwards_method_path_query_and_headers(agent: Agent) -> None:
-    headers = {**to("echo", "alice"), "X-Custom": "yes", "Connection": "keep-alive, X-Drop",
-               "X-Drop": "hop", "X-Forwarded-For": "198.51.100.7"}
-    async with agent.session.get(f"{agent.url}/session/a/headers?x=1%202&y",
-                                 headers=headers) as r:
+    headers = {
+        **to("echo", "alice"),
+        "X-Custom": "yes",
+        "Connection": "keep-alive, X-Drop",
+        "X-Drop": "hop",
+        "X-Forwarded-For": "198.51.100.7",
+    }
+    async with agent.session.get(f"{agent.url}/session/a/headers?x=1%202&y", headers=headers) as r:
         assert r.status == 200 and "Portside-Error" not in r.headers
         lines = (await r.text()).splitlines()
     assert lines[0] == "GET /session/a/headers?x=1%202&y"  # prefix kept, query untouched
@@ -115,8 +121,7 @@ async def test_bodies_stream_both_ways(agent: Agent) -> None:
         yield half
 
     headers = {**to("echo", "bob"), "Content-Length": str(2 * len(half))}
-    async with agent.session.post(f"{agent.url}/echo/upload", data=body(),
-                                  headers=headers) as r:
+    async with agent.session.post(f"{agent.url}/echo/upload", data=body(), headers=headers) as r:
         assert r.status == 200
         received = bytearray()
         async for chunk in r.content.iter_any():
@@ -136,8 +141,9 @@ async def test_bodies_stream_both_ways(agent: Agent) -> None:
 async def test_container_errors_are_portside_errors(agent: Agent) -> None:
     async with agent.session.get(f"{agent.url}/x", headers=to("crash", "carol")) as r:
         assert (r.status, r.headers["Portside-Error"]) == (502, "container-exited")
-        assert await r.text() == ("container for crash/carol exited with code 3 before its port "
-                                  "8080 answered\n")
+        assert await r.text() == (
+            "container for crash/carol exited with code 3 before its port 8080 answered\n"
+        )
     started = time.monotonic()
     async with agent.session.get(f"{agent.url}/x", headers=to("silent", "dan")) as r:
         assert (r.status, r.headers["Portside-Error"]) == (504, "boot-timeout")
@@ -157,7 +163,8 @@ async def test_container_dying_mid_request_is_502_then_boots_again(agent: Agent)
 
 
 async def test_container_that_died_while_idle_is_booted_again_for_the_next_request(
-        node_id: str, echo_image: str, docker_client: docker.DockerClient) -> None:
+    node_id: str, echo_image: str, docker_client: docker.DockerClient
+) -> None:
     # A reconcile period far beyond the test: only the failed connect can reveal the death. A
     # connect to the dead container's address waits for ARP to give up, hence a short deadline.
     runtime = DockerRuntime(node_id)
@@ -201,7 +208,8 @@ async def test_websocket_is_proxied_and_keeps_the_instance_awake(agent: Agent) -
 
 async def test_a_client_that_goes_away_frees_the_instance(agent: Agent) -> None:
     request = asyncio.create_task(
-        agent.session.get(f"{agent.url}/s/slow?5", headers=to("echo", "gus")))
+        agent.session.get(f"{agent.url}/s/slow?5", headers=to("echo", "gus"))
+    )
     for _ in range(100):
         if agent.state("echo", "gus") == (InstanceState.RUNNING, 1):
             break

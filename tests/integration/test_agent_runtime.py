@@ -30,11 +30,18 @@ from tests.images.build import ECHO_IMAGE
 
 pytestmark = pytest.mark.integration
 
-ECHO = ContainerClass("echo", ECHO_IMAGE, instance_type=INSTANCE_TYPES["lite"],
-                      sleep_after_s=2.0, boot_timeout_s=10.0, env={"GREETING": "hi"})
+ECHO = ContainerClass(
+    "echo",
+    ECHO_IMAGE,
+    instance_type=INSTANCE_TYPES["lite"],
+    sleep_after_s=2.0,
+    boot_timeout_s=10.0,
+    env={"GREETING": "hi"},
+)
 CRASH = dataclasses.replace(ECHO, name="crash", entrypoint=("/bin/sh", "-c", "exit 3"))
-SILENT = dataclasses.replace(ECHO, name="silent", entrypoint=("/bin/sleep", "3600"),
-                             boot_timeout_s=1.5)
+SILENT = dataclasses.replace(
+    ECHO, name="silent", entrypoint=("/bin/sleep", "3600"), boot_timeout_s=1.5
+)
 OPEN = dataclasses.replace(ECHO, name="open", enable_internet=True)
 CLASSES = {c.name: c for c in (ECHO, CRASH, SILENT, OPEN)}
 
@@ -57,8 +64,10 @@ async def manager(runtime: DockerRuntime) -> AsyncIterator[InstanceManager]:
 
 
 async def get(upstream: Upstream, path: str) -> str:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"http://{upstream.host}:{upstream.port}{path}") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{upstream.host}:{upstream.port}{path}") as response,
+    ):
         assert response.status == 200, await response.text()
         return await response.text()
 
@@ -83,7 +92,8 @@ async def wait_for(predicate: object, within: float, interval: float = 0.05) -> 
 
 
 async def test_container_has_labels_limits_and_a_private_network(
-        runtime: DockerRuntime, node_id: str, docker_client: docker.DockerClient) -> None:
+    runtime: DockerRuntime, node_id: str, docker_client: docker.DockerClient
+) -> None:
     container_id = await runtime.create(ECHO, "alice")
     info = await runtime.start(container_id)
     assert info.running and info.ip is not None and info.port == 8080
@@ -94,7 +104,11 @@ async def test_container_has_labels_limits_and_a_private_network(
     attrs = docker_client.api.inspect_container(container_id)
     labels = attrs["Config"]["Labels"]
     assert {labels[k] for k in (LABEL_CLASS, LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_NODE)} == {
-        "echo", "alice", iid, node_id}
+        "echo",
+        "alice",
+        iid,
+        node_id,
+    }
     host = attrs["HostConfig"]
     assert host["NanoCpus"] == 62_500_000  # lite: 1/16 vCPU
     assert host["Memory"] == host["MemorySwap"] == 256 * 1024 * 1024
@@ -113,7 +127,9 @@ async def test_container_has_labels_limits_and_a_private_network(
 
     # The agent, on the host, reaches the container at its IP on that network.
     assert (await _get_soon(Upstream(info.ip, 8080), "/session/whoami")).split() == [
-        attrs["Config"]["Hostname"], "alice"]
+        attrs["Config"]["Hostname"],
+        "alice",
+    ]
 
     await runtime.stop(container_id, 5)
     stopped = await runtime.inspect(container_id)
@@ -137,7 +153,8 @@ async def _get_soon(upstream: Upstream, path: str) -> str:
 
 
 async def test_internet_class_joins_the_egress_bridge(
-        runtime: DockerRuntime, docker_client: docker.DockerClient) -> None:
+    runtime: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
     container_id = await runtime.create(OPEN, "bob")
     await runtime.start(container_id)
     attrs = docker_client.api.inspect_container(container_id)
@@ -154,8 +171,7 @@ def runtime_network_id(docker_client: docker.DockerClient, name: str) -> str:
 
 
 def iptables(*args: str) -> str:
-    return subprocess.run(["iptables", *args], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(["iptables", *args], check=True, capture_output=True, text=True).stdout
 
 
 def assert_no_egress(docker_client: docker.DockerClient, name: str) -> None:
@@ -182,10 +198,13 @@ async def test_entrypoint_override_and_exit_code(runtime: DockerRuntime) -> None
 
 
 async def test_networks_are_made_once_by_racing_agents(
-        node_id: str, docker_client: docker.DockerClient) -> None:
+    node_id: str, docker_client: docker.DockerClient
+) -> None:
     internal, egress = f"{node_id}-int", f"{node_id}-egr"
-    agents = [DockerRuntime(f"{node_id}-{i}", internal_network=internal, egress_network=egress)
-              for i in range(3)]
+    agents = [
+        DockerRuntime(f"{node_id}-{i}", internal_network=internal, egress_network=egress)
+        for i in range(3)
+    ]
     try:
         await asyncio.gather(*(agent.ensure_networks() for agent in agents))
         await agents[0].ensure_networks()  # and again, once they exist
@@ -213,7 +232,8 @@ async def test_create_twice_reuses_the_container(runtime: DockerRuntime) -> None
 
 
 async def test_concurrent_requests_boot_one_container(
-        manager: InstanceManager, runtime: DockerRuntime) -> None:
+    manager: InstanceManager, runtime: DockerRuntime
+) -> None:
     started = time.monotonic()
     leases = await asyncio.gather(*(manager.acquire(ECHO, "erin") for _ in range(50)))
     boot_s = time.monotonic() - started
@@ -228,16 +248,19 @@ async def test_concurrent_requests_boot_one_container(
 
 
 async def test_crash_during_boot_is_container_exited_with_its_code(
-        manager: InstanceManager) -> None:
+    manager: InstanceManager,
+) -> None:
     with pytest.raises(ContainerExited) as caught:
         await manager.acquire(CRASH, "fay")
     assert caught.value.exit_code == 3
-    assert str(caught.value) == ("container for crash/fay exited with code 3 "
-                                 "before its port 8080 answered")
+    assert str(caught.value) == (
+        "container for crash/fay exited with code 3 before its port 8080 answered"
+    )
 
 
 async def test_silent_port_is_boot_timeout_within_the_deadline(
-        manager: InstanceManager, runtime: DockerRuntime) -> None:
+    manager: InstanceManager, runtime: DockerRuntime
+) -> None:
     started = time.monotonic()
     with pytest.raises(BootTimeout, match=r"port 8080 did not answer within 1\.5s"):
         await manager.acquire(SILENT, "gus")
@@ -254,7 +277,8 @@ def _state(manager: InstanceManager, iid: str) -> InstanceState | None:
 
 
 async def test_sleeps_after_idle_but_never_during_a_request_and_wakes_with_its_state(
-        manager: InstanceManager, runtime: DockerRuntime) -> None:
+    manager: InstanceManager, runtime: DockerRuntime
+) -> None:
     iid = instance_id("echo", "hal")
     async with manager.use(ECHO, "hal") as upstream:
         assert await get(upstream, "/s/state?write=kept%21") == "wrote kept!"
@@ -277,7 +301,8 @@ async def test_sleeps_after_idle_but_never_during_a_request_and_wakes_with_its_s
 
 
 async def test_container_that_exits_while_running_is_noticed_and_booted_again(
-        runtime: DockerRuntime) -> None:
+    runtime: DockerRuntime,
+) -> None:
     manager = InstanceManager(runtime, CLASSES.get, timing=Timing(reconcile=0.2))
     loop = asyncio.create_task(manager.run())
     try:
@@ -309,8 +334,10 @@ async def test_new_manager_adopts_running_and_stopped_containers(runtime: Docker
 
     second = InstanceManager(runtime, CLASSES.get)
     adopted = {s.name: s for s in await second.adopt()}
-    assert {n: s.state for n, s in adopted.items()} == {"jo": InstanceState.RUNNING,
-                                                        "kim": InstanceState.STOPPED}
+    assert {n: s.state for n, s in adopted.items()} == {
+        "jo": InstanceState.RUNNING,
+        "kim": InstanceState.STOPPED,
+    }
     async with second.use(ECHO, "jo") as upstream:
         assert (await get(upstream, "/whoami")).split()[0] == jo_host
     async with second.use(ECHO, "kim") as upstream:

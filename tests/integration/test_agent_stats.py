@@ -27,8 +27,12 @@ def start(docker_client: docker.DockerClient, node_id: str, echo_image: str) -> 
 
     def run(entrypoint: list[str], vcpu: float = 0.5) -> tuple[str, int]:
         container = docker_client.containers.run(
-            echo_image, entrypoint=entrypoint, detach=True, labels={LABEL_NODE: node_id},
-            nano_cpus=int(vcpu * 1e9), network_mode="none",
+            echo_image,
+            entrypoint=entrypoint,
+            detach=True,
+            labels={LABEL_NODE: node_id},
+            nano_cpus=int(vcpu * 1e9),
+            network_mode="none",
         )
         container.reload()
         return container.id, int(container.attrs["State"]["Pid"])
@@ -57,8 +61,7 @@ def test_a_busy_loop_uses_its_quota_and_an_idle_container_nothing(start: Start) 
     assert percent is not None and 75 <= percent <= 125
 
 
-def test_a_removed_container_disappears(start: Start,
-                                        docker_client: docker.DockerClient) -> None:
+def test_a_removed_container_disappears(start: Start, docker_client: docker.DockerClient) -> None:
     gone, gone_pid = start(IDLE)
     kept, kept_pid = start(IDLE)
     sampler = CgroupSampler()
@@ -73,7 +76,8 @@ def test_a_removed_container_disappears(start: Start,
 
 
 def test_a_restarted_container_starts_over_without_cpu(
-        start: Start, docker_client: docker.DockerClient) -> None:
+    start: Start, docker_client: docker.DockerClient
+) -> None:
     container_id, pid = start(IDLE)
     sampler = CgroupSampler()
     sampler.sample({container_id: pid})

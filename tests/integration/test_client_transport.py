@@ -19,7 +19,7 @@ from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 
 
-class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):  # type: ignore[misc]
+class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
     def __init__(self, first_revision: int = 1, break_after: int = 0) -> None:
         self.watch_requests: list[int] = []
         self.first_revision = first_revision
@@ -41,9 +41,11 @@ class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):  # type: ignore[misc]
 
     async def Stop(self, request: cp.StopRequest, context: Any) -> cp.StopResponse:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent of node n1 is unreachable")
+        raise AssertionError("unreachable: abort raises")
 
     async def Signal(self, request: cp.SignalRequest, context: Any) -> cp.SignalResponse:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Echo/a is not running")
+        raise AssertionError("unreachable: abort raises")
 
     async def GetStateValue(
         self, request: cp.GetStateValueRequest, context: Any

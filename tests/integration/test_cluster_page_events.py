@@ -44,7 +44,9 @@ async def test_recent_events_load_then_follow_the_store(tmp_path: Path) -> None:
         await log.write(event("slept", "d", 1005.0))
         await until(lambda: recent.latest()[0].kind == "slept")
         assert [(e.name, e.time) for e in recent.latest()] == [
-            ("d", 1005.0), ("a", 1004.0), ("b", 1003.0)
+            ("d", 1005.0),
+            ("a", 1004.0),
+            ("b", 1003.0),
         ]
     finally:
         follow.cancel()

@@ -25,11 +25,14 @@ BIG_CHUNKS = 320  # 20 MiB
 BIG_SIZE = len(CHUNK) * BIG_CHUNKS
 BIG_SHA256 = hashlib.sha256(CHUNK * BIG_CHUNKS).hexdigest()
 
-CONFIG = Config(classes=(ContainerClass("stateless", "img", autoscaling=Autoscaling()),), routes=(
-    Route("/execute-code", "sandbox", InstanceSource("header", "X-Session-Id")),
-    Route("/u", "profile", InstanceSource("path", index=1)),
-    Route("/pool", "stateless"),
-))
+CONFIG = Config(
+    classes=(ContainerClass("stateless", "img", autoscaling=Autoscaling()),),
+    routes=(
+        Route("/execute-code", "sandbox", InstanceSource("header", "X-Session-Id")),
+        Route("/u", "profile", InstanceSource("path", index=1)),
+        Route("/pool", "stateless"),
+    ),
+)
 SESSION = {"X-Session-Id": "s1"}
 
 
@@ -47,16 +50,24 @@ class Agent:
             return await self.websocket(request)
         action = request.path.rsplit("/", 1)[-1]
         handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
-            "upload": self.upload, "download": self.download, "exited": self.exited,
-            "broken": self.broken}
+            "upload": self.upload,
+            "download": self.download,
+            "exited": self.exited,
+            "broken": self.broken,
+        }
         return await handlers.get(action, self.echo)(request)
 
     async def echo(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         response = web.json_response(
-            {"method": request.method, "path_qs": request.raw_path,
-             "headers": [[k, v] for k, v in request.headers.items()], "body": body.decode()},
-            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5"})
+            {
+                "method": request.method,
+                "path_qs": request.raw_path,
+                "headers": [[k, v] for k, v in request.headers.items()],
+                "body": body.decode(),
+            },
+            headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5"},
+        )
         response.headers.add("Set-Cookie", "a=1")
         response.headers.add("Set-Cookie", "b=2")
         return response
@@ -91,13 +102,17 @@ class Agent:
         return response
 
     async def exited(self, _request: web.Request) -> web.StreamResponse:
-        return web.Response(status=502, text="container sandbox/s1 exited with code 3 while"
-                            " booting\n", headers={"Portside-Error": "container-exited"})
+        return web.Response(
+            status=502,
+            text="container sandbox/s1 exited with code 3 while booting\n",
+            headers={"Portside-Error": "container-exited"},
+        )
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/refuse"):
-            return web.Response(status=504, text="boot timed out\n",
-                                headers={"Portside-Error": "boot-timeout"})
+            return web.Response(
+                status=504, text="boot timed out\n", headers={"Portside-Error": "boot-timeout"}
+            )
         ws = web.WebSocketResponse(protocols=("chat",))
         await ws.prepare(request)
         await ws.send_str(f"hello {request.headers['Portside-Instance']}")
@@ -169,8 +184,9 @@ async def make_cluster() -> AsyncIterator[EdgeFactory]:
         # The test's own client: no auto headers, so what reaches the agent is what the edge sent.
         client = aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding"))
         clients.append(client)
-        return Cluster(f"http://{edge_address}", agent, agent_target, resolver, proxy, client,
-                       edge_runner)
+        return Cluster(
+            f"http://{edge_address}", agent, agent_target, resolver, proxy, client, edge_runner
+        )
 
     yield make
     for client in clients:
@@ -184,9 +200,16 @@ async def test_headers_are_added_stripped_and_passed(make_cluster: EdgeFactory) 
     c = await make_cluster()
     async with c.client.get(
         f"{c.edge_url}/execute-code/a%2Fb/c?x=1&y=%20z",
-        headers={**SESSION, "Portside-Class": "evil", "Portside-Instance": "evil",
-                 "X-Forwarded-For": "127.0.1.1", "X-Custom": "kept", "X-Drop-Me": "hop",
-                 "Connection": "keep-alive, X-Drop-Me", "Portside-Location-Hint": "ENAM"},
+        headers={
+            **SESSION,
+            "Portside-Class": "evil",
+            "Portside-Instance": "evil",
+            "X-Forwarded-For": "127.0.1.1",
+            "X-Custom": "kept",
+            "X-Drop-Me": "hop",
+            "Connection": "keep-alive, X-Drop-Me",
+            "Portside-Location-Hint": "ENAM",
+        },
     ) as response:
         assert response.status == 200
         seen = await response.json()
@@ -217,9 +240,21 @@ async def test_pool_route_goes_to_a_member_or_asks_for_one(make_cluster: EdgeFac
     assert ["Portside-Instance", "stateless-0"] in seen["headers"]
     assert c.resolver.calls == 1
     # Members from the pool watch: the edge picks one itself, no resolve.
-    c.proxy.set_pool_members({"stateless": [PoolMember(
-        instance_id="i7", name="stateless-7", node_id="n1",
-        data_address=c.agent_target.data_address, region="fra", latitude=50.1, longitude=8.7)]})
+    c.proxy.set_pool_members(
+        {
+            "stateless": [
+                PoolMember(
+                    instance_id="i7",
+                    name="stateless-7",
+                    node_id="n1",
+                    data_address=c.agent_target.data_address,
+                    region="fra",
+                    latitude=50.1,
+                    longitude=8.7,
+                )
+            ]
+        }
+    )
     async with c.client.get(f"{c.edge_url}/pool/x") as response:
         seen = await response.json()
     assert ["Portside-Instance", "stateless-7"] in seen["headers"]
@@ -241,19 +276,40 @@ async def test_instance_name_from_path(make_cluster: EdgeFactory) -> None:
     [
         ("/nope", {}, 404, "no-route", "no route for /nope"),
         ("/execute-codex", SESSION, 404, "no-route", "no route for /execute-codex"),
-        ("/execute-code", {}, 400, "no-instance-name",
-         "no instance name: route /execute-code takes it from header X-Session-Id"),
-        ("/u", {}, 400, "no-instance-name",
-         "no instance name: route /u takes it from path segment 1 after /u"),
-        ("/execute-code", {"X-Session-Id": "x" * 300}, 400, "invalid-instance-name",
-         "instance name from header X-Session-Id is 300 characters long; the limit is 256"),
-        ("/pool", {"Portside-Location-Hint": "atlantis"}, 400, "invalid-argument",
-         'unknown location "atlantis": use a region code such as fra, iad, sin (all of them:'
-         ' portside regions) or an area: wnam, enam, sam, weur, eeur, apac, oc, afr, me'),
+        (
+            "/execute-code",
+            {},
+            400,
+            "no-instance-name",
+            "no instance name: route /execute-code takes it from header X-Session-Id",
+        ),
+        (
+            "/u",
+            {},
+            400,
+            "no-instance-name",
+            "no instance name: route /u takes it from path segment 1 after /u",
+        ),
+        (
+            "/execute-code",
+            {"X-Session-Id": "x" * 300},
+            400,
+            "invalid-instance-name",
+            "instance name from header X-Session-Id is 300 characters long; the limit is 256",
+        ),
+        (
+            "/pool",
+            {"Portside-Location-Hint": "atlantis"},
+            400,
+            "invalid-argument",
+            'unknown location "atlantis": use a region code such as fra, iad, sin (all of them:'
+            " portside regions) or an area: wnam, enam, sam, weur, eeur, apac, oc, afr, me",
+        ),
     ],
 )
-async def test_refusals(make_cluster: EdgeFactory, path: str, headers: dict[str, str],
-                        status: int, kind: str, text: str) -> None:
+async def test_refusals(
+    make_cluster: EdgeFactory, path: str, headers: dict[str, str], status: int, kind: str, text: str
+) -> None:
     c = await make_cluster()
     async with c.client.get(c.edge_url + path, headers=headers) as response:
         assert response.status == status
@@ -276,8 +332,11 @@ async def test_streams_a_20_mib_chunked_request_body(make_cluster: EdgeFactory) 
     c = await make_cluster()
     tracemalloc.start()
     try:
-        async with c.client.put(f"{c.edge_url}/execute-code/upload", headers=SESSION,
-                                data=_stream_upload(c.agent.upload_started)) as response:
+        async with c.client.put(
+            f"{c.edge_url}/execute-code/upload",
+            headers=SESSION,
+            data=_stream_upload(c.agent.upload_started),
+        ) as response:
             result = await response.json()
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -287,11 +346,11 @@ async def test_streams_a_20_mib_chunked_request_body(make_cluster: EdgeFactory) 
     assert peak < BIG_SIZE / 4, f"peak {peak / 2**20:.1f} MiB while moving 20 MiB"
 
 
-async def test_streams_a_20_mib_request_body_with_content_length(
-        make_cluster: EdgeFactory) -> None:
+async def test_streams_a_20_mib_request_body_with_content_length(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
-    async with c.client.post(f"{c.edge_url}/execute-code/upload", headers=SESSION,
-                             data=CHUNK * BIG_CHUNKS) as response:
+    async with c.client.post(
+        f"{c.edge_url}/execute-code/upload", headers=SESSION, data=CHUNK * BIG_CHUNKS
+    ) as response:
         assert await response.json() == {"size": BIG_SIZE, "sha256": BIG_SHA256}
 
 
@@ -300,8 +359,10 @@ async def test_streams_a_20_mib_response(make_cluster: EdgeFactory) -> None:
     digest, size = hashlib.sha256(), 0
     tracemalloc.start()
     try:
-        async with asyncio.timeout(20), c.client.get(
-                f"{c.edge_url}/execute-code/download", headers=SESSION) as response:
+        async with (
+            asyncio.timeout(20),
+            c.client.get(f"{c.edge_url}/execute-code/download", headers=SESSION) as response,
+        ):
             assert response.headers.get("Transfer-Encoding") == "chunked"
             async for chunk in response.content.iter_any():
                 c.agent.download_read.set()
@@ -332,8 +393,9 @@ async def test_concurrent_cold_requests_share_one_resolve(make_cluster: EdgeFact
     c = await make_cluster(delay=0.2)
 
     async def get(name: str) -> int:
-        async with c.client.get(f"{c.edge_url}/execute-code",
-                                headers={"X-Session-Id": name}) as response:
+        async with c.client.get(
+            f"{c.edge_url}/execute-code", headers={"X-Session-Id": name}
+        ) as response:
             return response.status
 
     assert await asyncio.gather(*(get("s1") for _ in range(20))) == [200] * 20
@@ -346,8 +408,9 @@ async def test_stale_route_resolves_again_and_retries(make_cluster: EdgeFactory)
     dead = Target("gone", f"127.0.0.1:{free_port()}")  # nothing listens there
     c = await make_cluster()
     c.resolver.targets = [dead, c.agent_target]
-    async with c.client.post(f"{c.edge_url}/execute-code", headers=SESSION,
-                             data=b"payload") as response:
+    async with c.client.post(
+        f"{c.edge_url}/execute-code", headers=SESSION, data=b"payload"
+    ) as response:
         assert response.status == 200
         assert (await response.json())["body"] == "payload"  # the body was not lost to the retry
     assert c.resolver.calls == 2
@@ -361,7 +424,8 @@ async def test_unreachable_after_retry(make_cluster: EdgeFactory) -> None:
         assert response.status == 502
         assert response.headers["Portside-Error"] == "node-unreachable"
         assert (await response.text()).startswith(
-            f"node agent gone at {dead.data_address} is unreachable")
+            f"node agent gone at {dead.data_address} is unreachable"
+        )
     assert c.resolver.calls == 2
     assert c.proxy.cache.get("sandbox", "s1") is None
 
@@ -406,7 +470,8 @@ async def test_agent_refusals_pass_through(make_cluster: EdgeFactory) -> None:
 
 
 async def test_a_response_broken_midway_is_not_passed_off_as_whole(
-        make_cluster: EdgeFactory) -> None:
+    make_cluster: EdgeFactory,
+) -> None:
     c = await make_cluster()
     before = _sample("portside_edge_upstream_errors_total", kind="broken")
     async with c.client.get(f"{c.edge_url}/execute-code/broken", headers=SESSION) as response:
@@ -423,8 +488,9 @@ async def test_a_response_broken_midway_is_not_passed_off_as_whole(
         (NotFound("class sandbox is not deployed"), 404, "not-found"),
     ],
 )
-async def test_resolver_errors_become_statuses(make_cluster: EdgeFactory, error: PortsideError,
-                                               status: int, kind: str) -> None:
+async def test_resolver_errors_become_statuses(
+    make_cluster: EdgeFactory, error: PortsideError, status: int, kind: str
+) -> None:
     c = await make_cluster(error=error)
     for _ in range(2):  # failures are not cached: each request asks again
         async with c.client.get(f"{c.edge_url}/execute-code", headers=SESSION) as response:
@@ -436,8 +502,9 @@ async def test_resolver_errors_become_statuses(make_cluster: EdgeFactory, error:
 
 async def test_websocket_echo_through_the_edge(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
-    async with c.client.ws_connect(f"{c.edge_url}/execute-code/ws", headers=SESSION,
-                                   protocols=("chat",)) as ws:
+    async with c.client.ws_connect(
+        f"{c.edge_url}/execute-code/ws", headers=SESSION, protocols=("chat",)
+    ) as ws:
         assert ws.protocol == "chat"
         assert await ws.receive_str(timeout=5) == "hello s1"
         await ws.send_str("ping?")
@@ -452,8 +519,7 @@ async def test_websocket_echo_through_the_edge(make_cluster: EdgeFactory) -> Non
     assert c.agent.ws_closed_with == 4000
 
 
-async def test_websocket_close_from_the_agent_reaches_the_client(
-        make_cluster: EdgeFactory) -> None:
+async def test_websocket_close_from_the_agent_reaches_the_client(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
     async with c.client.ws_connect(f"{c.edge_url}/execute-code/ws", headers=SESSION) as ws:
         assert await ws.receive_str(timeout=5) == "hello s1"
@@ -463,8 +529,7 @@ async def test_websocket_close_from_the_agent_reaches_the_client(
         assert (msg.data, msg.extra) == (4001, "bye")
 
 
-async def test_edge_shutdown_closes_websockets_with_going_away(
-        make_cluster: EdgeFactory) -> None:
+async def test_edge_shutdown_closes_websockets_with_going_away(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
     async with c.client.ws_connect(f"{c.edge_url}/execute-code/ws", headers=SESSION) as ws:
         assert await ws.receive_str(timeout=5) == "hello s1"
@@ -505,8 +570,10 @@ async def test_metrics_are_served_apart_from_the_ingress(make_cluster: EdgeFacto
     try:
         async with c.client.get(f"http://{address}/metrics") as response:
             text = await response.text()
-        assert 'portside_edge_requests_total{class="sandbox",code="200",region="weur",' \
-               'route="/execute-code"}' in text
+        assert (
+            'portside_edge_requests_total{class="sandbox",code="200",region="weur",'
+            'route="/execute-code"}' in text
+        )
         assert "portside_edge_resolve_seconds_bucket" in text
     finally:
         await runner.cleanup()

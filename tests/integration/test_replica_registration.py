@@ -40,11 +40,16 @@ async def test_a_replica_is_a_target_while_it_runs(tmp_path: Path) -> None:
     run = asyncio.create_task(registration.run())
     try:
         await until(lambda: "cp-a" in view.replicas)
-        assert targets(view) == [{
-            "targets": ["127.0.0.1:7071"],
-            "labels": {"portside_role": "controlplane", "portside_region": "fra",
-                       "portside_node": "cp-a"},
-        }]
+        assert targets(view) == [
+            {
+                "targets": ["127.0.0.1:7071"],
+                "labels": {
+                    "portside_role": "controlplane",
+                    "portside_region": "fra",
+                    "portside_node": "cp-a",
+                },
+            }
+        ]
         await asyncio.sleep(3)  # past the TTL: the replica keeps its lease alive
         assert "cp-a" in view.replicas
         run.cancel()

@@ -90,7 +90,11 @@ async def test_get_missing_and_present(store: Backend, prefix: str) -> None:
     kv = await store.get(prefix + "a")
     assert kv is not None
     assert (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease) == (
-        prefix + "a", b"1", revision, revision, 0
+        prefix + "a",
+        b"1",
+        revision,
+        revision,
+        0,
     )
 
 
@@ -114,7 +118,8 @@ async def test_range_by_prefix_is_sorted_with_its_revision(store: Backend, prefi
         assert [kv.value for kv in kvs] == [b"a", b"b", b"b/x", b"c"]
         assert revision >= last
         assert [kv.key for kv in (await store.range(prefix + "b"))[0]] == [
-            prefix + "b", prefix + "b/x"
+            prefix + "b",
+            prefix + "b/x",
         ]
         assert (await store.range(prefix + "nothing"))[0] == []
     finally:
@@ -195,7 +200,9 @@ async def test_watch_from_a_past_revision_replays(store: Backend, prefix: str) -
     finally:
         await events.aclose()
     assert [(e.type, e.kv.value) for e in replayed] == [
-        ("put", b"1"), ("put", b"2"), ("delete", b"")
+        ("put", b"1"),
+        ("put", b"2"),
+        ("delete", b""),
     ]
     assert [e.kv.mod_revision for e in replayed[:2]] == [first, second]
     assert replayed[2].kv.mod_revision > second
@@ -273,7 +280,8 @@ async def test_revoke_deletes_keys_at_once_with_delete_events(store: Backend, pr
     finally:
         await events.aclose()
     assert [(e.type, e.kv.key) for e in deletes] == [
-        ("delete", prefix + "a"), ("delete", prefix + "b")
+        ("delete", prefix + "a"),
+        ("delete", prefix + "b"),
     ]
     assert deletes[0].kv.mod_revision == deletes[1].kv.mod_revision  # one revocation, one revision
     assert await store.refresh_lease(lease) is False

@@ -28,8 +28,14 @@ from portside.spec import Node
 
 pytestmark = pytest.mark.integration
 
-ONE_SECOND = Use(running_ms=1000, vcpu_seconds=0.25, memory_gib_seconds=1.0,
-                 disk_gb_seconds=4.0, cpu_seconds_used=0.125, egress_bytes=100)
+ONE_SECOND = Use(
+    running_ms=1000,
+    vcpu_seconds=0.25,
+    memory_gib_seconds=1.0,
+    disk_gb_seconds=4.0,
+    cpu_seconds_used=0.125,
+    egress_bytes=100,
+)
 
 
 @pytest.fixture(params=["etcd", "sqlite"])
@@ -66,10 +72,12 @@ async def test_replicas_adding_at_once_lose_nothing(
     others = [store if shared else await open_store(store_url) for _ in range(3)]
     try:
         ledgers = [UsageLedger(s) for s in (store, *others)]
-        await asyncio.gather(*(
-            ledgers[n % 4].add(f"agent-{n}", 1, [report(class_name, iid=f"i{n}")] * 2)
-            for n in range(20)
-        ))
+        await asyncio.gather(
+            *(
+                ledgers[n % 4].add(f"agent-{n}", 1, [report(class_name, iid=f"i{n}")] * 2)
+                for n in range(20)
+            )
+        )
     finally:
         if not shared:
             for s in others:
@@ -89,8 +97,7 @@ async def test_a_batch_sent_again_is_added_once_and_reads_filter(
     assert await ledger.add("agent", 1, batch) == 0
     assert await ledger.add("agent", 2, batch[1:]) == 1
     days = await ledger.read(class_name)
-    assert [(d.day, d.use.running_ms) for d in days] == [("2026-11-27", 1000),
-                                                        ("2026-11-28", 2000)]
+    assert [(d.day, d.use.running_ms) for d in days] == [("2026-11-27", 1000), ("2026-11-28", 2000)]
     assert [d.day for d in await ledger.read(class_name, since="2026-11-28")] == ["2026-11-28"]
     with pytest.raises(InvalidArgument):
         await ledger.read(class_name, since="yesterday")
@@ -106,17 +113,24 @@ class LossyControlPlane(cp_grpc.ControlPlaneServicer):
         self.sequences: list[int] = []
         self.sent_again = asyncio.Event()
 
-    async def NodeHeartbeat(self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest],
-                            context: Any) -> AsyncIterator[cp.NodeHeartbeatResponse]:
+    async def NodeHeartbeat(
+        self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
+    ) -> AsyncIterator[cp.NodeHeartbeatResponse]:
         async for message in request_iterator:
             if message.usage:
                 self.sequences.append(message.usage_sequence)
                 if len(self.sequences) == 2:
                     self.sent_again.set()
-                await self.ledger.add(message.usage_source, message.usage_sequence, [
-                    UsageReport(u.class_name, u.instance_id, u.day, Use(running_ms=u.running_ms))
-                    for u in message.usage
-                ])
+                await self.ledger.add(
+                    message.usage_source,
+                    message.usage_sequence,
+                    [
+                        UsageReport(
+                            u.class_name, u.instance_id, u.day, Use(running_ms=u.running_ms)
+                        )
+                        for u in message.usage
+                    ],
+                )
                 if not self.broke:
                     self.broke = True
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "reply lost")
@@ -134,8 +148,9 @@ async def test_usage_whose_reply_was_lost_is_counted_once(
     net.add_grpc_port(server, address)
     await server.start()
     runtime = DockerRuntime(node_id)
-    manager = InstanceManager(runtime, lambda _: None, node_id=node_id,
-                              timing=Timing(reconcile=3600))
+    manager = InstanceManager(
+        runtime, lambda _: None, node_id=node_id, timing=Timing(reconcile=3600)
+    )
     mono = [0.0]
     meter = UsageMeter(clock=lambda: mono[0], wall_clock=lambda: 1_795_780_800.0 + mono[0])
     meter.run_began("i1", class_name, "a", "c1", Size(0.25, 1024, 4000))
@@ -143,8 +158,14 @@ async def test_usage_whose_reply_was_lost_is_counted_once(
     meter.run_ended("i1")  # 2 s, all of it in the first batch
     node = Node(node_id, "127.0.0.1:1", address, "weur", 50.0, 8.0, 2.0, 1024)
     channel = net.grpc_channel(address)
-    heartbeat = Heartbeat(channel, node, manager, UsageSampler(manager, runtime),
-                          PoolKeeper(manager, lambda _: None), meter=meter)
+    heartbeat = Heartbeat(
+        channel,
+        node,
+        manager,
+        UsageSampler(manager, runtime),
+        PoolKeeper(manager, lambda _: None),
+        meter=meter,
+    )
     beat = asyncio.create_task(heartbeat.run())
     try:
         await asyncio.wait_for(control.sent_again.wait(), 10)

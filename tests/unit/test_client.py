@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -44,13 +45,27 @@ def test_models_are_frozen_dataclasses_without_protobuf(model: type) -> None:
 
 def test_instance_info_from_pb_keeps_an_unset_exit_code_unset() -> None:
     m = pb.InstanceInfo(
-        class_name="Echo", name="a", instance_id="i1", state="healthy", node_id="n1",
-        region="fra", since=12.5, in_flight=2,
+        class_name="Echo",
+        name="a",
+        instance_id="i1",
+        state="healthy",
+        node_id="n1",
+        region="fra",
+        since=12.5,
+        in_flight=2,
     )
     info = _models.instance_info_from_pb(m)
     assert info == portside.InstanceInfo(
-        class_name="Echo", name="a", instance_id="i1", state="healthy", exit_code=None,
-        node_id="n1", region="fra", since=12.5, pool=False, in_flight=2,
+        class_name="Echo",
+        name="a",
+        instance_id="i1",
+        state="healthy",
+        exit_code=None,
+        node_id="n1",
+        region="fra",
+        since=12.5,
+        pool=False,
+        in_flight=2,
     )
     assert info.running
     m.state, m.exit_code = "exited", 0
@@ -64,22 +79,40 @@ def test_listed_instance_is_completed_from_its_placement() -> None:
     )
     info = _models.placed_instance_from_pb(bare)
     assert (info.class_name, info.name, info.node_id, info.state, info.since) == (
-        "Echo", "a", "n1", "unknown", 100.0,
+        "Echo",
+        "a",
+        "n1",
+        "unknown",
+        100.0,
     )
     full = cp.PlacedInstance(
-        class_name="Echo", name="a", instance_id="i1", node_id="n1", placed_at=100.0,
+        class_name="Echo",
+        name="a",
+        instance_id="i1",
+        node_id="n1",
+        placed_at=100.0,
         info=pb.InstanceInfo(state="running", region="sin", since=150.0),
     )
     info = _models.placed_instance_from_pb(full)
     assert (info.state, info.region, info.since, info.class_name) == (
-        "running", "sin", 150.0, "Echo",
+        "running",
+        "sin",
+        150.0,
+        "Echo",
     )
 
 
 def test_event_from_pb() -> None:
     m = pb.Event(
-        revision=7, time=1.5, kind="exited", class_name="C", name="n", instance_id="i",
-        node_id="nd", exit_code=143, signal=15,
+        revision=7,
+        time=1.5,
+        kind="exited",
+        class_name="C",
+        name="n",
+        instance_id="i",
+        node_id="nd",
+        exit_code=143,
+        signal=15,
     )
     e = _models.event_from_pb(m)
     assert (e.revision, e.kind, e.exit_code, e.signal, e.reason) == (7, "exited", 143, 15, "")
@@ -90,22 +123,44 @@ def test_event_from_pb() -> None:
 def test_node_and_class_from_pb() -> None:
     n = _models.node_info_from_pb(
         cp.NodeInfo(
-            node=pb.Node(id="n1", region="fra", data_address="1.2.3.4:7080", vcpu=4,
-                         memory_mib=8192, labels={"disk": "ssd"}),
-            alive=True, used_vcpu=0.5, used_memory_mib=256, instances=2,
+            node=pb.Node(
+                id="n1",
+                region="fra",
+                data_address="1.2.3.4:7080",
+                vcpu=4,
+                memory_mib=8192,
+                labels={"disk": "ssd"},
+            ),
+            alive=True,
+            used_vcpu=0.5,
+            used_memory_mib=256,
+            instances=2,
         )
     )
     assert (n.id, n.region, n.vcpu, n.used_vcpu, n.instances, dict(n.labels)) == (
-        "n1", "fra", 4.0, 0.5, 2, {"disk": "ssd"},
+        "n1",
+        "fra",
+        4.0,
+        0.5,
+        2,
+        {"disk": "ssd"},
     )
     plain = pb.ContainerClass(
-        name="C", image="img", default_port=8080, sleep_after_seconds=60,
+        name="C",
+        image="img",
+        default_port=8080,
+        sleep_after_seconds=60,
         instance_type=pb.InstanceType(name="lite", vcpu=0.0625, memory_mib=256),
-        entrypoint=["/bin/sh"], env={"A": "1"},
+        entrypoint=["/bin/sh"],
+        env={"A": "1"},
     )
     c = _models.class_info_from_pb(plain)
     assert (c.name, c.instance_type, c.entrypoint, dict(c.env), c.pool) == (
-        "C", "lite", ("/bin/sh",), {"A": "1"}, False,
+        "C",
+        "lite",
+        ("/bin/sh",),
+        {"A": "1"},
+        False,
     )
     plain.autoscaling.CopyFrom(pb.Autoscaling(minimum_instances=1))
     assert _models.class_info_from_pb(plain).pool
@@ -160,7 +215,7 @@ def test_bad_arguments_fail_before_any_call() -> None:
 async def test_exec_rejects_a_string_command_without_calling() -> None:
     box = portside.connect("127.0.0.1:1").container("Echo", "a")
     with pytest.raises(portside.InvalidArgument, match="list of arguments"):
-        await box.exec("echo hi")  # type: ignore[arg-type]
+        await box.exec("echo hi")
     with pytest.raises(portside.InvalidArgument, match="empty"):
         await box.exec([])
     with pytest.raises(portside.InvalidArgument, match="start with"):
@@ -175,7 +230,7 @@ async def test_exec_requests_carry_start_then_stdin_then_close() -> None:
     assert kinds == ["start", "stdin", "stdin", "stdin_close"]
     assert b"".join(m.stdin for m in sent) == big
 
-    async def pieces():  # type: ignore[no-untyped-def]
+    async def pieces() -> AsyncIterator[bytes]:
         yield b"a"
         yield b"b"
 
@@ -249,8 +304,16 @@ def test_age_and_event_lines() -> None:
     assert cli.age(100, now=100 + 5 * 60 + 3) == "5m"
     assert cli.age(100, now=100 + 3 * 86400) == "3d"
     line = cli.format_event(
-        portside.Event(revision=9, time=0.0, kind="exited", class_name="C", name="n",
-                       node_id="nd", exit_code=143, signal=15)
+        portside.Event(
+            revision=9,
+            time=0.0,
+            kind="exited",
+            class_name="C",
+            name="n",
+            node_id="nd",
+            exit_code=143,
+            signal=15,
+        )
     )
     assert "exited" in line and "C/n" in line and "exit code 143" in line and "signal 15" in line
 
@@ -258,7 +321,13 @@ def test_age_and_event_lines() -> None:
 def test_usage_cost_at_default_and_given_prices() -> None:
     from portside import Usage
 
-    u = Usage("C", "2026-11-27", running_ms=10_000, vcpu_seconds=2.5, memory_gib_seconds=10.0,
-              disk_gb_seconds=40.0)
+    u = Usage(
+        "C",
+        "2026-11-27",
+        running_ms=10_000,
+        vcpu_seconds=2.5,
+        memory_gib_seconds=10.0,
+        disk_gb_seconds=40.0,
+    )
     assert u.cost() == pytest.approx(2.5 * 0.000020 + 10.0 * 0.0000025 + 40.0 * 0.00000007)
     assert u.cost(1.0, 0.0, 0.0) == pytest.approx(2.5)

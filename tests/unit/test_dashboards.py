@@ -29,19 +29,30 @@ TARGET_LABELS = {"portside_role", "portside_region", "portside_node"}
 PROMETHEUS_OWN = {"up"}
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 _KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "bool", "offset", "inf", "nan",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
 }
 
 
 def families() -> dict[str, tuple[str, str]]:
     """Documented name (counters with _total) -> (type, daemon), from the metric modules."""
-    out = {}
+    out: dict[str, tuple[str, str]] = {}
     for daemon, package in DAEMONS.items():
         for module in _modules(package):
             for metric in vars(module).values():
                 if isinstance(metric, MetricWrapperBase):
-                    kind = metric._type  # noqa: SLF001 - prometheus_client has no accessor
+                    kind = str(metric._type)  # noqa: SLF001 - prometheus_client has no accessor
                     name = metric._name + ("_total" if kind == "counter" else "")  # noqa: SLF001
                     out[name] = (kind, daemon)
     return out
@@ -53,7 +64,7 @@ def _modules(package: ModuleType) -> Iterator[ModuleType]:
 
 
 def exported_series_names() -> set[str]:
-    names = set()
+    names: set[str] = set()
     for name, (kind, _) in families().items():
         base = name.removesuffix("_total")
         names.update(base + suffix for suffix in _SUFFIXES[kind])
@@ -109,12 +120,15 @@ def documented() -> dict[str, tuple[str, str]]:
 
 def test_the_metric_name_extraction() -> None:
     expr = (
-        'histogram_quantile(0.99, sum by (le, class) (rate(portside_edge_proxy_seconds_bucket'
+        "histogram_quantile(0.99, sum by (le, class) (rate(portside_edge_proxy_seconds_bucket"
         '{class="$class", portside_node=~"a|b"}[$__rate_interval]))) > 1 '
         "and on (class) up == bool 0 unless portside_agent_instances offset 5m"
     )
-    assert metric_names(expr) == {"portside_edge_proxy_seconds_bucket", "up",
-                                  "portside_agent_instances"}
+    assert metric_names(expr) == {
+        "portside_edge_proxy_seconds_bucket",
+        "up",
+        "portside_agent_instances",
+    }
 
 
 @pytest.mark.parametrize(

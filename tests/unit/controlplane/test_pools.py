@@ -16,8 +16,16 @@ from portside.spec import INSTANCE_TYPES, Node
 
 
 def node(node_id: str, region: str, vcpu: float = 1.0, memory_mib: int = 4096) -> Node:
-    return Node(id=node_id, data_address="127.0.0.1:1", api_address="127.0.0.1:2", region=region,
-                latitude=0.0, longitude=0.0, vcpu=vcpu, memory_mib=memory_mib)
+    return Node(
+        id=node_id,
+        data_address="127.0.0.1:1",
+        api_address="127.0.0.1:2",
+        region=region,
+        latitude=0.0,
+        longitude=0.0,
+        vcpu=vcpu,
+        memory_mib=memory_mib,
+    )
 
 
 def view_with(nodes: list[Node], members: list[tuple[str, str, str]]) -> ClusterView:
@@ -25,15 +33,28 @@ def view_with(nodes: list[Node], members: list[tuple[str, str, str]]) -> Cluster
     view = ClusterView(store=cast(Any, None), clock=lambda: 0.0)
     stats: dict[str, dict[str, InstanceStat]] = {n.id: {} for n in nodes}
     for name, node_id, state in members:
-        rec = InstanceRecord(class_name="P", name=name, instance_id="id-" + name,
-                             node_id=node_id, vcpu=0.25, memory_mib=1024, placed_at=-1000.0,
-                             pool=True)
-        view._apply(WatchEvent("put", KeyValue(records.instance_key("P", rec.instance_id),
-                                               rec.encode(), 1, 1)))
+        rec = InstanceRecord(
+            class_name="P",
+            name=name,
+            instance_id="id-" + name,
+            node_id=node_id,
+            vcpu=0.25,
+            memory_mib=1024,
+            placed_at=-1000.0,
+            pool=True,
+        )
+        view._apply(
+            WatchEvent(
+                "put", KeyValue(records.instance_key("P", rec.instance_id), rec.encode(), 1, 1)
+            )
+        )
         stats[node_id][rec.instance_id] = InstanceStat(state=state)
     for n in nodes:
-        view._apply(WatchEvent("put", KeyValue(records.node_key(n.id),
-                                               records.encode_node(n, stats[n.id]), 1, 1)))
+        view._apply(
+            WatchEvent(
+                "put", KeyValue(records.node_key(n.id), records.encode_node(n, stats[n.id]), 1, 1)
+            )
+        )
     return view
 
 
@@ -48,15 +69,22 @@ def view_with(nodes: list[Node], members: list[tuple[str, str, str]]) -> Cluster
         ({}, {}, set(), "iad"),  # nothing known: the default
     ],
 )
-def test_target_region(demand: dict[str, float], members: dict[str, int], regions: set[str],
-                       expected: str) -> None:
+def test_target_region(
+    demand: dict[str, float], members: dict[str, int], regions: set[str], expected: str
+) -> None:
     assert target_region(demand, members, regions, "iad") == expected
 
 
 def test_drain_order_retires_unready_then_least_wanted_then_idle() -> None:
-    view = view_with([node("f", "fra"), node("s", "sin")],
-                     [("a", "f", "running"), ("b", "f", "booting"), ("c", "s", "running"),
-                      ("d", "s", "running")])
+    view = view_with(
+        [node("f", "fra"), node("s", "sin")],
+        [
+            ("a", "f", "running"),
+            ("b", "f", "booting"),
+            ("c", "s", "running"),
+            ("d", "s", "running"),
+        ],
+    )
     members = view.pool_members("P")
     order = [r.name for r in drain_order(members, view, {"fra": 20.0, "sin": 10.0})]
     assert order[0] == "b"  # not ready yet
@@ -64,7 +92,9 @@ def test_drain_order_retires_unready_then_least_wanted_then_idle() -> None:
 
 
 def test_room_counts_whole_instances_that_fit_by_cpu_and_memory() -> None:
-    view = view_with([node("f", "fra", vcpu=1.0), node("s", "sin", vcpu=2.0, memory_mib=1024)],
-                     [("a", "f", "running")])
+    view = view_with(
+        [node("f", "fra", vcpu=1.0), node("s", "sin", vcpu=2.0, memory_mib=1024)],
+        [("a", "f", "running")],
+    )
     # f: 0.75 vCPU free -> 3 basic (0.25 vCPU, 1 GiB); s: 2 vCPU but 1 GiB -> 1.
     assert room_for(view, INSTANCE_TYPES["basic"]) == 4

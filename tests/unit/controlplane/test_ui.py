@@ -18,13 +18,16 @@ def node(node_id: str, region: str = "fra", lat: float = 50.1, lon: float = 8.7)
     return Node(node_id, "127.0.0.1:1", "127.0.0.1:2", region, lat, lon, 4.0, 8192)
 
 
-def rec(name: str, node_id: str, cls: str = "Echo", pool: bool = False,
-        draining: bool = False) -> InstanceRecord:
+def rec(
+    name: str, node_id: str, cls: str = "Echo", pool: bool = False, draining: bool = False
+) -> InstanceRecord:
     return InstanceRecord(cls, name, "id-" + name, node_id, 0.25, 1024, 100.0, pool, draining)
 
 
 POOL = ContainerClass(
-    "Gif", "gif:1", instance_type=INSTANCE_TYPES["basic"],
+    "Gif",
+    "gif:1",
+    instance_type=INSTANCE_TYPES["basic"],
     autoscaling=Autoscaling(minimum_instances=1, maximum_instances=5, cpu_target=60),
 )
 ECHO = ContainerClass("Echo", "echo:1")
@@ -46,16 +49,24 @@ def test_nodes_list_their_instances_with_the_states_their_heartbeat_reported() -
     out = snapshot(
         nodes={"n1": node("n1")},
         instances=[rec("b", "n1"), rec("a", "n1"), rec("c", "n1")],
-        stats={"n1": {"id-a": InstanceStat("booting"), "id-b": InstanceStat("stopped"),
-                      "id-x": InstanceStat("running")}},
+        stats={
+            "n1": {
+                "id-a": InstanceStat("booting"),
+                "id-b": InstanceStat("stopped"),
+                "id-x": InstanceStat("running"),
+            }
+        },
         classes={"Echo": ECHO},
     )
     [n1] = out["nodes"]
     assert (n1["id"], n1["alive"], n1["region"], n1["city"]) == ("n1", True, "fra", "Frankfurt")
     states = [(i["name"], i["state"], i["awake"], i["reported"]) for i in n1["instances"]]
     # "booting" reads as ListInstances says it; not reported yet: placed.
-    assert states == [("a", "starting", True, True), ("b", "stopped", False, True),
-                      ("c", "placed", False, False)]
+    assert states == [
+        ("a", "starting", True, True),
+        ("b", "stopped", False, True),
+        ("c", "placed", False, False),
+    ]
     assert (n1["used_vcpu"], n1["used_memory_mib"]) == (0.25, 1024)
     assert n1["unplaced_awake"] == 1  # id-x runs there without a record
     assert out["summary"]["awake"] == 1
@@ -69,7 +80,9 @@ def test_lost_nodes_follow_the_live_ones_and_keep_their_instances() -> None:
         stats={"n1": {"id-a": InstanceStat("running")}},  # stale: its node is lost
     )
     assert [(n["id"], n["alive"]) for n in out["nodes"]] == [
-        ("n2", True), ("gone", False), ("n1", False)
+        ("n2", True),
+        ("gone", False),
+        ("n1", False),
     ]
     gone = out["nodes"][1]
     assert gone["latitude"] is None and gone["instances"][0]["name"] == "b"
@@ -87,19 +100,24 @@ def test_pool_cpu_is_the_mean_of_ready_members_not_draining() -> None:
             rec("g4", "n1", "Gif", pool=True),
             rec("g5", "lost", "Gif", pool=True),
         ],
-        stats={"n1": {
-            "id-g1": InstanceStat("running", cpu_percent=80.0, pool=True),
-            "id-g2": InstanceStat("running", cpu_percent=40.0, pool=True),
-            "id-g3": InstanceStat("running", cpu_percent=0.0, pool=True),
-            "id-g4": InstanceStat("booting", cpu_percent=5.0, pool=True),
-        }},
+        stats={
+            "n1": {
+                "id-g1": InstanceStat("running", cpu_percent=80.0, pool=True),
+                "id-g2": InstanceStat("running", cpu_percent=40.0, pool=True),
+                "id-g3": InstanceStat("running", cpu_percent=0.0, pool=True),
+                "id-g4": InstanceStat("booting", cpu_percent=5.0, pool=True),
+            }
+        },
         classes={"Gif": POOL, "Echo": ECHO},
     )
     [pool] = out["pools"]
     assert (pool["class_name"], pool["cpu_target"], pool["cpu_percent"]) == ("Gif", 60, 60.0)
     assert (pool["minimum_instances"], pool["maximum_instances"]) == (1, 5)
     assert [(m["name"], m["ready"], m["cpu_percent"]) for m in pool["members"]] == [
-        ("g1", True, 80.0), ("g2", True, 40.0), ("g3", True, 0.0), ("g4", False, None)
+        ("g1", True, 80.0),
+        ("g2", True, 40.0),
+        ("g3", True, 0.0),
+        ("g4", False, None),
     ]
 
 

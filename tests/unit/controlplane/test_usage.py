@@ -7,8 +7,14 @@ import pytest
 from controlplane.usage import ClassDay, Use, add_batch, parse_day
 from portside.errors import InvalidArgument
 
-ONE = Use(running_ms=1000, vcpu_seconds=0.25, memory_gib_seconds=1.0, disk_gb_seconds=4.0,
-          cpu_seconds_used=0.1, egress_bytes=10)
+ONE = Use(
+    running_ms=1000,
+    vcpu_seconds=0.25,
+    memory_gib_seconds=1.0,
+    disk_gb_seconds=4.0,
+    cpu_seconds_used=0.1,
+    egress_bytes=10,
+)
 
 
 def test_a_batch_is_added_once_per_source_and_sequence() -> None:

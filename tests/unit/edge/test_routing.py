@@ -64,9 +64,12 @@ def test_first_of_duplicate_prefixes_wins() -> None:
     assert match_route((EXEC, other), "/execute-code/x") == EXEC
 
 
-def parts(path: str = "/", headers: Mapping[str, str] | None = None,
-          query: Mapping[str, str] | None = None,
-          cookies: Mapping[str, str] | None = None) -> RequestParts:
+def parts(
+    path: str = "/",
+    headers: Mapping[str, str] | None = None,
+    query: Mapping[str, str] | None = None,
+    cookies: Mapping[str, str] | None = None,
+) -> RequestParts:
     return RequestParts(path, headers or {}, query or {}, cookies or {})
 
 

@@ -9,8 +9,14 @@ from nodeagent.instances import LifecycleEvent
 
 
 def event(n: int) -> LifecycleEvent:
-    return LifecycleEvent(kind="starting", time=float(n), class_name="c", name=f"i{n}",
-                          instance_id=f"id{n}", node_id="n1")
+    return LifecycleEvent(
+        kind="starting",
+        time=float(n),
+        class_name="c",
+        name=f"i{n}",
+        instance_id=f"id{n}",
+        node_id="n1",
+    )
 
 
 def times(batch: list[LifecycleEvent]) -> list[int]:

@@ -16,8 +16,16 @@ from nodeagent.stats import ContainerUsage
 
 def snap(name: str, state: InstanceState = InstanceState.RUNNING) -> InstanceSnapshot:
     return InstanceSnapshot(
-        id="id-" + name, name=name, class_name="Gauged", state=state, container_id="c-" + name,
-        upstream=None, in_flight=0, last_activity=0.0, exit_code=None, vcpu=0.5,
+        id="id-" + name,
+        name=name,
+        class_name="Gauged",
+        state=state,
+        container_id="c-" + name,
+        upstream=None,
+        in_flight=0,
+        last_activity=0.0,
+        exit_code=None,
+        vcpu=0.5,
     )
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
@@ -22,7 +23,9 @@ from nodeagent.runtime import (
     NO_OVERRIDES,
     ContainerEvent,
     ContainerInfo,
+    ExecProcess,
     Overrides,
+    Stream,
 )
 from portside.errors import (
     BootTimeout,
@@ -50,18 +53,34 @@ class FakeRuntime:
         self._next_ip = 1
         self.engine_events: asyncio.Queue[ContainerEvent] = asyncio.Queue()
 
-    def add(self, cls: ContainerClass, name: str, status: str, exit_code: int | None = None,
-            ip: str | None = None) -> ContainerInfo:
+    def add(
+        self,
+        cls: ContainerClass,
+        name: str,
+        status: str,
+        exit_code: int | None = None,
+        ip: str | None = None,
+    ) -> ContainerInfo:
         iid = instance_id(cls.name, name)
-        info = ContainerInfo(id=f"c-{iid[:8]}", name=f"portside-n-{iid[:16]}", status=status,
-                             exit_code=exit_code, ip=ip, port=cls.default_port,
-                             class_name=cls.name, instance_name=name, instance_id=iid)
+        info = ContainerInfo(
+            id=f"c-{iid[:8]}",
+            name=f"portside-n-{iid[:16]}",
+            status=status,
+            exit_code=exit_code,
+            ip=ip,
+            port=cls.default_port,
+            class_name=cls.name,
+            instance_name=name,
+            instance_id=iid,
+        )
         self.containers[info.id] = info
         return info
 
     def set(self, container_id: str, **changes: object) -> None:
-        self.containers[container_id] = dataclasses.replace(self.containers[container_id],
-                                                            **changes)  # type: ignore[arg-type]
+        self.containers[container_id] = dataclasses.replace(
+            self.containers[container_id],
+            **changes,  # type: ignore[arg-type]
+        )
 
     async def ensure_networks(self) -> None:
         self.calls.append(("ensure_networks", ""))
@@ -69,8 +88,9 @@ class FakeRuntime:
     async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
         return list(self.containers.values())
 
-    async def create(self, cls: ContainerClass, name: str,
-                     overrides: Overrides = NO_OVERRIDES) -> str:
+    async def create(
+        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
         self.calls.append(("create", name))
         info = self.add(cls, name, "created")
         self.set(info.id, labels={LABEL_OVERRIDES: overrides.digest})
@@ -88,8 +108,9 @@ class FakeRuntime:
             self.set(container_id, status="running", exit_code=None, ip=f"127.0.1.{self._next_ip}")
         return self.containers[container_id]
 
-    async def stop(self, container_id: str, grace_s: float,
-                   signum: int | None = None) -> int | None:
+    async def stop(
+        self, container_id: str, grace_s: float, signum: int | None = None
+    ) -> int | None:
         self.calls.append(("stop", container_id))
         await asyncio.sleep(0.01)
         if container_id not in self.containers:
@@ -104,12 +125,29 @@ class FakeRuntime:
         while True:
             yield await self.engine_events.get()
 
+    async def exec(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        working_dir: str,
+        stdin: bool,
+    ) -> ExecProcess:
+        raise NotImplementedError("exec is tested against a real engine")
+
+    async def logs(
+        self, container_id: str, follow: bool, tail: int
+    ) -> AsyncIterator[tuple[Stream, bytes]]:
+        return
+        yield
+
     def die(self, container_id: str, exit_code: int) -> None:
         """The container exits on its own; the engine reports it."""
         info = self.containers[container_id]
         self.set(container_id, status="exited", exit_code=exit_code, ip=None)
-        self.engine_events.put_nowait(ContainerEvent("die", container_id, info.instance_id,
-                                                     0.0, exit_code))
+        self.engine_events.put_nowait(
+            ContainerEvent("die", container_id, info.instance_id, 0.0, exit_code)
+        )
 
     async def inspect(self, container_id: str) -> ContainerInfo:
         if container_id not in self.containers:
@@ -154,11 +192,13 @@ def probe() -> Probe:
     return Probe()
 
 
-def manager_for(runtime: FakeRuntime, probe: Probe, *classes: ContainerClass,
-                clock: Clock | None = None) -> InstanceManager:
+def manager_for(
+    runtime: FakeRuntime, probe: Probe, *classes: ContainerClass, clock: Clock | None = None
+) -> InstanceManager:
     by_name = {c.name: c for c in (classes or (ECHO,))}
-    return InstanceManager(runtime, by_name.get, timing=FAST, port_probe=probe,
-                           **({"clock": clock} if clock else {}))
+    return InstanceManager(
+        runtime, by_name.get, timing=FAST, port_probe=probe, clock=clock or time.monotonic
+    )
 
 
 def state_of(manager: InstanceManager, cls: ContainerClass, name: str) -> InstanceState:
@@ -183,11 +223,13 @@ async def test_concurrent_acquires_share_one_boot(runtime: FakeRuntime, probe: P
 
 
 async def test_exit_during_boot_reports_the_code_and_next_request_wakes_it(
-        runtime: FakeRuntime, probe: Probe) -> None:
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     runtime.exit_on_start = 3
     manager = manager_for(runtime, probe)
-    results = await asyncio.gather(*(manager.acquire(ECHO, "bob") for _ in range(3)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(manager.acquire(ECHO, "bob") for _ in range(3)), return_exceptions=True
+    )
     assert all(isinstance(r, ContainerExited) for r in results)
     error = results[0]
     assert isinstance(error, ContainerExited) and error.exit_code == 3
@@ -200,8 +242,9 @@ async def test_exit_during_boot_reports_the_code_and_next_request_wakes_it(
     assert runtime.count("create") == 1 and runtime.count("start") == 2
 
 
-async def test_silent_port_times_out_and_stops_the_container(runtime: FakeRuntime,
-                                                             probe: Probe) -> None:
+async def test_silent_port_times_out_and_stops_the_container(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     probe.answers = False
     cls = dataclasses.replace(ECHO, boot_timeout_s=0.1)
     manager = manager_for(runtime, probe, cls)
@@ -213,8 +256,9 @@ async def test_silent_port_times_out_and_stops_the_container(runtime: FakeRuntim
     assert runtime.count("stop") == 1
 
 
-async def test_cancelled_waiter_frees_its_hold_and_boot_goes_on(runtime: FakeRuntime,
-                                                                probe: Probe) -> None:
+async def test_cancelled_waiter_frees_its_hold_and_boot_goes_on(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     runtime.start_delay = 0.05
     manager = manager_for(runtime, probe)
     waiter = asyncio.create_task(manager.acquire(ECHO, "dave"))
@@ -244,8 +288,9 @@ async def test_sleeps_after_idle_never_while_in_flight(runtime: FakeRuntime, pro
     assert state_of(manager, ECHO, "erin") is InstanceState.STOPPED
 
 
-async def test_request_during_stop_waits_then_boots_again(runtime: FakeRuntime,
-                                                         probe: Probe) -> None:
+async def test_request_during_stop_waits_then_boots_again(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     clock = Clock()
     manager = manager_for(runtime, probe, clock=clock)
     async with manager.use(ECHO, "fay"):
@@ -261,8 +306,9 @@ async def test_request_during_stop_waits_then_boots_again(runtime: FakeRuntime,
 
 async def test_unknown_class_sleeps_after_the_default(runtime: FakeRuntime, probe: Probe) -> None:
     clock = Clock()
-    manager = InstanceManager(runtime, lambda name: None, timing=FAST, clock=clock,
-                              port_probe=probe)
+    manager = InstanceManager(
+        runtime, lambda name: None, timing=FAST, clock=clock, port_probe=probe
+    )
     async with manager.use(ECHO, "gus"):
         pass
     clock.now += 60
@@ -271,14 +317,17 @@ async def test_unknown_class_sleeps_after_the_default(runtime: FakeRuntime, prob
     assert manager.sleep_idle() == [instance_id("echo", "gus")]
 
 
-async def test_adopt_takes_over_running_and_stopped_containers(runtime: FakeRuntime,
-                                                              probe: Probe) -> None:
+async def test_adopt_takes_over_running_and_stopped_containers(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     running = runtime.add(ECHO, "hal", "running", ip="127.0.1.50")
     stopped = runtime.add(ECHO, "ida", "exited", exit_code=143)
     manager = manager_for(runtime, probe)
     adopted = await manager.adopt()
-    assert {s.name: s.state for s in adopted} == {"hal": InstanceState.RUNNING,
-                                                  "ida": InstanceState.STOPPED}
+    assert {s.name: s.state for s in adopted} == {
+        "hal": InstanceState.RUNNING,
+        "ida": InstanceState.STOPPED,
+    }
     async with manager.use(ECHO, "hal") as upstream:
         assert upstream == Upstream("127.0.1.50", 8080)
     assert runtime.count("start") == 0
@@ -288,8 +337,9 @@ async def test_adopt_takes_over_running_and_stopped_containers(runtime: FakeRunt
     assert running.id in runtime.containers
 
 
-async def test_reconcile_notices_a_container_that_exited(runtime: FakeRuntime,
-                                                         probe: Probe) -> None:
+async def test_reconcile_notices_a_container_that_exited(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     clock = Clock()
     manager = manager_for(runtime, probe, clock=clock)
     lease = await manager.acquire(ECHO, "jo")
@@ -305,8 +355,9 @@ async def test_reconcile_notices_a_container_that_exited(runtime: FakeRuntime,
     assert runtime.count("start") == 2
 
 
-async def test_reconcile_ignores_a_listing_older_than_the_boot(runtime: FakeRuntime,
-                                                               probe: Probe) -> None:
+async def test_reconcile_ignores_a_listing_older_than_the_boot(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     clock = Clock()
     manager = manager_for(runtime, probe, clock=clock)
     lease = await manager.acquire(ECHO, "kim")
@@ -348,9 +399,14 @@ async def test_removed_container_is_created_again(runtime: FakeRuntime, probe: P
 async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe: Probe) -> None:
     # ECHO is "basic": 0.25 vCPU. A node offering 0.5 vCPU holds two awake at once.
     changes: list[int] = []
-    manager = InstanceManager(runtime, {ECHO.name: ECHO}.get, timing=FAST, port_probe=probe,
-                              capacity=Capacity("n1", 0.5, 1 << 20),
-                              on_change=lambda: changes.append(1))
+    manager = InstanceManager(
+        runtime,
+        {ECHO.name: ECHO}.get,
+        timing=FAST,
+        port_probe=probe,
+        capacity=Capacity("n1", 0.5, 1 << 20),
+        on_change=lambda: changes.append(1),
+    )
     (await manager.acquire(ECHO, "a")).release()
     (await manager.acquire(ECHO, "b")).release()
     assert manager.awake_use() == (0.5, 2048)
@@ -366,13 +422,20 @@ async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe:
 # -- the lifecycle API and its events ---------------------------------------------------------
 
 
-def events_manager(runtime: FakeRuntime, probe: Probe, *classes: ContainerClass,
-                   clock: Clock | None = None) -> tuple[InstanceManager, list[LifecycleEvent]]:
+def events_manager(
+    runtime: FakeRuntime, probe: Probe, *classes: ContainerClass, clock: Clock | None = None
+) -> tuple[InstanceManager, list[LifecycleEvent]]:
     events: list[LifecycleEvent] = []
     by_name = {c.name: c for c in (classes or (ECHO,))}
-    manager = InstanceManager(runtime, by_name.get, timing=FAST, port_probe=probe,
-                              on_event=events.append, node_id="n1",
-                              **({"clock": clock} if clock else {}))
+    manager = InstanceManager(
+        runtime,
+        by_name.get,
+        timing=FAST,
+        port_probe=probe,
+        on_event=events.append,
+        node_id="n1",
+        clock=clock or time.monotonic,
+    )
     return manager, events
 
 
@@ -380,15 +443,16 @@ def kinds(events: list[LifecycleEvent]) -> list[str]:
     return [e.kind for e in events]
 
 
-async def test_an_exit_reported_by_the_engine_is_noticed_at_once(runtime: FakeRuntime,
-                                                                 probe: Probe) -> None:
+async def test_an_exit_reported_by_the_engine_is_noticed_at_once(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     manager, events = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     await manager.start(ECHO, "a")
     assert manager.info(iid).state == "healthy"
     loop = asyncio.create_task(manager.run())  # reconcile is hourly in FAST: only events tell
     try:
-        container = manager.info(iid) and manager.get(iid)
+        container = manager.get(iid)
         assert container is not None and container.container_id is not None
         runtime.die(container.container_id, 137)
         for _ in range(100):
@@ -404,8 +468,9 @@ async def test_an_exit_reported_by_the_engine_is_noticed_at_once(runtime: FakeRu
         await asyncio.gather(loop, return_exceptions=True)
 
 
-async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(runtime: FakeRuntime,
-                                                                 probe: Probe) -> None:
+async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     clock = Clock()
     manager, events = events_manager(runtime, probe, clock=clock)
     iid = instance_id("echo", "a")
@@ -424,8 +489,9 @@ async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(runtime: FakeRu
     assert (info.state, info.exit_code) == ("stopped", 143)
 
 
-async def test_a_crash_while_starting_is_exited_then_failed(runtime: FakeRuntime,
-                                                            probe: Probe) -> None:
+async def test_a_crash_while_starting_is_exited_then_failed(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     runtime.exit_on_start = 3
     manager, events = events_manager(runtime, probe)
     with pytest.raises(ContainerExited):
@@ -435,8 +501,9 @@ async def test_a_crash_while_starting_is_exited_then_failed(runtime: FakeRuntime
     assert manager.info(instance_id("echo", "a")).state == "exited"
 
 
-async def test_start_without_wait_leaves_a_silent_container_running(runtime: FakeRuntime,
-                                                                    probe: Probe) -> None:
+async def test_start_without_wait_leaves_a_silent_container_running(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     probe.answers = False
     cls = dataclasses.replace(ECHO, boot_timeout_s=0.1)
     manager, events = events_manager(runtime, probe, cls)
@@ -449,8 +516,7 @@ async def test_start_without_wait_leaves_a_silent_container_running(runtime: Fak
         await manager.start(cls, "job")  # waiting for a port that never answered
 
 
-async def test_other_overrides_make_the_container_again(runtime: FakeRuntime,
-                                                        probe: Probe) -> None:
+async def test_other_overrides_make_the_container_again(runtime: FakeRuntime, probe: Probe) -> None:
     manager, _ = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     await manager.start(ECHO, "a", Overrides(env={"A": "1"}))
@@ -462,12 +528,16 @@ async def test_other_overrides_make_the_container_again(runtime: FakeRuntime,
     # The fake names containers after the instance: the new one replaced the old in its dict.
     assert runtime.count("create") == 2 and runtime.count("stop") == 1
     assert first is not None and second is not None and second.container_id is not None
-    assert runtime.containers[second.container_id].labels[LABEL_OVERRIDES] == \
-        Overrides(env={"A": "2"}).digest != Overrides(env={"A": "1"}).digest
+    assert (
+        runtime.containers[second.container_id].labels[LABEL_OVERRIDES]
+        == Overrides(env={"A": "2"}).digest
+        != Overrides(env={"A": "1"}).digest
+    )
 
 
-async def test_verbs_on_a_stopped_instance_fail_precondition(runtime: FakeRuntime,
-                                                             probe: Probe) -> None:
+async def test_verbs_on_a_stopped_instance_fail_precondition(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
     manager, events = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     with pytest.raises(NotFound):

@@ -78,8 +78,11 @@ def test_proc_cgroup_ignores_malformed_lines() -> None:
 def test_mountinfo_finds_cgroup_mounts_with_their_controllers() -> None:
     mounts = parse_mountinfo(MOUNTINFO_V1)
     assert [m.mount_point for m in mounts] == [
-        "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct", "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/cpuacct",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/systemd",
+        "/sys/fs/cgroup/unified",
     ]
     assert mounts[1] == CgroupMount(1, frozenset({"cpuacct"}), "/", "/sys/fs/cgroup/cpuacct")
     # Mount flags among the super options are not controllers; named hierarchies are kept.
@@ -91,18 +94,25 @@ def test_mountinfo_finds_cgroup_mounts_with_their_controllers() -> None:
 
 
 def test_mountinfo_unescapes_paths_and_skips_odd_lines() -> None:
-    text = ("50 31 0:40 /a\\040b /mnt/cg\\040x rw - cgroup cgroup rw,memory\n"
-            "no separator here\n"
-            "51 31 0:41 / /short rw - cgroup\n")
+    text = (
+        "50 31 0:40 /a\\040b /mnt/cg\\040x rw - cgroup cgroup rw,memory\n"
+        "no separator here\n"
+        "51 31 0:41 / /short rw - cgroup\n"
+    )
     assert parse_mountinfo(text) == [CgroupMount(1, frozenset({"memory"}), "/a b", "/mnt/cg x")]
 
 
 def test_a_v1_host_uses_cpuacct_and_memory_not_the_empty_unified_tree() -> None:
     dirs = locate_cgroup_dirs(parse_proc_cgroup(PROC_CGROUP_V1), parse_mountinfo(MOUNTINFO_V1))
-    assert dirs == CgroupDirs(cpu=f"/sys/fs/cgroup/cpuacct/docker/{CID}", cpu_v2=False,
-                              memory=f"/sys/fs/cgroup/memory/docker/{CID}", memory_v2=False)
-    comounted = locate_cgroup_dirs(parse_proc_cgroup(PROC_CGROUP_COMOUNTED),
-                                   parse_mountinfo(MOUNTINFO_COMOUNTED))
+    assert dirs == CgroupDirs(
+        cpu=f"/sys/fs/cgroup/cpuacct/docker/{CID}",
+        cpu_v2=False,
+        memory=f"/sys/fs/cgroup/memory/docker/{CID}",
+        memory_v2=False,
+    )
+    comounted = locate_cgroup_dirs(
+        parse_proc_cgroup(PROC_CGROUP_COMOUNTED), parse_mountinfo(MOUNTINFO_COMOUNTED)
+    )
     assert comounted is not None
     assert comounted.cpu == f"/sys/fs/cgroup/cpu,cpuacct/docker/{CID}"
 
@@ -115,13 +125,18 @@ def test_a_v2_host_uses_the_unified_tree_for_both() -> None:
 
 def test_a_mount_of_a_subtree_is_joined_below_its_root() -> None:
     # An agent in a container of its own sees the host's /docker/<agent> at /sys/fs/cgroup/...
-    mounts = [CgroupMount(1, frozenset({"cpuacct"}), "/docker/agent", "/sys/fs/cgroup/cpuacct"),
-              CgroupMount(1, frozenset({"memory"}), "/docker/other", "/elsewhere"),
-              CgroupMount(1, frozenset({"memory"}), "/docker/agent", "/sys/fs/cgroup/memory/")]
+    mounts = [
+        CgroupMount(1, frozenset({"cpuacct"}), "/docker/agent", "/sys/fs/cgroup/cpuacct"),
+        CgroupMount(1, frozenset({"memory"}), "/docker/other", "/elsewhere"),
+        CgroupMount(1, frozenset({"memory"}), "/docker/agent", "/sys/fs/cgroup/memory/"),
+    ]
     paths = {"cpuacct": "/docker/agent/docker/x", "memory": "/docker/agent/docker/x"}
     assert locate_cgroup_dirs(paths, mounts) == CgroupDirs(
-        cpu="/sys/fs/cgroup/cpuacct/docker/x", cpu_v2=False,
-        memory="/sys/fs/cgroup/memory/docker/x", memory_v2=False)
+        cpu="/sys/fs/cgroup/cpuacct/docker/x",
+        cpu_v2=False,
+        memory="/sys/fs/cgroup/memory/docker/x",
+        memory_v2=False,
+    )
 
 
 def test_unmounted_controllers_are_not_located() -> None:
@@ -141,15 +156,19 @@ def test_working_set_leaves_out_inactive_page_cache() -> None:
     assert working_set_bytes(100, v2, v2=True) == 0  # the two files are read moments apart
 
 
-@pytest.mark.parametrize(("previous", "current", "cores"), [
-    (None, (5_000, 10), None),  # first sight
-    ((1_000_000_000, 0), (1_500_000_000, 2_000_000_000), 0.25),
-    ((0, 0), (3_000_000_000, 2_000_000_000), 1.5),  # several cores
-    ((9_000, 0), (1_000, 1_000_000_000), None),  # the counter restarted: a new cgroup
-    ((1_000, 5), (1_000, 5), None),  # no time passed
-])
-def test_cores_between(previous: tuple[int, int] | None, current: tuple[int, int],
-                       cores: float | None) -> None:
+@pytest.mark.parametrize(
+    ("previous", "current", "cores"),
+    [
+        (None, (5_000, 10), None),  # first sight
+        ((1_000_000_000, 0), (1_500_000_000, 2_000_000_000), 0.25),
+        ((0, 0), (3_000_000_000, 2_000_000_000), 1.5),  # several cores
+        ((9_000, 0), (1_000, 1_000_000_000), None),  # the counter restarted: a new cgroup
+        ((1_000, 5), (1_000, 5), None),  # no time passed
+    ],
+)
+def test_cores_between(
+    previous: tuple[int, int] | None, current: tuple[int, int], cores: float | None
+) -> None:
     assert cores_between(previous, current) == cores
 
 
