@@ -12,7 +12,7 @@ import grpc
 from controlplane.view import ClusterView
 from portside import net
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
-from portside.errors import PortsideError, from_grpc
+from portside.errors import NodeUnreachable, PortsideError, from_rpc
 from portside.spec import Node
 
 log = logging.getLogger(__name__)
@@ -77,4 +77,6 @@ class AgentClients:
 def translate(exc: grpc.aio.AioRpcError, node: Node, what: str) -> PortsideError:
     """The agent's status as a Portside error with the agent's reason; an unreachable agent is
     named, as that is what the user must know to act."""
-    return from_grpc(exc, f"{what}: the agent of node {node.id} ({node.api_address})")
+    return from_rpc(
+        exc, f"{what}: the agent of node {node.id} ({node.api_address})", NodeUnreachable
+    )

@@ -5,53 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
 
 from controlplane import records
 from controlplane.store import KeyValue, Store
 from portside.errors import InvalidArgument, StoreError
+from portside.events import Event
 
 log = logging.getLogger(__name__)
 
-KINDS = frozenset(
-    ("placed", "starting", "ready", "activity-expired", "slept", "exited", "failed", "removed")
-)
 EVENT_TTL_S = 3600  # what WatchEvents promises: events are kept for an hour
 LEASE_ROTATE_S = 600.0  # so an event lives between EVENT_TTL_S - LEASE_ROTATE_S and EVENT_TTL_S
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    """One lifecycle event as stored; its revision is the store's, known only once written."""
-
-    kind: str
-    time: float  # unix seconds
-    class_name: str
-    name: str
-    instance_id: str
-    node_id: str
-    exit_code: int | None = None
-    signal: int | None = None
-    reason: str = ""
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, data: bytes) -> EventRecord:
-        return cls(**json.loads(data))
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    revision: int
-    event: EventRecord
 
 
 class EventLog:
@@ -75,7 +43,7 @@ class EventLog:
                 self._granted_at = self.clock()
             return self._lease
 
-    async def write(self, event: EventRecord) -> int:
+    async def write(self, event: Event) -> int:
         """Store the event; returns its revision. Raises StoreError."""
         key = records.event_key(
             event.class_name,
@@ -83,13 +51,14 @@ class EventLog:
             int(event.time * 1e9) if event.time else time.time_ns(),
             next(self._seq) % 1_000_000,
         )
+        value = records.encode_event(event)
         try:
-            return await self.store.put(key, event.encode(), await self._current_lease())
+            return await self.store.put(key, value, await self._current_lease())
         except StoreError:
             # The lease may have vanished under us (a store restored or failed over): a new one.
-            return await self.store.put(key, event.encode(), await self._current_lease(renew=True))
+            return await self.store.put(key, value, await self._current_lease(renew=True))
 
-    async def record(self, event: EventRecord) -> None:
+    async def record(self, event: Event) -> None:
         """Store the event, logging a failure instead of raising: a lost event must not fail
         the placement or heartbeat that caused it."""
         try:
@@ -104,17 +73,16 @@ class EventLog:
             )
 
 
-def decode_event(kv: KeyValue) -> StoredEvent | None:
+def decode_event(kv: KeyValue) -> Event | None:
+    """The event stored in `kv`, with its revision; None (and a log line) if unreadable."""
     try:
-        return StoredEvent(kv.mod_revision, EventRecord.decode(kv.value))
-    except (ValueError, TypeError) as exc:
+        return records.decode_event(kv.value, kv.mod_revision)
+    except (ValueError, TypeError, KeyError) as exc:
         log.error("skipping unreadable event %s: %s", kv.key, exc)
         return None
 
 
-async def watch_events(
-    store: Store, prefix: str, after_revision: int
-) -> AsyncIterator[StoredEvent]:
+async def watch_events(store: Store, prefix: str, after_revision: int) -> AsyncIterator[Event]:
     """Events under `prefix` written after `after_revision` (0: from now on). Expiries (the
     lease's deletes) are not events. Raises Compacted if that history is gone."""
     if after_revision < 0:
@@ -123,6 +91,6 @@ async def watch_events(
         async for change in watch:
             if change.type != "put":
                 continue
-            stored = decode_event(change.kv)
-            if stored is not None:
-                yield stored
+            event = decode_event(change.kv)
+            if event is not None:
+                yield event

@@ -1,8 +1,8 @@
 """The lifecycle API's logic: find an instance's placement (placing it on Start), forward the verb
 to the agent of its node, and keep the control plane's part (records, state values, events).
 
-The agent's replies are relayed as they are (InstanceInfo, exec and log chunks): this module is a
-relay between two gRPC services, so those messages pass through instead of being converted."""
+Exec and log chunks are relayed as the agent sends them: this module is a relay between two gRPC
+streams, and converting each chunk twice would buy nothing. Everything else is domain types."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from controlplane import records
 from controlplane.agents import AgentClients, translate
-from controlplane.events import EventLog, EventRecord
+from controlplane.events import EventLog
 from controlplane.placement import resolve_named
 from controlplane.records import InstanceRecord
 from controlplane.statevalues import StateValues
@@ -26,10 +26,13 @@ from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_to_pb
+from portside.convert import class_to_pb, instance_info_from_pb
 from portside.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from portside.events import Event, EventKind
+from portside.instances import InstanceInfo
 from portside.net import Deadlines
 from portside.spec import ContainerClass, Node, instance_id
+from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +106,16 @@ class Lifecycle:
             )
         return where.node
 
-    def _info(self, reply: pb.InstanceInfo, node: Node) -> pb.InstanceInfo:
-        info = pb.InstanceInfo()
-        info.CopyFrom(reply)
-        info.node_id, info.region = node.id, node.region
-        return info
+    def _info(self, reply: pb.InstanceInfo, node: Node) -> InstanceInfo:
+        return replace(instance_info_from_pb(reply), node_id=node.id, region=node.region)
 
-    def _stopped_info(self, where: Located) -> pb.InstanceInfo:
-        return pb.InstanceInfo(
+    def _not_running_info(self, where: Located) -> InstanceInfo:
+        """Placed but never booted on its node (placed), or its node is gone (stopped)."""
+        return InstanceInfo(
             class_name=where.cls.name,
             name=where.record.name,
             instance_id=where.record.instance_id,
-            state="stopped",
+            state=InstanceState.PLACED if where.node else InstanceState.STOPPED,
             node_id=where.record.node_id,
             region=where.node.region if where.node else "",
             since=where.record.placed_at,
@@ -130,7 +131,7 @@ class Lifecycle:
         env: Mapping[str, str] | None = None,
         location_hint: str = "",
         no_wait: bool = False,
-    ) -> pb.InstanceInfo:
+    ) -> InstanceInfo:
         cls, iid = self._class_and_id(class_name, name)
         try:
             near = geo.lookup(location_hint or self.default_region)
@@ -168,10 +169,10 @@ class Lifecycle:
 
     async def stop(
         self, class_name: str, name: str, *, signal: int = 0, grace_s: float = 0.0
-    ) -> pb.InstanceInfo:
+    ) -> InstanceInfo:
         where = await self.locate(class_name, name)
         if where.node is None:
-            return self._stopped_info(where)  # gone with its node: stopped already
+            return self._not_running_info(where)  # gone with its node: stopped already
         try:
             reply = await self.agents.call(
                 where.node,
@@ -183,7 +184,7 @@ class Lifecycle:
                 (grace_s or DEFAULT_GRACE_S) + self.deadlines.rpc,
             )
         except NotFound:
-            return self._stopped_info(where)  # placed, never booted: stopped is what was asked
+            return self._not_running_info(where)  # placed, never booted: stopped is what was asked
         return self._info(reply.info, where.node)
 
     async def signal(self, class_name: str, name: str, signal: int) -> None:
@@ -229,8 +230,8 @@ class Lifecycle:
         removed = await self.values.delete_all(where.cls.name, where.record.instance_id)
         log.info("destroyed %s (and %d state values)", where.label, removed)
         await self.events.record(
-            EventRecord(
-                kind="removed",
+            Event(
+                kind=EventKind.REMOVED,
                 time=time.time(),
                 class_name=where.cls.name,
                 name=where.record.name,
@@ -239,10 +240,10 @@ class Lifecycle:
             )
         )
 
-    async def get_state(self, class_name: str, name: str) -> pb.InstanceInfo:
+    async def get_state(self, class_name: str, name: str) -> InstanceInfo:
         where = await self.locate(class_name, name)
         if where.node is None:
-            return self._stopped_info(where)
+            return self._not_running_info(where)
         try:
             reply = await self.agents.call(
                 where.node,
@@ -251,7 +252,7 @@ class Lifecycle:
                 na.AgentGetInstanceRequest(instance_id=where.record.instance_id),
             )
         except NotFound:
-            return self._stopped_info(where)  # placed, never booted
+            return self._not_running_info(where)  # placed, never booted
         return self._info(reply.info, where.node)
 
     async def exec(

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from controlplane import records
-from controlplane.events import EventLog, EventRecord
+from controlplane.events import EventLog
 from controlplane.metrics import PLACEMENTS
 from controlplane.records import InstanceRecord
 from controlplane.scheduler import NodeState, PlacementRequest, node_location, place
@@ -16,6 +16,7 @@ from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.errors import InvalidArgument, NoCapacity, NotFound, StoreError, Unavailable
+from portside.events import Event, EventKind
 from portside.spec import ContainerClass, Node, instance_id
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,7 @@ def node_states(view: ClusterView) -> list[NodeState]:
     states = []
     for n in view.nodes.values():
         use = view.use_of(n.id)
-        states.append(
-            NodeState(
-                node=n,
-                alive=True,
-                used_vcpu=use.vcpu,
-                used_memory_mib=use.memory_mib,
-                instances=use.instances,
-            )
-        )
+        states.append(NodeState(node=n, used=use.used, instances=use.instances))
     return states
 
 
@@ -164,7 +157,7 @@ async def place_instance(
         node_states(view),
     )
     if decision.node is None:
-        PLACEMENTS.labels(cls.name, "rejected", _reason_label(decision.reason)).inc()
+        PLACEMENTS.labels(cls.name, "rejected", decision.refusal).inc()
         log.info("placement of %s/%s rejected: %s", cls.name, name, decision.reason)
         raise NoCapacity(decision.reason)
     record = InstanceRecord(
@@ -183,8 +176,8 @@ async def place_instance(
     view.note_placed(key, record)
     if events is not None:
         await events.record(
-            EventRecord(
-                kind="placed",
+            Event(
+                kind=EventKind.PLACED,
                 time=record.placed_at,
                 class_name=cls.name,
                 name=name,
@@ -205,12 +198,3 @@ async def place_instance(
         dict(decision.scores),
     )
     return Resolved(record, decision.node, placed=True)
-
-
-def _reason_label(reason: str) -> str:
-    # Metric labels must have few values: keep the reason's kind, not its node list.
-    if "max_instances" in reason:
-        return "max_instances"
-    if "no node" in reason:
-        return "no_capacity"
-    return "other"

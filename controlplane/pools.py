@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from controlplane.records import InstanceRecord
 from controlplane.store import Store
 from controlplane.view import PENDING_S, ClusterView
 from portside import geo
+from portside.capacity import Resources
 from portside.errors import NoCapacity, StoreError
 from portside.spec import CPU_SAMPLE_INTERVAL_S, ContainerClass, InstanceType
 
@@ -41,13 +41,8 @@ log = logging.getLogger(__name__)
 
 def room_for(view: ClusterView, itype: InstanceType) -> int:
     """How many more instances of this type the live nodes can hold now."""
-    room = 0
-    for node in view.nodes.values():
-        use = view.use_of(node.id)
-        by_cpu = math.floor((node.vcpu - use.vcpu) / itype.vcpu + 1e-9)
-        by_memory = (node.memory_mib - use.memory_mib) // itype.memory_mib
-        room += max(0, min(by_cpu, by_memory))
-    return room
+    need = Resources.of(itype)
+    return sum(view.free_on(node).how_many(need) for node in view.nodes.values())
 
 
 def target_region(
@@ -77,13 +72,12 @@ def drain_order(
         per_region[region] = per_region.get(region, 0) + 1
 
     def cost(r: InstanceRecord) -> tuple[int, float, int, str]:
-        stat = view.stat_of(r)
-        ready = stat is not None and stat.state == "running"
+        status = view.status_of(r)
         region = view.nodes[r.node_id].region
         return (
-            1 if ready else 0,
+            1 if status is not None and status.state.ready else 0,
             demand.get(region, 0.0) / per_region[region],
-            stat.in_flight if stat else 0,
+            status.info.in_flight if status else 0,
             r.name,
         )
 
@@ -140,11 +134,10 @@ class PoolManager:
         members = [r for r in self.view.pool_members(cls.name) if not r.draining]
         samples = []
         for r in members:
-            stat = self.view.stat_of(r)
-            ready = stat is not None and stat.state == "running"
-            samples.append(
-                InstanceSample(r.instance_id, stat.cpu_percent if ready and stat else None)
-            )
+            status = self.view.status_of(r)
+            ready = status is not None and status.state.ready
+            cpu = status.cpu_percent if status is not None and ready else None
+            samples.append(InstanceSample(r.instance_id, cpu))
         state = PoolState(
             class_name=cls.name,
             autoscaling=cls.autoscaling,
@@ -233,8 +226,8 @@ class PoolManager:
         for key, rec in list(self.view.instances.items()):
             if not rec.pool or not rec.draining:
                 continue
-            stat = self.view.stat_of(rec)
-            gone = rec.node_id not in self.view.nodes or stat is None or not stat.awake
+            status = self.view.status_of(rec)
+            gone = rec.node_id not in self.view.nodes or status is None or not status.state.awake
             if gone and (rec.instance_id in self.view.reported or now - rec.placed_at > PENDING_S):
                 await self.store.delete(key)
                 log.info("removed drained pool instance %s/%s", rec.class_name, rec.name)

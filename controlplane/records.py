@@ -16,7 +16,10 @@ from google.protobuf import json_format
 
 from portside.api.v1 import types_pb2
 from portside.convert import class_from_pb, class_to_pb, route_from_pb, route_to_pb
+from portside.events import Event, EventKind
+from portside.instances import InstanceInfo, InstanceStatus
 from portside.spec import ContainerClass, Node, Route
+from portside.states import InstanceState
 
 ROOT = "/portside/"
 CLASSES = ROOT + "classes/"
@@ -122,34 +125,60 @@ def decode_route(data: bytes) -> Route:
     return route_from_pb(json_format.Parse(data, types_pb2.Route()))
 
 
-@dataclass(frozen=True)
-class InstanceStat:
-    """One instance as its node's last heartbeat reported it."""
-
-    state: str  # stopped, booting, running, stopping
-    cpu_percent: float | None = None  # of its instance type's vCPU; None: no sample yet
-    memory_bytes: int = 0
-    in_flight: int = 0
-    pool: bool = False
-
-    @property
-    def awake(self) -> bool:
-        return self.state != "stopped"
-
-
-def encode_node(n: Node, stats: Mapping[str, InstanceStat] | None = None) -> bytes:
+def encode_node(n: Node, statuses: Mapping[str, InstanceStatus] | None = None) -> bytes:
     """A node as it registered, and its instances as its last heartbeat reported them: the
     control plane accounts capacity by the awake ones and scales pools by their CPU."""
     body: dict[str, Any] = asdict(n)
     body["labels"] = dict(n.labels)
-    instances = {iid: asdict(st) for iid, st in sorted((stats or {}).items())}
+    instances = {iid: _encode_status(st) for iid, st in sorted((statuses or {}).items())}
     return json.dumps({"node": body, "instances": instances}, separators=(",", ":")).encode()
 
 
-def decode_node(data: bytes) -> tuple[Node, dict[str, InstanceStat]]:
+def decode_node(data: bytes) -> tuple[Node, dict[str, InstanceStatus]]:
     body = json.loads(data)
-    stats = {iid: InstanceStat(**st) for iid, st in body.get("instances", {}).items()}
-    return Node(**body["node"]), stats
+    node = Node(**body["node"])
+    statuses = {
+        iid: _decode_status(iid, node.id, st) for iid, st in body.get("instances", {}).items()
+    }
+    return node, statuses
+
+
+def _encode_status(s: InstanceStatus) -> dict[str, Any]:
+    i = s.info
+    out: dict[str, Any] = {"class": i.class_name, "name": i.name, "state": i.state.value}
+    if i.exit_code is not None:
+        out["exit_code"] = i.exit_code
+    out.update(since=i.since, pool=i.pool, in_flight=i.in_flight, memory_bytes=s.memory_bytes)
+    if s.cpu_percent is not None:
+        out["cpu_percent"] = s.cpu_percent
+    return out
+
+
+def _decode_status(instance_id: str, node_id: str, body: Mapping[str, Any]) -> InstanceStatus:
+    info = InstanceInfo(
+        class_name=body["class"],
+        name=body["name"],
+        instance_id=instance_id,
+        state=InstanceState(body["state"]),
+        exit_code=body.get("exit_code"),
+        node_id=node_id,
+        since=body.get("since", 0.0),
+        pool=body.get("pool", False),
+        in_flight=body.get("in_flight", 0),
+    )
+    return InstanceStatus(info, body.get("cpu_percent"), body.get("memory_bytes", 0))
+
+
+# Events are stored as JSON, without their revision (the store's own mod revision is it).
+def encode_event(e: Event) -> bytes:
+    body = {k: v for k, v in asdict(e).items() if k != "revision"}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_event(data: bytes, revision: int) -> Event:
+    body = json.loads(data)
+    body["kind"] = EventKind(body["kind"])
+    return Event(**body, revision=revision)
 
 
 @dataclass(frozen=True)

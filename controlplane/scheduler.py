@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from portside.capacity import Resources
 from portside.geo import REGIONS, Location, distance_km
 from portside.spec import InstanceType, Node
 
 # Why a node was rejected; stable strings, so metrics and logs can group by them.
-REJECT_DEAD = "node lease expired"
 REJECT_CPU = "not enough vCPU"
 REJECT_MEMORY = "not enough memory"
 
-# Sums of fractional vCPUs (0.1 + 0.2) are inexact; without slack an exactly full node
-# could be refused or, worse, an over-full one accepted.
-VCPU_EPSILON = 1e-6
+# Why no node was chosen: the `refusal` of a Placement, a metric label.
+REFUSED_MAX_INSTANCES = "max_instances"
+REFUSED_NO_NODES = "no_nodes"
+REFUSED_NO_CAPACITY = "no_capacity"
 # Nodes closer together than this count as one place (several hosts in one city or region),
 # so load, not a few hundred metres, decides between them.
 SAME_PLACE_KM = 1.0
@@ -30,13 +31,16 @@ MAX_NODES_IN_REASON = 5
 
 @dataclass(frozen=True)
 class NodeState:
-    """A node as the scheduler sees it: liveness and what placed instances reserve on it."""
+    """A live node as the scheduler sees it: what its awake and freshly placed instances take
+    of it. Only nodes whose lease is alive are given to the scheduler."""
 
     node: Node
-    alive: bool
-    used_vcpu: float
-    used_memory_mib: int
+    used: Resources
     instances: int
+
+    @property
+    def free(self) -> Resources:
+        return Resources(self.node.vcpu, self.node.memory_mib) - self.used
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class PlacementRequest:
 
 @dataclass(frozen=True)
 class Placement:
-    """The decision: a node, or None and a one-line reason for the user.
+    """The decision: a node, or None, a one-line reason for the user and the `refusal` (a
+    REFUSED_* constant) for metrics.
 
     `rejected` maps node id to a REJECT_* constant. `scores` maps every feasible node to its
     score, higher is better: minus its distance in km from the hint (nodes within SAME_PLACE_KM
@@ -64,6 +69,7 @@ class Placement:
     reason: str
     rejected: Mapping[str, str]
     scores: Mapping[str, float]
+    refusal: str = ""
 
 
 def node_location(node: Node) -> Location:
@@ -87,23 +93,13 @@ class NodeFilter(Protocol):
     def passes(self, state: NodeState, request: PlacementRequest) -> bool: ...
 
 
-class AliveFilter:
-    """A node takes new instances only while its lease in the store is alive."""
-
-    reason = REJECT_DEAD
-
-    def passes(self, state: NodeState, request: PlacementRequest) -> bool:
-        return state.alive
-
-
 class VcpuFilter:
     """The vCPU not yet reserved by placed instances must cover the instance type: no overcommit."""
 
     reason = REJECT_CPU
 
     def passes(self, state: NodeState, request: PlacementRequest) -> bool:
-        free = state.node.vcpu - state.used_vcpu
-        return free + VCPU_EPSILON >= request.instance_type.vcpu
+        return state.free.fits(Resources(vcpu=request.instance_type.vcpu))
 
 
 class MemoryFilter:
@@ -112,12 +108,11 @@ class MemoryFilter:
     reason = REJECT_MEMORY
 
     def passes(self, state: NodeState, request: PlacementRequest) -> bool:
-        free = state.node.memory_mib - state.used_memory_mib
-        return free >= request.instance_type.memory_mib
+        return state.free.fits(Resources(memory_mib=request.instance_type.memory_mib))
 
 
 # Cheapest first; a node is rejected by the first filter it fails.
-FILTERS: tuple[NodeFilter, ...] = (AliveFilter(), VcpuFilter(), MemoryFilter())
+FILTERS: tuple[NodeFilter, ...] = (VcpuFilter(), MemoryFilter())
 
 
 # --- weighers --------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ def vcpu_used_fraction(state: NodeState) -> float:
     """Then less vCPU reserved, as a fraction 0..1, so reservations spread over big and small."""
     if state.node.vcpu <= 0:
         return 1.0
-    return min(1.0, max(0.0, state.used_vcpu / state.node.vcpu))
+    return min(1.0, max(0.0, state.used.vcpu / state.node.vcpu))
 
 
 LOAD_WEIGHERS: tuple[Callable[[NodeState], float], ...] = (instance_count, vcpu_used_fraction)
@@ -169,7 +164,7 @@ def _rank(
 
 # --- placement -------------------------------------------------------------------------------
 
-_SHORT_REASON = {REJECT_DEAD: "down", REJECT_CPU: "full (vCPU)", REJECT_MEMORY: "full (memory)"}
+_SHORT_REASON = {REJECT_CPU: "full (vCPU)", REJECT_MEMORY: "full (memory)"}
 
 
 def _short(reject: str) -> str:
@@ -179,9 +174,15 @@ def _short(reject: str) -> str:
 def place(request: PlacementRequest, nodes: Sequence[NodeState]) -> Placement:
     """The node nearest to `request.near` that can take one more instance, or why there is none."""
     if 0 < request.max_instances <= request.class_instances:
-        return _nowhere(f"class {request.class_name} is at max_instances ({request.max_instances})")
+        return _nowhere(
+            REFUSED_MAX_INSTANCES,
+            f"class {request.class_name} is at max_instances ({request.max_instances})",
+        )
     if not nodes:
-        return _nowhere("no node agent has registered: start one and point it at the control plane")
+        return _nowhere(
+            REFUSED_NO_NODES,
+            "no node agent has registered: start one and point it at the control plane",
+        )
 
     rejected: dict[str, str] = {}
     feasible: list[NodeState] = []
@@ -193,13 +194,17 @@ def place(request: PlacementRequest, nodes: Sequence[NodeState]) -> Placement:
             rejected[state.node.id] = failed.reason
 
     if not feasible:
-        return _nowhere(_no_capacity_reason(request, nodes, rejected), rejected)
+        return _nowhere(
+            REFUSED_NO_CAPACITY, _no_capacity_reason(request, nodes, rejected), rejected
+        )
     ranked, scores = _rank(feasible, request.near)
     return Placement(ranked[0].node, "", MappingProxyType(rejected), MappingProxyType(scores))
 
 
-def _nowhere(reason: str, rejected: Mapping[str, str] | None = None) -> Placement:
-    return Placement(None, reason, MappingProxyType(dict(rejected or {})), MappingProxyType({}))
+def _nowhere(refusal: str, reason: str, rejected: Mapping[str, str] | None = None) -> Placement:
+    return Placement(
+        None, reason, MappingProxyType(dict(rejected or {})), MappingProxyType({}), refusal
+    )
 
 
 def _no_capacity_reason(

@@ -4,119 +4,54 @@ the lifecycle API (see controlplane.lifecycle). PortsideErrors become gRPC statu
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 import grpc
 
 from controlplane import records
 from controlplane.discovery import peer_host, reachable_address
-from controlplane.events import EventLog, EventRecord, watch_events
+from controlplane.events import EventLog, watch_events
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
 from controlplane.placement import resolve_instance
 from controlplane.store import Compacted, Store
-from controlplane.usage import UsageLedger, UsageReport, Use
+from controlplane.usage import UsageLedger
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_to_pb, config_from_pb, config_to_pb, node_from_pb, node_to_pb
-from portside.errors import InvalidArgument, PortsideError, StoreError, grpc_code
-from portside.spec import Config, Node, instance_id
+from portside.config import validate_config
+from portside.convert import (
+    class_to_pb,
+    config_from_pb,
+    config_to_pb,
+    event_from_pb,
+    event_to_pb,
+    instance_info_to_pb,
+    instance_status_from_pb,
+    node_from_pb,
+    node_info_to_pb,
+    pool_assignment_to_pb,
+    pool_member_to_pb,
+    usage_from_pb,
+    usage_to_pb,
+)
+from portside.errors import InvalidArgument, StoreError
+from portside.events import Event
+from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
+from portside.rpc import grpc_errors
+from portside.spec import Node, NodeInfo, instance_id
+from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
 
 DEMAND_EVERY_S = 2.0  # how often edges report their request rates
 DEMAND_TTL_S = 10.0  # a report counts this long: an edge that stops reporting stops counting
-
-R = TypeVar("R")
-M = TypeVar("M")
-
-# How the view's heartbeat states read in InstanceInfo.state (the agent says "booting").
-_LISTED_STATE = {"booting": "starting"}
-_STATES = ("stopped", "starting", "running", "healthy", "stopping", "exited")
-
-
-def _statuses(
-    fn: Callable[..., Awaitable[R]],
-) -> Callable[..., Awaitable[R]]:
-    """Turn a PortsideError raised by a unary handler into its gRPC status and one-line reason."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await fn(self, request, context)
-        except PortsideError as exc:
-            await context.abort(grpc_code(exc), str(exc))
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def _stream_statuses(
-    fn: Callable[..., AsyncGenerator[M, None]],
-) -> Callable[..., AsyncGenerator[M, None]]:
-    """As _statuses, for a handler that streams its replies."""
-
-    @functools.wraps(fn)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[M, None]:
-        try:
-            # aclosing: when the client goes, the relay's own cleanup (cancelling the agent's
-            # side of the stream) runs now, not whenever the generator is collected.
-            async with contextlib.aclosing(fn(self, request, context)) as replies:
-                async for reply in replies:
-                    yield reply
-        except PortsideError as exc:
-            await context.abort(grpc_code(exc), str(exc))
-
-    return wrapper
-
-
-def validate_config(config: Config) -> None:
-    """The checks a deploy must pass even when it did not come from `portside deploy`."""
-    names = set()
-    for i, cls in enumerate(config.classes):
-        where = f"classes[{i}]"
-        if not cls.name:
-            raise InvalidArgument(f"{where}.name: must not be empty")
-        if cls.name in names:
-            raise InvalidArgument(f"{where}.name: class {cls.name!r} is declared twice")
-        names.add(cls.name)
-        if not cls.image:
-            raise InvalidArgument(f"{where}.image: must not be empty")
-        if not 0 < cls.default_port < 65536:
-            raise InvalidArgument(f"{where}.default_port: {cls.default_port} is not 1..65535")
-        if cls.instance_type.vcpu <= 0 or cls.instance_type.memory_mib <= 0:
-            raise InvalidArgument(f"{where}.instance_type: vcpu and memory_mib must be > 0")
-        if cls.sleep_after_s <= 0 or cls.boot_timeout_s <= 0:
-            raise InvalidArgument(f"{where}: sleep_after and boot_timeout must be > 0")
-    paths = set()
-    pools = {c.name: c.autoscaling is not None for c in config.classes}
-    for i, route in enumerate(config.routes):
-        where = f"routes[{i}]"
-        if not route.path.startswith("/"):
-            raise InvalidArgument(f"{where}.path: {route.path!r} must start with /")
-        if route.path in paths:
-            raise InvalidArgument(f"{where}.path: {route.path!r} is routed twice")
-        paths.add(route.path)
-        if route.class_name not in names:
-            raise InvalidArgument(f"{where}.class_name: no class named {route.class_name!r}")
-        pool = pools[route.class_name]
-        if route.instance is None and not pool:
-            raise InvalidArgument(f"{where}.instance: missing; class {route.class_name} is no pool")
-        if route.instance is not None and pool:
-            raise InvalidArgument(
-                f"{where}.instance: class {route.class_name} is a pool: its routes take no "
-                "instance key"
-            )
 
 
 class ControlPlaneService(cp_grpc.ControlPlaneServicer):
@@ -138,7 +73,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self.events = events
         self.usage = UsageLedger(store)
 
-    @_statuses
+    @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
         try:
             config = config_from_pb(request.config)
@@ -167,7 +102,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         log.info("deployed %d classes, %d routes", len(config.classes), len(config.routes))
         return cp.DeployResponse(classes=len(config.classes), routes=len(config.routes))
 
-    @_statuses
+    @grpc_errors
     async def GetConfig(self, request: cp.GetConfigRequest, context: Any) -> cp.GetConfigResponse:
         return cp.GetConfigResponse(config=config_to_pb(self.view.config()))
 
@@ -183,7 +118,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 config = self.view.config()
             yield cp.WatchConfigResponse(config=config_to_pb(config))
 
-    @_statuses
+    @grpc_errors
     async def Resolve(self, request: cp.ResolveRequest, context: Any) -> cp.ResolveResponse:
         start = time.perf_counter()
         result = "error"
@@ -209,28 +144,20 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             instance_name=resolved.record.name,
         )
 
-    @_statuses
+    @grpc_errors
     async def ListNodes(self, request: cp.ListNodesRequest, context: Any) -> cp.ListNodesResponse:
         out = []
         for node_id in sorted(self.view.nodes):
             use = self.view.use_of(node_id)
-            out.append(
-                cp.NodeInfo(
-                    node=node_to_pb(self.view.nodes[node_id]),
-                    alive=True,
-                    used_vcpu=use.vcpu,
-                    used_memory_mib=use.memory_mib,
-                    instances=use.instances,
-                )
-            )
+            info = NodeInfo(self.view.nodes[node_id], True, use.used, use.instances)
+            out.append(node_info_to_pb(info))
         return cp.ListNodesResponse(nodes=out)
 
-    @_statuses
+    @grpc_errors
     async def ListInstances(
         self, request: cp.ListInstancesRequest, context: Any
     ) -> cp.ListInstancesResponse:
-        if request.state and request.state not in _STATES:
-            raise InvalidArgument(f"state: {request.state!r} is not one of {', '.join(_STATES)}")
+        wanted = InstanceState.parse(request.state) if request.state else None
         out = []
         for r in sorted(self.view.instances.values(), key=lambda r: (r.class_name, r.name)):
             if request.class_name and r.class_name != request.class_name:
@@ -238,56 +165,34 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             if request.node_id and r.node_id != request.node_id:
                 continue
             info = self._listed_info(r)
-            if request.state and info.state != request.state:
-                continue
-            out.append(
-                cp.PlacedInstance(
-                    class_name=r.class_name,
-                    name=r.name,
-                    instance_id=r.instance_id,
-                    node_id=r.node_id,
-                    placed_at=r.placed_at,
-                    info=info,
-                )
-            )
+            if wanted is None or info.state is wanted:
+                out.append(instance_info_to_pb(info))
         return cp.ListInstancesResponse(instances=out)
 
-    def _listed_info(self, r: records.InstanceRecord) -> pb.InstanceInfo:
+    def _listed_info(self, r: records.InstanceRecord) -> InstanceInfo:
         """An instance as its node's last heartbeat reported it: cheap, for listing many (GetState
-        asks the agent). Not reported, or its node gone: stopped."""
+        asks the agent). Not reported yet: placed; its node gone: stopped."""
         node = self.view.nodes.get(r.node_id)
-        stat = self.view.stat_of(r)
-        return pb.InstanceInfo(
+        status = self.view.status_of(r)
+        if status is not None and node is not None:
+            return replace(status.info, node_id=node.id, region=node.region, pool=r.pool)
+        return InstanceInfo(
             class_name=r.class_name,
             name=r.name,
             instance_id=r.instance_id,
-            state=_LISTED_STATE.get(stat.state, stat.state) if stat else "stopped",
+            state=InstanceState.PLACED if node is not None else InstanceState.STOPPED,
             node_id=r.node_id,
             region=node.region if node else "",
+            since=r.placed_at,
             pool=r.pool,
-            in_flight=stat.in_flight if stat else 0,
         )
 
-    @_statuses
+    @grpc_errors
     async def GetUsage(self, request: cp.GetUsageRequest, context: Any) -> cp.GetUsageResponse:
         days = await self.usage.read(request.class_name, request.since)
-        return cp.GetUsageResponse(
-            usage=[
-                cp.ClassUsage(
-                    class_name=d.class_name,
-                    day=d.day,
-                    running_ms=d.use.running_ms,
-                    vcpu_seconds=d.use.vcpu_seconds,
-                    memory_gib_seconds=d.use.memory_gib_seconds,
-                    disk_gb_seconds=d.use.disk_gb_seconds,
-                    cpu_seconds_used=d.use.cpu_seconds_used,
-                    egress_bytes=d.use.egress_bytes,
-                )
-                for d in days
-            ]
-        )
+        return cp.GetUsageResponse(usage=[usage_to_pb(d.use) for d in days])
 
-    @_statuses
+    @grpc_errors
     async def ListClasses(
         self, request: cp.ListClassesRequest, context: Any
     ) -> cp.ListClassesResponse:
@@ -304,20 +209,17 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         HEARTBEAT_STREAMS.inc()
         lease = 0
         node: Node | None = None
-        written: dict[str, records.InstanceStat] | None = None
+        written: dict[str, InstanceStatus] | None = None
         try:
             async for message in request_iterator:
                 if node is None:
                     if not message.HasField("node") or not message.node.id:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            "the first heartbeat must carry the node",
-                        )
+                        raise InvalidArgument("the first heartbeat must carry the node")
                     node = node_from_pb(message.node)
                     try:
                         geo.lookup(node.region)
-                    except PortsideError as exc:
-                        await context.abort(grpc_code(exc), f"node {node.id}: {exc}")
+                    except InvalidArgument as exc:
+                        raise InvalidArgument(f"node {node.id}: {exc}") from exc
                     lease = await self.store.grant_lease(self.node_ttl_s)
                     log.info(
                         "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
@@ -333,20 +235,22 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     written = None
                     log.warning("node %s lease had expired; renewed", node.id)
                 for event in message.events:
-                    await self.events.record(_event_from_pb(event, node.id))
+                    await self.events.record(_reported_event(event, node.id))
                 if message.usage:
                     # Before the reply, which acknowledges it: a failure breaks the stream and
                     # the agent sends the batch again (added once per key, by its sequence).
                     await self.usage.add(
-                        message.usage_source, message.usage_sequence, _usage_from_pb(message)
+                        message.usage_source,
+                        message.usage_sequence,
+                        [usage_from_pb(u) for u in message.usage],
                     )
-                stats = _stats(message)
-                if stats != written:
+                statuses = _statuses(message)
+                if statuses != written:
                     # Capacity follows awake instances and the autoscaler follows CPU: publish.
                     await self.store.put(
-                        records.node_key(node.id), records.encode_node(node, stats), lease
+                        records.node_key(node.id), records.encode_node(node, statuses), lease
                     )
-                    written = stats
+                    written = statuses
                 yield cp.NodeHeartbeatResponse(
                     lease_ttl_seconds=self.node_ttl_s, pool=self._assignments(node.id)
                 )
@@ -358,9 +262,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
 
     def _assignments(self, node_id: str) -> list[pb.PoolAssignment]:
         return [
-            pb.PoolAssignment(
-                class_name=r.class_name, name=r.name, instance_id=r.instance_id, draining=r.draining
-            )
+            pool_assignment_to_pb(PoolAssignment(r.class_name, r.name, r.instance_id, r.draining))
             for r in self.view.pool_members()
             if r.node_id == node_id
         ]
@@ -384,24 +286,23 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         out = []
         for rec in self.view.pool_members():
             node = self.view.nodes[rec.node_id]
-            stat = self.view.stat_of(rec)
-            out.append(
-                pb.PoolMember(
-                    class_name=rec.class_name,
-                    name=rec.name,
-                    instance_id=rec.instance_id,
-                    node_id=node.id,
-                    data_address=node.data_address,
-                    region=node.region,
-                    latitude=node.latitude,
-                    longitude=node.longitude,
-                    draining=rec.draining,
-                    ready=stat is not None and stat.state == "running",
-                )
+            status = self.view.status_of(rec)
+            member = PoolMember(
+                class_name=rec.class_name,
+                name=rec.name,
+                instance_id=rec.instance_id,
+                node_id=node.id,
+                data_address=node.data_address,
+                region=node.region,
+                latitude=node.latitude,
+                longitude=node.longitude,
+                draining=rec.draining,
+                ready=status is not None and status.state.ready,
             )
+            out.append(pool_member_to_pb(member))
         return out
 
-    @_statuses
+    @grpc_errors
     async def ReportDemand(
         self, request: cp.ReportDemandRequest, context: Any
     ) -> cp.ReportDemandResponse:
@@ -420,7 +321,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
 
     # --- the lifecycle API: see controlplane.lifecycle ---
 
-    @_statuses
+    @grpc_errors
     async def Start(self, request: cp.StartRequest, context: Any) -> cp.StartResponse:
         info = await self.lifecycle.start(
             request.instance.class_name,
@@ -430,9 +331,9 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             location_hint=request.location_hint,
             no_wait=request.no_wait,
         )
-        return cp.StartResponse(info=info)
+        return cp.StartResponse(info=instance_info_to_pb(info))
 
-    @_statuses
+    @grpc_errors
     async def Stop(self, request: cp.StopRequest, context: Any) -> cp.StopResponse:
         if request.grace_seconds < 0:
             raise InvalidArgument(f"grace_seconds: {request.grace_seconds} is negative")
@@ -442,43 +343,43 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             signal=request.signal,
             grace_s=request.grace_seconds,
         )
-        return cp.StopResponse(info=info)
+        return cp.StopResponse(info=instance_info_to_pb(info))
 
-    @_statuses
+    @grpc_errors
     async def Signal(self, request: cp.SignalRequest, context: Any) -> cp.SignalResponse:
         await self.lifecycle.signal(
             request.instance.class_name, request.instance.name, request.signal
         )
         return cp.SignalResponse()
 
-    @_statuses
+    @grpc_errors
     async def Destroy(self, request: cp.DestroyRequest, context: Any) -> cp.DestroyResponse:
         await self.lifecycle.destroy(request.instance.class_name, request.instance.name)
         return cp.DestroyResponse()
 
-    @_statuses
+    @grpc_errors
     async def GetState(self, request: cp.GetStateRequest, context: Any) -> cp.GetStateResponse:
         info = await self.lifecycle.get_state(request.instance.class_name, request.instance.name)
-        return cp.GetStateResponse(info=info)
+        return cp.GetStateResponse(info=instance_info_to_pb(info))
 
-    @_statuses
+    @grpc_errors
     async def RenewActivity(
         self, request: cp.RenewActivityRequest, context: Any
     ) -> cp.RenewActivityResponse:
         await self.lifecycle.renew_activity(request.instance.class_name, request.instance.name)
         return cp.RenewActivityResponse()
 
-    @_stream_statuses
+    @grpc_errors
     def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
     ) -> AsyncGenerator[pb.ExecResponse, None]:
         return self.lifecycle.exec(request_iterator)
 
-    @_stream_statuses
+    @grpc_errors
     def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncGenerator[pb.LogsResponse, None]:
         return self.lifecycle.logs(request)
 
-    @_stream_statuses
+    @grpc_errors
     async def WatchEvents(
         self, request: cp.WatchEventsRequest, context: Any
     ) -> AsyncGenerator[pb.Event, None]:
@@ -487,8 +388,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         iid = instance_id(request.class_name, request.name) if request.name else ""
         prefix = records.events_prefix(request.class_name, iid)
         try:
-            async for stored in watch_events(self.store, prefix, request.after_revision):
-                yield _event_to_pb(stored.revision, stored.event)
+            async for event in watch_events(self.store, prefix, request.after_revision):
+                yield event_to_pb(event)
         except Compacted as exc:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
@@ -499,7 +400,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             # The store closed or failed under the watch: the client should reconnect.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"event watch ended: {exc}")
 
-    @_statuses
+    @grpc_errors
     async def GetStateValue(
         self, request: cp.GetStateValueRequest, context: Any
     ) -> cp.GetStateValueResponse:
@@ -508,7 +409,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
         return cp.GetStateValueResponse(value=value)
 
-    @_statuses
+    @grpc_errors
     async def PutStateValue(
         self, request: cp.PutStateValueRequest, context: Any
     ) -> cp.PutStateValueResponse:
@@ -517,7 +418,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
         return cp.PutStateValueResponse()
 
-    @_statuses
+    @grpc_errors
     async def DeleteStateValue(
         self, request: cp.DeleteStateValueRequest, context: Any
     ) -> cp.DeleteStateValueResponse:
@@ -527,65 +428,26 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         return cp.DeleteStateValueResponse(existed=existed)
 
 
-def _event_from_pb(m: pb.Event, node_id: str) -> EventRecord:
-    return EventRecord(
-        kind=m.kind,
-        time=m.time or time.time(),
-        class_name=m.class_name,
-        name=m.name,
-        instance_id=m.instance_id or instance_id(m.class_name, m.name),
-        node_id=m.node_id or node_id,
-        exit_code=m.exit_code if m.HasField("exit_code") else None,
-        signal=m.signal if m.HasField("signal") else None,
-        reason=m.reason,
+def _reported_event(m: pb.Event, node_id: str) -> Event:
+    """An event an agent sent on its heartbeat, completed where an older agent left it out."""
+    event = event_from_pb(m)
+    return replace(
+        event,
+        time=event.time or time.time(),
+        instance_id=event.instance_id or instance_id(event.class_name, event.name),
+        node_id=event.node_id or node_id,
     )
 
 
-def _event_to_pb(revision: int, e: EventRecord) -> pb.Event:
-    return pb.Event(
-        revision=revision,
-        time=e.time,
-        kind=e.kind,
-        class_name=e.class_name,
-        name=e.name,
-        instance_id=e.instance_id,
-        node_id=e.node_id,
-        exit_code=e.exit_code,
-        signal=e.signal,
-        reason=e.reason,
-    )
-
-
-def _usage_from_pb(message: cp.NodeHeartbeatRequest) -> list[UsageReport]:
-    return [
-        UsageReport(
-            class_name=u.class_name,
-            instance_id=u.instance_id,
-            day=u.day,
-            use=Use(
-                running_ms=u.running_ms,
-                vcpu_seconds=u.vcpu_seconds,
-                memory_gib_seconds=u.memory_gib_seconds,
-                disk_gb_seconds=u.disk_gb_seconds,
-                cpu_seconds_used=u.cpu_seconds_used,
-                egress_bytes=u.egress_bytes,
-            ),
-        )
-        for u in message.usage
-    ]
-
-
-def _stats(message: cp.NodeHeartbeatRequest) -> dict[str, records.InstanceStat]:
-    return {
-        s.instance_id: records.InstanceStat(
-            state=s.state,
-            cpu_percent=round(s.cpu_percent, 1) if s.HasField("cpu_percent") else None,
-            memory_bytes=s.memory_bytes,
-            in_flight=s.in_flight,
-            pool=s.pool,
-        )
-        for s in message.instances
-    }
+def _statuses(message: cp.NodeHeartbeatRequest) -> dict[str, InstanceStatus]:
+    out = {}
+    for m in message.instances:
+        status = instance_status_from_pb(m)
+        if status.cpu_percent is not None:
+            # A tenth of a percent is all the autoscaler needs; finer only churns the store.
+            status = replace(status, cpu_percent=round(status.cpu_percent, 1))
+        out[status.instance_id] = status
+    return out
 
 
 def _peer_host(context: Any) -> str:

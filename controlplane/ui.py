@@ -16,13 +16,16 @@ from typing import Any
 from aiohttp import web
 
 from controlplane import records
-from controlplane.events import EventRecord, decode_event
-from controlplane.records import Demand, InstanceRecord, InstanceStat
+from controlplane.events import decode_event
+from controlplane.records import Demand, InstanceRecord
 from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.errors import StoreError
+from portside.events import Event
+from portside.instances import InstanceStatus
 from portside.spec import ContainerClass, Node
+from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,6 @@ RECENT_EVENTS = 50
 # A node that vanished from the view (its lease expired) stays on the page, marked lost, this
 # long after the page last saw it alive, and as long as instances are still placed on it.
 LOST_NODE_KEPT_S = 3600.0
-# How the agents' states read on the page: the same words as ListInstances and `portside ps`.
-_LISTED_STATE = {"booting": "starting"}
 
 _STATIC = {
     "cluster.js": "text/javascript",
@@ -54,14 +55,14 @@ class RecentEvents:
         self.store = store
         self.size = size
         self.retry_s = retry_s
-        self._events: list[EventRecord] = []  # oldest first, by the event's own time
+        self._events: list[Event] = []  # oldest first, by the event's own time
 
-    def add(self, event: EventRecord) -> None:
+    def add(self, event: Event) -> None:
         # Agents send their events on their heartbeat: one may arrive after a newer one.
         bisect.insort(self._events, event, key=lambda e: e.time)
         del self._events[: -self.size]
 
-    def latest(self) -> list[EventRecord]:
+    def latest(self) -> list[Event]:
         """Newest first."""
         return self._events[::-1]
 
@@ -72,14 +73,14 @@ class RecentEvents:
             try:
                 kvs, revision = await self.store.range(records.EVENTS)
                 loaded = (decode_event(kv) for kv in kvs)
-                newest = sorted((s.event for s in loaded if s is not None), key=lambda e: e.time)
+                newest = sorted((e for e in loaded if e is not None), key=lambda e: e.time)
                 self._events = newest[-self.size :]
                 # Puts only: an event's expiry (its lease's delete) keeps it on the page.
                 async with aclosing(self.store.watch(records.EVENTS, revision + 1)) as watch:
                     async for change in watch:
-                        stored = decode_event(change.kv) if change.type == "put" else None
-                        if stored is not None:
-                            self.add(stored.event)
+                        event = decode_event(change.kv) if change.type == "put" else None
+                        if event is not None:
+                            self.add(event)
             except StoreError as exc:
                 log.warning("cluster page: events watch failed, loading them again: %s", exc)
             await asyncio.sleep(self.retry_s)
@@ -126,7 +127,7 @@ class ClusterPage:
             nodes=alive,
             lost={i: node for i, (node, _) in self._seen.items() if i not in alive},
             instances=self.view.instances.values(),
-            stats=self.view.stats,
+            statuses=self.view.statuses,
             classes=self.view.classes,
             demand=self.view.demand,
             events=self.events.latest(),
@@ -162,10 +163,10 @@ def cluster_snapshot(
     nodes: Mapping[str, Node],
     lost: Mapping[str, Node],
     instances: Iterable[InstanceRecord],
-    stats: Mapping[str, Mapping[str, InstanceStat]],
+    statuses: Mapping[str, Mapping[str, InstanceStatus]],
     classes: Mapping[str, ContainerClass],
     demand: Mapping[str, Demand],
-    events: Sequence[EventRecord],
+    events: Sequence[Event],
     now: float,
     revision: int = 0,
 ) -> dict[str, Any]:
@@ -174,10 +175,10 @@ def cluster_snapshot(
     placed = sorted(instances, key=lambda r: (r.class_name, r.name))
     by_node: dict[str, list[dict[str, Any]]] = {}
     for rec in placed:
-        stat = stats.get(rec.node_id, {}).get(rec.instance_id) if rec.node_id in nodes else None
-        by_node.setdefault(rec.node_id, []).append(_instance(rec, stat, rec.node_id in nodes))
+        status = _status(statuses, rec, nodes)
+        by_node.setdefault(rec.node_id, []).append(_instance(rec, status, rec.node_id in nodes))
     out_nodes = [
-        _node(nodes[i], i, True, by_node.get(i, []), stats.get(i, {})) for i in sorted(nodes)
+        _node(nodes[i], i, True, by_node.get(i, []), statuses.get(i, {})) for i in sorted(nodes)
     ]
     for node_id in sorted((set(lost) | set(by_node)) - set(nodes)):
         out_nodes.append(_node(lost.get(node_id), node_id, False, by_node.get(node_id, []), {}))
@@ -186,7 +187,7 @@ def cluster_snapshot(
             cls,
             [r for r in placed if r.pool and r.class_name == name and r.node_id in nodes],
             nodes,
-            stats,
+            statuses,
         )
         for name, cls in sorted(classes.items())
         if cls.autoscaling is not None
@@ -221,21 +222,30 @@ def cluster_snapshot(
     }
 
 
-def _state(stat: InstanceStat | None, node_alive: bool) -> str:
-    """Not reported by its live node: placed there, no container yet (ListInstances says
-    stopped). On a lost node: stopped."""
-    if stat is not None:
-        return _LISTED_STATE.get(stat.state, stat.state)
-    return "placed" if node_alive else "stopped"
+def _status(
+    statuses: Mapping[str, Mapping[str, InstanceStatus]],
+    rec: InstanceRecord,
+    nodes: Mapping[str, Node],
+) -> InstanceStatus | None:
+    """As its live node last reported it; None when not reported, or its node is lost."""
+    return statuses.get(rec.node_id, {}).get(rec.instance_id) if rec.node_id in nodes else None
 
 
-def _instance(rec: InstanceRecord, stat: InstanceStat | None, node_alive: bool) -> dict[str, Any]:
+def _state(status: InstanceStatus | None, node_alive: bool) -> InstanceState:
+    """Not reported by its live node: placed there, no container yet. On a lost node: stopped
+    (as ListInstances says)."""
+    if status is not None:
+        return status.state
+    return InstanceState.PLACED if node_alive else InstanceState.STOPPED
+
+
+def _instance(rec: InstanceRecord, stat: InstanceStatus | None, node_alive: bool) -> dict[str, Any]:
     return {
         "class_name": rec.class_name,
         "name": rec.name,
         "instance_id": rec.instance_id,
-        "state": _state(stat, node_alive),
-        "awake": stat is not None and stat.awake,
+        "state": _state(stat, node_alive).value,
+        "awake": stat is not None and stat.state.awake,
         "reported": stat is not None,
         "node_alive": node_alive,
         "pool": rec.pool,
@@ -244,7 +254,7 @@ def _instance(rec: InstanceRecord, stat: InstanceStat | None, node_alive: bool) 
         "memory_mib": rec.memory_mib,
         "cpu_percent": stat.cpu_percent if stat else None,
         "memory_bytes": stat.memory_bytes if stat else 0,
-        "in_flight": stat.in_flight if stat else 0,
+        "in_flight": stat.info.in_flight if stat else 0,
         "placed_at": rec.placed_at,
     }
 
@@ -254,7 +264,7 @@ def _node(
     node_id: str,
     alive: bool,
     placed: list[dict[str, Any]],
-    stats: Mapping[str, InstanceStat],
+    statuses: Mapping[str, InstanceStatus],
 ) -> dict[str, Any]:
     """A node and its instances; a lost node the page never saw alive has no coordinates."""
     where = geo.REGIONS.get(node.region) if node else None
@@ -272,7 +282,9 @@ def _node(
         "used_vcpu": round(sum(i["vcpu"] for i in awake), 4),
         "used_memory_mib": sum(i["memory_mib"] for i in awake),
         # Containers the agent runs without a record here (being removed, or adopted ones).
-        "unplaced_awake": sum(1 for iid, st in stats.items() if st.awake and iid not in known),
+        "unplaced_awake": sum(
+            1 for iid, st in statuses.items() if st.state.awake and iid not in known
+        ),
         "instances": placed,
     }
 
@@ -281,27 +293,27 @@ def _pool(
     cls: ContainerClass,
     members: list[InstanceRecord],
     nodes: Mapping[str, Node],
-    stats: Mapping[str, Mapping[str, InstanceStat]],
+    statuses: Mapping[str, Mapping[str, InstanceStatus]],
 ) -> dict[str, Any]:
     """A pool's CPU as the autoscaler reads it: the mean of its ready, non-draining members'
     samples, in percent of the instance type's vCPU."""
     assert cls.autoscaling is not None
     out_members, samples = [], []
     for rec in members:
-        stat = stats.get(rec.node_id, {}).get(rec.instance_id) if rec.node_id in nodes else None
-        ready = stat is not None and stat.state == "running"
+        stat = _status(statuses, rec, nodes)
+        ready = stat is not None and stat.state.ready
         cpu = stat.cpu_percent if stat is not None and ready else None
         if cpu is not None and not rec.draining:
             samples.append(cpu)
         out_members.append(
             {
                 "name": rec.name,
-                "state": _state(stat, rec.node_id in nodes),
+                "state": _state(stat, rec.node_id in nodes).value,
                 "node_id": rec.node_id,
                 "ready": ready,
                 "draining": rec.draining,
                 "cpu_percent": cpu,
-                "in_flight": stat.in_flight if stat else 0,
+                "in_flight": stat.info.in_flight if stat else 0,
             }
         )
     return {
@@ -315,10 +327,10 @@ def _pool(
     }
 
 
-def _event(e: EventRecord) -> dict[str, Any]:
+def _event(e: Event) -> dict[str, Any]:
     return {
         "time": e.time,
-        "kind": e.kind,
+        "kind": e.kind.value,
         "class_name": e.class_name,
         "name": e.name,
         "node_id": e.node_id,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from controlplane import records
 from controlplane.store import Store
 from portside.errors import InvalidArgument, StoreError
+from portside.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -43,46 +44,18 @@ def parse_day(day: str, what: str = "since") -> str:
 
 
 @dataclass(frozen=True)
-class Use:
-    """Metered use: of one instance on one day as an agent reports it, or summed."""
-
-    running_ms: int = 0
-    vcpu_seconds: float = 0.0
-    memory_gib_seconds: float = 0.0
-    disk_gb_seconds: float = 0.0
-    cpu_seconds_used: float = 0.0
-    egress_bytes: int = 0
-
-    def __add__(self, other: Use) -> Use:
-        return Use(
-            running_ms=self.running_ms + other.running_ms,
-            vcpu_seconds=self.vcpu_seconds + other.vcpu_seconds,
-            memory_gib_seconds=self.memory_gib_seconds + other.memory_gib_seconds,
-            disk_gb_seconds=self.disk_gb_seconds + other.disk_gb_seconds,
-            cpu_seconds_used=self.cpu_seconds_used + other.cpu_seconds_used,
-            egress_bytes=self.egress_bytes + other.egress_bytes,
-        )
-
-
-@dataclass(frozen=True)
-class UsageReport:
-    """One agent report: what one instance of `class_name` used on `day`."""
-
-    class_name: str
-    instance_id: str
-    day: str
-    use: Use
-
-
-@dataclass(frozen=True)
 class ClassDay:
     """The record under usage/<class>/<day>: totals, and per report source (an agent process)
     the last batch sequence added, so that a batch sent again is not added twice."""
 
     class_name: str
     day: str
-    use: Use = Use()
+    use: Usage
     applied: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, class_name: str, day: str) -> ClassDay:
+        return cls(class_name, day, Usage(class_name, day))
 
     def encode(self) -> bytes:
         u = self.use
@@ -102,7 +75,9 @@ class ClassDay:
     @classmethod
     def decode(cls, class_name: str, day: str, data: bytes) -> ClassDay:
         body = json.loads(data)
-        use = Use(
+        use = Usage(
+            class_name=class_name,
+            day=day,
             running_ms=int(body.get("running_ms", 0)),
             vcpu_seconds=float(body.get("vcpu_seconds", 0.0)),
             memory_gib_seconds=float(body.get("memory_gib_seconds", 0.0)),
@@ -113,7 +88,7 @@ class ClassDay:
         return cls(class_name, day, use, dict(body.get("applied", {})))
 
 
-def add_batch(current: ClassDay, use: Use, source: str, sequence: int) -> ClassDay | None:
+def add_batch(current: ClassDay, use: Usage, source: str, sequence: int) -> ClassDay | None:
     """`current` with `use` added, or None when this key already has that batch (a resend of
     a batch whose reply was lost). An empty source (an agent without batch numbers): added."""
     if source and sequence > 0:
@@ -130,11 +105,11 @@ class UsageLedger:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def add(self, source: str, sequence: int, reports: Iterable[UsageReport]) -> int:
+    async def add(self, source: str, sequence: int, reports: Iterable[Usage]) -> int:
         """Add one heartbeat message's batch: summed per class and day, then each key once
         (read, add, write if unchanged since read; again on a conflict). Returns how many keys
         it changed. A report with a malformed class or day is left out, with a log line."""
-        sums: dict[tuple[str, str], Use] = {}
+        sums: dict[tuple[str, str], Usage] = {}
         for r in reports:
             if not r.class_name or "/" in r.class_name or not _DAY.fullmatch(r.day):
                 log.warning(
@@ -145,7 +120,7 @@ class UsageLedger:
                 )
                 continue
             key = (r.class_name, r.day)
-            sums[key] = sums.get(key, Use()) + r.use
+            sums[key] = sums.get(key, Usage(r.class_name, r.day)) + r
         changed = 0
         for (class_name, day), use in sorted(sums.items()):
             if await self._add_one(class_name, day, use, source, sequence):
@@ -153,7 +128,7 @@ class UsageLedger:
         return changed
 
     async def _add_one(
-        self, class_name: str, day: str, use: Use, source: str, sequence: int
+        self, class_name: str, day: str, use: Usage, source: str, sequence: int
     ) -> bool:
         key = usage_key(class_name, day)
         for _ in range(MAX_ATTEMPTS):
@@ -161,7 +136,7 @@ class UsageLedger:
             current = (
                 ClassDay.decode(class_name, day, kv.value)
                 if kv is not None
-                else ClassDay(class_name, day)
+                else ClassDay.empty(class_name, day)
             )
             updated = add_batch(current, use, source, sequence)
             if updated is None:
@@ -191,9 +166,7 @@ class UsageLedger:
 
 __all__ = [
     "ClassDay",
-    "Use",
     "UsageLedger",
-    "UsageReport",
     "add_batch",
     "parse_day",
     "usage_key",

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controlplane import records
-from controlplane.records import Demand, InstanceRecord, InstanceStat, Replica
+from controlplane.records import Demand, InstanceRecord, Replica
 from controlplane.store import KeyValue, Store, WatchEvent
+from portside.capacity import Resources
+from portside.instances import InstanceStatus
 from portside.spec import Config, ContainerClass, Node, Route
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,9 @@ _NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE)
 
 @dataclass
 class NodeUse:
-    vcpu: float = 0.0
-    memory_mib: int = 0
+    """What a node's awake (or freshly placed) instances take of it, and how many they are."""
+
+    used: Resources = field(default_factory=Resources)
     instances: int = 0
 
 
@@ -54,7 +57,8 @@ class ClusterView:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
     by_id: dict[str, InstanceRecord] = field(default_factory=dict)
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
-    stats: dict[str, dict[str, InstanceStat]] = field(default_factory=dict)  # node -> id -> stat
+    # node -> instance id -> its status as the node's last heartbeat reported it
+    statuses: dict[str, dict[str, InstanceStatus]] = field(default_factory=dict)
     demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
     replicas: dict[str, Replica] = field(default_factory=dict)  # control-plane replicas by id
     reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
@@ -127,11 +131,11 @@ class ClusterView:
                 if deleted:
                     self.nodes.pop(node_id, None)
                     self.awake.pop(node_id, None)
-                    self.stats.pop(node_id, None)
+                    self.statuses.pop(node_id, None)
                 else:
-                    self.nodes[node_id], stats = records.decode_node(kv.value)
-                    self.stats[node_id] = stats
-                    awake = frozenset(i for i, st in stats.items() if st.awake)
+                    self.nodes[node_id], statuses = records.decode_node(kv.value)
+                    self.statuses[node_id] = statuses
+                    awake = frozenset(i for i, st in statuses.items() if st.state.awake)
                     if awake != self.awake.get(node_id):
                         self.awake[node_id] = awake
                         for iid in awake - self.reported:
@@ -211,8 +215,8 @@ class ClusterView:
 
     @staticmethod
     def _count(use: NodeUse, rec: InstanceRecord, sign: int) -> None:
-        use.vcpu += sign * rec.vcpu
-        use.memory_mib += sign * rec.memory_mib
+        taken = Resources(rec.vcpu, rec.memory_mib)
+        use.used = use.used + taken if sign > 0 else use.used - taken
         use.instances += sign
 
     def _recount(self, node_id: str) -> None:
@@ -240,11 +244,11 @@ class ClusterView:
         self._expire_pending()
         awake = self.awake_use.get(node_id) or NodeUse()
         pending = self.pending_use.get(node_id) or NodeUse()
-        return NodeUse(
-            vcpu=awake.vcpu + pending.vcpu,
-            memory_mib=awake.memory_mib + pending.memory_mib,
-            instances=awake.instances + pending.instances,
-        )
+        return NodeUse(awake.used + pending.used, awake.instances + pending.instances)
+
+    def free_on(self, node: Node) -> Resources:
+        """What is left of `node` for one more awake instance."""
+        return Resources(node.vcpu, node.memory_mib) - self.use_of(node.id).used
 
     def instances_of(self, class_name: str) -> int:
         """Awake and pending instances of the class, cluster-wide: what max_instances limits."""
@@ -265,8 +269,9 @@ class ClusterView:
             key=lambda r: r.name,
         )
 
-    def stat_of(self, rec: InstanceRecord) -> InstanceStat | None:
-        return self.stats.get(rec.node_id, {}).get(rec.instance_id)
+    def status_of(self, rec: InstanceRecord) -> InstanceStatus | None:
+        """The instance as its node's last heartbeat reported it (None: not reported)."""
+        return self.statuses.get(rec.node_id, {}).get(rec.instance_id)
 
     def demand_by_region(self, class_name: str) -> dict[str, float]:
         """Requests per second for the class, by the region of the edge that saw them."""

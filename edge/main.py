@@ -10,13 +10,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge.pools import PoolMember
-from edge.proxy import EdgeProxy, Target, metrics_app
+from edge.proxy import EdgeProxy, Target
 from portside import daemon, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
-from portside.cluster import Backoff, first_config, follow_config
-from portside.errors import from_grpc
+from portside.cluster import first_config, follow_config
+from portside.convert import pool_member_from_pb
+from portside.errors import from_rpc
+from portside.instances import PoolMember
+from portside.rpc import follow_stream
 
 log = logging.getLogger("portside.edge")
 
@@ -47,7 +49,7 @@ class GrpcResolver:
                 timeout=self.deadline_s,
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, f"control plane {self.controlplane}") from exc
+            raise from_rpc(exc, f"control plane {self.controlplane}") from exc
         return Target(
             node_id=reply.node_id,
             data_address=reply.data_address,
@@ -58,30 +60,13 @@ class GrpcResolver:
 async def follow_pools(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
     """Keep the proxy's pool members current; the last list stays while the stream is down."""
     stub = cp_grpc.ControlPlaneStub(channel)
-    backoff = Backoff()
-    while True:
-        try:
-            async for message in stub.WatchPools(cp.WatchPoolsRequest()):
-                backoff.reset()
-                pools: dict[str, list[PoolMember]] = {}
-                for m in message.members:
-                    pools.setdefault(m.class_name, []).append(
-                        PoolMember(
-                            instance_id=m.instance_id,
-                            name=m.name,
-                            node_id=m.node_id,
-                            data_address=m.data_address,
-                            region=m.region,
-                            latitude=m.latitude,
-                            longitude=m.longitude,
-                            draining=m.draining,
-                            ready=m.ready,
-                        )
-                    )
-                proxy.set_pool_members(pools)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("pool watch interrupted (%s); reconnecting", exc.code().name)
-        await backoff.wait()
+    async for message in follow_stream(
+        lambda: stub.WatchPools(cp.WatchPoolsRequest()), what="pool watch"
+    ):
+        pools: dict[str, list[PoolMember]] = {}
+        for m in message.members:
+            pools.setdefault(m.class_name, []).append(pool_member_from_pb(m))
+        proxy.set_pool_members(pools)
 
 
 async def report_demand(
@@ -122,7 +107,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
             GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve),
             opts.deadlines,
         )
-        scrape = await net.start_http_server(metrics_app(), opts.metrics_listen)
+        scrape = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
         ingress = None
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -1,30 +1,14 @@
 """The edge's Prometheus metrics: every proxied request, route-cache lookup and resolve.
 
-Served on a separate port (`proxy.metrics_app`), never on the ingress, where `/` may be a route.
+Served on a separate port (`portside.daemon.metrics_app`), never on the ingress, where `/` may be
+a route.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-# Latency buckets from a warm loopback hop (~0.5 ms) to a cold boot behind a resolve (seconds).
-_LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+from portside.daemon import LATENCY_BUCKETS
 
 REQUESTS = Counter(
     "portside_edge_requests_total",
@@ -35,7 +19,7 @@ PROXY_SECONDS = Histogram(
     "portside_edge_proxy_seconds",
     "Time from sending a request to the node agent until its response headers arrive.",
     ["class"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 ROUTE_CACHE = Counter(
     "portside_edge_route_cache_total",
@@ -45,7 +29,7 @@ ROUTE_CACHE = Counter(
 RESOLVE_SECONDS = Histogram(
     "portside_edge_resolve_seconds",
     "Time the resolver took to name the node of an instance (one per single-flight group).",
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 UPSTREAM_ERRORS = Counter(
     "portside_edge_upstream_errors_total",

@@ -5,29 +5,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 
 from portside.geo import Location, distance_km
+from portside.instances import PoolMember
 
 # Members closer together than this count as one place (several hosts in one city), so load,
 # not a few hundred metres, decides between them. The same rule as the scheduler's.
 SAME_PLACE_KM = 1.0
-
-
-@dataclass(frozen=True)
-class PoolMember:
-    """One instance of a pool as the edge's route cache knows it, with where its node is."""
-
-    instance_id: str
-    name: str
-    node_id: str
-    data_address: str  # host:port of the node agent's data plane
-    region: str
-    latitude: float
-    longitude: float
-    draining: bool = False
-    ready: bool = True
 
 
 def member_location(member: PoolMember) -> Location:
@@ -124,10 +109,10 @@ class InFlight(Mapping[str, int]):
     def __repr__(self) -> str:
         return f"InFlight({self._counts!r})"
 
-    def acquire(self, instance_id: str) -> Lease:
+    def acquire(self, instance_id: str) -> CountedRequest:
         """Count one request on `instance_id` now; the returned lease uncounts it."""
         self._counts[instance_id] = self._counts.get(instance_id, 0) + 1
-        return Lease(self, instance_id)
+        return CountedRequest(self, instance_id)
 
     def release(self, instance_id: str) -> None:
         """Uncount one request on `instance_id`; never below 0."""
@@ -138,7 +123,7 @@ class InFlight(Mapping[str, int]):
             self._counts.pop(instance_id, None)
 
 
-class Lease:
+class CountedRequest:
     """One counted request; a context manager that releases it on exit, whatever the outcome."""
 
     def __init__(self, counter: InFlight, instance_id: str) -> None:
@@ -151,7 +136,7 @@ class Lease:
             self._counter.release(self.instance_id)
             self._counter = None
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> CountedRequest:
         return self
 
     def __exit__(

@@ -12,9 +12,9 @@ from urllib.parse import unquote
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from portside.errors import InvalidArgument
+from portside.headers import LOCATION_HINT
 from portside.spec import InstanceSource, Route
 
-LOCATION_HINT_HEADER = "Portside-Location-Hint"
 MAX_INSTANCE_NAME = 256
 
 
@@ -144,7 +144,7 @@ def describe_source(route: Route) -> str:
 
 def location_hint(headers: Mapping[str, str], default_region: str) -> str:
     """The request's `Portside-Location-Hint` (trimmed, lowercased), else the edge's region."""
-    hint = header_value(headers, LOCATION_HINT_HEADER)
+    hint = header_value(headers, LOCATION_HINT)
     if hint is not None:
         hint = hint.strip().lower()
         if hint:

@@ -8,25 +8,32 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
-from nodeagent.api import NodeAgentService, event_to_pb, status_to_pb
+from nodeagent.api import NodeAgentService, status_of
 from nodeagent.events import EventOutbox
 from nodeagent.instances import Capacity, InstanceManager
-from nodeagent.pools import Assignment, PoolKeeper, UsageSampler
+from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
-from nodeagent.usage import UsageBatch, UsageMeter, follow_runs, observe_sample
+from nodeagent.usage import UsageMeter, follow_runs, observe_sample
 from portside import daemon, geo, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
-from portside.cluster import Backoff, first_config, follow_config
-from portside.convert import node_to_pb
+from portside.cluster import first_config, follow_config
+from portside.convert import (
+    event_to_pb,
+    instance_status_to_pb,
+    node_to_pb,
+    pool_assignment_from_pb,
+    usage_to_pb,
+)
+from portside.errors import InvalidArgument
+from portside.rpc import Backoff, follow_stream
 from portside.spec import Config, ContainerClass, Node
 
 log = logging.getLogger("portside.agent")
@@ -45,6 +52,9 @@ class AgentOptions:
     # A busy container's accept queue can overflow (busybox httpd listens with a backlog of 9):
     # connects then wait for SYN retransmits, so the connect deadline must allow a few seconds.
     deadlines: net.Deadlines = net.Deadlines()
+    # On shutdown, stop this node's awake containers (kept, with their writable layers, for the
+    # next agent to adopt and wake) instead of leaving them running.
+    stop_on_exit: bool = False
 
 
 def host_memory_mib() -> int:
@@ -123,6 +133,8 @@ class Heartbeat:
         self.meter = meter if meter is not None else UsageMeter()
         self.period = 1.0
         self.leaving = asyncio.Event()
+        self.registered = False
+        self.stream = 0  # the number of the current heartbeat stream
         self.wake = asyncio.Event()  # set by leave(), instance state changes and new events
 
     def changed(self) -> None:
@@ -131,25 +143,36 @@ class Heartbeat:
         self.wake.set()
 
     def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
-        now = time.monotonic()
         latest = self.usage.latest
         msg = cp.NodeHeartbeatRequest(
-            instances=[status_to_pb(s, now, latest.get(s.id)) for s in self.manager.snapshot()],
+            instances=[
+                instance_status_to_pb(status_of(i, latest.get(i.instance_id)))
+                for i in self.manager.infos()
+            ],
             events=[event_to_pb(e) for e in self.outbox.take()],
         )
         batch = self.meter.take()  # usage rides like events: resent until a reply acknowledges it
         if batch is not None:
-            _add_usage(msg, batch)
+            msg.usage_source, msg.usage_sequence = batch.source, batch.sequence
+            msg.usage.extend(usage_to_pb(u) for u in batch.totals.values())
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
         return msg
 
-    async def _messages(self) -> AsyncIterator[cp.NodeHeartbeatRequest]:
+    async def _messages(self, stream: int) -> AsyncIterator[cp.NodeHeartbeatRequest]:
+        """The messages of stream number `stream`. Replies acknowledge batches in the order
+        they were taken, so a generator whose stream is lost must take nothing more: gRPC may
+        still pull from it after the stream broke, and its batch would then be "acknowledged" by
+        the next stream's first reply without ever having been sent."""
+        if stream != self.stream:
+            return
         yield self._message(first=True)
         while True:
             if not self.outbox.has_pending:  # more than one message's worth: send on at once
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), self.period)
+            if stream != self.stream:
+                return
             if self.leaving.is_set():
                 # The last events (a shutdown's) and the usage metered until now go out first.
                 if self.outbox.has_pending or self.meter.has_usage:
@@ -158,41 +181,35 @@ class Heartbeat:
             self.wake.clear()
             yield self._message(first=False)
 
+    def _stream_lost(self) -> None:
+        self.stream += 1
+        self.outbox.stream_lost()
+        self.meter.stream_lost()
+        self.registered = False
+
     async def run(self) -> None:
-        backoff = Backoff(most=2.0)
-        while not self.leaving.is_set():
-            registered = False
-            try:
-                async for reply in self.stub.NodeHeartbeat(self._messages()):
-                    self.outbox.acknowledge()
-                    self.meter.acknowledge()
-                    # A third of the lease keeps the node alive; CPU samples want every 2 s.
-                    self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
-                    self.pools.apply(
-                        [
-                            Assignment(a.class_name, a.name, a.instance_id, a.draining)
-                            for a in reply.pool
-                        ]
+        replies = follow_stream(
+            lambda: self.stub.NodeHeartbeat(self._messages(self.stream)),
+            what=f"heartbeat stream of {self.node.id}",
+            backoff=Backoff(most=2.0),
+            fatal=lambda exc: exc.code() == grpc.StatusCode.INVALID_ARGUMENT,
+            on_break=self._stream_lost,
+            done=self.leaving.is_set,
+        )
+        try:
+            async for reply in replies:
+                self.outbox.acknowledge()
+                self.meter.acknowledge()
+                # A third of the lease keeps the node alive; CPU samples want every 2 s.
+                self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
+                self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
+                if not self.registered:
+                    log.info(
+                        "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
                     )
-                    if not registered:
-                        log.info(
-                            "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
-                        )
-                        registered = True
-                    backoff.reset()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise SystemExit(
-                        f"portside agent: the control plane refused this node: {exc.details()}"
-                    ) from exc
-                log.warning(
-                    "heartbeat stream of %s lost (%s); reconnecting", self.node.id, exc.code().name
-                )
-            finally:
-                self.outbox.stream_lost()
-                self.meter.stream_lost()
-            if not self.leaving.is_set():
-                await backoff.wait()
+                    self.registered = True
+        except InvalidArgument as exc:
+            raise SystemExit(f"portside agent: the control plane refused this node: {exc}") from exc
 
     async def leave(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
         self.leaving.set()
@@ -201,24 +218,6 @@ class Heartbeat:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except (TimeoutError, grpc.aio.AioRpcError):
             task.cancel()
-
-
-def _add_usage(msg: cp.NodeHeartbeatRequest, batch: UsageBatch) -> None:
-    msg.usage_source, msg.usage_sequence = batch.source, batch.sequence
-    msg.usage.extend(
-        cp.UsageReport(
-            class_name=key.class_name,
-            instance_id=key.instance_id,
-            day=key.day,
-            running_ms=t.running_ms,
-            vcpu_seconds=t.vcpu_seconds,
-            memory_gib_seconds=t.memory_gib_seconds,
-            disk_gb_seconds=t.disk_gb_seconds,
-            cpu_seconds_used=t.cpu_seconds_used,
-            egress_bytes=t.egress_bytes,
-        )
-        for key, t in batch.totals.items()
-    )
 
 
 async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
@@ -276,12 +275,19 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                     opts.controlplane,
                 )
                 await stop.wait()
-                await heartbeat.leave(beat)
+                await keeper.close()
+                if opts.stop_on_exit:
+                    # Nothing may wake what is being stopped: no more requests, no more Starts.
+                    await data_plane.cleanup()
+                    data_plane = None
+                    await api.stop(2)
+                    await manager.stop_all()
+                await heartbeat.leave(beat)  # its last message carries the stops' events
                 for task in (watch, sleeper, sampling):
                     task.cancel()
-                await keeper.close()
         finally:
-            # Containers keep running: the next agent on this node adopts them.
+            # Without stop_on_exit containers keep running: the next agent on this node adopts
+            # them (running or stopped alike).
             if data_plane is not None:
                 await data_plane.cleanup()
             await api.stop(2)

@@ -9,110 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
-
-from nodeagent.instances import InstanceInfo, InstanceManager, InstanceSnapshot, LifecycleEvent
-from nodeagent.pools import Usage
+from nodeagent.instances import InstanceManager
+from nodeagent.pools import Sample
 from nodeagent.runtime import ExecProcess, Overrides
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_from_pb
-from portside.errors import InvalidArgument, NotFound, PortsideError, grpc_code
+from portside.convert import class_from_pb, instance_info_to_pb, instance_status_to_pb
+from portside.errors import InvalidArgument, NotFound
+from portside.instances import InstanceInfo, InstanceStatus
+from portside.rpc import grpc_errors
 from portside.spec import instance_id
 
-R = TypeVar("R")
-M = TypeVar("M")
 
-
-def status_to_pb(s: InstanceSnapshot, now: float, usage: Usage | None = None) -> pb.InstanceStatus:
-    msg = pb.InstanceStatus(
-        instance_id=s.id,
-        class_name=s.class_name,
-        name=s.name,
-        state=s.state.value,
-        container_id=s.container_id or "",
-        in_flight=s.in_flight,
-        idle_seconds=max(0.0, now - s.last_activity) if s.in_flight == 0 else 0.0,
-        pool=s.pinned,
-    )
-    if usage is not None:
-        msg.memory_bytes = usage.memory_bytes
-        # Only pools scale on CPU; leaving it out for named instances spares the store a write
-        # every heartbeat on nodes that run no pool.
-        if s.pinned and usage.cpu_percent is not None:
-            msg.cpu_percent = usage.cpu_percent
-    return msg
-
-
-def info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
-    msg = pb.InstanceInfo(
-        class_name=i.class_name,
-        name=i.name,
-        instance_id=i.instance_id,
-        state=i.state,
-        node_id=i.node_id,
-        since=i.since,
-        pool=i.pool,
-        in_flight=i.in_flight,
-    )
-    if i.exit_code is not None:
-        msg.exit_code = i.exit_code
-    return msg
-
-
-def event_to_pb(e: LifecycleEvent) -> pb.Event:
-    msg = pb.Event(
-        time=e.time,
-        kind=e.kind,
-        class_name=e.class_name,
-        name=e.name,
-        instance_id=e.instance_id,
-        node_id=e.node_id,
-        reason=e.reason,
-    )
-    if e.exit_code is not None:
-        msg.exit_code = e.exit_code
-    if e.signal is not None:
-        msg.signal = e.signal
-    return msg
-
-
-def _statuses(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """Turn a PortsideError raised by a unary handler into its gRPC status and one-line reason."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> R:
-        try:
-            return await fn(self, request, context)
-        except PortsideError as exc:
-            await context.abort(grpc_code(exc), str(exc))
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-def _stream_statuses(
-    fn: Callable[..., AsyncIterator[M]],
-) -> Callable[..., AsyncGenerator[M, None]]:
-    """As _statuses, for a handler that streams its replies."""
-
-    @functools.wraps(fn)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncGenerator[M, None]:
-        try:
-            async for reply in fn(self, request, context):
-                yield reply
-        except PortsideError as exc:
-            await context.abort(grpc_code(exc), str(exc))
-
-    return wrapper
+def status_of(info: InstanceInfo, sample: Sample | None) -> InstanceStatus:
+    """What the heartbeat reports of one instance. Only pools scale on CPU: leaving it out for
+    named instances spares the store a write every heartbeat on nodes that run no pool."""
+    if sample is None:
+        return InstanceStatus(info)
+    cpu = sample.cpu_percent if info.pool else None
+    return InstanceStatus(info, cpu_percent=cpu, memory_bytes=sample.memory_bytes)
 
 
 def _instance_of(ref: pb.InstanceRef) -> str:
@@ -135,24 +54,23 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
     def __init__(self, manager: InstanceManager) -> None:
         self.manager = manager
 
+    @grpc_errors
     async def ListInstances(
         self, request: na.ListAgentInstancesRequest, context: Any
     ) -> na.ListAgentInstancesResponse:
-        now = time.monotonic()
         return na.ListAgentInstancesResponse(
-            instances=[status_to_pb(s, now) for s in self.manager.snapshot()]
+            instances=[instance_status_to_pb(status_of(i, None)) for i in self.manager.infos()]
         )
 
+    @grpc_errors
     async def StopInstance(
         self, request: na.StopInstanceRequest, context: Any
     ) -> na.StopInstanceResponse:
         if not await self.manager.stop(request.instance_id):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"this agent has no instance {request.instance_id}"
-            )
+            raise NotFound(f"this agent has no instance {request.instance_id}")
         return na.StopInstanceResponse()
 
-    @_statuses
+    @grpc_errors
     async def Start(self, request: na.AgentStartRequest, context: Any) -> na.AgentInstanceResponse:
         spec = getattr(request, "class")  # `class` is a Python keyword
         if not spec.name:
@@ -164,9 +82,9 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         cls = class_from_pb(spec)
         overrides = Overrides(tuple(request.entrypoint), dict(request.env))
         info = await self.manager.start(cls, request.name, overrides, wait=not request.no_wait)
-        return na.AgentInstanceResponse(info=info_to_pb(info))
+        return na.AgentInstanceResponse(info=instance_info_to_pb(info))
 
-    @_statuses
+    @grpc_errors
     async def Stop(self, request: na.AgentStopRequest, context: Any) -> na.AgentInstanceResponse:
         iid = _required_id(request.instance_id)
         if request.signal < 0 or request.signal > 64:
@@ -176,9 +94,9 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         # Zero means unset in proto3: the image's stop signal, and the agent's grace period.
         if not await self.manager.stop(iid, request.signal or None, request.grace_seconds or None):
             raise NotFound(f"this agent has no instance {iid}")
-        return na.AgentInstanceResponse(info=info_to_pb(self.manager.info(iid)))
+        return na.AgentInstanceResponse(info=instance_info_to_pb(self.manager.info(iid)))
 
-    @_statuses
+    @grpc_errors
     async def Signal(self, request: na.AgentSignalRequest, context: Any) -> na.AgentSignalResponse:
         iid = _required_id(request.instance_id)
         if not 0 < request.signal <= 64:
@@ -186,29 +104,29 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         await self.manager.signal(iid, request.signal)
         return na.AgentSignalResponse()
 
-    @_statuses
+    @grpc_errors
     async def Destroy(
         self, request: na.AgentDestroyRequest, context: Any
     ) -> na.AgentDestroyResponse:
         await self.manager.destroy(_required_id(request.instance_id))
         return na.AgentDestroyResponse()
 
-    @_statuses
+    @grpc_errors
     async def GetInstance(
         self, request: na.AgentGetInstanceRequest, context: Any
     ) -> na.AgentInstanceResponse:
         return na.AgentInstanceResponse(
-            info=info_to_pb(self.manager.info(_required_id(request.instance_id)))
+            info=instance_info_to_pb(self.manager.info(_required_id(request.instance_id)))
         )
 
-    @_statuses
+    @grpc_errors
     async def RenewActivity(
         self, request: na.AgentRenewActivityRequest, context: Any
     ) -> na.AgentRenewActivityResponse:
         self.manager.renew(_required_id(request.instance_id))
         return na.AgentRenewActivityResponse()
 
-    @_stream_statuses
+    @grpc_errors
     async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogsResponse]:
         iid = _instance_of(request.instance)
         self.manager.info(iid)  # NOT_FOUND before the stream starts
@@ -219,7 +137,7 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
                 pb.LogsResponse(stdout=data) if stream == "stdout" else pb.LogsResponse(stderr=data)
             )
 
-    @_stream_statuses
+    @grpc_errors
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
     ) -> AsyncIterator[pb.ExecResponse]:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from nodeagent import metrics
-from nodeagent.instances import LifecycleEvent
+from portside.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +29,20 @@ class EventOutbox:
     def __init__(self, limit: int = MAX_QUEUED, wake: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.wake = wake
-        self._pending: collections.deque[LifecycleEvent] = collections.deque()
-        self._in_flight: collections.deque[list[LifecycleEvent]] = collections.deque()
+        self._pending: collections.deque[Event] = collections.deque()
+        self._in_flight: collections.deque[list[Event]] = collections.deque()
         self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._pending) + sum(len(b) for b in self._in_flight)
 
-    def put(self, event: LifecycleEvent) -> None:
+    def put(self, event: Event) -> None:
         self._pending.append(event)
         self._trim()
         if self.wake is not None:
             self.wake()
 
-    def take(self) -> list[LifecycleEvent]:
+    def take(self) -> list[Event]:
         """The next batch for a message about to be sent; call once per message, even when it
         is empty, so that replies and batches pair up."""
         batch = [self._pending.popleft() for _ in range(min(MAX_PER_MESSAGE, len(self._pending)))]

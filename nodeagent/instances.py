@@ -1,32 +1,26 @@
 """The node agent's instance manager: boots a named instance's container on demand (one boot for
 all concurrent requests), tracks requests in flight, sleeps idle containers, adopts survivors.
 
-    stopped ──acquire──▶ booting ──port answers──▶ running ──idle sleep_after──▶ stopping ─▶ stopped
-                            └──exited / timeout──▶ stopped (or stopping)          ▲
-                                                   running ──container exited────┘ (noticed)
+Each instance's state follows the pure table in `nodeagent.lifecycle`; this module is the I/O
+around it. It feeds the table what happened (a boot asked for, docker's answers, the port probe,
+the engine's events, the reconcile loop's listing) and carries out what the table answers: stop
+the container, meter its run, forget a removed container, announce events.
 
-The lifecycle API (start with overrides, stop with a signal, signal, exec, logs, destroy) works on
-the same instances, and every change is reported as a `LifecycleEvent` through `on_event`:
+    placed ─▶ starting ─▶ running ─▶ healthy ─idle for sleep_after─▶ stopping ─▶ sleeping
+                 └─ its port stays silent, docker fails ─▶ stopping ─▶ stopped
+    running, healthy ─ its container exits by itself ─▶ stopped_with_code
 
-    starting          a boot began (a request, a Start, a pool assignment)
-    ready             the port answered: the instance is healthy
-    activity-expired  sleep_after passed without activity; a sleep follows
-    slept             the sleep's stop finished
-    exited            the container stopped by itself, by a user's signal, or by a Stop (exit_code,
-                      and signal = code - 128 when the code is above 128); "out of memory" as
-                      reason when the kernel killed it for that
-    failed            a boot failed: the reason says why (timeout, exit, image missing ...)
-    removed           Destroy, or a pool instance drained and removed
-
-The agent's own stops (a sleep, a boot timeout, a container made again for other overrides, a
-destroy or drain) are not reported as `exited`: each container run ends in at most one event.
+Besides the state, an instance holds the calls in progress: a boot (requests join it), a stop (a
+boot waits for it), and after a Start without waiting, the probe of its port. Every change is
+reported as an `Event` through `on_event` (kinds in portside.events). Each container run ends in
+at most one event, however many parts report its death; the agent's own stops (a boot that gave
+up, a container made again for other overrides, a destroy or a drain) end in none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -34,19 +28,34 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, TypeVar
 
-from nodeagent import metrics
+from nodeagent import lifecycle, metrics
+from nodeagent.lifecycle import (
+    Announce,
+    Answered,
+    Boot,
+    BootFailed,
+    Died,
+    Effect,
+    FoundRunning,
+    FoundStopped,
+    Removed,
+    Started,
+    Stop,
+    StopCause,
+    StopFailed,
+    Trigger,
+)
 from nodeagent.runtime import (
-    LABEL_MEMORY_MIB,
-    LABEL_OVERRIDES,
-    LABEL_VCPU,
     NO_OVERRIDES,
     ContainerEvent,
+    ContainerEventKind,
     ContainerInfo,
     ContainerRuntime,
     ExecProcess,
     Overrides,
     Stream,
 )
+from portside.capacity import Resources
 from portside.errors import (
     BootTimeout,
     ContainerExited,
@@ -56,17 +65,13 @@ from portside.errors import (
     PortsideError,
     Unavailable,
 )
+from portside.events import Event, EventKind
+from portside.instances import InstanceInfo
 from portside.spec import DEFAULT_SLEEP_AFTER_S, ContainerClass, instance_id
+from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-class InstanceState(enum.StrEnum):
-    STOPPED = "stopped"
-    BOOTING = "booting"
-    RUNNING = "running"
-    STOPPING = "stopping"
 
 
 class Upstream(NamedTuple):
@@ -95,43 +100,10 @@ class InstanceSnapshot:
 
 
 @dataclass(frozen=True)
-class InstanceInfo:
-    """One instance as the lifecycle API reports it. `state` is stopped | starting | running |
-    healthy | stopping | exited (exited: it stopped by itself; see exit_code); `since` is the
-    unix time of its last change."""
-
-    instance_id: str
-    class_name: str
-    name: str
-    state: str
-    exit_code: int | None
-    since: float
-    pool: bool
-    in_flight: int
-    node_id: str
-
-
-@dataclass(frozen=True)
-class LifecycleEvent:
-    """One lifecycle event (kinds in the module docstring); `time` is unix seconds."""
-
-    kind: str
-    time: float
-    class_name: str
-    name: str
-    instance_id: str
-    node_id: str
-    exit_code: int | None = None
-    signal: int | None = None
-    reason: str = ""
-
-
-@dataclass(frozen=True)
 class _StopOrder:
-    """Why the agent stops a container, and how. `cause` decides which event its death makes:
-    sleep → slept, stop → exited, the others (boot-timeout, replace, destroy, drain) none."""
+    """A stop the agent asks for: its cause (which decides what its death says), and how."""
 
-    cause: str
+    cause: StopCause
     signum: int | None = None  # None: the image's stop signal (SIGTERM)
     grace_s: float | None = None  # None: Timing.stop_grace
 
@@ -163,43 +135,47 @@ class Timing:
 
 
 class _Instance:
-    """Mutable state of one instance; only the event loop's thread touches it."""
+    """One instance: its lifecycle state, its container, and the calls in progress on it. Only
+    the event loop's thread touches it."""
 
-    def __init__(self, iid: str, name: str, class_name: str, now: float) -> None:
+    def __init__(self, iid: str, name: str, class_name: str, now: float, wall: float) -> None:
         self.id = iid
         self.name = name
         self.class_name = class_name
-        self.state = InstanceState.STOPPED
+        self.state = InstanceState.PLACED
+        self.cause: StopCause | None = None  # of the stop in progress (stopping only)
+        self.since = wall  # unix time of the last state change
         self.container_id: str | None = None
         self.port: int | None = None  # the container's port, fixed when it was created
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.last_activity = now
-        self.ready_at = 0.0  # when it last became running, to ignore older engine listings
+        self.ready_at = 0.0  # when its boot ended, to ignore older engine listings
         self.exit_code: int | None = None
         self.vcpu = 0.0  # the instance type it runs with; counts against the node while awake
         self.memory_mib = 0
-        self.boot: asyncio.Task[Upstream] | None = None
-        self.stop: asyncio.Task[None] | None = None
-        # What a Start asked for when the container was made (None: unknown, adopted), and the
-        # digest of it that the container's label carries.
+        # What a Start asked for when the container was made (None: unknown, adopted), and its
+        # digest, which the container keeps.
         self.overrides: Overrides | None = NO_OVERRIDES
         self.overrides_digest = ""
-        self.run_open = False  # its container runs and its death is not handled yet
-        self.healthy = False  # the port answered since the container last started
-        self.exited = False  # stopped by itself (not by the agent) the last time
-        self.oom = False  # the kernel's OOM killer hit the running container
-        self.stopping_for: str | None = None  # the cause of the agent's stop in progress
-        self.abort: _StopOrder | None = None  # set by a stop that comes while it boots
+        # The current run: when the engine started it (unix; 0.0 unknown, None: no run), so an
+        # earlier run's late die event is not taken for its death; and whether the kernel's OOM
+        # killer hit it.
+        self.run_started: float | None = None
+        self.oom = False
+        # The engine's time of a death that came while a stop call was in progress: the call's
+        # answer reports the death (the engine lists the container as running a moment longer).
+        self.died_at: float | None = None
+        self.boot: asyncio.Task[Upstream] | None = None
         self.started: asyncio.Event | None = None  # set once the boot's docker start returned
+        self.abort: _StopOrder | None = None  # set by a stop that comes while it boots
         self.health: asyncio.Task[bool] | None = None  # port probe after a no-wait start
-        self.public = "stopped"  # the lifecycle state last reported, and since when (unix)
-        self.since = 0.0
+        self.stop: asyncio.Task[None] | None = None
 
 
-class Lease:
+class Hold:
     """An instance held awake by one request or WebSocket; `release()` it exactly once (extra
-    calls are ignored), or use it as `async with lease as upstream:`."""
+    calls are ignored), or use it as `async with hold as upstream:`."""
 
     __slots__ = ("_manager", "_instance", "upstream", "container_id", "_released")
 
@@ -248,15 +224,15 @@ class InstanceManager:
         port_probe: Callable[[str, int], Awaitable[bool]] | None = None,
         capacity: Capacity | None = None,
         on_change: Callable[[], None] | None = None,
-        on_event: Callable[[LifecycleEvent], None] | None = None,
-        on_run: Callable[[InstanceSnapshot, str, float | None], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        on_run: Callable[[InstanceSnapshot, Effect, float | None], None] | None = None,
         node_id: str = "",
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._runtime = runtime
         self._on_event = on_event
-        # A container run began ("began", "adopted") or its death was handled ("ended", with the
-        # engine's unix time of the death when known): metering follows the time docker ran it.
+        # A container run began (BEGIN_RUN, ADOPT_RUN) or ended (END_RUN, with the engine's unix
+        # time of the death when known): metering follows the time docker ran it.
         self._on_run = on_run
         self._node_id = node_id or (capacity.node_id if capacity is not None else "")
         self._wall = wall_clock
@@ -274,9 +250,10 @@ class InstanceManager:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def acquire(self, cls: ContainerClass, name: str) -> Lease:
+    async def acquire(self, cls: ContainerClass, name: str) -> Hold:
         """Hold instance `name` of `cls` awake, booting it first if needed (concurrent callers
-        share one boot). Raises ContainerExited, BootTimeout or Unavailable."""
+        share one boot). Raises ContainerExited, BootTimeout, ImageUnavailable, NoCapacity or
+        Unavailable."""
         inst = self._instance(cls, name)
         inst.in_flight += 1
         inst.last_activity = self._clock()
@@ -287,25 +264,27 @@ class InstanceManager:
             # Also on cancellation (the client went away): it must not keep the instance awake.
             self._release(inst)
             raise
-        return Lease(self, inst, upstream)
+        return Hold(self, inst, upstream)
 
     @contextlib.asynccontextmanager
     async def use(self, cls: ContainerClass, name: str) -> AsyncIterator[Upstream]:
         """`async with manager.use(cls, name) as upstream:` — acquire, then release on exit."""
-        lease = await self.acquire(cls, name)
+        hold = await self.acquire(cls, name)
         try:
-            yield lease.upstream
+            yield hold.upstream
         finally:
-            lease.release()
+            hold.release()
 
     def _instance(self, cls: ContainerClass, name: str) -> _Instance:
         iid = instance_id(cls.name, name)
         inst = self._instances.get(iid)
         if inst is None:
-            inst = _Instance(iid, name, cls.name, self._clock())
-            inst.since = self._wall()
-            self._instances[iid] = inst
-            metrics.INSTANCES.labels(inst.state.value).inc()
+            inst = self._add(_Instance(iid, name, cls.name, self._clock(), self._wall()))
+        return inst
+
+    def _add(self, inst: _Instance) -> _Instance:
+        self._instances[inst.id] = inst
+        metrics.INSTANCES.labels(inst.state.value).inc()
         return inst
 
     def _release(self, inst: _Instance) -> None:
@@ -315,16 +294,17 @@ class InstanceManager:
 
     async def _ready(self, inst: _Instance, cls: ContainerClass) -> Upstream:
         while True:
-            if inst.state is InstanceState.RUNNING and inst.upstream is not None:
-                return inst.upstream
-            if inst.state is InstanceState.STOPPING and inst.stop is not None:
+            if inst.stop is not None:
                 # Shielded: a caller that gives up must not cancel the stop for everyone.
                 await asyncio.shield(inst.stop)
                 continue
-            if inst.state is InstanceState.STOPPED:
+            if inst.boot is None:
+                if inst.state.running and inst.upstream is not None:
+                    return inst.upstream
+                if inst.state.awake:  # unreachable: starting has its boot, stopping its stop
+                    raise Unavailable(f"instance {cls.name}/{inst.name} is {inst.state} idle")
                 self._begin_boot(inst, cls, detached=False)
-            if inst.boot is None:  # unreachable: booting always has its task
-                raise Unavailable(f"instance {cls.name}/{inst.name} is {inst.state} without a task")
+            assert inst.boot is not None
             # Every waiter gets the boot's result or its error; none of them owns the boot.
             upstream = await asyncio.shield(inst.boot)
             if inst.health is not None:
@@ -337,7 +317,8 @@ class InstanceManager:
         inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
         inst.started = asyncio.Event()
         inst.abort = None
-        self._set_state(inst, InstanceState.BOOTING)
+        inst.run_started = inst.died_at = None
+        self._fire(inst, Boot())
         inst.boot = self._spawn(self._boot(inst, cls, detached))
 
     def _check_capacity(self, inst: _Instance, cls: ContainerClass) -> None:
@@ -345,40 +326,36 @@ class InstanceManager:
         the same rule, but a sleeping instance wakes here without asking it, so the agent checks."""
         if self._capacity is None:
             return
-        awake = [i for i in self._instances.values() if i.state is not InstanceState.STOPPED]
-        vcpu = sum(i.vcpu for i in awake) + cls.instance_type.vcpu
-        memory = sum(i.memory_mib for i in awake) + cls.instance_type.memory_mib
         cap = self._capacity
-        if vcpu > cap.vcpu + 1e-6 or memory > cap.memory_mib:
+        used = self.awake_use()
+        if not (Resources(cap.vcpu, cap.memory_mib) - used).fits(Resources.of(cls.instance_type)):
+            awake = sum(1 for i in self._instances.values() if i.state.awake)
             raise NoCapacity(
-                f"node {cap.node_id} is full: {len(awake)} awake instances use "
-                f"{vcpu - cls.instance_type.vcpu:g}/{cap.vcpu:g} vCPU and "
-                f"{memory - cls.instance_type.memory_mib}/{cap.memory_mib} MiB; "
+                f"node {cap.node_id} is full: {awake} awake instances use "
+                f"{used.vcpu:g}/{cap.vcpu:g} vCPU and {used.memory_mib}/{cap.memory_mib} MiB; "
                 f"{cls.name}/{inst.name} can wake when others sleep"
             )
 
-    def awake_use(self) -> tuple[float, int]:
-        """vCPU and MiB of the instance types of every instance not stopped."""
-        awake = [i for i in self._instances.values() if i.state is not InstanceState.STOPPED]
-        return sum(i.vcpu for i in awake), sum(i.memory_mib for i in awake)
+    def awake_use(self) -> Resources:
+        """The instance types of every awake instance (starting, running, healthy, stopping)."""
+        return sum(
+            (Resources(i.vcpu, i.memory_mib) for i in self._instances.values() if i.state.awake),
+            Resources(),
+        )
 
-    async def recheck(self, lease: Lease) -> ContainerInfo | None:
-        """After a request to `lease`'s container failed to connect or was cut: inspect it, and if
-        it no longer runs, mark the instance stopped so the next acquire boots it again.
-        Returns the container as found, or None when it no longer exists."""
-        inst = lease._instance
-        if lease.container_id is None:
+    async def recheck(self, hold: Hold) -> ContainerInfo | None:
+        """After a request to `hold`'s container failed to connect or was cut: inspect it, and if
+        it no longer runs, take it as exited so the next acquire boots it again. Returns the
+        container as found, or None when it no longer exists."""
+        inst = hold._instance
+        if hold.container_id is None:
             return None
         try:
-            info: ContainerInfo | None = await self._runtime.inspect(lease.container_id)
+            info: ContainerInfo | None = await self._runtime.inspect(hold.container_id)
         except NotFound:
             info = None
-        if (
-            (info is None or not info.running)
-            and inst.state is InstanceState.RUNNING
-            and inst.container_id == lease.container_id
-        ):
-            self._container_gone(inst, info)
+        if inst.state.running and inst.container_id == hold.container_id:
+            self._notice(inst, info)
         return info
 
     # -- boot ---------------------------------------------------------------------------------
@@ -391,10 +368,7 @@ class InstanceManager:
         woke = inst.container_id is not None
         if woke:
             metrics.WAKES.labels(cls.name).inc()
-        inst.exited = inst.healthy = False
-        self._emit(inst, "starting")
         outcome = "error"
-        failure: str | None = None
         try:
             async with asyncio.timeout(cls.boot_timeout_s):
                 upstream, answered = await self._start_and_wait(inst, cls, detached)
@@ -408,47 +382,39 @@ class InstanceManager:
                 else "docker did not create its container"
             )
             failure = f"container for {cls.name}/{inst.name}: {what} within {cls.boot_timeout_s:g}s"
-            # Stop it in the background: the waiters hear of the timeout now, and a request that
+            # Stopped in the background: the waiters hear of the timeout now, and a request that
             # comes during the stop waits for it and then boots afresh.
-            self._begin_stop(inst, _StopOrder("boot-timeout"))
+            self._fire(inst, BootFailed(failure))
             raise BootTimeout(failure) from None
         except _Aborted:
             outcome = "aborted"
-            order = inst.abort or _StopOrder("stop")
-            self._begin_stop(inst, order)
+            order = inst.abort or _StopOrder(StopCause.STOP)
+            self._fire(inst, Stop(order.cause), order)
             raise Unavailable(
                 f"{cls.name}/{inst.name} was stopped ({order.cause}) while it "
                 "started; start it again"
             ) from None
-        except ContainerExited as exc:
-            outcome = "exited"
-            failure = str(exc)
-            raise
         except PortsideError as exc:
-            failure = str(exc)
+            outcome = "exited" if isinstance(exc, ContainerExited) else "error"
+            self._fire(inst, BootFailed(str(exc)))
             raise
         except Exception as exc:
             log.exception("boot of %s/%s failed", cls.name, inst.name)
             failure = f"boot of {cls.name}/{inst.name} failed: {exc}"
+            self._fire(inst, BootFailed(failure))
             raise Unavailable(failure) from exc
         finally:
             metrics.BOOTS.labels(cls.name, outcome).inc()
-            if failure is not None:
-                self._emit(inst, "failed", reason=failure)
-            if outcome != "ok" and inst.state is InstanceState.BOOTING:
-                self._set_state(inst, InstanceState.STOPPED)
             inst.boot = None
             inst.abort = None
             if inst.started is not None:
                 inst.started.set()
         now = self._clock()
         inst.upstream = upstream
-        inst.exit_code = None
         inst.ready_at = inst.last_activity = now
-        self._set_state(inst, InstanceState.RUNNING)
         if answered:
             metrics.BOOT_SECONDS.labels(cls.name).observe(now - started)
-            self._became_healthy(inst)
+            self._fire(inst, Answered())
             log.info(
                 "%s %s/%s in %.0f ms at %s:%d",
                 "woke" if woke else "booted",
@@ -485,13 +451,11 @@ class InstanceManager:
             info = await self._runtime.start(inst.container_id)
         assert info is not None
         inst.oom = False
-        inst.run_open = info.running
-        if info.running:
-            self._run_changed(inst, "began")
-        else:
-            inst.run_open = True  # so that its death is reported once, here
-            self._container_died(inst, inst.container_id, info.exit_code)
-        self._refresh(inst)
+        inst.exit_code = None
+        inst.run_started = info.started_at.timestamp() if info.started_at is not None else 0.0
+        self._fire(inst, Started())
+        if not info.running:  # it exited already: its run began and ended
+            self._notice(inst, info)
         if inst.started is not None:
             inst.started.set()
         port = inst.port or cls.default_port
@@ -499,10 +463,7 @@ class InstanceManager:
         while True:
             if inst.abort is not None:
                 raise _Aborted()
-            if not inst.run_open or not info.running:
-                if info.running:  # the engine's die event came first
-                    info = await self._runtime.inspect(inst.container_id)
-                self._container_died(inst, inst.container_id, info.exit_code)
+            if inst.state is not InstanceState.RUNNING:  # its death was noticed
                 raise ContainerExited(
                     f"container for {cls.name}/{inst.name} exited with code {inst.exit_code} "
                     f"before its port {port} answered",
@@ -515,17 +476,17 @@ class InstanceManager:
             await asyncio.sleep(self._timing.port_poll)
             if self._clock() >= next_inspect:
                 info = await self._runtime.inspect(inst.container_id)
+                self._notice(inst, info)
                 next_inspect = self._clock() + self._timing.exit_poll
 
     async def _probe(self, inst: _Instance, upstream: Upstream, deadline: float) -> bool:
-        """After a no-wait start: whether the port answers before `deadline` (then: ready)."""
+        """After a no-wait start: whether the port answers before `deadline` (then: healthy)."""
         try:
             while self._clock() < deadline:
                 if inst.state is not InstanceState.RUNNING or inst.upstream != upstream:
                     return False
                 if await self._port_answers(upstream.host, upstream.port):
-                    self._became_healthy(inst)
-                    return True
+                    return self._fire(inst, Answered())
                 await asyncio.sleep(max(self._timing.port_poll, 0.05))
             log.info(
                 "%s/%s: port %d did not answer; it keeps running",
@@ -537,11 +498,6 @@ class InstanceManager:
         finally:
             if inst.health is asyncio.current_task():  # not a later boot's probe
                 inst.health = None
-
-    def _became_healthy(self, inst: _Instance) -> None:
-        inst.healthy = True
-        self._refresh(inst)
-        self._emit(inst, "ready")
 
     # -- sleep --------------------------------------------------------------------------------
 
@@ -564,16 +520,15 @@ class InstanceManager:
         the decision and the state change."""
         now = self._clock()
         stopping = []
-        for inst in self._instances.values():
-            if inst.state is not InstanceState.RUNNING or inst.in_flight > 0:
+        for inst in list(self._instances.values()):
+            if not inst.state.running or inst.boot is not None or inst.in_flight > 0:
                 continue
             if inst.id in self._pinned:
                 continue
             cls = self._get_class(inst.class_name) or self._started_classes.get(inst.class_name)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
             if now - inst.last_activity >= sleep_after:
-                self._emit(inst, "activity-expired", reason=f"idle for {sleep_after:g}s")
-                self._begin_stop(inst, _StopOrder("sleep"))
+                self._fire(inst, Stop(StopCause.SLEEP, reason=f"idle for {sleep_after:g}s"))
                 stopping.append(inst.id)
         return stopping
 
@@ -598,13 +553,15 @@ class InstanceManager:
         deadline = self._clock() + timeout_s
         while inst.in_flight > 0 and self._clock() < deadline:  # noqa: ASYNC110 - a bounded poll; no event per release
             await asyncio.sleep(0.1)
-        await self._stop_instance(inst, _StopOrder("drain"))
-        if inst.in_flight > 0 or inst.state is not InstanceState.STOPPED:
+        await self._stop_instance(inst, _StopOrder(StopCause.DRAIN))
+        if inst.in_flight > 0 or inst.state.awake:
             return  # a request came in meanwhile; the next drain pass tries again
         if inst.container_id is not None:
             await self._runtime.remove(inst.container_id, force=True)
         self._forget(inst, "drained")
         log.info("removed pool instance %s/%s", inst.class_name, inst.name)
+
+    # -- stops ----------------------------------------------------------------------------------
 
     async def stop(self, iid: str, signum: int | None = None, grace_s: float | None = None) -> bool:
         """Stop an instance now, requests in flight or not (an operator's or the Stop RPC's):
@@ -614,47 +571,62 @@ class InstanceManager:
         inst = self._instances.get(iid)
         if inst is None:
             return False
-        await self._stop_instance(inst, _StopOrder("stop", signum, grace_s))
+        await self._stop_instance(inst, _StopOrder(StopCause.STOP, signum, grace_s))
         return True
 
+    async def stop_all(self, timeout_s: float | None = None) -> list[str]:
+        """Stop every awake instance of this node at once, as the agent shuts down
+        (--stop-on-exit): docker stop with Timing.stop_grace, all within `timeout_s` (None: the
+        grace plus 10 s). Containers and their writable layers are kept: the next agent adopts
+        them stopped and wakes each on its next request. Returns the ids still awake when the
+        time ran out (none, normally)."""
+        awake = [inst for inst in self._instances.values() if inst.state.awake]
+        limit = self._timing.stop_grace + 10.0 if timeout_s is None else timeout_s
+        order = _StopOrder(StopCause.SHUTDOWN)
+        try:
+            async with asyncio.timeout(limit):
+                await asyncio.gather(
+                    *(self._stop_instance(inst, order) for inst in awake), return_exceptions=True
+                )
+        except TimeoutError:
+            pass
+        left = [inst.id for inst in awake if inst.state.awake]
+        log.info("stopped %d of %d awake containers", len(awake) - len(left), len(awake))
+        if left:
+            log.warning("%d containers were not stopped within %gs: %s", len(left), limit, left)
+        return left
+
     async def _stop_instance(self, inst: _Instance, order: _StopOrder) -> None:
-        while inst.state is InstanceState.BOOTING and inst.boot is not None:
+        while inst.boot is not None:
             # The boot notices within a port poll and hands the container to the stop.
             inst.abort = order
             with contextlib.suppress(PortsideError):
                 await asyncio.shield(inst.boot)
-        if inst.state is InstanceState.RUNNING:
-            self._begin_stop(inst, order)
+        if inst.state.running:
+            self._fire(inst, Stop(order.cause), order)
         if inst.stop is not None:
             await asyncio.shield(inst.stop)
-
-    def _begin_stop(self, inst: _Instance, order: _StopOrder) -> None:
-        inst.stopping_for = order.cause
-        inst.upstream = None
-        inst.healthy = False
-        self._set_state(inst, InstanceState.STOPPING)
-        inst.stop = self._spawn(self._stop(inst, order))
 
     async def _stop(self, inst: _Instance, order: _StopOrder) -> None:
         container_id = inst.container_id
         try:
-            if container_id is not None:
-                grace = self._timing.stop_grace if order.grace_s is None else order.grace_s
-                code = await self._runtime.stop(container_id, grace, order.signum)
-                self._container_died(inst, container_id, code)
-            if order.cause == "sleep":
+            if container_id is None:  # a boot that gave up before docker created it
+                self._fire(inst, Died())
+                return
+            grace = self._timing.stop_grace if order.grace_s is None else order.grace_s
+            code = await self._runtime.stop(container_id, grace, order.signum)
+            self._fire(inst, Died(code, oom=inst.oom, at=inst.died_at))
+            if order.cause is StopCause.SLEEP:
                 metrics.SLEEPS.labels(inst.class_name).inc()
                 log.info("slept %s/%s", inst.class_name, inst.name)
         except NotFound:
-            self._container_died(inst, container_id, None)
-            inst.container_id = None
+            self._fire(inst, Removed())
         except Exception:
-            # The next wake starts it again (a no-op if it still runs) and re-inspects its IP.
             log.exception("stopping %s/%s failed", inst.class_name, inst.name)
+            self._fire(inst, StopFailed())
         finally:
-            inst.stop = None
-            inst.stopping_for = None
-            self._set_state(inst, InstanceState.STOPPED)
+            if inst.stop is asyncio.current_task():
+                inst.stop = None
 
     # -- the lifecycle API ----------------------------------------------------------------------
 
@@ -673,14 +645,13 @@ class InstanceManager:
         self._started_classes[cls.name] = cls
         inst = self._instance(cls, name)
         inst.last_activity = self._clock()
-        detached = not wait
         while True:
-            if inst.state is InstanceState.STOPPING and inst.stop is not None:
+            if inst.stop is not None:
                 await asyncio.shield(inst.stop)
                 continue
-            if inst.state is not InstanceState.STOPPED:
+            if inst.state.awake:
                 if inst.overrides_digest != overrides.digest:
-                    await self._stop_instance(inst, _StopOrder("replace"))
+                    await self._stop_instance(inst, _StopOrder(StopCause.REPLACE))
                     continue
                 break  # booting or running as asked: join it
             if inst.container_id is not None and inst.overrides_digest != overrides.digest:
@@ -689,7 +660,7 @@ class InstanceManager:
                 await self._runtime.remove(container_id, force=True)
                 continue
             inst.overrides = overrides
-            self._begin_boot(inst, cls, detached=detached)
+            self._begin_boot(inst, cls, detached=not wait)
             break
         boot, started = inst.boot, inst.started
         if wait:
@@ -697,7 +668,7 @@ class InstanceManager:
                 await asyncio.shield(boot)
             if inst.health is not None:  # started earlier without waiting: wait for the port
                 await asyncio.shield(inst.health)
-            if inst.state is InstanceState.RUNNING and not inst.healthy:
+            if inst.state is InstanceState.RUNNING:
                 raise BootTimeout(
                     f"{cls.name}/{name} runs, but its port "
                     f"{inst.port or cls.default_port} did not answer in time"
@@ -719,35 +690,34 @@ class InstanceManager:
         """Send `signum` to the container's main process. NotFound; FailedPrecondition when
         its container does not run."""
         inst = self._known(iid)
-        if not inst.run_open or inst.container_id is None:
-            raise FailedPrecondition(
-                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                "not running: start it first"
-            )
+        if inst.container_id is None or not (
+            inst.state.running or inst.state is InstanceState.STOPPING
+        ):
+            raise _not_running(inst)
         await self._runtime.signal(inst.container_id, signum)
 
     async def destroy(self, iid: str) -> None:
         """Kill and remove the container and its writable layer, and forget the instance."""
         inst = self._known(iid)
         self._pinned.discard(iid)
-        await self._stop_instance(inst, _StopOrder("destroy", grace_s=1.0))
+        await self._stop_instance(inst, _StopOrder(StopCause.DESTROY, grace_s=1.0))
         if inst.container_id is not None:
-            inst.stopping_for = "destroy"  # its death, if it still ran, is ours
             await self._runtime.remove(inst.container_id, force=True)
         self._forget(inst, "destroyed")
 
     def renew(self, iid: str) -> None:
         """Push the sleep timer, as a request would. FailedPrecondition: not awake."""
         inst = self._known(iid)
-        if inst.state not in (InstanceState.BOOTING, InstanceState.RUNNING):
-            raise FailedPrecondition(
-                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                "not running: start it first"
-            )
+        if not inst.state.awake or inst.state is InstanceState.STOPPING:
+            raise _not_running(inst)
         inst.last_activity = self._clock()
 
     def info(self, iid: str) -> InstanceInfo:
         return self._info(self._known(iid))
+
+    def infos(self) -> list[InstanceInfo]:
+        """Every instance this agent knows, as the lifecycle API reports it."""
+        return [self._info(inst) for inst in self._instances.values()]
 
     async def exec(
         self,
@@ -760,15 +730,8 @@ class InstanceManager:
         """Run a command in the running container (hold the instance with `holding` meanwhile).
         FailedPrecondition when it does not run."""
         inst = self._known(iid)
-        if (
-            not inst.run_open
-            or inst.container_id is None
-            or inst.state not in (InstanceState.BOOTING, InstanceState.RUNNING)
-        ):
-            raise FailedPrecondition(
-                f"instance {inst.class_name}/{inst.name} is {inst.public}, "
-                "not running: start it first"
-            )
+        if inst.container_id is None or not inst.state.running:
+            raise _not_running(inst)
         return await self._runtime.exec(inst.container_id, command, env, working_dir, stdin)
 
     @contextlib.contextmanager
@@ -801,71 +764,107 @@ class InstanceManager:
         if self._instances.get(inst.id) is inst:
             del self._instances[inst.id]
             metrics.INSTANCES.labels(inst.state.value).dec()
-        self._emit(inst, "removed", reason=why)
+        self._emit(inst, Announce(EventKind.REMOVED, reason=why))
 
     def _info(self, inst: _Instance) -> InstanceInfo:
         return InstanceInfo(
             instance_id=inst.id,
             class_name=inst.class_name,
             name=inst.name,
-            state=inst.public,
-            exit_code=inst.exit_code if inst.state is InstanceState.STOPPED else None,
+            state=inst.state,
+            exit_code=None if inst.state.awake else inst.exit_code,
             since=inst.since,
             pool=inst.id in self._pinned,
             in_flight=inst.in_flight,
             node_id=self._node_id,
         )
 
-    # -- deaths and events ----------------------------------------------------------------------
+    # -- the table ----------------------------------------------------------------------------
 
-    def _container_died(
-        self,
-        inst: _Instance,
-        container_id: str | None,
-        exit_code: int | None,
-        at: float | None = None,
-    ) -> None:
-        """The container of `inst` stopped, however we learned it (the engine's event, a boot's
-        inspect, our own stop, the reconcile loop): report it once per run, by its cause."""
-        if container_id is None or container_id != inst.container_id or not inst.run_open:
-            return
-        inst.run_open = False
-        self._run_changed(inst, "ended", at)
-        inst.exit_code = exit_code
-        cause = inst.stopping_for
-        if cause in (None, "stop"):
-            inst.exited = cause is None
-            signal = exit_code - 128 if exit_code is not None and exit_code > 128 else None
-            reason = "out of memory" if inst.oom else ("stopped" if cause else "")
-            self._emit(inst, "exited", exit_code=exit_code, signal=signal, reason=reason)
-        elif cause == "sleep":
-            self._emit(inst, "slept")
-        if inst.state is InstanceState.RUNNING:
+    def _fire(self, inst: _Instance, trigger: Trigger, order: _StopOrder | None = None) -> bool:
+        """Feed `trigger` to the lifecycle table and carry out its answer; False when the table
+        rejects it (nothing changes). `order` says how to stop, when the step stops."""
+        step = lifecycle.step(inst.state, inst.cause, trigger)
+        if step is None:
+            log.debug("%s/%s: %s ignored while %s", inst.class_name, inst.name, trigger, inst.state)
+            return False
+        if inst.state.running and step.state is InstanceState.STOPPED_WITH_CODE:
+            exit_code = trigger.exit_code if isinstance(trigger, Died) else None
             log.warning(
-                "container of %s/%s exited with code %s while running",
+                "container of %s/%s %s while running",
                 inst.class_name,
                 inst.name,
-                exit_code,
+                f"exited with code {exit_code}" if isinstance(trigger, Died) else "was removed",
             )
-            inst.upstream = None
-            inst.healthy = False
-            self._set_state(inst, InstanceState.STOPPED)
-        else:
-            self._refresh(inst)
+        inst.cause = step.cause
+        if not step.state.running:
+            inst.upstream = None  # reached only while its container runs
+        if step.state is not inst.state:
+            metrics.INSTANCES.labels(inst.state.value).dec()
+            metrics.INSTANCES.labels(step.state.value).inc()
+            inst.state = step.state
+            inst.since = self._wall()
+            if self._on_change is not None:
+                self._on_change()
+        for effect in step.effects:
+            if effect is Effect.STOP_CONTAINER:
+                cause = step.cause or StopCause.STOP
+                inst.stop = self._spawn(self._stop(inst, order or _StopOrder(cause)))
+            elif effect is Effect.FORGET_CONTAINER:
+                inst.container_id = None
+            elif effect is Effect.END_RUN:
+                inst.exit_code = trigger.exit_code if isinstance(trigger, Died) else None
+                inst.run_started = None
+                self._run_changed(inst, effect, trigger.at if isinstance(trigger, Died) else None)
+            else:
+                self._run_changed(inst, effect)
+        for announce in step.events:
+            self._emit(inst, announce)
+        return True
+
+    def _notice(self, inst: _Instance, info: ContainerInfo | None) -> None:
+        """What an inspect or a listing found of `inst`'s container: gone, or stopped."""
+        if info is None:
+            self._fire(inst, Removed())
+        elif not info.running:
+            at = info.finished_at.timestamp() if info.finished_at is not None else None
+            self._fire(inst, Died(info.exit_code, oom=inst.oom, at=at))
+
+    def _emit(self, inst: _Instance, announce: Announce) -> None:
+        metrics.LIFECYCLE_EVENTS.labels(inst.class_name, announce.kind.value).inc()
+        if self._on_event is None:
+            return
+        self._on_event(
+            Event(
+                kind=announce.kind,
+                time=self._wall(),
+                class_name=inst.class_name,
+                name=inst.name,
+                instance_id=inst.id,
+                node_id=self._node_id,
+                exit_code=announce.exit_code,
+                signal=announce.signal,
+                reason=announce.reason,
+            )
+        )
+
+    # -- engine ---------------------------------------------------------------------------------
 
     def _on_container_event(self, event: ContainerEvent) -> None:
         inst = self._instances.get(event.instance_id)
         if inst is None or event.container_id != inst.container_id:
             return
-        if event.kind == "die":
-            self._container_died(inst, event.container_id, event.exit_code, event.time or None)
-        elif event.kind == "oom":
+        if event.kind is ContainerEventKind.DIE:
+            if inst.run_started is None or (event.time and event.time < inst.run_started):
+                return  # an earlier run's death, or one that docker start's answer reports
+            if inst.stop is not None:
+                inst.died_at = event.time or None  # the stop's answer reports it, at this time
+                return
+            self._fire(inst, Died(event.exit_code, oom=inst.oom, at=event.time or None))
+        elif event.kind is ContainerEventKind.OOM:
             inst.oom = True
-        elif event.kind == "destroy" and inst.stopping_for != "destroy":
-            if inst.state is InstanceState.RUNNING:
-                self._container_gone(inst, None)
-            elif inst.state is InstanceState.STOPPED:
-                inst.container_id = None
+        elif event.kind is ContainerEventKind.DESTROY:
+            self._fire(inst, Removed())
 
     async def _follow_engine(self) -> None:
         while True:
@@ -876,51 +875,10 @@ class InstanceManager:
                 log.warning("cannot follow the engine's events: %s", exc)
             await asyncio.sleep(1.0)
 
-    def _emit(
-        self,
-        inst: _Instance,
-        kind: str,
-        *,
-        exit_code: int | None = None,
-        signal: int | None = None,
-        reason: str = "",
-    ) -> None:
-        metrics.LIFECYCLE_EVENTS.labels(inst.class_name, kind).inc()
-        if self._on_event is None:
-            return
-        self._on_event(
-            LifecycleEvent(
-                kind=kind,
-                time=self._wall(),
-                class_name=inst.class_name,
-                name=inst.name,
-                instance_id=inst.id,
-                node_id=self._node_id,
-                exit_code=exit_code,
-                signal=signal,
-                reason=reason,
-            )
-        )
-
-    def _refresh(self, inst: _Instance) -> None:
-        if inst.state is InstanceState.BOOTING:
-            public = "running" if inst.run_open else "starting"
-        elif inst.state is InstanceState.RUNNING:
-            public = "healthy" if inst.healthy else "running"
-        elif inst.state is InstanceState.STOPPING:
-            public = "stopping"
-        else:
-            public = "exited" if inst.exited else "stopped"
-        if public != inst.public:
-            inst.public = public
-            inst.since = self._wall()
-
-    # -- engine ---------------------------------------------------------------------------------
-
     async def adopt(self) -> list[InstanceSnapshot]:
-        """Make Portside's networks, then take over this node's containers (by their labels) as a
-        previous agent left them: running ones as running (idle from now), others as stopped,
-        reused on their next wake. Nothing is stopped or removed. Call once, before serving."""
+        """Make Portside's networks, then take over this node's containers as a previous agent
+        left them: running ones as healthy (idle from now), others as stopped, reused on their
+        next wake. Nothing is stopped or removed. Call once, before serving."""
         await self._runtime.ensure_networks()
         now = self._clock()
         adopted = []
@@ -928,32 +886,31 @@ class InstanceManager:
             if not info.instance_id or not info.class_name or info.port is None:
                 log.warning("ignoring container %s: it lacks Portside's labels", info.name)
                 continue
-            inst = self._instances.get(info.instance_id)
-            if inst is not None:
+            if info.instance_id in self._instances:
                 continue
-            inst = _Instance(info.instance_id, info.instance_name, info.class_name, now)
-            inst.since = self._wall()
+            inst = _Instance(
+                info.instance_id, info.instance_name, info.class_name, now, self._wall()
+            )
             inst.container_id, inst.port = info.id, info.port
             inst.overrides = None  # only its digest is known
-            inst.overrides_digest = info.labels.get(LABEL_OVERRIDES, "")
-            inst.vcpu, inst.memory_mib = _size(info.labels)
-            self._instances[inst.id] = inst
-            metrics.INSTANCES.labels(inst.state.value).inc()
+            inst.overrides_digest = info.overrides_digest
+            inst.vcpu, inst.memory_mib = info.vcpu, info.memory_mib
+            self._add(inst)
             if info.running and info.ip is not None:
                 inst.upstream = Upstream(info.ip, info.port)
                 inst.ready_at = now
-                inst.run_open = inst.healthy = True
-                self._set_state(inst, InstanceState.RUNNING)
-                self._run_changed(inst, "adopted")
+                inst.run_started = 0.0  # its start time is not listed: any die is this run's
+                self._fire(inst, FoundRunning())
             else:
                 inst.exit_code = info.exit_code
+                self._fire(inst, FoundStopped())
             adopted.append(inst)
         log.info(
             "adopted %d containers (%d running)",
             len(adopted),
-            sum(1 for i in adopted if i.state is InstanceState.RUNNING),
+            sum(1 for i in adopted if i.state.running),
         )
-        return [_snapshot(inst) for inst in adopted]
+        return [self._snapshot(inst) for inst in adopted]
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -968,61 +925,59 @@ class InstanceManager:
         running, so the next request boots them again instead of failing to connect."""
         listed_at = self._clock()
         found = {info.id: info for info in await self._runtime.list()}
-        for inst in self._instances.values():
+        for inst in list(self._instances.values()):
             if inst.container_id is None:
                 continue
             info = found.get(inst.container_id)
-            if inst.state is InstanceState.RUNNING and inst.ready_at < listed_at:
-                if info is None or not info.running:
-                    self._container_gone(inst, info)
-                elif (
-                    info.ip is not None
+            if inst.state.running and inst.boot is None and inst.ready_at < listed_at:
+                self._notice(inst, info)
+                if (
+                    info is not None
+                    and info.running
+                    and info.ip is not None
                     and inst.upstream is not None
                     and info.ip != inst.upstream.host
                 ):
                     inst.upstream = Upstream(info.ip, inst.upstream.port)
-            elif inst.state is InstanceState.STOPPED and info is None:
-                inst.container_id = None  # removed behind our back: the next boot creates one
-
-    def _container_gone(self, inst: _Instance, info: ContainerInfo | None) -> None:
-        self._container_died(inst, inst.container_id, info.exit_code if info is not None else None)
-        inst.exit_code = info.exit_code if info is not None else None
-        if info is None:
-            inst.container_id = None
-            log.warning("container of %s/%s was removed while running", inst.class_name, inst.name)
-        inst.upstream = None
-        inst.healthy = False
-        self._set_state(inst, InstanceState.STOPPED)
+            elif info is None and not inst.state.awake and inst.stop is None:
+                self._fire(inst, Removed())  # removed behind our back: the next boot creates one
 
     # -- reporting and lifetime -------------------------------------------------------------------
 
     def snapshot(self) -> list[InstanceSnapshot]:
-        return [_snapshot(inst, inst.id in self._pinned) for inst in self._instances.values()]
+        return [self._snapshot(inst) for inst in self._instances.values()]
 
     def get(self, iid: str) -> InstanceSnapshot | None:
         inst = self._instances.get(iid)
-        return _snapshot(inst) if inst is not None else None
+        return self._snapshot(inst) if inst is not None else None
 
     async def close(self) -> None:
-        """Cancel boots and stops in progress and wait for them; containers keep running, for the
-        next agent to adopt."""
+        """Cancel boots and stops in progress and wait for them; containers keep running (or
+        stopped, after stop_all), for the next agent to adopt."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _set_state(self, inst: _Instance, state: InstanceState) -> None:
-        if inst.state is not state:
-            metrics.INSTANCES.labels(inst.state.value).dec()
-            metrics.INSTANCES.labels(state.value).inc()
-            inst.state = state
-            self._refresh(inst)
-            if self._on_change is not None:
-                self._on_change()
+    def _snapshot(self, inst: _Instance) -> InstanceSnapshot:
+        return InstanceSnapshot(
+            id=inst.id,
+            name=inst.name,
+            class_name=inst.class_name,
+            state=inst.state,
+            container_id=inst.container_id,
+            upstream=inst.upstream,
+            in_flight=inst.in_flight,
+            last_activity=inst.last_activity,
+            exit_code=inst.exit_code,
+            vcpu=inst.vcpu,
+            pinned=inst.id in self._pinned,
+            memory_mib=inst.memory_mib,
+        )
 
-    def _run_changed(self, inst: _Instance, change: str, at: float | None = None) -> None:
+    def _run_changed(self, inst: _Instance, change: Effect, at: float | None = None) -> None:
         if self._on_run is not None:
-            self._on_run(_snapshot(inst, inst.id in self._pinned), change, at)
+            self._on_run(self._snapshot(inst), change, at)
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.create_task(coro)
@@ -1037,6 +992,12 @@ class InstanceManager:
             task.exception()
 
 
+def _not_running(inst: _Instance) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"instance {inst.class_name}/{inst.name} is {inst.state}, not running: start it first"
+    )
+
+
 async def tcp_port_answers(host: str, port: int) -> bool:
     """Whether `host:port` accepts a TCP connection now (within half a second)."""
     try:
@@ -1048,25 +1009,13 @@ async def tcp_port_answers(host: str, port: int) -> bool:
     return True
 
 
-def _snapshot(inst: _Instance, pinned: bool = False) -> InstanceSnapshot:
-    return InstanceSnapshot(
-        id=inst.id,
-        name=inst.name,
-        class_name=inst.class_name,
-        state=inst.state,
-        container_id=inst.container_id,
-        upstream=inst.upstream,
-        in_flight=inst.in_flight,
-        last_activity=inst.last_activity,
-        exit_code=inst.exit_code,
-        vcpu=inst.vcpu,
-        pinned=pinned,
-        memory_mib=inst.memory_mib,
-    )
-
-
-def _size(labels: Mapping[str, str]) -> tuple[float, int]:
-    try:
-        return float(labels.get(LABEL_VCPU, "0")), int(labels.get(LABEL_MEMORY_MIB, "0"))
-    except ValueError:
-        return 0.0, 0
+__all__ = [
+    "Capacity",
+    "Hold",
+    "InstanceManager",
+    "InstanceSnapshot",
+    "InstanceState",
+    "Timing",
+    "Upstream",
+    "tcp_port_answers",
+]

@@ -7,27 +7,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from portside.daemon import LATENCY_BUCKETS
+
 # Boots range from ~100 ms (a warm wake) to the longest boot_timeout a class may set.
 _BOOT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
-# A proxied request costs the agent well under a millisecond; the rest is the container's time.
-_PROXY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 
 BOOTS = Counter(
     "portside_agent_boots_total",
@@ -60,7 +43,7 @@ PROXY_SECONDS = Histogram(
     "portside_agent_proxy_seconds",
     "Time from a request's arrival until its response was fully sent, boots included.",
     ["class"],
-    buckets=_PROXY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 REQUESTS_IN_FLIGHT = Gauge(
     "portside_agent_requests_in_flight",
@@ -69,7 +52,8 @@ REQUESTS_IN_FLIGHT = Gauge(
 )
 INSTANCES = Gauge(
     "portside_agent_instances",
-    "Instances this agent knows, by state: stopped, booting, running, stopping.",
+    "Instances this agent knows, by state: placed, starting, running, healthy, stopping, "
+    "sleeping, stopped, stopped_with_code.",
     ["state"],
 )
 LIFECYCLE_EVENTS = Counter(

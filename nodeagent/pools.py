@@ -12,21 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent import metrics
-from nodeagent.instances import InstanceManager, InstanceState
+from nodeagent.instances import InstanceManager
 from nodeagent.runtime import ContainerRuntime
 from nodeagent.stats import CgroupSampler, cpu_percent
 from portside.errors import NotFound, PortsideError
+from portside.instances import PoolAssignment
 from portside.spec import CPU_SAMPLE_INTERVAL_S, ContainerClass
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    class_name: str
-    name: str
-    instance_id: str
-    draining: bool
 
 
 class PoolKeeper:
@@ -41,10 +34,13 @@ class PoolKeeper:
         self.get_class = get_class
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, tuple[int, float]] = {}  # id -> (count, retry not before)
+        self.closed = False
 
-    def apply(self, assignments: list[Assignment]) -> None:
+    def apply(self, assignments: list[PoolAssignment]) -> None:
+        if self.closed:  # the agent shuts down: what it stops must not be started again
+            return
         wanted = {a.instance_id: a for a in assignments}
-        awake = {s.id for s in self.manager.snapshot() if s.state is not InstanceState.STOPPED}
+        awake = {s.id for s in self.manager.snapshot() if s.state.awake}
         pinned = self.manager.pinned
         now = time.monotonic()
         for a in wanted.values():
@@ -62,7 +58,7 @@ class PoolKeeper:
         for iid in pinned - wanted.keys():
             self._spawn(iid, self.manager.drain_and_remove(iid))
 
-    async def _start(self, cls: ContainerClass, a: Assignment) -> None:
+    async def _start(self, cls: ContainerClass, a: PoolAssignment) -> None:
         try:
             await self.manager.start_pinned(cls, a.name)
             self.failures.pop(a.instance_id, None)
@@ -92,6 +88,8 @@ class PoolKeeper:
             log.error("pool work on %s failed", iid, exc_info=task.exception())
 
     async def close(self) -> None:
+        """Cancel the work in progress; assignments that come later are ignored."""
+        self.closed = True
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
@@ -99,8 +97,10 @@ class PoolKeeper:
 
 
 @dataclass(frozen=True)
-class Usage:
-    cpu_percent: float | None  # of the instance type's vCPU over the last interval, at most 100
+class Sample:
+    """One instance's CPU (of its type's vCPU over the last interval, at most 100) and memory."""
+
+    cpu_percent: float | None
     memory_bytes: int
 
 
@@ -130,7 +130,7 @@ class UsageSampler:
         self.every_s = every_s
         self.sampler = CgroupSampler()
         self.pids: dict[str, int] = {}
-        self.latest: dict[str, Usage] = {}  # instance id -> usage
+        self.latest: dict[str, Sample] = {}  # instance id -> usage
         self.exported: set[tuple[str, str]] = set()  # (class, name) series on /metrics
 
     async def run(self, on_sample: Callable[[], None] | None = None) -> None:
@@ -143,11 +143,7 @@ class UsageSampler:
                 on_sample()
 
     async def sample(self) -> None:
-        running = [
-            s
-            for s in self.manager.snapshot()
-            if s.state is InstanceState.RUNNING and s.container_id
-        ]
+        running = [s for s in self.manager.snapshot() if s.state.running and s.container_id]
         for snap in running:
             cid = snap.container_id
             assert cid is not None
@@ -176,7 +172,7 @@ class UsageSampler:
                 cpu = cpu_percent(u, snap.vcpu) if snap.vcpu > 0 else None
                 # The CPU quota holds use at 100% of the instance type; a reading above it is the
                 # jitter of two short intervals, and at a 50% target 101% would ask for 3, not 2.
-                latest[snap.id] = Usage(
+                latest[snap.id] = Sample(
                     cpu_percent=None if cpu is None else min(cpu, 100.0),
                     memory_bytes=u.memory_bytes,
                 )

@@ -30,12 +30,14 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import Counter
 
 from nodeagent.instances import InstanceManager, InstanceSnapshot
+from nodeagent.lifecycle import Effect
 from nodeagent.pools import UsageSampler
+from portside.usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -83,31 +85,14 @@ class Size:
     known: bool = True
 
 
-@dataclass
-class Totals:
-    """Use of one instance on one UTC day (a delta, until the control plane adds it)."""
-
-    running_ms: int = 0
-    vcpu_seconds: float = 0.0
-    memory_gib_seconds: float = 0.0
-    disk_gb_seconds: float = 0.0
-    cpu_seconds_used: float = 0.0
-    egress_bytes: int = 0
-
-    def add(self, other: Totals) -> None:
-        self.running_ms += other.running_ms
-        self.vcpu_seconds += other.vcpu_seconds
-        self.memory_gib_seconds += other.memory_gib_seconds
-        self.disk_gb_seconds += other.disk_gb_seconds
-        self.cpu_seconds_used += other.cpu_seconds_used
-        self.egress_bytes += other.egress_bytes
-
-
 @dataclass(frozen=True)
 class UsageKey:
     class_name: str
     instance_id: str
     day: str  # UTC, YYYY-MM-DD
+
+    def zero(self) -> Usage:
+        return Usage(self.class_name, self.day, self.instance_id)
 
 
 @dataclass(frozen=True)
@@ -116,7 +101,7 @@ class UsageBatch:
 
     source: str
     sequence: int
-    totals: dict[UsageKey, Totals]
+    totals: dict[UsageKey, Usage]
 
 
 def utc_day(wall_s: float) -> str:
@@ -168,7 +153,7 @@ class UsageMeter:
     # whose size is not known yet.
     class_size: Callable[[str], tuple[int, bool] | None] = lambda _name: None
     _runs: dict[str, _Run] = field(default_factory=dict)  # instance id -> open run
-    _pending: dict[UsageKey, Totals] = field(default_factory=dict)
+    _pending: dict[UsageKey, Usage] = field(default_factory=dict)
     _in_flight: collections.deque[UsageBatch | None] = field(default_factory=collections.deque)
     _resend: collections.deque[UsageBatch] = field(default_factory=collections.deque)
     _sequence: int = 0
@@ -239,13 +224,15 @@ class UsageMeter:
         size = self._size(run)
         for day, steps in ticks_by_day(run.started_wall, run.ticks, upto):
             seconds = steps * TICK_S
-            delta = Totals(
+            key = UsageKey(run.class_name, iid, day)
+            delta = replace(
+                key.zero(),
                 running_ms=steps * int(TICK_S * 1000),
                 vcpu_seconds=seconds * size.vcpu,
                 memory_gib_seconds=seconds * size.memory_mib / 1024,
                 disk_gb_seconds=seconds * size.disk_mb / 1000,
             )
-            self._add(UsageKey(run.class_name, iid, day), delta)
+            self._add(key, delta)
             labels = (run.class_name, run.instance_name)
             VCPU_SECONDS.labels(*labels).inc(delta.vcpu_seconds)
             MEMORY_GIB_SECONDS.labels(*labels).inc(delta.memory_gib_seconds)
@@ -270,14 +257,14 @@ class UsageMeter:
             if run.cpu_ns is not None:
                 used_ns = cpu_ns - run.cpu_ns if cpu_ns >= run.cpu_ns else cpu_ns
                 if used_ns > 0:
-                    self._add(key, Totals(cpu_seconds_used=used_ns / 1e9))
+                    self._add(key, replace(key.zero(), cpu_seconds_used=used_ns / 1e9))
                     CPU_SECONDS_USED.labels(*labels).inc(used_ns / 1e9)
             run.cpu_ns = cpu_ns
         if tx_bytes is not None and self._size(run).internet:
             if run.tx_bytes is not None:
                 sent = tx_bytes - run.tx_bytes if tx_bytes >= run.tx_bytes else tx_bytes
                 if sent > 0:
-                    self._add(key, Totals(egress_bytes=sent))
+                    self._add(key, replace(key.zero(), egress_bytes=sent))
                     EGRESS_BYTES.labels(*labels).inc(sent)
             run.tx_bytes = tx_bytes
 
@@ -285,11 +272,8 @@ class UsageMeter:
         run = self._runs.get(instance_id)
         return run is not None and self._size(run).internet
 
-    def _add(self, key: UsageKey, delta: Totals) -> None:
-        totals = self._pending.get(key)
-        if totals is None:
-            totals = self._pending[key] = Totals()
-        totals.add(delta)
+    def _add(self, key: UsageKey, delta: Usage) -> None:
+        self._pending[key] = self._pending.get(key, key.zero()) + delta
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -328,11 +312,11 @@ class UsageMeter:
                 self._resend.appendleft(batch)
 
 
-def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, str, float | None], None]:
+def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, Effect, float | None], None]:
     """The InstanceManager's `on_run` hook that meters each container run."""
 
-    def on_run(snap: InstanceSnapshot, change: str, at: float | None) -> None:
-        if change == "ended":
+    def on_run(snap: InstanceSnapshot, change: Effect, at: float | None) -> None:
+        if change is Effect.END_RUN:
             meter.run_ended(snap.id, at)
             return
         found = meter.class_size(snap.class_name)
@@ -349,7 +333,7 @@ def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, str, float | N
             snap.name,
             snap.container_id,
             size,
-            adopted=change == "adopted",
+            adopted=change is Effect.ADOPT_RUN,
         )
 
     return on_run
@@ -402,7 +386,6 @@ __all__ = [
     "TICK_S",
     "VCPU_SECONDS",
     "Size",
-    "Totals",
     "UsageBatch",
     "UsageKey",
     "UsageMeter",

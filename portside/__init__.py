@@ -15,20 +15,15 @@ The SDK::
 """
 
 from portside.client import (
-    ClassInfo,
     Container,
     DeployResult,
-    Event,
     ExecChunk,
     ExecResult,
-    InstanceInfo,
     LogChunk,
-    NodeInfo,
     Portside,
     Response,
     SyncContainer,
     SyncPortside,
-    Usage,
     connect,
     connect_sync,
 )
@@ -36,32 +31,49 @@ from portside.errors import (
     BootTimeout,
     ConfigError,
     ContainerExited,
+    EngineError,
+    EngineUnavailable,
     FailedPrecondition,
+    ImageUnavailable,
     InvalidArgument,
     NoCapacity,
+    NodeUnreachable,
     NotFound,
     PortsideError,
     StoreError,
+    Timeout,
     Unavailable,
+    UpstreamFailed,
 )
+from portside.events import Event, EventKind
+from portside.instances import InstanceInfo
+from portside.spec import ContainerClass, NodeInfo
+from portside.states import InstanceState
+from portside.usage import Usage
 
 __version__ = "0.1.0"
 __all__ = [
     "BootTimeout",
-    "ClassInfo",
     "ConfigError",
     "Container",
+    "ContainerClass",
     "ContainerExited",
     "DeployResult",
+    "EngineError",
+    "EngineUnavailable",
     "Event",
+    "EventKind",
     "ExecChunk",
     "ExecResult",
     "FailedPrecondition",
+    "ImageUnavailable",
     "InstanceInfo",
+    "InstanceState",
     "InvalidArgument",
     "LogChunk",
     "NoCapacity",
     "NodeInfo",
+    "NodeUnreachable",
     "NotFound",
     "Portside",
     "PortsideError",
@@ -69,7 +81,9 @@ __all__ = [
     "StoreError",
     "SyncContainer",
     "SyncPortside",
+    "Timeout",
     "Unavailable",
+    "UpstreamFailed",
     "Usage",
     "__version__",
     "connect",

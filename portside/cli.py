@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from portside import geo
-from portside.errors import InvalidArgument, PortsideError, from_grpc
+from portside.errors import InvalidArgument, PortsideError, from_rpc
+from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SECOND
 
 if TYPE_CHECKING:
-    from portside.client import Event, InstanceInfo, Portside
+    from portside.client import Portside
+    from portside.events import Event
+    from portside.instances import InstanceInfo
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
 
@@ -60,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcpu", type=float, help="capacity offered (default: all cores)")
     p.add_argument("--memory-mib", type=int, help="capacity offered (default: all memory)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--stop-on-exit",
+        action="store_true",
+        help="on shutdown, stop this node's containers (kept with their writable layers; the "
+        "next agent adopts them and wakes each on its next request) instead of leaving them "
+        "running",
+    )
 
     p = sub.add_parser("edge", help="run an edge proxy")
     p.add_argument("--controlplane", default=_controlplane_default())
@@ -254,6 +264,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     vcpu=args.vcpu,
                     memory_mib=args.memory_mib,
                     labels=labels,
+                    stop_on_exit=args.stop_on_exit,
                 )
             )
         )
@@ -321,7 +332,7 @@ async def deploy_config(file: str, controlplane: str) -> tuple[int, int]:
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, f"control plane {controlplane}") from exc
+            raise from_rpc(exc, f"control plane {controlplane}") from exc
     return reply.classes, reply.routes
 
 
@@ -431,13 +442,13 @@ async def _nodes(args: argparse.Namespace) -> int:
         nodes = await ps.nodes()
     rows = [
         {
-            "id": n.id,
-            "region": n.region,
-            "address": n.data_address,
-            "vcpu": n.vcpu,
-            "memory_mib": n.memory_mib,
-            "used_vcpu": n.used_vcpu,
-            "used_memory_mib": n.used_memory_mib,
+            "id": n.node.id,
+            "region": n.node.region,
+            "address": n.node.data_address,
+            "vcpu": n.node.vcpu,
+            "memory_mib": n.node.memory_mib,
+            "used_vcpu": n.used.vcpu,
+            "used_memory_mib": n.used.memory_mib,
             "instances": n.instances,
             "alive": n.alive,
         }
@@ -486,7 +497,7 @@ async def _classes(args: argparse.Namespace) -> int:
     async with _connect(args) as ps:
         classes = await ps.classes()
     if args.json:
-        _print_json([dataclasses.asdict(c) for c in classes])
+        _print_json([{**dataclasses.asdict(c), "pool": c.pool} for c in classes])
         return 0
     _print_table(
         ("CLASS", "IMAGE", "PORT", "TYPE", "SLEEP AFTER", "MAX", "POOL"),
@@ -495,8 +506,8 @@ async def _classes(args: argparse.Namespace) -> int:
                 c.name,
                 c.image,
                 c.default_port,
-                c.instance_type,
-                f"{c.sleep_after:g}s",
+                c.instance_type.name,
+                f"{c.sleep_after_s:g}s",
                 c.max_instances or "-",
                 "yes" if c.pool else "no",
             )
@@ -679,13 +690,13 @@ async def _state(args: argparse.Namespace) -> int:
 
 
 # Cloudflare Containers' prices, the defaults of `portside usage`.
-PRICE_VCPU_S = 0.000020
-PRICE_GIB_S = 0.0000025
-PRICE_DISK_GB_S = 0.00000007
+PRICE_VCPU_S = PRICE_VCPU_SECOND
+PRICE_GIB_S = PRICE_GIB_SECOND
+PRICE_DISK_GB_S = PRICE_DISK_GB_SECOND
 
 
 async def _usage(args: argparse.Namespace) -> int:
-    from portside.client import Usage
+    from portside.usage import Usage
 
     async with _connect(args) as ps:
         days = await ps.usage(args.class_name, args.since)

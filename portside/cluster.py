@@ -12,23 +12,10 @@ import grpc
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.convert import config_from_pb
+from portside.rpc import follow_stream
 from portside.spec import Config
 
 log = logging.getLogger(__name__)
-
-
-class Backoff:
-    """Exponential reconnect delays, reset after a success."""
-
-    def __init__(self, first: float = 0.1, most: float = 3.0) -> None:
-        self.first, self.most, self.next = first, most, first
-
-    def reset(self) -> None:
-        self.next = self.first
-
-    async def wait(self) -> None:
-        await asyncio.sleep(self.next)
-        self.next = min(self.most, self.next * 2)
 
 
 async def follow_config(
@@ -39,21 +26,16 @@ async def follow_config(
     """Call `apply` with the whole config now and after every deploy; runs until cancelled.
     While the control plane is unreachable the last config stays in force."""
     stub = cp_grpc.ControlPlaneStub(channel)
-    backoff = Backoff()
-    while True:
+    async for message in follow_stream(
+        lambda: stub.WatchConfig(cp.WatchConfigRequest()), what="config watch"
+    ):
         try:
-            async for message in stub.WatchConfig(cp.WatchConfigRequest()):
-                backoff.reset()
-                try:
-                    apply(config_from_pb(message.config))
-                except ValueError as exc:
-                    log.error("ignoring a config this version cannot read: %s", exc)
-                    continue
-                if first_config is not None:
-                    first_config.set()
-        except grpc.aio.AioRpcError as exc:
-            log.warning("config watch interrupted (%s); reconnecting", exc.code().name)
-        await backoff.wait()
+            apply(config_from_pb(message.config))
+        except ValueError as exc:
+            log.error("ignoring a config this version cannot read: %s", exc)
+            continue
+        if first_config is not None:
+            first_config.set()
 
 
 async def first_config(

@@ -27,7 +27,7 @@ from portside.spec import (
     Route,
 )
 
-__all__ = ["load_config", "parse_toml", "parse_wrangler", "strip_jsonc"]
+__all__ = ["load_config", "parse_toml", "parse_wrangler", "strip_jsonc", "validate_config"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ _WRANGLER_IGNORED = frozenset(
         "observability",
     }
 )
+# What Cloudflare gives a `containers` entry that leaves these out (Portside's TOML keeps its own
+# defaults: basic, and no limit beyond capacity).
+_WRANGLER_DEFAULTS: Mapping[str, object] = {"instance_type": "lite", "max_instances": 20}
 # Older wrangler files still use the instance types' first names.
 _WRANGLER_TYPE_ALIASES = {"dev": "lite", "standard": "standard-1"}
 
@@ -195,6 +198,10 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
                 if key not in _AUTOSCALING_KEYS:
                     hint = _did_you_mean(key, _AUTOSCALING_KEYS, "; ")
                     warnings.append(f"{file}: {scaling.where(key)}: ignored (unknown field{hint})")
+        # Cloudflare's defaults where the entry is silent: a wrangler file means the same here.
+        for key, default in _WRANGLER_DEFAULTS.items():
+            if known.get(key) is None:
+                known[key] = default
         old_name = known.get("instance_type")
         if isinstance(old_name, str) and old_name in _WRANGLER_TYPE_ALIASES:
             known["instance_type"] = _WRANGLER_TYPE_ALIASES[old_name]
@@ -402,45 +409,127 @@ def _instance_source(table: _Table) -> InstanceSource:
 def _assemble(
     classes: Sequence[tuple[_Table, ContainerClass]], routes: Sequence[tuple[_Table, Route]]
 ) -> Config:
-    """The checks that span entries: unique class names and paths, routes to known classes;
-    a route to a pool takes no instance source, a route to any other class needs one."""
+    config = Config(
+        classes=tuple(cls for _, cls in classes), routes=tuple(route for _, route in routes)
+    )
+    file = classes[0][0].file if classes else routes[0][0].file if routes else ""
+    validate_config(
+        config,
+        file,
+        class_at=[table.at for table, _ in classes],
+        route_at=[table.at for table, _ in routes],
+    )
+    return config
+
+
+def validate_config(
+    config: Config,
+    source: str = "deploy request",
+    *,
+    class_at: Sequence[str] = (),
+    route_at: Sequence[str] = (),
+) -> None:
+    """The rules a config keeps however it was made: read from a file here, or sent in a Deploy
+    call by any client. Each class's values; unique class names and paths; routes to declared
+    classes; a route to a pool takes no instance source, a route to any other class needs one.
+    Raises ConfigError naming `source`, the field (at `class_at[i]` / `route_at[i]`, by default
+    containers[i] and routes[i]) and what is allowed."""
     declared: dict[str, tuple[str, ContainerClass]] = {}
-    for table, cls in classes:
+    for i, cls in enumerate(config.classes):
+        at = class_at[i] if i < len(class_at) else f"containers[{i}]"
+        _check_class(cls, source, at)
         if cls.name in declared:
-            raise table.error(
-                "class_name", f"{_show(cls.name)} is already declared by {declared[cls.name][0]}"
+            raise ConfigError(
+                source,
+                f"{at}.class_name",
+                f"{_show(cls.name)} is already declared by {declared[cls.name][0]}",
             )
-        declared[cls.name] = (table.at, cls)
+        declared[cls.name] = (at, cls)
     routed: dict[str, str] = {}
-    for table, route in routes:
+    for i, route in enumerate(config.routes):
+        at = route_at[i] if i < len(route_at) else f"routes[{i}]"
+        if not route.path.startswith("/"):
+            raise ConfigError(source, f"{at}.path", f'{_show(route.path)} must start with "/"')
         if route.class_name not in declared:
             known = ", ".join(declared) or "none"
-            raise table.error(
-                "class_name",
+            raise ConfigError(
+                source,
+                f"{at}.class_name",
                 f"{_show(route.class_name)} is not a declared container class; declared: {known}",
             )
         is_pool = declared[route.class_name][1].autoscaling is not None
         if route.instance is None and not is_pool:
-            raise table.error(
-                "instance",
+            raise ConfigError(
+                source,
+                f"{at}.instance",
                 f"missing; class {_show(route.class_name)} is not a pool (it has no autoscaling "
                 "block), so the route must say where the instance name comes from "
                 f"({_SOURCE_FORMS})",
             )
         if route.instance is not None and is_pool:
-            raise table.error(
-                "instance",
+            raise ConfigError(
+                source,
+                f"{at}.instance",
                 f"class {_show(route.class_name)} is a pool (autoscaling): any instance serves, "
                 "so its routes take no instance key",
             )
         if route.path in routed:
-            raise table.error(
-                "path", f"{_show(route.path)} is already routed by {routed[route.path]}"
+            raise ConfigError(
+                source,
+                f"{at}.path",
+                f"{_show(route.path)} is already routed by {routed[route.path]}",
             )
-        routed[route.path] = table.at
-    return Config(
-        classes=tuple(cls for _, cls in classes), routes=tuple(route for _, route in routes)
-    )
+        routed[route.path] = at
+
+
+def _check_class(cls: ContainerClass, source: str, at: str) -> None:
+    """What one class must hold whoever sent it (the file reader checks the same as it reads,
+    with the user's own text in its messages)."""
+
+    def fail(field: str, problem: str) -> ConfigError:
+        return ConfigError(source, f"{at}.{field}", problem)
+
+    if not _CLASS_NAME.fullmatch(cls.name):
+        raise fail(
+            "class_name",
+            f"{_show(cls.name)} is not a class name; use a letter, then up to 62 letters, "
+            "digits, '_' or '-'",
+        )
+    if not cls.image.strip():
+        raise fail("image", "must not be empty")
+    if _is_build_path(cls.image):
+        raise fail(
+            "image",
+            f"{_show(cls.image)} is a Dockerfile or build directory; Portside does not build "
+            "images yet: build it yourself (docker build -t NAME:TAG .) on every node, or push "
+            "it to your registry, and set image to that reference",
+        )
+    if not 0 < cls.default_port < 65536:
+        raise fail("default_port", f"must be an integer from 1 to 65535, not {cls.default_port}")
+    itype = cls.instance_type
+    if not 0 < itype.vcpu <= _MAX_VCPU or itype.memory_mib < _MIN_MEMORY_MIB:
+        raise fail(
+            "instance_type",
+            f"{itype.vcpu:g} vCPU and {itype.memory_mib} MiB: vCPU must be more than 0 and at most "
+            f"{_MAX_VCPU:g}, memory at least {_MIN_MEMORY_MIB} MiB",
+        )
+    for field, seconds in (
+        ("sleep_after", cls.sleep_after_s),
+        ("boot_timeout", cls.boot_timeout_s),
+    ):
+        if not seconds > 0:
+            raise fail(field, f"{seconds:g}s must be longer than zero")
+    if cls.max_instances < 0:
+        raise fail("max_instances", f"must be an integer >= 0, not {cls.max_instances}")
+
+
+# A registry reference never starts with "." or "/", and nothing but a build path ends in
+# Dockerfile: `image = "./container/Dockerfile"` is how wrangler files ask Cloudflare to build.
+_BUILD_PATH = re.compile(r"^(\.{1,2}/|/)|(^|/)Dockerfile[^/]*$|^\.{1,2}$")
+
+
+def _is_build_path(image: str) -> bool:
+    return bool(_BUILD_PATH.search(image.strip()))
 
 
 class _Table:

@@ -1,11 +1,20 @@
-"""Conversion between protobuf messages and Portside's domain types, at the gRPC boundary.
-
-The logic above this module only sees `portside.spec` dataclasses, never a `_pb2` type.
+"""Conversion between protobuf messages and Portside's domain types, at the gRPC boundary: one
+function each way per type. The logic above this module never sees a `_pb2` type.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import types_pb2 as pb
+from portside.capacity import Resources
+from portside.client._models import ExecChunk, LogChunk
+from portside.events import Event, EventKind
+from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.spec import (
     Autoscaling,
     Config,
@@ -14,8 +23,11 @@ from portside.spec import (
     InstanceSourceKind,
     InstanceType,
     Node,
+    NodeInfo,
     Route,
 )
+from portside.states import InstanceState
+from portside.usage import Usage
 
 
 def instance_type_to_pb(t: InstanceType) -> pb.InstanceType:
@@ -153,3 +165,163 @@ def node_from_pb(m: pb.Node) -> Node:
         memory_mib=m.memory_mib,
         labels=dict(m.labels),
     )
+
+
+def node_info_to_pb(n: NodeInfo) -> cp.NodeInfo:
+    return cp.NodeInfo(
+        node=node_to_pb(n.node),
+        alive=n.alive,
+        used_vcpu=n.used.vcpu,
+        used_memory_mib=n.used.memory_mib,
+        instances=n.instances,
+    )
+
+
+def node_info_from_pb(m: cp.NodeInfo) -> NodeInfo:
+    return NodeInfo(
+        node=node_from_pb(m.node),
+        alive=m.alive,
+        used=Resources(m.used_vcpu, m.used_memory_mib),
+        instances=m.instances,
+    )
+
+
+def instance_info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
+    msg = pb.InstanceInfo(
+        class_name=i.class_name,
+        name=i.name,
+        instance_id=i.instance_id,
+        state=i.state.value,
+        node_id=i.node_id,
+        region=i.region,
+        since=i.since,
+        pool=i.pool,
+        in_flight=i.in_flight,
+    )
+    if i.exit_code is not None:
+        msg.exit_code = i.exit_code
+    return msg
+
+
+def instance_info_from_pb(m: pb.InstanceInfo) -> InstanceInfo:
+    return InstanceInfo(
+        class_name=m.class_name,
+        name=m.name,
+        instance_id=m.instance_id,
+        state=InstanceState.parse(m.state, "InstanceInfo.state"),
+        exit_code=m.exit_code if m.HasField("exit_code") else None,
+        node_id=m.node_id,
+        region=m.region,
+        since=m.since,
+        pool=m.pool,
+        in_flight=m.in_flight,
+    )
+
+
+def instance_status_to_pb(s: InstanceStatus) -> pb.InstanceStatus:
+    msg = pb.InstanceStatus(info=instance_info_to_pb(s.info), memory_bytes=s.memory_bytes)
+    if s.cpu_percent is not None:
+        msg.cpu_percent = s.cpu_percent
+    return msg
+
+
+def instance_status_from_pb(m: pb.InstanceStatus) -> InstanceStatus:
+    return InstanceStatus(
+        info=instance_info_from_pb(m.info),
+        cpu_percent=m.cpu_percent if m.HasField("cpu_percent") else None,
+        memory_bytes=m.memory_bytes,
+    )
+
+
+def event_to_pb(e: Event) -> pb.Event:
+    msg = pb.Event(
+        revision=e.revision,
+        time=e.time,
+        kind=e.kind.value,
+        class_name=e.class_name,
+        name=e.name,
+        instance_id=e.instance_id,
+        node_id=e.node_id,
+        reason=e.reason,
+    )
+    if e.exit_code is not None:
+        msg.exit_code = e.exit_code
+    if e.signal is not None:
+        msg.signal = e.signal
+    return msg
+
+
+def event_from_pb(m: pb.Event) -> Event:
+    try:
+        kind = EventKind(m.kind)
+    except ValueError:
+        raise ValueError(f"event kind {m.kind!r} is not one of {', '.join(EventKind)}") from None
+    return Event(
+        kind=kind,
+        time=m.time,
+        class_name=m.class_name,
+        name=m.name,
+        instance_id=m.instance_id,
+        node_id=m.node_id,
+        exit_code=m.exit_code if m.HasField("exit_code") else None,
+        signal=m.signal if m.HasField("signal") else None,
+        reason=m.reason,
+        revision=m.revision,
+    )
+
+
+def usage_to_pb(u: Usage) -> pb.Usage:
+    return _flat_to_pb(u, pb.Usage)
+
+
+def usage_from_pb(m: pb.Usage) -> Usage:
+    return _flat_from_pb(m, Usage)
+
+
+def pool_member_to_pb(p: PoolMember) -> pb.PoolMember:
+    return _flat_to_pb(p, pb.PoolMember)
+
+
+def pool_member_from_pb(m: pb.PoolMember) -> PoolMember:
+    return _flat_from_pb(m, PoolMember)
+
+
+def pool_assignment_to_pb(a: PoolAssignment) -> pb.PoolAssignment:
+    return _flat_to_pb(a, pb.PoolAssignment)
+
+
+def pool_assignment_from_pb(m: pb.PoolAssignment) -> PoolAssignment:
+    return _flat_from_pb(m, PoolAssignment)
+
+
+# Types whose fields are all scalars named as in their message convert field by field.
+_M = TypeVar("_M", bound=Message)
+_D = TypeVar("_D")
+
+
+def _flat_to_pb(value: Any, message_type: type[_M]) -> _M:
+    return message_type(**{f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+
+
+def _flat_from_pb(m: Message, cls: type[_D]) -> _D:
+    return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def exec_chunk_from_pb(m: pb.ExecResponse) -> ExecChunk | None:
+    which = m.WhichOneof("message")
+    if which == "stdout":
+        return ExecChunk("stdout", m.stdout)
+    if which == "stderr":
+        return ExecChunk("stderr", m.stderr)
+    if which == "exit_code":
+        return ExecChunk("exit", exit_code=m.exit_code)
+    return None
+
+
+def log_chunks_from_pb(m: pb.LogsResponse) -> list[LogChunk]:
+    out = []
+    if m.stdout:
+        out.append(LogChunk("stdout", m.stdout))
+    if m.stderr:
+        out.append(LogChunk("stderr", m.stderr))
+    return out

@@ -3,6 +3,7 @@ so that deadlines, keep-alive, message limits and (later) TLS and tokens apply e
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass
 
@@ -119,8 +120,28 @@ async def start_http_server(app: web.Application, address: str) -> web.AppRunner
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on `host` (for tests and `portside up`)."""
-    with socket.socket() as sock:
+    """An unused TCP port on `host`, for tests and benchmarks that start servers.
+
+    Chosen below the kernel's ephemeral range (where outgoing connections take their source
+    ports), so that a connection made between this call and the server's bind cannot take it.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low - 1)  # port + 1 stays below too
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded host: take what the kernel gives
         sock.bind((host, 0))
-        port = sock.getsockname()[1]
-        return int(port)
+        return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from portside.capacity import Resources
+
 
 @dataclass(frozen=True)
 class InstanceType:
@@ -68,6 +70,11 @@ class ContainerClass:
     enable_internet: bool = False
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
     autoscaling: Autoscaling | None = None  # set: the class is a pool
+
+    @property
+    def pool(self) -> bool:
+        """True for an autoscaled pool (it has an `autoscaling` block)."""
+        return self.autoscaling is not None
 
     @property
     def pool_maximum(self) -> int:
@@ -129,6 +136,17 @@ class Node:
     vcpu: float
     memory_mib: int
     labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as ListNodes reports it: as it registered, whether its lease is alive, and what
+    its awake instances (and fresh placements) take of it."""
+
+    node: Node
+    alive: bool = True
+    used: Resources = field(default_factory=lambda: Resources())
+    instances: int = 0
 
 
 def instance_id(class_name: str, name: str) -> str:

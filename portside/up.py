@@ -68,6 +68,8 @@ def run(opts: UpOptions) -> int:
         from portside.cli import deploy_config
 
         classes, routes = asyncio.run(deploy_config(opts.config, opts.controlplane_listen))
+        # The agent stops its containers when `up` stops (keeping their writable layers); the
+        # next `up` adopts them, as `docker compose up` users expect.
         spawn(
             "agent",
             "agent",
@@ -77,7 +79,12 @@ def run(opts: UpOptions) -> int:
             opts.agent_listen,
             "--region",
             opts.region,
+            "--stop-on-exit",
         )
+        _wait_for_port(opts.agent_listen, "agent", children, opts.start_timeout_s)
+        asyncio.run(_wait_for_node(opts.controlplane_listen, opts.start_timeout_s))
+        # The public port opens last, once a request can be served: a script that waits for the
+        # port and then sends a request must not get "no node agent has registered".
         spawn(
             "edge",
             "edge",
@@ -88,9 +95,7 @@ def run(opts: UpOptions) -> int:
             "--region",
             opts.region,
         )
-        _wait_for_port(opts.agent_listen, "agent", children, opts.start_timeout_s)
         _wait_for_port(opts.listen, "edge", children, opts.start_timeout_s)
-        asyncio.run(_wait_for_node(opts.controlplane_listen, opts.start_timeout_s))
         print(
             f"Portside is up: http://{opts.listen} serves {classes} classes and {routes} routes "
             f"from {opts.config}\n  cluster page "
@@ -141,12 +146,16 @@ async def _wait_for_node(controlplane: str, timeout_s: float) -> None:
     from portside import net
     from portside.api.v1 import controlplane_pb2 as cp
     from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+    from portside.rpc import call_unary
 
     deadline = time.monotonic() + timeout_s
     async with net.grpc_channel(controlplane) as channel:
         stub = cp_grpc.ControlPlaneStub(channel)
         while time.monotonic() < deadline:
-            reply = await stub.ListNodes(cp.ListNodesRequest(), timeout=net.Deadlines().rpc)
+            reply = await call_unary(
+                stub.ListNodes(cp.ListNodesRequest(), timeout=net.Deadlines().rpc),
+                f"control plane {controlplane}",
+            )
             if reply.nodes:
                 return
             await asyncio.sleep(0.05)

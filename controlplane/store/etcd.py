@@ -60,18 +60,30 @@ async def open_url(url: str, timeout_s: float) -> EtcdStore:
 
 
 @contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """The one place where etcd's exceptions become Portside's."""
+def _translated(what: str, endpoint: str = "", timeout_s: float = 0.0) -> Iterator[None]:
+    """The one place where etcd's exceptions become Portside's, each a one-line reason that says
+    which etcd and what happened."""
+    etcd = f"etcd at {endpoint}" if endpoint else "etcd"
     try:
         yield
     except aetcd.RevisionCompactedError as exc:
         raise Compacted(
-            f"etcd: {what}: revision compacted (history starts at {exc.compacted_revision})"
+            f"{etcd}: {what}: revision compacted (history starts at {exc.compacted_revision})"
         ) from exc
+    except aetcd.ConnectionTimeoutError as exc:
+        within = f" within {timeout_s:g}s" if timeout_s else ""
+        raise StoreError(f"{etcd} did not answer{within} ({what})") from exc
+    except aetcd.ConnectionFailedError as exc:
+        raise StoreError(f"{etcd} is unreachable ({what}): {_first_line(exc)}") from exc
     except aetcd.ClientError as exc:
-        raise StoreError(f"etcd: {what}: {exc}") from exc
+        raise StoreError(f"{etcd}: {what}: {_first_line(exc)}") from exc
     except grpc.RpcError as exc:  # aetcd wraps most, but not those of a broken watch stream
-        raise StoreError(f"etcd: {what}: {exc}") from exc
+        raise StoreError(f"{etcd}: {what}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
@@ -95,9 +107,10 @@ def _key_value(kv: Any) -> KeyValue:
 class EtcdStore:
     """The Store contract over etcd; one gRPC channel, one shared watch stream."""
 
-    def __init__(self, client: aetcd.Client, endpoint: str) -> None:
+    def __init__(self, client: aetcd.Client, endpoint: str, timeout_s: float = 0.0) -> None:
         self._client = client
         self.endpoint = endpoint
+        self.timeout_s = timeout_s
         self._closed = False
         self._open_watches = 0
 
@@ -117,15 +130,15 @@ class EtcdStore:
                 failures.append(f"{host}:{port}: {exc}")
                 await client.close()
                 continue
-            return cls(client, f"{host}:{port}")
+            return cls(client, f"{host}:{port}", timeout_s)
         raise StoreError("etcd: no endpoint answered: " + "; ".join(failures))
 
     @contextmanager
     def _call(self, what: str) -> Iterator[None]:
         # aetcd would quietly reconnect a closed client; a closed store must refuse instead.
         if self._closed:
-            raise StoreError(f"etcd: {what}: the store is closed")
-        with _translated(what):
+            raise StoreError(f"etcd at {self.endpoint}: {what}: the store is closed")
+        with _translated(what, self.endpoint, self.timeout_s):
             yield
 
     @property

@@ -64,7 +64,7 @@ async def wait_for_exit(box: portside.Container) -> tuple[int | None, str]:
         while True:
             await asyncio.sleep(1)
             info = await box.state()
-            if info.state == "exited":
+            if info.state == portside.InstanceState.STOPPED_WITH_CODE:
                 return info.exit_code, "exited"
 
     tasks = [asyncio.create_task(from_events()), asyncio.create_task(from_state())]

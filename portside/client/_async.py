@@ -6,7 +6,6 @@ edge over HTTP. gRPC failures are translated into `portside.errors` in `_grpc_er
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
@@ -20,26 +19,29 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 from portside.client._models import (
-    ClassInfo,
     DeployResult,
-    Event,
     ExecChunk,
     ExecResult,
-    InstanceInfo,
     LogChunk,
-    NodeInfo,
     Response,
-    Usage,
-    class_info_from_pb,
+)
+from portside.convert import (
+    class_from_pb,
     event_from_pb,
     exec_chunk_from_pb,
     instance_info_from_pb,
     log_chunks_from_pb,
     node_info_from_pb,
-    placed_instance_from_pb,
     usage_from_pb,
 )
-from portside.errors import InvalidArgument, PortsideError, Unavailable, from_grpc
+from portside.errors import InvalidArgument, PortsideError, Unavailable, from_rpc
+from portside.events import Event
+from portside.headers import INSTANCE, LOCATION_HINT
+from portside.instances import InstanceInfo
+from portside.rpc import Backoff, follow_stream
+from portside.spec import ContainerClass, NodeInfo
+from portside.states import InstanceState
+from portside.usage import Usage
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
 DEFAULT_EDGE = "http://127.0.0.1:8787"
@@ -49,22 +51,12 @@ DEFAULT_START_TIMEOUT = 120.0
 #: How long `events()` keeps trying to resume a broken watch before it gives up.
 DEFAULT_RESUME_FOR = 60.0
 #: The header `fetch` names the instance in, unless told another (see `Container.fetch`).
-INSTANCE_HEADER = "Portside-Instance"
-LOCATION_HINT_HEADER = "Portside-Location-Hint"
+INSTANCE_HEADER = INSTANCE
 
 _STDIN_CHUNK = 64 * 1024
 # A watch broken by these (control plane restarting, a replica gone, the connection reset) is
 # resumed from the last revision seen; any other status is a real error.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-
-# How gRPC itself words a connection that failed (as opposed to a reason a server gave).
-_TRANSPORT_FAILURES = (
-    "failed to connect",
-    "Socket closed",
-    "Connection reset",
-    "Broken pipe",
-    "connections to all backends failing",
-)
 
 Stdin = bytes | AsyncIterable[bytes] | None
 
@@ -161,10 +153,9 @@ class Portside:
             raise self._error(exc) from exc
 
     def _error(self, exc: grpc.aio.AioRpcError) -> PortsideError:
-        # Name the control plane only when it is the one that could not be reached; an
-        # UNAVAILABLE it answered with (an agent is unreachable) carries its own reason.
-        transport = any(s in (exc.details() or "") for s in _TRANSPORT_FAILURES)
-        return from_grpc(exc, f"control plane {self.address}" if transport else "")
+        # The control plane is named only when the call failed on the way: an error it answered
+        # with (an agent is unreachable, say) comes back as its own class and reason.
+        return from_rpc(exc, f"control plane {self.address}")
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
@@ -174,9 +165,11 @@ class Portside:
     # --- the cluster ---
 
     def container(self, class_name: str, name: str) -> Container:
-        """A handle on the named instance `name` of class `class_name` (no call is made)::
+        """A handle on the named instance `name` of class `class_name`::
 
-        box = ps.container("CodeExecutor", name="session-42")
+            box = ps.container("CodeExecutor", name="session-42")
+
+        No call is made: the handle holds no state.
         """
         if not class_name:
             raise InvalidArgument("class_name is empty")
@@ -184,36 +177,33 @@ class Portside:
             raise InvalidArgument(f"instance name for class {class_name!r} is empty")
         return Container(self, class_name, name)
 
-    async def classes(self) -> list[ClassInfo]:
+    async def classes(self) -> list[ContainerClass]:
         """The deployed classes."""
         with self._grpc_errors():
             reply = await self._stub.ListClasses(cp.ListClassesRequest(), timeout=self.timeout)
-        return [class_info_from_pb(c) for c in reply.classes]
+        return [class_from_pb(c) for c in reply.classes]
 
     async def instances(
         self,
         class_name: str | None = None,
         node: str | None = None,
-        state: str | None = None,
+        state: InstanceState | str | None = None,
     ) -> list[InstanceInfo]:
-        """Placed named instances, optionally only of one class, on one node, or in one state::
+        """Placed instances as their nodes last reported them, optionally only of one class, on
+        one node, or in one state (an `InstanceState` or its name)::
 
-        for info in await ps.instances("CodeExecutor", state="healthy"):
-            print(info.name, info.node_id)
+            for info in await ps.instances("CodeExecutor", state="healthy"):
+                print(info.name, info.node_id)
+
+        GetState (`Container.state()`) asks the instance's agent instead: fresher, one call each.
         """
+        wanted = InstanceState.parse(state) if state else None
         request = cp.ListInstancesRequest(
-            class_name=class_name or "", node_id=node or "", state=state or ""
+            class_name=class_name or "", node_id=node or "", state=wanted or ""
         )
         with self._grpc_errors():
             reply = await self._stub.ListInstances(request, timeout=self.timeout)
-        found = [placed_instance_from_pb(m) for m in reply.instances]
-        return [
-            i
-            for i in found
-            if (not class_name or i.class_name == class_name)
-            and (not node or i.node_id == node)
-            and (not state or i.state == state)
-        ]
+        return [instance_info_from_pb(m) for m in reply.instances]
 
     async def nodes(self) -> list[NodeInfo]:
         """Nodes with their region, capacity, use and liveness."""
@@ -265,37 +255,27 @@ class Portside:
     async def _watch(
         self, class_name: str, name: str, after_revision: int, resume_for: float
     ) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
         last = after_revision
-        broken_since: float | None = None
-        delay = 0.1
-        while True:
+
+        def open_watch() -> AsyncIterator[pb.Event]:
             request = cp.WatchEventsRequest(class_name=class_name, name=name, after_revision=last)
-            call = self._stub.WatchEvents(request)
-            reason = "the watch ended"
-            try:
-                async for message in call:
-                    event = event_from_pb(message)
-                    if last and 0 < event.revision <= last:
-                        continue  # already seen before the watch was resumed
-                    last = max(last, event.revision)
-                    broken_since, delay = None, 0.1
-                    yield event
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RESUMABLE:
-                    raise self._error(exc) from exc
-                reason = exc.details() or exc.code().name
-            finally:
-                call.cancel()
-            now = loop.time()
-            broken_since = now if broken_since is None else broken_since
-            if now - broken_since >= resume_for:
-                raise Unavailable(
-                    f"event watch on control plane {self.address} lost for {resume_for:g}s "
-                    f"(last revision {last}): {reason}"
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            return self._stub.WatchEvents(request)  # type: ignore[no-any-return]
+
+        messages = follow_stream(
+            open_watch,
+            what=f"event watch on control plane {self.address}",
+            backoff=Backoff(most=2.0),
+            fatal=lambda exc: exc.code() not in _RESUMABLE,
+            unreachable=f"control plane {self.address}",
+            give_up_after=resume_for,
+        )
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                event = event_from_pb(message)
+                if last and 0 < event.revision <= last:
+                    continue  # already seen before the watch was resumed
+                last = max(last, event.revision)
+                yield event
 
 
 class Container:
@@ -417,11 +397,13 @@ class Container:
     ) -> AsyncIterator[ExecChunk]:
         """Like `exec`, but yields the output as it comes, then one chunk with the exit code::
 
-        async for chunk in box.exec_stream(["sh", "-c", "make test"]):
-            if chunk.stream == "exit":
-                print("exit code", chunk.exit_code)
-            else:
-                sys.stdout.buffer.write(chunk.data)
+            async for chunk in box.exec_stream(["sh", "-c", "make test"]):
+                if chunk.stream == "exit":
+                    print("exit code", chunk.exit_code)
+                else:
+                    sys.stdout.buffer.write(chunk.data)
+
+        A command that fails ends with its exit code, not an exception.
         """
         if isinstance(command, str | bytes):
             raise InvalidArgument("command is a list of arguments, e.g. ['sh', '-c', 'ls']")
@@ -542,7 +524,7 @@ class Container:
             raise InvalidArgument(f"fetch path {path!r} must start with '/'")
         sent = {name_header: self.name}
         if hint:
-            sent[LOCATION_HINT_HEADER] = hint
+            sent[LOCATION_HINT] = hint
         sent.update(headers or {})
         url = self.portside.edge + path
         try:

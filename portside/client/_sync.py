@@ -19,18 +19,12 @@ from portside.client._async import (
     Container,
     Portside,
 )
-from portside.client._models import (
-    ClassInfo,
-    DeployResult,
-    Event,
-    ExecChunk,
-    ExecResult,
-    InstanceInfo,
-    LogChunk,
-    NodeInfo,
-    Response,
-    Usage,
-)
+from portside.client._models import DeployResult, ExecChunk, ExecResult, LogChunk, Response
+from portside.events import Event
+from portside.instances import InstanceInfo
+from portside.spec import ContainerClass, NodeInfo
+from portside.states import InstanceState
+from portside.usage import Usage
 
 T = TypeVar("T")
 
@@ -134,11 +128,14 @@ class SyncPortside:
         """A handle on the named instance `name` of class `class_name` (no call is made)."""
         return SyncContainer(self, self._async.container(class_name, name))
 
-    def classes(self) -> list[ClassInfo]:
+    def classes(self) -> list[ContainerClass]:
         return self._loop.run(self._async.classes())
 
     def instances(
-        self, class_name: str | None = None, node: str | None = None, state: str | None = None
+        self,
+        class_name: str | None = None,
+        node: str | None = None,
+        state: InstanceState | str | None = None,
     ) -> list[InstanceInfo]:
         return self._loop.run(self._async.instances(class_name, node, state))
 

@@ -186,7 +186,7 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
         pool = data["pools"][0] if data["pools"] else {"members": []}
         kinds = {e["kind"] for e in data["events"]}
         return (
-            states.get("ada-session") == states.get("bob-session") == "running"
+            states.get("ada-session") == states.get("bob-session") == "healthy"
             and any(m["ready"] for m in pool["members"])
             and {"placed", "ready"} <= kinds
         )
@@ -206,10 +206,10 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     for node, region in node_ids.items():
         assert node in text and region in text
     assert 'id="map-points"' in dom and dom.count('class="node alive"') == 3
-    # The named instance, on the sin node, running.
+    # The named instance, on the sin node, healthy.
     sin_card = re.search(rf'data-node="{by_region["sin"]}"(.*?)</ul>', dom, re.S)
     assert sin_card and "Echo/ada-session" in sin_card.group(1), dom[-3000:]
-    assert "running" in sin_card.group(1)
+    assert "healthy" in sin_card.group(1)
     fra_card = re.search(rf'data-node="{by_region["fra"]}"(.*?)</ul>', dom, re.S)
     assert fra_card and "Echo/bob-session" in fra_card.group(1), dom[-3000:]
     # The pool against its target, and the events with their kinds.

@@ -252,8 +252,8 @@ async def test_every_verb_on_a_real_container(
         await stub.RenewActivity(cp.RenewActivityRequest(instance=box))
 
         listed = (await stub.ListInstances(cp.ListInstancesRequest(class_name="Echo"))).instances
-        assert [(i.name, i.node_id, i.info.region) for i in listed] == [("box", node_id, "fra")]
-        assert listed[0].info.state in ("running", "healthy")
+        assert [(i.name, i.node_id, i.region) for i in listed] == [("box", node_id, "fra")]
+        assert listed[0].state in ("running", "healthy")
         none = await stub.ListInstances(cp.ListInstancesRequest(node_id="elsewhere"))
         assert list(none.instances) == []
         classes = (await stub.ListClasses(cp.ListClassesRequest())).classes
@@ -263,7 +263,7 @@ async def test_every_verb_on_a_real_container(
         began = time.monotonic()
         stopped = await stub.Stop(cp.StopRequest(instance=box, grace_seconds=5))
         assert time.monotonic() - began < 4
-        assert stopped.info.state in ("stopped", "exited"), stopped
+        assert stopped.info.state in ("stopped", "stopped_with_code"), stopped
         container.reload()
         assert container.status != "running"
         assert "got TERM" in await logs_of(stub, box)
@@ -365,14 +365,14 @@ entrypoint = ["/bin/sh", "-c", "sleep 1; exit 3"]
 
         async def napper_state() -> str:
             info = (await stub.GetState(cp.GetStateRequest(instance=napper))).info
-            return str(info.state) if info.state == "stopped" else ""
+            return str(info.state) if info.state == "sleeping" else ""
 
-        assert await eventually(napper_state) == "stopped"
+        assert await eventually(napper_state) == "sleeping"
         value = await stub.GetStateValue(
             cp.GetStateValueRequest(instance=napper, key="progress/step")
         )
         assert value.value == b"\x00\x01 42"
-        listed = await stub.ListInstances(cp.ListInstancesRequest(state="stopped"))
+        listed = await stub.ListInstances(cp.ListInstancesRequest(state="sleeping"))
         assert [i.name for i in listed.instances] == ["napper"]
 
         # A job that exits by itself: exited with its code, and GetState says so.
@@ -381,7 +381,7 @@ entrypoint = ["/bin/sh", "-c", "sleep 1; exit 3"]
         exited = await watch.wait_for("exited", "build-1")
         assert exited.exit_code == 3 and exited.class_name == "Job"
         state = (await stub.GetState(cp.GetStateRequest(instance=job))).info
-        assert state.state == "exited" and state.exit_code == 3, state
+        assert state.state == "stopped_with_code" and state.exit_code == 3, state
         # Starting it without no_wait: it exits while starting, which is ABORTED.
         code, text = await status_of(stub.Start(cp.StartRequest(instance=job)))
         assert code == grpc.StatusCode.ABORTED and "3" in text, text
@@ -540,7 +540,7 @@ maximum_instances = 1
 
         async def running_member() -> str:
             listed = await stub.ListInstances(cp.ListInstancesRequest(class_name="Pool"))
-            running = [i.name for i in listed.instances if i.info.state in ("running", "healthy")]
+            running = [i.name for i in listed.instances if i.state in ("running", "healthy")]
             return running[0] if running else ""
 
         name = await eventually(running_member, 20)

@@ -176,7 +176,7 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
             assert float(boots[0]["value"][1]) == 2  # alice and bob; alice's second was warm
             assert boots[0]["metric"]["portside_node"] == node_id
             await eventually_query(s, base, "portside_agent_boot_seconds_count > 0")
-            await eventually_query(s, base, 'portside_agent_instances{state="running"} == 2')
+            await eventually_query(s, base, 'portside_agent_instances{state="healthy"} == 2')
             await eventually_query(
                 s, base, 'portside_controlplane_placements_total{outcome="placed"}'
             )

@@ -13,6 +13,7 @@ import pytest
 
 import portside
 from tests.e2e.harness import Cluster
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -103,7 +104,7 @@ async def test_start_exec_fetch_state_stop_destroy(cluster: Cluster, edge: str) 
         assert (await box.state()).state == "healthy"
         await box.renew_activity()
         stopped = await box.stop(grace=2)
-        assert stopped.state in ("stopped", "exited"), stopped
+        assert stopped.state in ("stopped", "stopped_with_code"), stopped
         with pytest.raises(portside.FailedPrecondition):
             await box.exec(["true"])
         assert (await box.start()).state == "healthy"  # same instance, woken again
@@ -151,8 +152,9 @@ async def test_signals_logs_and_events(cluster: Cluster, edge: str) -> None:
     kinds = [e.kind for e in seen]
     for kind in ("starting", "ready", "exited", "removed"):
         assert kind in kinds, kinds
-    assert kinds.index("ready") < kinds.index("exited") < kinds.index("removed")
-    exited = seen[kinds.index("exited")]
+    assert kinds.index(portside.EventKind.READY) < kinds.index(portside.EventKind.EXITED)
+    assert kinds.index(portside.EventKind.EXITED) < kinds.index(portside.EventKind.REMOVED)
+    exited = seen[kinds.index(portside.EventKind.EXITED)]
     assert exited.exit_code == 7 and exited.name == "sig" and exited.node_id
     revisions = [e.revision for e in seen]
     assert revisions == sorted(set(revisions)) and revisions[0] > 0
@@ -210,24 +212,28 @@ async def test_state_values_listing_and_errors(cluster: Cluster, edge: str) -> N
             await box.put_state_value("bad key!", b"x")
 
         (cls,) = await ps.classes()
-        assert (cls.name, cls.default_port, cls.instance_type, dict(cls.env)) == (
+        assert (cls.name, cls.default_port, cls.instance_type.name, dict(cls.env)) == (
             "Echo",
             8080,
             "lite",
             {"FROM_CLASS": "yes"},
         )
         (node,) = await ps.nodes()
-        assert node.region == "fra" and node.alive and node.instances >= 1
+        assert node.node.region == "fra" and node.alive and node.instances >= 1
         listed = await ps.instances("Echo")
-        assert [(i.class_name, i.name, i.node_id) for i in listed] == [("Echo", "values", node.id)]
+        assert [(i.class_name, i.name, i.node_id) for i in listed] == [
+            ("Echo", "values", node.node.id)
+        ]
         assert await ps.instances(node="elsewhere") == []
+
         # Listed states are as the node last reported them (every heartbeat).
-        for _ in range(100):
-            if [i.name for i in await ps.instances(state="running")] == ["values"]:
-                break
-            await asyncio.sleep(0.1)
-        assert [i.name for i in await ps.instances(state="running")] == ["values"]
-        assert await ps.instances(state="stopped") == []
+        async def listed_healthy() -> bool:
+            return [i.name for i in await ps.instances(state="healthy")] == ["values"]
+
+        await eventually(listed_healthy, within=10)
+        assert await ps.instances(state=portside.InstanceState.STOPPED) == []
+        with pytest.raises(portside.InvalidArgument, match="stopped_with_code"):
+            await ps.instances(state="exited")
 
         with pytest.raises(portside.NotFound):
             await ps.container("Nope", "x").start()
@@ -237,7 +243,7 @@ async def test_state_values_listing_and_errors(cluster: Cluster, edge: str) -> N
             await ps.container("Echo", "never-started").signal(signal.SIGHUP)
         with pytest.raises(portside.ContainerExited) as exited:
             await ps.container("Echo", "crash").start(entrypoint=["/bin/sh", "-c", "exit 3"])
-        assert "3" in str(exited.value)
+        assert "3" in str(exited.value) and exited.value.exit_code == 3
         with pytest.raises(portside.NotFound, match="never placed"):
             await ps.container("Echo", "x").exec(["true"])
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-from nodeagent.runtime import LABEL_NODE
+from nodeagent.runtime.labels import LABEL_NODE
 from tests.images.build import build_image
 
 

@@ -13,15 +13,17 @@ import pytest
 
 from nodeagent.agent import Heartbeat
 from nodeagent.events import EventOutbox
-from nodeagent.instances import InstanceManager, LifecycleEvent, Timing
+from nodeagent.instances import InstanceManager, Timing
 from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.runtime import DockerRuntime
 from portside import net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
+from portside.events import Event, EventKind
 from portside.spec import INSTANCE_TYPES, ContainerClass, Node
 from tests.images.build import ECHO_IMAGE
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +38,6 @@ class ControlPlane(cp_grpc.ControlPlaneServicer):
         self.events: list[pb.Event] = []
         self.break_next = False
         self.streams = 0
-        self.got = asyncio.Event()
 
     async def NodeHeartbeat(
         self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
@@ -47,8 +48,6 @@ class ControlPlane(cp_grpc.ControlPlaneServicer):
                 self.break_next = False
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane restarting")
             self.events.extend(message.events)
-            if message.events:
-                self.got.set()
             yield cp.NodeHeartbeatResponse(lease_ttl_seconds=30)
 
 
@@ -99,29 +98,26 @@ async def setup(node_id: str, echo_image: str) -> AsyncIterator[Setup]:
         await runtime.close()
 
 
-async def wait_for_kinds(control: ControlPlane, kinds: list[str], within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while [e.kind for e in control.events] != kinds:
-            control.got.clear()
-            await control.got.wait()
+def kinds(control: ControlPlane) -> list[str]:
+    return [e.kind for e in control.events]
 
 
 async def test_events_are_sent_as_they_happen(setup: Setup) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     await setup.manager.start(ECHO, "a")
-    await wait_for_kinds(setup.control, ["starting", "ready"], within=2)
+    await eventually(lambda: kinds(setup.control) == ["starting", "ready"], within=2, every=0.01)
     assert loop.time() - started < 2, "a queued event wakes the heartbeat"
     ready = setup.control.events[-1]
     assert ready.class_name == "echo" and ready.name == "a" and ready.node_id and ready.time > 0
 
 
 async def test_events_of_an_unanswered_message_are_sent_again(setup: Setup) -> None:
-    await asyncio.sleep(0.2)  # registered
+    await eventually(lambda: setup.control.streams == 1)  # registered
     setup.control.break_next = True
-    setup.outbox.put(LifecycleEvent("slept", 1.0, "echo", "a", "id-a", "n1"))
-    setup.outbox.put(LifecycleEvent("exited", 2.0, "echo", "b", "id-b", "n1", exit_code=3))
-    await wait_for_kinds(setup.control, ["slept", "exited"])
+    setup.outbox.put(Event(EventKind.SLEPT, 1.0, "echo", "a", "id-a", "n1"))
+    setup.outbox.put(Event(EventKind.EXITED, 2.0, "echo", "b", "id-b", "n1", exit_code=3))
+    await eventually(lambda: kinds(setup.control) == ["slept", "exited"])
     assert setup.control.streams == 2
     assert setup.control.events[1].exit_code == 3 and not setup.control.events[0].HasField(
         "exit_code"

@@ -8,22 +8,25 @@ import dataclasses
 import gzip
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import docker
 import grpc
 import pytest
 
 from nodeagent.api import NodeAgentService
-from nodeagent.instances import InstanceManager, LifecycleEvent, Timing
+from nodeagent.instances import InstanceManager, Timing
 from nodeagent.runtime import DockerRuntime
 from portside import net
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
 from portside.api.v1 import types_pb2 as pb
 from portside.convert import class_to_pb
+from portside.events import Event, EventKind
 from portside.spec import INSTANCE_TYPES, ContainerClass, instance_id
+from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +46,18 @@ TRAP_TERM = [
     "-c",
     "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done",
 ]
-TRAP_USR1 = ["/bin/sh", "-c", "trap 'echo usr1 > /signalled' USR1; while :; do sleep 0.1; done"]
+TRAP_USR1 = [
+    "/bin/sh",
+    "-c",
+    "trap 'echo usr1 > /signalled' USR1; echo ready; while :; do sleep 0.1; done",
+]
 
 
 @dataclasses.dataclass
 class Agent:
     stub: na_grpc.NodeAgentStub
     manager: InstanceManager
-    events: list[LifecycleEvent]
+    events: list[Event]
     docker: docker.DockerClient
 
     async def start(
@@ -116,13 +123,18 @@ class Agent:
         snap = self.manager.get(instance_id(cls.name, name))
         return snap.container_id if snap is not None else None
 
+    def logged(self, name: str, text: bytes) -> bool:
+        """Whether the container of `name` wrote `text` (to stdout or stderr) yet."""
+        logs: bytes = self.docker.containers.get(self.container(name) or "").logs()
+        return text in logs
+
 
 @pytest.fixture
 async def agent(
     node_id: str, echo_image: str, docker_client: docker.DockerClient
 ) -> AsyncIterator[Agent]:
     runtime = DockerRuntime(node_id)
-    events: list[LifecycleEvent] = []
+    events: list[Event] = []
     # No reconcile loop: a container's own exit must be noticed through the engine's events.
     manager = InstanceManager(
         runtime,
@@ -150,37 +162,20 @@ async def agent(
         await runtime.close()
 
 
-async def eventually(check: Callable[[], object], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result is not False:
-                return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError("condition did not hold in time")
-        await asyncio.sleep(0.05)
-
-
 async def test_start_with_entrypoint_and_env_then_other_overrides_make_it_again(
     agent: Agent,
 ) -> None:
     info = await agent.start("a", env={"MODE": "sandbox"})
-    assert info.state == "healthy" and info.instance_id == instance_id("echo", "a")
+    assert info.state == InstanceState.HEALTHY and info.instance_id == instance_id("echo", "a")
     out, _, code = await agent.exec("a", ["env"])
     assert code == 0 and b"MODE=sandbox\n" in out and b"GREETING=hi\n" in out
     first = agent.container("a")
 
-    assert (await agent.start("a", env={"MODE": "sandbox"})).state == "healthy"
+    assert (await agent.start("a", env={"MODE": "sandbox"})).state == InstanceState.HEALTHY
     assert agent.container("a") == first, "same overrides: the same container"
 
     info = await agent.start("a", entrypoint=LOOP, env={"MODE": "batch"}, no_wait=True)
-    assert info.state == "running"
+    assert info.state == InstanceState.RUNNING
     assert agent.container("a") != first
     with pytest.raises(docker.errors.NotFound):
         agent.docker.containers.get(first or "")
@@ -192,15 +187,13 @@ async def test_start_with_entrypoint_and_env_then_other_overrides_make_it_again(
 async def test_start_without_wait_returns_once_docker_started_it(agent: Agent) -> None:
     started = time.monotonic()
     info = await agent.start("job", entrypoint=LOOP, no_wait=True)
-    assert info.state == "running" and time.monotonic() - started < 5
-    await asyncio.sleep(0.3)
-    assert (await agent.get("job")).state == "running", "no port: running, never healthy"
-
+    assert info.state == InstanceState.RUNNING and time.monotonic() - started < 5
     info = await agent.start("web", no_wait=True)
-    assert info.state in ("running", "healthy")
-    await eventually(lambda: agent.get("web"))
+    assert info.state in (InstanceState.RUNNING, InstanceState.HEALTHY)
     await eventually(lambda: agent.kinds("web") == ["starting", "ready"])
-    assert (await agent.get("web")).state == "healthy"
+    assert (await agent.get("web")).state == InstanceState.HEALTHY
+    # By now the job's port was probed as long as the web's took to answer, and more.
+    assert (await agent.get("job")).state == InstanceState.RUNNING, "no port: never healthy"
 
 
 async def test_start_of_a_crashing_entrypoint_is_aborted_with_its_code(agent: Agent) -> None:
@@ -209,21 +202,20 @@ async def test_start_of_a_crashing_entrypoint_is_aborted_with_its_code(agent: Ag
     assert caught.value.code() == grpc.StatusCode.ABORTED
     assert "exited with code 3" in (caught.value.details() or "")
     info = await agent.get("crash")
-    assert info.state == "exited" and info.HasField("exit_code") and info.exit_code == 3
+    assert info.state == InstanceState.STOPPED_WITH_CODE
+    assert info.HasField("exit_code") and info.exit_code == 3
     assert agent.kinds("crash") == ["starting", "exited", "failed"]
-    exited = [e for e in agent.events if e.kind == "exited"][0]
+    exited = [e for e in agent.events if e.kind is EventKind.EXITED][0]
     assert exited.exit_code == 3 and exited.signal is None and exited.node_id
 
 
 async def test_stop_sends_the_signal_and_waits_for_the_grace_period(agent: Agent) -> None:
     await agent.start("trap", entrypoint=TRAP_TERM, no_wait=True)
-    await eventually(
-        lambda: b"ready" in agent.docker.containers.get(agent.container("trap") or "").logs()
-    )
+    await eventually(lambda: agent.logged("trap", b"ready"))
     reply = await agent.stub.Stop(
         na.AgentStopRequest(instance_id=instance_id("echo", "trap"), signal=15, grace_seconds=5)
     )
-    assert reply.info.state == "stopped" and reply.info.exit_code == 7
+    assert reply.info.state == InstanceState.STOPPED and reply.info.exit_code == 7
     assert agent.docker.containers.get(agent.container("trap") or "").status == "exited", (
         "a stopped instance keeps its container"
     )
@@ -233,7 +225,7 @@ async def test_stop_sends_the_signal_and_waits_for_the_grace_period(agent: Agent
     ):
         logs += chunk.stdout
     assert logs == b"ready\ngot TERM\n"
-    exited = [e for e in agent.events if e.kind == "exited"]
+    exited = [e for e in agent.events if e.kind is EventKind.EXITED]
     assert [(e.exit_code, e.reason) for e in exited] == [(7, "stopped")]
 
 
@@ -243,9 +235,7 @@ async def test_stop_kills_after_the_grace_period(agent: Agent) -> None:
         entrypoint=["/bin/sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
         no_wait=True,
     )
-    await eventually(
-        lambda: b"ready" in agent.docker.containers.get(agent.container("stubborn") or "").logs()
-    )
+    await eventually(lambda: agent.logged("stubborn", b"ready"))
     started = time.monotonic()
     reply = await agent.stub.Stop(
         na.AgentStopRequest(
@@ -254,22 +244,25 @@ async def test_stop_kills_after_the_grace_period(agent: Agent) -> None:
     )
     assert 0.4 < time.monotonic() - started < 4
     assert reply.info.exit_code == 137
-    assert [(e.exit_code, e.signal) for e in agent.events if e.kind == "exited"] == [(137, 9)]
+    assert [(e.exit_code, e.signal) for e in agent.events if e.kind is EventKind.EXITED] == [
+        (137, 9)
+    ]
 
 
 async def test_signal_is_observed_by_the_container(agent: Agent) -> None:
     await agent.start("sig", entrypoint=TRAP_USR1, no_wait=True)
-    await asyncio.sleep(0.3)  # let the shell set its trap
+    await eventually(lambda: agent.logged("sig", b"ready"))  # its trap is set
     await agent.stub.Signal(
         na.AgentSignalRequest(instance_id=instance_id("echo", "sig"), signal=10)
     )
 
-    async def signalled() -> None:
+    async def signalled() -> bool:
         out, _, code = await agent.exec("sig", ["cat", "/signalled"])
-        assert (out, code) == (b"usr1\n", 0)
+        return (out, code) == (b"usr1\n", 0)
 
-    await eventually(signalled)
-    assert (await agent.get("sig")).state == "running"
+    seen: bool = await eventually(signalled)  # annotated: mypy cannot infer it from a coroutine
+    assert seen
+    assert (await agent.get("sig")).state == InstanceState.RUNNING
 
 
 async def test_exec_streams_output_exit_code_and_stdin(agent: Agent) -> None:
@@ -330,16 +323,15 @@ async def test_destroy_removes_the_container_and_forgets_the_instance(agent: Age
 async def test_states_renewal_and_events_of_a_boot_sleep_exit_cycle(agent: Agent) -> None:
     before = time.time()
     info = await agent.start("cycle", cls=NAPPY)
-    assert info.state == "healthy" and before <= info.since <= time.time()
+    assert info.state == InstanceState.HEALTHY and before <= info.since <= time.time()
     iid = instance_id("nappy", "cycle")
     for _ in range(4):  # 1.6 s of renewals outlast sleep_after (1 s)
         await asyncio.sleep(0.4)
         await agent.stub.RenewActivity(na.AgentRenewActivityRequest(instance_id=iid))
-    assert (await agent.get("cycle", NAPPY)).state == "healthy"
+    assert (await agent.get("cycle", NAPPY)).state == InstanceState.HEALTHY
 
     await eventually(lambda: agent.kinds("cycle", NAPPY)[-1:] == ["slept"], within=5)
-    # The engine's die event can come a moment before docker stop returns.
-    await eventually(lambda: agent.manager.info(iid).state == "stopped", within=2)
+    assert agent.manager.info(iid).state is InstanceState.SLEEPING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await agent.stub.RenewActivity(na.AgentRenewActivityRequest(instance_id=iid))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -350,7 +342,7 @@ async def test_states_renewal_and_events_of_a_boot_sleep_exit_cycle(agent: Agent
     await agent.stub.Signal(na.AgentSignalRequest(instance_id=iid, signal=15))
     await eventually(lambda: agent.kinds("cycle", NAPPY)[-1:] == ["exited"], within=3)
     info = await agent.get("cycle", NAPPY)
-    assert info.state == "exited" and info.exit_code == 143
+    assert info.state == InstanceState.STOPPED_WITH_CODE and info.exit_code == 143
     assert agent.kinds("cycle", NAPPY) == [
         "starting",
         "ready",
@@ -360,7 +352,7 @@ async def test_states_renewal_and_events_of_a_boot_sleep_exit_cycle(agent: Agent
         "ready",
         "exited",
     ]
-    exited = [e for e in agent.events if e.kind == "exited"][-1]
+    exited = [e for e in agent.events if e.kind is EventKind.EXITED][-1]
     assert (exited.exit_code, exited.signal) == (143, 15)
     times = [e.time for e in agent.events if e.instance_id == iid]
     assert times == sorted(times)

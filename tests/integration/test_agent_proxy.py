@@ -11,13 +11,16 @@ from collections.abc import AsyncIterator
 import aiohttp
 import docker
 import pytest
+from aiohttp import web
 
-from nodeagent.instances import InstanceManager, InstanceState, Timing
+from nodeagent.instances import InstanceManager, Timing
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
 from portside.net import Deadlines, free_port, start_http_server
 from portside.spec import ContainerClass, instance_id
+from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +41,7 @@ class Agent:
     url: str
     manager: InstanceManager
     session: aiohttp.ClientSession
+    runner: web.AppRunner
 
     def state(self, cls: str, name: str) -> tuple[InstanceState | None, int]:
         snap = self.manager.get(instance_id(cls, name))
@@ -57,10 +61,11 @@ async def agent(node_id: str, echo_image: str) -> AsyncIterator[Agent]:
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"), auto_decompress=False
     )
     try:
-        yield Agent(f"http://{address}", manager, session)
+        yield Agent(f"http://{address}", manager, session, runner)
     finally:
         await session.close()
-        await runner.cleanup()
+        if runner.server is not None:  # a test may have stopped the agent already
+            await runner.cleanup()
         loop.cancel()
         await manager.close()
         await runtime.close()
@@ -68,14 +73,18 @@ async def agent(node_id: str, echo_image: str) -> AsyncIterator[Agent]:
 
 async def test_health_metrics_and_header_errors(agent: Agent) -> None:
     async with agent.session.get(f"{agent.url}/healthz") as r:
-        assert r.status == 200 and await r.text() == "ok"
+        assert r.status == 200 and await r.text() == "ok\n"
     async with agent.session.get(f"{agent.url}/anything") as r:
-        assert (r.status, r.headers["Portside-Error"]) == (400, "no-class")
-        assert r.content_type == "text/plain" and "Portside-Class" in await r.text()
+        assert (r.status, r.headers["Portside-Error"]) == (400, "not-through-edge")
+        assert r.content_type == "text/plain"
+        assert await r.text() == (
+            "request has no Portside-Class header: send it through a Portside edge\n"
+        )
     async with agent.session.get(f"{agent.url}/x", headers={"Portside-Class": "echo"}) as r:
-        assert (r.status, r.headers["Portside-Error"]) == (400, "no-instance")
+        assert (r.status, r.headers["Portside-Error"]) == (400, "not-through-edge")
+        assert "Portside-Instance" in await r.text()
     async with agent.session.get(f"{agent.url}/x", headers=to("nope", "a")) as r:
-        assert (r.status, r.headers["Portside-Error"]) == (404, "unknown-class")
+        assert (r.status, r.headers["Portside-Error"]) == (404, "not-found")
         assert await r.text() == "class nope is not deployed (this node agent does not know it)\n"
     async with agent.session.get(f"{agent.url}/session/whoami", headers=to("echo", "m")) as r:
         assert r.status == 200
@@ -162,8 +171,9 @@ async def test_container_dying_mid_request_is_502_then_boots_again(agent: Agent)
         assert (await r.text()).split() == [first, "eve"]  # the same container, started again
 
 
+@pytest.mark.parametrize("then", ["request", "websocket"])
 async def test_container_that_died_while_idle_is_booted_again_for_the_next_request(
-    node_id: str, echo_image: str, docker_client: docker.DockerClient
+    then: str, node_id: str, echo_image: str, docker_client: docker.DockerClient
 ) -> None:
     # A reconcile period far beyond the test: only the failed connect can reveal the death. A
     # connect to the dead container's address waits for ARP to give up, hence a short deadline.
@@ -177,6 +187,13 @@ async def test_container_that_died_while_idle_is_booted_again_for_the_next_reque
             async with session.get(f"http://{address}/s/whoami", headers=to("echo", "ivy")) as r:
                 first = (await r.text()).split()[0]
             docker_client.containers.get(first).kill()
+            if then == "websocket":  # an upgrade goes again the same way
+                async with session.ws_connect(
+                    f"http://{address}/chat/ws", headers=to("echo", "ivy")
+                ) as ws:
+                    await ws.send_str("back")
+                    assert (await ws.receive(timeout=5)).data == "back"
+                return
             async with session.get(f"http://{address}/s/whoami", headers=to("echo", "ivy")) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.text()).split() == [first, "ivy"]
@@ -192,37 +209,29 @@ async def test_websocket_is_proxied_and_keeps_the_instance_awake(agent: Agent) -
         assert (await ws.receive(timeout=5)).data == "hello"
         await ws.send_bytes(b"\x00\x01\xff")
         assert (await ws.receive(timeout=5)).data == b"\x00\x01\xff"
-        # Open for twice sleep_after with no traffic: still awake, and counted in flight.
+        # Open for twice sleep_after with no traffic: still awake, and counted in flight. (The
+        # wait is the point of the test, not a synchronisation.)
         await asyncio.sleep(2.0)
-        assert agent.state("echo", "fay") == (InstanceState.RUNNING, 1)
+        assert agent.state("echo", "fay") == (InstanceState.HEALTHY, 1)
         await ws.send_str("still there?")
         assert (await ws.receive(timeout=5)).data == "still there?"
-    await asyncio.sleep(0.1)
-    assert agent.state("echo", "fay")[1] == 0
-    for _ in range(40):
-        if agent.state("echo", "fay")[0] is InstanceState.STOPPED:
-            break
-        await asyncio.sleep(0.1)
-    assert agent.state("echo", "fay")[0] is InstanceState.STOPPED
+    await eventually(lambda: agent.state("echo", "fay")[1] == 0, within=2, what="released")
+    await eventually(
+        lambda: agent.state("echo", "fay")[0] is InstanceState.SLEEPING, within=4, what="asleep"
+    )
 
 
 async def test_a_client_that_goes_away_frees_the_instance(agent: Agent) -> None:
     request = asyncio.create_task(
         agent.session.get(f"{agent.url}/s/slow?5", headers=to("echo", "gus"))
     )
-    for _ in range(100):
-        if agent.state("echo", "gus") == (InstanceState.RUNNING, 1):
-            break
-        await asyncio.sleep(0.05)
-    assert agent.state("echo", "gus") == (InstanceState.RUNNING, 1)
+    await eventually(
+        lambda: agent.state("echo", "gus") == (InstanceState.HEALTHY, 1), what="in flight"
+    )
     request.cancel()  # closes the connection to the agent mid-request
     with pytest.raises(asyncio.CancelledError):
         await request
-    for _ in range(20):
-        if agent.state("echo", "gus")[1] == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert agent.state("echo", "gus")[1] == 0
+    await eventually(lambda: agent.state("echo", "gus")[1] == 0, within=1, what="released")
 
 
 async def test_an_upstream_that_refuses_websockets_is_a_portside_error(agent: Agent) -> None:
@@ -233,3 +242,14 @@ async def test_an_upstream_that_refuses_websockets_is_a_portside_error(agent: Ag
     assert caught.value.status == 502
     assert caught.value.headers is not None
     assert caught.value.headers["Portside-Error"] == "upstream-refused"
+
+
+async def test_agent_shutdown_closes_websockets_with_going_away(agent: Agent) -> None:
+    async with agent.session.ws_connect(f"{agent.url}/chat/ws", headers=to("echo", "kit")) as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+        async with asyncio.timeout(5):  # not the server's whole shutdown timeout
+            await agent.runner.cleanup()
+        closed = await ws.receive(timeout=5)
+    assert closed.type is aiohttp.WSMsgType.CLOSE
+    assert (closed.data, closed.extra) == (1001, "node agent shutting down")

@@ -1,5 +1,6 @@
 """The node agent's Docker runtime and instance manager against the real engine: labels, limits,
-private networks, one boot per instance, crash and timeout errors, sleep, wake, adoption."""
+private networks, one boot per instance, crash, timeout and image errors, sleep, wake, adoption,
+and stopping every container when the agent shuts down."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ import aiohttp
 import docker
 import pytest
 
-from nodeagent.instances import InstanceManager, InstanceState, Timing, Upstream
+from nodeagent.instances import InstanceManager, Timing, Upstream
 from nodeagent.runtime import (
-    LABEL_CLASS,
-    LABEL_INSTANCE,
-    LABEL_INSTANCE_ID,
-    LABEL_NODE,
     NETWORK_EGRESS,
     NETWORK_INTERNAL,
+    ContainerInfo,
     DockerRuntime,
     container_name,
 )
-from portside.errors import BootTimeout, ContainerExited
+from nodeagent.runtime.labels import LABEL_CLASS, LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_NODE
+from portside.errors import BootTimeout, ContainerExited, ImageUnavailable
 from portside.spec import INSTANCE_TYPES, ContainerClass, instance_id
+from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -72,20 +73,22 @@ async def get(upstream: Upstream, path: str) -> str:
         return await response.text()
 
 
+async def get_soon(upstream: Upstream, path: str) -> str:
+    """`get`, once the container's port answers."""
+
+    async def attempt() -> str:
+        try:
+            return await get(upstream, path)
+        except aiohttp.ClientConnectionError:
+            return ""  # not yet
+
+    return await eventually(attempt, every=0.02)
+
+
 def exec_in(docker_client: docker.DockerClient, container_id: str, *cmd: str) -> str:
     result = docker_client.containers.get(container_id).exec_run(list(cmd))
     output: bytes = result.output
     return output.decode()
-
-
-async def wait_for(predicate: object, within: float, interval: float = 0.05) -> float:
-    """Seconds until `predicate()` held; fails after `within` seconds."""
-    assert callable(predicate)
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < within, "condition did not hold in time"
-        await asyncio.sleep(interval)
-    return time.monotonic() - started
 
 
 # -- runtime ------------------------------------------------------------------------------------
@@ -126,10 +129,8 @@ async def test_container_has_labels_limits_and_a_private_network(
     assert_no_egress(docker_client, NETWORK_INTERNAL)
 
     # The agent, on the host, reaches the container at its IP on that network.
-    assert (await _get_soon(Upstream(info.ip, 8080), "/session/whoami")).split() == [
-        attrs["Config"]["Hostname"],
-        "alice",
-    ]
+    whoami = await get_soon(Upstream(info.ip, 8080), "/session/whoami")
+    assert whoami.split() == [attrs["Config"]["Hostname"], "alice"]
 
     await runtime.stop(container_id, 5)
     stopped = await runtime.inspect(container_id)
@@ -141,15 +142,6 @@ async def test_container_has_labels_limits_and_a_private_network(
     await runtime.remove(container_id)
     await runtime.remove(container_id)  # removing twice is fine
     assert await runtime.list() == []
-
-
-async def _get_soon(upstream: Upstream, path: str) -> str:
-    for _ in range(100):
-        try:
-            return await get(upstream, path)
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.02)
-    return await get(upstream, path)
 
 
 async def test_internet_class_joins_the_egress_bridge(
@@ -189,11 +181,13 @@ def assert_no_egress(docker_client: docker.DockerClient, name: str) -> None:
 async def test_entrypoint_override_and_exit_code(runtime: DockerRuntime) -> None:
     container_id = await runtime.create(CRASH, "carol")
     await runtime.start(container_id)
-    for _ in range(100):
+
+    async def exited() -> ContainerInfo:
         info = await runtime.inspect(container_id)
-        if not info.running:
-            break
-        await asyncio.sleep(0.02)
+        assert not info.running
+        return info
+
+    info: ContainerInfo = await eventually(exited)
     assert info.status == "exited" and info.exit_code == 3
 
 
@@ -267,7 +261,7 @@ async def test_silent_port_is_boot_timeout_within_the_deadline(
     assert 1.5 <= time.monotonic() - started < 2.0
     # The container is stopped after a timeout (docker-init passes SIGTERM on to sleep).
     iid = instance_id("silent", "gus")
-    await wait_for(lambda: _state(manager, iid) is InstanceState.STOPPED, 6)
+    await eventually(lambda: _state(manager, iid) is InstanceState.STOPPED, within=6)
     assert [c.status for c in await runtime.list()] == ["exited"]
 
 
@@ -284,12 +278,12 @@ async def test_sleeps_after_idle_but_never_during_a_request_and_wakes_with_its_s
         assert await get(upstream, "/s/state?write=kept%21") == "wrote kept!"
         # A request longer than sleep_after (2 s) holds the instance awake throughout.
         slow = asyncio.create_task(get(upstream, "/s/slow?3"))
-        for _ in range(30):
+        while not slow.done():  # a watch over the whole request, not a wait for a change
+            assert _state(manager, iid) is InstanceState.HEALTHY
             await asyncio.sleep(0.1)
-            assert _state(manager, iid) is InstanceState.RUNNING
         assert await slow == "slept 3"
     released = time.monotonic()
-    await wait_for(lambda: _state(manager, iid) is InstanceState.STOPPED, 3.5)
+    await eventually(lambda: _state(manager, iid) is InstanceState.SLEEPING, within=3.5)
     assert time.monotonic() - released <= 3.0
     [container] = await runtime.list()
     assert container.status == "exited"
@@ -310,7 +304,7 @@ async def test_container_that_exits_while_running_is_noticed_and_booted_again(
         async with manager.use(ECHO, "ida") as upstream:
             with pytest.raises(aiohttp.ClientError):
                 await get(upstream, "/s/exit")
-        await wait_for(lambda: _state(manager, iid) is InstanceState.STOPPED, 2)
+        await eventually(lambda: _state(manager, iid) is InstanceState.STOPPED_WITH_CODE, within=2)
         snap = manager.get(iid)
         assert snap is not None and snap.exit_code == 143
         async with manager.use(ECHO, "ida") as upstream:
@@ -335,12 +329,67 @@ async def test_new_manager_adopts_running_and_stopped_containers(runtime: Docker
     second = InstanceManager(runtime, CLASSES.get)
     adopted = {s.name: s for s in await second.adopt()}
     assert {n: s.state for n, s in adopted.items()} == {
-        "jo": InstanceState.RUNNING,
+        "jo": InstanceState.HEALTHY,
         "kim": InstanceState.STOPPED,
     }
     async with second.use(ECHO, "jo") as upstream:
         assert (await get(upstream, "/whoami")).split()[0] == jo_host
     async with second.use(ECHO, "kim") as upstream:
         assert await get(upstream, "/state") == "before"
+    assert len(await runtime.list()) == 2
+    await second.close()
+
+
+# -- errors of the image and stopping on exit ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "says"),
+    [
+        ("./container/Dockerfile", "is not an image reference"),
+        ("portside-test/no-such-image:1", "is not on node"),
+    ],
+)
+async def test_an_image_the_node_cannot_run_is_image_unavailable(
+    manager: InstanceManager, node_id: str, image: str, says: str
+) -> None:
+    cls = dataclasses.replace(ECHO, name="web", image=image)
+    for attempt in (manager.acquire(cls, "a"), manager.start(cls, "b")):
+        with pytest.raises(ImageUnavailable) as caught:
+            await attempt
+        message = str(caught.value)
+        assert says in message and repr(image) in message and node_id in message
+        assert "unreachable" not in message
+
+
+async def test_stop_all_stops_every_container_and_the_next_agent_wakes_them(
+    runtime: DockerRuntime,
+) -> None:
+    first = InstanceManager(runtime, CLASSES.get, timing=Timing(stop_grace=2))
+    await first.adopt()
+    async with first.use(ECHO, "kay") as upstream:
+        await get(upstream, "/state?write=kept")
+    async with first.use(ECHO, "lee") as upstream:
+        lee_host = (await get(upstream, "/whoami")).split()[0]
+    started = time.monotonic()
+    assert await first.stop_all() == []
+    assert time.monotonic() - started < 3, "stopped in parallel, each within its grace"
+    assert {i.name: i.state for i in first.infos()} == {
+        "kay": InstanceState.STOPPED,
+        "lee": InstanceState.STOPPED,
+    }
+    assert [c.status for c in await runtime.list()] == ["exited", "exited"]
+    await first.close()
+
+    second = InstanceManager(runtime, CLASSES.get)
+    adopted = await second.adopt()
+    assert {s.name: s.state for s in adopted} == {
+        "kay": InstanceState.STOPPED,
+        "lee": InstanceState.STOPPED,
+    }
+    async with second.use(ECHO, "kay") as upstream:
+        assert await get(upstream, "/state") == "kept"  # its writable layer was kept
+    async with second.use(ECHO, "lee") as upstream:
+        assert (await get(upstream, "/whoami")).split()[0] == lee_host
     assert len(await runtime.list()) == 2
     await second.close()

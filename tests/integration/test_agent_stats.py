@@ -10,7 +10,7 @@ from collections.abc import Callable
 import docker
 import pytest
 
-from nodeagent.runtime import LABEL_NODE
+from nodeagent.runtime.labels import LABEL_NODE
 from nodeagent.stats import CgroupSampler, cpu_percent
 
 pytestmark = pytest.mark.integration

@@ -17,6 +17,8 @@ from portside import net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
+from portside.errors import FailedPrecondition, NodeUnreachable, NotFound
+from portside.rpc import grpc_errors
 
 
 class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
@@ -26,9 +28,10 @@ class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
         self.break_after = break_after  # abort a watch with UNAVAILABLE after N events
         self.stdin_seen: list[bytes] = []
 
+    @grpc_errors
     async def Start(self, request: cp.StartRequest, context: Any) -> cp.StartResponse:
         if request.instance.class_name == "Nope":
-            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown class 'Nope'")
+            raise NotFound("unknown class 'Nope'")
         return cp.StartResponse(
             info=pb.InstanceInfo(
                 class_name=request.instance.class_name,
@@ -39,19 +42,20 @@ class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
             )
         )
 
+    @grpc_errors
     async def Stop(self, request: cp.StopRequest, context: Any) -> cp.StopResponse:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the agent of node n1 is unreachable")
-        raise AssertionError("unreachable: abort raises")
+        raise NodeUnreachable("the agent of node n1 is unreachable")
 
+    @grpc_errors
     async def Signal(self, request: cp.SignalRequest, context: Any) -> cp.SignalResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Echo/a is not running")
-        raise AssertionError("unreachable: abort raises")
+        raise FailedPrecondition("Echo/a is not running")
 
+    @grpc_errors
     async def GetStateValue(
         self, request: cp.GetStateValueRequest, context: Any
     ) -> cp.GetStateValueResponse:
         if request.key != "k":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no state value {request.key!r}")
+            raise NotFound(f"no state value {request.key!r}")
         return cp.GetStateValueResponse(value=b"v")
 
     async def Exec(
@@ -70,6 +74,12 @@ class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
         yield pb.ExecResponse(stderr=f"env={dict(start.env)} dir={start.working_dir}".encode())
         yield pb.ExecResponse(stdout=stdin)
         yield pb.ExecResponse(exit_code=3)
+
+    async def ListClasses(
+        self, request: cp.ListClassesRequest, context: Any
+    ) -> cp.ListClassesResponse:
+        await asyncio.sleep(5)  # longer than the client's deadline
+        return cp.ListClassesResponse()
 
     async def WatchEvents(
         self, request: cp.WatchEventsRequest, context: Any
@@ -115,13 +125,24 @@ async def test_start_and_errors_are_translated(scripted: tuple[ScriptedControlPl
         with pytest.raises(portside.FailedPrecondition, match="not running"):
             await ps.container("Echo", "a").signal(15)
         # The control plane answered: its reason, not "control plane unreachable".
-        with pytest.raises(portside.Unavailable) as unavailable:
+        with pytest.raises(portside.NodeUnreachable) as unavailable:
             await ps.container("Echo", "a").stop()
         assert str(unavailable.value) == "the agent of node n1 is unreachable"
         box = ps.container("Echo", "a")
         assert await box.get_state_value("k") == b"v"
         with pytest.raises(portside.NotFound):
             await box.get_state_value("missing")
+
+
+async def test_a_slow_answer_is_a_timeout_not_a_boot_timeout(
+    scripted: tuple[ScriptedControlPlane, str],
+) -> None:
+    _, address = scripted
+    async with portside.connect(address, timeout=0.5) as ps:
+        with pytest.raises(portside.Timeout) as caught:
+            await ps.classes()
+    assert not isinstance(caught.value, portside.BootTimeout)
+    assert f"control plane {address} did not answer in time" in str(caught.value)
 
 
 async def test_an_unreachable_controlplane_is_named() -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.events import EventLog, EventRecord
+from controlplane.events import EventLog
 from controlplane.store import open_store
 from controlplane.ui import RecentEvents
+from portside.events import Event, EventKind
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +27,8 @@ async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def event(kind: str, name: str, at: float) -> EventRecord:
-    return EventRecord(kind, at, "Echo", name, "id-" + name, "n1")
+def event(kind: str, name: str, at: float) -> Event:
+    return Event(EventKind(kind), at, "Echo", name, "id-" + name, "n1")
 
 
 async def test_recent_events_load_then_follow_the_store(tmp_path: Path) -> None:

@@ -14,11 +14,13 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
-from edge.pools import PoolMember
-from edge.proxy import EdgeProxy, Target, metrics_app
+from edge.proxy import EdgeProxy, Target
+from portside.daemon import metrics_app
 from portside.errors import NoCapacity, NotFound, PortsideError
+from portside.instances import PoolMember
 from portside.net import Deadlines, free_port, start_http_server
 from portside.spec import Autoscaling, Config, ContainerClass, InstanceSource, Route
+from tests.support import eventually
 
 CHUNK = bytes(range(256)) * 256  # 64 KiB
 BIG_CHUNKS = 320  # 20 MiB
@@ -44,6 +46,7 @@ class Agent:
         self.upload_started = asyncio.Event()
         self.download_read = asyncio.Event()
         self.ws_closed_with: int | None = None
+        self.resets = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -54,6 +57,7 @@ class Agent:
             "download": self.download,
             "exited": self.exited,
             "broken": self.broken,
+            "reset": self.reset,
         }
         return await handlers.get(action, self.echo)(request)
 
@@ -101,6 +105,12 @@ class Agent:
         request.transport.close()  # dies mid-body, as a crashing container would
         return response
 
+    async def reset(self, request: web.Request) -> web.StreamResponse:
+        self.resets += 1
+        assert request.transport is not None
+        request.transport.close()  # gone before answering, as a dying agent would be
+        return web.Response()
+
     async def exited(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=502,
@@ -111,8 +121,10 @@ class Agent:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/refuse"):
             return web.Response(
-                status=504, text="boot timed out\n", headers={"Portside-Error": "boot-timeout"}
+                status=502, text="exited\n", headers={"Portside-Error": "container-exited"}
             )
+        if request.path.endswith("/not-a-websocket"):
+            return web.Response(status=404, text="no such socket\n")
         ws = web.WebSocketResponse(protocols=("chat",))
         await ws.prepare(request)
         await ws.send_str(f"hello {request.headers['Portside-Instance']}")
@@ -121,6 +133,9 @@ class Agent:
             if msg.type is aiohttp.WSMsgType.TEXT:
                 if msg.data == "close-4001":
                     await ws.close(code=4001, message=b"bye")
+                elif msg.data == "drop":
+                    assert request.transport is not None
+                    request.transport.close()  # no close frame: the edge sees 1006
                 else:
                     await ws.send_str(msg.data)
             elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -244,6 +259,7 @@ async def test_pool_route_goes_to_a_member_or_asks_for_one(make_cluster: EdgeFac
         {
             "stateless": [
                 PoolMember(
+                    class_name="stateless",
                     instance_id="i7",
                     name="stateless-7",
                     node_id="n1",
@@ -294,7 +310,7 @@ async def test_instance_name_from_path(make_cluster: EdgeFactory) -> None:
             "/execute-code",
             {"X-Session-Id": "x" * 300},
             400,
-            "invalid-instance-name",
+            "invalid-argument",
             "instance name from header X-Session-Id is 300 characters long; the limit is 256",
         ),
         (
@@ -430,6 +446,25 @@ async def test_unreachable_after_retry(make_cluster: EdgeFactory) -> None:
     assert c.proxy.cache.get("sandbox", "s1") is None
 
 
+async def test_a_reset_before_the_answer_is_retried_only_when_idempotent(
+    make_cluster: EdgeFactory,
+) -> None:
+    c = await make_cluster()
+    # A GET may go again: resolved afresh (the stub names the same agent), reset again, given up.
+    async with c.client.get(f"{c.edge_url}/execute-code/reset", headers=SESSION) as response:
+        assert response.status == 502
+        assert response.headers["Portside-Error"] == "node-unreachable"
+    assert c.resolver.calls == 2
+    assert c.agent.resets >= 2
+    # A POST, even without a body, may have been acted on: never sent twice.
+    resets = c.agent.resets
+    async with c.client.post(f"{c.edge_url}/execute-code/reset", headers=SESSION) as response:
+        assert response.status == 502
+        assert response.headers["Portside-Error"] == "node-unreachable"
+    assert c.resolver.calls == 3
+    assert c.agent.resets - resets == 1
+
+
 async def test_invalidation_forces_a_new_resolve(make_cluster: EdgeFactory) -> None:
     c = await make_cluster()
 
@@ -512,21 +547,26 @@ async def test_websocket_echo_through_the_edge(make_cluster: EdgeFactory) -> Non
         await ws.send_bytes(b"\x00\x01\x02")
         assert await ws.receive_bytes(timeout=5) == b"\x02\x01\x00"
         await ws.close(code=4000, message=b"done")
-    for _ in range(50):
-        if c.agent.ws_closed_with is not None:
-            break
-        await asyncio.sleep(0.02)
-    assert c.agent.ws_closed_with == 4000
+    assert await eventually(lambda: c.agent.ws_closed_with, within=5) == 4000
 
 
-async def test_websocket_close_from_the_agent_reaches_the_client(make_cluster: EdgeFactory) -> None:
+@pytest.mark.parametrize(
+    ("agent_does", "code", "reason"),
+    [
+        ("close-4001", 4001, "bye"),  # its code and reason, passed on as they are
+        ("drop", 1011, ""),  # 1006 (dropped) may never be sent: the client learns of an error
+    ],
+)
+async def test_websocket_end_from_the_agent_reaches_the_client(
+    make_cluster: EdgeFactory, agent_does: str, code: int, reason: str
+) -> None:
     c = await make_cluster()
     async with c.client.ws_connect(f"{c.edge_url}/execute-code/ws", headers=SESSION) as ws:
         assert await ws.receive_str(timeout=5) == "hello s1"
-        await ws.send_str("close-4001")
+        await ws.send_str(agent_does)
         msg = await ws.receive(timeout=5)
         assert msg.type is aiohttp.WSMsgType.CLOSE
-        assert (msg.data, msg.extra) == (4001, "bye")
+        assert (msg.data, msg.extra) == (code, reason)
 
 
 async def test_edge_shutdown_closes_websockets_with_going_away(make_cluster: EdgeFactory) -> None:
@@ -536,21 +576,30 @@ async def test_edge_shutdown_closes_websockets_with_going_away(make_cluster: Edg
         async with asyncio.timeout(5):
             await c.edge_runner.cleanup()  # must not wait out the server's shutdown timeout
         msg = await ws.receive(timeout=5)
-        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
-    for _ in range(50):
-        if c.agent.ws_closed_with is not None:
-            break
-        await asyncio.sleep(0.02)
-    assert c.agent.ws_closed_with == 1001
+        assert (msg.type, msg.data, msg.extra) == (
+            aiohttp.WSMsgType.CLOSE,
+            1001,
+            "edge shutting down",
+        )
+    assert await eventually(lambda: c.agent.ws_closed_with, within=5) == 1001
 
 
-async def test_websocket_refusal_passes_status_and_kind(make_cluster: EdgeFactory) -> None:
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/execute-code/refuse", "container-exited"),  # the agent's own kind, passed on
+        ("/execute-code/not-a-websocket", "upstream-refused"),  # no kind: the edge's
+    ],
+)
+async def test_websocket_refusal_passes_status_and_kind(
+    make_cluster: EdgeFactory, path: str, kind: str
+) -> None:
     c = await make_cluster()
     with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
-        await c.client.ws_connect(f"{c.edge_url}/execute-code/refuse", headers=SESSION)
-    assert caught.value.status == 504
+        await c.client.ws_connect(c.edge_url + path, headers=SESSION)
+    assert caught.value.status == 502
     assert caught.value.headers is not None
-    assert caught.value.headers["Portside-Error"] == "boot-timeout"
+    assert caught.value.headers["Portside-Error"] == kind
 
 
 async def test_websocket_retries_a_stale_route(make_cluster: EdgeFactory) -> None:

@@ -4,6 +4,7 @@ nothing, and a batch whose heartbeat reply was lost is sent again and counted on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from controlplane import records
 from controlplane.store import Store, open_store
-from controlplane.usage import UsageLedger, UsageReport, Use
+from controlplane.usage import UsageLedger
 from nodeagent.agent import Heartbeat
 from nodeagent.instances import InstanceManager, Timing
 from nodeagent.pools import PoolKeeper, UsageSampler
@@ -23,12 +24,16 @@ from nodeagent.usage import Size, UsageMeter
 from portside import net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.convert import usage_from_pb
 from portside.errors import InvalidArgument
 from portside.spec import Node
+from portside.usage import Usage
 
 pytestmark = pytest.mark.integration
 
-ONE_SECOND = Use(
+ONE_SECOND = Usage(
+    class_name="",
+    day="",
     running_ms=1000,
     vcpu_seconds=0.25,
     memory_gib_seconds=1.0,
@@ -60,8 +65,8 @@ async def store(store_url: str, class_name: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def report(class_name: str, day: str = "2026-11-27", iid: str = "i1") -> UsageReport:
-    return UsageReport(class_name, iid, day, ONE_SECOND)
+def report(class_name: str, day: str = "2026-11-27", iid: str = "i1") -> Usage:
+    return dataclasses.replace(ONE_SECOND, class_name=class_name, day=day, instance_id=iid)
 
 
 async def test_replicas_adding_at_once_lose_nothing(
@@ -124,12 +129,7 @@ class LossyControlPlane(cp_grpc.ControlPlaneServicer):
                 await self.ledger.add(
                     message.usage_source,
                     message.usage_sequence,
-                    [
-                        UsageReport(
-                            u.class_name, u.instance_id, u.day, Use(running_ms=u.running_ms)
-                        )
-                        for u in message.usage
-                    ],
+                    [usage_from_pb(u) for u in message.usage],
                 )
                 if not self.broke:
                     self.broke = True

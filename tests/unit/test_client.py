@@ -10,9 +10,8 @@ import pytest
 
 import portside
 from portside import cli
-from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import types_pb2 as pb
-from portside.client import _async, _models
+from portside.client import _async
 
 
 def test_public_surface_is_explicit_and_importable() -> None:
@@ -31,9 +30,10 @@ def test_public_surface_is_explicit_and_importable() -> None:
         portside.ExecChunk,
         portside.LogChunk,
         portside.NodeInfo,
-        portside.ClassInfo,
+        portside.ContainerClass,
         portside.Response,
         portside.DeployResult,
+        portside.Usage,
     ],
 )
 def test_models_are_frozen_dataclasses_without_protobuf(model: type) -> None:
@@ -41,141 +41,6 @@ def test_models_are_frozen_dataclasses_without_protobuf(model: type) -> None:
     assert model.__dataclass_params__.frozen  # type: ignore[attr-defined]
     for f in dataclasses.fields(model):
         assert "pb" not in str(f.type), (model, f.name, f.type)
-
-
-def test_instance_info_from_pb_keeps_an_unset_exit_code_unset() -> None:
-    m = pb.InstanceInfo(
-        class_name="Echo",
-        name="a",
-        instance_id="i1",
-        state="healthy",
-        node_id="n1",
-        region="fra",
-        since=12.5,
-        in_flight=2,
-    )
-    info = _models.instance_info_from_pb(m)
-    assert info == portside.InstanceInfo(
-        class_name="Echo",
-        name="a",
-        instance_id="i1",
-        state="healthy",
-        exit_code=None,
-        node_id="n1",
-        region="fra",
-        since=12.5,
-        pool=False,
-        in_flight=2,
-    )
-    assert info.running
-    m.state, m.exit_code = "exited", 0
-    exited = _models.instance_info_from_pb(m)
-    assert exited.exit_code == 0 and not exited.running
-
-
-def test_listed_instance_is_completed_from_its_placement() -> None:
-    bare = cp.PlacedInstance(
-        class_name="Echo", name="a", instance_id="i1", node_id="n1", placed_at=100.0
-    )
-    info = _models.placed_instance_from_pb(bare)
-    assert (info.class_name, info.name, info.node_id, info.state, info.since) == (
-        "Echo",
-        "a",
-        "n1",
-        "unknown",
-        100.0,
-    )
-    full = cp.PlacedInstance(
-        class_name="Echo",
-        name="a",
-        instance_id="i1",
-        node_id="n1",
-        placed_at=100.0,
-        info=pb.InstanceInfo(state="running", region="sin", since=150.0),
-    )
-    info = _models.placed_instance_from_pb(full)
-    assert (info.state, info.region, info.since, info.class_name) == (
-        "running",
-        "sin",
-        150.0,
-        "Echo",
-    )
-
-
-def test_event_from_pb() -> None:
-    m = pb.Event(
-        revision=7,
-        time=1.5,
-        kind="exited",
-        class_name="C",
-        name="n",
-        instance_id="i",
-        node_id="nd",
-        exit_code=143,
-        signal=15,
-    )
-    e = _models.event_from_pb(m)
-    assert (e.revision, e.kind, e.exit_code, e.signal, e.reason) == (7, "exited", 143, 15, "")
-    ready = _models.event_from_pb(pb.Event(revision=8, kind="ready"))
-    assert ready.exit_code is None and ready.signal is None
-
-
-def test_node_and_class_from_pb() -> None:
-    n = _models.node_info_from_pb(
-        cp.NodeInfo(
-            node=pb.Node(
-                id="n1",
-                region="fra",
-                data_address="1.2.3.4:7080",
-                vcpu=4,
-                memory_mib=8192,
-                labels={"disk": "ssd"},
-            ),
-            alive=True,
-            used_vcpu=0.5,
-            used_memory_mib=256,
-            instances=2,
-        )
-    )
-    assert (n.id, n.region, n.vcpu, n.used_vcpu, n.instances, dict(n.labels)) == (
-        "n1",
-        "fra",
-        4.0,
-        0.5,
-        2,
-        {"disk": "ssd"},
-    )
-    plain = pb.ContainerClass(
-        name="C",
-        image="img",
-        default_port=8080,
-        sleep_after_seconds=60,
-        instance_type=pb.InstanceType(name="lite", vcpu=0.0625, memory_mib=256),
-        entrypoint=["/bin/sh"],
-        env={"A": "1"},
-    )
-    c = _models.class_info_from_pb(plain)
-    assert (c.name, c.instance_type, c.entrypoint, dict(c.env), c.pool) == (
-        "C",
-        "lite",
-        ("/bin/sh",),
-        {"A": "1"},
-        False,
-    )
-    plain.autoscaling.CopyFrom(pb.Autoscaling(minimum_instances=1))
-    assert _models.class_info_from_pb(plain).pool
-
-
-def test_exec_and_log_chunks_from_pb() -> None:
-    conv = _models.exec_chunk_from_pb
-    assert conv(pb.ExecResponse(stdout=b"out")) == portside.ExecChunk("stdout", b"out")
-    assert conv(pb.ExecResponse(stderr=b"err")) == portside.ExecChunk("stderr", b"err")
-    assert conv(pb.ExecResponse(exit_code=0)) == portside.ExecChunk("exit", exit_code=0)
-    assert conv(pb.ExecResponse()) is None
-    assert _models.log_chunks_from_pb(pb.LogsResponse(stdout=b"a", stderr=b"b")) == [
-        portside.LogChunk("stdout", b"a"),
-        portside.LogChunk("stderr", b"b"),
-    ]
 
 
 def test_results_and_responses() -> None:
@@ -307,7 +172,7 @@ def test_age_and_event_lines() -> None:
         portside.Event(
             revision=9,
             time=0.0,
-            kind="exited",
+            kind=portside.EventKind.EXITED,
             class_name="C",
             name="n",
             node_id="nd",

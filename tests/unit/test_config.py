@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from portside.config import load_config, parse_toml, parse_wrangler, strip_jsonc
+from portside.config import load_config, parse_toml, parse_wrangler, strip_jsonc, validate_config
 from portside.errors import ConfigError
 from portside.spec import (
     INSTANCE_TYPES,
@@ -425,6 +425,8 @@ def test_toml_syntax_error_names_the_file_and_line() -> None:
     assert str(caught.value).startswith("portside.toml: not valid TOML")
 
 
+LITE = INSTANCE_TYPES["lite"]
+
 WRANGLER = """
 // A Worker with one container, as `wrangler init` writes it.
 {
@@ -437,7 +439,7 @@ WRANGLER = """
   "containers": [
     {
       "class_name": "CodeExecutor",
-      "image": "./Dockerfile",
+      "image": "registry.example/executor:1",
       "max_instances": 10,
       "instance_type": {"vcpu": 1, "memory_mib": 3072, "disk_mb": 4000,},
       "rollout_step_percentage": 50,
@@ -465,13 +467,15 @@ def test_wrangler_with_comments_trailing_commas_and_extras() -> None:
         classes=(
             ContainerClass(
                 name="CodeExecutor",
-                image="./Dockerfile",
+                image="registry.example/executor:1",
                 max_instances=10,
                 instance_type=InstanceType("custom", 1.0, 3072, 4000),
                 sleep_after_s=120.0,
                 env={"URL": "http://example.com/*not-a-comment*/"},
             ),
-            ContainerClass(name="Lite", image="lite:1", instance_type=INSTANCE_TYPES["lite"]),
+            ContainerClass(
+                name="Lite", image="lite:1", instance_type=LITE, max_instances=20
+            ),  # Cloudflare's default max_instances
         ),
         routes=(Route("/execute-code", "CodeExecutor", InstanceSource("query", name="id")),),
     )
@@ -499,7 +503,7 @@ WRANGLER_POOL = """
   "containers": [
     {
       "class_name": "GifMaker",
-      "image": "./Dockerfile",
+      "image": "registry.example/gif:1",
       "max_instances": 10,
       "autoscaling": {
         "minimum_instances": 1,
@@ -528,7 +532,8 @@ def test_wrangler_reads_autoscaling_and_warns_about_unknown_fields_in_it() -> No
         classes=(
             ContainerClass(
                 name="GifMaker",
-                image="./Dockerfile",
+                image="registry.example/gif:1",
+                instance_type=LITE,  # Cloudflare's default instance type
                 max_instances=10,
                 autoscaling=Autoscaling(
                     minimum_instances=1,
@@ -537,8 +542,14 @@ def test_wrangler_reads_autoscaling_and_warns_about_unknown_fields_in_it() -> No
                     concurrency_limit=50,
                 ),
             ),
-            ContainerClass(name="Empty", image="e", autoscaling=Autoscaling()),
-            ContainerClass(name="Named", image="n"),
+            ContainerClass(
+                name="Empty",
+                image="e",
+                instance_type=LITE,
+                max_instances=20,
+                autoscaling=Autoscaling(),
+            ),
+            ContainerClass(name="Named", image="n", instance_type=LITE, max_instances=20),
         ),
         routes=(
             Route("/make-gif", "GifMaker", None),
@@ -547,6 +558,7 @@ def test_wrangler_reads_autoscaling_and_warns_about_unknown_fields_in_it() -> No
         ),
     )
     assert config.classes[0].pool_maximum == 10
+    assert config.classes[1].pool_maximum == 20
     assert warnings == [
         "wrangler.jsonc: containers[0].autoscaling.max_surge: ignored (unknown field)",
         "wrangler.jsonc: containers[0].autoscaling.cpu_targets: ignored (unknown field; "
@@ -740,3 +752,66 @@ def test_load_config_file_errors(
         load_config(path)
     assert caught.value.file == str(path)
     assert fragment in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["./container/Dockerfile", "Dockerfile", "./", ".", "/srv/app", "../app", "app/Dockerfile.dev"],
+)
+def test_a_build_path_as_image_is_refused_with_what_to_do(image: str) -> None:
+    text = f'{{"containers": [{{"class_name": "A", "image": "{image}"}}]}}'
+    with pytest.raises(ConfigError) as caught:
+        parse_wrangler(text, "wrangler.jsonc")
+    message = str(caught.value)
+    assert message.startswith("wrangler.jsonc: containers[0].image: ")
+    assert "does not build images yet" in message and "docker build" in message
+
+
+@pytest.mark.parametrize(
+    "image", ["registry.example:5000/team/app:1.2", "app", "ghcr.io/a/b@sha256:" + "0" * 64]
+)
+def test_registry_references_are_images(image: str) -> None:
+    config, _ = parse_wrangler(
+        f'{{"containers": [{{"class_name": "A", "image": "{image}"}}]}}', "w.json"
+    )
+    assert config.classes[0].image == image
+
+
+def test_wrangler_entries_get_cloudflares_defaults_and_toml_keeps_portsides() -> None:
+    config, _ = parse_wrangler('{"containers": [{"class_name": "A", "image": "a"}]}', "w.json")
+    assert (config.classes[0].instance_type.name, config.classes[0].max_instances) == ("lite", 20)
+    toml = parse_toml('[[containers]]\nclass_name = "A"\nimage = "a"\n', "portside.toml")
+    assert (toml.classes[0].instance_type.name, toml.classes[0].max_instances) == ("basic", 0)
+
+
+def one(cls: ContainerClass) -> Config:
+    return Config(classes=(cls,))
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "words"),
+    [
+        (one(ContainerClass("9lives", "a")), "containers[0].class_name", "not a class name"),
+        (one(ContainerClass("A", "./Dockerfile")), "containers[0].image", "build"),
+        (one(ContainerClass("A", "a", default_port=0)), "containers[0].default_port", "1 to 65535"),
+        (one(ContainerClass("A", "a", sleep_after_s=0)), "containers[0].sleep_after", "than zero"),
+        (
+            Config(classes=(ContainerClass("A", "a"), ContainerClass("A", "b"))),
+            "containers[1].class_name",
+            "already declared by containers[0]",
+        ),
+        (
+            Config(classes=(ContainerClass("A", "a"),), routes=(Route("/x", "A"),)),
+            "routes[0].instance",
+            "is not a pool",
+        ),
+        (Config(routes=(Route("x", "A"),)), "routes[0].path", "must start with"),
+    ],
+)
+def test_a_deployed_config_is_checked_by_the_same_rules_as_a_file(
+    config: Config, field: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config)
+    assert caught.value.file == "deploy request" and caught.value.field == field
+    assert words in caught.value.problem

@@ -101,27 +101,11 @@ class ListInstancesRequest(_message.Message):
     state: str
     def __init__(self, class_name: _Optional[str] = ..., node_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
-class PlacedInstance(_message.Message):
-    __slots__ = ("class_name", "name", "instance_id", "node_id", "placed_at", "info")
-    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
-    NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    PLACED_AT_FIELD_NUMBER: _ClassVar[int]
-    INFO_FIELD_NUMBER: _ClassVar[int]
-    class_name: str
-    name: str
-    instance_id: str
-    node_id: str
-    placed_at: float
-    info: _types_pb2.InstanceInfo
-    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., placed_at: _Optional[float] = ..., info: _Optional[_Union[_types_pb2.InstanceInfo, _Mapping]] = ...) -> None: ...
-
 class ListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
-    instances: _containers.RepeatedCompositeFieldContainer[PlacedInstance]
-    def __init__(self, instances: _Optional[_Iterable[_Union[PlacedInstance, _Mapping]]] = ...) -> None: ...
+    instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceInfo]
+    def __init__(self, instances: _Optional[_Iterable[_Union[_types_pb2.InstanceInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
     __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence")
@@ -134,32 +118,10 @@ class NodeHeartbeatRequest(_message.Message):
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
-    usage: _containers.RepeatedCompositeFieldContainer[UsageReport]
+    usage: _containers.RepeatedCompositeFieldContainer[_types_pb2.Usage]
     usage_source: str
     usage_sequence: int
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[UsageReport, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ...) -> None: ...
-
-class UsageReport(_message.Message):
-    __slots__ = ("class_name", "instance_id", "day", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")
-    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
-    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
-    DAY_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_MS_FIELD_NUMBER: _ClassVar[int]
-    VCPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    DISK_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    CPU_SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
-    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
-    class_name: str
-    instance_id: str
-    day: str
-    running_ms: int
-    vcpu_seconds: float
-    memory_gib_seconds: float
-    disk_gb_seconds: float
-    cpu_seconds_used: float
-    egress_bytes: int
-    def __init__(self, class_name: _Optional[str] = ..., instance_id: _Optional[str] = ..., day: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
     __slots__ = ("lease_ttl_seconds", "pool")
@@ -361,28 +323,8 @@ class GetUsageRequest(_message.Message):
     since: str
     def __init__(self, class_name: _Optional[str] = ..., since: _Optional[str] = ...) -> None: ...
 
-class ClassUsage(_message.Message):
-    __slots__ = ("class_name", "day", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")
-    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
-    DAY_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_MS_FIELD_NUMBER: _ClassVar[int]
-    VCPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    MEMORY_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    DISK_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    CPU_SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
-    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
-    class_name: str
-    day: str
-    running_ms: int
-    vcpu_seconds: float
-    memory_gib_seconds: float
-    disk_gb_seconds: float
-    cpu_seconds_used: float
-    egress_bytes: int
-    def __init__(self, class_name: _Optional[str] = ..., day: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
-
 class GetUsageResponse(_message.Message):
     __slots__ = ("usage",)
     USAGE_FIELD_NUMBER: _ClassVar[int]
-    usage: _containers.RepeatedCompositeFieldContainer[ClassUsage]
-    def __init__(self, usage: _Optional[_Iterable[_Union[ClassUsage, _Mapping]]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[_types_pb2.Usage]
+    def __init__(self, usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ...) -> None: ...

@@ -123,28 +123,14 @@ class Node(_message.Message):
     def __init__(self, id: _Optional[str] = ..., data_address: _Optional[str] = ..., api_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "class_name", "name", "state", "container_id", "in_flight", "idle_seconds", "cpu_percent", "memory_bytes", "pool")
-    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
-    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
-    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
-    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("info", "cpu_percent", "memory_bytes")
+    INFO_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
-    POOL_FIELD_NUMBER: _ClassVar[int]
-    instance_id: str
-    class_name: str
-    name: str
-    state: str
-    container_id: str
-    in_flight: int
-    idle_seconds: float
+    info: InstanceInfo
     cpu_percent: float
     memory_bytes: int
-    pool: bool
-    def __init__(self, instance_id: _Optional[str] = ..., class_name: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., container_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[bool] = ...) -> None: ...
+    def __init__(self, info: _Optional[_Union[InstanceInfo, _Mapping]] = ..., cpu_percent: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class PoolAssignment(_message.Message):
     __slots__ = ("class_name", "name", "instance_id", "draining")
@@ -296,3 +282,25 @@ class LogsResponse(_message.Message):
     stdout: bytes
     stderr: bytes
     def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("class_name", "day", "instance_id", "running_ms", "vcpu_seconds", "memory_gib_seconds", "disk_gb_seconds", "cpu_seconds_used", "egress_bytes")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_MS_FIELD_NUMBER: _ClassVar[int]
+    VCPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GIB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_USED_FIELD_NUMBER: _ClassVar[int]
+    EGRESS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    day: str
+    instance_id: str
+    running_ms: int
+    vcpu_seconds: float
+    memory_gib_seconds: float
+    disk_gb_seconds: float
+    cpu_seconds_used: float
+    egress_bytes: int
+    def __init__(self, class_name: _Optional[str] = ..., day: _Optional[str] = ..., instance_id: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...

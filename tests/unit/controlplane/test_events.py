@@ -3,13 +3,15 @@ indifference to event and state keys. A fake store stands in for the lease and p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 from controlplane import records
-from controlplane.events import EVENT_TTL_S, LEASE_ROTATE_S, EventLog, EventRecord, decode_event
+from controlplane.events import EVENT_TTL_S, LEASE_ROTATE_S, EventLog, decode_event
 from controlplane.store import KeyValue, Store, WatchEvent
 from controlplane.view import ClusterView
 from portside.errors import StoreError
+from portside.events import Event, EventKind
 
 
 def test_event_keys_sort_by_time_under_their_instance() -> None:
@@ -27,9 +29,9 @@ def test_a_class_prefix_does_not_match_a_longer_class_name() -> None:
     assert not key.startswith(records.events_prefix("Echo"))
 
 
-def test_event_record_round_trip() -> None:
-    event = EventRecord(
-        kind="exited",
+def test_a_stored_event_round_trips_with_its_revision() -> None:
+    event = Event(
+        kind=EventKind.EXITED,
         time=1.5,
         class_name="Echo",
         name="a",
@@ -39,9 +41,10 @@ def test_event_record_round_trip() -> None:
         signal=15,
         reason="",
     )
-    assert EventRecord.decode(event.encode()) == event
-    stored = decode_event(KeyValue("/portside/events/Echo/abc/1-1", event.encode(), 3, 9))
-    assert stored is not None and stored.revision == 9 and stored.event == event
+    value = records.encode_event(event)
+    assert b"revision" not in value  # the store's own revision is the event's
+    stored = decode_event(KeyValue("/portside/events/Echo/abc/1-1", value, 3, 9))
+    assert stored == dataclasses.replace(event, revision=9)
     assert decode_event(KeyValue("/portside/events/Echo/abc/1-2", b"{not json", 3, 9)) is None
 
 
@@ -72,8 +75,8 @@ class Clock:
         return self.now
 
 
-def event(n: int) -> EventRecord:
-    return EventRecord("ready", 1000.0 + n, "Echo", "a", "abc", "n1")
+def event(n: int) -> Event:
+    return Event(EventKind.READY, 1000.0 + n, "Echo", "a", "abc", "n1")
 
 
 async def test_one_lease_serves_many_events_and_is_replaced_every_ten_minutes() -> None:

@@ -9,10 +9,12 @@ import pytest
 
 from controlplane import records
 from controlplane.pools import drain_order, room_for, target_region
-from controlplane.records import InstanceRecord, InstanceStat
+from controlplane.records import InstanceRecord
 from controlplane.store import KeyValue, WatchEvent
 from controlplane.view import ClusterView
+from portside.instances import InstanceStatus
 from portside.spec import INSTANCE_TYPES, Node
+from tests.support import reported
 
 
 def node(node_id: str, region: str, vcpu: float = 1.0, memory_mib: int = 4096) -> Node:
@@ -31,7 +33,7 @@ def node(node_id: str, region: str, vcpu: float = 1.0, memory_mib: int = 4096) -
 def view_with(nodes: list[Node], members: list[tuple[str, str, str]]) -> ClusterView:
     """members: (name, node id, state) of pool instances of class P, each 0.25 vCPU."""
     view = ClusterView(store=cast(Any, None), clock=lambda: 0.0)
-    stats: dict[str, dict[str, InstanceStat]] = {n.id: {} for n in nodes}
+    stats: dict[str, dict[str, InstanceStatus]] = {n.id: {} for n in nodes}
     for name, node_id, state in members:
         rec = InstanceRecord(
             class_name="P",
@@ -48,7 +50,7 @@ def view_with(nodes: list[Node], members: list[tuple[str, str, str]]) -> Cluster
                 "put", KeyValue(records.instance_key("P", rec.instance_id), rec.encode(), 1, 1)
             )
         )
-        stats[node_id][rec.instance_id] = InstanceStat(state=state)
+        stats[node_id][rec.instance_id] = reported(rec.instance_id, state, pool=True)
     for n in nodes:
         view._apply(
             WatchEvent(
@@ -79,10 +81,10 @@ def test_drain_order_retires_unready_then_least_wanted_then_idle() -> None:
     view = view_with(
         [node("f", "fra"), node("s", "sin")],
         [
-            ("a", "f", "running"),
-            ("b", "f", "booting"),
-            ("c", "s", "running"),
-            ("d", "s", "running"),
+            ("a", "f", "healthy"),
+            ("b", "f", "starting"),
+            ("c", "s", "healthy"),
+            ("d", "s", "healthy"),
         ],
     )
     members = view.pool_members("P")
@@ -94,7 +96,7 @@ def test_drain_order_retires_unready_then_least_wanted_then_idle() -> None:
 def test_room_counts_whole_instances_that_fit_by_cpu_and_memory() -> None:
     view = view_with(
         [node("f", "fra", vcpu=1.0), node("s", "sin", vcpu=2.0, memory_mib=1024)],
-        [("a", "f", "running")],
+        [("a", "f", "healthy")],
     )
     # f: 0.75 vCPU free -> 3 basic (0.25 vCPU, 1 GiB); s: 2 vCPU but 1 GiB -> 1.
     assert room_for(view, INSTANCE_TYPES["basic"]) == 4

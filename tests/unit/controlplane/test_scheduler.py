@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.scheduler import (
+    REFUSED_MAX_INSTANCES,
+    REFUSED_NO_CAPACITY,
+    REFUSED_NO_NODES,
     REJECT_CPU,
-    REJECT_DEAD,
     REJECT_MEMORY,
     NodeState,
     PlacementRequest,
@@ -20,6 +22,7 @@ from controlplane.scheduler import (
     place,
 )
 from portside import geo
+from portside.capacity import Resources
 from portside.spec import INSTANCE_TYPES, InstanceType, Node
 
 BASIC = INSTANCE_TYPES["basic"]  # 0.25 vCPU, 1024 MiB
@@ -50,12 +53,11 @@ def node(
 def state(
     n: Node,
     *,
-    alive: bool = True,
     used_vcpu: float = 0.0,
     used_memory_mib: int = 0,
     instances: int = 0,
 ) -> NodeState:
-    return NodeState(n, alive, used_vcpu, used_memory_mib, instances)
+    return NodeState(n, Resources(used_vcpu, used_memory_mib), instances)
 
 
 def request(
@@ -78,6 +80,7 @@ class Case:
     placed: str | None  # expected node id, None when nothing fits
     reason: str = ""
     rejected: Mapping[str, str] = field(default_factory=dict)
+    refusal: str = ""
 
 
 CASES = [
@@ -100,13 +103,6 @@ CASES = [
         placed="iad-1",
     ),
     Case(
-        "dead node skipped with its reason",
-        request("fra"),
-        [state(node("fra-1", "fra"), alive=False), state(node("ams-1", "ams"))],
-        placed="ams-1",
-        rejected={"fra-1": REJECT_DEAD},
-    ),
-    Case(
         "node without free vCPU skipped",
         request("fra"),
         [state(node("fra-1", "fra", vcpu=2), used_vcpu=1.9), state(node("ams-1", "ams"))],
@@ -124,12 +120,15 @@ CASES = [
         rejected={"fra-1": REJECT_MEMORY},
     ),
     Case(
-        "dead is reported before full: cheapest filter first",
+        "a node full on both counts is rejected by the first filter: vCPU",
         request("fra"),
-        [state(node("fra-1", "fra", vcpu=1), alive=False, used_vcpu=1.0)],
+        [state(node("fra-1", "fra", vcpu=1, memory_mib=1_024), used_vcpu=1.0, used_memory_mib=1)],
         placed=None,
-        reason="no node has capacity for instance type basic (0.25 vCPU, 1024 MiB): fra-1 down",
-        rejected={"fra-1": REJECT_DEAD},
+        reason=(
+            "no node has capacity for instance type basic (0.25 vCPU, 1024 MiB): fra-1 full (vCPU)"
+        ),
+        rejected={"fra-1": REJECT_CPU},
+        refusal=REFUSED_NO_CAPACITY,
     ),
     Case(
         "exactly full after inexact float sums still fits the last quarter",
@@ -191,6 +190,7 @@ CASES = [
         [state(node("fra-1", "fra"))],
         placed=None,
         reason="class CodeExecutor is at max_instances (50)",
+        refusal=REFUSED_MAX_INSTANCES,
     ),
     Case(
         "max_instances not yet reached",
@@ -210,6 +210,7 @@ CASES = [
         [],
         placed=None,
         reason="no node agent has registered: start one and point it at the control plane",
+        refusal=REFUSED_NO_NODES,
     ),
     Case(
         "all full: the reason lists the nodes, nearest first",
@@ -217,25 +218,28 @@ CASES = [
         [
             state(node("sin-1", "sin", memory_mib=1_024), used_memory_mib=512),
             state(node("fra-1", "fra", vcpu=1), used_vcpu=1.0),
-            state(node("iad-1", "iad"), alive=False),
+            state(node("iad-1", "iad", memory_mib=1_024), used_memory_mib=1_024),
         ],
         placed=None,
         reason=(
             "no node has capacity for instance type basic (0.25 vCPU, 1024 MiB): "
-            "fra-1 full (vCPU), iad-1 down, sin-1 full (memory)"
+            "fra-1 full (vCPU), iad-1 full (memory), sin-1 full (memory)"
         ),
-        rejected={"fra-1": REJECT_CPU, "iad-1": REJECT_DEAD, "sin-1": REJECT_MEMORY},
+        rejected={"fra-1": REJECT_CPU, "iad-1": REJECT_MEMORY, "sin-1": REJECT_MEMORY},
+        refusal=REFUSED_NO_CAPACITY,
     ),
     Case(
         "all full on a big cluster: the reason stays one short line",
         request("fra", instance_type=INSTANCE_TYPES["lite"]),
-        [state(node(f"fra-{i}", "fra"), alive=False) for i in range(1, 8)],
+        [state(node(f"fra-{i}", "fra"), used_vcpu=4.0) for i in range(1, 8)],
         placed=None,
         reason=(
             "no node has capacity for instance type lite (0.0625 vCPU, 256 MiB): "
-            "fra-1 down, fra-2 down, fra-3 down, fra-4 down, fra-5 down, and 2 more"
+            "fra-1 full (vCPU), fra-2 full (vCPU), fra-3 full (vCPU), fra-4 full (vCPU), "
+            "fra-5 full (vCPU), and 2 more"
         ),
-        rejected={f"fra-{i}": REJECT_DEAD for i in range(1, 8)},
+        rejected={f"fra-{i}": REJECT_CPU for i in range(1, 8)},
+        refusal=REFUSED_NO_CAPACITY,
     ),
 ]
 
@@ -246,6 +250,7 @@ def test_place(case: Case) -> None:
     assert (result.node.id if result.node else None) == case.placed
     assert result.reason == case.reason
     assert dict(result.rejected) == dict(case.rejected)
+    assert result.refusal == case.refusal
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -278,7 +283,7 @@ def test_scores_are_minus_km_then_load() -> None:
 
 
 def test_decision_is_immutable() -> None:
-    result = place(request("fra"), [state(node("fra-1", "fra"), alive=False)])
+    result = place(request("fra"), [state(node("fra-1", "fra"), used_vcpu=4.0)])
     with pytest.raises(TypeError):
         result.rejected["fra-1"] = "x"  # type: ignore[index]
 

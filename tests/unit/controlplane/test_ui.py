@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any, cast
 
 from controlplane import records
-from controlplane.events import EventRecord
-from controlplane.records import Demand, InstanceRecord, InstanceStat
+from controlplane.records import Demand, InstanceRecord
 from controlplane.store import KeyValue, Store, WatchEvent
 from controlplane.ui import LOST_NODE_KEPT_S, ClusterPage, RecentEvents, cluster_snapshot
 from controlplane.view import ClusterView
+from portside.events import Event, EventKind
 from portside.spec import INSTANCE_TYPES, Autoscaling, ContainerClass, Node
+from tests.support import reported
 
 
 def node(node_id: str, region: str = "fra", lat: float = 50.1, lon: float = 8.7) -> Node:
@@ -33,13 +34,13 @@ POOL = ContainerClass(
 ECHO = ContainerClass("Echo", "echo:1")
 
 
-def event(kind: str, at: float, name: str = "a") -> EventRecord:
-    return EventRecord(kind, at, "Echo", name, "id-" + name, "n1")
+def event(kind: str, at: float, name: str = "a") -> Event:
+    return Event(EventKind(kind), at, "Echo", name, "id-" + name, "n1")
 
 
 def snapshot(**kw: Any) -> dict[str, Any]:
     args: dict[str, Any] = dict(
-        nodes={}, lost={}, instances=[], stats={}, classes={}, demand={}, events=[], now=1.0
+        nodes={}, lost={}, instances=[], statuses={}, classes={}, demand={}, events=[], now=1.0
     )
     args.update(kw)
     return cluster_snapshot(**args)
@@ -49,11 +50,11 @@ def test_nodes_list_their_instances_with_the_states_their_heartbeat_reported() -
     out = snapshot(
         nodes={"n1": node("n1")},
         instances=[rec("b", "n1"), rec("a", "n1"), rec("c", "n1")],
-        stats={
+        statuses={
             "n1": {
-                "id-a": InstanceStat("booting"),
-                "id-b": InstanceStat("stopped"),
-                "id-x": InstanceStat("running"),
+                "id-a": reported("id-a", "starting"),
+                "id-b": reported("id-b", "sleeping"),
+                "id-x": reported("id-x", "healthy"),
             }
         },
         classes={"Echo": ECHO},
@@ -61,10 +62,10 @@ def test_nodes_list_their_instances_with_the_states_their_heartbeat_reported() -
     [n1] = out["nodes"]
     assert (n1["id"], n1["alive"], n1["region"], n1["city"]) == ("n1", True, "fra", "Frankfurt")
     states = [(i["name"], i["state"], i["awake"], i["reported"]) for i in n1["instances"]]
-    # "booting" reads as ListInstances says it; not reported yet: placed.
+    # As the heartbeat said (the same words as ListInstances); not reported yet: placed.
     assert states == [
         ("a", "starting", True, True),
-        ("b", "stopped", False, True),
+        ("b", "sleeping", False, True),
         ("c", "placed", False, False),
     ]
     assert (n1["used_vcpu"], n1["used_memory_mib"]) == (0.25, 1024)
@@ -77,7 +78,7 @@ def test_lost_nodes_follow_the_live_ones_and_keep_their_instances() -> None:
         nodes={"n2": node("n2", "sin")},
         lost={"n1": node("n1")},
         instances=[rec("a", "n1"), rec("b", "gone")],
-        stats={"n1": {"id-a": InstanceStat("running")}},  # stale: its node is lost
+        statuses={"n1": {"id-a": reported("id-a", "healthy")}},  # stale: its node is lost
     )
     assert [(n["id"], n["alive"]) for n in out["nodes"]] == [
         ("n2", True),
@@ -100,12 +101,12 @@ def test_pool_cpu_is_the_mean_of_ready_members_not_draining() -> None:
             rec("g4", "n1", "Gif", pool=True),
             rec("g5", "lost", "Gif", pool=True),
         ],
-        stats={
+        statuses={
             "n1": {
-                "id-g1": InstanceStat("running", cpu_percent=80.0, pool=True),
-                "id-g2": InstanceStat("running", cpu_percent=40.0, pool=True),
-                "id-g3": InstanceStat("running", cpu_percent=0.0, pool=True),
-                "id-g4": InstanceStat("booting", cpu_percent=5.0, pool=True),
+                "id-g1": reported("id-g1", "healthy", cpu_percent=80.0, pool=True),
+                "id-g2": reported("id-g2", "healthy", cpu_percent=40.0, pool=True),
+                "id-g3": reported("id-g3", "healthy", cpu_percent=0.0, pool=True),
+                "id-g4": reported("id-g4", "starting", cpu_percent=5.0, pool=True),
             }
         },
         classes={"Gif": POOL, "Echo": ECHO},

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.usage import ClassDay, Use, add_batch, parse_day
+from controlplane.usage import ClassDay, add_batch, parse_day
 from portside.errors import InvalidArgument
+from portside.usage import Usage
 
-ONE = Use(
+ONE = Usage(
+    class_name="C",
+    day="2026-11-27",
+    instance_id="i1",
     running_ms=1000,
     vcpu_seconds=0.25,
     memory_gib_seconds=1.0,
@@ -18,7 +22,7 @@ ONE = Use(
 
 
 def test_a_batch_is_added_once_per_source_and_sequence() -> None:
-    day = ClassDay("C", "2026-11-27")
+    day = ClassDay.empty("C", "2026-11-27")
     day = add_batch(day, ONE, "agent-a", 1) or day
     assert add_batch(day, ONE, "agent-a", 1) is None  # sent again after a lost reply
     day = add_batch(day, ONE, "agent-b", 1) or day  # another agent process
@@ -29,14 +33,14 @@ def test_a_batch_is_added_once_per_source_and_sequence() -> None:
 
 
 def test_an_older_batch_that_comes_late_is_not_added_again() -> None:
-    day = ClassDay("C", "2026-11-27")
+    day = ClassDay.empty("C", "2026-11-27")
     day = add_batch(day, ONE, "a", 1) or day
     day = add_batch(day, ONE, "a", 2) or day
     assert add_batch(day, ONE, "a", 1) is None
 
 
 def test_a_record_survives_encoding() -> None:
-    day = add_batch(ClassDay("C", "2026-11-27"), ONE, "a", 7)
+    day = add_batch(ClassDay.empty("C", "2026-11-27"), ONE, "a", 7)
     assert day is not None
     assert ClassDay.decode("C", "2026-11-27", day.encode()) == day
 

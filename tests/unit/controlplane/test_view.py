@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any, cast
 
 from controlplane import records
-from controlplane.records import InstanceRecord, InstanceStat
+from controlplane.records import InstanceRecord
 from controlplane.store import KeyValue, WatchEvent
 from controlplane.view import PENDING_S, ClusterView
 from portside.spec import Node
+from tests.support import reported
 
 NODE = Node(
     id="n1",
@@ -52,7 +53,7 @@ def place(
 
 
 def report(view: ClusterView, *awake: str) -> None:
-    stats = {iid: InstanceStat(state="running") for iid in awake}
+    stats = {iid: reported(iid, "healthy") for iid in awake}
     put(view, records.node_key("n1"), records.encode_node(NODE, stats))
 
 
@@ -66,7 +67,7 @@ def make_view() -> tuple[ClusterView, Clock]:
 def test_a_fresh_placement_counts_until_reported() -> None:
     view, _ = make_view()
     place(view, "a")
-    assert view.use_of("n1").vcpu == 0.5
+    assert view.use_of("n1").used.vcpu == 0.5
     assert view.instances_of("C") == 1
 
 
@@ -75,25 +76,25 @@ def test_awake_counts_and_asleep_does_not() -> None:
     place(view, "a")
     place(view, "b")
     report(view, "id-a", "id-b")
-    assert view.use_of("n1").vcpu == 1.0 and view.use_of("n1").instances == 2
+    assert view.use_of("n1").used.vcpu == 1.0 and view.use_of("n1").instances == 2
     report(view, "id-b")  # a slept
-    assert view.use_of("n1").vcpu == 0.5
+    assert view.use_of("n1").used.vcpu == 0.5
     assert view.instances_of("C") == 1
     report(view)  # both slept
-    assert view.use_of("n1").vcpu == 0.0 and view.instances_of("C") == 0
+    assert view.use_of("n1").used.vcpu == 0.0 and view.instances_of("C") == 0
 
 
 def test_a_placement_never_reported_stops_counting_after_the_pending_window() -> None:
     view, clock = make_view()
     place(view, "a")
     clock.now += PENDING_S + 1
-    assert view.use_of("n1").vcpu == 0.0
+    assert view.use_of("n1").used.vcpu == 0.0
 
 
 def test_an_old_placement_loaded_at_start_is_not_pending() -> None:
     view, clock = make_view()
     place(view, "a", at=clock.now - 3600)
-    assert view.use_of("n1").vcpu == 0.0
+    assert view.use_of("n1").used.vcpu == 0.0
 
 
 def test_counts_are_per_class() -> None:

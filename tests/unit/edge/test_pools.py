@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from edge.pools import InFlight, PoolMember, choose, places
+from edge.pools import InFlight, choose, places
 from portside import geo
+from portside.instances import PoolMember
 
 
 def member(
@@ -27,6 +28,7 @@ def member(
     """A member on a node in `region`, optionally moved `north_km` north of the city centre."""
     city = geo.REGIONS[region]
     return PoolMember(
+        class_name="Pool",
         instance_id=instance_id,
         name=f"{instance_id}-name",
         node_id=f"node-{instance_id}",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from nodeagent import events as outbox_module
 from nodeagent.events import EventOutbox
-from nodeagent.instances import LifecycleEvent
+from portside.events import Event, EventKind
 
 
-def event(n: int) -> LifecycleEvent:
-    return LifecycleEvent(
-        kind="starting",
+def event(n: int) -> Event:
+    return Event(
+        kind=EventKind.STARTING,
         time=float(n),
         class_name="c",
         name=f"i{n}",
@@ -19,7 +19,7 @@ def event(n: int) -> LifecycleEvent:
     )
 
 
-def times(batch: list[LifecycleEvent]) -> list[int]:
+def times(batch: list[Event]) -> list[int]:
     return [int(e.time) for e in batch]
 
 

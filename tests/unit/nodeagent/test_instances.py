@@ -4,38 +4,39 @@ runtime and a fake port probe: no Docker, no sockets. tests/integration covers t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
 
 import pytest
 
-from nodeagent.instances import (
-    Capacity,
-    InstanceManager,
-    InstanceState,
-    LifecycleEvent,
-    Timing,
-    Upstream,
-)
+from nodeagent.instances import Capacity, InstanceManager, Timing, Upstream
 from nodeagent.runtime import (
-    LABEL_OVERRIDES,
     NO_OVERRIDES,
     ContainerEvent,
+    ContainerEventKind,
     ContainerInfo,
     ExecProcess,
     Overrides,
     Stream,
 )
+from portside.capacity import Resources
 from portside.errors import (
     BootTimeout,
     ContainerExited,
     FailedPrecondition,
+    ImageUnavailable,
     NoCapacity,
     NotFound,
+    PortsideError,
     Unavailable,
 )
+from portside.events import Event, EventKind
 from portside.spec import ContainerClass, instance_id
+from portside.states import InstanceState
+from tests.support import eventually
 
 ECHO = ContainerClass("echo", "echo:latest", sleep_after_s=2.0, boot_timeout_s=1.0)
 FAST = Timing(sleep_check=0.01, reconcile=3600, port_poll=0.001, exit_poll=0.005, stop_grace=1)
@@ -43,13 +44,16 @@ FAST = Timing(sleep_check=0.01, reconcile=3600, port_poll=0.001, exit_poll=0.005
 
 class FakeRuntime:
     """Containers in a dict. `exit_on_start` makes a started container exit at once with that
-    code; `start_delay` stretches start() so tests can pile requests onto one boot."""
+    code; `start_delay` stretches start() so tests can pile requests onto one boot;
+    `create_error` is what create() raises. Like the
+    real engine, a stop reports the death as an engine event before stop() returns."""
 
     def __init__(self) -> None:
         self.containers: dict[str, ContainerInfo] = {}
         self.calls: list[tuple[str, str]] = []
         self.exit_on_start: int | None = None
         self.start_delay = 0.0
+        self.create_error: PortsideError | None = None
         self._next_ip = 1
         self.engine_events: asyncio.Queue[ContainerEvent] = asyncio.Queue()
 
@@ -85,15 +89,17 @@ class FakeRuntime:
     async def ensure_networks(self) -> None:
         self.calls.append(("ensure_networks", ""))
 
-    async def list(self, labels: Mapping[str, str] | None = None) -> list[ContainerInfo]:
+    async def list(self) -> list[ContainerInfo]:
         return list(self.containers.values())
 
     async def create(
         self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
     ) -> str:
         self.calls.append(("create", name))
+        if self.create_error is not None:
+            raise self.create_error
         info = self.add(cls, name, "created")
-        self.set(info.id, labels={LABEL_OVERRIDES: overrides.digest})
+        self.set(info.id, overrides_digest=overrides.digest)
         return info.id
 
     async def start(self, container_id: str) -> ContainerInfo:
@@ -106,6 +112,7 @@ class FakeRuntime:
         else:
             self._next_ip += 1
             self.set(container_id, status="running", exit_code=None, ip=f"127.0.1.{self._next_ip}")
+        self.set(container_id, started_at=datetime.now(UTC))
         return self.containers[container_id]
 
     async def stop(
@@ -115,7 +122,9 @@ class FakeRuntime:
         await asyncio.sleep(0.01)
         if container_id not in self.containers:
             raise NotFound(f"no container {container_id}")
-        self.set(container_id, status="exited", exit_code=143, ip=None)
+        if self.containers[container_id].running:
+            self.die(container_id, 143)
+        await asyncio.sleep(0.01)  # the engine's event comes first, as it does from dockerd
         return 143
 
     async def signal(self, container_id: str, signum: int) -> None:
@@ -141,12 +150,22 @@ class FakeRuntime:
         return
         yield
 
-    def die(self, container_id: str, exit_code: int) -> None:
-        """The container exits on its own; the engine reports it."""
-        info = self.containers[container_id]
+    def die(self, container_id: str, exit_code: int, at: float | None = None) -> None:
+        """The container exits; the engine reports it (`at`: the event's time, default now)."""
         self.set(container_id, status="exited", exit_code=exit_code, ip=None)
+        self.report(ContainerEventKind.DIE, container_id, exit_code, at)
+
+    def report(
+        self,
+        kind: ContainerEventKind,
+        container_id: str,
+        exit_code: int | None = None,
+        at: float | None = None,
+    ) -> None:
+        info = self.containers[container_id]
+        when = time.time() if at is None else at
         self.engine_events.put_nowait(
-            ContainerEvent("die", container_id, info.instance_id, 0.0, exit_code)
+            ContainerEvent(kind, container_id, info.instance_id, when, exit_code)
         )
 
     async def inspect(self, container_id: str) -> ContainerInfo:
@@ -214,7 +233,7 @@ async def test_concurrent_acquires_share_one_boot(runtime: FakeRuntime, probe: P
     assert runtime.count("create") == 1 and runtime.count("start") == 1
     assert {lease.upstream for lease in leases} == {Upstream("127.0.1.2", 8080)}
     snap = manager.get(instance_id("echo", "alice"))
-    assert snap is not None and snap.in_flight == 50 and snap.state is InstanceState.RUNNING
+    assert snap is not None and snap.in_flight == 50 and snap.state is InstanceState.HEALTHY
     for lease in leases:
         lease.release()
         lease.release()  # a second release is ignored
@@ -234,7 +253,7 @@ async def test_exit_during_boot_reports_the_code_and_next_request_wakes_it(
     error = results[0]
     assert isinstance(error, ContainerExited) and error.exit_code == 3
     assert str(error) == "container for echo/bob exited with code 3 before its port 8080 answered"
-    assert state_of(manager, ECHO, "bob") is InstanceState.STOPPED
+    assert state_of(manager, ECHO, "bob") is InstanceState.STOPPED_WITH_CODE
     runtime.exit_on_start = None
     async with manager.use(ECHO, "bob"):
         pass
@@ -251,8 +270,7 @@ async def test_silent_port_times_out_and_stops_the_container(
     with pytest.raises(BootTimeout, match=r"port 8080 did not answer within 0\.1s"):
         await manager.acquire(cls, "carol")
     assert state_of(manager, cls, "carol") is InstanceState.STOPPING
-    await asyncio.sleep(0.05)
-    assert state_of(manager, cls, "carol") is InstanceState.STOPPED
+    await eventually(lambda: state_of(manager, cls, "carol") is InstanceState.STOPPED)
     assert runtime.count("stop") == 1
 
 
@@ -262,14 +280,13 @@ async def test_cancelled_waiter_frees_its_hold_and_boot_goes_on(
     runtime.start_delay = 0.05
     manager = manager_for(runtime, probe)
     waiter = asyncio.create_task(manager.acquire(ECHO, "dave"))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: runtime.count("start") == 1, every=0.001)  # the boot is under way
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     snap = manager.get(instance_id("echo", "dave"))
-    assert snap is not None and snap.in_flight == 0 and snap.state is InstanceState.BOOTING
-    await asyncio.sleep(0.1)
-    assert state_of(manager, ECHO, "dave") is InstanceState.RUNNING
+    assert snap is not None and snap.in_flight == 0 and snap.state is InstanceState.STARTING
+    await eventually(lambda: state_of(manager, ECHO, "dave") is InstanceState.HEALTHY)
 
 
 async def test_sleeps_after_idle_never_while_in_flight(runtime: FakeRuntime, probe: Probe) -> None:
@@ -284,8 +301,7 @@ async def test_sleeps_after_idle_never_while_in_flight(runtime: FakeRuntime, pro
     clock.now += 0.1
     assert manager.sleep_idle() == [instance_id("echo", "erin")]
     assert state_of(manager, ECHO, "erin") is InstanceState.STOPPING
-    await asyncio.sleep(0.05)
-    assert state_of(manager, ECHO, "erin") is InstanceState.STOPPED
+    await eventually(lambda: state_of(manager, ECHO, "erin") is InstanceState.SLEEPING)
 
 
 async def test_request_during_stop_waits_then_boots_again(
@@ -298,7 +314,7 @@ async def test_request_during_stop_waits_then_boots_again(
     clock.now += 5
     manager.sleep_idle()
     async with manager.use(ECHO, "fay") as upstream:
-        assert state_of(manager, ECHO, "fay") is InstanceState.RUNNING
+        assert state_of(manager, ECHO, "fay") is InstanceState.HEALTHY
         assert upstream == Upstream("127.0.1.3", 8080)  # a new IP after the restart
     assert runtime.count("stop") == 1 and runtime.count("start") == 2
     assert runtime.count("create") == 1
@@ -325,7 +341,7 @@ async def test_adopt_takes_over_running_and_stopped_containers(
     manager = manager_for(runtime, probe)
     adopted = await manager.adopt()
     assert {s.name: s.state for s in adopted} == {
-        "hal": InstanceState.RUNNING,
+        "hal": InstanceState.HEALTHY,
         "ida": InstanceState.STOPPED,
     }
     async with manager.use(ECHO, "hal") as upstream:
@@ -349,7 +365,8 @@ async def test_reconcile_notices_a_container_that_exited(
     clock.now += 0.01
     await manager.reconcile()
     snap = manager.get(lease.instance_id)
-    assert snap is not None and snap.state is InstanceState.STOPPED and snap.exit_code == 137
+    assert snap is not None and snap.state is InstanceState.STOPPED_WITH_CODE
+    assert snap.exit_code == 137
     async with manager.use(ECHO, "jo"):
         pass
     assert runtime.count("start") == 2
@@ -364,7 +381,7 @@ async def test_reconcile_ignores_a_listing_older_than_the_boot(
     assert lease.container_id is not None
     runtime.set(lease.container_id, status="exited", exit_code=0)
     await manager.reconcile()  # the clock did not move: the listing may predate the boot
-    assert state_of(manager, ECHO, "kim") is InstanceState.RUNNING
+    assert state_of(manager, ECHO, "kim") is InstanceState.HEALTHY
     lease.release()
 
 
@@ -373,11 +390,11 @@ async def test_recheck_marks_a_dead_container_stopped(runtime: FakeRuntime, prob
     lease = await manager.acquire(ECHO, "lou")
     assert lease.container_id is not None
     assert (await manager.recheck(lease)) is not None
-    assert state_of(manager, ECHO, "lou") is InstanceState.RUNNING
+    assert state_of(manager, ECHO, "lou") is InstanceState.HEALTHY
     runtime.set(lease.container_id, status="exited", exit_code=143, ip=None)
     info = await manager.recheck(lease)
     assert info is not None and info.exit_code == 143
-    assert state_of(manager, ECHO, "lou") is InstanceState.STOPPED
+    assert state_of(manager, ECHO, "lou") is InstanceState.STOPPED_WITH_CODE
     lease.release()
 
 
@@ -388,7 +405,7 @@ async def test_removed_container_is_created_again(runtime: FakeRuntime, probe: P
     lease.release()
     clock.now += 5
     manager.sleep_idle()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: state_of(manager, ECHO, "max") is InstanceState.SLEEPING)
     assert lease.container_id is not None
     await runtime.remove(lease.container_id)
     async with manager.use(ECHO, "max"):
@@ -409,13 +426,13 @@ async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe:
     )
     (await manager.acquire(ECHO, "a")).release()
     (await manager.acquire(ECHO, "b")).release()
-    assert manager.awake_use() == (0.5, 2048)
+    assert manager.awake_use() == Resources(0.5, 2048)
     with pytest.raises(NoCapacity, match="node n1 is full.*echo/c can wake when others sleep"):
         await manager.acquire(ECHO, "c")
-    assert state_of(manager, ECHO, "c") is InstanceState.STOPPED
+    assert state_of(manager, ECHO, "c") is InstanceState.PLACED  # no container was made
     await manager.stop(instance_id(ECHO.name, "a"))
     (await manager.acquire(ECHO, "c")).release()
-    assert manager.awake_use() == (0.5, 2048)
+    assert manager.awake_use() == Resources(0.5, 2048)
     assert changes  # every state change is announced, for the heartbeat
 
 
@@ -424,8 +441,8 @@ async def test_capacity_counts_awake_instances_only(runtime: FakeRuntime, probe:
 
 def events_manager(
     runtime: FakeRuntime, probe: Probe, *classes: ContainerClass, clock: Clock | None = None
-) -> tuple[InstanceManager, list[LifecycleEvent]]:
-    events: list[LifecycleEvent] = []
+) -> tuple[InstanceManager, list[Event]]:
+    events: list[Event] = []
     by_name = {c.name: c for c in (classes or (ECHO,))}
     manager = InstanceManager(
         runtime,
@@ -439,8 +456,19 @@ def events_manager(
     return manager, events
 
 
-def kinds(events: list[LifecycleEvent]) -> list[str]:
+def kinds(events: list[Event]) -> list[str]:
     return [e.kind for e in events]
+
+
+@contextlib.asynccontextmanager
+async def running(manager: InstanceManager) -> AsyncIterator[None]:
+    """The manager's loops (sleep, reconcile, the engine's events) for the block's duration."""
+    loop = asyncio.create_task(manager.run())
+    try:
+        yield
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
 
 
 async def test_an_exit_reported_by_the_engine_is_noticed_at_once(
@@ -449,23 +477,35 @@ async def test_an_exit_reported_by_the_engine_is_noticed_at_once(
     manager, events = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     await manager.start(ECHO, "a")
-    assert manager.info(iid).state == "healthy"
-    loop = asyncio.create_task(manager.run())  # reconcile is hourly in FAST: only events tell
-    try:
+    assert manager.info(iid).state is InstanceState.HEALTHY
+    async with running(manager):  # reconcile is hourly in FAST: only events tell
         container = manager.get(iid)
         assert container is not None and container.container_id is not None
+        runtime.report(ContainerEventKind.OOM, container.container_id)
         runtime.die(container.container_id, 137)
-        for _ in range(100):
-            if manager.info(iid).state == "exited":
-                break
-            await asyncio.sleep(0.01)
-        info = manager.info(iid)
-        assert (info.state, info.exit_code) == ("exited", 137)
+        await eventually(lambda: manager.info(iid).state is InstanceState.STOPPED_WITH_CODE)
+        assert manager.info(iid).exit_code == 137
         assert kinds(events) == ["starting", "ready", "exited"]
-        assert (events[-1].exit_code, events[-1].signal, events[-1].node_id) == (137, 9, "n1")
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
+        exited = events[-1]
+        assert (exited.exit_code, exited.signal, exited.node_id) == (137, 9, "n1")
+        assert exited.reason == "out of memory"
+
+
+async def test_an_earlier_runs_late_die_event_is_not_this_runs_death(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    manager, events = events_manager(runtime, probe)
+    iid = instance_id("echo", "a")
+    await manager.start(ECHO, "a")
+    snap = manager.get(iid)
+    assert snap is not None and snap.container_id is not None
+    async with running(manager):
+        # A die event stamped before this run started (the previous sleep's, delivered late).
+        runtime.report(ContainerEventKind.DIE, snap.container_id, 143, at=time.time() - 60)
+        # The manager handles an event in the step that takes it from the queue.
+        await eventually(lambda: runtime.engine_events.empty())
+        assert manager.info(iid).state is InstanceState.HEALTHY
+        assert kinds(events) == ["starting", "ready"]
 
 
 async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(
@@ -474,19 +514,22 @@ async def test_a_sleep_is_reported_as_slept_and_a_stop_as_exited(
     clock = Clock()
     manager, events = events_manager(runtime, probe, clock=clock)
     iid = instance_id("echo", "a")
-    await manager.start(ECHO, "a")
-    clock.now += ECHO.sleep_after_s
-    assert manager.sleep_idle() == [iid]
-    await manager.stop(iid)  # waits for the sleep in progress
-    assert kinds(events) == ["starting", "ready", "activity-expired", "slept"]
-    assert manager.info(iid).state == "stopped"
+    async with running(manager):  # the engine's die events come before stop returns
+        await manager.start(ECHO, "a")
+        clock.now += ECHO.sleep_after_s
+        assert manager.sleep_idle() == [iid]
+        await manager.stop(iid)  # waits for the sleep in progress
+        # One event per run, though both the engine and docker stop's answer told of the death.
+        assert kinds(events) == ["starting", "ready", "activity-expired", "slept"]
+        assert events[2].reason == "idle for 2s"
+        assert manager.info(iid).state is InstanceState.SLEEPING
 
-    await manager.start(ECHO, "a")
-    assert await manager.stop(iid, signum=15, grace_s=1)
-    assert kinds(events)[-3:] == ["starting", "ready", "exited"]
-    assert (events[-1].exit_code, events[-1].reason) == (143, "stopped")
-    info = manager.info(iid)
-    assert (info.state, info.exit_code) == ("stopped", 143)
+        await manager.start(ECHO, "a")
+        assert await manager.stop(iid, signum=15, grace_s=1)
+        assert kinds(events)[-3:] == ["starting", "ready", "exited"]
+        assert (events[-1].exit_code, events[-1].reason) == (143, "stopped")
+        info = manager.info(iid)
+        assert (info.state, info.exit_code) == (InstanceState.STOPPED, 143)
 
 
 async def test_a_crash_while_starting_is_exited_then_failed(
@@ -498,7 +541,8 @@ async def test_a_crash_while_starting_is_exited_then_failed(
         await manager.start(ECHO, "a")
     assert kinds(events) == ["starting", "exited", "failed"]
     assert "exited with code 3" in events[-1].reason
-    assert manager.info(instance_id("echo", "a")).state == "exited"
+    info = manager.info(instance_id("echo", "a"))
+    assert (info.state, info.exit_code) == (InstanceState.STOPPED_WITH_CODE, 3)
 
 
 async def test_start_without_wait_leaves_a_silent_container_running(
@@ -508,16 +552,29 @@ async def test_start_without_wait_leaves_a_silent_container_running(
     cls = dataclasses.replace(ECHO, boot_timeout_s=0.1)
     manager, events = events_manager(runtime, probe, cls)
     info = await manager.start(cls, "job", wait=False)
-    assert info.state == "running"
-    await asyncio.sleep(0.2)  # past boot_timeout: no stop, no failure
-    assert manager.info(info.instance_id).state == "running"
+    assert info.state is InstanceState.RUNNING
+    # Not a wait for something to happen: past boot_timeout, nothing may (no stop, no failure).
+    await asyncio.sleep(0.2)
+    assert manager.info(info.instance_id).state is InstanceState.RUNNING
     assert runtime.count("stop") == 0 and kinds(events) == ["starting"]
     with pytest.raises(BootTimeout):
         await manager.start(cls, "job")  # waiting for a port that never answered
 
 
+async def test_start_without_wait_turns_healthy_when_the_port_answers(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    probe.answers = False
+    manager, events = events_manager(runtime, probe)
+    info = await manager.start(ECHO, "web", wait=False)
+    assert info.state is InstanceState.RUNNING
+    probe.answers = True
+    await eventually(lambda: manager.info(info.instance_id).state is InstanceState.HEALTHY)
+    assert kinds(events) == ["starting", "ready"]
+
+
 async def test_other_overrides_make_the_container_again(runtime: FakeRuntime, probe: Probe) -> None:
-    manager, _ = events_manager(runtime, probe)
+    manager, events = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     await manager.start(ECHO, "a", Overrides(env={"A": "1"}))
     first = manager.get(iid)
@@ -529,10 +586,11 @@ async def test_other_overrides_make_the_container_again(runtime: FakeRuntime, pr
     assert runtime.count("create") == 2 and runtime.count("stop") == 1
     assert first is not None and second is not None and second.container_id is not None
     assert (
-        runtime.containers[second.container_id].labels[LABEL_OVERRIDES]
+        runtime.containers[second.container_id].overrides_digest
         == Overrides(env={"A": "2"}).digest
         != Overrides(env={"A": "1"}).digest
     )
+    assert kinds(events) == ["starting", "ready", "starting", "ready"]  # the replace is silent
 
 
 async def test_verbs_on_a_stopped_instance_fail_precondition(
@@ -561,10 +619,63 @@ async def test_a_stop_while_starting_ends_the_boot(runtime: FakeRuntime, probe: 
     manager, events = events_manager(runtime, probe)
     iid = instance_id("echo", "a")
     request = asyncio.create_task(manager.acquire(ECHO, "a"))
-    await asyncio.sleep(0.02)
-    assert manager.info(iid).state == "running"  # docker started it; the port is silent
+    # Docker started it; the port is silent.
+    await eventually(lambda: state_of(manager, ECHO, "a") is InstanceState.RUNNING, every=0.001)
     await manager.stop(iid)
     with pytest.raises(Unavailable, match="stopped"):
         await request
-    assert manager.info(iid).state == "stopped" and runtime.count("stop") == 1
+    info = manager.info(iid)
+    assert info.state is InstanceState.STOPPED and runtime.count("stop") == 1
     assert kinds(events) == ["starting", "exited"]
+
+
+async def test_get_and_snapshot_report_pool_instances_as_pinned(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    await manager.start_pinned(ECHO, "p1")
+    (await manager.acquire(ECHO, "n1")).release()
+    pinned, named = instance_id("echo", "p1"), instance_id("echo", "n1")
+    got = manager.get(pinned)
+    assert got is not None and got.pinned and manager.info(pinned).pool
+    other = manager.get(named)
+    assert other is not None and not other.pinned
+    assert {s.id: s.pinned for s in manager.snapshot()} == {pinned: True, named: False}
+    clock.now += 3600
+    assert manager.sleep_idle() == [named]  # a pool instance never sleeps
+    await manager.drain_and_remove(pinned)
+    assert manager.get(pinned) is None
+
+
+async def test_a_boot_that_docker_fails_rests_stopped_and_says_why(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    manager, events = events_manager(runtime, probe)
+
+    runtime.create_error = ImageUnavailable("class echo: image 'echo:latest' is not on node n1")
+    with pytest.raises(ImageUnavailable, match="is not on node n1"):
+        await manager.acquire(ECHO, "a")
+    iid = instance_id("echo", "a")
+    await eventually(lambda: manager.info(iid).state is InstanceState.STOPPED)
+    assert kinds(events) == ["starting", "failed"]
+    assert "is not on node n1" in events[-1].reason
+    assert manager.awake_use() == Resources()
+
+
+async def test_stop_all_stops_every_awake_instance_and_keeps_its_container(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    manager, events = events_manager(runtime, probe)
+    for name in ("a", "b"):
+        await manager.start(ECHO, name)
+    hold = await manager.acquire(ECHO, "busy")  # a request in flight does not keep it up
+    await manager.start_pinned(ECHO, "pool")
+    assert await manager.stop_all() == []
+    assert {i.name: i.state for i in manager.infos()} == dict.fromkeys(
+        ("a", "b", "busy", "pool"), InstanceState.STOPPED
+    )
+    assert runtime.count("stop") == 4 and len(runtime.containers) == 4
+    exits = [e for e in events if e.kind is EventKind.EXITED]
+    assert [e.reason for e in exits] == ["its agent shut down"] * 4
+    hold.release()

@@ -9,12 +9,12 @@ import pytest
 
 from nodeagent.usage import (
     Size,
-    Totals,
     UsageKey,
     UsageMeter,
     parse_tx_bytes,
     ticks_by_day,
 )
+from portside.usage import Usage
 
 # 2026-11-27 23:59:58 UTC
 NEAR_MIDNIGHT = datetime.datetime(2026, 11, 27, 23, 59, 58, tzinfo=datetime.UTC).timestamp()
@@ -40,7 +40,7 @@ def meter_at(wall: float) -> tuple[UsageMeter, Clocks]:
     return meter, clocks
 
 
-def totals(meter: UsageMeter) -> dict[UsageKey, Totals]:
+def totals(meter: UsageMeter) -> dict[UsageKey, Usage]:
     batch = meter.take()
     meter.acknowledge()
     return {} if batch is None else batch.totals

@@ -1,0 +1,351 @@
+"""The lifecycle of one instance on its node, as a pure transition table: (state, trigger) → (state,
+effects, events). No I/O and no asyncio: the instance manager feeds it what happened (a boot
+asked for, docker's answers, the engine's events) and carries out what it answers.
+
+Its states are the public `InstanceState`s, so the manager reports its state as it is:
+
+    placed, sleeping, stopped,   ──boot──▶ starting ──started──▶ running ──answered──▶ healthy
+    stopped_with_code                        │                    │                      │
+                                  boot-failed│  boot-failed, stop │           stop(cause)│
+                                             └──────────▶ stopping ◀─────────────────────┘
+                                                             │ died, removed, stop-failed
+                                                             ▼
+                                  sleeping (after a sleep) | stopped (after any other stop)
+
+    running, healthy ──died, removed──▶ stopped_with_code (it exited by itself)
+
+Beside the state, the machine keeps one thing: the cause of the stop in progress, which decides
+the state the instance rests in and the event its container's death makes (see STOP_OUTCOMES). A
+pair not in TABLE is rejected: `step` returns None and nothing changes. That is how a second
+report of one death (the engine's event, then docker stop's answer) is dropped: the first one
+left the instance resting, so each container run ends in at most one event.
+
+There are no internal sub-states. Two things the manager holds are not states of the instance
+but calls in progress: a boot (from starting until its port answered or it gave up; requests
+join it), and a stop (from stopping until `docker stop` answered: its answer reports the death,
+and the engine's die event, which comes a moment earlier, only lends it its time).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeAlias
+
+from portside.events import EventKind
+from portside.states import InstanceState
+
+_S = InstanceState
+
+
+# -- triggers: what happened ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Boot:
+    """Something wants the instance awake: a request, a Start, a pool assignment."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """`docker start` returned: its container runs."""
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Its port answered."""
+
+
+@dataclass(frozen=True)
+class Died:
+    """Its container stopped, however the manager learned it: the engine's die event, docker
+    stop's answer, an inspect, the engine's listing. `oom`: the kernel's OOM killer hit this
+    run; `at`: the engine's unix time of the death, when known (for metering)."""
+
+    exit_code: int | None = None
+    oom: bool = False
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class Removed:
+    """Its container no longer exists (removed behind the agent's back)."""
+
+
+@dataclass(frozen=True)
+class BootFailed:
+    """The boot gave up before the port answered: docker failed, the container exited, or
+    boot_timeout passed. `reason` is the error's one line."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The agent stops the container, for `cause`; `reason` goes with the event a stop of that
+    cause announces (a sleep's activity-expired: "idle for 2s")."""
+
+    cause: StopCause
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StopFailed:
+    """`docker stop` failed; the container is taken as stopped (the next boot's docker start is a
+    no-op if it still runs)."""
+
+
+@dataclass(frozen=True)
+class FoundRunning:
+    """Adoption: a previous agent's container of this instance runs."""
+
+
+@dataclass(frozen=True)
+class FoundStopped:
+    """Adoption: a previous agent's container of this instance is stopped."""
+
+
+Trigger: TypeAlias = (
+    Boot
+    | Started
+    | Answered
+    | Died
+    | Removed
+    | BootFailed
+    | Stop
+    | StopFailed
+    | FoundRunning
+    | FoundStopped
+)
+TRIGGERS: tuple[type[Trigger], ...] = (
+    Boot,
+    Started,
+    Answered,
+    Died,
+    Removed,
+    BootFailed,
+    Stop,
+    StopFailed,
+    FoundRunning,
+    FoundStopped,
+)
+
+
+# -- stop causes ---------------------------------------------------------------------------------
+
+
+class StopCause(enum.StrEnum):
+    """Why the agent stops a container."""
+
+    SLEEP = "sleep"  # idle for its class's sleep_after
+    STOP = "stop"  # a Stop: a user, an operator, the control plane
+    SHUTDOWN = "shutdown"  # the agent shuts down with --stop-on-exit
+    BOOT_FAILED = "boot-failed"  # its boot gave up (timeout, docker failed)
+    REPLACE = "replace"  # a Start with other overrides makes the container again
+    DESTROY = "destroy"  # Destroy removes it next
+    DRAIN = "drain"  # a pool instance drained; it is removed next
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What a stop of one cause announces when it begins, the state the instance rests in once
+    its container died, and what that death announces (with `reason`)."""
+
+    rests_as: InstanceState
+    begins_with: EventKind | None = None
+    ends_with: EventKind | None = None
+    reason: str = ""
+
+
+STOP_OUTCOMES: Mapping[StopCause, StopOutcome] = MappingProxyType(
+    {
+        StopCause.SLEEP: StopOutcome(_S.SLEEPING, EventKind.ACTIVITY_EXPIRED, EventKind.SLEPT),
+        StopCause.STOP: StopOutcome(_S.STOPPED, ends_with=EventKind.EXITED, reason="stopped"),
+        StopCause.SHUTDOWN: StopOutcome(
+            _S.STOPPED, ends_with=EventKind.EXITED, reason="its agent shut down"
+        ),
+        # Silent deaths: the boot's `failed` event says why; `removed` follows a destroy or a
+        # drain; a replaced container starts again at once.
+        StopCause.BOOT_FAILED: StopOutcome(_S.STOPPED),
+        StopCause.REPLACE: StopOutcome(_S.STOPPED),
+        StopCause.DESTROY: StopOutcome(_S.STOPPED),
+        StopCause.DRAIN: StopOutcome(_S.STOPPED),
+    }
+)
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+
+class Effect(enum.Enum):
+    """What the manager must do, besides announcing events."""
+
+    BEGIN_RUN = "begin-run"  # meter its container's run from now
+    ADOPT_RUN = "adopt-run"  # the same, for a run that began before this agent
+    END_RUN = "end-run"  # its run ended (at the death's time when known)
+    STOP_CONTAINER = "stop-container"  # docker stop it in the background; report Died after
+    FORGET_CONTAINER = "forget-container"  # it no longer exists: the next boot creates one
+
+
+class Say(enum.Enum):
+    """Which event a row announces; `step` fills in the details."""
+
+    STARTING = "starting"
+    READY = "ready"
+    EXITED = "exited"  # it exited by itself: its code, signal, "out of memory"
+    FAILED = "failed"  # the boot failed: its reason
+    STOP_BEGINS = "stop-begins"  # what the stop's cause begins with, if anything
+    STOP_ENDS = "stop-ends"  # what the stop's cause ends with, if anything
+
+
+class Rest(enum.Enum):
+    """A row's target that depends on the stop in progress."""
+
+    BY_CAUSE = "as the stop's cause rests"
+
+
+@dataclass(frozen=True)
+class Row:
+    to: InstanceState | Rest
+    effects: tuple[Effect, ...] = ()
+    says: tuple[Say, ...] = ()
+
+
+_RESTING = (_S.PLACED, _S.SLEEPING, _S.STOPPED, _S.STOPPED_WITH_CODE)
+_RAN = (_S.SLEEPING, _S.STOPPED, _S.STOPPED_WITH_CODE)  # resting, with a container
+_UP = (_S.RUNNING, _S.HEALTHY)
+
+_EXITED = Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN,), (Say.EXITED,))
+_GONE = Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN, Effect.FORGET_CONTAINER), (Say.EXITED,))
+_STOP = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.STOP_BEGINS,))
+_FAILED = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.FAILED,))
+
+TABLE: Mapping[tuple[InstanceState, type[Trigger]], Row] = MappingProxyType(
+    {
+        **{(s, Boot): Row(_S.STARTING, says=(Say.STARTING,)) for s in _RESTING},
+        (_S.STARTING, Started): Row(_S.RUNNING, (Effect.BEGIN_RUN,)),
+        (_S.RUNNING, Answered): Row(_S.HEALTHY, says=(Say.READY,)),
+        # A die while starting is the previous run's, or comes with docker start's answer:
+        # the boot reports that one (Started, then Died), so the pair is rejected.
+        **{(s, Died): _EXITED for s in _UP},
+        (_S.STOPPING, Died): Row(Rest.BY_CAUSE, (Effect.END_RUN,), (Say.STOP_ENDS,)),
+        **{(s, Removed): _GONE for s in _UP},
+        (_S.STOPPING, Removed): Row(
+            Rest.BY_CAUSE, (Effect.END_RUN, Effect.FORGET_CONTAINER), (Say.STOP_ENDS,)
+        ),
+        **{(s, Removed): Row(s, (Effect.FORGET_CONTAINER,)) for s in _RAN},
+        # A boot that gave up stops what it may have started (a create or start that answered
+        # too late); one whose container exited only says why it failed.
+        (_S.STARTING, BootFailed): _FAILED,
+        (_S.RUNNING, BootFailed): _FAILED,
+        (_S.STOPPED_WITH_CODE, BootFailed): Row(_S.STOPPED_WITH_CODE, says=(Say.FAILED,)),
+        **{(s, Stop): _STOP for s in _UP},
+        (_S.STOPPING, StopFailed): Row(_S.STOPPED, (Effect.END_RUN,)),
+        (_S.PLACED, FoundRunning): Row(_S.HEALTHY, (Effect.ADOPT_RUN,)),
+        (_S.PLACED, FoundStopped): Row(_S.STOPPED),
+    }
+)
+
+
+# -- stepping ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Announce:
+    """An event to emit, as the table resolved it."""
+
+    kind: EventKind
+    exit_code: int | None = None
+    signal: int | None = None  # code - 128 for a code above 128
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """An accepted trigger: the new state, the cause of the stop in progress (stopping only),
+    what to do, and what to announce, in order."""
+
+    state: InstanceState
+    cause: StopCause | None
+    effects: tuple[Effect, ...]
+    events: tuple[Announce, ...]
+
+
+def step(state: InstanceState, cause: StopCause | None, trigger: Trigger) -> Step | None:
+    """Where `trigger` takes an instance in `state` (stopping for `cause`); None when the table
+    rejects the pair, and nothing changes."""
+    row = TABLE.get((state, type(trigger)))
+    if row is None:
+        return None
+    if isinstance(trigger, Stop):
+        cause = trigger.cause
+    elif isinstance(trigger, BootFailed):
+        cause = StopCause.BOOT_FAILED
+    if isinstance(row.to, Rest):
+        if cause is None:  # stopping always has its cause; a caller's bug otherwise
+            raise ValueError(f"{state} without the cause of its stop")
+        to = STOP_OUTCOMES[cause].rests_as
+    else:
+        to = row.to
+    events = tuple(e for say in row.says if (e := _announce(say, cause, trigger)) is not None)
+    return Step(to, cause if to is _S.STOPPING else None, row.effects, events)
+
+
+def _announce(say: Say, cause: StopCause | None, trigger: Trigger) -> Announce | None:
+    if say is Say.STARTING:
+        return Announce(EventKind.STARTING)
+    if say is Say.READY:
+        return Announce(EventKind.READY)
+    if say is Say.FAILED:
+        return Announce(EventKind.FAILED, reason=getattr(trigger, "reason", ""))
+    if say is Say.EXITED:
+        return _exit(trigger, "")
+    outcome = STOP_OUTCOMES[cause] if cause is not None else None
+    if say is Say.STOP_BEGINS:
+        if outcome is None or outcome.begins_with is None:
+            return None
+        return Announce(outcome.begins_with, reason=getattr(trigger, "reason", ""))
+    if outcome is None or outcome.ends_with is None:
+        return None
+    if outcome.ends_with is EventKind.EXITED:
+        return _exit(trigger, outcome.reason)
+    return Announce(outcome.ends_with, reason=outcome.reason)
+
+
+def _exit(trigger: Trigger, reason: str) -> Announce:
+    """`exited` with the death's code and signal; "out of memory" outranks any other reason."""
+    code = trigger.exit_code if isinstance(trigger, Died) else None
+    oom = isinstance(trigger, Died) and trigger.oom
+    signal = code - 128 if code is not None and code > 128 else None
+    return Announce(
+        EventKind.EXITED, exit_code=code, signal=signal, reason="out of memory" if oom else reason
+    )
+
+
+__all__ = [
+    "STOP_OUTCOMES",
+    "TABLE",
+    "TRIGGERS",
+    "Announce",
+    "Answered",
+    "Boot",
+    "BootFailed",
+    "Died",
+    "Effect",
+    "FoundRunning",
+    "FoundStopped",
+    "Removed",
+    "Rest",
+    "Row",
+    "Say",
+    "Started",
+    "Step",
+    "Stop",
+    "StopCause",
+    "StopFailed",
+    "StopOutcome",
+    "Trigger",
+    "step",
+]

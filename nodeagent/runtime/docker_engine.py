@@ -1,0 +1,547 @@
+"""`ContainerRuntime` on a local Docker engine: labelled containers with resource limits on
+Portside's private networks, Docker's blocking SDK run off the loop, and Docker's errors
+translated into Portside's at this one boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import functools
+import logging
+import math
+import os
+import re
+import signal as signals
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig
+
+from nodeagent.runtime.docker_streams import (
+    ChunkedBody,
+    DockerExec,
+    engine_error,
+    frames,
+    open_stream,
+)
+from nodeagent.runtime.engine_events import EventFeed
+from nodeagent.runtime.labels import (
+    LABEL_CLASS,
+    LABEL_INSTANCE,
+    LABEL_INSTANCE_ID,
+    LABEL_MANAGED,
+    LABEL_MEMORY_MIB,
+    LABEL_NODE,
+    LABEL_OVERRIDES,
+    LABEL_PORT,
+    LABEL_VCPU,
+)
+from nodeagent.runtime.protocol import (
+    NO_OVERRIDES,
+    ContainerEvent,
+    ContainerInfo,
+    ExecProcess,
+    Overrides,
+    Stream,
+)
+from portside.errors import (
+    EngineError,
+    EngineUnavailable,
+    FailedPrecondition,
+    ImageUnavailable,
+    InvalidArgument,
+    NotFound,
+)
+from portside.spec import ContainerClass, instance_id
+
+log = logging.getLogger(__name__)
+
+NETWORK_INTERNAL = "portside-internal"  # internal=True: no route out, for enable_internet=false
+NETWORK_EGRESS = "portside-egress"  # a plain bridge, for enable_internet=true
+
+PIDS_LIMIT = 1024
+# NET_RAW would let a container forge ARP/IP packets on the shared bridge; MKNOD has no use in an
+# app container. Everything else stays at Docker's default set so ordinary images keep working.
+CAP_DROP = ("NET_RAW", "MKNOD")
+_LOG_CONFIG = LogConfig(type="json-file", config={"max-size": "10m", "max-file": "2"})
+
+# Agents on one host serialise network creation with this file (see _ensure_network).
+_NETWORK_LOCK = os.path.join(tempfile.gettempdir(), "portside-docker-networks.lock")
+
+_T = TypeVar("_T")
+_EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+_DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
+
+
+def container_name(node_id: str, instance: str) -> str:
+    """`portside-<node id>-<first 16 hex of the instance id>`: stable, so a lost create is found."""
+    return f"portside-{node_id}-{instance[:16]}"
+
+
+class DockerRuntime:
+    """`ContainerRuntime` on a local Docker engine (API 1.41+). The network names can be changed
+    so that separate Portside clusters (or tests) on one engine stay apart.
+
+    Blocking SDK calls run in a dedicated pool: asyncio's default executor has only a handful of
+    threads on a 2-core host, and a burst of boots must not queue behind each other. Docker's
+    exceptions are translated here: a missing container is `NotFound`, a container in the wrong
+    state `FailedPrecondition`, an image the node cannot run `ImageUnavailable`, an engine that
+    does not answer `EngineUnavailable`, and any other failure `EngineError` with Docker's own
+    explanation. None of them reads as "the agent is unreachable".
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        client: docker.DockerClient | None = None,
+        *,
+        workers: int = 16,
+        internal_network: str = NETWORK_INTERNAL,
+        egress_network: str = NETWORK_EGRESS,
+    ) -> None:
+        if not node_id or not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", node_id):
+            raise ValueError(f"node id {node_id!r} cannot be part of a container name")
+        self.node_id = node_id
+        self._owns_client = client is None
+        self._client = client if client is not None else docker.from_env(max_pool_size=workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._internal_network, self._egress_network = internal_network, egress_network
+        self._networks: dict[str, str] = {}  # name -> id
+        self._networks_lock = asyncio.Lock()
+        self._feeds: set[EventFeed] = set()
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except docker.errors.APIError as exc:
+            raise engine_error(exc.status_code, _explain(exc)) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineUnavailable(
+                f"the Docker engine of node {self.node_id} is unreachable: {exc}"
+            ) from exc
+
+    # -- networks ---------------------------------------------------------------------------
+
+    async def ensure_networks(self) -> None:
+        async with self._networks_lock:
+            for name, internal in ((self._internal_network, True), (self._egress_network, False)):
+                self._networks[name] = await self._call(self._ensure_network, name, internal)
+
+    def _ensure_network(self, name: str, internal: bool) -> str:
+        # The engine's duplicate check is not atomic (three racing creates made three networks
+        # of one name in our tests), so agents sharing this host's engine take turns under a
+        # host-wide lock.
+        with open(_NETWORK_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._ensure_network_locked(name, internal)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _ensure_network_locked(self, name: str, internal: bool) -> str:
+        api = self._client.api
+        existing = _exact(api.networks(names=[name]), name)
+        if not existing:
+            try:
+                api.create_network(
+                    name,
+                    driver="bridge",
+                    internal=internal,
+                    check_duplicate=True,
+                    labels={LABEL_MANAGED: "true"},
+                    # Instances of different users share the bridge: no container-to-container
+                    # traffic, only the agent on the host reaches them.
+                    options={"com.docker.network.bridge.enable_icc": "false"},
+                )
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+            existing = _exact(api.networks(names=[name]), name)
+        if not existing:
+            raise EngineError(f"docker: network {name} vanished while it was being created")
+        # Should duplicates exist anyway (agents on another host sharing a remote engine), all
+        # pick the same one, the oldest, and address it by id so the name's ambiguity never
+        # matters. None is removed: a stopped container may still need it.
+        chosen = min(existing, key=lambda n: (n.get("Created", ""), n["Id"]))
+        if len(existing) > 1:
+            log.warning(
+                "%d docker networks are named %s; using the oldest, %s",
+                len(existing),
+                name,
+                chosen["Id"][:12],
+            )
+        if chosen.get("Internal", False) != internal:
+            raise EngineError(
+                f"docker: network {name} exists with internal="
+                f"{chosen.get('Internal')}; remove it so Portside can recreate it"
+            )
+        net_id: str = chosen["Id"]
+        return net_id
+
+    async def _network_for(self, cls: ContainerClass) -> str:
+        name = self._egress_network if cls.enable_internet else self._internal_network
+        if name not in self._networks:
+            await self.ensure_networks()
+        return self._networks[name]
+
+    # -- containers -------------------------------------------------------------------------
+
+    async def list(self) -> list[ContainerInfo]:
+        summaries = await self._call(
+            self._client.api.containers,
+            all=True,
+            filters={"label": [f"{LABEL_NODE}={self.node_id}"]},
+        )
+        return [_from_summary(s) for s in summaries]
+
+    async def create(
+        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
+        network = await self._network_for(cls)
+        try:
+            return await self._call(self._create, cls, name, network, overrides)
+        except NotFound as exc:
+            if "network" not in str(exc):
+                raise
+            # Someone removed our network since it was ensured: make it again, once.
+            self._networks.clear()
+            return await self._call(
+                self._create, cls, name, await self._network_for(cls), overrides
+            )
+
+    def _create(
+        self, cls: ContainerClass, name: str, network: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
+        api = self._client.api
+        iid = instance_id(cls.name, name)
+        cname = container_name(self.node_id, iid)
+        labels = {
+            LABEL_CLASS: cls.name,
+            LABEL_INSTANCE: name,
+            LABEL_INSTANCE_ID: iid,
+            LABEL_NODE: self.node_id,
+            LABEL_PORT: str(cls.default_port),
+            LABEL_VCPU: repr(cls.instance_type.vcpu),
+            LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
+            LABEL_OVERRIDES: overrides.digest,
+        }
+        # Portside's variables win over the class's and a Start's: the agent connects to PORT.
+        env = {
+            **cls.env,
+            **overrides.env,
+            "PORTSIDE_CLASS": cls.name,
+            "PORTSIDE_INSTANCE": name,
+            "PORTSIDE_INSTANCE_ID": iid,
+            "PORT": str(cls.default_port),
+        }
+        entrypoint = list(overrides.entrypoint or cls.entrypoint) or None
+        memory = cls.instance_type.memory_mib * 1024 * 1024
+        host_config = api.create_host_config(
+            network_mode=network,
+            nano_cpus=int(cls.instance_type.vcpu * 1e9),
+            mem_limit=memory,
+            memswap_limit=memory,  # equal to the memory limit: no swap
+            pids_limit=PIDS_LIMIT,
+            init=True,  # docker-init forwards SIGTERM, so a sleep (docker stop) is quick
+            privileged=False,
+            cap_drop=list(CAP_DROP),
+            security_opt=["no-new-privileges"],
+            log_config=_LOG_CONFIG,
+            # The instance type's disk_mb is NOT enforced: overlay2 honours storage_opt size only
+            # on xfs with project quotas, which these hosts do not have.
+        )
+        try:
+            created = api.create_container(
+                image=cls.image,
+                name=cname,
+                labels=labels,
+                environment=env,
+                entrypoint=entrypoint,
+                host_config=host_config,
+                networking_config=api.create_networking_config(
+                    {network: api.create_endpoint_config()}
+                ),
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageUnavailable(
+                f"class {cls.name}: image {cls.image!r} is not on node {self.node_id} "
+                f"(docker: {_explain(exc)}); Portside does not pull images: load it into the "
+                "node's Docker engine (docker pull, docker load or docker build there)"
+            ) from exc
+        except docker.errors.APIError as exc:
+            if exc.status_code == 400 and "invalid reference format" in _explain(exc):
+                raise ImageUnavailable(
+                    f"class {cls.name}: image {cls.image!r} is not an image reference "
+                    f"(docker on node {self.node_id}: {_explain(exc)}); set `image` to an "
+                    "image name such as registry.example.com/app:1.0 (Portside does not build "
+                    "Dockerfiles)"
+                ) from exc
+            if exc.status_code != 409:
+                raise
+            # The name is taken: a create whose answer we lost (a cancelled boot, an agent crash
+            # before it recorded the id). Reuse it if it is this instance's on this node.
+            existing = api.inspect_container(cname)
+            found = existing.get("Config", {}).get("Labels") or {}
+            if (
+                found.get(LABEL_NODE) != self.node_id
+                or found.get(LABEL_INSTANCE_ID) != iid
+                or found.get(LABEL_OVERRIDES, "") != overrides.digest
+            ):
+                raise
+            log.info("reusing existing container %s for %s/%s", cname, cls.name, name)
+            reused: str = existing["Id"]
+            return reused
+        container_id: str = created["Id"]
+        return container_id
+
+    async def start(self, container_id: str) -> ContainerInfo:
+        await self._call(self._client.api.start, container_id)
+        return await self.inspect(container_id)
+
+    async def stop(
+        self, container_id: str, grace_s: float, signum: int | None = None
+    ) -> int | None:
+        if signum is None:
+            # Docker's stop honours the image's STOPSIGNAL; it takes whole seconds, and 0 would
+            # mean an immediate SIGKILL.
+            await self._call(
+                self._client.api.stop, container_id, timeout=max(1, math.ceil(grace_s))
+            )
+        else:
+            await self._call(self._stop_with, container_id, grace_s, signum)
+        try:
+            info = await self.inspect(container_id)
+        except NotFound:
+            return None
+        return info.exit_code
+
+    def _stop_with(self, container_id: str, grace_s: float, signum: int) -> None:
+        api = self._client.api
+        for sig, wait_s in ((signum, grace_s), (int(signals.SIGKILL), 10.0)):
+            try:
+                api.kill(container_id, signal=sig)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:  # not running (any more): nothing to stop
+                    return
+                raise
+            try:
+                api.wait(container_id, timeout=max(0.05, wait_s))
+                return
+            except requests.exceptions.RequestException:
+                continue  # still running after the grace period: SIGKILL
+
+    async def signal(self, container_id: str, signum: int) -> None:
+        if not 0 < signum < 65:
+            raise InvalidArgument(f"signal: {signum} is not a signal number (1-64)")
+        try:
+            await self._call(self._client.api.kill, container_id, signal=signum)
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"container {container_id[:12]} is not running") from exc
+
+    async def exec(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        working_dir: str,
+        stdin: bool,
+    ) -> ExecProcess:
+        if not command:
+            raise InvalidArgument("command: must not be empty")
+        try:
+            created = await self._call(
+                self._client.api.exec_create,
+                container_id,
+                list(command),
+                stdout=True,
+                stderr=True,
+                stdin=stdin,
+                tty=False,
+                environment=dict(env) or None,
+                workdir=working_dir or None,
+            )
+        except FailedPrecondition as exc:  # not running, or paused
+            raise FailedPrecondition(f"container {container_id[:12]} is not running") from exc
+        exec_id: str = created["Id"]
+        reader, writer = await open_stream(
+            self._client.api,
+            "POST",
+            f"/exec/{exec_id}/start",
+            body={"Detach": False, "Tty": False},
+            upgrade=True,
+        )
+        return DockerExec(exec_id, reader, writer, self._exec_exit_code)
+
+    async def _exec_exit_code(self, exec_id: str) -> int:
+        # The stream ends a moment before the engine records the code.
+        for _ in range(100):
+            info = await self._call(self._client.api.exec_inspect, exec_id)
+            if not info.get("Running"):
+                code = info.get("ExitCode")
+                return int(code) if code is not None else -1  # -1: the engine does not know
+            await asyncio.sleep(0.02)
+        raise EngineError(f"docker: exec {exec_id[:12]} still running after its output ended")
+
+    async def logs(
+        self, container_id: str, follow: bool, tail: int
+    ) -> AsyncIterator[tuple[Stream, bytes]]:
+        query = urlencode(
+            {
+                "stdout": 1,
+                "stderr": 1,
+                "follow": int(follow),
+                "tail": str(tail) if tail > 0 else "all",
+            }
+        )
+        reader, writer = await open_stream(
+            self._client.api, "GET", f"/containers/{quote(container_id)}/logs?{query}"
+        )
+        try:
+            async for item in frames(ChunkedBody(reader)):
+                yield item
+        finally:
+            writer.close()
+
+    async def events(self) -> AsyncIterator[ContainerEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ContainerEvent] = asyncio.Queue()
+        feed = EventFeed(self._client.api, self.node_id, loop, queue)
+        self._feeds.add(feed)
+        feed.start()
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._feeds.discard(feed)
+            await loop.run_in_executor(None, feed.close)
+
+    async def inspect(self, container_id: str) -> ContainerInfo:
+        return _from_inspect(await self._call(self._client.api.inspect_container, container_id))
+
+    async def remove(self, container_id: str, force: bool = False) -> None:
+        try:
+            await self._call(self._client.api.remove_container, container_id, force=force)
+        except NotFound:
+            pass
+
+    async def close(self) -> None:
+        for feed in list(self._feeds):  # normally closed by their consumer already
+            await asyncio.get_running_loop().run_in_executor(None, feed.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._owns_client:
+            self._client.close()
+
+
+def _explain(exc: docker.errors.APIError) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc)
+
+
+def _exact(networks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    # The engine's name filter matches substrings: portside-internal-old would match too.
+    return [n for n in networks if n.get("Name") == name]
+
+
+def _ip(networks: Mapping[str, Any] | None) -> str | None:
+    for settings in (networks or {}).values():
+        address = (settings or {}).get("IPAddress")
+        if address:
+            return str(address)
+    return None
+
+
+def _time(text: str | None) -> datetime | None:
+    """Docker's times are UTC with nanoseconds; "0001-01-01T00:00:00Z" means never."""
+    if not text or text.startswith("0001-"):
+        return None
+    match = _DOCKER_TIME.match(text)
+    if match is None:
+        return datetime.fromisoformat(text)
+    whole, fraction = match.groups()
+    return datetime.fromisoformat(whole).replace(
+        microsecond=int((fraction or "0")[:6].ljust(6, "0")), tzinfo=UTC
+    )
+
+
+def _labelled(
+    data: Mapping[str, Any],
+    labels: Mapping[str, str],
+    name: str,
+    status: str,
+    exit_code: int | None,
+    networks: Mapping[str, Any] | None,
+) -> ContainerInfo:
+    """A ContainerInfo with what Portside's labels say of the container."""
+    port = labels.get(LABEL_PORT, "")
+    try:
+        vcpu, memory_mib = (
+            float(labels.get(LABEL_VCPU, "0")),
+            int(labels.get(LABEL_MEMORY_MIB, "0")),
+        )
+    except ValueError:
+        vcpu, memory_mib = 0.0, 0
+    return ContainerInfo(
+        id=data["Id"],
+        name=name,
+        status=status,
+        exit_code=exit_code,
+        ip=_ip(networks),
+        port=int(port) if port.isdigit() else None,
+        class_name=labels.get(LABEL_CLASS, ""),
+        instance_name=labels.get(LABEL_INSTANCE, ""),
+        instance_id=labels.get(LABEL_INSTANCE_ID, ""),
+        vcpu=vcpu,
+        memory_mib=memory_mib,
+        overrides_digest=labels.get(LABEL_OVERRIDES, ""),
+    )
+
+
+def _from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
+    state: Mapping[str, Any] = data.get("State") or {}
+    status = str(state.get("Status", "unknown"))
+    info = _labelled(
+        data,
+        (data.get("Config") or {}).get("Labels") or {},
+        str(data.get("Name", "")).lstrip("/"),
+        status,
+        None if status in ("running", "created") else int(state.get("ExitCode", 0)),
+        (data.get("NetworkSettings") or {}).get("Networks"),
+    )
+    return dataclasses.replace(
+        info,
+        started_at=_time(state.get("StartedAt")),
+        finished_at=_time(state.get("FinishedAt")),
+        pid=int(state.get("Pid") or 0) or None,
+    )
+
+
+def _from_summary(data: Mapping[str, Any]) -> ContainerInfo:
+    exited = _EXITED_STATUS.match(str(data.get("Status", "")))
+    names = data.get("Names") or [""]
+    return _labelled(
+        data,
+        data.get("Labels") or {},
+        str(names[0]).lstrip("/"),
+        str(data.get("State", "unknown")),
+        int(exited.group(1)) if exited else None,
+        (data.get("NetworkSettings") or {}).get("Networks"),
+    )
+
+
+__all__ = [
+    "CAP_DROP",
+    "NETWORK_EGRESS",
+    "NETWORK_INTERNAL",
+    "PIDS_LIMIT",
+    "DockerRuntime",
+    "container_name",
+]

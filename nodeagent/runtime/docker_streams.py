@@ -1,0 +1,185 @@
+"""Raw HTTP/1.1 exchanges with the Docker engine, for the streams its SDK cannot give
+asynchronously (exec with stdin, logs by stream), and how the engine's error answers become
+Portside's errors (`engine_error`), for these exchanges and the SDK's calls alike."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from nodeagent.runtime.protocol import Stream
+from portside.errors import (
+    EngineError,
+    EngineUnavailable,
+    FailedPrecondition,
+    NotFound,
+    PortsideError,
+)
+
+_STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+
+
+def engine_error(status: int | None, message: str) -> PortsideError:
+    """The engine answered `status` with `message`: 404 is a missing container (or network),
+    409 a container in the wrong state for the call, anything else the engine's own failure."""
+    if status == 404:
+        return NotFound(f"docker: {message}")
+    if status == 409:
+        return FailedPrecondition(f"docker: {message}")
+    return EngineError(f"docker: {message}")
+
+
+async def open_stream(
+    api: Any, method: str, path: str, body: Mapping[str, Any] | None = None, upgrade: bool = False
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send one request to the engine and return the connection after the response head, the
+    body unread. An error answer is raised as `engine_error` says; no answer as
+    EngineUnavailable."""
+    try:
+        reader, writer = await _connect(api)
+    except OSError as exc:
+        raise EngineUnavailable(f"the Docker engine is unreachable: {exc}") from exc
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = [f"{method} /v{api.api_version}{path} HTTP/1.1", "Host: docker"]
+    if body is not None:
+        head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+    if upgrade:
+        head += ["Connection: Upgrade", "Upgrade: tcp"]
+    try:
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        await writer.drain()
+        status_line, headers = await _read_head(reader)
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        writer.close()
+        raise EngineUnavailable(
+            f"docker: {method} {path.split('?')[0]} got no answer: {exc}"
+        ) from exc
+    status = int(status_line.split()[1])
+    if status >= 300:
+        try:
+            text = (await _read_body(reader, headers)).decode(errors="replace")
+        finally:
+            writer.close()
+        try:
+            message = str(json.loads(text).get("message", text))
+        except ValueError:
+            message = text.strip()
+        raise engine_error(status, message)
+    return reader, writer
+
+
+class DockerExec:
+    """An exec's hijacked connection: Docker multiplexes stdout and stderr on it in frames of
+    an 8-byte header (stream, 0, 0, 0, big-endian length) and the payload; we write stdin."""
+
+    def __init__(
+        self,
+        exec_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exit_code: Callable[[str], Awaitable[int]],
+    ) -> None:
+        self.exec_id = exec_id
+        self._reader, self._writer = reader, writer
+        self._exit_code = exit_code
+
+    async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        async for item in frames(self._reader):
+            yield item
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def close_stdin(self) -> None:
+        # A half-close: the engine closes the command's stdin and keeps sending its output.
+        if self._writer.can_write_eof() and not self._writer.is_closing():
+            self._writer.write_eof()
+
+    async def exit_code(self) -> int:
+        return await self._exit_code(self.exec_id)
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+async def frames(body: asyncio.StreamReader | ChunkedBody) -> AsyncIterator[tuple[Stream, bytes]]:
+    """The (stream, payload) frames of a multiplexed exec or logs body, until it ends."""
+    while True:
+        try:
+            header = await body.readexactly(8)
+        except asyncio.IncompleteReadError:
+            return
+        stream, size = header[0], struct.unpack(">I", header[4:])[0]
+        payload = await body.readexactly(size)
+        if stream in _STREAMS and payload:
+            yield _STREAMS[stream], payload
+
+
+class ChunkedBody:
+    """`readexactly` over an HTTP/1.1 chunked body (how the engine streams logs)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._buffer = bytearray()
+        self._done = False
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buffer) < n and not self._done:
+            size_line = await self._reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                self._done = True
+                break
+            self._buffer += await self._reader.readexactly(size)
+            await self._reader.readexactly(2)
+        if len(self._buffer) < n:
+            raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+
+async def _connect(api: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    base = str(api.base_url)
+    adapter = getattr(api, "_custom_adapter", None)
+    socket_path = getattr(adapter, "socket_path", None)
+    if base.startswith("http+docker://localhost") and socket_path:
+        return await asyncio.open_unix_connection(socket_path, limit=1 << 20)
+    if base.startswith("http://"):
+        host, _, port = base.removeprefix("http://").partition(":")
+        return await asyncio.open_connection(host, int(port or 2375), limit=1 << 20)
+    raise EngineError(
+        f"docker: exec and logs need the engine on a unix socket or plain TCP, not {base}"
+    )
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return head[0], headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = ChunkedBody(reader)
+        out = bytearray()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                out += await body.readexactly(1)
+        return bytes(out)
+    length = int(headers.get("content-length", "0") or 0)
+    return await reader.readexactly(length) if length else b""
+
+
+__all__ = ["ChunkedBody", "DockerExec", "engine_error", "frames", "open_stream"]

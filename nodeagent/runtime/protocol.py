@@ -1,0 +1,175 @@
+"""What the instance manager needs of a container engine: the `ContainerRuntime` protocol and
+the values it speaks (`ContainerInfo`, `ContainerEvent`, `Overrides`), free of any engine's terms.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from portside.spec import ContainerClass
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a Start may change for one container: its entrypoint (empty: the class's) and env
+    (added over the class's). Fixed when the container is created."""
+
+    entrypoint: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """ "" for no overrides, else a short stable hash (kept with the container)."""
+        if not self.entrypoint and not self.env:
+            return ""
+        canonical = json.dumps([list(self.entrypoint), sorted(self.env.items())])
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+NO_OVERRIDES = Overrides()
+
+Stream = Literal["stdout", "stderr"]
+
+
+class ContainerEventKind(enum.StrEnum):
+    """The engine's container events the agent follows."""
+
+    DIE = "die"  # the main process exited (exit_code)
+    OOM = "oom"  # the kernel's OOM killer hit it
+    START = "start"
+    DESTROY = "destroy"  # removed
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """One of the engine's container events for this node; `time` is unix seconds (0: unknown)."""
+
+    kind: ContainerEventKind
+    container_id: str
+    instance_id: str
+    time: float
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the agent needs to know about one of its containers.
+
+    `status` is the engine's: created, running, paused, restarting, removing, exited or dead.
+    `started_at`/`finished_at` are None when never, and always None from `list()`. `vcpu`,
+    `memory_mib` and `overrides_digest` are what the container was made with, so that an agent
+    that adopts it can account for it and tell whether a Start must make it again.
+    """
+
+    id: str
+    name: str
+    status: str
+    exit_code: int | None
+    ip: str | None
+    port: int | None
+    class_name: str
+    instance_name: str
+    instance_id: str
+    vcpu: float = 0.0
+    memory_mib: int = 0
+    overrides_digest: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    pid: int | None = None  # the main process, while running (from inspect only)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+class ExecProcess(Protocol):
+    """A command running inside a container: read its output, feed its stdin, get its code."""
+
+    def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
+        """stdout and stderr chunks as they come, until the command closes both."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close_stdin(self) -> None: ...
+
+    async def exit_code(self) -> int:
+        """After output() ended: the command's exit code."""
+
+    async def close(self) -> None:
+        """Drop the connection (the command may go on running in the container)."""
+
+
+class ContainerRuntime(Protocol):
+    """Containers of ONE node. Every method may raise NotFound (no such container),
+    EngineUnavailable (the engine cannot be reached) or EngineError (it failed the call);
+    create raises ImageUnavailable for an image the node cannot run."""
+
+    async def ensure_networks(self) -> None:
+        """Create Portside's networks if they are absent (idempotent, safe to race)."""
+
+    async def list(self) -> list[ContainerInfo]:
+        """This node's containers, any status."""
+
+    async def create(
+        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+    ) -> str:
+        """Create (not start) the container of instance `name`; return its id. If it already
+        exists (a create whose answer was lost), return the existing one's id."""
+
+    async def start(self, container_id: str) -> ContainerInfo:
+        """Start the container (no-op when running) and inspect it: its IP may change on
+        every start. The returned status shows whether it already exited."""
+
+    async def stop(
+        self, container_id: str, grace_s: float, signum: int | None = None
+    ) -> int | None:
+        """`signum` (None: the image's stop signal, SIGTERM by default), then SIGKILL after
+        `grace_s` seconds; no-op when not running. Returns the exit code it stopped with (None
+        if unknown)."""
+
+    async def signal(self, container_id: str, signum: int) -> None:
+        """Send `signum` to the container's main process. FailedPrecondition: not running."""
+
+    async def exec(
+        self,
+        container_id: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        working_dir: str,
+        stdin: bool,
+    ) -> ExecProcess:
+        """Run `command` in the running container. FailedPrecondition: not running."""
+
+    def logs(
+        self, container_id: str, follow: bool, tail: int
+    ) -> AsyncIterator[tuple[Stream, bytes]]:
+        """The container's output (the last `tail` lines first; 0: all), and with `follow` what
+        it writes next, until it stops."""
+
+    def events(self) -> AsyncIterator[ContainerEvent]:
+        """This node's container events as the engine reports them, until cancelled."""
+
+    async def inspect(self, container_id: str) -> ContainerInfo: ...
+
+    async def remove(self, container_id: str, force: bool = False) -> None:
+        """Delete the container and its writable layer; no-op when it does not exist."""
+
+    async def close(self) -> None: ...
+
+
+__all__ = [
+    "NO_OVERRIDES",
+    "ContainerEvent",
+    "ContainerEventKind",
+    "ContainerInfo",
+    "ContainerRuntime",
+    "ExecProcess",
+    "Overrides",
+    "Stream",
+]

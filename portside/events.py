@@ -1,0 +1,49 @@
+"""Lifecycle events: what happened to an instance, as agents and the control plane record it and
+users watch it (`portside events`, `Container.events()`).
+
+    placed            the control plane gave the instance a node (reason: "moved from node X")
+    starting          a boot began (a request, a Start, a pool assignment)
+    ready             the port answered: the instance is healthy
+    activity-expired  sleep_after passed without activity; a sleep follows
+    slept             the sleep's stop finished
+    exited            the container stopped by itself, by a user's signal, or by a Stop
+                      (exit_code; signal = code - 128 above 128; reason "out of memory")
+    failed            a boot failed: the reason says why (timeout, exit, image missing ...)
+    removed           Destroy, or a pool instance drained and removed
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class EventKind(enum.StrEnum):
+    PLACED = "placed"
+    STARTING = "starting"
+    READY = "ready"
+    ACTIVITY_EXPIRED = "activity-expired"
+    SLEPT = "slept"
+    EXITED = "exited"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One lifecycle event. `time` is unix seconds; `revision` is where it sits in the store's
+    history once recorded (0 before): watch from it to resume."""
+
+    kind: EventKind
+    time: float
+    class_name: str
+    name: str
+    instance_id: str = ""
+    node_id: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    reason: str = ""
+    revision: int = 0
+
+
+__all__ = ["Event", "EventKind"]

@@ -1,0 +1,59 @@
+"""The states of an instance, by their public names: the one vocabulary the agent's lifecycle,
+its heartbeats, the control plane, the cluster page, the CLI and the SDK share.
+
+    placed ──▶ starting ──▶ running ──▶ healthy ──▶ stopping ──▶ sleeping | stopped
+                  │            │           │                     (by Portside, or a Stop)
+                  └────────────┴───────────┴──▶ stopped_with_code (it exited by itself)
+
+Cloudflare's `getState()` names are kept as they are (`running`, `healthy`, `stopping`,
+`stopped`, `stopped_with_code`); `placed`, `starting` and `sleeping` are Portside's own. On the
+wire a state is its value, a string (`InstanceState.parse` reads it back).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from portside.errors import InvalidArgument
+
+
+class InstanceState(enum.StrEnum):
+    PLACED = "placed"  # it has a node, but no container there yet
+    STARTING = "starting"  # its container is being created or started
+    RUNNING = "running"  # its container runs; its port has not answered (yet)
+    HEALTHY = "healthy"  # its container runs and its port answers
+    STOPPING = "stopping"  # its container is being stopped
+    SLEEPING = "sleeping"  # stopped after sleep_after without activity; wakes on a request
+    STOPPED = "stopped"  # stopped by a Stop, by its agent, or with its lost node
+    STOPPED_WITH_CODE = "stopped_with_code"  # its container exited by itself; see exit_code
+
+    @property
+    def awake(self) -> bool:
+        """Its container runs or is starting or stopping: it takes its node's capacity."""
+        return self in _AWAKE
+
+    @property
+    def running(self) -> bool:
+        """Its container runs (whether or not its port answers)."""
+        return self in (InstanceState.RUNNING, InstanceState.HEALTHY)
+
+    @property
+    def ready(self) -> bool:
+        """It serves requests now: its port answers."""
+        return self is InstanceState.HEALTHY
+
+    @classmethod
+    def parse(cls, text: str, field: str = "state") -> InstanceState:
+        """The state named `text`; InvalidArgument naming the allowed ones otherwise."""
+        try:
+            return cls(text)
+        except ValueError:
+            allowed = ", ".join(s.value for s in cls)
+            raise InvalidArgument(f"{field}: {text!r} is not a state; one of {allowed}") from None
+
+
+_AWAKE = frozenset(
+    (InstanceState.STARTING, InstanceState.RUNNING, InstanceState.HEALTHY, InstanceState.STOPPING)
+)
+
+__all__ = ["InstanceState"]
