@@ -23,6 +23,7 @@ import grpc
 
 from portside import geo
 from portside.errors import InvalidArgument, PortsideError, from_rpc
+from portside.states import InstanceState
 from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SECOND
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = _client_parser(sub, "ps", "list placed instances")
     p.add_argument("--class", dest="class_name", help="only this class")
     p.add_argument("--node", help="only on this node")
-    p.add_argument("--state", help="only in this state (stopped, running, healthy, ...)")
+    p.add_argument("--state", choices=[s.value for s in InstanceState], help="only in this state")
 
     _client_parser(sub, "classes", "list deployed classes")
 
