@@ -4,18 +4,19 @@ separate processes — and clean up after it: processes, their containers, their
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 
 from portside.net import free_port
+from tests.support import eventually_sync
 
 PORTSIDE = [sys.executable, "-m", "portside"]
 
@@ -31,20 +32,22 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def wait_for_port(address: str, proc: Proc | None = None, timeout_s: float = 20.0) -> None:
+def wait_for_port(address: str, proc: Proc | None = None, within: float = 20.0) -> None:
+    """Until `address` accepts connections; at once an error if `proc` exits meanwhile."""
     host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def port_open() -> bool:
         if proc is not None and proc.popen.poll() is not None:
             raise RuntimeError(
                 f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()}"
             )
         try:
             with socket.create_connection((host, int(port)), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{address} did not open within {timeout_s}s")
+            return False
+
+    eventually_sync(port_open, within=within, every=0.05, what=f"{address} open")
 
 
 @dataclass
@@ -148,18 +151,30 @@ class Cluster:
         )
         assert out.returncode == 0, out.stderr
 
-    def wait_for_nodes(self, count: int, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def wait_for_nodes(self, count: int, within: float = 20.0) -> None:
+        """Until `portside nodes` lists at least `count` nodes."""
+
+        def registered() -> bool:
             out = subprocess.run(
                 [*PORTSIDE, "nodes", "--json", "--controlplane", self.controlplane_address],
                 capture_output=True,
                 text=True,
             )
-            if out.returncode == 0 and out.stdout.count('"id"') >= count:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{count} nodes did not register within {timeout_s}s")
+            return out.returncode == 0 and out.stdout.count('"id"') >= count
+
+        eventually_sync(registered, within=within, every=0.2, what=f"{count} nodes registered")
+
+    def store_revision(self) -> int:
+        """The store's revision now. Events carry store revisions, so a watch from after this one
+        sees every later event however late it opens: no need to let a watch "from now" open."""
+        out = subprocess.run(
+            ["etcdctl", "--endpoints", self.store_url.removeprefix("etcd://")]
+            + ["get", "/", "--write-out", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(json.loads(out.stdout)["header"]["revision"])
 
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
         if proc.popen.poll() is None:

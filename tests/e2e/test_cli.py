@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
+from functools import partial
 
 import pytest
 
 from tests.e2e.harness import PORTSIDE, Cluster
+from tests.support import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -51,6 +52,13 @@ def portside(
 def ok(result: subprocess.CompletedProcess[bytes]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return result.stdout.decode()
+
+
+def signals_recorded(cluster: Cluster, name: str, expected: bytes) -> bool:
+    """Whether the TRAPPING entrypoint has recorded just `expected` of the signals it got."""
+    got = portside(cluster, "exec", "Echo", name, "--", "cat", "/tmp/signals").stdout
+    assert got == expected, got
+    return True
 
 
 @pytest.fixture
@@ -122,12 +130,8 @@ def test_instance_verbs(running: Cluster) -> None:
     # By name, then by number; one at a time (two at once may arrive as one).
     for count, sig in ((1, "USR1"), (2, "10")):
         assert ok(portside(running, "signal", "Echo", "b1", sig)) == "Echo/b1: sent signal 10\n"
-        for _ in range(50):
-            got = portside(running, "exec", "Echo", "b1", "--", "cat", "/tmp/signals").stdout
-            if got.count(b"got USR1") == count:
-                break
-            time.sleep(0.1)
-        assert got == b"got USR1\n" * count
+        recorded = partial(signals_recorded, running, "b1", b"got USR1\n" * count)
+        eventually_sync(recorded, within=10, what=f"{count} USR1 recorded")
 
     out = ok(portside(running, "stop", "Echo", "b1", "--signal", "INT", "--grace", "5"))
     assert out.startswith("Echo/b1: ")
@@ -153,14 +157,15 @@ def test_instance_verbs(running: Cluster) -> None:
 
 def test_events_follow_until_count(running: Cluster) -> None:
     env = dict(os.environ, PORTSIDE_CONTROLPLANE=running.controlplane_address)
+    # From a revision before the instance's events: however late the watch opens, it sees them.
+    since = str(running.store_revision())
     watch = subprocess.Popen(
-        [*PORTSIDE, "events", "Echo", "e1", "--json", "--count", "3"],
+        [*PORTSIDE, "events", "Echo", "e1", "--json", "--count", "3", "--after", since],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
     )
     try:
-        time.sleep(1.5)  # the watch is from now: let it open
         ok(portside(running, "start", "Echo", "e1"))
         ok(portside(running, "destroy", "Echo", "e1"))
         out, err = watch.communicate(timeout=30)

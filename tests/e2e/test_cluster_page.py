@@ -16,13 +16,13 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.harness import PORTSIDE, Cluster, Proc
+from tests.support import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +69,6 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 def cluster_json(base: str) -> dict[str, Any]:
     return json.loads(get(base + "/api/cluster")[2])  # type: ignore[no-any-return]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.3)
 
 
 def chromium(tmp: Path, url: str, *args: str) -> str:
@@ -191,7 +183,9 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
             and {"placed", "ready"} <= kinds
         )
 
-    wait_for("the instance, the pool member and their events reach the API", ready, 40)
+    eventually_sync(
+        ready, within=40, every=0.3, what="the instance, the pool member and their events"
+    )
 
     # The page: served on the metrics port at / and /ui, only its own files, no inline script.
     status, headers, page = get(base + "/")
@@ -220,20 +214,22 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     # A node whose agent dies is shown lost once its lease expires.
     cluster.stop(iad, signal.SIGKILL)
     iad_id = by_region["iad"]
-    wait_for(
-        "the iad node is lost",
+    eventually_sync(
         lambda: any(n["id"] == iad_id and not n["alive"] for n in cluster_json(base)["nodes"]),
-        30,
+        within=30,
+        every=0.3,
+        what="the iad node is lost",
     )
     # Load on the pool: its CPU shows against the target, and the edge its requests.
     with Load(edge.address):
-        wait_for(
-            "the pool's CPU and the edge's requests reach the API",
+        eventually_sync(
             lambda: (
                 bool((data := cluster_json(base))["pools"][0]["cpu_percent"])
                 and any(e["requests_per_second"] > 0 for e in data["edges"])
             ),
-            30,
+            within=30,
+            every=0.3,
+            what="the pool's CPU and the edge's requests reach the API",
         )
         dom = chromium(tmp_path, base + "/", "--dump-dom")
         shot = tmp_path / "cluster-page.png"

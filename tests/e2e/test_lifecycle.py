@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,6 +22,7 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 from tests.e2e.harness import Cluster
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +118,9 @@ async def logs_of(stub: Any, instance: pb.InstanceRef) -> str:
 
 
 class Watcher:
-    """Collects a WatchEvents stream in the background."""
+    """Collects a WatchEvents stream in the background. Watch from `after` a revision known to
+    precede what is waited for (`Cluster.store_revision()`), so no event can come before the
+    watch opens."""
 
     def __init__(self, stub: Any, class_name: str = "", name: str = "", after: int = 0) -> None:
         self.events: list[pb.Event] = []
@@ -136,19 +138,13 @@ class Watcher:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.error = exc
 
-    async def started(self) -> Watcher:
-        # A watch "from now" starts when the store registers it: give it a moment.
-        await asyncio.sleep(0.5)
-        return self
-
     def kinds(self, name: str) -> list[str]:
         return [e.kind for e in self.events if e.name == name]
 
-    async def wait_for(
-        self, kind: str, name: str, timeout_s: float = 20.0, **fields: Any
-    ) -> pb.Event:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    async def wait_for(self, kind: str, name: str, within: float = 20.0, **fields: Any) -> pb.Event:
+        """The first `kind` event of `name` (with `fields`) once it has arrived."""
+
+        def arrived() -> pb.Event:
             for e in self.events:
                 if (
                     e.kind == kind
@@ -157,25 +153,17 @@ class Watcher:
                 ):
                     return e
             if self.error is not None:
-                raise AssertionError(f"the watch failed: {self.error}")
-            await asyncio.sleep(0.1)
-        raise AssertionError(
-            f"no {kind} event for {name} ({fields}) within {timeout_s}s; got "
-            f"{[(e.kind, e.name, e.revision) for e in self.events]}"
-        )
+                pytest.fail(f"the watch failed: {self.error}")  # at once: no event will come
+            raise AssertionError(
+                f"no {kind} event for {name} ({fields}); got "
+                f"{[(e.kind, e.name, e.revision) for e in self.events]}"
+            )
+
+        return await eventually(arrived, within=within, every=0.1)
 
     def close(self) -> None:
         self.call.cancel()
         self.task.cancel()
-
-
-async def eventually(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(0.2)
 
 
 def containers_of(
@@ -202,7 +190,7 @@ async def test_every_verb_on_a_real_container(
     cluster.wait_for_nodes(1)
     box = ref("box")
     async with controlplane(cluster) as stub:
-        watch = await Watcher(stub, "Echo", "box").started()
+        watch = Watcher(stub, "Echo", "box", after=cluster.store_revision())
         started = await stub.Start(
             cp.StartRequest(
                 instance=box, entrypoint=["/bin/sh", "-c", TRAPPING], env={"GREETING": "hi"}
@@ -232,7 +220,7 @@ async def test_every_verb_on_a_real_container(
             out, _, _ = await run_exec(stub, box, ["cat", "/tmp/signals"])
             return b"got USR1" in out
 
-        assert await eventually(got_usr1)
+        await eventually(got_usr1, within=10, every=0.2, what="the trap recorded USR1")
         text = await logs_of(stub, box)
         assert "started with GREETING=hi" in text and "got USR1" in text, text
 
@@ -346,28 +334,28 @@ entrypoint = ["/bin/sh", "-c", "sleep 1; exit 3"]
     cluster.start_agent("fra")
     cluster.wait_for_nodes(1)
     async with controlplane(cluster) as stub:
-        watch = await Watcher(stub).started()
+        watch = Watcher(stub, after=cluster.store_revision())
         napper = ref("napper")
         await stub.Start(cp.StartRequest(instance=napper))
         await stub.PutStateValue(
             cp.PutStateValueRequest(instance=napper, key="progress/step", value=b"\x00\x01 42")
         )
-        # Renewing every second keeps it awake past its 2 s sleep_after.
+        # Renewing every second keeps it awake past its 2 s sleep_after: time must pass here.
         for _ in range(4):
             await asyncio.sleep(1)
             await stub.RenewActivity(cp.RenewActivityRequest(instance=napper))
         state = (await stub.GetState(cp.GetStateRequest(instance=napper))).info
         assert state.state in ("running", "healthy"), state
         assert "slept" not in watch.kinds("napper")
-        await watch.wait_for("slept", "napper", timeout_s=10)
+        await watch.wait_for("slept", "napper", within=10)
         kinds = watch.kinds("napper")
         assert kinds.index("activity-expired") < kinds.index("slept"), kinds
 
-        async def napper_state() -> str:
+        async def napper_sleeping() -> bool:
             info = (await stub.GetState(cp.GetStateRequest(instance=napper))).info
-            return str(info.state) if info.state == "sleeping" else ""
+            return bool(info.state == "sleeping")
 
-        assert await eventually(napper_state) == "sleeping"
+        await eventually(napper_sleeping, within=10, every=0.2, what="napper's state is sleeping")
         value = await stub.GetStateValue(
             cp.GetStateValueRequest(instance=napper, key="progress/step")
         )
@@ -398,7 +386,7 @@ async def test_a_watch_resumes_after_a_controlplane_restart(
     cluster.start_agent("fra")
     cluster.wait_for_nodes(1)
     async with controlplane(cluster) as stub:
-        watch = await Watcher(stub, "Echo").started()
+        watch = Watcher(stub, "Echo", after=cluster.store_revision())
         await stub.Start(cp.StartRequest(instance=ref("first")))
         last = (await watch.wait_for("ready", "first")).revision
         seen_before = [e.revision for e in watch.events]
@@ -419,8 +407,7 @@ async def test_a_watch_resumes_after_a_controlplane_restart(
         resumed.close()
 
         # History that the store compacted away is OUT_OF_RANGE, with a message that says so.
-        revision = json.loads(etcdctl(cluster, "get", "/", "-w", "json"))["header"]["revision"]
-        etcdctl(cluster, "compact", str(revision))
+        etcdctl(cluster, "compact", str(cluster.store_revision()))
         gone = stub.WatchEvents(cp.WatchEventsRequest(after_revision=last))
         code, text = await status_of(gone.read())
         assert code == grpc.StatusCode.OUT_OF_RANGE and "no longer" in text, text
@@ -436,7 +423,7 @@ async def test_state_values_follow_an_instance_to_another_node(
     cluster.wait_for_nodes(2)
     mover = ref("mover")
     async with controlplane(cluster) as stub:
-        watch = await Watcher(stub, "Echo", "mover").started()
+        watch = Watcher(stub, "Echo", "mover", after=cluster.store_revision())
         first = (await stub.Start(cp.StartRequest(instance=mover, location_hint="fra"))).info
         assert first.region == "fra", first
         await stub.PutStateValue(cp.PutStateValueRequest(instance=mover, key="k", value=b"v1"))
@@ -448,7 +435,7 @@ async def test_state_values_follow_an_instance_to_another_node(
             nodes = (await stub.ListNodes(cp.ListNodesRequest())).nodes
             return len(nodes) == 1
 
-        assert await eventually(one_node, 10)
+        await eventually(one_node, within=10, every=0.2, what="the fra node's lease expired")
         state = (await stub.GetState(cp.GetStateRequest(instance=mover))).info
         assert state.state == "stopped" and state.node_id == first.node_id, state
         code, text = await status_of(run_exec(stub, mover, ["true"]))
@@ -543,8 +530,9 @@ maximum_instances = 1
             running = [i.name for i in listed.instances if i.state in ("running", "healthy")]
             return running[0] if running else ""
 
-        name = await eventually(running_member, 20)
-        assert name, "the pool's minimum instance never ran"
+        name: str = await eventually(
+            running_member, within=20, every=0.2, what="the pool's minimum instance runs"
+        )
         member = ref(name, "Pool")
         state = (await stub.GetState(cp.GetStateRequest(instance=member))).info
         assert state.pool and state.state in ("running", "healthy"), state

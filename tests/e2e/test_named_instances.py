@@ -10,7 +10,9 @@ import aiohttp
 import docker
 import pytest
 
+import portside
 from tests.e2e.harness import Cluster
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +58,22 @@ def containers_of(
     return [c for c in found if c.labels["portside.node"].startswith(cluster.tag + "-")]
 
 
+def stopped(container: docker.models.containers.Container) -> bool:
+    container.reload()
+    return bool(container.status != "running")
+
+
+async def listed_asleep(cluster: Cluster, class_name: str, name: str, within: float) -> None:
+    """Until the control plane lists the instance as sleeping, as its node's heartbeat reported
+    it: from then on it takes no capacity and does not count against max_instances."""
+    async with portside.connect(cluster.controlplane_address) as ps:
+
+        async def asleep() -> bool:
+            return name in [i.name for i in await ps.instances(class_name, state="sleeping")]
+
+        await eventually(asleep, within=within, what=f"{class_name}/{name} listed as sleeping")
+
+
 async def test_one_container_per_session_and_state_survives_sleep(
     cluster: Cluster, test_image: str, docker_client: docker.DockerClient
 ) -> None:
@@ -83,13 +101,8 @@ async def test_one_container_per_session_and_state_survives_sleep(
         # sleep_after is 2 s: the container stops within 3 s of the last request.
         last = time.monotonic()
         (container,) = containers_of(docker_client, "alice", cluster)
-        while time.monotonic() - last < 6:
-            container.reload()
-            if container.status != "running":
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: stopped(container), within=6, every=0.1, what="alice slept")
         stopped_after = time.monotonic() - last
-        assert container.status != "running"
         assert 1.9 <= stopped_after <= 3.0, f"stopped {stopped_after:.2f}s after the last request"
 
         status, text, _ = await get(s, f"{base}/session/state", "alice")
@@ -273,18 +286,14 @@ instance = "cookie:sid"
         status, text = await big(s, base, "b")
         assert status == 503 and "no node has capacity" in text, text
         (a,) = containers_of(docker_client, "a", cluster)
-        deadline = time.monotonic() + 10
-        while a.status == "running" and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            a.reload()
-        assert a.status != "running"
-        await asyncio.sleep(0.5)  # the agent's heartbeat tells the control plane a slept
+        await eventually(lambda: stopped(a), within=10, every=0.2, what="a slept")
+        await listed_asleep(cluster, "Big", "a", within=10)  # a heartbeat told the control plane
         status, text = await big(s, base, "b")
         assert status == 200, text
         # a keeps its node, which b now fills: a cannot wake until b sleeps.
         status, text = await big(s, base, "a")
         assert status == 503 and "is full" in text and "can wake when others sleep" in text, text
-        await asyncio.sleep(2.5)
+        await listed_asleep(cluster, "Big", "b", within=10)
         assert (await big(s, base, "a"))[0] == 200
 
 
@@ -296,7 +305,12 @@ async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) ->
     cluster.wait_for_nodes(1)
     async with aiohttp.ClientSession() as s:
         assert (await get(s, f"http://{edge.address}/session/whoami", "m"))[0] == 200
-        await asyncio.sleep(2.5)  # let it sleep once
+
+        async def slept_once() -> bool:
+            text = await (await s.get(f"http://{agent.address}/metrics")).text()
+            return 'portside_agent_sleeps_total{class="Echo"} 1.0' in text
+
+        await eventually(slept_once, within=10, every=0.2, what="the agent counted m's sleep")
         cp_metrics = _metrics_address(cp.popen.args)
         text = await (await s.get(f"http://{cp_metrics}/metrics")).text()
         assert (
@@ -336,5 +350,5 @@ async def test_max_instances_counts_awake_named_instances(
         status, text, headers = await get(s, f"{base}/session/whoami", "two")
         assert status == 503 and "class Echo is at max_instances (1)" in text, text
         assert headers["Portside-Error"] == "no-capacity"
-        await asyncio.sleep(3)  # "one" sleeps after 1 s: it no longer counts
+        await listed_asleep(cluster, "Echo", "one", within=10)  # asleep, it no longer counts
         assert (await get(s, f"{base}/session/whoami", "two"))[0] == 200

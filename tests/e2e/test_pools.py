@@ -8,13 +8,14 @@ import asyncio
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import aiohttp
 import docker
 import pytest
 
 from tests.e2e.harness import Cluster
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -59,15 +60,6 @@ def pool_in(client: docker.DockerClient, cluster: Cluster, region: str) -> set[s
         for c in found
         if c["Labels"]["portside.node"].startswith(f"{cluster.tag}-{region}-")
     }
-
-
-async def wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        await asyncio.sleep(0.25)
-    return time.monotonic() - started
 
 
 class Load:
@@ -117,27 +109,42 @@ async def test_pool_scales_up_near_demand_and_back_down(
     cluster.wait_for_nodes(3)
 
     # The minimum is started eagerly, before any request.
-    await wait_until(
-        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    await eventually(
+        lambda: len(pool(docker_client, cluster)) == 1,
+        within=20,
+        every=0.25,
+        what="one pool instance running",
     )
 
     load = Load(sin_edge.address, workers=3, limit_s=60)
     task = start(load)
     try:
-        await wait_until("the pool grows", lambda: len(pool(docker_client, cluster)) >= 2, 20)
+        await eventually(
+            lambda: len(pool(docker_client, cluster)) >= 2,
+            within=20,
+            every=0.25,
+            what="the pool grows",
+        )
 
         def served_in_sin() -> bool:
             sin = pool_in(docker_client, cluster, "sin")
             return bool(sin) and any(c in sin for c in load.answered_by[-3:])
 
         # Demand comes from the sin edge: an instance is placed in sin and serves it.
-        await wait_until("a sin instance serves the sin edge", served_in_sin, 40)
+        await eventually(
+            served_in_sin, within=40, every=0.25, what="a sin instance serves the sin edge"
+        )
     finally:
         await finish(load, task)
     assert len(pool(docker_client, cluster)) <= 4
 
     # The load has stopped: after scale_down_delay (3 s) the pool drains back to its minimum.
-    await wait_until("the pool returns to 1", lambda: len(pool(docker_client, cluster)) == 1, 40)
+    await eventually(
+        lambda: len(pool(docker_client, cluster)) == 1,
+        within=40,
+        every=0.25,
+        what="the pool returns to 1",
+    )
     metrics = cluster.procs[0].log_text()
     assert re.search(r"autoscaler Burner: .*raw \d+, desired \d+", metrics), metrics[-2000:]
 
@@ -151,17 +158,26 @@ async def test_steady_load_holds_a_steady_count(
     cluster.start_agent("ams", "127.0.0.3")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(2)
-    await wait_until(
-        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    await eventually(
+        lambda: len(pool(docker_client, cluster)) == 1,
+        within=20,
+        every=0.25,
+        what="one pool instance running",
     )
     # One request always in flight: one instance saturated. At a 50% target that is two
     # instances at an average of 50%, and it must stay two, not flap.
     load = Load(edge.address, workers=1, limit_s=60)
     task = start(load)
     try:
-        await wait_until("the pool grows to 2", lambda: len(pool(docker_client, cluster)) == 2, 20)
+        await eventually(
+            lambda: len(pool(docker_client, cluster)) == 2,
+            within=20,
+            every=0.25,
+            what="the pool grows to 2",
+        )
         counts = []
-        for _ in range(40):  # 20 s: ten scale_down_delays
+        # Time must pass: the count holds for 20 s, ten scale_down_delays, sampled twice a second.
+        for _ in range(40):
             await asyncio.sleep(0.5)
             counts.append(len(pool(docker_client, cluster)))
     finally:
@@ -178,18 +194,30 @@ async def test_autoscaling_moves_to_the_other_replica_when_the_leader_dies(
     cluster.deploy(pool_config(test_image, minimum=1))
     cluster.start_agent("fra")
     cluster.wait_for_nodes(1)
-    await wait_until(
-        "one pool instance running", lambda: len(pool(docker_client, cluster)) == 1, 20
+    await eventually(
+        lambda: len(pool(docker_client, cluster)) == 1,
+        within=20,
+        every=0.25,
+        what="one pool instance running",
     )
     leader, survivor = (first, second) if "is the leader" in first.log_text() else (second, first)
     assert "is the leader" in leader.log_text() and "is the leader" not in survivor.log_text()
 
     cluster.stop(leader, signal.SIGKILL)
     cluster.controlplane_address = survivor.address
-    took = await wait_until(
-        "the other replica leads", lambda: "is the leader" in survivor.log_text(), 20
+    began = time.monotonic()
+    await eventually(
+        lambda: "is the leader" in survivor.log_text(),
+        within=20,
+        every=0.25,
+        what="the other replica leads",
     )
-    assert took < 15
+    assert time.monotonic() - began < 15
     # The new leader acts on the pool: a higher minimum is started.
     cluster.deploy(pool_config(test_image, minimum=2))
-    await wait_until("the pool grows to 2", lambda: len(pool(docker_client, cluster)) == 2, 30)
+    await eventually(
+        lambda: len(pool(docker_client, cluster)) == 2,
+        within=30,
+        every=0.25,
+        what="the pool grows to 2",
+    )

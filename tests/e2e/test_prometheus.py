@@ -4,11 +4,11 @@ the dashboards and alert rules are built on. Also: promtool accepts deploy/prome
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
-import time
+from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 from portside.net import free_port
 from tests.e2e.harness import Cluster, Proc, wait_for_port
 from tests.e2e.test_named_instances import config, get
+from tests.support import eventually
 from tests.unit.test_dashboards import ROOT, dashboard_queries
 
 pytestmark = pytest.mark.e2e
@@ -90,17 +91,10 @@ async def api(s: aiohttp.ClientSession, base: str, path: str, **params: str) -> 
         return body["data"]
 
 
-async def eventually_query(
-    s: aiohttp.ClientSession, base: str, query: str, timeout_s: float = 30.0
-) -> list[dict[str, Any]]:
-    """The query's vector once it is non-empty (scrapes arrive every second)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result: list[dict[str, Any]] = (await api(s, base, "query", query=query))["result"]
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{query} returned nothing within {timeout_s}s"
-        await asyncio.sleep(0.5)
+async def vector(s: aiohttp.ClientSession, base: str, promql: str) -> list[dict[str, Any]]:
+    """The query's vector now: empty until the series it needs have been scraped."""
+    result: list[dict[str, Any]] = (await api(s, base, "query", query=promql))["result"]
+    return result
 
 
 async def test_prometheus_discovers_and_scrapes_the_cluster(
@@ -122,14 +116,13 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
 
         # The discovery document itself: one group per daemon, labelled (edges appear with
         # their first demand report, within 2 s).
-        deadline = time.monotonic() + 10
-        while True:
+        async def discovered() -> list[dict[str, Any]]:
             async with s.get(sd_url) as resp:
-                groups = await resp.json()
-            if len(groups) == 3:
-                break
-            assert time.monotonic() < deadline, groups
-            await asyncio.sleep(0.2)
+                groups: list[dict[str, Any]] = await resp.json()
+            assert len(groups) == 3, groups
+            return groups
+
+        groups = await eventually(discovered, within=10, every=0.2, what="three target groups")
         by_role = {g["labels"]["portside_role"]: g for g in groups}
         assert by_role["agent"]["targets"] == [agent.address]
         assert by_role["agent"]["labels"]["portside_node"] == node_id
@@ -141,51 +134,56 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
         popen, address, log = start_prometheus(tmp_path, sd_url)
         base = f"http://{address}"
         try:
-            wait_for_port(address, timeout_s=30)
+            wait_for_port(address, within=30)
+
             # The port opens before the TSDB is ready: until then the API answers 503.
-            deadline = time.monotonic() + 30
-            while True:
+            async def ready() -> bool:
                 async with s.get(f"{base}/-/ready") as resp:
-                    if resp.status == 200:
-                        break
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                await asyncio.sleep(0.2)
-            deadline = time.monotonic() + 30
-            while True:
-                targets = (await api(s, base, "targets"))["activeTargets"]
+                    return resp.status == 200
+
+            await eventually(ready, within=30, every=0.2, what="Prometheus ready")
+
+            async def all_up() -> list[dict[str, Any]]:
+                targets: list[dict[str, Any]] = (await api(s, base, "targets"))["activeTargets"]
                 health = {t["labels"].get("portside_role"): t["health"] for t in targets}
-                if health == {"controlplane": "up", "agent": "up", "edge": "up"}:
-                    break
-                assert time.monotonic() < deadline, json.dumps(targets, indent=1)
-                await asyncio.sleep(0.5)
+                every_role_up = {"controlplane": "up", "agent": "up", "edge": "up"}
+                assert health == every_role_up, json.dumps(targets, indent=1)
+                return targets
+
+            targets = await eventually(all_up, within=30, every=0.5, what="every target up")
             for t in targets:
                 assert t["discoveredLabels"]["__meta_url"] == sd_url
 
-            (series,) = await eventually_query(s, base, "sum(portside_edge_requests_total) > 0")
+            # Scrapes arrive every second: each query answers once the series it needs are in.
+            def scrape(promql: str) -> Awaitable[list[dict[str, Any]]]:
+                return eventually(
+                    partial(vector, s, base, promql), within=30, every=0.5, what=promql
+                )
+
+            (series,) = await scrape("sum(portside_edge_requests_total) > 0")
             assert float(series["value"][1]) == 4
-            requests = await eventually_query(
-                s, base, 'portside_edge_requests_total{class="Echo", code="200"}'
-            )
+            requests = await scrape('portside_edge_requests_total{class="Echo", code="200"}')
             assert requests[0]["metric"]["portside_region"] == "sin"
             assert requests[0]["metric"]["region"] == "sin"
             assert requests[0]["metric"]["route"] == "/session"
-            (alive,) = await eventually_query(s, base, "portside_controlplane_nodes_alive == 1")
+            (alive,) = await scrape("portside_controlplane_nodes_alive == 1")
             assert alive["metric"]["portside_role"] == "controlplane"
-            await eventually_query(s, base, "portside_controlplane_leader == 1")
-            boots = await eventually_query(s, base, 'portside_agent_boots_total{outcome="ok"}')
+            boots = await scrape('portside_agent_boots_total{outcome="ok"}')
             assert float(boots[0]["value"][1]) == 2  # alice and bob; alice's second was warm
             assert boots[0]["metric"]["portside_node"] == node_id
-            await eventually_query(s, base, "portside_agent_boot_seconds_count > 0")
-            await eventually_query(s, base, 'portside_agent_instances{state="healthy"} == 2')
-            await eventually_query(
-                s, base, 'portside_controlplane_placements_total{outcome="placed"}'
-            )
-            await eventually_query(s, base, "portside_controlplane_store_seconds_count > 0")
-            memory = await eventually_query(s, base, "portside_agent_instance_memory_bytes > 0")
+            memory = await scrape("portside_agent_instance_memory_bytes > 0")
             # The scraped `instance` label yields to the target's (see docs/metrics.md).
             assert {m["metric"]["instance_name"] for m in memory} == {"alice", "bob"}
-            await eventually_query(s, base, "portside_agent_instance_cpu_ratio >= 0")
-            await eventually_query(s, base, 'portside_edge_route_cache_total{result="hit"}')
+            for present in (
+                "portside_controlplane_leader == 1",
+                "portside_agent_boot_seconds_count > 0",
+                'portside_agent_instances{state="healthy"} == 2',
+                'portside_controlplane_placements_total{outcome="placed"}',
+                "portside_controlplane_store_seconds_count > 0",
+                "portside_agent_instance_cpu_ratio >= 0",
+                'portside_edge_route_cache_total{result="hit"}',
+            ):
+                await scrape(present)
 
             # Every dashboard query is valid PromQL for this Prometheus.
             for where, query in dashboard_queries():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 
@@ -27,6 +28,13 @@ TRAPPING = [
     'nc -ll -p "${PORT:-8080}" -e /app/serve & '
     "while true; do wait; done",
 ]
+
+
+async def signals_recorded(box: portside.Container, expected: bytes) -> bool:
+    """Whether TRAPPING has recorded just `expected` of the signals it got."""
+    got = await box.exec(["cat", "/tmp/signals"])
+    assert got.stdout == expected, got.stdout
+    return True
 
 
 def config(image: str) -> str:
@@ -79,7 +87,7 @@ async def test_start_exec_fetch_state_stop_destroy(cluster: Cluster, edge: str) 
         async def pieces() -> AsyncIterator[bytes]:
             for piece in (b"one ", b"two ", b"three"):
                 yield piece
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # time must pass: stdin arrives as a stream, not at once
 
         assert (await box.exec(["cat"], stdin=pieces())).stdout == b"one two three"
 
@@ -117,25 +125,22 @@ async def test_signals_logs_and_events(cluster: Cluster, edge: str) -> None:
     async with portside.connect(cluster.controlplane_address, edge=edge) as ps:
         box = ps.container("Echo", name="sig")
         seen: list[portside.Event] = []
+        # From a revision before its events: however late the watch opens, it sees them all.
+        since = cluster.store_revision()
 
         async def watch() -> None:
-            async for event in box.events():
+            async for event in box.events(after_revision=since):
                 seen.append(event)
                 if event.kind == "removed":
                     return
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.5)  # the watch is from now: let it open first
         await box.start(entrypoint=TRAPPING, env={"GREETING": "hi"})
         # One at a time: two of the same signal sent at once may arrive as one.
         for count, sig in ((1, signal.SIGHUP), (2, int(signal.SIGHUP))):
             await box.signal(sig)
-            for _ in range(50):
-                got = await box.exec(["cat", "/tmp/signals"])
-                if got.stdout.count(b"got HUP") == count:
-                    break
-                await asyncio.sleep(0.1)
-            assert got.stdout == b"got HUP\n" * count
+            recorded = partial(signals_recorded, box, b"got HUP\n" * count)
+            await eventually(recorded, within=10, what=f"{count} HUP recorded")
 
         await box.stop(signal=signal.SIGTERM, grace=5)
         info = await box.state()
@@ -164,7 +169,8 @@ async def test_event_watch_resumes_after_a_controlplane_restart(
     cluster: Cluster, edge: str
 ) -> None:
     async with portside.connect(cluster.controlplane_address, edge=edge) as ps:
-        events = ps.events("Echo")
+        # From a revision before "before" starts: however late the watch opens, it sees it.
+        events = ps.events("Echo", after_revision=cluster.store_revision())
         seen: list[portside.Event] = []
 
         async def watch() -> None:
@@ -174,13 +180,13 @@ async def test_event_watch_resumes_after_a_controlplane_restart(
                     return
 
         watcher = asyncio.create_task(watch())
-        await asyncio.sleep(0.5)
         await ps.container("Echo", "before").start()
-        for _ in range(50):
-            if any(e.name == "before" and e.kind == "ready" for e in seen):
-                break
-            await asyncio.sleep(0.1)
-        assert any(e.name == "before" for e in seen), seen
+        # The watch has a revision to resume from before the control plane goes.
+        await eventually(
+            lambda: any(e.name == "before" and e.kind == "ready" for e in seen),
+            within=10,
+            what="the watch saw before's ready",
+        )
 
         (controlplane,) = [p for p in cluster.procs if p.name.startswith("controlplane")]
         cluster.stop(controlplane)

@@ -16,6 +16,7 @@ import pytest
 
 from portside.net import free_port
 from tests.e2e.harness import PORTSIDE
+from tests.support import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -38,12 +39,12 @@ def test_portside_up_runs_the_readme_example_and_stops_on_ctrl_c(
     )
     node_id = f"{socket.gethostname()}-{agent.rsplit(':', 1)[1]}"  # the agent's default id
     try:
-        deadline = time.monotonic() + 30
-        while "Portside is up" not in (tmp_path / "up.log").read_text():
-            assert up.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "up.log"
-            ).read_text()
-            time.sleep(0.05)
+
+        def is_up() -> bool:
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            return "Portside is up" in (tmp_path / "up.log").read_text()
+
+        eventually_sync(is_up, within=30, every=0.05, what="portside up")
         replies = []
         for _ in range(2):
             request = urllib.request.Request(

@@ -16,7 +16,8 @@ import docker
 import pytest
 
 from tests.e2e.harness import PORTSIDE, Cluster
-from tests.e2e.test_named_instances import config, containers_of, get
+from tests.e2e.test_named_instances import config, containers_of, get, stopped
+from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +35,8 @@ def cli_usage(cluster: Cluster, *extra: str) -> subprocess.CompletedProcess[str]
 
 def usage(cluster: Cluster, *extra: str) -> dict[str, Any]:
     out = cli_usage(cluster, "--json", *extra)
-    assert out.returncode == 0, out.stderr
+    if out.returncode != 0:  # not an AssertionError: a failing CLI fails a poll at once too
+        pytest.fail(f"portside usage failed: {out.stderr}")
     report: dict[str, Any] = json.loads(out.stdout)
     return report
 
@@ -58,28 +60,25 @@ async def run_for(
     while time.monotonic() - start < seconds:
         status, body, _ = await get(session, url, "metered")
         assert status == 200, body
-        await asyncio.sleep(0.25)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status != "running":
-            break
-        await asyncio.sleep(0.1)
-    assert container.status != "running", "the instance did not sleep"
+        await asyncio.sleep(0.25)  # time must pass: a request every 0.25 s keeps it awake
+    await eventually(lambda: stopped(container), within=10, every=0.1, what="the instance slept")
     state = container.attrs["State"]
     return docker_time(state["FinishedAt"]) - docker_time(state["StartedAt"])
 
 
 async def settled(cluster: Cluster, class_name: str) -> dict[str, Any]:
     """The usage report once two reads a heartbeat apart agree (the last run's end is in)."""
-    last: dict[str, Any] | None = None
-    for _ in range(20):
-        report = usage(cluster, "--class", class_name)
-        if last is not None and report == last and report["usage"]:
-            return report
-        last = report
-        await asyncio.sleep(2.5)
-    raise AssertionError(f"usage did not settle: {last}")
+    reads: list[dict[str, Any]] = []
+
+    def agreed() -> dict[str, Any]:
+        reads.append(usage(cluster, "--class", class_name))
+        assert len(reads) > 1 and reads[-1] == reads[-2] and reads[-1]["usage"], (
+            f"usage did not settle: {reads[-1]}"
+        )
+        return reads[-1]
+
+    report: dict[str, Any] = await eventually(agreed, within=50, every=2.5)
+    return report
 
 
 async def test_metered_seconds_match_dockers_running_time(
@@ -99,7 +98,7 @@ async def test_metered_seconds_match_dockers_running_time(
 
         # Asleep: nothing accrues.
         asleep = await settled(cluster, "Echo")
-        await asyncio.sleep(5)
+        await asyncio.sleep(5)  # time must pass: for 5 s asleep, nothing may accrue
         assert usage(cluster, "--class", "Echo")["usage"] == asleep["usage"]
 
         ran.append(await run_for(session, url, 3.0, container))

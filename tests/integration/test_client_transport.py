@@ -95,7 +95,7 @@ class ScriptedControlPlane(cp_grpc.ControlPlaneServicer):
             sent += 1
             if self.break_after and sent >= self.break_after:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "store watch ended")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # paced like a live watch, not a flood
 
 
 async def serve(servicer: ScriptedControlPlane, port: int = 0) -> tuple[grpc.aio.Server, int]:
@@ -199,6 +199,8 @@ async def test_watch_resumes_after_the_server_restarts() -> None:
             seen.append(event.revision)
             if len(seen) == 3:
                 await server.stop(0)
+                # Time must pass: the server stays away a while, as in a restart, and the watch
+                # must outlast the gap.
                 await asyncio.sleep(0.3)
                 servicer = ScriptedControlPlane()
                 server, _ = await serve(servicer, port)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,15 +14,9 @@ from controlplane.events import EventLog
 from controlplane.store import open_store
 from controlplane.ui import RecentEvents
 from portside.events import Event, EventKind
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s}s"
-        await asyncio.sleep(0.05)
 
 
 def event(kind: str, name: str, at: float) -> Event:
@@ -40,10 +32,14 @@ async def test_recent_events_load_then_follow_the_store(tmp_path: Path) -> None:
     recent = RecentEvents(store, size=3)
     follow = asyncio.create_task(recent.follow())
     try:
-        await until(lambda: len(recent.latest()) == 3)
+        await eventually(
+            lambda: len(recent.latest()) == 3, within=5, what="the stored events loaded"
+        )
         assert [e.time for e in recent.latest()] == [1004.0, 1003.0, 1002.0]
         await log.write(event("slept", "d", 1005.0))
-        await until(lambda: recent.latest()[0].kind == "slept")
+        await eventually(
+            lambda: recent.latest()[0].kind == "slept", within=5, what="the new event followed"
+        )
         assert [(e.name, e.time) for e in recent.latest()] == [
             ("d", 1005.0),
             ("a", 1004.0),

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,17 +14,9 @@ from controlplane import records
 from controlplane.discovery import ReplicaRegistration, targets
 from controlplane.store import instrument, open_store
 from controlplane.view import ClusterView
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if condition():
-            return
-        assert time.monotonic() < deadline, f"not within {timeout_s}s"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_replica_is_a_target_while_it_runs(tmp_path: Path) -> None:
@@ -39,7 +29,7 @@ async def test_a_replica_is_a_target_while_it_runs(tmp_path: Path) -> None:
     )
     run = asyncio.create_task(registration.run())
     try:
-        await until(lambda: "cp-a" in view.replicas)
+        await eventually(lambda: "cp-a" in view.replicas, within=5, what="the replica registered")
         assert targets(view) == [
             {
                 "targets": ["127.0.0.1:7071"],
@@ -50,11 +40,12 @@ async def test_a_replica_is_a_target_while_it_runs(tmp_path: Path) -> None:
                 },
             }
         ]
-        await asyncio.sleep(3)  # past the TTL: the replica keeps its lease alive
+        # Time must pass: past the 2 s TTL, the replica is still there only if it renews its lease.
+        await asyncio.sleep(3)
         assert "cp-a" in view.replicas
         run.cancel()
         await registration.deregister()
-        await until(lambda: not view.replicas)
+        await eventually(lambda: not view.replicas, within=5, what="the replica deregistered")
     finally:
         for task in (run, follow):
             task.cancel()

@@ -6,7 +6,7 @@ Each test writes under its own random key prefix, so tests never see each other'
 from __future__ import annotations
 
 import asyncio
-import time
+import types
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
@@ -18,6 +18,7 @@ from controlplane.store import Store, WatchEvent, open_store
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.sqlite import SqliteStore
 from portside.errors import StoreError
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +65,13 @@ async def watch_from_now(store: Store, prefix: str) -> AsyncGenerator[WatchEvent
     probe = prefix + "~probe"
     events = store.watch(prefix)
     first = asyncio.ensure_future(anext(events))
-    deadline = time.monotonic() + EVENT_TIMEOUT_S
-    while not first.done():
-        assert time.monotonic() < deadline, "the watch never started"
+
+    async def probe_seen() -> bool:
         await store.put(probe, b"")
         await asyncio.wait({first}, timeout=0.05)
+        return first.done()
+
+    await eventually(probe_seen, within=EVENT_TIMEOUT_S, every=0, what="the watch started")
     assert first.result().kv.key == probe
     return events
 
@@ -232,8 +235,10 @@ async def test_watch_from_a_compacted_revision_raises(store: Backend, prefix: st
 async def test_closing_the_store_ends_a_watch_loudly(store: Backend, prefix: str) -> None:
     events = store.watch(prefix, await store.put(prefix + "a", b"1"))
     assert (await next_event(events)).kv.key == prefix + "a"
+    assert isinstance(events, types.AsyncGeneratorType)
     pending = asyncio.ensure_future(next_event(events))
-    await asyncio.sleep(0.05)  # let the watch block waiting, the case that must not hang
+    # The case that must not hang: the watch awaits its backend, not parked at a yield.
+    await eventually(lambda: events.ag_await is not None, every=0.001, what="the watch waits")
     await store.close()
     with pytest.raises(StoreError):
         await pending
@@ -258,11 +263,17 @@ async def test_lease_expires_unless_refreshed(store: Backend, prefix: str) -> No
     await store.put(prefix + "dropped", b"", dropped)
     kv = await store.get(prefix + "kept")
     assert kv is not None and kv.lease == kept
-    start = time.monotonic()
-    while await store.get(prefix + "dropped") is not None:
-        assert time.monotonic() - start < 6, "the unrefreshed lease never expired"
-        assert await store.refresh_lease(kept) is True
-        await asyncio.sleep(0.2)
+    refreshed: list[bool] = []
+
+    async def dropped_expired() -> bool:
+        if await store.get(prefix + "dropped") is None:
+            return True
+        refreshed.append(await store.refresh_lease(kept))
+        return False
+
+    # Refreshed every 0.2 s, well within its 1 s TTL, while the other lease runs out.
+    await eventually(dropped_expired, within=6, every=0.2, what="the unrefreshed lease expired")
+    assert all(refreshed)  # the kept lease stayed alive all along
     assert await store.get(prefix + "kept") is not None
     assert await store.refresh_lease(dropped) is False
     await store.revoke_lease(kept)
@@ -356,18 +367,20 @@ async def test_sqlite_keeps_its_history_bounded(tmp_path: Path) -> None:
     try:
         for i in range(30):
             await store.put("/a", str(i).encode())
-        deadline = time.monotonic() + 3
-        while True:
+
+        async def compacted() -> bool:
             events = store.watch("/", 1)
             try:
                 await next_event(events)
             except StoreError as exc:
-                assert "compacted" in str(exc)
-                break
+                if "compacted" not in str(exc):
+                    raise
+                return True
             finally:
                 await events.aclose()
-            assert time.monotonic() < deadline, "history was never compacted"
-            await asyncio.sleep(0.1)
+            return False
+
+        await eventually(compacted, within=3, every=0.1, what="history was compacted")
         events = store.watch("/", 20)
         assert (await next_event(events)).kv.value == b"19"
         await events.aclose()

@@ -28,6 +28,7 @@ from portside.convert import usage_from_pb
 from portside.errors import InvalidArgument
 from portside.spec import Node
 from portside.usage import Usage
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -115,8 +116,8 @@ class LossyControlPlane(cp_grpc.ControlPlaneServicer):
     def __init__(self, ledger: UsageLedger) -> None:
         self.ledger = ledger
         self.broke = False
-        self.sequences: list[int] = []
-        self.sent_again = asyncio.Event()
+        self.sequences: list[int] = []  # of each batch as it arrived
+        self.added = 0  # batches the ledger has finished adding
 
     async def NodeHeartbeat(
         self, request_iterator: AsyncIterator[cp.NodeHeartbeatRequest], context: Any
@@ -124,13 +125,12 @@ class LossyControlPlane(cp_grpc.ControlPlaneServicer):
         async for message in request_iterator:
             if message.usage:
                 self.sequences.append(message.usage_sequence)
-                if len(self.sequences) == 2:
-                    self.sent_again.set()
                 await self.ledger.add(
                     message.usage_source,
                     message.usage_sequence,
                     [usage_from_pb(u) for u in message.usage],
                 )
+                self.added += 1
                 if not self.broke:
                     self.broke = True
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "reply lost")
@@ -168,8 +168,9 @@ async def test_usage_whose_reply_was_lost_is_counted_once(
     )
     beat = asyncio.create_task(heartbeat.run())
     try:
-        await asyncio.wait_for(control.sent_again.wait(), 10)
-        await asyncio.sleep(0.3)
+        await eventually(
+            lambda: control.added >= 2, within=10, what="the batch sent again was added"
+        )
     finally:
         await heartbeat.leave(beat)
         await channel.close()
