@@ -2,7 +2,7 @@
 
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
 demand/<edge>, replicas/<replica>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>,
-usage/<class>/<day>.
+usage/<class>/<day>, pki/ca, tokens/<id>.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ LEADER = ROOT + "leader"
 EVENTS = ROOT + "events/"  # lifecycle events, under a lease: they expire after about an hour
 STATE = ROOT + "state/"  # users' per-instance values; opaque bytes, never decoded here
 USAGE = ROOT + "usage/"  # metered use per class and UTC day (controlplane.usage), kept
+# The cluster CA, certificate and private key (JSON), written once by `portside bootstrap`. Only
+# control-plane replicas read it; nothing else ever gets the key.
+CA = ROOT + "pki/ca"
+TOKENS = ROOT + "tokens/"  # tokens/<id>: api and join tokens (their secrets' digests, never them)
 
 
 def class_key(name: str) -> str:

@@ -614,8 +614,13 @@ class InstanceManager:
                 self._fire(inst, Died())
                 return
             grace = self._timing.stop_grace if order.grace_s is None else order.grace_s
-            code = await self._runtime.stop(container_id, grace, order.signum)
-            self._fire(inst, Died(code, oom=inst.oom, at=inst.died_at))
+            info = await self._runtime.stop(container_id, grace, order.signum)
+            # Metered to the death's time: the engine's die event's if it came first, else
+            # docker's own record of it (the die event may come after the stop's answer).
+            at = inst.died_at
+            if at is None and info is not None and info.finished_at is not None:
+                at = info.finished_at.timestamp()
+            self._fire(inst, Died(info.exit_code if info else None, oom=inst.oom, at=at))
             if order.cause is StopCause.SLEEP:
                 metrics.SLEEPS.labels(inst.class_name).inc()
                 log.info("slept %s/%s", inst.class_name, inst.name)
@@ -858,7 +863,11 @@ class InstanceManager:
             if inst.run_started is None or (event.time and event.time < inst.run_started):
                 return  # an earlier run's death, or one that docker start's answer reports
             if inst.stop is not None:
-                inst.died_at = event.time or None  # the stop's answer reports it, at this time
+                # The stop's answer reports the death (then the state changes), at this time.
+                # Metering ends now: a heartbeat between here and that answer must not count
+                # time the container no longer ran (ending a metered run twice is a no-op).
+                inst.died_at = event.time or None
+                self._run_changed(inst, Effect.END_RUN, inst.died_at)
                 return
             self._fire(inst, Died(event.exit_code, oom=inst.oom, at=event.time or None))
         elif event.kind is ContainerEventKind.OOM:

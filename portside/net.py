@@ -1,5 +1,11 @@
 """The one place that creates gRPC servers and channels, and HTTP servers and client sessions,
-so that deadlines, keep-alive, message limits and (later) TLS and tokens apply everywhere alike."""
+so that deadlines, keep-alive, message limits, TLS and tokens apply everywhere alike.
+
+TLS: a client trusts the cluster CA and checks that its server presents the name of the role it
+expects (`pki.SERVER_NAMES`: every control plane is `portside-controlplane`, every agent
+`portside-agent`), whatever address it was reached at; a part of the cluster also presents its
+own certificate (mutual TLS). A person or program sends an API token with every call instead.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import grpc
 from aiohttp import web
 
 from portside.errors import InvalidArgument
+from portside.pki import SERVER_NAMES, Identity, PeerRole
 
 _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -57,9 +64,34 @@ def add_grpc_port(server: grpc.aio.Server, address: str) -> int:
     return port
 
 
-def grpc_channel(target: str) -> grpc.aio.Channel:
+@dataclass(frozen=True)
+class ClientTls:
+    """How a client reaches a server of the cluster: the CA it trusts, the role the server must
+    be, and (for a part of the cluster: mutual TLS) its own identity."""
+
+    ca_pem: bytes
+    server: PeerRole = PeerRole.CONTROLPLANE
+    identity: Identity | None = None
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        if self.identity is None:
+            return grpc.ssl_channel_credentials(self.ca_pem)
+        return grpc.ssl_channel_credentials(
+            self.ca_pem, self.identity.key_pem, self.identity.cert_pem
+        )
+
+    @property
+    def server_name(self) -> str:
+        return SERVER_NAMES[self.server]
+
+
+def grpc_channel(
+    target: str, *, tls: ClientTls | None = None, bearer: str | None = None
+) -> grpc.aio.Channel:
     """A channel to one control plane, or to several replicas ("10.0.0.1:7070,10.0.0.2:7070"):
-    gRPC then connects to the first that answers and moves on when it fails."""
+    gRPC then connects to the first that answers and moves on when it fails. With `tls`, over
+    TLS to a server of that role; with `bearer` (an API token's "ID.SECRET"), sent with every
+    call. Without `tls`: plaintext, for a cluster run with --insecure."""
     addresses = [a.strip() for a in target.split(",") if a.strip()]
     for address in addresses:
         split_hostport(address, "control plane address")
@@ -71,7 +103,17 @@ def grpc_channel(target: str) -> grpc.aio.Channel:
                 "IPv4 addresses (or put them behind one name)"
             )
         target = "ipv4:" + ",".join(addresses)
-    return grpc.aio.insecure_channel(target, options=_GRPC_OPTIONS)
+    if tls is None:
+        if bearer is not None:
+            raise InvalidArgument("a token is only ever sent over TLS")
+        return grpc.aio.insecure_channel(target, options=_GRPC_OPTIONS)
+    credentials = tls.grpc_credentials()
+    if bearer is not None:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(bearer)
+        )
+    options = [*_GRPC_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def _is_ipv4(host: str) -> bool:

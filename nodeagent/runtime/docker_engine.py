@@ -309,7 +309,7 @@ class DockerRuntime:
 
     async def stop(
         self, container_id: str, grace_s: float, signum: int | None = None
-    ) -> int | None:
+    ) -> ContainerInfo | None:
         if signum is None:
             # Docker's stop honours the image's STOPSIGNAL; it takes whole seconds, and 0 would
             # mean an immediate SIGKILL.
@@ -319,10 +319,9 @@ class DockerRuntime:
         else:
             await self._call(self._stop_with, container_id, grace_s, signum)
         try:
-            info = await self.inspect(container_id)
+            return await self.inspect(container_id)
         except NotFound:
             return None
-        return info.exit_code
 
     def _stop_with(self, container_id: str, grace_s: float, signum: int) -> None:
         api = self._client.api

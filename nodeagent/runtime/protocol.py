@@ -128,10 +128,10 @@ class ContainerRuntime(Protocol):
 
     async def stop(
         self, container_id: str, grace_s: float, signum: int | None = None
-    ) -> int | None:
+    ) -> ContainerInfo | None:
         """`signum` (None: the image's stop signal, SIGTERM by default), then SIGKILL after
-        `grace_s` seconds; no-op when not running. Returns the exit code it stopped with (None
-        if unknown)."""
+        `grace_s` seconds; no-op when not running. Returns the container as it stopped (its
+        exit code, and when: `finished_at`), or None if it no longer exists."""
 
     async def signal(self, container_id: str, signum: int) -> None:
         """Send `signum` to the container's main process. FailedPrecondition: not running."""

@@ -145,6 +145,31 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/portside.v1.ControlPlane/Join',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.JoinRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/portside.v1.ControlPlane/RenewCertificate',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/portside.v1.ControlPlane/CreateToken',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListTokens',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/portside.v1.ControlPlane/RevokeToken',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
         self.NodeHeartbeat = channel.stream_stream(
                 '/portside.v1.ControlPlane/NodeHeartbeat',
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatRequest.SerializeToString,
@@ -327,6 +352,48 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """--- identity and access (issue 9) ---
+
+        A node joins: the call carries the join token (authorization: Bearer ID.SECRET) and a
+        certificate signing request; the answer is a certificate for the node's role, signed by
+        the cluster CA. UNAUTHENTICATED: no, a wrong, an expired or a revoked join token.
+        INVALID_ARGUMENT: a malformed request or role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCertificate(self, request, context):
+        """A joined part renews its certificate before it expires; it proves who it is with the
+        certificate it has (mutual TLS). UNAUTHENTICATED: no client certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """API tokens (admin). CreateToken answers the whole token once; only its digest is kept.
+        INVALID_ARGUMENT: an unknown role, a negative ttl, a name already taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revoke by id or name; every replica refuses the token within seconds.
+        NOT_FOUND: no such token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeHeartbeat(self, request_iterator, context):
         """An agent's registration and liveness. The first message carries the node; each later one
         its status. The node stays a placement target while its lease is refreshed by messages.
@@ -448,6 +515,31 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListInstancesRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.JoinRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.JoinResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.JoinResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.CreateTokenRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListTokensRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.RevokeTokenResponse.SerializeToString,
             ),
             'NodeHeartbeat': grpc.stream_stream_rpc_method_handler(
                     servicer.NodeHeartbeat,
@@ -1049,6 +1141,141 @@ class ControlPlane:
             '/portside.v1.ControlPlane/ListInstances',
             portside_dot_v1_dot_controlplane__pb2.ListInstancesRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Join',
+            portside_dot_v1_dot_controlplane__pb2.JoinRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/RenewCertificate',
+            portside_dot_v1_dot_controlplane__pb2.RenewCertificateRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/CreateToken',
+            portside_dot_v1_dot_controlplane__pb2.CreateTokenRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListTokens',
+            portside_dot_v1_dot_controlplane__pb2.ListTokensRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/RevokeToken',
+            portside_dot_v1_dot_controlplane__pb2.RevokeTokenRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -117,7 +117,7 @@ class FakeRuntime:
 
     async def stop(
         self, container_id: str, grace_s: float, signum: int | None = None
-    ) -> int | None:
+    ) -> ContainerInfo | None:
         self.calls.append(("stop", container_id))
         await asyncio.sleep(0.01)
         if container_id not in self.containers:
@@ -125,7 +125,7 @@ class FakeRuntime:
         if self.containers[container_id].running:
             self.die(container_id, 143)
         await asyncio.sleep(0.01)  # the engine's event comes first, as it does from dockerd
-        return 143
+        return self.containers[container_id]
 
     async def signal(self, container_id: str, signum: int) -> None:
         self.calls.append(("signal", container_id))
