@@ -93,8 +93,10 @@ def new_key() -> bytes:
 def signing_request(key_pem: bytes) -> bytes:
     """A certificate signing request for `key_pem` (PEM). It names nobody: the CA decides."""
     key = _private_key(key_pem)
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM)
 

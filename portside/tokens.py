@@ -146,7 +146,7 @@ class TokenRecord:
         return 0 < self.expires <= now
 
     def may(self, needed: Role, class_names: Sequence[str] = ()) -> str:
-        """"" if this token may do what needs `needed` on `class_names` (empty: the whole
+        """ "" if this token may do what needs `needed` on `class_names` (empty: the whole
         cluster); otherwise why not, in one line."""
         if self.kind != "api" or self.role is None:
             return f"token {self.name} is a join token; it only lets a node join"
