@@ -615,10 +615,11 @@ class InstanceManager:
                 return
             grace = self._timing.stop_grace if order.grace_s is None else order.grace_s
             info = await self._runtime.stop(container_id, grace, order.signum)
-            # Metered to the death's time: the engine's die event's if it came first, else
-            # docker's own record of it (the die event may come after the stop's answer).
+            # Metered to the death's time as docker recorded it (FinishedAt; its die event is
+            # stamped a little later, and may even come after this answer); the meter takes
+            # back what a heartbeat counted in between.
             at = inst.died_at
-            if at is None and info is not None and info.finished_at is not None:
+            if info is not None and info.finished_at is not None:
                 at = info.finished_at.timestamp()
             self._fire(inst, Died(info.exit_code if info else None, oom=inst.oom, at=at))
             if order.cause is StopCause.SLEEP:
@@ -821,6 +822,9 @@ class InstanceManager:
                 inst.exit_code = trigger.exit_code if isinstance(trigger, Died) else None
                 inst.run_started = None
                 self._run_changed(inst, effect, trigger.at if isinstance(trigger, Died) else None)
+            elif effect is Effect.BEGIN_RUN:
+                # From docker's StartedAt: a little before its start call answered.
+                self._run_changed(inst, effect, inst.run_started or None)
             else:
                 self._run_changed(inst, effect)
         for announce in step.events:
@@ -863,11 +867,7 @@ class InstanceManager:
             if inst.run_started is None or (event.time and event.time < inst.run_started):
                 return  # an earlier run's death, or one that docker start's answer reports
             if inst.stop is not None:
-                # The stop's answer reports the death (then the state changes), at this time.
-                # Metering ends now: a heartbeat between here and that answer must not count
-                # time the container no longer ran (ending a metered run twice is a no-op).
-                inst.died_at = event.time or None
-                self._run_changed(inst, Effect.END_RUN, inst.died_at)
+                inst.died_at = event.time or None  # the stop's answer reports it
                 return
             self._fire(inst, Died(event.exit_code, oom=inst.oom, at=event.time or None))
         elif event.kind is ContainerEventKind.OOM:

@@ -169,21 +169,31 @@ class UsageMeter:
         size: Size,
         *,
         adopted: bool = False,
+        at_wall: float | None = None,
     ) -> None:
-        """The container of `instance_id` runs from now. `adopted`: it ran before this agent
-        started, so its counters are not at zero."""
+        """The container of `instance_id` runs from now (`at_wall`: from when, as the engine
+        says: docker's StartedAt, a few tens of ms before its start call answered). `adopted`:
+        it ran before this agent started, so its counters are not at zero."""
         if instance_id in self._runs:
             self.run_ended(instance_id)
+        now, now_wall = self.clock(), self.wall_clock()
+        began_wall = now_wall if at_wall is None else at_wall
         self._runs[instance_id] = _Run(
             class_name,
             instance_name,
             container_id,
             size,
-            self.clock(),
-            self.wall_clock(),
+            now - self._ago(now_wall, began_wall),
+            began_wall,
             cpu_ns=None if adopted else 0,
             tx_bytes=None if adopted else 0,
         )
+
+    @staticmethod
+    def _ago(now_wall: float, at_wall: float) -> float:
+        # A short span by the wall clock, which its adjustments hardly touch; bounded, so a
+        # clock step cannot turn into hours of use.
+        return min(max(0.0, now_wall - at_wall), 5.0)
 
     def run_ended(self, instance_id: str, at_wall: float | None = None) -> None:
         """The container stopped (`at_wall`: when, as the engine says, which may be a few tens
@@ -194,10 +204,11 @@ class UsageMeter:
             return
         elapsed = self.clock() - run.started
         if at_wall is not None:
-            # How long ago, by the wall clock: a short span, which its adjustments hardly touch.
-            elapsed -= min(max(0.0, self.wall_clock() - at_wall), 5.0)
+            elapsed -= self._ago(self.wall_clock(), at_wall)
         steps = max(0.0, elapsed) / TICK_S
-        self._count(instance_id, run, max(run.ticks, math.ceil(steps - _EPSILON)))
+        # Steps a heartbeat counted after the death (before the agent heard of it) are taken
+        # back: the run is metered to the step it stopped in, not to when the news came.
+        self._count(instance_id, run, math.ceil(steps - _EPSILON))
 
     @property
     def running(self) -> frozenset[str]:
@@ -219,10 +230,16 @@ class UsageMeter:
         return run.size
 
     def _count(self, iid: str, run: _Run, upto: int) -> None:
-        if upto <= run.ticks:
+        """Count the run's steps up to `upto`; below what was counted already, take the excess
+        back (a negative delta; Prometheus counters only grow, so they keep it)."""
+        if upto == run.ticks:
             return
         size = self._size(run)
-        for day, steps in ticks_by_day(run.started_wall, run.ticks, upto):
+        sign = 1 if upto > run.ticks else -1
+        for day, count in ticks_by_day(
+            run.started_wall, min(upto, run.ticks), max(upto, run.ticks)
+        ):
+            steps = sign * count
             seconds = steps * TICK_S
             key = UsageKey(run.class_name, iid, day)
             delta = replace(
@@ -233,10 +250,11 @@ class UsageMeter:
                 disk_gb_seconds=seconds * size.disk_mb / 1000,
             )
             self._add(key, delta)
-            labels = (run.class_name, run.instance_name)
-            VCPU_SECONDS.labels(*labels).inc(delta.vcpu_seconds)
-            MEMORY_GIB_SECONDS.labels(*labels).inc(delta.memory_gib_seconds)
-            DISK_GB_SECONDS.labels(*labels).inc(delta.disk_gb_seconds)
+            if sign > 0:
+                labels = (run.class_name, run.instance_name)
+                VCPU_SECONDS.labels(*labels).inc(delta.vcpu_seconds)
+                MEMORY_GIB_SECONDS.labels(*labels).inc(delta.memory_gib_seconds)
+                DISK_GB_SECONDS.labels(*labels).inc(delta.disk_gb_seconds)
         run.ticks = upto
 
     # -- readings -------------------------------------------------------------------------------
@@ -334,6 +352,7 @@ def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, Effect, float 
             snap.container_id,
             size,
             adopted=change is Effect.ADOPT_RUN,
+            at_wall=at,
         )
 
     return on_run

@@ -61,6 +61,21 @@ def test_running_time_is_counted_in_10ms_steps_and_a_started_step_counts_at_the_
     assert end.disk_gb_seconds == pytest.approx(0.01 * 4.0)
 
 
+def test_a_run_is_metered_from_dockers_start_to_its_death_however_late_the_news() -> None:
+    meter, clocks = meter_at(NOON)
+    clocks.advance(0.08)  # docker's start call answers 80 ms after the container started
+    meter.run_began("i1", "C", "a", "c1", BASIC, at_wall=NOON)
+    clocks.advance(2.0)
+    died = clocks.wall
+    clocks.advance(0.3)  # a heartbeat counts up to now before the agent hears of the death...
+    sent = totals(meter)[UsageKey("C", "i1", "2026-11-27")].running_ms
+    assert sent == 2380
+    meter.run_ended("i1", at_wall=died)  # ...which it takes back: 2.08 s ran
+    correction = totals(meter)[UsageKey("C", "i1", "2026-11-27")]
+    assert sent + correction.running_ms == 2080
+    assert correction.vcpu_seconds == pytest.approx(-0.3 * 0.25)
+
+
 def test_provisioned_use_is_running_time_times_the_instance_type() -> None:
     meter, clocks = meter_at(NOON)
     meter.run_began("i1", "C", "a", "c1", Size(vcpu=2.0, memory_mib=8192, disk_mb=16_000))
