@@ -4,14 +4,19 @@
    `docker run` of the same image until its port answers;
 2. warm request: through edge and agent versus straight to the container.
 
-Starts its own control plane (embedded store), agent and edge on 127.0.0.1, like `portside up`.
-Usage: python bench/named_instances.py [--cold N] [--warm N]
+Starts its own control plane (embedded store, bootstrapped), agent and edge on 127.0.0.1, secured
+like `portside up`: the edge → agent hop is mutual TLS.
+With --compare-tls, warm requests only, on two clusters run side by side — one secured, one
+started with --insecure (plaintext everywhere) — in interleaved rounds, so that both see the same
+machine: what mutual TLS adds to the warm edge → agent path.
+Usage: python bench/named_instances.py [--cold N] [--warm N] [--compare-tls [--rounds R]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -91,29 +97,26 @@ async def first_requests(edge: str, runs: int) -> list[float]:
     return samples
 
 
-async def warm_requests(url: str, runs: int, headers: dict[str, str]) -> list[float]:
+async def timed_gets(
+    session: aiohttp.ClientSession, url: str, runs: int, headers: dict[str, str]
+) -> list[float]:
     samples = []
-    async with aiohttp.ClientSession() as s:
-        for i in range(runs + 50):
-            start = time.perf_counter()
-            async with s.get(url, headers=headers) as r:
-                await r.read()
-                assert r.status == 200
-            if i >= 50:  # the first 50 warm up connections and caches
-                samples.append(time.perf_counter() - start)
+    for _ in range(runs):
+        start = time.perf_counter()
+        async with session.get(url, headers=headers) as r:
+            await r.read()
+            assert r.status == 200, r.status
+        samples.append(time.perf_counter() - start)
     return samples
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cold", type=int, default=20)
-    parser.add_argument("--warm", type=int, default=2000)
-    args = parser.parse_args()
-    client = docker.from_env()
-    build_image(client, IMAGE)
-    tmp = Path(tempfile.mkdtemp(prefix="portside-bench-"))
-    (tmp / "portside.toml").write_text(
-        f"""
+async def warm_requests(url: str, runs: int, headers: dict[str, str]) -> list[float]:
+    async with aiohttp.ClientSession() as s:
+        await timed_gets(s, url, 50, headers)  # the first 50 warm up connections and caches
+        return await timed_gets(s, url, runs, headers)
+
+
+CONFIG = f"""
 [[containers]]
 class_name = "Bench"
 image = "{IMAGE}"
@@ -124,76 +127,192 @@ path = "/"
 class_name = "Bench"
 instance = "header:X-Session-Id"
 """.replace("'", '"')
-    )
-    cp, agent, edge = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    procs = []
-    py = [sys.executable, "-m", "portside", "--log-level", "warning"]
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    *py,
-                    "controlplane",
-                    "--listen",
-                    cp,
-                    "--store",
-                    f"sqlite://{tmp}/store.db",
-                    "--metrics-listen",
-                    f"127.0.0.1:{free_port()}",
-                ],
-                start_new_session=True,
+
+
+@dataclass
+class Cluster:
+    """One control plane (embedded store), agent and edge; `secure`: bootstrapped, nodes join
+    with the join token (mutual TLS between the parts), else --insecure (plaintext)."""
+
+    tmp: Path
+    secure: bool
+    node_id: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    edge: str = ""
+
+    def start(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        (self.tmp / "portside.toml").write_text(CONFIG)
+        store = f"sqlite://{self.tmp}/store.db"
+        tokens = self.tmp / "tokens"
+        py = [sys.executable, "-m", "portside", "--log-level", "warning"]
+        secured: list[str] = []
+        client: list[str] = []
+        if self.secure:
+            subprocess.run(
+                [*py, "bootstrap", "--store", store, "--out", str(tokens)],
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
+            secured = ["--join-token-file", str(tokens / "join.token")]
+            client = ["--token-file", str(tokens / "admin.token")]
+        cp, agent, self.edge = (f"127.0.0.1:{free_port()}" for _ in range(3))
+        metrics = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+        self.spawn(
+            *py,
+            "controlplane",
+            "--listen",
+            cp,
+            "--store",
+            store,
+            "--metrics-listen",
+            metrics[0],
+            *([] if self.secure else ["--insecure"]),
         )
         wait_port(cp.split(":")[0], int(cp.split(":")[1]))
         subprocess.run(
-            [*py, "deploy", str(tmp / "portside.toml"), "--controlplane", cp],
+            [*py, "deploy", str(self.tmp / "portside.toml"), "--controlplane", cp, *client],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        procs.append(
-            subprocess.Popen(
-                [
-                    *py,
-                    "agent",
-                    "--controlplane",
-                    cp,
-                    "--listen",
-                    agent,
-                    "--region",
-                    "fra",
-                    "--node-id",
-                    NODE_ID,
-                    "--vcpu",
-                    "64",
-                    "--memory-mib",
-                    "1000000",
-                    "--api-listen",
-                    f"127.0.0.1:{free_port()}",
-                ],
-                start_new_session=True,
-            )
+        self.spawn(
+            *py,
+            "agent",
+            "--controlplane",
+            cp,
+            "--listen",
+            agent,
+            "--region",
+            "fra",
+            "--node-id",
+            self.node_id,
+            "--vcpu",
+            "64",
+            "--memory-mib",
+            "1000000",
+            "--api-listen",
+            f"127.0.0.1:{free_port()}",
+            "--metrics-listen",
+            metrics[1],
+            *secured,
         )
-        procs.append(
-            subprocess.Popen(
-                [
-                    *py,
-                    "edge",
-                    "--controlplane",
-                    cp,
-                    "--listen",
-                    edge,
-                    "--region",
-                    "fra",
-                    "--metrics-listen",
-                    f"127.0.0.1:{free_port()}",
-                ],
-                start_new_session=True,
-            )
+        self.spawn(
+            *py,
+            "edge",
+            "--controlplane",
+            cp,
+            "--listen",
+            self.edge,
+            "--region",
+            "fra",
+            "--metrics-listen",
+            metrics[2],
+            *secured,
         )
-        wait_port("127.0.0.1", int(edge.split(":")[1]))
+        wait_port("127.0.0.1", int(self.edge.split(":")[1]))
         wait_port("127.0.0.1", int(agent.split(":")[1]))
         time.sleep(0.5)  # the agent registers right after opening its port
 
+    def spawn(self, *argv: str) -> None:
+        self.procs.append(subprocess.Popen(list(argv), start_new_session=True))
+
+    def stop(self, client: docker.DockerClient) -> None:
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(15)
+        for c in client.containers.list(
+            all=True, filters={"label": f"portside.node={self.node_id}"}
+        ):
+            c.remove(force=True)
+
+
+def container_ip(client: docker.DockerClient, node_id: str, instance: str) -> str:
+    (container,) = client.containers.list(
+        filters={"label": [f"portside.node={node_id}", f"portside.instance={instance}"]}
+    )
+    container.reload()
+    return str(next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"])
+
+
+async def compare_tls(
+    client: docker.DockerClient, plain: Cluster, secure: Cluster, runs: int, rounds: int
+) -> None:
+    """Warm GETs straight to each cluster's container, and through each cluster's edge and
+    agent, in interleaved rounds on one keep-alive connection per target."""
+    name = f"warm-{os.getpid()}"
+    headers = {"X-Session-Id": name}
+    targets: dict[str, tuple[str, dict[str, str]]] = {}
+    for label, cluster in (("plaintext", plain), ("mutual TLS", secure)):
+        await first_requests(cluster.edge, 0)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{cluster.edge}/index.html", headers=headers) as r:
+                assert r.status == 200, await r.text()
+        ip = container_ip(client, cluster.node_id, name)
+        targets[f"straight to the container ({label} cluster)"] = (
+            f"http://{ip}:8080/index.html",
+            {},
+        )
+        targets[f"through edge + agent, {label}"] = (
+            f"http://{cluster.edge}/index.html",
+            headers,
+        )
+    samples: dict[str, list[float]] = {t: [] for t in targets}
+    sessions = {t: aiohttp.ClientSession() for t in targets}
+    try:
+        for t, (url, h) in targets.items():
+            await timed_gets(sessions[t], url, 50, h)  # warm up
+        per_round = max(1, runs // rounds)
+        for _ in range(rounds):
+            for t, (url, h) in targets.items():
+                samples[t].extend(await timed_gets(sessions[t], url, per_round, h))
+    finally:
+        for session in sessions.values():
+            await session.close()
+    print(f"warm request, {per_round * rounds} sequential GETs each in {rounds} interleaved rounds")
+    for t, got in samples.items():
+        print(f"  {t:48} {summary(got)}")
+    plain_hop = statistics.median(samples["through edge + agent, plaintext"])
+    tls_hop = statistics.median(samples["through edge + agent, mutual TLS"])
+    base_plain = statistics.median(samples["straight to the container (plaintext cluster)"])
+    base_tls = statistics.median(samples["straight to the container (mutual TLS cluster)"])
+    for label, seconds in (
+        ("added by Portside, plaintext (medians)", plain_hop - base_plain),
+        ("added by Portside, mutual TLS (medians)", tls_hop - base_tls),
+        ("mutual TLS edge → agent costs (medians)", tls_hop - plain_hop),
+    ):
+        print(f"  {label:48} {seconds * 1000:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cold", type=int, default=20)
+    parser.add_argument("--warm", type=int, default=2000)
+    parser.add_argument(
+        "--compare-tls",
+        action="store_true",
+        help="warm requests through a secured and an --insecure cluster, side by side",
+    )
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (--compare-tls)")
+    args = parser.parse_args()
+    client = docker.from_env()
+    build_image(client, IMAGE)
+    tmp = Path(tempfile.mkdtemp(prefix="portside-bench-"))
+    if args.compare_tls:
+        plain = Cluster(tmp / "plain", secure=False, node_id=f"{NODE_ID}-plain")
+        secure = Cluster(tmp / "secure", secure=True, node_id=f"{NODE_ID}-tls")
+        try:
+            plain.start()
+            secure.start()
+            asyncio.run(compare_tls(client, plain, secure, args.warm, args.rounds))
+        finally:
+            secure.stop(client)
+            plain.stop(client)
+        return
+    cluster = Cluster(tmp, secure=True, node_id=NODE_ID)
+    try:
+        cluster.start()
+        edge = cluster.edge
         print(f"cold start, {args.cold} runs each (image {IMAGE}, busybox httpd)")
         base = docker_run_until_answers(client, args.cold)
         cold = asyncio.run(first_requests(edge, args.cold))
@@ -202,27 +321,17 @@ instance = "header:X-Session-Id"
         ratio = statistics.median(cold) / statistics.median(base)
         print(f"  ratio (medians)                        {ratio:.2f}x")
 
-        (container,) = client.containers.list(
-            filters={
-                "label": [f"portside.node={NODE_ID}", f"portside.instance=cold-{os.getpid()}-0"]
-            }
-        )
-        container.reload()
-        ip = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        ip = container_ip(client, NODE_ID, f"cold-{os.getpid()}-0")
         headers = {"X-Session-Id": f"cold-{os.getpid()}-0"}
         print(f"warm request, {args.warm} sequential GETs on one keep-alive connection each")
         direct = asyncio.run(warm_requests(f"http://{ip}:8080/index.html", args.warm, {}))
         through = asyncio.run(warm_requests(f"http://{edge}/index.html", args.warm, headers))
         print(f"  straight to the container              {summary(direct)}")
-        print(f"  through edge + agent                   {summary(through)}")
+        print(f"  through edge + agent (mutual TLS hop)  {summary(through)}")
         added_ms = (statistics.median(through) - statistics.median(direct)) * 1000
         print(f"  added by Portside (medians)            {added_ms:.2f} ms")
     finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-            p.wait(15)
-        for c in client.containers.list(all=True, filters={"label": f"portside.node={NODE_ID}"}):
-            c.remove(force=True)
+        cluster.stop(client)
 
 
 if __name__ == "__main__":

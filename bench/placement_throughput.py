@@ -292,6 +292,7 @@ def main() -> None:
                 ETCD_URL,
                 "--metrics-listen",
                 f"127.0.0.1:{free_port()}",
+                "--insecure",  # it measures placement, not TLS (bench/named_instances.py does)
             ],
             stdout=(tmp / "controlplane.log").open("wb"),
             stderr=subprocess.STDOUT,

@@ -222,6 +222,7 @@ class Bench:
                 f"sqlite://{self.tmp}/store.db",
                 "--metrics-listen",
                 self.metrics,
+                "--insecure",  # it measures the autoscaler, not TLS (bench/named_instances.py does)
             ],
             cp,
         )

@@ -21,16 +21,26 @@ R = TypeVar("R")
 
 
 class AgentClients:
-    def __init__(self, view: ClusterView, deadlines: net.Deadlines | None = None) -> None:
+    """With `tls` (the cluster CA, server role agent, this replica's identity), every channel is
+    mutual TLS and follows the identity's renewals; without, plaintext (--insecure)."""
+
+    def __init__(
+        self,
+        view: ClusterView,
+        deadlines: net.Deadlines | None = None,
+        *,
+        tls: net.ClientTls | None = None,
+    ) -> None:
         self.view = view
         self.deadlines = deadlines or net.Deadlines()
+        self.tls = tls
         self._channels: dict[str, tuple[grpc.aio.Channel, Any]] = {}
 
     def stub(self, node: Node) -> Any:
         """The NodeAgent stub of `node` (an untyped generated class, hence Any)."""
         cached = self._channels.get(node.api_address)
         if cached is None:
-            channel = net.grpc_channel(node.api_address)
+            channel = net.grpc_channel(node.api_address, tls=self.tls)
             cached = (channel, na_grpc.NodeAgentStub(channel))
             self._channels[node.api_address] = cached
         return cached[1]

@@ -55,7 +55,9 @@ def targets(view: ClusterView) -> list[dict[str, Any]]:
     for replica_id, replica in view.replicas.items():
         groups.append(("controlplane", replica_id, replica.region, replica.metrics_address))
     for node in view.nodes.values():
-        groups.append(("agent", node.id, node.region, node.data_address))
+        # An agent's /metrics is on its own plain-HTTP port; its data port admits only the
+        # cluster's parts. An agent older than that sends none: nothing to scrape there.
+        groups.append(("agent", node.id, node.region, node.metrics_address))
     for edge_id, demand in view.demand.items():
         groups.append(("edge", edge_id, demand.region, demand.metrics_address))
     return [

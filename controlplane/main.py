@@ -1,6 +1,10 @@
 """`portside controlplane`: the gRPC server (with health checking and reflection, for grpcurl),
 its store, its view of the cluster, and /metrics. One TaskGroup owns every task; SIGINT/SIGTERM
 stop the server gracefully within a bound.
+
+It starts only on a bootstrapped store (the cluster CA is there) and serves TLS only: the API on
+--listen, the parts of the cluster on the cluster port (see controlplane.identity), every call
+admitted by controlplane.access. `--insecure` (development) serves plaintext and checks nothing.
 """
 
 from __future__ import annotations
@@ -14,18 +18,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane import records
+from controlplane.access import Gate, guard
 from controlplane.agents import AgentClients
 from controlplane.discovery import ReplicaRegistration, reachable_address, targets_route
 from controlplane.events import EventLog
+from controlplane.identity import ControlPlaneIdentity, load_ca
 from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
 from controlplane.service import ControlPlaneService
-from controlplane.store import instrument, open_store
+from controlplane.store import StoreTls, instrument, open_store
+from controlplane.tokens import TokenRegistry
 from controlplane.ui import ClusterPage
 from controlplane.view import ClusterView
-from portside import daemon, geo, net
+from portside import daemon, geo, net, pki
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 
@@ -37,19 +44,36 @@ class ControlPlaneOptions:
     listen: str
     store_url: str
     metrics_listen: str
+    store_tls: StoreTls = StoreTls()  # the files of an etcd+https:// store
     region: str = "fra"  # the location hint used when a resolve carries none
     replica_id: str = ""  # default: HOSTNAME-PORT
     node_ttl_s: int = 10
     leader_ttl_s: int = 5
     grace_s: float = 5.0
+    insecure: bool = False  # plaintext, no certificates, no tokens: development only
+    cert_lifetime_s: float = pki.DEFAULT_LIFETIME_S  # of its own and the nodes' certificates
 
 
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
-    store = instrument(await open_store(opts.store_url))
+    store = instrument(await open_store(opts.store_url, tls=opts.store_tls))
+    replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
+    identity: ControlPlaneIdentity | None = None
+    if opts.insecure:
+        log.warning(
+            "--insecure: plaintext gRPC, no certificates, no tokens checked: anyone who reaches "
+            "%s can run, exec into and destroy any container. For development only.",
+            opts.listen,
+        )
+    else:
+        try:
+            ca = await load_ca(store, opts.store_url)
+        except BaseException:
+            await store.close()
+            raise
+        identity = ControlPlaneIdentity(ca, replica_id, opts.cert_lifetime_s)
     view = ClusterView(store)
     await view.load()
-    replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
     registration = ReplicaRegistration(
         store,
         replica_id,
@@ -64,37 +88,50 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     )
     leader = LeaderElection(store, replica_id, opts.leader_ttl_s)
     events = EventLog(store)
-    agents = AgentClients(view)
+    agents = AgentClients(
+        view, tls=identity.client_tls(pki.PeerRole.AGENT) if identity is not None else None
+    )
     pools = PoolManager(store, view, leader, default_region=opts.region, events=events)
     server = net.grpc_server()
-    cp_grpc.add_ControlPlaneServicer_to_server(
-        ControlPlaneService(
-            store,
-            view,
-            node_ttl_s=opts.node_ttl_s,
-            default_region=opts.region,
-            lifecycle=Lifecycle(store, view, agents, events, default_region=opts.region),
-            events=events,
-        ),
-        server,
+    service = ControlPlaneService(
+        store,
+        view,
+        node_ttl_s=opts.node_ttl_s,
+        default_region=opts.region,
+        lifecycle=Lifecycle(store, view, agents, events, default_region=opts.region),
+        events=events,
+        identity=identity,
+        tokens=TokenRegistry(store, view, identity.ca_pem) if identity is not None else None,
     )
+    gate = Gate(view.tokens, enforce=identity is not None)
+    descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]
+    cp_grpc.add_ControlPlaneServicer_to_server(guard(service, descriptor, gate), server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    service_name = cp.DESCRIPTOR.services_by_name["ControlPlane"].full_name
+    service_name = descriptor.full_name
     reflection.enable_server_reflection(
         (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    net.add_grpc_port(server, opts.listen)
-    page = ClusterPage(view, store)  # the live cluster page, on the same port as /metrics
+    cluster_listen = net.with_port_offset(opts.listen, net.CLUSTER_PORT_OFFSET)
+    if identity is None:
+        net.add_grpc_port(server, opts.listen)
+        serving = f"gRPC on {opts.listen} (plaintext)"
+    else:
+        net.add_grpc_port(server, opts.listen, identity.api_tls())
+        net.add_grpc_port(server, cluster_listen, identity.cluster_tls())
+        serving = f"gRPC on {opts.listen} (TLS), agents and edges on {cluster_listen} (mutual TLS)"
+    # The live cluster page, on the same port as /metrics; it asks for a token unless --insecure.
+    page = ClusterPage(view, store, protected=identity is not None)
     runner = await net.start_http_server(
-        daemon.metrics_app([targets_route(view), *page.routes()]), opts.metrics_listen
+        daemon.metrics_app([daemon.scrape_route(targets_route(view)), *page.routes()]),
+        opts.metrics_listen,
     )
     await server.start()
     for name in ("", service_name):  # "": the server as a whole, as grpc-health-probe asks
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "control plane serving gRPC on %s, metrics on %s, store %s",
-        opts.listen,
+        "control plane serving %s, metrics on %s, store %s",
+        serving,
         opts.metrics_listen,
         opts.store_url,
     )
@@ -110,6 +147,8 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(agents.follow_nodes()),
                 tasks.create_task(page.follow_events()),
             ]
+            if identity is not None:
+                background.append(tasks.create_task(identity.keep_renewed()))
             await stop.wait()
             for task in background:
                 task.cancel()

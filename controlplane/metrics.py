@@ -61,3 +61,9 @@ SCALE_EVENTS = Counter(
     "Pool instances added (up) or drained (down) by the autoscaler.",
     ["class", "direction"],
 )
+AUDITED = Counter(
+    "portside_controlplane_audit_total",
+    "Mutating API calls written to the audit log, by method and result (OK or the gRPC status "
+    "code).",
+    ["method", "result"],
+)

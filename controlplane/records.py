@@ -18,8 +18,10 @@ from portside.api.v1 import types_pb2
 from portside.convert import class_from_pb, class_to_pb, route_from_pb, route_to_pb
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus
+from portside.pki import CertificateAuthority
 from portside.spec import ContainerClass, Node, Route
 from portside.states import InstanceState
+from portside.tokens import Role, TokenRecord
 
 ROOT = "/portside/"
 CLASSES = ROOT + "classes/"
@@ -36,6 +38,10 @@ USAGE = ROOT + "usage/"  # metered use per class and UTC day (controlplane.usage
 # control-plane replicas read it; nothing else ever gets the key.
 CA = ROOT + "pki/ca"
 TOKENS = ROOT + "tokens/"  # tokens/<id>: api and join tokens (their secrets' digests, never them)
+
+
+def token_key(token_id: str) -> str:
+    return TOKENS + token_id
 
 
 def class_key(name: str) -> str:
@@ -230,3 +236,46 @@ class Replica:
     def decode(cls, data: bytes) -> Replica:
         body = json.loads(data)
         return cls(region=body["region"], metrics_address=body["metrics_address"])
+
+
+def encode_ca(ca: CertificateAuthority) -> bytes:
+    body = {"cert": ca.cert_pem.decode(), "key": ca.key_pem.decode()}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_ca(data: bytes) -> CertificateAuthority:
+    body = json.loads(data)
+    return CertificateAuthority(cert_pem=body["cert"].encode(), key_pem=body["key"].encode())
+
+
+def encode_token(t: TokenRecord) -> bytes:
+    body: dict[str, Any] = {
+        "kind": t.kind,
+        "name": t.name,
+        "digest": t.digest,
+        "created": t.created,
+        "expires": t.expires,
+    }
+    if t.role is not None:
+        body["role"] = t.role.value
+    if t.classes:
+        body["classes"] = list(t.classes)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_token(token_id: str, data: bytes) -> TokenRecord:
+    body = json.loads(data)
+    kind = body["kind"]
+    if kind not in ("join", "api"):
+        raise ValueError(f"token kind {kind!r}")
+    role = body.get("role")
+    return TokenRecord(
+        id=token_id,
+        kind=kind,
+        name=body["name"],
+        digest=body["digest"],
+        created=body["created"],
+        role=Role(role) if role else None,
+        classes=tuple(body.get("classes", ())),
+        expires=body.get("expires", 0.0),
+    )

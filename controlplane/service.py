@@ -13,12 +13,15 @@ from typing import Any
 import grpc
 
 from controlplane import records
+from controlplane.access import peer_of_call
 from controlplane.discovery import peer_host, reachable_address
 from controlplane.events import EventLog, watch_events
+from controlplane.identity import ControlPlaneIdentity, Issued
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
 from controlplane.placement import resolve_instance
 from controlplane.store import Compacted, Store
+from controlplane.tokens import TokenRegistry
 from controlplane.usage import UsageLedger
 from controlplane.view import ClusterView
 from portside import geo
@@ -38,15 +41,23 @@ from portside.convert import (
     node_info_to_pb,
     pool_assignment_to_pb,
     pool_member_to_pb,
+    token_info_to_pb,
     usage_from_pb,
     usage_to_pb,
 )
-from portside.errors import InvalidArgument, StoreError
+from portside.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    StoreError,
+    Unauthenticated,
+)
 from portside.events import Event
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
-from portside.rpc import grpc_errors
+from portside.rpc import abort_with, grpc_errors
 from portside.spec import Node, NodeInfo, instance_id
 from portside.states import InstanceState
+from portside.tokens import Role
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         default_region: str,
         lifecycle: Lifecycle,
         events: EventLog,
+        identity: ControlPlaneIdentity | None = None,
+        tokens: TokenRegistry | None = None,
     ):
         self.store = store
         self.view = view
@@ -72,6 +85,9 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self.lifecycle = lifecycle
         self.events = events
         self.usage = UsageLedger(store)
+        # None with --insecure: no CA, no tokens; Join and the token calls say so.
+        self.identity = identity
+        self.tokens = tokens
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -216,6 +232,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     if not message.HasField("node") or not message.node.id:
                         raise InvalidArgument("the first heartbeat must carry the node")
                     node = node_from_pb(message.node)
+                    await _check_claim(context, node.id, "node")
                     try:
                         geo.lookup(node.region)
                     except InvalidArgument as exc:
@@ -308,6 +325,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     ) -> cp.ReportDemandResponse:
         if not request.edge_id:
             raise InvalidArgument("edge_id: must not be empty")
+        await _check_claim(context, request.edge_id, "edge")
         region = geo.lookup(request.region).code
         lease = await self.store.grant_lease(int(DEMAND_TTL_S))
         demand = records.Demand(
@@ -426,6 +444,89 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             request.instance.class_name, request.instance.name, request.key
         )
         return cp.DeleteStateValueResponse(existed=existed)
+
+    # --- identity and access (issue 9); who may call each is in controlplane.access ---
+
+    @grpc_errors
+    async def Join(self, request: cp.JoinRequest, context: Any) -> cp.JoinResponse:
+        identity = self._identity()
+        issued = identity.join(request.role, request.node_id, request.csr)
+        log.info("%s/%s joined the cluster", request.role, request.node_id)
+        return _join_response(issued)
+
+    @grpc_errors
+    async def RenewCertificate(
+        self, request: cp.RenewCertificateRequest, context: Any
+    ) -> cp.JoinResponse:
+        identity = self._identity()
+        peer = peer_of_call(context)
+        if peer is None:
+            raise Unauthenticated("RenewCertificate needs the certificate it renews (mutual TLS)")
+        return _join_response(identity.renew(peer, request.csr))
+
+    @grpc_errors
+    async def CreateToken(
+        self, request: cp.CreateTokenRequest, context: Any
+    ) -> cp.CreateTokenResponse:
+        registry = self._tokens()
+        role = None if request.role == "join" else Role.parse(request.role)
+        created = await registry.create(
+            role, classes=request.classes, ttl_s=request.ttl_seconds, name=request.name
+        )
+        return cp.CreateTokenResponse(
+            token=created.token.text(), info=token_info_to_pb(created.record)
+        )
+
+    @grpc_errors
+    async def ListTokens(
+        self, request: cp.ListTokensRequest, context: Any
+    ) -> cp.ListTokensResponse:
+        return cp.ListTokensResponse(tokens=[token_info_to_pb(t) for t in self._tokens().list()])
+
+    @grpc_errors
+    async def RevokeToken(
+        self, request: cp.RevokeTokenRequest, context: Any
+    ) -> cp.RevokeTokenResponse:
+        record = await self._tokens().revoke(request.token)
+        return cp.RevokeTokenResponse(info=token_info_to_pb(record))
+
+    def _identity(self) -> ControlPlaneIdentity:
+        if self.identity is None:
+            raise FailedPrecondition(_INSECURE)
+        return self.identity
+
+    def _tokens(self) -> TokenRegistry:
+        if self.tokens is None:
+            raise FailedPrecondition(_INSECURE)
+        return self.tokens
+
+
+_INSECURE = (
+    "this control plane runs with --insecure: it has no CA and checks no token; bootstrap "
+    "the store (`portside bootstrap`) and start it without --insecure"
+)
+
+
+def _join_response(issued: Issued) -> cp.JoinResponse:
+    return cp.JoinResponse(
+        certificate=issued.certificate,
+        ca_certificate=issued.ca_certificate,
+        not_after=issued.not_after,
+    )
+
+
+async def _check_claim(context: Any, claimed: str, what: str) -> None:
+    """A part of the cluster speaks only for itself: the id it reports must be its
+    certificate's (without one, --insecure, nothing is checked). Ends the call if not."""
+    peer = peer_of_call(context)
+    if peer is not None and peer.id != claimed:
+        await abort_with(
+            context,
+            PermissionDenied(
+                f"{peer.common_name} may not report as {what} {claimed}: its certificate names "
+                f"it {peer.id} (give it that id, or join it again under {claimed})"
+            ),
+        )
 
 
 def _reported_event(m: pb.Event, node_id: str) -> Event:

@@ -1,11 +1,17 @@
 """The live cluster page, on the control plane's HTTP (metrics) port: `/` and `/ui` serve a static
 page (no build step, nothing fetched from elsewhere) that polls `/api/cluster`, a JSON snapshot of
-the cluster view and of the latest lifecycle events."""
+the cluster view and of the latest lifecycle events.
+
+Both need an API token that may read the whole cluster: `Authorization: Bearer ID.SECRET`, or the
+cookie the login form (`POST /login`) sets, HttpOnly and SameSite=Strict. Without one, 401: the
+page answers with the login form, which also takes the token from the URL's fragment
+(`/#token=...`, never sent to the server). Unless the control plane runs with --insecure."""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import html
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,13 +25,15 @@ from controlplane import records
 from controlplane.events import decode_event
 from controlplane.records import Demand, InstanceRecord
 from controlplane.store import Store
+from controlplane.tokens import check_bearer
 from controlplane.view import ClusterView
-from portside import geo
-from portside.errors import StoreError
+from portside import geo, tokens
+from portside.errors import InvalidArgument, StoreError
 from portside.events import Event
 from portside.instances import InstanceStatus
 from portside.spec import ContainerClass, Node
 from portside.states import InstanceState
+from portside.tokens import Role
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ LOST_NODE_KEPT_S = 3600.0
 
 _STATIC = {
     "cluster.js": "text/javascript",
+    "login.js": "text/javascript",
     "world.js": "text/javascript",
     "cluster.css": "text/css",
 }
@@ -44,6 +53,9 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+_LOGIN_CSP = _CSP.replace("form-action 'none'", "form-action 'self'")
+#: The cookie the login form sets: the token's "ID.SECRET", checked again on every request.
+COOKIE = "portside_token"
 
 
 class RecentEvents:
@@ -91,24 +103,49 @@ class ClusterPage:
     a node when its lease expires; the page shows it as lost)."""
 
     def __init__(
-        self, view: ClusterView, store: Store, clock: Callable[[], float] = time.time
+        self,
+        view: ClusterView,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        *,
+        protected: bool = True,
     ) -> None:
         self.view = view
         self.events = RecentEvents(store)
         self.clock = clock
+        self.protected = protected  # False with --insecure: no token asked
         self._seen: dict[str, tuple[Node, float]] = {}  # node id -> node, last seen alive
         files = resources.files("controlplane").joinpath("ui")
         self._page_html = files.joinpath("index.html").read_bytes()
+        self._login_html = files.joinpath("login.html").read_text()
         self._files = {name: files.joinpath(name).read_bytes() for name in _STATIC}
 
     def routes(self) -> list[web.RouteDef]:
-        """GET / and /ui (the page), /ui/<file> (its script and style), /api/cluster."""
+        """GET / and /ui (the page), /ui/<file> (its script and style), /api/cluster, and
+        POST /login (the login form)."""
         return [
             web.get("/", self._page),
             web.get("/ui", self._page),
             web.get("/ui/{name}", self._static),
             web.get("/api/cluster", self._api),
+            web.post("/login", self._login),
         ]
+
+    def refusal(self, request: web.Request) -> str:
+        """ "" if `request` carries a token that may read the whole cluster (its Authorization
+        header, else the login cookie); otherwise why not."""
+        if not self.protected:
+            return ""
+        authorization = request.headers.get("Authorization")
+        if authorization is None and request.cookies.get(COOKIE):
+            authorization = "Bearer " + request.cookies[COOKIE]
+        return self._check(authorization)
+
+    def _check(self, authorization: str | None) -> str:
+        found = check_bearer(self.view.tokens, authorization, "api", self.clock())
+        if isinstance(found, str):
+            return found
+        return found.may(Role.READ)
 
     async def follow_events(self) -> None:
         await self.events.follow()
@@ -136,6 +173,10 @@ class ClusterPage:
         )
 
     async def _page(self, request: web.Request) -> web.Response:
+        why = self.refusal(request)
+        if why:
+            sent = "Authorization" in request.headers or COOKIE in request.cookies
+            return self._login_page(why if sent else "")
         return web.Response(
             body=self._page_html,
             content_type="text/html",
@@ -155,7 +196,47 @@ class ClusterPage:
         )
 
     async def _api(self, request: web.Request) -> web.Response:
+        why = self.refusal(request)
+        if why:
+            headers = {"WWW-Authenticate": 'Bearer realm="portside"', "Cache-Control": "no-store"}
+            return web.json_response({"error": why}, status=401, headers=headers)
         return web.json_response(self.snapshot(), headers={"Cache-Control": "no-store"})
+
+    async def _login(self, request: web.Request) -> web.Response:
+        """The login form's POST: a good token becomes the cookie, and the page follows."""
+        origin = request.headers.get("Origin")
+        if origin and origin != f"{request.scheme}://{request.host}":
+            raise web.HTTPForbidden(text="log in from the cluster page itself\n")
+        form = await request.post()
+        credential = str(form.get("token", "")).strip()
+        if credential.startswith(tokens.PREFIX + "."):
+            try:
+                credential = tokens.parse_token(credential, "token").bearer
+            except InvalidArgument as exc:
+                return self._login_page(str(exc))
+        why = self._check("Bearer " + credential) if credential else "no token given"
+        if why:
+            log.warning("cluster page: login refused from %s: %s", request.remote, why)
+            return self._login_page(why)
+        response = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
+        response.set_cookie(
+            COOKIE, credential, path="/", httponly=True, samesite="Strict", secure=request.secure
+        )
+        return response
+
+    def _login_page(self, message: str) -> web.Response:
+        body = self._login_html.replace("<!--message-->", html.escape(message))
+        return web.Response(
+            status=401,
+            text=body,
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": _LOGIN_CSP,
+                "Cache-Control": "no-store",
+                "WWW-Authenticate": 'Bearer realm="portside"',
+            },
+        )
 
 
 def cluster_snapshot(

@@ -19,6 +19,7 @@ from controlplane.store import KeyValue, Store, WatchEvent
 from portside.capacity import Resources
 from portside.instances import InstanceStatus
 from portside.spec import Config, ContainerClass, Node, Route
+from portside.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ _VIEWED = (
     records.INSTANCES,
     records.DEMAND,
     records.REPLICAS,
+    records.TOKENS,
 )
-_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE)
+_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE, records.CA)
 
 
 @dataclass
@@ -61,6 +63,9 @@ class ClusterView:
     statuses: dict[str, dict[str, InstanceStatus]] = field(default_factory=dict)
     demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
     replicas: dict[str, Replica] = field(default_factory=dict)  # control-plane replicas by id
+    # API and join tokens by id (digests only): every call's credential is checked here, so a
+    # revocation (the key's delete) reaches this replica with the watch, in milliseconds.
+    tokens: dict[str, TokenRecord] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)  # instance ids ever reported awake
     # Placement reads use per node and awake count per class on every resolve, so both are kept
     # up to date as events arrive instead of being summed over all instances each time.
@@ -160,6 +165,12 @@ class ClusterView:
                     self.replicas.pop(replica_id, None)
                 else:
                     self.replicas[replica_id] = Replica.decode(kv.value)
+            elif key.startswith(records.TOKENS):
+                token_id = key[len(records.TOKENS) :]
+                if deleted:
+                    self.tokens.pop(token_id, None)
+                else:
+                    self.tokens[token_id] = records.decode_token(token_id, kv.value)
         except (ValueError, TypeError, KeyError) as exc:
             # A record this version cannot read must not stop the view; it is skipped loudly.
             log.error("skipping unreadable store key %s: %s", key, exc)

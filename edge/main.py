@@ -1,5 +1,9 @@
 """`portside edge`: the ingress proxy wired to the control plane — resolves over gRPC, follows
-the deployed config over a watch stream, serves /metrics on its own port."""
+the deployed config over a watch stream, serves /metrics on its own port.
+
+With a join token it first joins the cluster (a certificate of role edge) and from then on
+calls the control plane and the agents over mutual TLS; its public listener stays plain HTTP
+unless given a certificate of its own (--tls-cert, --tls-key)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ from portside.cluster import first_config, follow_config
 from portside.convert import pool_member_from_pb
 from portside.errors import from_rpc
 from portside.instances import PoolMember
+from portside.join import take_part
+from portside.pki import PeerRole
+from portside.proxy import AiohttpTransport
 from portside.rpc import follow_stream
+from portside.tokens import Token
 
 log = logging.getLogger("portside.edge")
 
@@ -30,6 +38,14 @@ class EdgeOptions:
     metrics_listen: str
     region: str
     deadlines: net.Deadlines = net.Deadlines()
+    join_token: Token | None = None  # None: a cluster run with --insecure (plaintext)
+    tls_cert: str = ""  # the public listener's certificate chain and key (PEM): HTTPS
+    tls_key: str = ""
+
+
+def edge_id(opts: EdgeOptions) -> str:
+    """This edge's name in demand reports and its certificate."""
+    return f"{socket.gethostname()}-{opts.listen}"
 
 
 class GrpcResolver:
@@ -101,39 +117,54 @@ async def report_demand(
 
 async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
-    async with net.grpc_channel(opts.controlplane) as channel:
+    public = net.public_ssl_context(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
+    ident = edge_id(opts)
+    membership = await take_part(
+        opts.controlplane,
+        opts.join_token,
+        PeerRole.EDGE,
+        ident,
+        deadline_s=opts.deadlines.rpc,
+        stop=stop,
+    )
+    if membership is None:
+        return  # told to stop before it could join
+    to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
+    to_agents = membership.client_tls(PeerRole.AGENT)
+    async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
         proxy = EdgeProxy(
             opts.region,
             GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve),
             opts.deadlines,
+            transport=AiohttpTransport(opts.deadlines, tls=to_agents),
         )
         scrape = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
         ingress = None
         try:
             async with asyncio.TaskGroup() as tasks:
+                background = []
+                renewal = membership.renewal(channel)
+                if renewal is not None:
+                    background.append(tasks.create_task(renewal.run()))
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
                 pools = tasks.create_task(follow_pools(channel, proxy))
                 demand = tasks.create_task(
-                    report_demand(
-                        channel,
-                        proxy,
-                        f"{socket.gethostname()}-{opts.listen}",
-                        opts.region,
-                        opts.metrics_listen,
-                    )
+                    report_demand(channel, proxy, ident, opts.region, opts.metrics_listen)
                 )
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "routes")
-                ingress = await net.start_http_server(proxy.app(), opts.listen)
+                ingress = await net.start_http_server(proxy.app(), opts.listen, public)
                 log.info(
-                    "edge %s serving %s (metrics %s), control plane %s",
+                    "edge %s serving %s %s (metrics %s), control plane %s (%s)",
                     opts.region,
+                    "HTTPS" if public is not None else "HTTP",
                     opts.listen,
                     opts.metrics_listen,
                     opts.controlplane,
+                    membership.security,
                 )
                 await stop.wait()
-                for task in (watch, pools, demand):
+                for task in (*background, watch, pools, demand):
                     task.cancel()
         finally:
             if ingress is not None:

@@ -1,5 +1,9 @@
 """`portside agent`: one per host — runs the instance manager and the HTTP data plane, serves the
-NodeAgent gRPC API, and keeps the node registered through a heartbeat stream."""
+NodeAgent gRPC API, and keeps the node registered through a heartbeat stream.
+
+With a join token it first joins the cluster (a certificate for its node id) and from then on
+speaks only TLS: mutual TLS to the control plane, its API admits only control planes, its data
+port only edges and control planes; /metrics and /healthz are on their own plain-HTTP port."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import grpc
 
 from nodeagent.api import NodeAgentService, status_of
 from nodeagent.events import EventOutbox
+from nodeagent.firewall import isolate_host
 from nodeagent.instances import Capacity, InstanceManager
 from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
@@ -32,9 +37,12 @@ from portside.convert import (
     pool_assignment_from_pb,
     usage_to_pb,
 )
-from portside.errors import InvalidArgument
+from portside.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from portside.join import take_part
+from portside.pki import PeerRole
 from portside.rpc import Backoff, follow_stream
 from portside.spec import Config, ContainerClass, Node
+from portside.tokens import Token
 
 log = logging.getLogger("portside.agent")
 
@@ -45,6 +53,8 @@ class AgentOptions:
     listen: str
     api_listen: str
     region: str
+    metrics_listen: str = ""  # default: --listen port + 2
+    join_token: Token | None = None  # None: a cluster run with --insecure (plaintext)
     node_id: str | None = None
     vcpu: float | None = None
     memory_mib: int | None = None
@@ -55,10 +65,16 @@ class AgentOptions:
     # On shutdown, stop this node's awake containers (kept, with their writable layers, for the
     # next agent to adopt and wake) instead of leaving them running.
     stop_on_exit: bool = False
+    # Development only: leave the host open to containers (no host isolation rules).
+    allow_host_access: bool = False
 
 
 def host_memory_mib() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+def metrics_listen(opts: AgentOptions) -> str:
+    return opts.metrics_listen or net.with_port_offset(opts.listen, 2)
 
 
 def build_node(opts: AgentOptions) -> Node:
@@ -68,6 +84,7 @@ def build_node(opts: AgentOptions) -> Node:
         id=opts.node_id or f"{socket.gethostname()}-{port}",
         data_address=opts.listen,
         api_address=opts.api_listen,
+        metrics_address=metrics_listen(opts),
         region=location.code,
         latitude=location.latitude,
         longitude=location.longitude,
@@ -104,6 +121,16 @@ class ClassCatalog:
         """What usage metering needs of a class beyond vCPU and memory: disk MB, internet."""
         cls = self._classes.get(name)
         return None if cls is None else (cls.instance_type.disk_mb, cls.enable_internet)
+
+
+# A heartbeat answered with these will not be admitted by trying again.
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 
 
 class Heartbeat:
@@ -192,7 +219,7 @@ class Heartbeat:
             lambda: self.stub.NodeHeartbeat(self._messages(self.stream)),
             what=f"heartbeat stream of {self.node.id}",
             backoff=Backoff(most=2.0),
-            fatal=lambda exc: exc.code() == grpc.StatusCode.INVALID_ARGUMENT,
+            fatal=lambda exc: exc.code() in _REFUSALS,
             on_break=self._stream_lost,
             done=self.leaving.is_set,
         )
@@ -208,7 +235,7 @@ class Heartbeat:
                         "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
                     )
                     self.registered = True
-        except InvalidArgument as exc:
+        except (InvalidArgument, Unauthenticated, PermissionDenied) as exc:
             raise SystemExit(f"portside agent: the control plane refused this node: {exc}") from exc
 
     async def leave(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
@@ -223,8 +250,19 @@ class Heartbeat:
 async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
     node = build_node(opts)
+    membership = await take_part(
+        opts.controlplane,
+        opts.join_token,
+        PeerRole.AGENT,
+        node.id,
+        deadline_s=opts.deadlines.rpc,
+        stop=stop,
+    )
+    if membership is None:
+        return  # told to stop before it could join
     catalog = ClassCatalog()
     runtime = DockerRuntime(node.id)
+    await isolate_host(runtime, allow_host_access=opts.allow_host_access)
     changes = _Relay()
     outbox = EventOutbox(wake=changes)
     meter = UsageMeter(class_size=catalog.size_of)
@@ -240,18 +278,30 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     adopted = await manager.adopt()
     if adopted:
         log.info("adopted %d containers of node %s", len(adopted), node.id)
-    async with net.grpc_channel(opts.controlplane) as channel:
-        api = net.grpc_server()
+    # Only a control plane may call the API; only edges and control planes the data port.
+    api_tls = membership.server_tls(PeerRole.CONTROLPLANE)
+    data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE)
+    to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
+    async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
+        api = net.grpc_server(api_tls, f"the API of agent {node.id}")
         na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager), api)
-        net.add_grpc_port(api, opts.api_listen)
+        net.add_grpc_port(api, opts.api_listen, api_tls)
+        scrape = await net.start_http_server(daemon.metrics_app(), node.metrics_address)
         data_plane = None
         try:
             async with asyncio.TaskGroup() as tasks:
+                background = []
+                renewal = membership.renewal(channel)
+                if renewal is not None:
+                    background.append(tasks.create_task(renewal.run()))
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "classes")
                 data_plane = await net.start_http_server(
-                    DataPlane(manager, catalog.get, opts.deadlines).app(), opts.listen
+                    DataPlane(manager, catalog.get, opts.deadlines).app(),
+                    opts.listen,
+                    data_tls,
+                    f"the data port of agent {node.id}",
                 )
                 await api.start()
                 usage = UsageSampler(manager, runtime)
@@ -267,12 +317,14 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
 
                 sampling = tasks.create_task(usage.run(on_sample=sampled))
                 log.info(
-                    "agent %s (%s) serving %s, API %s, control plane %s",
+                    "agent %s (%s) serving %s, API %s, metrics %s, control plane %s (%s)",
                     node.id,
                     node.region,
                     opts.listen,
                     opts.api_listen,
+                    node.metrics_address,
                     opts.controlplane,
+                    membership.security,
                 )
                 await stop.wait()
                 await keeper.close()
@@ -283,7 +335,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                     await api.stop(2)
                     await manager.stop_all()
                 await heartbeat.leave(beat)  # its last message carries the stops' events
-                for task in (watch, sleeper, sampling):
+                for task in (*background, watch, sleeper, sampling):
                     task.cancel()
         finally:
             # Without stop_on_exit containers keep running: the next agent on this node adopts
@@ -291,6 +343,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             if data_plane is not None:
                 await data_plane.cleanup()
             await api.stop(2)
+            await scrape.cleanup()
             await manager.close()
             await runtime.close()
             log.info("agent %s stopped", node.id)

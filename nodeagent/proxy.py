@@ -7,16 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from nodeagent import metrics
 from nodeagent.instances import Hold, InstanceManager
 from nodeagent.runtime import ContainerInfo
-from portside import daemon, headers, proxy
+from portside import headers, proxy
 from portside.errors import (
     ContainerExited,
     NotFound,
@@ -35,16 +35,12 @@ log = logging.getLogger(__name__)
 # A container whose server just died can still be "running" for a moment (its init is exiting).
 _DYING_GRACE_S: Final = 0.25
 _CLIENT_GONE: Final = 499  # nginx's code for "the client closed the request", for metrics only
-# What the data port answers for itself, to requests that name no instance.
-_OWN_PATHS: Final[dict[str, Callable[[web.Request], Awaitable[web.Response]]]] = {
-    "/metrics": daemon.serve_metrics,
-    "/healthz": daemon.serve_health,
-}
 
 
 class DataPlane:
     """The aiohttp application edges call. `app()` builds it; serve it with
-    `portside.net.start_http_server(plane.app(), address)`. The upstream transport lives with the
+    `portside.net.start_http_server(plane.app(), address, tls)` (mutual TLS in a secured
+    cluster: only edges and control planes get through). The upstream transport lives with the
     application (closed on its cleanup); open WebSockets close going-away on its shutdown."""
 
     def __init__(
@@ -74,10 +70,7 @@ class DataPlane:
     # -- entry --------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if not request.headers.get(headers.INSTANCE) and request.method == hdrs.METH_GET:
-            own = _OWN_PATHS.get(request.path)
-            if own is not None:
-                return await own(request)
+        # Every path is an instance's: /metrics and /healthz are on the agent's metrics port.
         try:
             cls, name = self._addressee(request)
         except PortsideError as exc:

@@ -22,14 +22,24 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from portside import geo
-from portside.errors import InvalidArgument, PortsideError, from_rpc
+from portside.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    PortsideError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc,
+)
 from portside.states import InstanceState
 from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SECOND
 
 if TYPE_CHECKING:
+    from controlplane.store import StoreTls
+    from nodeagent.doctor import Check
     from portside.client import Portside
     from portside.events import Event
     from portside.instances import InstanceInfo
+    from portside.tokens import Token
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
 
@@ -46,19 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("controlplane", help="run a control plane replica")
     p.add_argument("--listen", default="127.0.0.1:7070", help="gRPC HOST:PORT")
     p.add_argument(
-        "--store", required=True, help="etcd://HOST:PORT[,HOST:PORT...] or sqlite:///PATH"
+        "--store",
+        required=True,
+        help="etcd://HOST:PORT[,HOST:PORT...], etcd+https://... or sqlite:///PATH",
     )
+    _store_tls_flags(p)
     p.add_argument("--metrics-listen", help="HOST:PORT for /metrics (default: --listen port + 1)")
     p.add_argument("--region", default="fra", help="hint for resolves that carry none")
     p.add_argument(
         "--node-ttl", type=int, default=10, help="seconds a node lives without a heartbeat"
     )
     p.add_argument("--replica-id", default="", help="this replica's name (default: HOSTNAME-PORT)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="development only: plaintext gRPC, no certificates, no tokens checked (on a store "
+        "never bootstrapped; logs a warning at every start)",
+    )
+    p.add_argument(
+        "--cert-lifetime",
+        default="24h",
+        metavar="DURATION",
+        help="lifetime of the certificates this replica issues, its own included (default 24h)",
+    )
+    _metrics_token_flag(p)
 
     p = sub.add_parser("agent", help="run a node agent")
     p.add_argument("--controlplane", default=_controlplane_default())
-    p.add_argument("--listen", required=True, help="HOST:PORT of the HTTP data plane and /metrics")
+    p.add_argument("--listen", required=True, help="HOST:PORT of the HTTP data plane")
     p.add_argument("--api-listen", help="gRPC HOST:PORT (default: --listen port + 1)")
+    p.add_argument(
+        "--metrics-listen", help="HOST:PORT for /metrics and /healthz (default: --listen port + 2)"
+    )
+    _join_token_flag(p)
     p.add_argument("--region", required=True, help="region code of this host, e.g. fra")
     p.add_argument("--node-id", help="default: HOSTNAME-PORT")
     p.add_argument("--vcpu", type=float, help="capacity offered (default: all cores)")
@@ -71,12 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
         "next agent adopts them and wakes each on its next request) instead of leaving them "
         "running",
     )
+    p.add_argument(
+        "--allow-host-access",
+        action="store_true",
+        help="development only: install no packet-filter rules, so containers can reach every "
+        "service on this host (the agent's ports included)",
+    )
+
+    p = sub.add_parser("doctor", help="check that this host is ready to be a Portside node")
+    p.add_argument("--json", action="store_true", help="JSON for scripts instead of lines")
+    _metrics_token_flag(p)
 
     p = sub.add_parser("edge", help="run an edge proxy")
     p.add_argument("--controlplane", default=_controlplane_default())
     p.add_argument("--listen", default="127.0.0.1:8787", help="HTTP HOST:PORT")
     p.add_argument("--metrics-listen", help="HOST:PORT for /metrics (default: --listen port + 1)")
     p.add_argument("--region", required=True, help="region code of this edge, e.g. fra")
+    _join_token_flag(p)
+    p.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS: certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="PATH", help="serve HTTPS: private key of --tls-cert")
+    _metrics_token_flag(p)
 
     p = sub.add_parser("up", help="run a whole Portside on this machine from ./portside.toml")
     p.add_argument("--config", default="portside.toml")
@@ -86,9 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", default="fra")
     p.add_argument("--data-dir", default=".portside", help="where the embedded store lives")
 
+    p = sub.add_parser(
+        "bootstrap", help="once per cluster: create its CA in the store, an admin and a join token"
+    )
+    p.add_argument(
+        "--store", required=True, help="etcd://HOST:PORT[,...], etcd+https://... or sqlite:///PATH"
+    )
+    _store_tls_flags(p)
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="where admin.token and join.token go (0600)"
+    )
+
     p = sub.add_parser("deploy", help="register the classes and routes of a config file")
     p.add_argument("file")
     p.add_argument("--controlplane", default=_controlplane_default())
+    _token_flag(p)
 
     _client_parser(sub, "nodes", "list nodes")
 
@@ -116,11 +172,52 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _metrics_token_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-token-file",
+        metavar="PATH",
+        help="require `Authorization: Bearer <this file's content>` on /metrics (and the "
+        "control plane's /prometheus/targets); default: open",
+    )
+
+
+def _store_tls_flags(p: argparse.ArgumentParser) -> None:
+    """The PEM files of an etcd+https:// store (docs/security.md, "The store")."""
+    p.add_argument("--store-ca", default="", metavar="PATH", help="CA that signed etcd's cert")
+    p.add_argument("--store-cert", default="", metavar="PATH", help="client cert for etcd")
+    p.add_argument("--store-key", default="", metavar="PATH", help="private key of --store-cert")
+
+
+def _store_tls(args: argparse.Namespace) -> StoreTls:
+    from controlplane.store import StoreTls
+
+    return StoreTls(ca=args.store_ca, cert=args.store_cert, key=args.store_key)
+
+
+def _join_token_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--join-token-file",
+        metavar="PATH",
+        help="join the cluster with this token (`portside bootstrap` wrote join.token); default "
+        "$PORTSIDE_JOIN_TOKEN (the token itself); without either: plaintext, for a control "
+        "plane run with --insecure",
+    )
+
+
+def _token_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="API token to call with (default: $PORTSIDE_TOKEN, else ./.portside/admin.token)",
+    )
+
+
 def _client_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--controlplane", default=_controlplane_default(), help="HOST:PORT[,...]")
+    _token_flag(p)
     p.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
     return p
 
@@ -206,22 +303,62 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", nargs="?", help="put: the value (default: stdin)")
 
+    p = sub.add_parser("token", help="API and join tokens (needs an admin token)")
+    actions = p.add_subparsers(dest="token_action", required=True, metavar="ACTION")
+    p = _client_parser(actions, "create", "make a token and print it, this once")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["read", "deploy", "admin", "join"],
+        help="read: list, get, watch, logs, usage; deploy: also deploy, start, stop, signal, "
+        "destroy, exec, state values; admin: also tokens; join: a join token for nodes",
+    )
+    p.add_argument(
+        "--class", dest="classes", action="append", default=[], metavar="C",
+        help="only this class (repeat for several); default: every class",
+    )  # fmt: skip
+    p.add_argument("--ttl", help="expires after this long (24h, 30m); default: never")
+    p.add_argument("--name", default="", help="a name to list and revoke it by (default: its id)")
+    _client_parser(actions, "list", "list tokens (never their secrets)")
+    p = _client_parser(actions, "revoke", "revoke a token on every replica")
+    p.add_argument("token", metavar="TOKEN|NAME", help="its name, its id, or the whole token")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command in ("controlplane", "agent", "edge"):
+        from portside.up import stop_with_parent
+
+        stop_with_parent()
     from portside.daemon import setup_logging
 
     setup_logging(args.log_level)
     try:
         return _dispatch(args)
     except PortsideError as exc:
-        print(f"portside {args.command}: {exc}", file=sys.stderr)
+        print(f"portside {args.command}: {refused(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
+def refused(exc: PortsideError) -> str:
+    """An error's line, saying what to do when the control plane refused the token."""
+    if isinstance(exc, Unauthenticated):
+        advice = " — give a valid token with --token-file or $PORTSIDE_TOKEN"
+        if "--token-file" in str(exc):
+            advice = ""  # the reason says it already
+        return f"the control plane refused the call (unauthenticated): {exc}{advice}"
+    if isinstance(exc, PermissionDenied):
+        advice = " — use a token with that role (an admin makes one: portside token create)"
+        if "portside token create" in str(exc) or "name the class" in str(exc):
+            advice = ""  # the reason says it already
+        return f"the control plane refused the call (permission denied): {exc}{advice}"
+    return str(exc)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    from portside.join import join_token
     from portside.net import split_hostport, with_port_offset
 
     for name in ("listen", "controlplane", "api_listen", "metrics_listen"):
@@ -231,6 +368,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 split_hostport(address, f"--{name.replace('_', '-')}")
     if getattr(args, "region", None):
         geo.lookup(args.region)
+    if getattr(args, "metrics_token_file", None):
+        from portside.daemon import require_metrics_token
+
+        require_metrics_token(args.metrics_token_file)
 
     if args.command == "controlplane":
         from controlplane.main import ControlPlaneOptions
@@ -241,10 +382,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                 ControlPlaneOptions(
                     listen=args.listen,
                     store_url=args.store,
+                    store_tls=_store_tls(args),
                     metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
                     region=args.region,
                     node_ttl_s=args.node_ttl,
                     replica_id=args.replica_id,
+                    insecure=args.insecure,
+                    cert_lifetime_s=_duration(args.cert_lifetime, "--cert-lifetime"),
                 )
             )
         )
@@ -260,12 +404,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                     controlplane=args.controlplane,
                     listen=args.listen,
                     api_listen=args.api_listen or with_port_offset(args.listen, 1),
+                    metrics_listen=args.metrics_listen or with_port_offset(args.listen, 2),
+                    join_token=join_token(args.join_token_file),
                     region=args.region,
                     node_id=args.node_id,
                     vcpu=args.vcpu,
                     memory_mib=args.memory_mib,
                     labels=labels,
                     stop_on_exit=args.stop_on_exit,
+                    allow_host_access=args.allow_host_access,
                 )
             )
         )
@@ -274,6 +421,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from edge.main import EdgeOptions
         from edge.main import run as run_edge
 
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise InvalidArgument("--tls-cert and --tls-key go together: give both, or neither")
+
         asyncio.run(
             run_edge(
                 EdgeOptions(
@@ -281,6 +431,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                     listen=args.listen,
                     metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
                     region=args.region,
+                    join_token=join_token(args.join_token_file),
+                    tls_cert=args.tls_cert or "",
+                    tls_key=args.tls_key or "",
                 )
             )
         )
@@ -299,13 +452,31 @@ def _dispatch(args: argparse.Namespace) -> int:
                 data_dir=args.data_dir,
             )
         )
+    if args.command == "bootstrap":
+        from controlplane.identity import bootstrap_url
+
+        print(bootstrap_url(args.store, args.out, _store_tls(args)).report())
+        return 0
     if args.command == "deploy":
-        return asyncio.run(_deploy(args.file, args.controlplane))
+        return asyncio.run(_deploy(args.file, args.controlplane, _api_token(args)))
     if args.command == "regions":
         return _regions(args.json)
+    if args.command == "doctor":
+        from nodeagent.doctor import check_host
+
+        return _doctor(asyncio.run(check_host()), args.json)
     if args.command in _CLIENT_VERBS:
-        return asyncio.run(_CLIENT_VERBS[args.command](args))
+        return asyncio.run(_client_verb(args))
     raise AssertionError(args.command)
+
+
+def _duration(text: str, flag: str) -> float:
+    from portside.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{flag}: {exc}") from None
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -315,16 +486,21 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-async def deploy_config(file: str, controlplane: str) -> tuple[int, int]:
-    """Read `file` and register its classes and routes; returns (classes, routes)."""
+async def deploy_config(file: str, controlplane: str, token: str | None = None) -> tuple[int, int]:
+    """Read `file` and register its classes and routes, with the API token `token` (its text;
+    default as `portside.connect` finds one); returns (classes, routes)."""
     from portside import config as config_file
     from portside import net
     from portside.api.v1 import controlplane_pb2 as cp
     from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+    from portside.client._async import api_token
     from portside.convert import config_to_pb
 
     config = config_file.load_config(file)
-    async with net.grpc_channel(controlplane) as channel:
+    found = api_token(token)
+    tls = net.ClientTls(found.ca_pem) if found is not None else None
+    bearer = found.bearer if found is not None else None
+    async with net.grpc_channel(controlplane, tls=tls, bearer=bearer) as channel:
         stub = cp_grpc.ControlPlaneStub(channel)
         try:
             reply = await stub.Deploy(
@@ -337,8 +513,13 @@ async def deploy_config(file: str, controlplane: str) -> tuple[int, int]:
     return reply.classes, reply.routes
 
 
-async def _deploy(file: str, controlplane: str) -> int:
-    classes, routes = await deploy_config(file, controlplane)
+async def _deploy(file: str, controlplane: str, token: Token | None) -> int:
+    try:
+        classes, routes = await deploy_config(
+            file, controlplane, token.text() if token is not None else None
+        )
+    except Unavailable as exc:
+        raise await _plaintext_hint(exc, controlplane, token) from exc
     print(f"deployed {classes} classes and {routes} routes from {file} to {controlplane}")
     return 0
 
@@ -432,10 +613,41 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _api_token(args: argparse.Namespace) -> Token | None:
+    """--token-file's token, else $PORTSIDE_TOKEN's, else ./.portside/admin.token's, else None."""
+    from portside.client._async import api_token
+
+    return api_token(path=getattr(args, "token_file", None))
+
+
 def _connect(args: argparse.Namespace) -> Portside:
     from portside.client import connect
 
-    return connect(args.controlplane)
+    token = args.api_token
+    return connect(args.controlplane, token=token.text() if token is not None else None)
+
+
+async def _client_verb(args: argparse.Namespace) -> int:
+    args.api_token = _api_token(args)  # (`token revoke` has an argument named token)
+    try:
+        return await _CLIENT_VERBS[args.command](args)
+    except Unavailable as exc:
+        raise await _plaintext_hint(exc, args.controlplane, args.api_token) from exc
+
+
+async def _plaintext_hint(
+    exc: Unavailable, controlplane: str, token: Token | None
+) -> PortsideError:
+    """A plaintext call to a control plane that requires TLS fails as "unavailable", which says
+    nothing useful: say what is missing instead."""
+    from portside.net import speaks_tls
+
+    if token is not None or not await speaks_tls(controlplane.split(",")[0]):
+        return exc
+    return Unauthenticated(
+        f"the control plane at {controlplane} requires TLS and an API token: give --token-file "
+        "PATH or $PORTSIDE_TOKEN (`portside bootstrap` wrote admin.token)"
+    )
 
 
 async def _nodes(args: argparse.Namespace) -> int:
@@ -756,6 +968,76 @@ async def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _token(args: argparse.Namespace) -> int:
+    from portside import tokens
+    from portside.tokens import TokenRecord
+
+    def row(t: TokenRecord) -> dict[str, object]:
+        return {
+            "id": t.id,
+            "kind": t.kind,
+            "name": t.name,
+            "role": t.role.value if t.role else "",
+            "classes": list(t.classes),
+            "created": t.created,
+            "expires": t.expires,
+        }
+
+    async with _connect(args) as ps:
+        if args.token_action == "create":
+            ttl = _duration(args.ttl, "--ttl") if args.ttl else 0.0
+            text, info = await ps.create_token(
+                args.role, classes=args.classes, ttl=ttl, name=args.name
+            )
+            if args.json:
+                _print_json({"token": text, **row(info)})
+                return 0
+            print(text)
+            scope = f", classes {', '.join(info.classes)}" if info.classes else ""
+            until = f", expires {_utc_day_time(info.expires)}" if info.expires else ""
+            print(
+                f"created {info.kind} token {info.name} (role {args.role}{scope}{until}); it is "
+                "shown this once: keep it secret",
+                file=sys.stderr,
+            )
+            return 0
+        if args.token_action == "list":
+            found = await ps.tokens()
+            if args.json:
+                _print_json([row(t) for t in found])
+                return 0
+            _print_table(
+                ("NAME", "ID", "KIND", "ROLE", "CLASSES", "CREATED", "EXPIRES"),
+                [
+                    (
+                        t.name,
+                        t.id,
+                        t.kind,
+                        t.role or "-",
+                        ",".join(t.classes) or "*",
+                        _utc_day_time(t.created),
+                        _utc_day_time(t.expires) if t.expires else "never",
+                    )
+                    for t in found
+                ],
+            )
+            return 0
+        # A whole token is revoked by its id: its secret never leaves this machine.
+        ref = args.token.strip()
+        if ref.startswith(tokens.PREFIX + "."):
+            ref = tokens.parse_token(ref, "TOKEN").id
+        info = await ps.revoke_token(ref)
+    if args.json:
+        _print_json(row(info))
+    else:
+        print(f"revoked {info.kind} token {info.name} ({info.id})")
+    return 0
+
+
+def _utc_day_time(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "nodes": _nodes,
     "ps": _ps,
@@ -769,7 +1051,20 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "events": _events,
     "state": _state,
     "usage": _usage,
+    "token": _token,
 }
+
+
+def _doctor(checks: Sequence[Check], as_json: bool) -> int:
+    """One line per check (or JSON); non-zero when any failed."""
+    failed = any(not c.ok for c in checks)
+    if as_json:
+        _print_json({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]})
+    else:
+        for c in checks:
+            fix = f" — {c.fix}" if c.fix and not c.ok else ""
+            print(f"{'ok' if c.ok else 'FAILED':6}  {c.name}: {c.detail}{fix}")
+    return 1 if failed else 0
 
 
 def _regions(as_json: bool) -> int:

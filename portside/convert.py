@@ -27,6 +27,7 @@ from portside.spec import (
     Route,
 )
 from portside.states import InstanceState
+from portside.tokens import Role, TokenRecord
 from portside.usage import Usage
 
 
@@ -150,6 +151,7 @@ def node_to_pb(n: Node) -> pb.Node:
         vcpu=n.vcpu,
         memory_mib=n.memory_mib,
         labels=dict(n.labels),
+        metrics_address=n.metrics_address,
     )
 
 
@@ -164,6 +166,7 @@ def node_from_pb(m: pb.Node) -> Node:
         vcpu=m.vcpu,
         memory_mib=m.memory_mib,
         labels=dict(m.labels),
+        metrics_address=m.metrics_address,
     )
 
 
@@ -276,6 +279,33 @@ def usage_to_pb(u: Usage) -> pb.Usage:
 
 def usage_from_pb(m: pb.Usage) -> Usage:
     return _flat_from_pb(m, Usage)
+
+
+def token_info_to_pb(t: TokenRecord) -> cp.TokenInfo:
+    """A token as it is listed: never its secret, nor the secret's digest."""
+    return cp.TokenInfo(
+        id=t.id,
+        kind=t.kind,
+        name=t.name,
+        role=t.role.value if t.role else "",
+        classes=list(t.classes),
+        created=t.created,
+        expires=t.expires,
+    )
+
+
+def token_info_from_pb(m: cp.TokenInfo) -> TokenRecord:
+    """A listed token; its `digest` is "" (the control plane never sends it)."""
+    return TokenRecord(
+        id=m.id,
+        kind="join" if m.kind == "join" else "api",
+        name=m.name,
+        digest="",
+        created=m.created,
+        role=Role(m.role) if m.role else None,
+        classes=tuple(m.classes),
+        expires=m.expires,
+    )
 
 
 def pool_member_to_pb(p: PoolMember) -> pb.PoolMember:

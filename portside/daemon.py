@@ -1,15 +1,23 @@
-"""What every Portside daemon shares: logging, stop on SIGINT/SIGTERM, and a /metrics app."""
+"""What every Portside daemon shares: logging, stop on SIGINT/SIGTERM, and a /metrics app.
+
+/metrics (and the control plane's Prometheus discovery) are open unless the daemon was given
+--metrics-token-file: then a scrape must send `Authorization: Bearer <the file's content>`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from portside.errors import ConfigError
 
 # Request latency buckets of every proxy hop: from a warm loopback hop (~0.5 ms) to a cold boot
 # behind a resolve (seconds) and long answers.
@@ -41,9 +49,62 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def serve_metrics(_request: web.Request) -> web.Response:
-    """GET /metrics: every metric of this process, in Prometheus' text format."""
+_metrics_token: bytes | None = None  # this process's, once require_metrics_token is called
+
+
+def require_metrics_token(path: str) -> None:
+    """From now on, scrapes of this process must send `Authorization: Bearer <token>`, the token
+    being the content of the file at `path` (surrounding blanks ignored)."""
+    global _metrics_token
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError("--metrics-token-file", path, exc.strerror or str(exc)) from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(
+            "--metrics-token-file", path, "must hold one token: a line without blanks"
+        )
+    _metrics_token = token.encode()
+
+
+def _scrape_allowed(request: web.Request) -> bool:
+    if _metrics_token is None:
+        return True
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        credential.strip().encode(), _metrics_token
+    )
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _scrape_only(handler: _Handler) -> _Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if not _scrape_allowed(request):
+            return web.Response(
+                status=401,
+                text="this endpoint needs the metrics token: Authorization: Bearer <token> "
+                "(Prometheus: authorization: credentials_file:)\n",
+                headers={"WWW-Authenticate": 'Bearer realm="portside metrics"'},
+            )
+        return await handler(request)
+
+    return guarded
+
+
+def scrape_route(route: web.RouteDef) -> web.RouteDef:
+    """`route`, asking for the metrics token as /metrics does (Prometheus service discovery)."""
+    return web.RouteDef(route.method, route.path, _scrape_only(route.handler), route.kwargs)
+
+
+async def _metrics(_request: web.Request) -> web.StreamResponse:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+#: GET /metrics: every metric of this process, in Prometheus' text format (asking for the
+#: metrics token if one is required).
+serve_metrics = _scrape_only(_metrics)
 
 
 async def serve_health(_request: web.Request) -> web.Response:

@@ -17,6 +17,8 @@
      │    ├── UpstreamReset                       upstream-reset       502   UNAVAILABLE
      │    └── UpstreamTimeout                     upstream-timeout     504   DEADLINE_EXCEEDED
      ├── EngineError                              engine-error         502   INTERNAL
+     ├── Unauthenticated                          unauthenticated      401   UNAUTHENTICATED
+     ├── PermissionDenied                         permission-denied    403   PERMISSION_DENIED
      └── Unavailable                              unavailable          503   UNAVAILABLE
           ├── NodeUnreachable                     node-unreachable     502   UNAVAILABLE
           ├── EngineUnavailable                   engine-unavailable   503   UNAVAILABLE
@@ -126,6 +128,15 @@ class EngineError(PortsideError):
     """The container engine failed an operation for a reason of its own (Docker's message)."""
 
 
+class Unauthenticated(PortsideError):
+    """The call carries no credential, or one the cluster does not accept (wrong, expired,
+    revoked); the reason says which and what to do, never the credential itself."""
+
+
+class PermissionDenied(PortsideError):
+    """The caller is known, but its role (or its token's classes) does not allow the call."""
+
+
 class Unavailable(PortsideError):
     """A part Portside needs cannot be reached now; trying again later may work."""
 
@@ -178,6 +189,8 @@ ERROR_KINDS: Mapping[type[PortsideError], ErrorKind] = MappingProxyType(
         UpstreamReset: ErrorKind("upstream-reset", 502, _C.UNAVAILABLE),
         UpstreamTimeout: ErrorKind("upstream-timeout", 504, _C.DEADLINE_EXCEEDED),
         EngineError: ErrorKind("engine-error", 502, _C.INTERNAL),
+        Unauthenticated: ErrorKind("unauthenticated", 401, _C.UNAUTHENTICATED),
+        PermissionDenied: ErrorKind("permission-denied", 403, _C.PERMISSION_DENIED),
         Unavailable: ErrorKind("unavailable", 503, _C.UNAVAILABLE),
         NodeUnreachable: ErrorKind("node-unreachable", 502, _C.UNAVAILABLE),
         EngineUnavailable: ErrorKind("engine-unavailable", 503, _C.UNAVAILABLE),
@@ -201,6 +214,8 @@ _BY_CODE: Mapping[grpc.StatusCode, type[PortsideError]] = MappingProxyType(
         _C.RESOURCE_EXHAUSTED: NoCapacity,
         _C.UNAVAILABLE: Unavailable,
         _C.DEADLINE_EXCEEDED: Timeout,
+        _C.UNAUTHENTICATED: Unauthenticated,
+        _C.PERMISSION_DENIED: PermissionDenied,
     }
 )
 
@@ -280,9 +295,11 @@ __all__ = [
     "NodeUnreachable",
     "NotFound",
     "NotThroughEdge",
+    "PermissionDenied",
     "PortsideError",
     "StoreError",
     "Timeout",
+    "Unauthenticated",
     "Unavailable",
     "UpstreamFailed",
     "UpstreamRefused",

@@ -15,7 +15,7 @@ import datetime
 import enum
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -71,7 +71,7 @@ class Identity:
     """What a part holds to prove who it is: its private key, its certificate, and the CA that
     signed it (which is also what it trusts)."""
 
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a log line or a traceback
     cert_pem: bytes
     ca_pem: bytes
 
@@ -106,7 +106,7 @@ class CertificateAuthority:
     """The cluster CA: its certificate and private key, PEM."""
 
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)
 
     @classmethod
     def create(cls, cluster_id: str, now: float) -> CertificateAuthority:

@@ -136,6 +136,7 @@ class Node:
     vcpu: float
     memory_mib: int
     labels: Mapping[str, str] = field(default_factory=dict)
+    metrics_address: str = ""  # host:port of the agent's /metrics, for Prometheus discovery
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -108,6 +109,51 @@ def parse_token(text: str, where: str = "token") -> Token:
     return Token(kind, ident, secret, ca_pem)
 
 
+# What to say when a token of the other kind is given where one of this kind is needed.
+_WRONG_KIND = {
+    "join": "an API token, not a join token (give a node the join.token `portside bootstrap` "
+    "wrote)",
+    "api": "a join token, which only lets a node join: give an API token (admin.token, or one "
+    "from `portside token create`)",
+}
+
+
+def find_token(
+    kind: TokenKind,
+    *,
+    variable: str,
+    text: str | None = None,
+    path: str | None = None,
+    flag: str = "",
+    default_file: str | None = None,
+) -> Token | None:
+    """The token of `kind` to use: `text` if given, else the file `path` (named `flag` in
+    errors), else $`variable` (the token's text), else `default_file` if it exists; None if
+    there is none. InvalidArgument saying what is wrong (unreadable, malformed, of the other
+    kind), never echoing the token."""
+    where = "token"
+    if text is None and path:
+        text, where = _read(path, f"{flag} {path}".strip())
+    if text is None and os.environ.get(variable, "").strip():
+        text, where = os.environ[variable], f"${variable}"
+    if text is None and default_file and os.path.exists(default_file):
+        text, where = _read(default_file, default_file)
+    if text is None:
+        return None
+    token = parse_token(text, where)
+    if token.kind != kind:
+        raise InvalidArgument(f"{where}: {_WRONG_KIND[kind]}")
+    return token
+
+
+def _read(path: str, where: str) -> tuple[str, str]:
+    try:
+        with open(path) as f:
+            return f.read(), where
+    except OSError as exc:
+        raise InvalidArgument(f"{where}: cannot read it ({exc.strerror})") from None
+
+
 def parse_bearer(text: str) -> tuple[str, str] | None:
     """(id, secret) from an `authorization` value ("Bearer ID.SECRET"); None if malformed."""
     scheme, _, credential = text.strip().partition(" ")
@@ -175,6 +221,7 @@ __all__ = [
     "TokenKind",
     "TokenRecord",
     "digest",
+    "find_token",
     "matches",
     "new_token",
     "parse_bearer",

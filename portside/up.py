@@ -1,9 +1,14 @@
 """`portside up`: a whole Portside on one machine — control plane (embedded store), one agent,
-one edge — as three supervised processes, from ./portside.toml. Ctrl-C stops them all."""
+one edge — as three supervised processes, from ./portside.toml. Ctrl-C stops them all.
+
+It is secured like any cluster: the first `up` bootstraps its store (the cluster CA, an admin and
+a join token in the data directory, 0600); the agent and the edge join with the join token, and
+the CLI run in the same directory finds the admin token there (./.portside/admin.token)."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -14,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portside import config as config_file
-from portside.errors import PortsideError, Unavailable
+from portside.errors import FailedPrecondition, PortsideError, Unavailable
 from portside.net import split_hostport, with_port_offset
 
 log = logging.getLogger("portside.up")
+
+PARENT_ENV = "PORTSIDE_UP_PID"
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,13 @@ class UpOptions:
 def run(opts: UpOptions) -> int:
     config_file.load_config(opts.config)  # a bad config fails here, before anything starts
     data_dir = Path(opts.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     store_url = f"sqlite://{data_dir / 'store.db'}"
+    try:
+        admin_token, join_token = _bootstrap(store_url, data_dir)
+    except PortsideError as exc:
+        print(f"portside up: {exc}", file=sys.stderr)
+        return 1
     portside = [sys.executable, "-m", "portside"]
     stopping = False
 
@@ -49,8 +61,11 @@ def run(opts: UpOptions) -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(name: str, *args: str) -> None:
-        # A new session each: Ctrl-C reaches `up` only, which then stops them in order.
-        proc = subprocess.Popen([*portside, *args], start_new_session=True)
+        # A new session each: Ctrl-C reaches `up` only, which then stops them in order. And
+        # each stops if `up` itself dies (killed, crashed), so none is left behind: the child
+        # asks for that itself (a preexec_fn could deadlock: `up` runs gRPC's threads).
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
+        proc = subprocess.Popen([*portside, *args], start_new_session=True, env=env)
         children.append((name, proc))
 
     try:
@@ -67,9 +82,14 @@ def run(opts: UpOptions) -> int:
         _wait_for_port(opts.controlplane_listen, "control plane", children, opts.start_timeout_s)
         from portside.cli import deploy_config
 
-        classes, routes = asyncio.run(deploy_config(opts.config, opts.controlplane_listen))
+        classes, routes = asyncio.run(
+            deploy_config(opts.config, opts.controlplane_listen, admin_token.read_text())
+        )
         # The agent stops its containers when `up` stops (keeping their writable layers); the
         # next `up` adopts them, as `docker compose up` users expect.
+        # Closing the host to containers takes root (packet-filter rules). On a developer's own
+        # machine without it, `up` still runs, and says at the end what is left open.
+        host_access = [] if os.geteuid() == 0 else ["--allow-host-access"]
         spawn(
             "agent",
             "agent",
@@ -79,10 +99,15 @@ def run(opts: UpOptions) -> int:
             opts.agent_listen,
             "--region",
             opts.region,
+            "--join-token-file",
+            str(join_token),
             "--stop-on-exit",
+            *host_access,
         )
         _wait_for_port(opts.agent_listen, "agent", children, opts.start_timeout_s)
-        asyncio.run(_wait_for_node(opts.controlplane_listen, opts.start_timeout_s))
+        asyncio.run(
+            _wait_for_node(opts.controlplane_listen, admin_token.read_text(), opts.start_timeout_s)
+        )
         # The public port opens last, once a request can be served: a script that waits for the
         # port and then sends a request must not get "no node agent has registered".
         spawn(
@@ -94,6 +119,8 @@ def run(opts: UpOptions) -> int:
             opts.listen,
             "--region",
             opts.region,
+            "--join-token-file",
+            str(join_token),
         )
         _wait_for_port(opts.listen, "edge", children, opts.start_timeout_s)
         print(
@@ -102,8 +129,16 @@ def run(opts: UpOptions) -> int:
             f"http://{with_port_offset(opts.controlplane_listen, 1)}/\n"
             f"  control plane {opts.controlplane_listen} "
             f"(metrics {with_port_offset(opts.controlplane_listen, 1)}), agent "
-            f"{opts.agent_listen}, edge metrics {with_port_offset(opts.listen, 1)}\n"
-            f"  store {store_url}; Ctrl-C stops everything",
+            f"{opts.agent_listen} (metrics {with_port_offset(opts.agent_listen, 2)}), edge "
+            f"metrics {with_port_offset(opts.listen, 1)}\n"
+            f"  store {store_url}; tokens in {data_dir} (`portside ps` here uses "
+            f"{admin_token.name}); Ctrl-C stops everything"
+            + (
+                "\n  not root: containers can reach this machine's ports (run as root to close "
+                "them, as every cluster node does)"
+                if host_access
+                else ""
+            ),
             flush=True,
         )
         while not stopping:
@@ -117,6 +152,17 @@ def run(opts: UpOptions) -> int:
         return 1
     finally:
         _stop_all(children, opts.stop_timeout_s)
+
+
+def stop_with_parent() -> None:
+    """In a daemon `up` started: get SIGTERM when `up` dies (Linux' PR_SET_PDEATHSIG), and stop
+    at once if it died already."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        sys.exit("portside: `portside up` is gone; stopping")
 
 
 def _wait_for_port(
@@ -141,15 +187,39 @@ def _wait_for_port(
     raise Unavailable(f"the {name} did not open {address} within {timeout_s:g}s")
 
 
-async def _wait_for_node(controlplane: str, timeout_s: float) -> None:
+def _bootstrap(store_url: str, data_dir: Path) -> tuple[Path, Path]:
+    """Bootstrap the embedded store on the first `up` (its tokens go next to it); later ones find
+    it bootstrapped and its tokens there. Returns the admin and join token files."""
+    from controlplane.identity import bootstrap_url
+
+    if not (data_dir / "store.db").exists():
+        # Tokens without their store are of a cluster that is gone (its store was deleted).
+        for name in ("admin.token", "join.token"):
+            (data_dir / name).unlink(missing_ok=True)
+    done = bootstrap_url(store_url, data_dir)
+    if done.created:
+        log.info("bootstrapped %s: CA fingerprint %s", store_url, done.ca_fingerprint)
+    for path in (done.admin_token, done.join_token):
+        if not path.exists():
+            raise FailedPrecondition(
+                f"{path} is missing, and without it nothing can join {store_url}: remove "
+                f"{data_dir / 'store.db'} to start a new cluster here (its instances are lost)"
+            )
+    return done.admin_token, done.join_token
+
+
+async def _wait_for_node(controlplane: str, token_text: str, timeout_s: float) -> None:
     """Ready means the agent has registered: before that every resolve would answer 503."""
     from portside import net
     from portside.api.v1 import controlplane_pb2 as cp
     from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
     from portside.rpc import call_unary
+    from portside.tokens import parse_token
 
+    token = parse_token(token_text)
     deadline = time.monotonic() + timeout_s
-    async with net.grpc_channel(controlplane) as channel:
+    tls = net.ClientTls(token.ca_pem)
+    async with net.grpc_channel(controlplane, tls=tls, bearer=token.bearer) as channel:
         stub = cp_grpc.ControlPlaneStub(channel)
         while time.monotonic() < deadline:
             reply = await call_unary(

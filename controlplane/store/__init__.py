@@ -1,6 +1,7 @@
 """The control plane's state store: one contract, backends chosen by the URL's scheme.
 
-`etcd://host:port[,host:port...]` for a cluster, `sqlite:///absolute/path.db` for one machine.
+`etcd://host:port[,host:port...]` for a cluster (`etcd+https://` over TLS, with the files of a
+StoreTls), `sqlite:///absolute/path.db` for one machine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from portside.errors import ConfigError
 
 from . import etcd, sqlite
 from ._base import Compacted, KeyValue, Store, WatchEvent
+from ._tls import NO_TLS, StoreTls
 from .instrumented import InstrumentedStore, instrument
 
 __all__ = [
@@ -18,22 +20,31 @@ __all__ = [
     "InstrumentedStore",
     "KeyValue",
     "Store",
+    "StoreTls",
     "WatchEvent",
     "instrument",
     "open_store",
 ]
 
-BACKENDS: dict[str, Callable[[str, float], Awaitable[Store]]] = {
+
+async def _open_sqlite(url: str, timeout_s: float, tls: StoreTls) -> Store:
+    return await sqlite.open_url(url, timeout_s)  # no network, so no TLS: open_store checked
+
+
+BACKENDS: dict[str, Callable[[str, float, StoreTls], Awaitable[Store]]] = {
     "etcd": etcd.open_url,
-    "sqlite": sqlite.open_url,
+    "etcd+https": etcd.open_url,
+    "sqlite": _open_sqlite,
 }
-"""URL scheme -> opener(url, timeout_s); each opener validates its URL before any I/O."""
+"""URL scheme -> opener(url, timeout_s, tls); each opener validates its URL before any I/O."""
 
 
-async def open_store(url: str, *, timeout_s: float = 5.0) -> Store:
-    """A connected store for `url`; `timeout_s` is the deadline of each network call.
+async def open_store(url: str, *, timeout_s: float = 5.0, tls: StoreTls = NO_TLS) -> Store:
+    """A connected store for `url`; `timeout_s` is the deadline of each network call, `tls` the
+    files of an `etcd+https://` store.
 
-    Raises ConfigError for an unknown scheme or a malformed URL, StoreError if it cannot connect.
+    Raises ConfigError, naming the flag, for an unknown scheme, a malformed URL or TLS files that
+    do not fit it; StoreError if it cannot connect.
     """
     scheme, sep, _ = url.partition("://")
     if not sep:
@@ -43,8 +54,11 @@ async def open_store(url: str, *, timeout_s: float = 5.0) -> Store:
         raise ConfigError(
             "--store", url, f"unknown scheme {scheme!r}: the known ones are " + _examples()
         )
-    return await opener(url, timeout_s)
+    tls.check(url)
+    return await opener(url, timeout_s, tls)
 
 
 def _examples() -> str:
-    return "etcd://127.0.0.1:2379 or sqlite:///var/lib/portside/state.db"
+    return (
+        "etcd://127.0.0.1:2379, etcd+https://10.0.0.5:2379 or sqlite:///var/lib/portside/state.db"
+    )

@@ -1,4 +1,5 @@
-"""The store over an etcd 3.4+ cluster, through the asyncio client `aetcd`.
+"""The store over an etcd 3.4+ cluster, through the asyncio client `aetcd`, in plaintext
+(`etcd://`) or over TLS with an optional client certificate (`etcd+https://`).
 
 aetcd and gRPC exceptions stop here: every operation raises StoreError instead.
 """
@@ -11,10 +12,12 @@ from typing import Any
 
 import aetcd
 import grpc
+from aetcd import rpc, watcher
 
 from portside.errors import ConfigError, StoreError
 
 from ._base import Compacted, KeyValue, WatchEvent
+from ._tls import StoreTls
 
 DEFAULT_PORT = 2379
 
@@ -23,13 +26,15 @@ _ALL_KEYS = b"\0"
 
 
 def parse_etcd_url(url: str) -> list[tuple[str, int]]:
-    """`etcd://host:port[,host:port...]` as (host, port) pairs, in the order to try them."""
+    """`etcd[+https]://host:port[,host:port...]` as (host, port) pairs, in the order to try them."""
     scheme, sep, rest = url.partition("://")
-    if scheme != "etcd" or not sep:
-        raise ConfigError("--store", url, "an etcd URL starts with etcd://")
+    if scheme not in ("etcd", "etcd+https") or not sep:
+        raise ConfigError("--store", url, "an etcd URL starts with etcd:// or etcd+https://")
     rest = rest.removesuffix("/")
     if not rest:
-        raise ConfigError("--store", url, "no endpoint: expected etcd://host:port[,host:port...]")
+        raise ConfigError(
+            "--store", url, f"no endpoint: expected {scheme}://host:port[,host:port...]"
+        )
     if any(c in rest for c in "/?#@"):
         raise ConfigError(
             "--store", url, "only host:port endpoints are allowed: no path, query or user"
@@ -54,9 +59,69 @@ def _parse_endpoint(url: str, endpoint: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-async def open_url(url: str, timeout_s: float) -> EtcdStore:
-    """Connect to the first endpoint of `url` that answers."""
-    return await EtcdStore.connect(parse_etcd_url(url), timeout_s=timeout_s)
+async def open_url(url: str, timeout_s: float, tls: StoreTls) -> EtcdStore:
+    """Connect to the first endpoint of `url` that answers; over TLS for `etcd+https://`, with
+    the files of `tls` (already checked against `url` by open_store)."""
+    endpoints = parse_etcd_url(url)
+    secure = tls if url.startswith("etcd+https://") else None
+    return await EtcdStore.connect(endpoints, timeout_s=timeout_s, tls=secure)
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
+    """aetcd's client over a TLS channel: aetcd's own connect() opens only plaintext ones.
+
+    This is aetcd 1.0's Client.connect with a secure channel and without its username/password
+    login, which Portside does not use; every other method is aetcd's. The contract suite runs
+    against it (tests/integration/test_store_tls.py), so an aetcd that changes shape fails there.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float, credentials: Any) -> None:
+        super().__init__(host=host, port=port, timeout=timeout)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        # Nothing is awaited from here to set(): no other task can see a half-built client.
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.channel = grpc.aio.secure_channel(
+            f"{host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def _refusal_hint(detail: str, tls: StoreTls | None) -> str:
+    """What a refused first call most likely means when the two ends disagree about TLS, which
+    gRPC's own words ("Socket closed", "TSI_DATA_CORRUPTED") do not say; "" when unsure."""
+    if tls is None:
+        if "Socket closed" in detail:
+            return (
+                " (does this etcd serve TLS? then use --store etcd+https://... with --store-ca,"
+                " --store-cert and --store-key)"
+            )
+        return ""
+    if "Handshake read failed" in detail:
+        return " (does this etcd serve plaintext? then use --store etcd://...)"
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        signer = f"--store-ca {tls.ca}" if tls.ca else "a CA gRPC trusts: give --store-ca"
+        return f" (etcd's certificate is not signed by {signer})"
+    if "Hostname Verification" in detail:
+        return " (etcd's certificate does not name the host of --store in its subjectAltName)"
+    if any(s in detail for s in ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")):
+        if not tls.cert:
+            return " (etcd wants a client certificate: give --store-cert and --store-key)"
+        return (
+            f" (etcd refused the client certificate --store-cert {tls.cert}:"
+            " is it signed by etcd's --trusted-ca-file?)"
+        )
+    return ""
 
 
 @contextmanager
@@ -115,23 +180,33 @@ class EtcdStore:
         self._open_watches = 0
 
     @classmethod
-    async def connect(cls, endpoints: list[tuple[str, int]], *, timeout_s: float) -> EtcdStore:
-        """Try the endpoints in order; the first that answers a read is kept.
+    async def connect(
+        cls, endpoints: list[tuple[str, int]], *, timeout_s: float, tls: StoreTls | None = None
+    ) -> EtcdStore:
+        """Try the endpoints in order; the first that answers a read is kept. With `tls`, every
+        connection is TLS, verified and authenticated with its files.
 
         `timeout_s` is the deadline of every call, including each connection attempt.
         """
-        failures = []
+        credentials = None if tls is None else tls.channel_credentials()
+        failures: list[str] = []
+        hints: dict[str, None] = {}  # each once, in order, however many endpoints it explains
         for host, port in endpoints:
-            client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+            if credentials is None:
+                client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+            else:
+                client = _TlsClient(host, port, timeout_s, credentials)
             try:
                 # aetcd's connect() only builds a channel; a read proves the member answers.
                 await client.get(b"health")
             except (aetcd.ClientError, grpc.RpcError) as exc:
-                failures.append(f"{host}:{port}: {exc}")
+                detail = _first_line(exc)
+                failures.append(f"{host}:{port}: {detail}")
+                hints[_refusal_hint(detail, tls)] = None
                 await client.close()
                 continue
             return cls(client, f"{host}:{port}", timeout_s)
-        raise StoreError("etcd: no endpoint answered: " + "; ".join(failures))
+        raise StoreError("etcd: no endpoint answered: " + "; ".join(failures) + "".join(hints))
 
     @contextmanager
     def _call(self, what: str) -> Iterator[None]:

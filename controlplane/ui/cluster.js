@@ -206,6 +206,8 @@ function setStatus(state, text) {
 async function poll(layer) {
   try {
     const resp = await fetch("/api/cluster", { cache: "no-store" });
+    // The token was revoked or expired: the page itself now answers with the login form.
+    if (resp.status === 401) return location.reload();
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const data = await resp.json();
     renderSummary(data);

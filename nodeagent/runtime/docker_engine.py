@@ -14,7 +14,7 @@ import os
 import re
 import signal as signals
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -81,6 +81,29 @@ _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
 _DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkBridge:
+    """One of Portside's Docker networks as the host's packet filter sees it."""
+
+    network: str
+    interface: str  # the host's bridge interface, e.g. br-06ba06e1b493
+    ipv6: bool
+    gateways: tuple[str, ...]  # the host's addresses on the bridge
+
+
+def network_bridge(network: Mapping[str, Any]) -> NetworkBridge:
+    """The bridge of a network as the engine lists it (Docker names it br-<12 hex of the id>
+    unless the network was created with its own name)."""
+    options = network.get("Options") or {}
+    ipam = (network.get("IPAM") or {}).get("Config") or []
+    return NetworkBridge(
+        network=str(network.get("Name", "")),
+        interface=options.get("com.docker.network.bridge.name") or f"br-{network['Id'][:12]}",
+        ipv6=bool(network.get("EnableIPv6")),
+        gateways=tuple(str(c["Gateway"]) for c in ipam if c.get("Gateway")),
+    )
+
+
 def container_name(node_id: str, instance: str) -> str:
     """`portside-<node id>-<first 16 hex of the instance id>`: stable, so a lost create is found."""
     return f"portside-{node_id}-{instance[:16]}"
@@ -115,6 +138,8 @@ class DockerRuntime:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._internal_network, self._egress_network = internal_network, egress_network
         self._networks: dict[str, str] = {}  # name -> id
+        self._bridges: dict[str, NetworkBridge] = {}  # name -> its bridge
+        self._guard: Callable[[list[NetworkBridge]], Awaitable[None]] | None = None
         self._networks_lock = asyncio.Lock()
         self._feeds: set[EventFeed] = set()
 
@@ -134,9 +159,18 @@ class DockerRuntime:
     async def ensure_networks(self) -> None:
         async with self._networks_lock:
             for name, internal in ((self._internal_network, True), (self._egress_network, False)):
-                self._networks[name] = await self._call(self._ensure_network, name, internal)
+                network = await self._call(self._ensure_network, name, internal)
+                self._networks[name], self._bridges[name] = network["Id"], network_bridge(network)
+            if self._guard is not None:
+                await self._guard(list(self._bridges.values()))
 
-    def _ensure_network(self, name: str, internal: bool) -> str:
+    async def guard_networks(self, guard: Callable[[list[NetworkBridge]], Awaitable[None]]) -> None:
+        """Run `guard` on Portside's networks now and every time they are made again (someone
+        removed them), before any container joins them; what it raises fails that create."""
+        self._guard = guard
+        await self.ensure_networks()
+
+    def _ensure_network(self, name: str, internal: bool) -> dict[str, Any]:
         # The engine's duplicate check is not atomic (three racing creates made three networks
         # of one name in our tests), so agents sharing this host's engine take turns under a
         # host-wide lock.
@@ -147,7 +181,7 @@ class DockerRuntime:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _ensure_network_locked(self, name: str, internal: bool) -> str:
+    def _ensure_network_locked(self, name: str, internal: bool) -> dict[str, Any]:
         api = self._client.api
         existing = _exact(api.networks(names=[name]), name)
         if not existing:
@@ -184,8 +218,7 @@ class DockerRuntime:
                 f"docker: network {name} exists with internal="
                 f"{chosen.get('Internal')}; remove it so Portside can recreate it"
             )
-        net_id: str = chosen["Id"]
-        return net_id
+        return chosen
 
     async def _network_for(self, cls: ContainerClass) -> str:
         name = self._egress_network if cls.enable_internet else self._internal_network
@@ -542,5 +575,7 @@ __all__ = [
     "NETWORK_INTERNAL",
     "PIDS_LIMIT",
     "DockerRuntime",
+    "NetworkBridge",
     "container_name",
+    "network_bridge",
 ]

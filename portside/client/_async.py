@@ -32,6 +32,7 @@ from portside.convert import (
     instance_info_from_pb,
     log_chunks_from_pb,
     node_info_from_pb,
+    token_info_from_pb,
     usage_from_pb,
 )
 from portside.errors import InvalidArgument, PortsideError, Unavailable, from_rpc
@@ -41,9 +42,14 @@ from portside.instances import InstanceInfo
 from portside.rpc import Backoff, follow_stream
 from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
+from portside.tokens import Token, TokenRecord, find_token
 from portside.usage import Usage
 
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
+#: The environment variable that holds an API token's text.
+TOKEN_VARIABLE = "PORTSIDE_TOKEN"
+#: Where `portside up` leaves its admin token, relative to where it ran.
+DEFAULT_TOKEN_FILE = ".portside/admin.token"
 DEFAULT_EDGE = "http://127.0.0.1:8787"
 DEFAULT_TIMEOUT = 10.0
 #: Start waits for the port (the class's boot_timeout bounds that on the server side).
@@ -75,14 +81,33 @@ def edge_url(edge: str | None = None) -> str:
     return url
 
 
+def api_token(token: str | None = None, *, path: str | None = None) -> Token | None:
+    """The API token to call with: `token` (its text), else the file `path` (--token-file), else
+    $PORTSIDE_TOKEN, else ./.portside/admin.token if there is one (`portside up` writes it),
+    else None (a cluster run with --insecure: plaintext). InvalidArgument for a malformed token
+    or a join token, never echoing it."""
+    return find_token(
+        "api",
+        text=token,
+        path=path,
+        flag="--token-file",
+        variable=TOKEN_VARIABLE,
+        default_file=DEFAULT_TOKEN_FILE,
+    )
+
+
 def connect(
     address: str | None = None,
     *,
     edge: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
 ) -> Portside:
     """A client of the control plane at `address` ("HOST:PORT", or "A:1,B:2" for replicas;
-    default $PORTSIDE_CONTROLPLANE or 127.0.0.1:7070). Use it as an async context manager::
+    default $PORTSIDE_CONTROLPLANE or 127.0.0.1:7070), with the API token `token` (its text;
+    default $PORTSIDE_TOKEN, else ./.portside/admin.token if present): over TLS, verified with
+    the cluster CA the token carries. With no token at all, plaintext (a cluster run with
+    --insecure). Use it as an async context manager::
 
         async with portside.connect("127.0.0.1:7070") as ps:
             box = ps.container("CodeExecutor", name="session-42")
@@ -92,7 +117,7 @@ def connect(
     `edge` is the base URL `Container.fetch` sends requests to (default $PORTSIDE_EDGE or
     http://127.0.0.1:8787). `timeout` is the deadline of each short call, in seconds.
     """
-    return Portside(address, edge=edge, timeout=timeout)
+    return Portside(address, edge=edge, timeout=timeout, token=token)
 
 
 class Portside:
@@ -104,10 +129,12 @@ class Portside:
         *,
         edge: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
     ) -> None:
         self.address = controlplane_address(address)
         for part in self.address.split(","):
             net.split_hostport(part.strip(), "control plane address")
+        self._token = api_token(token)
         self.edge = edge_url(edge)
         self.timeout = timeout
         #: The deadline of `Container.start` and `Container.fetch`, which may boot a container.
@@ -140,7 +167,12 @@ class Portside:
     def _stub(self) -> Any:
         # Created on first use, inside the running event loop that will use it.
         if self._stub_ is None:
-            self._channel = net.grpc_channel(self.address)
+            token = self._token
+            self._channel = net.grpc_channel(
+                self.address,
+                tls=net.ClientTls(token.ca_pem) if token is not None else None,
+                bearer=token.bearer if token is not None else None,
+            )
             self._stub_ = cp_grpc.ControlPlaneStub(self._channel)
         return self._stub_
 
@@ -251,6 +283,41 @@ class Portside:
         with self._grpc_errors():
             reply = await self._stub.Deploy(request, timeout=self.timeout)
         return DeployResult(classes=reply.classes, routes=reply.routes)
+
+    # --- tokens (an admin token's calls) ---
+
+    async def create_token(
+        self,
+        role: str,
+        *,
+        classes: Sequence[str] = (),
+        ttl: float = 0.0,
+        name: str = "",
+    ) -> tuple[str, TokenRecord]:
+        """A new token and what it is: `role` "read", "deploy" or "admin" (an API token) or
+        "join" (for nodes); only for `classes` (empty: every class); expiring after `ttl`
+        seconds (0: never). The token's text is given this once::
+
+            text, info = await ps.create_token("deploy", classes=["CodeExecutor"], ttl=86400)
+        """
+        request = cp.CreateTokenRequest(role=role, classes=classes, ttl_seconds=ttl, name=name)
+        with self._grpc_errors():
+            reply = await self._stub.CreateToken(request, timeout=self.timeout)
+        return reply.token, token_info_from_pb(reply.info)
+
+    async def tokens(self) -> list[TokenRecord]:
+        """Every token, without its secret (`digest` is "")."""
+        with self._grpc_errors():
+            reply = await self._stub.ListTokens(cp.ListTokensRequest(), timeout=self.timeout)
+        return [token_info_from_pb(t) for t in reply.tokens]
+
+    async def revoke_token(self, token: str) -> TokenRecord:
+        """Revoke a token by its name or id; every replica refuses it within seconds."""
+        with self._grpc_errors():
+            reply = await self._stub.RevokeToken(
+                cp.RevokeTokenRequest(token=token), timeout=self.timeout
+            )
+        return token_info_from_pb(reply.info)
 
     async def _watch(
         self, class_name: str, name: str, after_revision: int, resume_for: float

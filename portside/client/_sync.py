@@ -83,6 +83,7 @@ def connect_sync(
     *,
     edge: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
 ) -> SyncPortside:
     """The synchronous twin of `portside.connect`, for scripts::
 
@@ -93,7 +94,7 @@ def connect_sync(
 
     Call `close()` (or use `with`) when done: it stops the client's background thread.
     """
-    return SyncPortside(address, edge=edge, timeout=timeout)
+    return SyncPortside(address, edge=edge, timeout=timeout, token=token)
 
 
 class SyncPortside:
@@ -105,8 +106,10 @@ class SyncPortside:
         *,
         edge: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
     ) -> None:
-        self._async = Portside(address, edge=edge, timeout=timeout)  # validates, no I/O
+        # Validates, and finds the token; no network I/O.
+        self._async = Portside(address, edge=edge, timeout=timeout, token=token)
         self._loop = _LoopThread()
         self.address, self.edge, self.timeout = self._async.address, self._async.edge, timeout
 

@@ -13,7 +13,7 @@ from yarl import URL
 
 from portside.errors import UpstreamFailed, UpstreamRefused, UpstreamReset, UpstreamTimeout
 from portside.headers import ERROR
-from portside.net import Deadlines, http_client_session
+from portside.net import ClientTls, Deadlines, http_client_session
 from portside.proxy._transport import (
     WS_CLOSE_TIMEOUT,
     WS_MAX_MESSAGE,
@@ -39,19 +39,24 @@ _WS_HANDSHAKE: Final = (
 
 class AiohttpTransport:
     """UpstreamTransport over one aiohttp ClientSession, made on first use (inside the running
-    loop) with the connect and between-bytes deadlines of `deadlines`."""
+    loop) with the connect and between-bytes deadlines of `deadlines`. With `tls`, upstreams are
+    servers of the cluster (agents) reached over mutual TLS."""
 
-    def __init__(self, deadlines: Deadlines) -> None:
+    def __init__(self, deadlines: Deadlines, tls: ClientTls | None = None) -> None:
         self._deadlines = deadlines
+        self._tls = tls
+        self._scheme = "https" if tls is not None else "http"
+        # The name the upstream's certificate must carry, whatever address it is reached at.
+        self._server_name = tls.server_name if tls is not None else None
         self._session: aiohttp.ClientSession | None = None
 
     def _pool(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = http_client_session(self._deadlines)
+            self._session = http_client_session(self._deadlines, tls=self._tls)
         return self._session
 
     async def open(self, authority: str, forward: Forward) -> Upstream:
-        url = URL(f"http://{authority}{forward.target}", encoded=True)
+        url = URL(f"{self._scheme}://{authority}{forward.target}", encoded=True)
         if forward.websocket:
             return await self._upgrade(url, forward)
         body = forward.body
@@ -63,6 +68,7 @@ class AiohttpTransport:
                 data=body.chunks() if body is not None else None,
                 allow_redirects=False,
                 skip_auto_headers=_NO_AUTO_HEADERS,
+                server_hostname=self._server_name,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise classify_failure(exc) from exc
@@ -80,6 +86,7 @@ class AiohttpTransport:
                 max_msg_size=WS_MAX_MESSAGE,
                 compress=0,  # loopback/LAN hop: deflating costs CPU for nothing
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=WS_CLOSE_TIMEOUT),
+                server_hostname=self._server_name,
             )
         except aiohttp.WSServerHandshakeError as exc:
             # aiohttp drops the body of a refused handshake; the status and kind remain.

@@ -1,8 +1,14 @@
 """Start a real Portside cluster the way a user does — `portside controlplane|agent|edge` as
-separate processes — and clean up after it: processes, their containers, their store keys."""
+separate processes — and clean up after it: processes, their containers, their store keys.
+
+A cluster is secured as a user's is: its store is bootstrapped before its first control plane
+starts (unless that one runs with --insecure), agents and edges join with the join token, and
+while it lives $PORTSIDE_TOKEN holds the admin token, so that the CLI and the SDK called by a test
+(in this process or a child) use it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -14,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
+import grpc
 
+from portside import net
 from portside.net import free_port
+from portside.tokens import parse_token
 from tests.support import eventually_sync
 
 PORTSIDE = [sys.executable, "-m", "portside"]
@@ -59,6 +68,47 @@ class Cluster:
     tag: str
     procs: list[Proc] = field(default_factory=list)
     controlplane_address: str = ""
+    secure: bool = True  # False once a control plane was started with --insecure
+    admin_token: str = ""  # the admin token's text, once bootstrapped
+    _saved_token: str | None = None
+
+    @property
+    def tokens_dir(self) -> Path:
+        return self.tmp / "tokens"
+
+    @property
+    def join_token_file(self) -> Path:
+        return self.tokens_dir / "join.token"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.tokens_dir / "admin.token"
+
+    def bootstrap(self) -> None:
+        """`portside bootstrap` of this cluster's store, in-process (the store was emptied for
+        this test); the admin token goes into $PORTSIDE_TOKEN until `close()`."""
+        from controlplane.identity import bootstrap_url
+
+        # Its own event loop, in a thread: tests may call this from a running loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            done = pool.submit(bootstrap_url, self.store_url, self.tokens_dir).result(60)
+        assert done.created, done.report()
+        self.admin_token = self.admin_token_file.read_text().strip()
+        if self._saved_token is None:
+            self._saved_token = os.environ.get("PORTSIDE_TOKEN", "")
+        os.environ["PORTSIDE_TOKEN"] = self.admin_token
+
+    def _join_args(self) -> list[str]:
+        return ["--join-token-file", str(self.join_token_file)] if self.secure else []
+
+    def channel(self) -> grpc.aio.Channel:
+        """A gRPC channel to the control plane, as a client with the admin token calls it."""
+        if not self.secure:
+            return net.grpc_channel(self.controlplane_address)
+        token = parse_token(self.admin_token)
+        return net.grpc_channel(
+            self.controlplane_address, tls=net.ClientTls(token.ca_pem), bearer=token.bearer
+        )
 
     def _start(self, name: str, args: list[str], address: str) -> Proc:
         log = self.tmp / f"{name}.log"
@@ -76,6 +126,10 @@ class Cluster:
         return proc
 
     def start_controlplane(self, *extra: str) -> Proc:
+        if "--insecure" in extra:
+            self.secure = False
+        elif not self.admin_token:
+            self.bootstrap()
         address = f"127.0.0.1:{free_port()}"
         proc = self._start(
             f"controlplane-{len(self.procs)}",
@@ -97,6 +151,7 @@ class Cluster:
     def start_agent(self, region: str, host: str = "127.0.0.1", *extra: str) -> Proc:
         port = free_port(host)
         api_port = free_port(host)
+        metrics_port = free_port(host)
         node_id = f"{self.tag}-{region}-{port}"
         return self._start(
             f"agent-{node_id}",
@@ -108,16 +163,19 @@ class Cluster:
                 f"{host}:{port}",
                 "--api-listen",
                 f"{host}:{api_port}",
+                "--metrics-listen",
+                f"{host}:{metrics_port}",
                 "--region",
                 region,
+                *self._join_args(),
                 "--node-id",
-                node_id,
+                node_id,  # last: tests read it there
                 *extra,
             ],
             f"{host}:{port}",
         )
 
-    def start_edge(self, region: str, host: str = "127.0.0.1") -> Proc:
+    def start_edge(self, region: str, host: str = "127.0.0.1", *extra: str) -> Proc:
         address = f"{host}:{free_port(host)}"
         return self._start(
             f"edge-{region}-{len(self.procs)}",
@@ -131,6 +189,8 @@ class Cluster:
                 f"{host}:{free_port(host)}",
                 "--region",
                 region,
+                *self._join_args(),
+                *extra,
             ],
             address,
         )
@@ -192,6 +252,12 @@ class Cluster:
             if proc.popen.poll() is None:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
+        if self._saved_token is not None:
+            if self._saved_token:
+                os.environ["PORTSIDE_TOKEN"] = self._saved_token
+            else:
+                os.environ.pop("PORTSIDE_TOKEN", None)
+            self._saved_token = None
         # The low-level list: no inspect of containers that others may be removing meanwhile.
         for c in client.api.containers(all=True, filters={"label": "portside.node"}):
             if c["Labels"].get("portside.node", "").startswith(self.tag + "-"):

@@ -15,12 +15,14 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from portside.tokens import parse_token
 from tests.e2e.harness import PORTSIDE, Cluster, Proc
 from tests.support import eventually_sync
 
@@ -62,9 +64,28 @@ def metrics_address(proc: Proc) -> str:
     return args[args.index("--metrics-listen") + 1]
 
 
-def get(url: str) -> tuple[int, dict[str, str], bytes]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return resp.status, dict(resp.headers), resp.read()
+def admin_token() -> str:
+    """The admin token the harness bootstrapped the cluster with ($PORTSIDE_TOKEN)."""
+    return os.environ["PORTSIDE_TOKEN"]
+
+
+def get(url: str, *, token: bool = True) -> tuple[int, dict[str, str], bytes]:
+    """GET `url`, with the admin token (the page and its API need one) unless `token` is
+    False; an HTTP error's status is returned like any other."""
+    headers = {"Authorization": f"Bearer {parse_token(admin_token()).bearer}"} if token else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=5
+        ) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def logged_in(base: str) -> str:
+    """The page's URL with the token in its fragment: the login form posts it by itself (the
+    fragment never reaches the server)."""
+    return f"{base}/#token={admin_token()}"
 
 
 def cluster_json(base: str) -> dict[str, Any]:
@@ -187,6 +208,11 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
         ready, within=40, every=0.3, what="the instance, the pool member and their events"
     )
 
+    # Without a token: 401 and the login form, for the page and its API alike.
+    for path in ("/", "/api/cluster"):
+        status, _, body = get(base + path, token=False)
+        assert status == 401 and admin_token() not in body.decode()
+    assert b'action="/login"' in get(base + "/", token=False)[2]
     # The page: served on the metrics port at / and /ui, only its own files, no inline script.
     status, headers, page = get(base + "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
@@ -194,7 +220,7 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     assert get(base + "/ui")[2] == page
     assert not re.search(rb"(src|href)=\"(https?:)?//", page), "the page must load nothing remote"
 
-    dom = chromium(tmp_path, base + "/", "--dump-dom")
+    dom = chromium(tmp_path, logged_in(base), "--dump-dom")
     text = text_of(dom)
     assert node_cards(dom) == {node: "alive" for node in node_ids}, dom[-3000:]
     for node, region in node_ids.items():
@@ -231,9 +257,9 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
             every=0.3,
             what="the pool's CPU and the edge's requests reach the API",
         )
-        dom = chromium(tmp_path, base + "/", "--dump-dom")
+        dom = chromium(tmp_path, logged_in(base), "--dump-dom")
         shot = tmp_path / "cluster-page.png"
-        chromium(tmp_path, base + "/", f"--screenshot={shot}", "--window-size=1280,800")
+        chromium(tmp_path, logged_in(base), f"--screenshot={shot}", "--window-size=1280,800")
     assert node_cards(dom)[iad_id] == "lost" and dom.count('class="node lost"') == 1
     assert dom.count('class="edge"') == 1
     pool_cpu = re.search(r"CPU (\d+)% / target 50%", text_of(dom))
@@ -243,3 +269,7 @@ def test_the_cluster_page_shows_nodes_instances_pools_and_events(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     if os.environ.get("PORTSIDE_CLUSTER_PAGE_PNG"):  # how docs/cluster-page.png is made
         shutil.copy(shot, os.environ["PORTSIDE_CLUSTER_PAGE_PNG"])
+    # The token logged in three browsers and never reached a log line.
+    secret = parse_token(admin_token()).secret
+    for proc in cluster.procs:
+        assert secret not in proc.log_text(), proc.name

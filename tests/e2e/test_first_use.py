@@ -56,7 +56,8 @@ class Up:
     def wait_until_up(self) -> None:
         def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-            return "Portside is up" in self.log.read_text()
+            assert "Portside is up" in self.log.read_text(), self.log.read_text()[-3000:]
+            return True
 
         eventually_sync(up, within=60, what="portside up")
 
@@ -75,7 +76,13 @@ class Up:
         assert self.proc.wait(40) == 0, self.log.read_text()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Stop it as a user does (Ctrl-C), or kill it: its parts die with it either way."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(40)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
@@ -293,3 +300,27 @@ def test_a_store_that_does_not_answer_is_a_503_with_its_reason_and_recovers(
         with contextlib.suppress(ProcessLookupError):
             os.kill(etcd.pid, signal.SIGCONT)
         cluster.close(docker_client)
+
+
+def test_the_parts_of_a_killed_up_do_not_outlive_it(hello: Path) -> None:
+    up = Up(hello)
+    try:
+        up.start()
+        up.wait_until_up()
+        assert up.proc is not None
+        parts = subprocess.run(
+            ["pgrep", "-f", f"(--listen {up.agent}|--listen {up.edge}|--listen {up.cp})( |$)"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        parts.remove(str(up.proc.pid))  # `up --listen EDGE` itself
+        assert len(parts) == 3, parts
+        up.proc.kill()  # no Ctrl-C: killed, as a crashed terminal or an OOM kill does
+        up.proc.wait()
+
+        def all_gone() -> bool:
+            return not any(os.path.exists(f"/proc/{pid}") for pid in parts)
+
+        eventually_sync(all_gone, within=30, what="the control plane, agent and edge stopped")
+    finally:
+        up.close()

@@ -56,7 +56,7 @@ def ref(name: str, class_name: str = "Echo") -> pb.InstanceRef:
 
 @asynccontextmanager
 async def controlplane(cluster: Cluster) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(cluster.controlplane_address) as channel:
+    async with cluster.channel() as channel:
         yield cp_grpc.ControlPlaneStub(channel)
 
 
@@ -547,7 +547,7 @@ async def test_health_checking_and_reflection(cluster: Cluster, test_image: str)
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     cluster.start_controlplane()
-    async with grpc.aio.insecure_channel(cluster.controlplane_address) as channel:
+    async with cluster.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "portside.v1.ControlPlane"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))

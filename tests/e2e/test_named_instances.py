@@ -303,11 +303,12 @@ async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) ->
     agent = cluster.start_agent("fra")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(1)
+    agent_metrics = _metrics_address(agent.popen.args)  # not the data port: edges only
     async with aiohttp.ClientSession() as s:
         assert (await get(s, f"http://{edge.address}/session/whoami", "m"))[0] == 200
 
         async def slept_once() -> bool:
-            text = await (await s.get(f"http://{agent.address}/metrics")).text()
+            text = await (await s.get(f"http://{agent_metrics}/metrics")).text()
             return 'portside_agent_sleeps_total{class="Echo"} 1.0' in text
 
         await eventually(slept_once, within=10, every=0.2, what="the agent counted m's sleep")
@@ -318,7 +319,7 @@ async def test_every_daemon_serves_metrics(cluster: Cluster, test_image: str) ->
             in text
         )
         assert "portside_controlplane_resolve_seconds_bucket" in text
-        text = await (await s.get(f"http://{agent.address}/metrics")).text()
+        text = await (await s.get(f"http://{agent_metrics}/metrics")).text()
         assert 'portside_agent_boots_total{class="Echo",outcome="ok"} 1.0' in text
         assert "portside_agent_boot_seconds_bucket" in text
         assert 'portside_agent_sleeps_total{class="Echo"} 1.0' in text

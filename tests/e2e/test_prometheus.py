@@ -124,7 +124,7 @@ async def test_prometheus_discovers_and_scrapes_the_cluster(
 
         groups = await eventually(discovered, within=10, every=0.2, what="three target groups")
         by_role = {g["labels"]["portside_role"]: g for g in groups}
-        assert by_role["agent"]["targets"] == [agent.address]
+        assert by_role["agent"]["targets"] == [metrics_listen(agent)]  # not its data port
         assert by_role["agent"]["labels"]["portside_node"] == node_id
         assert by_role["agent"]["labels"]["portside_region"] == "fra"
         assert by_role["edge"]["targets"] == [metrics_listen(edge)]

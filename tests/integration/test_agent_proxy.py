@@ -12,6 +12,7 @@ import aiohttp
 import docker
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from nodeagent.instances import InstanceManager, Timing
 from nodeagent.proxy import DataPlane
@@ -71,9 +72,11 @@ async def agent(node_id: str, echo_image: str) -> AsyncIterator[Agent]:
         await runtime.close()
 
 
-async def test_health_metrics_and_header_errors(agent: Agent) -> None:
-    async with agent.session.get(f"{agent.url}/healthz") as r:
-        assert r.status == 200 and await r.text() == "ok\n"
+async def test_metrics_and_header_errors(agent: Agent) -> None:
+    # Every path of the data port is an instance's: /healthz and /metrics are on its own port.
+    for path in ("/healthz", "/metrics", "/anything"):
+        async with agent.session.get(f"{agent.url}{path}") as r:
+            assert (r.status, r.headers["Portside-Error"]) == (400, "not-through-edge")
     async with agent.session.get(f"{agent.url}/anything") as r:
         assert (r.status, r.headers["Portside-Error"]) == (400, "not-through-edge")
         assert r.content_type == "text/plain"
@@ -88,9 +91,7 @@ async def test_health_metrics_and_header_errors(agent: Agent) -> None:
         assert await r.text() == "class nope is not deployed (this node agent does not know it)\n"
     async with agent.session.get(f"{agent.url}/session/whoami", headers=to("echo", "m")) as r:
         assert r.status == 200
-    async with agent.session.get(f"{agent.url}/metrics") as r:
-        text = await r.text()
-        assert r.status == 200 and r.content_type == "text/plain"
+    text = generate_latest().decode()  # what the agent's metrics port serves
     assert 'portside_agent_boots_total{class="echo",outcome="ok"}' in text
     assert 'portside_agent_proxied_requests_total{class="echo",code="200"}' in text
     assert 'portside_agent_boot_seconds_bucket{class="echo",le="0.05"}' in text

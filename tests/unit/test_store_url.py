@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.store import BACKENDS, open_store
+from controlplane.store import BACKENDS, StoreTls, open_store
 from controlplane.store.etcd import parse_etcd_url
 from controlplane.store.sqlite import parse_sqlite_url
 from portside.errors import ConfigError
 
 
 def test_registry_knows_etcd_and_sqlite_only() -> None:
-    assert sorted(BACKENDS) == ["etcd", "sqlite"]
+    assert sorted(BACKENDS) == ["etcd", "etcd+https", "sqlite"]
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,7 @@ def test_registry_knows_etcd_and_sqlite_only() -> None:
         ("etcd://127.0.0.2:2379,127.0.0.3:22379/", [("127.0.0.2", 2379), ("127.0.0.3", 22379)]),
         ("etcd://etcd-0", [("etcd-0", 2379)]),
         ("etcd://[::1]:2379", [("::1", 2379)]),
+        ("etcd+https://10.0.0.5:2379,etcd-1", [("10.0.0.5", 2379), ("etcd-1", 2379)]),
     ],
 )
 def test_etcd_url_lists_endpoints_in_order(url: str, endpoints: list[tuple[str, int]]) -> None:
@@ -68,3 +69,47 @@ async def test_bad_url_is_a_config_error_naming_the_flag(url: str, problem: str)
         await open_store(url)
     assert caught.value.file == "--store"
     assert str(caught.value).startswith("--store: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "tls", "flag", "problem"),
+    [
+        (
+            "etcd://127.0.0.1:2379",
+            StoreTls(ca="/ca.pem"),
+            "--store-ca",
+            "TLS files are for an etcd\\+https:// store, not etcd://; use etcd\\+https://",
+        ),
+        (
+            "sqlite:///var/lib/portside/state.db",
+            StoreTls(cert="/c.pem", key="/k.pem"),
+            "--store-cert",
+            "not sqlite://",
+        ),
+        (
+            "etcd+https://127.0.0.1:2379",
+            StoreTls(cert="/c.pem"),
+            "--store-cert",
+            "needs --store-key",
+        ),
+        (
+            "etcd+https://127.0.0.1:2379",
+            StoreTls(key="/k.pem"),
+            "--store-key",
+            "needs --store-cert",
+        ),
+        (
+            "etcd+https://127.0.0.1:2379",
+            StoreTls(ca="/nonexistent/ca.pem"),
+            "--store-ca",
+            "/nonexistent/ca.pem: cannot read it: No such file or directory",
+        ),
+    ],
+)
+async def test_tls_files_that_do_not_fit_name_their_flag(
+    url: str, tls: StoreTls, flag: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem) as caught:
+        await open_store(url, tls=tls)
+    assert caught.value.file == flag
+    assert str(caught.value).startswith(f"{flag}: ")

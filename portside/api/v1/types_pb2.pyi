@@ -94,7 +94,7 @@ class Config(_message.Message):
     def __init__(self, classes: _Optional[_Iterable[_Union[ContainerClass, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("id", "data_address", "api_address", "region", "latitude", "longitude", "vcpu", "memory_mib", "labels")
+    __slots__ = ("id", "data_address", "api_address", "region", "latitude", "longitude", "vcpu", "memory_mib", "labels", "metrics_address")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class Node(_message.Message):
     VCPU_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     id: str
     data_address: str
     api_address: str
@@ -120,7 +121,8 @@ class Node(_message.Message):
     vcpu: float
     memory_mib: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., data_address: _Optional[str] = ..., api_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, id: _Optional[str] = ..., data_address: _Optional[str] = ..., api_address: _Optional[str] = ..., region: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
     __slots__ = ("info", "cpu_percent", "memory_bytes")

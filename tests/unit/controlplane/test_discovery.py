@@ -23,8 +23,12 @@ def delete(view: ClusterView, key: str) -> None:
 
 def make_view() -> ClusterView:
     view = ClusterView(store=cast(Any, None))
-    node = Node("n1", "127.0.1.2:7080", "127.0.1.2:7081", "fra", 50.0, 8.6, 2.0, 4096)
+    node = Node(
+        "n1", "127.0.1.2:7080", "127.0.1.2:7081", "fra", 50.0, 8.6, 2.0, 4096, {}, "127.0.1.2:7082"
+    )
     put(view, records.node_key("n1"), records.encode_node(node, {}))
+    old = Node("old-agent", "127.0.1.4:7080", "127.0.1.4:7081", "fra", 50.0, 8.6, 2.0, 4096)
+    put(view, records.node_key("old-agent"), records.encode_node(old, {}))
     put(view, records.demand_key("e1"), Demand("sin", {}, 1.0, "127.0.1.3:8788").encode())
     put(view, records.demand_key("old-edge"), Demand("fra", {}, 1.0).encode())
     put(view, records.replica_key("cp1"), Replica("fra", "127.0.1.1:7071").encode())
@@ -34,7 +38,7 @@ def make_view() -> ClusterView:
 def test_every_live_daemon_is_a_target_with_its_labels() -> None:
     assert targets(make_view()) == [
         {
-            "targets": ["127.0.1.2:7080"],
+            "targets": ["127.0.1.2:7082"],
             "labels": {"portside_role": "agent", "portside_region": "fra", "portside_node": "n1"},
         },
         {
@@ -49,12 +53,13 @@ def test_every_live_daemon_is_a_target_with_its_labels() -> None:
             "targets": ["127.0.1.3:8788"],
             "labels": {"portside_role": "edge", "portside_region": "sin", "portside_node": "e1"},
         },
-    ]  # the edge that reported no metrics address (an older edge) is left out
+    ]  # the edge and the agent that reported no metrics address (older ones) are left out
 
 
 def test_lost_nodes_edges_and_replicas_leave_the_targets() -> None:
     view = make_view()
     delete(view, records.node_key("n1"))
+    delete(view, records.node_key("old-agent"))
     delete(view, records.demand_key("e1"))
     delete(view, records.replica_key("cp1"))
     assert targets(view) == []

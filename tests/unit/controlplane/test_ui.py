@@ -170,4 +170,4 @@ def test_the_page_and_its_files_are_packaged() -> None:
     page = ClusterPage(ClusterView(cast(Store, None)), cast(Store, None))
     assert b"/ui/cluster.js" in page._page_html
     assert b"WORLD_LAND" in page._files["world.js"]
-    assert {r.path for r in page.routes()} == {"/", "/ui", "/ui/{name}", "/api/cluster"}
+    assert {r.path for r in page.routes()} == {"/", "/ui", "/ui/{name}", "/api/cluster", "/login"}
