@@ -29,24 +29,10 @@ from portside.join import Member, join
 from portside.net import free_port
 from portside.pki import PeerRole
 from tests.e2e.harness import PORTSIDE, Cluster, Proc
+from tests.e2e.test_named_instances import config
 from tests.support import eventually
 
 pytestmark = pytest.mark.e2e
-
-
-def config(image: str) -> str:
-    return f"""
-[[containers]]
-class_name = "Echo"
-image = "{image}"
-default_port = 8080
-instance_type = "lite"
-
-[[routes]]
-path = "/session"
-class_name = "Echo"
-instance = "header:X-Session-Id"
-"""
 
 
 def flag(proc: Proc, name: str) -> str:
