@@ -133,6 +133,7 @@ RULES: Mapping[str, Rule] = {
     "WatchConfig": _peers(AGENT, EDGE),
     "Resolve": _peers(EDGE),
     "WatchPools": _peers(EDGE),
+    "WatchRoutes": _peers(EDGE),
     "ReportDemand": _peers(EDGE),
     "RenewCertificate": _peers(*PeerRole),
     # a node without a certificate yet

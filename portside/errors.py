@@ -21,6 +21,8 @@
      ├── PermissionDenied                         permission-denied    403   PERMISSION_DENIED
      └── Unavailable                              unavailable          503   UNAVAILABLE
           ├── NodeUnreachable                     node-unreachable     502   UNAVAILABLE
+          ├── NodeLost                            node-lost            502   UNAVAILABLE
+          ├── NodeFenced                          node-fenced          503   UNAVAILABLE
           ├── EngineUnavailable                   engine-unavailable   503   UNAVAILABLE
           ├── Timeout                             timeout              504   DEADLINE_EXCEEDED
           └── StoreError                          store-unavailable    503   UNAVAILABLE
@@ -145,6 +147,17 @@ class NodeUnreachable(Unavailable):
     """The node agent of the instance cannot be reached."""
 
 
+class NodeLost(Unavailable):
+    """The node's lease expired while a request was in flight there, and the request may have
+    run, so it was not sent again (a non-idempotent method, or its body was already read)."""
+
+
+class NodeFenced(Unavailable):
+    """The node agent has lost contact with the control plane for longer than its fence
+    window and serves no named instance until it has reconciled: the instance may already run
+    on another node. The edge resolves it again."""
+
+
 class EngineUnavailable(Unavailable):
     """The node's container engine (dockerd) cannot be reached."""
 
@@ -193,6 +206,8 @@ ERROR_KINDS: Mapping[type[PortsideError], ErrorKind] = MappingProxyType(
         PermissionDenied: ErrorKind("permission-denied", 403, _C.PERMISSION_DENIED),
         Unavailable: ErrorKind("unavailable", 503, _C.UNAVAILABLE),
         NodeUnreachable: ErrorKind("node-unreachable", 502, _C.UNAVAILABLE),
+        NodeLost: ErrorKind("node-lost", 502, _C.UNAVAILABLE),
+        NodeFenced: ErrorKind("node-fenced", 503, _C.UNAVAILABLE),
         EngineUnavailable: ErrorKind("engine-unavailable", 503, _C.UNAVAILABLE),
         Timeout: ErrorKind("timeout", 504, _C.DEADLINE_EXCEEDED),
         StoreError: ErrorKind("store-unavailable", 503, _C.UNAVAILABLE),
@@ -292,6 +307,8 @@ __all__ = [
     "NoCapacity",
     "NoInstanceName",
     "NoRoute",
+    "NodeFenced",
+    "NodeLost",
     "NodeUnreachable",
     "NotFound",
     "NotThroughEdge",

@@ -55,7 +55,10 @@ class Deadlines:
     rpc: float = 5.0  # a unary control-plane call
     resolve: float = 10.0  # resolve may place an instance: a few store round trips
     connect: float = 5.0  # TCP connect to an agent or a container
-    upstream_read: float = 300.0  # between bytes from an upstream response
+    # From the request's last byte sent to the response's head (as Cloudflare's 100 s origin
+    # timeout): covers a cold boot; a request held longer by a silent node is answered 504.
+    first_byte: float = 100.0
+    upstream_read: float = 300.0  # between bytes from an upstream response, once it has begun
 
 
 def split_hostport(text: str, what: str = "address") -> tuple[str, int]:

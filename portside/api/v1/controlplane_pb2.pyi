@@ -1,5 +1,6 @@
 from portside.api.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -108,28 +109,80 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[_types_pb2.InstanceInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
-    __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence")
+    __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence", "fenced")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     USAGE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     USAGE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
     usage: _containers.RepeatedCompositeFieldContainer[_types_pb2.Usage]
     usage_source: str
     usage_sequence: int
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ...) -> None: ...
+    fenced: bool
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ..., fenced: _Optional[bool] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
-    __slots__ = ("lease_ttl_seconds", "pool")
+    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds")
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    STORE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    RECONCILED_FIELD_NUMBER: _ClassVar[int]
+    ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
+    FENCE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     lease_ttl_seconds: float
     pool: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolAssignment]
-    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ...) -> None: ...
+    lease_confirmed: bool
+    store_unavailable: bool
+    reconciled: bool
+    elsewhere: _containers.RepeatedScalarFieldContainer[str]
+    fence_after_seconds: float
+    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ...) -> None: ...
+
+class WatchRoutesRequest(_message.Message):
+    __slots__ = ("since_revision",)
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    since_revision: int
+    def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
+
+class RouteChange(_message.Message):
+    __slots__ = ("kind", "node_id", "class_name", "instance_name")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[RouteChange.Kind]
+        NODE_LOST: _ClassVar[RouteChange.Kind]
+        INSTANCE_MOVED: _ClassVar[RouteChange.Kind]
+        INSTANCE_REMOVED: _ClassVar[RouteChange.Kind]
+    KIND_UNSPECIFIED: RouteChange.Kind
+    NODE_LOST: RouteChange.Kind
+    INSTANCE_MOVED: RouteChange.Kind
+    INSTANCE_REMOVED: RouteChange.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    kind: RouteChange.Kind
+    node_id: str
+    class_name: str
+    instance_name: str
+    def __init__(self, kind: _Optional[_Union[RouteChange.Kind, str]] = ..., node_id: _Optional[str] = ..., class_name: _Optional[str] = ..., instance_name: _Optional[str] = ...) -> None: ...
+
+class WatchRoutesResponse(_message.Message):
+    __slots__ = ("reset", "live_nodes", "changes", "revision")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NODES_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    live_nodes: _containers.RepeatedScalarFieldContainer[str]
+    changes: _containers.RepeatedCompositeFieldContainer[RouteChange]
+    revision: int
+    def __init__(self, reset: _Optional[bool] = ..., live_nodes: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[RouteChange, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WatchPoolsRequest(_message.Message):
     __slots__ = ()

@@ -175,6 +175,11 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatResponse.FromString,
                 _registered_method=True)
+        self.WatchRoutes = channel.unary_stream(
+                '/portside.v1.ControlPlane/WatchRoutes',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -403,6 +408,15 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRoutes(self, request, context):
+        """For edges: nodes lost and named instances moved or removed, as they happen, so that cached
+        routes are dropped at once. Resumable: pass the last revision seen; a replica that cannot
+        replay from there answers with reset (drop every cached named route) and goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -545,6 +559,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.NodeHeartbeat,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatResponse.SerializeToString,
+            ),
+            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRoutes,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1303,6 +1322,33 @@ class ControlPlane:
             '/portside.v1.ControlPlane/NodeHeartbeat',
             portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.NodeHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/WatchRoutes',
+            portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.FromString,
             options,
             channel_credentials,
             insecure,
