@@ -82,6 +82,8 @@ class ClusterView:
     pools_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     pools_version: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Futures waiting for the view to reach a revision (`caught_up`), oldest revision first.
+    _waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
     async def load(self) -> None:
         # Prefix by prefix, not the whole root: events and state values are not the view's, and
@@ -101,6 +103,10 @@ class ClusterView:
         async for event in self.store.watch(records.ROOT, self.revision + 1):
             changed = self._apply(event)
             self.revision = max(self.revision, event.kv.mod_revision)
+            while self._waiters and self._waiters[0][0] <= self.revision:
+                _, waiter = self._waiters.pop(0)
+                if not waiter.done():
+                    waiter.set_result(None)
             if changed == "config":
                 async with self.config_changed:
                     self.config_version += 1
@@ -109,6 +115,17 @@ class ClusterView:
                 async with self.pools_changed:
                     self.pools_version += 1
                     self.pools_changed.notify_all()
+
+    async def caught_up(self, revision: int) -> None:
+        """Wait until the view has applied every change up to `revision` (the revision of a
+        write of this replica's own): a read of the view after this sees everything committed
+        before that write, as a read of the store would. Callers bound the wait."""
+        if self.revision >= revision:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((revision, waiter))
+        self._waiters.sort(key=lambda w: w[0])
+        await waiter
 
     def _apply(self, event: WatchEvent) -> str:
         """Apply one event; says what it changed: "config" (classes, routes), "pools" (nodes,
