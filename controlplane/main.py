@@ -27,8 +27,9 @@ from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
+from controlplane.routewatch import follow_route_changes
 from controlplane.service import ControlPlaneService
-from controlplane.store import StoreTls, instrument, open_store
+from controlplane.store import StoreTls, instrument, open_store, quorum_probe
 from controlplane.tokens import TokenRegistry
 from controlplane.ui import ClusterPage
 from controlplane.view import ClusterView
@@ -45,6 +46,10 @@ class ControlPlaneOptions:
     store_url: str
     metrics_listen: str
     store_tls: StoreTls = StoreTls()  # the files of an etcd+https:// store
+    # Each store call's deadline. With several etcd members, one member gets at most 2 s of it
+    # before the call moves to the next (controlplane/store/etcd.py), so a lost quorum fails a
+    # call after about 2 s, a hung cluster after this.
+    store_timeout_s: float = 5.0
     region: str = "fra"  # the location hint used when a resolve carries none
     replica_id: str = ""  # default: HOSTNAME-PORT
     node_ttl_s: int = 10
@@ -56,7 +61,9 @@ class ControlPlaneOptions:
 
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
-    store = instrument(await open_store(opts.store_url, tls=opts.store_tls))
+    store = instrument(
+        await open_store(opts.store_url, timeout_s=opts.store_timeout_s, tls=opts.store_tls)
+    )
     replica_id = opts.replica_id or f"{socket.gethostname()}-{net.split_hostport(opts.listen)[1]}"
     identity: ControlPlaneIdentity | None = None
     if opts.insecure:
@@ -74,6 +81,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         identity = ControlPlaneIdentity(ca, replica_id, opts.cert_lifetime_s)
     view = ClusterView(store)
     await view.load()
+    route_changes = follow_route_changes(view)  # fed by view.follow() from here on
     registration = ReplicaRegistration(
         store,
         replica_id,
@@ -102,6 +110,8 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         events=events,
         identity=identity,
         tokens=TokenRegistry(store, view, identity.ca_pem) if identity is not None else None,
+        route_changes=route_changes,
+        quorum_lost=quorum_probe(opts.store_url, opts.store_tls),
     )
     gate = Gate(view.tokens, enforce=identity is not None)
     descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]

@@ -67,3 +67,7 @@ AUDITED = Counter(
     "code).",
     ["method", "result"],
 )
+HEARTBEATS_UNCONFIRMED = Counter(
+    "portside_controlplane_heartbeats_unconfirmed_total",
+    "Heartbeat messages whose node lease could not be refreshed because the store failed.",
+)

@@ -107,13 +107,17 @@ async def resolve_named(
             return resolved
     for _ in range(_MAX_ATTEMPTS):
         kv = await store.get(key)
-        replaced = ""
+        replaced = gone = ""
         if kv is not None:
             current = InstanceRecord.decode(kv.value)
             node = view.nodes.get(current.node_id)
             if node is not None and not current.draining:
                 return Resolved(current, node, placed=False)
             replaced = current.node_id  # its node died (or it drains): place it again
+            # Fencing: a move off a dead node commits only if that node's key is still gone
+            # in the store, not merely in this replica's view. A node that re-registered
+            # meanwhile has already been told (reconciled) that the instance is its own.
+            gone = "" if node is not None else records.node_key(current.node_id)
         resolved = await place_instance(
             store,
             view,
@@ -123,6 +127,7 @@ async def resolve_named(
             pool=pool,
             expected_revision=kv.mod_revision if kv else 0,
             replaced=replaced,
+            node_gone=gone,
             events=events,
         )
         if resolved is not None:
@@ -141,11 +146,13 @@ async def place_instance(
     pool: bool,
     expected_revision: int = 0,
     replaced: str = "",
+    node_gone: str = "",
     events: EventLog | None = None,
 ) -> Resolved | None:
     """Choose a node and write the placement if the key is still at `expected_revision`
-    (0: absent), and its "placed" event to `events`. None if another writer got there first;
-    NoCapacity if no node can take it."""
+    (0: absent) — and, for a move off a lost node, only if that node's key `node_gone` is still
+    absent — and its "placed" event to `events`. None if another writer got there first (or the
+    node came back); NoCapacity if no node can take it."""
     decision = place(
         PlacementRequest(
             class_name=cls.name,
@@ -171,7 +178,7 @@ async def place_instance(
         pool=pool,
     )
     key = records.instance_key(cls.name, record.instance_id)
-    if not await store.compare_and_swap(key, expected_revision, record.encode()):
+    if not await store.compare_and_swap(key, expected_revision, record.encode(), absent=node_gone):
         return None
     view.note_placed(key, record)
     if events is not None:

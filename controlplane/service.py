@@ -4,9 +4,10 @@ the lifecycle API (see controlplane.lifecycle). PortsideErrors become gRPC statu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -18,8 +19,14 @@ from controlplane.discovery import peer_host, reachable_address
 from controlplane.events import EventLog, watch_events
 from controlplane.identity import ControlPlaneIdentity, Issued
 from controlplane.lifecycle import Lifecycle
-from controlplane.metrics import DEPLOYS, HEARTBEAT_STREAMS, RESOLVE_SECONDS
+from controlplane.metrics import (
+    DEPLOYS,
+    HEARTBEAT_STREAMS,
+    HEARTBEATS_UNCONFIRMED,
+    RESOLVE_SECONDS,
+)
 from controlplane.placement import resolve_instance
+from controlplane.routewatch import RouteChangeLog, follow_route_changes
 from controlplane.store import Compacted, Store
 from controlplane.tokens import TokenRegistry
 from controlplane.usage import UsageLedger
@@ -41,6 +48,7 @@ from portside.convert import (
     node_info_to_pb,
     pool_assignment_to_pb,
     pool_member_to_pb,
+    route_update_to_pb,
     token_info_to_pb,
     usage_from_pb,
     usage_to_pb,
@@ -63,6 +71,8 @@ log = logging.getLogger(__name__)
 
 DEMAND_EVERY_S = 2.0  # how often edges report their request rates
 DEMAND_TTL_S = 10.0  # a report counts this long: an edge that stops reporting stops counting
+RECONCILE_WAIT_S = 5.0  # how long a reconcile waits for the view to catch up with the store
+ROUTES_PROGRESS_S = 5.0  # a route watch with no changes still tells its revision this often
 
 
 class ControlPlaneService(cp_grpc.ControlPlaneServicer):
@@ -77,6 +87,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         events: EventLog,
         identity: ControlPlaneIdentity | None = None,
         tokens: TokenRegistry | None = None,
+        route_changes: RouteChangeLog | None = None,
+        quorum_lost: Callable[[], Awaitable[bool]] | None = None,
     ):
         self.store = store
         self.view = view
@@ -88,6 +100,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         # None with --insecure: no CA, no tokens; Join and the token calls say so.
         self.identity = identity
         self.tokens = tokens
+        self.route_changes = route_changes or follow_route_changes(view)
+        # Whether the store provably has no quorum now (see _unconfirmed); a store that cannot
+        # tell never vouches.
+        self.quorum_lost = quorum_lost or _cannot_tell
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -221,7 +237,13 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     ) -> AsyncIterator[cp.NodeHeartbeatResponse]:
         """The node's key lives under a lease that each message refreshes. A clean end of the
         stream (agent shutting down) revokes the lease at once; a broken one lets it expire.
-        Each reply lists the pool instances the node should run."""
+        Each reply lists the pool instances the node should run, and says whether the message
+        refreshed the lease (the agent's fence runs on that: docs/architecture.md "Fencing").
+
+        Whenever the lease is new (the stream's first message, or the old one had expired) or
+        the agent says it is fenced, the reply reconciles: after the node's key is written, the
+        view catches up to that write, and the reply names the reported named instances that
+        are placed on another node (or nowhere) — the agent removes those before it serves."""
         HEARTBEAT_STREAMS.inc()
         lease = 0
         node: Node | None = None
@@ -237,20 +259,27 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                         geo.lookup(node.region)
                     except InvalidArgument as exc:
                         raise InvalidArgument(f"node {node.id}: {exc}") from exc
-                    lease = await self.store.grant_lease(self.node_ttl_s)
-                    log.info(
-                        "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
-                        node.id,
-                        node.region,
-                        node.data_address,
-                        node.vcpu,
-                        node.memory_mib,
-                    )
-                elif not await self.store.refresh_lease(lease):
-                    # The lease expired (a long pause, or a store failover): register again.
-                    lease = await self.store.grant_lease(self.node_ttl_s)
-                    written = None
-                    log.warning("node %s lease had expired; renewed", node.id)
+                reconcile = message.fenced
+                try:
+                    if lease == 0:
+                        lease = await self.store.grant_lease(self.node_ttl_s)
+                        written, reconcile = None, True
+                        log.info(
+                            "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
+                            node.id,
+                            node.region,
+                            node.data_address,
+                            node.vcpu,
+                            node.memory_mib,
+                        )
+                    elif not await self.store.refresh_lease(lease):
+                        # The lease expired (a long pause, or a partition): register again.
+                        lease = await self.store.grant_lease(self.node_ttl_s)
+                        written, reconcile = None, True
+                        log.warning("node %s lease had expired; renewed", node.id)
+                except StoreError as exc:
+                    yield await self._unconfirmed(node, exc)
+                    continue
                 for event in message.events:
                     await self.events.record(_reported_event(event, node.id))
                 if message.usage:
@@ -262,20 +291,78 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                         [usage_from_pb(u) for u in message.usage],
                     )
                 statuses = _statuses(message)
-                if statuses != written:
+                revision = 0
+                if statuses != written or reconcile:
                     # Capacity follows awake instances and the autoscaler follows CPU: publish.
-                    await self.store.put(
+                    revision = await self.store.put(
                         records.node_key(node.id), records.encode_node(node, statuses), lease
                     )
                     written = statuses
-                yield cp.NodeHeartbeatResponse(
-                    lease_ttl_seconds=self.node_ttl_s, pool=self._assignments(node.id)
+                reply = cp.NodeHeartbeatResponse(
+                    lease_ttl_seconds=self.node_ttl_s,
+                    pool=self._assignments(node.id),
+                    lease_confirmed=True,
+                    fence_after_seconds=fence_after(self.node_ttl_s),
                 )
-            if node is not None:
+                if reconcile:
+                    reply.reconciled = True
+                    reply.elsewhere.extend(await self._elsewhere(node.id, statuses, revision))
+                yield reply
+            if node is not None and lease:
                 await self.store.revoke_lease(lease)
                 log.info("node %s left", node.id)
         finally:
             HEARTBEAT_STREAMS.dec()
+
+    async def _unconfirmed(self, node: Node, exc: StoreError) -> cp.NodeHeartbeatResponse:
+        """A reply for a message whose lease could not be refreshed because the store failed.
+        It confirms the node's time only when the store provably has no quorum (then no replica
+        can place anything, and etcd gives every lease a full TTL again when a leader is
+        elected); otherwise the agent's fence closes on time. Nothing of the message was
+        recorded: the agent sends its events and usage again."""
+        HEARTBEATS_UNCONFIRMED.inc()
+        no_quorum = await self.quorum_lost()
+        log.warning(
+            "node %s: lease not refreshed (%s)%s",
+            node.id,
+            exc,
+            "; the store has no quorum, so the node serves on" if no_quorum else "",
+        )
+        return cp.NodeHeartbeatResponse(
+            lease_ttl_seconds=self.node_ttl_s,
+            pool=self._assignments(node.id),
+            store_unavailable=no_quorum,
+            fence_after_seconds=fence_after(self.node_ttl_s),
+        )
+
+    async def _elsewhere(
+        self, node_id: str, statuses: dict[str, InstanceStatus], revision: int
+    ) -> list[str]:
+        """The reported named instances not placed on `node_id`, as of a view that has applied
+        the write at `revision` (so it holds every placement committed before it)."""
+        if revision:
+            try:
+                async with asyncio.timeout(RECONCILE_WAIT_S):
+                    await self.view.caught_up(revision)
+            except TimeoutError as exc:
+                raise StoreError(
+                    f"node {node_id}: the store watch did not deliver revision {revision} "
+                    f"within {RECONCILE_WAIT_S:g}s; cannot reconcile its instances yet"
+                ) from exc
+        elsewhere = []
+        for iid, status in statuses.items():
+            if status.info.pool:
+                continue  # pool members follow the reply's assignments instead
+            record = self.view.by_id.get(iid)
+            if record is None or record.node_id != node_id:
+                elsewhere.append(iid)
+        if elsewhere:
+            log.warning(
+                "node %s runs %d named instances placed elsewhere meanwhile; it removes them",
+                node_id,
+                len(elsewhere),
+            )
+        return elsewhere
 
     def _assignments(self, node_id: str) -> list[pb.PoolAssignment]:
         return [
@@ -298,6 +385,22 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             if members != last:  # node heartbeats change the view often, members rarely
                 last = members
                 yield cp.WatchPoolsResponse(members=members)
+
+    async def WatchRoutes(
+        self, request: cp.WatchRoutesRequest, context: Any
+    ) -> AsyncIterator[cp.WatchRoutesResponse]:
+        """Nodes lost and named instances moved or removed, from `since_revision` on (see
+        controlplane.routewatch); an empty message every few seconds carries the revision, so
+        an edge resumes from a recent one on whichever replica it reconnects to."""
+        update = self.route_changes.since(request.since_revision)
+        yield route_update_to_pb(update)
+        sent = update.revision
+        while True:
+            await self.route_changes.wait(sent, ROUTES_PROGRESS_S)
+            update = self.route_changes.since(sent)
+            if update.changes or update.reset or update.revision > sent:
+                sent = update.revision
+                yield route_update_to_pb(update)
 
     def _pool_members(self) -> list[pb.PoolMember]:
         out = []
@@ -527,6 +630,16 @@ async def _check_claim(context: Any, claimed: str, what: str) -> None:
                 f"it {peer.id} (give it that id, or join it again under {claimed})"
             ),
         )
+
+
+def fence_after(node_ttl_s: float) -> float:
+    """How long after the send of its last confirmed heartbeat an agent serves named instances:
+    70% of the lease, so 3 s of a 10 s lease to spare (docs/architecture.md "Fencing")."""
+    return round(node_ttl_s * 0.7, 3)
+
+
+async def _cannot_tell() -> bool:
+    return False
 
 
 def _reported_event(m: pb.Event, node_id: str) -> Event:

@@ -82,6 +82,8 @@ class ClusterView:
     pools_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     pools_version: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with every event the watch delivers, after the view applied it (route changes).
+    listeners: list[Callable[[WatchEvent], None]] = field(default_factory=list)
     # Futures waiting for the view to reach a revision (`caught_up`), oldest revision first.
     _waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
 
@@ -102,6 +104,8 @@ class ClusterView:
         """Apply every change after the loaded revision; runs until cancelled."""
         async for event in self.store.watch(records.ROOT, self.revision + 1):
             changed = self._apply(event)
+            for listener in self.listeners:
+                listener(event)
             self.revision = max(self.revision, event.kv.mod_revision)
             while self._waiters and self._waiters[0][0] <= self.revision:
                 _, waiter = self._waiters.pop(0)

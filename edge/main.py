@@ -19,7 +19,7 @@ from portside import daemon, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.cluster import first_config, follow_config
-from portside.convert import pool_member_from_pb
+from portside.convert import pool_member_from_pb, route_update_from_pb
 from portside.errors import from_rpc
 from portside.instances import PoolMember
 from portside.join import take_part
@@ -83,6 +83,22 @@ async def follow_pools(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
         for m in message.members:
             pools.setdefault(m.class_name, []).append(pool_member_from_pb(m))
         proxy.set_pool_members(pools)
+
+
+async def follow_routes(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
+    """Drop cached routes as nodes are lost and instances move or go (WatchRoutes), resuming
+    from the last revision seen after every break. While the control plane is unreachable the
+    cache stays as it is, and warm routes serve."""
+    stub = cp_grpc.ControlPlaneStub(channel)
+    revision = 0
+
+    def open_stream() -> grpc.aio.UnaryStreamCall[cp.WatchRoutesRequest, cp.WatchRoutesResponse]:
+        return stub.WatchRoutes(cp.WatchRoutesRequest(since_revision=revision))
+
+    async for message in follow_stream(open_stream, what="route watch"):
+        update = route_update_from_pb(message)
+        proxy.apply_route_update(update)
+        revision = update.revision
 
 
 async def report_demand(
@@ -149,6 +165,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
                 pools = tasks.create_task(follow_pools(channel, proxy))
+                routes = tasks.create_task(follow_routes(channel, proxy))
                 demand = tasks.create_task(
                     report_demand(channel, proxy, ident, opts.region, opts.metrics_listen)
                 )
@@ -164,7 +181,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                     membership.security,
                 )
                 await stop.wait()
-                for task in (*background, watch, pools, demand):
+                for task in (*background, watch, pools, routes, demand):
                     task.cancel()
         finally:
             if ingress is not None:

@@ -34,7 +34,24 @@ RESOLVE_SECONDS = Histogram(
 UPSTREAM_ERRORS = Counter(
     "portside_edge_upstream_errors_total",
     "Failures talking to node agents: connect (refused, reset, connect timeout; retried once),"
-    " timeout (no response headers in time), failed (any other client error), broken (the"
-    " response stream broke midway).",
+    " timeout (no response head within the first-byte deadline), failed (any other client"
+    " error), broken (the response stream broke midway).",
     ["kind"],
+)
+ROUTE_DROPS = Counter(
+    "portside_edge_route_drops_total",
+    "Cached routes dropped on the route watch's word: node_lost (every route to a lost node),"
+    " moved, removed (one instance's), reset (every named route: the watch could not resume).",
+    ["reason"],
+)
+NODE_LOST_ABORTS = Counter(
+    "portside_edge_node_lost_aborts_total",
+    "Requests cut before their response head because their node was lost: resent (to the"
+    " instance's new place) or failed (502 node-lost: it may have run, so it was not resent).",
+    ["outcome"],
+)
+CONNECT_RETRIES = Counter(
+    "portside_edge_connect_retries_total",
+    "Connects retried to the same node agent after a refusal while its node is alive (an agent"
+    " restarting).",
 )

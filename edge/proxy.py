@@ -5,12 +5,13 @@ there and the response back. What is the edge's own: which node, the cache, one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -26,6 +27,9 @@ from edge.routing import (
 )
 from portside import geo, headers, proxy
 from portside.errors import (
+    ERROR_KINDS,
+    NodeFenced,
+    NodeLost,
     NodeUnreachable,
     NoInstanceName,
     NoRoute,
@@ -39,12 +43,26 @@ from portside.errors import (
 )
 from portside.instances import PoolMember
 from portside.net import Deadlines
+from portside.routechanges import RouteChangeKind, RouteUpdate
 from portside.spec import Config, Route, instance_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROUTE_CACHE_SIZE: Final = 100_000
 _CLIENT_GONE: Final = 499  # the client went away before the edge answered (nginx's convention)
+_FENCED: Final = ERROR_KINDS[NodeFenced].name
+_FENCED_STATUS: Final = ERROR_KINDS[NodeFenced].http_status
+# An agent restarting (an upgrade) listens again within a second or two.
+_CONNECT_RETRY_FIRST_S: Final = 0.05
+_CONNECT_RETRY_MOST_S: Final = 0.5
+# A bound on sends of one request: each loss of its node allows one more (see EdgeProxy._open).
+_MOST_ATTEMPTS: Final = 4
+# How long a node the route watch reported lost counts as lost (no connect retries to it) unless
+# a reset lists it alive: a node that comes back re-registers under the same id.
+_LOST_FOR_S: Final = 60.0
+# The control plane's default --node-ttl: a node it counts alive but that cannot be reached is
+# either reachable again or declared lost within it (its lease runs out).
+NODE_LEASE_S: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,15 +165,28 @@ class RouteCache:
         if self._targets.get(key) == stale:
             del self._targets[key]
 
-    def invalidate(self, class_name: str, name: str) -> None:
+    def invalidate(self, class_name: str, name: str) -> int:
+        """Forget one instance's route; says how many were dropped (0 or 1)."""
         key = (class_name, name)
-        self._targets.pop(key, None)
         self._inflight.pop(key, None)
+        return 0 if self._targets.pop(key, None) is None else 1
 
-    def invalidate_node(self, node_id: str) -> None:
+    def invalidate_node(self, node_id: str) -> int:
+        """Forget every route to the node; says how many were dropped."""
+        before = len(self._targets)
         self._targets = {k: t for k, t in self._targets.items() if t.node_id != node_id}
         # Which node a resolve in flight will name is unknown yet: none of them may cache.
         self._inflight.clear()
+        return before - len(self._targets)
+
+    def invalidate_named(self, pool_classes: Iterable[str]) -> int:
+        """Forget every route but those of pool classes (the pool watch keeps those current);
+        says how many were dropped."""
+        keep = set(pool_classes)
+        before = len(self._targets)
+        self._targets = {k: t for k, t in self._targets.items() if k[0] in keep}
+        self._inflight.clear()
+        return before - len(self._targets)
 
     def retain_classes(self, class_names: Iterable[str]) -> None:
         keep = set(class_names)
@@ -172,6 +203,57 @@ class RouteCache:
 def _retrieve_exception(task: asyncio.Task[Target]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+@dataclass(eq=False, slots=True)
+class _Attempt:
+    """One request being sent to a node, until its response head."""
+
+    node_id: str
+    task: asyncio.Task[Any]
+    sent: bool = True  # False while it waits to connect again: none of it is out
+    cut: bool = False  # its node was lost: its task was cancelled for that
+
+
+class _Cut(Exception):
+    """The request's node was lost before the response head (`sent`: it may have run)."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__("node lost")
+        self.sent = sent
+
+
+class Openings:
+    """The requests in flight to each node that have no response head yet: a lost node's are
+    cut at once (their tasks cancelled), not left to wait for a head that will not come."""
+
+    def __init__(self) -> None:
+        self._by_node: dict[str, set[_Attempt]] = {}
+
+    def nodes(self) -> set[str]:
+        return set(self._by_node)
+
+    @contextlib.contextmanager
+    def track(self, node_id: str) -> Iterator[_Attempt]:
+        task = asyncio.current_task()
+        assert task is not None, "a request runs in a task"
+        attempt = _Attempt(node_id, task)
+        attempts = self._by_node.setdefault(node_id, set())
+        attempts.add(attempt)
+        try:
+            yield attempt
+        finally:
+            attempts.discard(attempt)
+            if not attempts and self._by_node.get(node_id) is attempts:
+                del self._by_node[node_id]
+
+    def cut(self, node_id: str) -> int:
+        """Cancel every request waiting on the node; says how many."""
+        attempts = self._by_node.pop(node_id, set())
+        for attempt in attempts:
+            attempt.cut = True
+            attempt.task.cancel()
+        return len(attempts)
 
 
 class EdgeProxy:
@@ -200,15 +282,19 @@ class EdgeProxy:
         *,
         route_cache_size: int = DEFAULT_ROUTE_CACHE_SIZE,
         transport: proxy.UpstreamTransport | None = None,
+        node_lease_s: float = NODE_LEASE_S,
     ) -> None:
         self.region = region
         self._deadlines = deadlines
+        self._node_lease_s = node_lease_s
         self._table = RouteTable(config.routes if config is not None else ())
         self.cache = RouteCache(resolver, deadlines.resolve, route_cache_size)
         self._core = proxy.ProxyCore(transport or proxy.AiohttpTransport(deadlines), name="edge")
         self._pools: dict[str, list[PoolMember]] = {}  # class -> members, from the pool watch
         self._limits: dict[str, int] = {}  # class -> concurrency_limit
         self._in_flight = InFlight()  # this edge's requests in flight per pool instance id
+        self._openings = Openings()
+        self._lost: dict[str, float] = {}  # node -> when the route watch said it was lost
         self._rng = random.Random()
         self.demand: dict[str, int] = {}  # class -> requests since the last demand report
 
@@ -231,11 +317,48 @@ class EdgeProxy:
 
     def invalidate(self, class_name: str, name: str) -> None:
         """The instance moved or stopped: its next request resolves again."""
-        self.cache.invalidate(class_name, name)
+        metrics.ROUTE_DROPS.labels("moved").inc(self.cache.invalidate(class_name, name))
 
     def invalidate_node(self, node_id: str) -> None:
-        """The node is gone: every instance cached on it resolves again."""
-        self.cache.invalidate_node(node_id)
+        """The node is gone: every instance cached on it resolves again, and every request
+        waiting there for its response head is cut (sent again elsewhere if it may be)."""
+        now = time.monotonic()
+        self._lost = {n: t for n, t in self._lost.items() if now - t < _LOST_FOR_S}
+        self._lost[node_id] = now
+        dropped = self.cache.invalidate_node(node_id)
+        metrics.ROUTE_DROPS.labels("node_lost").inc(dropped)
+        cut = self._openings.cut(node_id)
+        log.info(
+            "node %s lost: %d cached routes dropped, %d requests waiting on it cut",
+            node_id,
+            dropped,
+            cut,
+        )
+
+    def apply_route_update(self, update: RouteUpdate) -> None:
+        """One message of the route watch (edge/main.py `follow_routes`). A reset drops every
+        named route (pool routes come from the pool watch and stay) and treats the nodes it
+        does not list alive as lost."""
+        if update.reset:
+            dropped = self.cache.invalidate_named(self._limits)
+            metrics.ROUTE_DROPS.labels("reset").inc(dropped)
+            live = set(update.live_nodes)
+            self._lost = {n: t for n, t in self._lost.items() if n not in live}
+            for node_id in self._openings.nodes() - live:
+                self.invalidate_node(node_id)
+            log.info("route watch reset: %d cached named routes dropped", dropped)
+        for change in update.changes:
+            if change.kind is RouteChangeKind.NODE_LOST:
+                self.invalidate_node(change.node_id)
+                continue
+            reason = "moved" if change.kind is RouteChangeKind.INSTANCE_MOVED else "removed"
+            dropped = self.cache.invalidate(change.class_name, change.instance_name)
+            metrics.ROUTE_DROPS.labels(reason).inc(dropped)
+
+    def node_alive(self, node_id: str) -> bool:
+        """Not reported lost by the route watch (lately)."""
+        lost_at = self._lost.get(node_id)
+        return lost_at is None or time.monotonic() - lost_at >= _LOST_FOR_S
 
     # --- the application --------------------------------------------------------------------
 
@@ -345,21 +468,47 @@ class EdgeProxy:
     async def _open(
         self, forward: proxy.Forward, class_name: str, name: str, hint: str
     ) -> tuple[Target, proxy.Upstream]:
-        """Send `forward` to the instance's node agent. A route that fails to connect (or is
-        cut before the agent answers) is dropped and resolved once more, if the request may go
-        again; a second failure means the node agent is unreachable."""
+        """Send `forward` to the instance's node agent, and send it again to a freshly resolved
+        node when the rule of `proxy.may_resend` allows (docs/architecture.md, "Edges follow
+        the cluster"): once after a failed connect, a connection cut before the answer or a
+        fenced agent's refusal; and after each loss of its node, which the next resolve no
+        longer names. Otherwise the failure says what happened and whether it may have run."""
         target = await self.cache.target(class_name, name, hint)
-        for attempt in (1, 2):
+        resent = False
+        for _ in range(_MOST_ATTEMPTS):
             started = time.perf_counter()
             try:
-                upstream = await self._core.open(target.data_address, forward)
+                upstream = await self._attempt(target, forward)
+            except _Cut as cut:
+                # The route was dropped with the node. Nothing was sent if the cut came while
+                # connecting again; otherwise the node may have acted on the request.
+                failure = UpstreamReset("node lost") if cut.sent else UpstreamRefused("node lost")
+                if not proxy.may_resend(forward, failure):
+                    metrics.NODE_LOST_ABORTS.labels("failed").inc()
+                    raise NodeLost(
+                        f"node {target.node_id} was lost while this {forward.method} request was"
+                        " in flight there; it may have run, so it was not sent again"
+                    ) from None
+                metrics.NODE_LOST_ABORTS.labels("resent").inc()
+                log.info(
+                    "node %s lost with %s %s/%s in flight; resolving again",
+                    target.node_id,
+                    forward.method,
+                    class_name,
+                    name,
+                )
             except proxy.UpgradeRefused as exc:
-                raise _refused_upgrade(target, exc) from exc
+                if exc.kind != _FENCED or resent:
+                    raise _refused_upgrade(target, exc) from exc
+                resent = self._fenced(target, class_name, name)
             except (UpstreamRefused, UpstreamReset) as exc:
                 metrics.UPSTREAM_ERRORS.labels("connect").inc()
                 self.cache.drop(class_name, name, target)
-                if attempt == 2 or not proxy.may_resend(forward, exc):
+                if not proxy.may_resend(forward, exc) or (
+                    resent and not await self._lost_meanwhile(target, exc)
+                ):
                     raise NodeUnreachable(f"{_agent(target)} is unreachable: {exc}") from exc
+                resent = True
                 log.info(
                     "%s is unreachable (%s); resolving %s/%s again",
                     _agent(target),
@@ -367,23 +516,91 @@ class EdgeProxy:
                     class_name,
                     name,
                 )
-                target = await self.cache.target(class_name, name, hint)
-                continue
             except UpstreamTimeout as exc:
                 metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-                raise UpstreamTimeout(
-                    f"{_agent(target)} sent no response within {self._deadlines.upstream_read:g}s"
-                ) from exc
+                raise UpstreamTimeout(f"{_agent(target)} sent {exc}") from exc
             except UpstreamFailed as exc:
                 metrics.UPSTREAM_ERRORS.labels("failed").inc()
                 raise UpstreamFailed(f"request to {_agent(target)} failed: {exc}") from exc
-            metrics.PROXY_SECONDS.labels(class_name).observe(time.perf_counter() - started)
-            return target, upstream
-        raise AssertionError("unreachable: the second attempt returns or raises")
+            else:
+                if not isinstance(upstream, proxy.UpstreamResponse) or not _is_fenced(upstream):
+                    metrics.PROXY_SECONDS.labels(class_name).observe(time.perf_counter() - started)
+                    return target, upstream
+                upstream.release()
+                # The agent refused before running anything: sent again unless its body is gone.
+                if resent or not proxy.may_resend(forward, UpstreamRefused("fenced")):
+                    self.cache.drop(class_name, name, target)
+                    raise NodeFenced(
+                        f"{_agent(target)} is fenced (cut off from the control plane) and did not"
+                        f" run this request for instance {name!r}; send it again"
+                    )
+                resent = self._fenced(target, class_name, name)
+            target = await self.cache.target(class_name, name, hint)
+        raise NodeUnreachable(
+            f"instance {name!r} of class {class_name}: its node was lost {_MOST_ATTEMPTS} times"
+            " while this request waited; send it again"
+        )
+
+    async def _lost_meanwhile(self, target: Target, failure: UpstreamFailed) -> bool:
+        """After a second failed connect to a node the control plane still counts alive (it
+        named it again): a frozen or cut-off node, whose lease decides. Wait for its loss, at
+        most a lease; True if it was lost (the request then goes to the instance's new place;
+        nothing of it was sent)."""
+        if not isinstance(failure, UpstreamRefused) or not self.node_alive(target.node_id):
+            return False
+        log.info("%s still counts alive; waiting for its lease to decide", _agent(target))
+        with self._openings.track(target.node_id) as attempt:
+            attempt.sent = False
+            try:
+                await asyncio.sleep(self._node_lease_s)
+            except asyncio.CancelledError:
+                if not attempt.cut or attempt.task.uncancel() > 0:
+                    raise
+                return True
+        return False
+
+    def _fenced(self, target: Target, class_name: str, name: str) -> bool:
+        self.cache.drop(class_name, name, target)
+        log.info("%s is fenced; resolving %s/%s again", _agent(target), class_name, name)
+        return True
+
+    async def _attempt(self, target: Target, forward: proxy.Forward) -> proxy.Upstream:
+        """Open `forward` on the target's node agent, until the response head. A refused
+        connect to a node still alive (its agent restarting) is tried again with short backoff
+        for up to the connect deadline: nothing was sent. Raises _Cut if the node is lost
+        meanwhile, else as UpstreamTransport.open does."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._deadlines.connect
+        delay = _CONNECT_RETRY_FIRST_S
+        with self._openings.track(target.node_id) as attempt:
+            try:
+                while True:
+                    attempt.sent = True  # from here the agent may have it
+                    try:
+                        return await self._core.open(target.data_address, forward)
+                    except proxy.UpgradeRefused:
+                        raise
+                    except UpstreamRefused:
+                        if not self.node_alive(target.node_id) or loop.time() + delay > give_up:
+                            raise
+                    attempt.sent = False
+                    metrics.CONNECT_RETRIES.inc()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _CONNECT_RETRY_MOST_S)
+            except asyncio.CancelledError:
+                # Ours (the node was lost) unless the client left too: then it is theirs.
+                if not attempt.cut or attempt.task.uncancel() > 0:
+                    raise
+                raise _Cut(attempt.sent) from None
 
 
 def _agent(target: Target) -> str:
     return f"node agent {target.node_id} at {target.data_address}"
+
+
+def _is_fenced(upstream: proxy.UpstreamResponse) -> bool:
+    """A fenced agent's refusal (503 node-fenced): it ran nothing."""
+    return upstream.status == _FENCED_STATUS and upstream.headers.get(headers.ERROR) == _FENCED
 
 
 def _refused_upgrade(target: Target, exc: proxy.UpgradeRefused) -> PortsideError:

@@ -19,8 +19,10 @@ import grpc
 
 from nodeagent.api import NodeAgentService, status_of
 from nodeagent.events import EventOutbox
+from nodeagent.fence import Fence
 from nodeagent.firewall import isolate_host
 from nodeagent.instances import Capacity, InstanceManager
+from nodeagent.metrics import RECONCILE_REMOVED
 from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
@@ -37,7 +39,13 @@ from portside.convert import (
     pool_assignment_from_pb,
     usage_to_pb,
 )
-from portside.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from portside.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PortsideError,
+    Unauthenticated,
+)
 from portside.join import take_part
 from portside.pki import PeerRole
 from portside.rpc import Backoff, follow_stream
@@ -65,6 +73,8 @@ class AgentOptions:
     # On shutdown, stop this node's awake containers (kept, with their writable layers, for the
     # next agent to adopt and wake) instead of leaving them running.
     stop_on_exit: bool = False
+    # On SIGTERM, how long requests in flight may take to finish (new ones are refused at once).
+    drain_grace: float = 10.0
     # Development only: leave the host open to containers (no host isolation rules).
     allow_host_access: bool = False
 
@@ -139,7 +149,12 @@ class Heartbeat:
     ends the stream cleanly, which tells the control plane to drop the node at once.
 
     Lifecycle events ride on the same stream: a queued event wakes the sender, and the events of
-    messages the control plane has not answered go again after a reconnect (see EventOutbox)."""
+    messages the control plane has not answered go again after a reconnect (see EventOutbox).
+
+    Fencing rides on it too: each reply says whether its message refreshed the lease, and the
+    fence (nodeagent/fence.py) closes named instances when none has for its window; a reply
+    with `reconciled` lists the reported instances that were placed elsewhere, which are
+    removed here."""
 
     def __init__(
         self,
@@ -150,8 +165,11 @@ class Heartbeat:
         pools: PoolKeeper,
         outbox: EventOutbox | None = None,
         meter: UsageMeter | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
+        self.fence = fence if fence is not None else Fence()
+        self._removing: set[asyncio.Task[None]] = set()
         self.node = node
         self.manager = manager
         self.usage = usage
@@ -177,6 +195,7 @@ class Heartbeat:
                 for i in self.manager.infos()
             ],
             events=[event_to_pb(e) for e in self.outbox.take()],
+            fenced=self.fence.check(),
         )
         batch = self.meter.take()  # usage rides like events: resent until a reply acknowledges it
         if batch is not None:
@@ -184,6 +203,7 @@ class Heartbeat:
             msg.usage.extend(usage_to_pb(u) for u in batch.totals.values())
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
+        self.fence.sent()
         return msg
 
     async def _messages(self, stream: int) -> AsyncIterator[cp.NodeHeartbeatRequest]:
@@ -212,7 +232,45 @@ class Heartbeat:
         self.stream += 1
         self.outbox.stream_lost()
         self.meter.stream_lost()
+        self.fence.stream_lost()
         self.registered = False
+
+    def _handle(self, reply: cp.NodeHeartbeatResponse) -> None:
+        if reply.store_unavailable:
+            # Nothing of the message was recorded: its events and usage go again.
+            self.outbox.refused()
+            self.meter.refused()
+        else:
+            self.outbox.acknowledge()
+            self.meter.acknowledge()
+        self.fence.replied(
+            confirmed=reply.lease_confirmed or reply.store_unavailable,
+            fence_after_s=reply.fence_after_seconds,
+        )
+        if reply.reconciled:
+            elsewhere = set(reply.elsewhere)
+            self.fence.reconciled(elsewhere)
+            for iid in elsewhere:
+                task = asyncio.create_task(self._remove(iid), name=f"remove {iid}")
+                self._removing.add(task)
+                task.add_done_callback(self._removing.discard)
+        # A third of the lease keeps the node alive; CPU samples want every 2 s.
+        self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
+        self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
+
+    async def _remove(self, iid: str) -> None:
+        """An instance placed on another node while this one was out of touch: its copy here
+        is stopped and removed, never served (the fence refuses it meanwhile)."""
+        try:
+            await self.manager.destroy(iid)
+        except NotFound:
+            pass  # gone already
+        except PortsideError as exc:
+            log.error("could not remove %s, which now lives on another node: %s", iid, exc)
+            return  # still refused by the fence: never served
+        RECONCILE_REMOVED.inc()
+        self.fence.removed(iid)
+        log.warning("removed instance %s: the control plane placed it on another node", iid)
 
     async def run(self) -> None:
         replies = follow_stream(
@@ -225,12 +283,8 @@ class Heartbeat:
         )
         try:
             async for reply in replies:
-                self.outbox.acknowledge()
-                self.meter.acknowledge()
-                # A third of the lease keeps the node alive; CPU samples want every 2 s.
-                self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
-                self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
-                if not self.registered:
+                self._handle(reply)
+                if not self.registered and reply.lease_confirmed:
                     log.info(
                         "node %s registered (lease %gs)", self.node.id, reply.lease_ttl_seconds
                     )
@@ -245,6 +299,13 @@ class Heartbeat:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
         except (TimeoutError, grpc.aio.AioRpcError):
             task.cancel()
+
+
+async def watch_fence(fence: Fence, every_s: float = 0.25) -> None:
+    """Notice the fence closing even when no request asks (the metric, the log line)."""
+    while True:
+        fence.check()
+        await asyncio.sleep(every_s)
 
 
 async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
@@ -284,7 +345,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
     async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
         api = net.grpc_server(api_tls, f"the API of agent {node.id}")
-        na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager), api)
+        fence = Fence()  # fenced until the first heartbeat reply has reconciled its instances
+        na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager, fence), api)
         net.add_grpc_port(api, opts.api_listen, api_tls)
         scrape = await net.start_http_server(daemon.metrics_app(), node.metrics_address)
         data_plane = None
@@ -297,8 +359,9 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "classes")
+                plane = DataPlane(manager, catalog.get, opts.deadlines, fence=fence)
                 data_plane = await net.start_http_server(
-                    DataPlane(manager, catalog.get, opts.deadlines).app(),
+                    plane.app(),
                     opts.listen,
                     data_tls,
                     f"the data port of agent {node.id}",
@@ -306,10 +369,13 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await api.start()
                 usage = UsageSampler(manager, runtime)
                 keeper = PoolKeeper(manager, catalog.get)
-                heartbeat = Heartbeat(channel, node, manager, usage, keeper, outbox, meter)
+                heartbeat = Heartbeat(
+                    channel, node, manager, usage, keeper, outbox, meter, fence=fence
+                )
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
                 sleeper = tasks.create_task(manager.run())
+                background.append(tasks.create_task(watch_fence(fence)))
 
                 def sampled() -> None:
                     observe_sample(meter, usage, manager)
@@ -328,13 +394,21 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 )
                 await stop.wait()
                 await keeper.close()
+                # New connections are refused at once (edges go elsewhere); requests in flight
+                # finish within the grace, WebSockets close 1001 at its end.
+                await plane.drain(data_plane, opts.drain_grace)
+                data_plane = None
                 if opts.stop_on_exit:
-                    # Nothing may wake what is being stopped: no more requests, no more Starts.
-                    await data_plane.cleanup()
-                    data_plane = None
+                    # Nothing may wake what is being stopped: no more Starts.
                     await api.stop(2)
                     await manager.stop_all()
-                await heartbeat.leave(beat)  # its last message carries the stops' events
+                if opts.stop_on_exit:
+                    await heartbeat.leave(beat)  # its last message carries the stops' events
+                else:
+                    # The containers run on for the next agent to adopt: the stream is cut, not
+                    # ended, so the lease runs out (TTL) rather than ending now — an agent
+                    # restarted within it (an upgrade) keeps its instances where they are.
+                    beat.cancel()
                 for task in (*background, watch, sleeper, sampling):
                     task.cancel()
         finally:

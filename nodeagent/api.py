@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from nodeagent.fence import Fence
 from nodeagent.instances import InstanceManager
 from nodeagent.pools import Sample
 from nodeagent.runtime import ExecProcess, Overrides
@@ -51,8 +52,9 @@ def _required_id(iid: str) -> str:
 class NodeAgentService(na_grpc.NodeAgentServicer):
     """The agent's API over its instance manager; see nodeagent.proto for each RPC's codes."""
 
-    def __init__(self, manager: InstanceManager) -> None:
+    def __init__(self, manager: InstanceManager, fence: Fence | None = None) -> None:
         self.manager = manager
+        self.fence = fence
 
     @grpc_errors
     async def ListInstances(
@@ -80,6 +82,8 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         if not request.name:
             raise InvalidArgument("name: must not be empty")
         cls = class_from_pb(spec)
+        if self.fence is not None and cls.autoscaling is None:
+            await self.fence.admit(cls.name, request.name)
         overrides = Overrides(tuple(request.entrypoint), dict(request.env))
         info = await self.manager.start(cls, request.name, overrides, wait=not request.no_wait)
         return na.AgentInstanceResponse(info=instance_info_to_pb(info))

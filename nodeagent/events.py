@@ -58,6 +58,13 @@ class EventOutbox:
         if self._in_flight:
             self._in_flight.popleft()
 
+    def refused(self) -> None:
+        """A reply came, but the control plane could not record the message (its store was
+        unreachable): the oldest batch in flight goes again, first."""
+        if self._in_flight:
+            self._pending.extendleft(reversed(self._in_flight.popleft()))
+            self._trim()
+
     def stream_lost(self) -> None:
         """Put the events of unacknowledged messages back in front, in their order."""
         while self._in_flight:

@@ -9,6 +9,16 @@ the container, meter its run, forget a removed container, announce events.
     placed ─▶ starting ─▶ running ─▶ healthy ─idle for sleep_after─▶ stopping ─▶ sleeping
                  └─ its port stays silent, docker fails ─▶ stopping ─▶ stopped
     running, healthy ─ its container exits by itself ─▶ stopped_with_code
+    running, healthy ─ the engine restarted under it ─▶ stopped
+
+A container that exits at start (during its boot, or within seconds and before serving a request)
+is not booted again until its crash-loop backoff has passed (1 s, 2, 4 … 5 min; see
+`lifecycle.CrashLoop`): requests meanwhile get ContainerExited at once, without touching Docker. A
+Start, or a class changed by a deploy, begins afresh.
+
+When the engine's event stream breaks (the engine restarted or went away), the manager waits for
+the engine with backoff, takes the state of every container again (`readopt`) and follows the
+events anew: no agent restart is needed.
 
 Besides the state, an instance holds the calls in progress: a boot (requests join it), a stop (a
 boot waits for it), and after a Start without waiting, the probe of its port. Every change is
@@ -22,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -34,11 +45,14 @@ from nodeagent.lifecycle import (
     Answered,
     Boot,
     BootFailed,
+    CrashLoop,
     Died,
     Effect,
+    EngineStopped,
     FoundRunning,
     FoundStopped,
     Removed,
+    RunEnd,
     Started,
     Stop,
     StopCause,
@@ -59,6 +73,7 @@ from portside.capacity import Resources
 from portside.errors import (
     BootTimeout,
     ContainerExited,
+    EngineUnavailable,
     FailedPrecondition,
     NoCapacity,
     NotFound,
@@ -67,6 +82,7 @@ from portside.errors import (
 )
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
+from portside.rpc import Backoff
 from portside.spec import DEFAULT_SLEEP_AFTER_S, ContainerClass, instance_id
 from portside.states import InstanceState
 
@@ -132,6 +148,9 @@ class Timing:
     port_poll: float = 0.015  # during a boot, between TCP connects to the container's port
     exit_poll: float = 0.1  # during a boot, between inspects that notice an early exit
     stop_grace: float = 5.0  # docker stop's SIGTERM-to-SIGKILL delay on sleep
+    # While the engine is away: the first and the longest wait between tries to reach it.
+    engine_retry_first: float = 0.1
+    engine_retry_most: float = 2.0
 
 
 class _Instance:
@@ -171,6 +190,12 @@ class _Instance:
         self.abort: _StopOrder | None = None  # set by a stop that comes while it boots
         self.health: asyncio.Task[bool] | None = None  # port probe after a no-wait start
         self.stop: asyncio.Task[None] | None = None
+        # Crash-loop backoff: its state, the class its last boot ran (a deploy that changes it
+        # begins afresh), the unix time of its next try, and whether this run served a request.
+        self.crash = CrashLoop()
+        self.booted_as: ContainerClass | None = None
+        self.backoff_until = 0.0
+        self.served = False
 
 
 class Hold:
@@ -189,6 +214,10 @@ class Hold:
     @property
     def instance_id(self) -> str:
         return self._instance.id
+
+    def served(self) -> None:
+        """Its container answered this request: it runs well enough not to be crash-looping."""
+        self._instance.served = True
 
     def release(self) -> None:
         if not self._released:
@@ -247,6 +276,9 @@ class InstanceManager:
         self._pinned: set[str] = set()  # pool instances: they never sleep, they are drained
         # Classes as Start gave them, for a class the control plane's config has not brought yet.
         self._started_classes: dict[str, ContainerClass] = {}
+        # Since when (on the clock) the engine is out of reach, from the moment its event stream
+        # broke until its containers were taken again; None while it answers.
+        self._engine_lost: float | None = None
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -313,13 +345,65 @@ class InstanceManager:
             return upstream
 
     def _begin_boot(self, inst: _Instance, cls: ContainerClass, *, detached: bool) -> None:
+        self._check_backoff(inst, cls)
         self._check_capacity(inst, cls)
         inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
         inst.started = asyncio.Event()
         inst.abort = None
         inst.run_started = inst.died_at = None
+        inst.served = False
+        inst.booted_as = cls
+        if inst.crash.crashes:
+            metrics.CRASH_RESTARTS.labels(cls.name).inc()
         self._fire(inst, Boot())
         inst.boot = self._spawn(self._boot(inst, cls, detached))
+
+    def _check_backoff(self, inst: _Instance, cls: ContainerClass) -> None:
+        """A crash-looping container is not started again before its backoff has passed: the
+        caller hears why at once, and Docker hears nothing. A deploy that changed its class
+        begins afresh."""
+        if inst.crash.crashes and inst.booted_as is not None and inst.booted_as != cls:
+            self._forgive(inst)
+        if inst.crash.holds_back(self._clock()):
+            raise ContainerExited(
+                f"container for {cls.name}/{inst.name} {inst.crash.refusal(self._clock())}",
+                exit_code=inst.crash.exit_code,
+            )
+
+    def _forgive(self, inst: _Instance) -> None:
+        """Forget its crash loop (a Start, a deploy, a long enough run)."""
+        if inst.crash.crashes:
+            with contextlib.suppress(KeyError):
+                metrics.CRASH_BACKOFF.remove(inst.class_name, inst.name)
+        inst.crash, inst.backoff_until = CrashLoop(), 0.0
+
+    def _back_off(self, inst: _Instance, trigger: Trigger) -> None:
+        """Its container exited by itself: a crash when it died during its boot or soon after
+        without serving (lifecycle.RunEnd); then no boot before the backoff has passed."""
+        exit_code = trigger.exit_code if isinstance(trigger, Died) else None
+        ran_s = None
+        if inst.run_started:  # 0.0: an adopted run, whose start is unknown
+            died = trigger.at if isinstance(trigger, Died) and trigger.at else self._wall()
+            ran_s = max(0.0, died - inst.run_started)
+        end = RunEnd(exit_code, ran_s, answered=inst.boot is None, served=inst.served)
+        before = inst.crash
+        inst.crash = lifecycle.after_exit(before, end, self._clock())
+        if inst.crash.crashes > before.crashes:
+            inst.backoff_until = self._wall() + inst.crash.delay_s
+            metrics.CRASH_BACKOFF.labels(inst.class_name, inst.name).set(inst.crash.delay_s)
+            log.warning(
+                "%s/%s exited with code %s at start (%d in a row); next try in %gs",
+                inst.class_name,
+                inst.name,
+                exit_code,
+                inst.crash.crashes,
+                inst.crash.delay_s,
+            )
+        elif not inst.crash.crashes:
+            self._forgive(inst)
+        else:
+            inst.backoff_until = 0.0
+            metrics.CRASH_BACKOFF.labels(inst.class_name, inst.name).set(0)
 
     def _check_capacity(self, inst: _Instance, cls: ContainerClass) -> None:
         """Awake instances may not use more than the node offers. The control plane places with
@@ -464,9 +548,11 @@ class InstanceManager:
             if inst.abort is not None:
                 raise _Aborted()
             if inst.state is not InstanceState.RUNNING:  # its death was noticed
+                wait = inst.crash.wait_s(self._clock())
                 raise ContainerExited(
                     f"container for {cls.name}/{inst.name} exited with code {inst.exit_code} "
-                    f"before its port {port} answered",
+                    f"before its port {port} answered"
+                    + (f"; next try in {math.ceil(wait)}s" if wait > 0 else ""),
                     exit_code=inst.exit_code,
                 )
             if detached and info.ip is not None:
@@ -521,6 +607,9 @@ class InstanceManager:
         now = self._clock()
         stopping = []
         for inst in list(self._instances.values()):
+            if inst.crash.crashes and inst.state.running and inst.run_started:
+                if not inst.crash.ran_steadily(self._wall() - inst.run_started).crashes:
+                    self._forgive(inst)
             if not inst.state.running or inst.boot is not None or inst.in_flight > 0:
                 continue
             if inst.id in self._pinned:
@@ -627,6 +716,9 @@ class InstanceManager:
                 log.info("slept %s/%s", inst.class_name, inst.name)
         except NotFound:
             self._fire(inst, Removed())
+        except EngineUnavailable as exc:
+            log.warning("cannot stop %s/%s: %s", inst.class_name, inst.name, exc)
+            self._fire(inst, StopFailed())
         except Exception:
             log.exception("stopping %s/%s failed", inst.class_name, inst.name)
             self._fire(inst, StopFailed())
@@ -651,6 +743,7 @@ class InstanceManager:
         self._started_classes[cls.name] = cls
         inst = self._instance(cls, name)
         inst.last_activity = self._clock()
+        self._forgive(inst)  # a Start is an operator's try: no crash-loop backoff holds it
         while True:
             if inst.stop is not None:
                 await asyncio.shield(inst.stop)
@@ -770,6 +863,7 @@ class InstanceManager:
         if self._instances.get(inst.id) is inst:
             del self._instances[inst.id]
             metrics.INSTANCES.labels(inst.state.value).dec()
+            self._forgive(inst)
         self._emit(inst, Announce(EventKind.REMOVED, reason=why))
 
     def _info(self, inst: _Instance) -> InstanceInfo:
@@ -783,6 +877,8 @@ class InstanceManager:
             pool=inst.id in self._pinned,
             in_flight=inst.in_flight,
             node_id=self._node_id,
+            backoff_until=inst.backoff_until if inst.crash.holds_back(self._clock()) else 0.0,
+            restarts=inst.crash.crashes,
         )
 
     # -- the table ----------------------------------------------------------------------------
@@ -794,7 +890,11 @@ class InstanceManager:
         if step is None:
             log.debug("%s/%s: %s ignored while %s", inst.class_name, inst.name, trigger, inst.state)
             return False
-        if inst.state.running and step.state is InstanceState.STOPPED_WITH_CODE:
+        if (
+            inst.state.running
+            and inst.boot is None  # a crash at start is logged with its backoff
+            and step.state is InstanceState.STOPPED_WITH_CODE
+        ):
             exit_code = trigger.exit_code if isinstance(trigger, Died) else None
             log.warning(
                 "container of %s/%s %s while running",
@@ -818,10 +918,13 @@ class InstanceManager:
                 inst.stop = self._spawn(self._stop(inst, order or _StopOrder(cause)))
             elif effect is Effect.FORGET_CONTAINER:
                 inst.container_id = None
+            elif effect is Effect.BACK_OFF:
+                self._back_off(inst, trigger)  # before END_RUN, which forgets the run's start
             elif effect is Effect.END_RUN:
-                inst.exit_code = trigger.exit_code if isinstance(trigger, Died) else None
+                death = trigger if isinstance(trigger, Died | EngineStopped) else None
+                inst.exit_code = death.exit_code if death is not None else None
                 inst.run_started = None
-                self._run_changed(inst, effect, trigger.at if isinstance(trigger, Died) else None)
+                self._run_changed(inst, effect, death.at if death is not None else None)
             elif effect is Effect.BEGIN_RUN:
                 # From docker's StartedAt: a little before its start call answered.
                 self._run_changed(inst, effect, inst.run_started or None)
@@ -831,13 +934,19 @@ class InstanceManager:
             self._emit(inst, announce)
         return True
 
-    def _notice(self, inst: _Instance, info: ContainerInfo | None) -> None:
-        """What an inspect or a listing found of `inst`'s container: gone, or stopped."""
+    def _notice(
+        self, inst: _Instance, info: ContainerInfo | None, *, engine_restarted: bool = False
+    ) -> None:
+        """What an inspect or a listing found of `inst`'s container: gone, or stopped (by the
+        engine's restart, when it is out of reach or was just found again)."""
         if info is None:
             self._fire(inst, Removed())
         elif not info.running:
             at = info.finished_at.timestamp() if info.finished_at is not None else None
-            self._fire(inst, Died(info.exit_code, oom=inst.oom, at=at))
+            if inst.boot is None and (engine_restarted or self._engine_lost is not None):
+                self._fire(inst, EngineStopped(info.exit_code, at=at))
+            else:
+                self._fire(inst, Died(info.exit_code, oom=inst.oom, at=at))
 
     def _emit(self, inst: _Instance, announce: Announce) -> None:
         metrics.LIFECYCLE_EVENTS.labels(inst.class_name, announce.kind.value).inc()
@@ -876,13 +985,64 @@ class InstanceManager:
             self._fire(inst, Removed())
 
     async def _follow_engine(self) -> None:
+        """Follow the engine's events. When the stream breaks, the engine restarted or went
+        away: wait for it (with backoff, logged once each way), take every container's state
+        again, and follow anew from just before that listing, so nothing falls in between."""
+        since: float | None = None
+        # Between streams that break at once (an engine that answers pings but not events).
+        again = Backoff(self._timing.engine_retry_first, self._timing.engine_retry_most)
+        while True:
+            if self._engine_lost is not None:
+                await again.wait()
+                await self.reach_engine()
+                since = self._wall()
+                try:
+                    await self.readopt()
+                except PortsideError as exc:
+                    log.debug("cannot take the engine's containers again yet: %s", exc)
+                    continue
+            opened = self._clock()
+            try:
+                async for event in self._runtime.events(since):
+                    self._on_container_event(event)
+                why = "its event stream ended"
+            except PortsideError as exc:
+                why = str(exc)
+            if self._clock() - opened > 10 * self._timing.engine_retry_most:
+                again.reset()
+            if self._engine_lost is None:
+                self._engine_lost = self._clock()
+                metrics.ENGINE_UP.set(0)
+                log.warning("lost the container engine (%s); reconnecting", why)
+
+    async def reach_engine(self) -> None:
+        """Return once the engine answers, trying with exponential backoff."""
+        backoff = Backoff(self._timing.engine_retry_first, self._timing.engine_retry_most)
         while True:
             try:
-                async for event in self._runtime.events():
-                    self._on_container_event(event)
-            except PortsideError as exc:
-                log.warning("cannot follow the engine's events: %s", exc)
-            await asyncio.sleep(1.0)
+                await self._runtime.ping()
+                return
+            except PortsideError:
+                await backoff.wait()
+
+    async def readopt(self) -> None:
+        """After the engine was out of reach: take every container's state again. Running ones
+        stay (live-restore kept them) with their new address if it changed; those it stopped
+        rest stopped and wake on their next request; removed ones are forgotten. The networks
+        (and their packet filter) are ensured again: the engine may have made them anew."""
+        await self._runtime.ensure_networks()
+        await self.reconcile(engine_restarted=True)
+        lost, self._engine_lost = self._engine_lost, None
+        metrics.ENGINE_UP.set(1)
+        if lost is not None:
+            metrics.ENGINE_RECONNECTS.inc()
+            running = sum(1 for i in self._instances.values() if i.state.running)
+            log.warning(
+                "the container engine is back after %.1fs; %d instances run, the others wake "
+                "on their next request",
+                self._clock() - lost,
+                running,
+            )
 
     async def adopt(self) -> list[InstanceSnapshot]:
         """Make Portside's networks, then take over this node's containers as a previous agent
@@ -914,6 +1074,7 @@ class InstanceManager:
                 inst.exit_code = info.exit_code
                 self._fire(inst, FoundStopped())
             adopted.append(inst)
+        metrics.ENGINE_UP.set(1)
         log.info(
             "adopted %d containers (%d running)",
             len(adopted),
@@ -924,14 +1085,19 @@ class InstanceManager:
     async def _reconcile_loop(self) -> None:
         while True:
             await asyncio.sleep(self._timing.reconcile)
+            if self._engine_lost is not None:
+                continue  # the engine's return is handled by readopt
             try:
                 await self.reconcile()
+            except EngineUnavailable as exc:
+                log.debug("cannot compare instances with the engine: %s", exc)
             except PortsideError as exc:
                 log.warning("cannot compare instances with the engine: %s", exc)
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, *, engine_restarted: bool = False) -> None:
         """Notice containers that exited on their own (or were removed) while we thought them
-        running, so the next request boots them again instead of failing to connect."""
+        running, so the next request boots them again instead of failing to connect.
+        `engine_restarted`: the engine was out of reach; what stopped meanwhile, it stopped."""
         listed_at = self._clock()
         found = {info.id: info for info in await self._runtime.list()}
         for inst in list(self._instances.values()):
@@ -939,7 +1105,7 @@ class InstanceManager:
                 continue
             info = found.get(inst.container_id)
             if inst.state.running and inst.boot is None and inst.ready_at < listed_at:
-                self._notice(inst, info)
+                self._notice(inst, info, engine_restarted=engine_restarted)
                 if (
                     info is not None
                     and info.running

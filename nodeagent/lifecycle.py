@@ -13,12 +13,17 @@ Its states are the public `InstanceState`s, so the manager reports its state as 
                                   sleeping (after a sleep) | stopped (after any other stop)
 
     running, healthy ──died, removed──▶ stopped_with_code (it exited by itself)
+    running, healthy ──engine-stopped──▶ stopped (the engine restarted under it)
 
 Beside the state, the machine keeps one thing: the cause of the stop in progress, which decides
 the state the instance rests in and the event its container's death makes (see STOP_OUTCOMES). A
 pair not in TABLE is rejected: `step` returns None and nothing changes. That is how a second
 report of one death (the engine's event, then docker stop's answer) is dropped: the first one
 left the instance resting, so each container run ends in at most one event.
+
+Beside the table, `CrashLoop` keeps an instance's crash-loop backoff (like Kubernetes'
+CrashLoopBackOff): rows where a container exits by itself carry BACK_OFF, and `after_exit` decides
+from how long it ran whether that exit was a crash and when the next boot may be tried.
 
 There are no internal sub-states. Two things the manager holds are not states of the instance
 but calls in progress: a boot (from starting until its port answered or it gave up; requests
@@ -29,8 +34,9 @@ and the engine's die event, which comes a moment earlier, only lends it its time
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TypeAlias
 
@@ -66,6 +72,16 @@ class Died:
 
     exit_code: int | None = None
     oom: bool = False
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineStopped:
+    """Its container was found stopped after the engine came back: a restart of the engine
+    (without live-restore) stopped it, not its own exit. It rests stopped and wakes on its next
+    request; no crash is counted."""
+
+    exit_code: int | None = None
     at: float | None = None
 
 
@@ -112,6 +128,7 @@ Trigger: TypeAlias = (
     | Started
     | Answered
     | Died
+    | EngineStopped
     | Removed
     | BootFailed
     | Stop
@@ -124,6 +141,7 @@ TRIGGERS: tuple[type[Trigger], ...] = (
     Started,
     Answered,
     Died,
+    EngineStopped,
     Removed,
     BootFailed,
     Stop,
@@ -176,6 +194,8 @@ STOP_OUTCOMES: Mapping[StopCause, StopOutcome] = MappingProxyType(
 )
 
 
+ENGINE_RESTARTED = "its container engine restarted"
+
 # -- the table -------------------------------------------------------------------------------------
 
 
@@ -187,6 +207,7 @@ class Effect(enum.Enum):
     END_RUN = "end-run"  # its run ended (at the death's time when known)
     STOP_CONTAINER = "stop-container"  # docker stop it in the background; report Died after
     FORGET_CONTAINER = "forget-container"  # it no longer exists: the next boot creates one
+    BACK_OFF = "back-off"  # it exited by itself: `after_exit` says if it was a crash
 
 
 class Say(enum.Enum):
@@ -217,7 +238,7 @@ _RESTING = (_S.PLACED, _S.SLEEPING, _S.STOPPED, _S.STOPPED_WITH_CODE)
 _RAN = (_S.SLEEPING, _S.STOPPED, _S.STOPPED_WITH_CODE)  # resting, with a container
 _UP = (_S.RUNNING, _S.HEALTHY)
 
-_EXITED = Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN,), (Say.EXITED,))
+_EXITED = Row(_S.STOPPED_WITH_CODE, (Effect.BACK_OFF, Effect.END_RUN), (Say.EXITED,))
 _GONE = Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN, Effect.FORGET_CONTAINER), (Say.EXITED,))
 _STOP = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.STOP_BEGINS,))
 _FAILED = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.FAILED,))
@@ -230,6 +251,7 @@ TABLE: Mapping[tuple[InstanceState, type[Trigger]], Row] = MappingProxyType(
         # A die while starting is the previous run's, or comes with docker start's answer:
         # the boot reports that one (Started, then Died), so the pair is rejected.
         **{(s, Died): _EXITED for s in _UP},
+        **{(s, EngineStopped): Row(_S.STOPPED, (Effect.END_RUN,), (Say.EXITED,)) for s in _UP},
         (_S.STOPPING, Died): Row(Rest.BY_CAUSE, (Effect.END_RUN,), (Say.STOP_ENDS,)),
         **{(s, Removed): _GONE for s in _UP},
         (_S.STOPPING, Removed): Row(
@@ -316,15 +338,99 @@ def _announce(say: Say, cause: StopCause | None, trigger: Trigger) -> Announce |
 
 def _exit(trigger: Trigger, reason: str) -> Announce:
     """`exited` with the death's code and signal; "out of memory" outranks any other reason."""
-    code = trigger.exit_code if isinstance(trigger, Died) else None
+    code = trigger.exit_code if isinstance(trigger, Died | EngineStopped) else None
     oom = isinstance(trigger, Died) and trigger.oom
+    if isinstance(trigger, EngineStopped):
+        reason = ENGINE_RESTARTED
     signal = code - 128 if code is not None and code > 128 else None
     return Announce(
         EventKind.EXITED, exit_code=code, signal=signal, reason="out of memory" if oom else reason
     )
 
 
+# -- crash-loop backoff ----------------------------------------------------------------------------
+
+CRASH_WINDOW_S = 10.0  # an exit this soon after its start, before it served a request, is a crash
+STEADY_S = 600.0  # a run this long forgives the crashes before it
+BACKOFF_FIRST_S = 1.0  # the wait after the first crash; it doubles with each crash in a row
+BACKOFF_MOST_S = 300.0
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a container's run ended by itself: its exit code; how long it ran (None: unknown, an
+    adopted run); whether its port had answered (False: it died during its boot); whether it had
+    answered a request."""
+
+    exit_code: int | None
+    ran_s: float | None
+    answered: bool
+    served: bool
+
+    @property
+    def crashed(self) -> bool:
+        """Died during its boot, or soon after it without ever serving: it cannot stay up. A run
+        that served a request and then died is booted again at once on the next request."""
+        if not self.answered:
+            return True
+        return self.ran_s is not None and self.ran_s < CRASH_WINDOW_S and not self.served
+
+
+@dataclass(frozen=True)
+class CrashLoop:
+    """An instance's crash-loop backoff: `crashes` in a row, the last one's `exit_code`, and
+    `retry_at`, the time (on the manager's clock) before which no boot is tried."""
+
+    crashes: int = 0
+    exit_code: int | None = None
+    retry_at: float = 0.0
+    delay_s: float = 0.0  # the wait the last crash set
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next boot may be tried; 0.0: now."""
+        return max(0.0, self.retry_at - now)
+
+    def holds_back(self, now: float) -> bool:
+        return self.wait_s(now) > 0.0
+
+    def refusal(self, now: float) -> str:
+        """What a request refused during the wait is told: "exited with code 3 at start; next
+        try in 4s" (whole seconds, rounded up)."""
+        return (
+            f"exited with code {self.exit_code} at start; "
+            f"next try in {math.ceil(self.wait_s(now))}s"
+        )
+
+    def ran_steadily(self, up_s: float) -> CrashLoop:
+        """A run up for `up_s` so far: past STEADY_S the crashes before it are forgiven."""
+        return CrashLoop() if self.crashes and up_s >= STEADY_S else self
+
+
+def backoff_delay(crashes: int) -> float:
+    """The wait after `crashes` crashes in a row: 1 s, 2, 4 … capped at 5 minutes."""
+    if crashes <= 0:
+        return 0.0
+    return min(BACKOFF_FIRST_S * 2.0 ** min(crashes - 1, 30), BACKOFF_MOST_S)
+
+
+def after_exit(loop: CrashLoop, end: RunEnd, now: float) -> CrashLoop:
+    """The backoff after a run ended by itself at `now`. A crash counts and waits twice as long
+    as the last one; any other exit waits for nothing, and a run of STEADY_S or more also
+    forgets the count (as a Start or a deploy does: `CrashLoop()`)."""
+    if end.crashed:
+        crashes = loop.crashes + 1
+        delay = backoff_delay(crashes)
+        return CrashLoop(crashes, end.exit_code, now + delay, delay)
+    if end.ran_s is not None and end.ran_s >= STEADY_S:
+        return CrashLoop()
+    return replace(loop, retry_at=0.0, delay_s=0.0)
+
+
 __all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MOST_S",
+    "CRASH_WINDOW_S",
+    "STEADY_S",
     "STOP_OUTCOMES",
     "TABLE",
     "TRIGGERS",
@@ -332,13 +438,17 @@ __all__ = [
     "Answered",
     "Boot",
     "BootFailed",
+    "CrashLoop",
     "Died",
+    "ENGINE_RESTARTED",
     "Effect",
+    "EngineStopped",
     "FoundRunning",
     "FoundStopped",
     "Removed",
     "Rest",
     "Row",
+    "RunEnd",
     "Say",
     "Started",
     "Step",
@@ -347,5 +457,7 @@ __all__ = [
     "StopFailed",
     "StopOutcome",
     "Trigger",
+    "after_exit",
+    "backoff_delay",
     "step",
 ]

@@ -77,3 +77,49 @@ INSTANCE_MEMORY = Gauge(
     "Memory an awake instance's container uses (its cgroup's current usage).",
     ["class", "instance_name"],
 )
+CRASH_BACKOFF = Gauge(
+    "portside_agent_crash_backoff_seconds",
+    "The wait its last crash set before an instance's container is started again (1, 2, 4 … "
+    "300 s; 0 once it served); present while the instance is crash-looping.",
+    ["class", "instance_name"],
+)
+CRASH_RESTARTS = Counter(
+    "portside_agent_crash_restarts_total",
+    "Boots of a container that crashed at start (exited during its boot, or within 10 s "
+    "without serving a request), each after its backoff.",
+    ["class"],
+)
+ENGINE_UP = Gauge(
+    "portside_agent_engine_up",
+    "1 while the container engine answers and its event stream is followed; 0 from the moment "
+    "the stream broke until the agent reached the engine again and took its containers anew.",
+)
+ENGINE_RECONNECTS = Counter(
+    "portside_agent_engine_reconnects_total",
+    "Times the agent reached the container engine again after losing it (a Docker restart).",
+)
+DRAINED_REQUESTS = Counter(
+    "portside_agent_drained_requests_total",
+    "Requests and WebSockets in flight when the agent began to drain (SIGTERM), by outcome: "
+    "finished within --drain-grace, or cut at its end (WebSockets closed 1001 going away).",
+    ["outcome"],
+)
+FENCED = Gauge(
+    "portside_agent_fenced",
+    "1 while this node serves no named instance: its lease is not confirmed within the fence "
+    "window, or it has not reconciled its instances with the control plane since it started.",
+)
+FENCES = Counter(
+    "portside_agent_fences_total",
+    "Times this node fenced itself (stopped serving named instances for want of a lease).",
+)
+FENCED_REQUESTS = Counter(
+    "portside_agent_fenced_requests_total",
+    "Requests and Starts for named instances refused because the node was fenced.",
+    ["class"],
+)
+RECONCILE_REMOVED = Counter(
+    "portside_agent_reconcile_removed_total",
+    "Named instances removed from this node on reconcile: the control plane placed them on "
+    "another node (or destroyed them) while this node was out of touch.",
+)

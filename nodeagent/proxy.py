@@ -14,14 +14,17 @@ from typing import Final
 from aiohttp import web
 
 from nodeagent import metrics
+from nodeagent.fence import Fence
 from nodeagent.instances import Hold, InstanceManager
 from nodeagent.runtime import ContainerInfo
 from portside import headers, proxy
 from portside.errors import (
     ContainerExited,
+    NodeFenced,
     NotFound,
     NotThroughEdge,
     PortsideError,
+    Unavailable,
     UpstreamFailed,
     UpstreamRefused,
     UpstreamReset,
@@ -41,7 +44,11 @@ class DataPlane:
     """The aiohttp application edges call. `app()` builds it; serve it with
     `portside.net.start_http_server(plane.app(), address, tls)` (mutual TLS in a secured
     cluster: only edges and control planes get through). The upstream transport lives with the
-    application (closed on its cleanup); open WebSockets close going-away on its shutdown."""
+    application (closed on its cleanup); open WebSockets close going-away on its shutdown.
+
+    On SIGTERM the agent `drain`s it instead of a plain cleanup: no new connections at once
+    (edges get connection refused and go elsewhere), requests in flight finish within a bounded
+    grace, and what is left at its end is cut (WebSockets close 1001 going away)."""
 
     def __init__(
         self,
@@ -50,10 +57,16 @@ class DataPlane:
         deadlines: Deadlines | None = None,
         *,
         transport: proxy.UpstreamTransport | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._manager = manager
         self._get_class = get_class
+        self._fence = fence  # None: no fencing (a data plane tested on its own)
         self._deadlines = deadlines or Deadlines()
+        # Requests in flight: their handlers' tasks, and whether each is a WebSocket's.
+        self._handling: dict[asyncio.Task[object], bool] = {}
+        self._draining = False  # no new requests
+        self._cutting = False  # the drain's grace is over: what is left is cut, not finished
         # A container's answer never carries Portside-Error: that header says Portside answered.
         self._core = proxy.ProxyCore(
             transport or proxy.AiohttpTransport(self._deadlines),
@@ -73,17 +86,66 @@ class DataPlane:
         # Every path is an instance's: /metrics and /healthz are on the agent's metrics port.
         try:
             cls, name = self._addressee(request)
+            if self._draining:
+                # Only a request already read off a kept-alive connection can get here.
+                raise Unavailable("this node agent is shutting down: send the request elsewhere")
         except PortsideError as exc:
-            return proxy.error_response(exc)
+            refusal = proxy.error_response(exc)
+            if self._draining:
+                refusal.force_close()
+            return refusal
         started = time.perf_counter()
         status = _CLIENT_GONE
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling[task] = request.headers.get("Upgrade", "").lower() == "websocket"
         try:
             response = await self._serve(request, cls, name)
             status = response.status
             return response
         finally:
+            if task is not None:
+                self._handling.pop(task, None)
+                if self._draining and not self._cutting:
+                    metrics.DRAINED_REQUESTS.labels("finished").inc()
             metrics.PROXIED_REQUESTS.labels(cls.name, str(status)).inc()
             metrics.PROXY_SECONDS.labels(cls.name).observe(time.perf_counter() - started)
+
+    async def drain(self, runner: web.AppRunner, grace_s: float) -> tuple[int, int]:
+        """Stop serving `runner` (this plane's server) gracefully: close its listening sockets
+        at once and its idle kept-alive connections, let requests in flight finish within
+        `grace_s`, then close the WebSockets still open with 1001 going away and cut the
+        requests still waiting. Returns (finished, cut); the runner is cleaned up."""
+        self._draining = True
+        in_flight = len(self._handling)
+        for site in list(runner.sites):
+            await site.stop()  # new connections are refused from here on
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # kept-alive connections close after their request
+        log.info(
+            "draining: %d requests in flight (%d WebSockets), up to %gs",
+            in_flight,
+            sum(self._handling.values()),
+            grace_s,
+        )
+        if self._handling:
+            await asyncio.wait(list(self._handling), timeout=grace_s)
+        self._cutting = True
+        cut = len(self._handling)
+        metrics.DRAINED_REQUESTS.labels("cut").inc(cut)
+        requests = [task for task, websocket in self._handling.items() if not websocket]
+        for task in requests:
+            task.cancel()
+        if requests:
+            await asyncio.wait(requests, timeout=1.0)
+        # Its shutdown closes the WebSockets (1001) and waits for their handlers to end.
+        await runner.cleanup()
+        finished = in_flight - cut
+        if cut:
+            log.warning("drained: %d requests finished, %d cut after %gs", finished, cut, grace_s)
+        else:
+            log.info("drained: %d requests finished", finished)
+        return finished, cut
 
     def _addressee(self, request: web.Request) -> tuple[ContainerClass, str]:
         """The class and instance name an edge set; refuses a request that did not come through
@@ -112,8 +174,20 @@ class DataPlane:
         forward = proxy.forward_request(request, ingress=False, drop=(headers.CLASS,))
         holds: list[Hold] = []  # more than one when a dead container was booted again
         try:
+            await self._check_fence(cls, name)
             holds.append(await self._manager.acquire(cls, name))
             upstream = await self._open(forward, cls, name, holds)
+            holds[-1].served()  # its container answered: it is not crash-looping
+            try:
+                # Again before any of the answer leaves: the wait for it may have crossed the
+                # fence (a node frozen mid-request answers nothing after its lease could end).
+                await self._check_fence(cls, name)
+            except NodeFenced:
+                if isinstance(upstream, proxy.UpstreamResponse):
+                    upstream.release()
+                else:
+                    await upstream.socket.close(code=1001)
+                raise
 
             def broke_off(exc: UpstreamFailed) -> None:
                 log.warning(
@@ -132,6 +206,12 @@ class DataPlane:
         finally:
             for hold in holds:
                 hold.release()
+
+    async def _check_fence(self, cls: ContainerClass, name: str) -> None:
+        """Named instances are served only while this node's lease is confirmed (pools, whose
+        members are interchangeable, serve on): NodeFenced tells the edge to resolve again."""
+        if self._fence is not None and cls.autoscaling is None:
+            await self._fence.admit(cls.name, name)
 
     async def _open(
         self, forward: proxy.Forward, cls: ContainerClass, name: str, holds: list[Hold]

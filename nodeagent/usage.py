@@ -156,6 +156,7 @@ class UsageMeter:
     _pending: dict[UsageKey, Usage] = field(default_factory=dict)
     _in_flight: collections.deque[UsageBatch | None] = field(default_factory=collections.deque)
     _resend: collections.deque[UsageBatch] = field(default_factory=collections.deque)
+    _unsure: set[int] = field(default_factory=set)  # sequences sent on a stream that broke
     _sequence: int = 0
 
     # -- runs -----------------------------------------------------------------------------------
@@ -320,7 +321,29 @@ class UsageMeter:
     def acknowledge(self) -> None:
         """A reply came: the control plane added the oldest batch in flight."""
         if self._in_flight:
-            self._in_flight.popleft()
+            batch = self._in_flight.popleft()
+            if batch is not None:
+                self._unsure.discard(batch.sequence)
+
+    def refused(self) -> None:
+        """A reply came, but the control plane added nothing of the oldest batch in flight (its
+        store was unreachable). Its totals go back into the pending deltas, to go out under a
+        new, higher sequence: a later batch may already have been added, and the control plane
+        skips a sequence not above the last it added.
+
+        A batch that went out before on a stream that broke may have been added then: it
+        keeps its sequence and goes again first (never counted twice; were a later batch added
+        before it gets through, it would be skipped — a store that flaps within one message).
+        """
+        if self._in_flight:
+            batch = self._in_flight.popleft()
+            if batch is None:
+                return
+            if batch.sequence in self._unsure:
+                self._resend.appendleft(batch)
+                return
+            for key, delta in batch.totals.items():
+                self._add(key, delta)
 
     def stream_lost(self) -> None:
         """Batches not acknowledged go again, first, with their numbers."""
@@ -328,6 +351,7 @@ class UsageMeter:
             batch = self._in_flight.pop()
             if batch is not None:
                 self._resend.appendleft(batch)
+                self._unsure.add(batch.sequence)
 
 
 def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, Effect, float | None], None]:

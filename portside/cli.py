@@ -10,6 +10,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -102,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "running",
     )
     p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, new connections are refused at once and requests in flight get this "
+        "long to finish; WebSockets still open then are closed 1001 going away (default 10)",
+    )
+    p.add_argument(
         "--allow-host-access",
         action="store_true",
         help="development only: install no packet-filter rules, so containers can reach every "
@@ -110,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check that this host is ready to be a Portside node")
     p.add_argument("--json", action="store_true", help="JSON for scripts instead of lines")
+    p.add_argument(
+        "--listen",
+        default="0.0.0.0:7080",
+        help="the agent's --listen, whose ports (and + 1, + 2) must be free (default "
+        "0.0.0.0:7080: free on every address)",
+    )
+    p.add_argument("--api-listen", help="the agent's --api-listen (default: --listen port + 1)")
+    p.add_argument(
+        "--metrics-listen", help="the agent's --metrics-listen (default: --listen port + 2)"
+    )
+    p.add_argument(
+        "--controlplane",
+        default=_controlplane_default(),
+        help="the agent's --controlplane: the clock is compared with the first one's",
+    )
+    p.add_argument(
+        "--controlplane-metrics",
+        metavar="HOST:PORT",
+        help="that control plane's --metrics-listen (default: its port + 1), whose HTTP Date "
+        "header gives its clock",
+    )
     _metrics_token_flag(p)
 
     p = sub.add_parser("edge", help="run an edge proxy")
@@ -120,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     _join_token_flag(p)
     p.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS: certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="PATH", help="serve HTTPS: private key of --tls-cert")
+    p.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="for a connection to a node agent (default: 5)",
+    )
+    p.add_argument(
+        "--first-byte-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="from a request sent to a node agent until its answer begins (504 after it; a"
+        " response that has begun streams for as long as its bytes flow; default: 100)",
+    )
     _metrics_token_flag(p)
 
     p = sub.add_parser("up", help="run a whole Portside on this machine from ./portside.toml")
@@ -412,6 +455,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     memory_mib=args.memory_mib,
                     labels=labels,
                     stop_on_exit=args.stop_on_exit,
+                    drain_grace=args.drain_grace,
                     allow_host_access=args.allow_host_access,
                 )
             )
@@ -420,6 +464,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "edge":
         from edge.main import EdgeOptions
         from edge.main import run as run_edge
+        from portside.net import Deadlines
+
+        default = Deadlines()
+        deadlines = Deadlines(
+            connect=args.connect_timeout or default.connect,
+            first_byte=args.first_byte_timeout or default.first_byte,
+        )
 
         if bool(args.tls_cert) != bool(args.tls_key):
             raise InvalidArgument("--tls-cert and --tls-key go together: give both, or neither")
@@ -431,6 +482,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     listen=args.listen,
                     metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
                     region=args.region,
+                    deadlines=deadlines,
                     join_token=join_token(args.join_token_file),
                     tls_cert=args.tls_cert or "",
                     tls_key=args.tls_key or "",
@@ -462,9 +514,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "regions":
         return _regions(args.json)
     if args.command == "doctor":
-        from nodeagent.doctor import check_host
+        from nodeagent.doctor import agent_ports, check_host
 
-        return _doctor(asyncio.run(check_host()), args.json)
+        clock = args.controlplane_metrics or with_port_offset(args.controlplane.split(",")[0], 1)
+        ports = agent_ports(args.listen, args.api_listen, args.metrics_listen)
+        return _doctor(asyncio.run(check_host(ports=ports, controlplane_clock=clock)), args.json)
     if args.command in _CLIENT_VERBS:
         return asyncio.run(_client_verb(args))
     raise AssertionError(args.command)
@@ -477,6 +531,17 @@ def _duration(text: str, flag: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise InvalidArgument(f"{flag}: {exc}") from None
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds, for a deadline flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -602,6 +667,33 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, default=list))
 
 
+def ps_state(i: InstanceInfo, now: float) -> str:
+    """`portside ps`'s STATE: "stopped_with_code (3)", and for a crash loop "stopped_with_code
+    (3), 2 crashes, retry in 4s"."""
+    text = i.state + (f" ({i.exit_code})" if i.exit_code is not None else "")
+    if i.restarts:
+        text += f", {i.restarts} crash" + ("es" if i.restarts > 1 else "")
+    left = i.backoff_left(now)
+    if left > 0:
+        text += f", retry in {math.ceil(left)}s"
+    return text
+
+
+async def _with_backoff(ps: Portside, found: list[InstanceInfo]) -> list[InstanceInfo]:
+    """The listing comes from the nodes' last heartbeats, which the control plane keeps without
+    the crash-loop backoff: ask the agents of the instances that exited by themselves."""
+    crashed = [i for i in found if i.state is InstanceState.STOPPED_WITH_CODE][:50]
+    fresh = await asyncio.gather(
+        *(ps.container(i.class_name, i.name).state() for i in crashed), return_exceptions=True
+    )
+    by_id = {
+        i.instance_id: dataclasses.replace(i, backoff_until=f.backoff_until, restarts=f.restarts)
+        for i, f in zip(crashed, fresh, strict=True)
+        if not isinstance(f, BaseException) and f.instance_id == i.instance_id
+    }
+    return [by_id.get(i.instance_id, i) for i in found]
+
+
 def _info_row(i: InstanceInfo) -> dict[str, object]:
     return dataclasses.asdict(i)
 
@@ -685,6 +777,7 @@ async def _nodes(args: argparse.Namespace) -> int:
 async def _ps(args: argparse.Namespace) -> int:
     async with _connect(args) as ps:
         found = await ps.instances(args.class_name, args.node, args.state)
+        found = await _with_backoff(ps, found)
     if args.json:
         _print_json([_info_row(i) for i in found])
         return 0
@@ -695,7 +788,7 @@ async def _ps(args: argparse.Namespace) -> int:
             (
                 i.class_name,
                 i.name,
-                i.state + (f" ({i.exit_code})" if i.exit_code is not None else ""),
+                ps_state(i, now),
                 i.node_id or "-",
                 i.region or "-",
                 age(i.since, now),
@@ -1062,8 +1155,9 @@ def _doctor(checks: Sequence[Check], as_json: bool) -> int:
         _print_json({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]})
     else:
         for c in checks:
-            fix = f" — {c.fix}" if c.fix and not c.ok else ""
-            print(f"{'ok' if c.ok else 'FAILED':6}  {c.name}: {c.detail}{fix}")
+            fix = f" — {c.fix}" if c.fix and (c.warning or not c.ok) else ""
+            verdict = "FAILED" if not c.ok else "warn" if c.warning else "ok"
+            print(f"{verdict:6}  {c.name}: {c.detail}{fix}")
     return 1 if failed else 0
 
 

@@ -15,6 +15,7 @@ from portside.capacity import Resources
 from portside.client._models import ExecChunk, LogChunk
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
+from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
 from portside.spec import (
     Autoscaling,
     Config,
@@ -200,6 +201,8 @@ def instance_info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
         since=i.since,
         pool=i.pool,
         in_flight=i.in_flight,
+        backoff_until=i.backoff_until,
+        restarts=i.restarts,
     )
     if i.exit_code is not None:
         msg.exit_code = i.exit_code
@@ -218,6 +221,8 @@ def instance_info_from_pb(m: pb.InstanceInfo) -> InstanceInfo:
         since=m.since,
         pool=m.pool,
         in_flight=m.in_flight,
+        backoff_until=m.backoff_until,
+        restarts=m.restarts,
     )
 
 
@@ -355,3 +360,44 @@ def log_chunks_from_pb(m: pb.LogsResponse) -> list[LogChunk]:
     if m.stderr:
         out.append(LogChunk("stderr", m.stderr))
     return out
+
+
+_ROUTE_CHANGE_KINDS = {
+    RouteChangeKind.NODE_LOST: cp.RouteChange.NODE_LOST,
+    RouteChangeKind.INSTANCE_MOVED: cp.RouteChange.INSTANCE_MOVED,
+    RouteChangeKind.INSTANCE_REMOVED: cp.RouteChange.INSTANCE_REMOVED,
+}
+_ROUTE_CHANGE_KINDS_FROM_PB = {v: k for k, v in _ROUTE_CHANGE_KINDS.items()}
+
+
+def route_update_to_pb(u: RouteUpdate) -> cp.WatchRoutesResponse:
+    return cp.WatchRoutesResponse(
+        reset=u.reset,
+        live_nodes=u.live_nodes,
+        revision=u.revision,
+        changes=[
+            cp.RouteChange(
+                kind=_ROUTE_CHANGE_KINDS[c.kind],
+                node_id=c.node_id,
+                class_name=c.class_name,
+                instance_name=c.instance_name,
+            )
+            for c in u.changes
+        ],
+    )
+
+
+def route_update_from_pb(m: cp.WatchRoutesResponse) -> RouteUpdate:
+    """Changes of a kind this version does not know are left out (a newer control plane)."""
+    return RouteUpdate(
+        revision=m.revision,
+        reset=m.reset,
+        live_nodes=tuple(m.live_nodes),
+        changes=tuple(
+            RouteChange(
+                _ROUTE_CHANGE_KINDS_FROM_PB[c.kind], c.node_id, c.class_name, c.instance_name
+            )
+            for c in m.changes
+            if c.kind in _ROUTE_CHANGE_KINDS_FROM_PB
+        ),
+    )

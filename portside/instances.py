@@ -16,7 +16,8 @@ class InstanceInfo:
 
     `exit_code` is set in `stopped_with_code` (and after an exit while stopped); `since` is the
     unix time of the last state change; `in_flight` counts requests, WebSockets and exec
-    sessions holding it awake.
+    sessions holding it awake. A crash loop: its container exited at start `restarts` times in
+    a row, and no boot is tried before `backoff_until` (unix seconds; 0.0: none pending).
     """
 
     class_name: str
@@ -29,6 +30,12 @@ class InstanceInfo:
     since: float = 0.0
     pool: bool = False
     in_flight: int = 0
+    backoff_until: float = 0.0
+    restarts: int = 0
+
+    def backoff_left(self, now: float) -> float:
+        """Seconds until its next boot may be tried (0.0: now), by the unix time `now`."""
+        return max(0.0, self.backoff_until - now) if self.backoff_until else 0.0
 
     @property
     def running(self) -> bool:

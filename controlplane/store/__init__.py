@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from portside.errors import ConfigError
 
-from . import etcd, sqlite
+from . import etcd, quorum, sqlite
 from ._base import Compacted, KeyValue, Store, WatchEvent
 from ._tls import NO_TLS, StoreTls
 from .instrumented import InstrumentedStore, instrument
@@ -24,6 +24,7 @@ __all__ = [
     "WatchEvent",
     "instrument",
     "open_store",
+    "quorum_probe",
 ]
 
 
@@ -62,3 +63,13 @@ def _examples() -> str:
     return (
         "etcd://127.0.0.1:2379, etcd+https://10.0.0.5:2379 or sqlite:///var/lib/portside/state.db"
     )
+
+
+def quorum_probe(url: str, tls: StoreTls = NO_TLS) -> Callable[[], Awaitable[bool]] | None:
+    """For an etcd store: a check of whether its cluster provably has no quorum (see
+    controlplane/store/quorum.py). None for a store without one (SQLite never loses it)."""
+    scheme = url.partition("://")[0]
+    if scheme not in ("etcd", "etcd+https"):
+        return None
+    credentials = tls.channel_credentials() if scheme == "etcd+https" else None
+    return quorum.quorum_probe(etcd.parse_etcd_url(url), credentials)

@@ -1,14 +1,19 @@
 """The store over an etcd 3.4+ cluster, through the asyncio client `aetcd`, in plaintext
 (`etcd://`) or over TLS with an optional client certificate (`etcd+https://`).
 
-aetcd and gRPC exceptions stop here: every operation raises StoreError instead.
+With several endpoints (`etcd://a:2379,b:2379,c:2379`) every call fails over between the
+members: see EtcdStore. aetcd and gRPC exceptions stop here: every operation raises StoreError.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterator
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import aetcd
 import grpc
@@ -19,7 +24,37 @@ from portside.errors import ConfigError, StoreError
 from ._base import Compacted, KeyValue, WatchEvent
 from ._tls import StoreTls
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
 DEFAULT_PORT = 2379
+
+#: How long one member may take over one request before the call moves on to the next member.
+#: A member without a leader does not refuse: it holds reads, writes and lease refreshes until
+#: their deadline. An election after a leader's death takes one to two seconds (etcd's default
+#: election timeout, 1 s, randomised up to 2 s), so a call that waited this long on one member
+#: finds a leader on the next.
+MEMBER_TIMEOUT_S = 2.0
+
+#: The pause after a round in which every member failed (an election is going on), before the
+#: next round.
+ROUND_PAUSE_S = 0.2
+
+#: After an outage longer than a call's deadline, a watch tries again this often.
+WATCH_RETRY_S = 1.0
+
+_CHANNEL_OPTIONS = {
+    # A member that comes back is reconnected within a second, not after gRPC's default backoff
+    # (up to two minutes), during which every call to it would fail at once.
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    # A member that hangs (host frozen, network cut) under an open watch is noticed by ping
+    # within 13 s. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 3_000,
+}
 
 # etcd reads an empty key with range_end "\0" as "every key": the way to watch or list it all.
 _ALL_KEYS = b"\0"
@@ -60,8 +95,8 @@ def _parse_endpoint(url: str, endpoint: str) -> tuple[str, int]:
 
 
 async def open_url(url: str, timeout_s: float, tls: StoreTls) -> EtcdStore:
-    """Connect to the first endpoint of `url` that answers; over TLS for `etcd+https://`, with
-    the files of `tls` (already checked against `url` by open_store)."""
+    """A store over every endpoint of `url`, using the first that answers; over TLS for
+    `etcd+https://`, with the files of `tls` (already checked against `url` by open_store)."""
     endpoints = parse_etcd_url(url)
     secure = tls if url.startswith("etcd+https://") else None
     return await EtcdStore.connect(endpoints, timeout_s=timeout_s, tls=secure)
@@ -75,8 +110,10 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hin
     against it (tests/integration/test_store_tls.py), so an aetcd that changes shape fails there.
     """
 
-    def __init__(self, host: str, port: int, timeout: float, credentials: Any) -> None:
-        super().__init__(host=host, port=port, timeout=timeout)
+    def __init__(
+        self, host: str, port: int, timeout: float, credentials: Any, options: dict[str, Any]
+    ) -> None:
+        super().__init__(host=host, port=port, timeout=timeout, options=options)
         self._credentials = credentials
 
     async def connect(self) -> None:
@@ -124,29 +161,75 @@ def _refusal_hint(detail: str, tls: StoreTls | None) -> str:
     return ""
 
 
-@contextmanager
-def _translated(what: str, endpoint: str = "", timeout_s: float = 0.0) -> Iterator[None]:
+FailureKind = Literal["unreachable", "unavailable", "timeout"]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why one member could not serve one request; the call then tries the next member.
+
+    "unreachable": no connection (refused, reset: the member is down); "unavailable": the member
+    answered that it cannot serve now (no leader, leader changed, request timed out inside etcd);
+    "timeout": no answer within the member's time."""
+
+    kind: FailureKind
+    detail: str
+
+
+def _member_failure(exc: BaseException) -> _Failure | None:
+    """The failure of the member that `exc` shows, or None for an answer that another member
+    would give as well (compacted, invalid argument, unknown lease...): that one is raised."""
+    if isinstance(exc, (TimeoutError, aetcd.WatchTimeoutError)):
+        return _Failure("timeout", "no answer")
+    cause = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if not isinstance(cause, grpc.RpcError):
+        return None
+    code = cause.code()
+    details = (cause.details() or "").strip()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "context deadline exceeded" in details:
+        return _Failure("timeout", "no answer")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # etcd's own refusals all say "etcdserver: ..."; gRPC's transport failures do not.
+        if details.startswith("etcdserver:"):
+            return _Failure("unavailable", details.removeprefix("etcdserver: "))
+        return _Failure("unreachable", _transport_detail(details))
+    return None
+
+
+def _transport_detail(details: str) -> str:
+    """gRPC's long words for a failed connection, short."""
+    lowered = details.lower()
+    for words in ("connection refused", "connection reset", "socket closed", "broken pipe"):
+        if words in lowered:
+            return words
+    return _first_line(details)
+
+
+def _store_error(exc: BaseException, what: str, endpoint: str = "") -> StoreError:
     """The one place where etcd's exceptions become Portside's, each a one-line reason that says
     which etcd and what happened."""
     etcd = f"etcd at {endpoint}" if endpoint else "etcd"
+    if isinstance(exc, aetcd.RevisionCompactedError):
+        return Compacted(
+            f"{etcd}: {what}: revision compacted (history starts at {exc.compacted_revision})"
+        )
+    if isinstance(exc, (TimeoutError, aetcd.ConnectionTimeoutError, aetcd.WatchTimeoutError)):
+        return StoreError(f"{etcd} did not answer ({what})")
+    if isinstance(exc, aetcd.ConnectionFailedError):
+        return StoreError(f"{etcd} is unreachable ({what}): {_first_line(exc)}")
+    # aetcd wraps most gRPC errors, but not those of a broken watch stream
+    return StoreError(f"{etcd}: {what}: {_first_line(exc)}")
+
+
+@contextmanager
+def _translated(what: str, endpoint: str = "") -> Iterator[None]:
     try:
         yield
-    except aetcd.RevisionCompactedError as exc:
-        raise Compacted(
-            f"{etcd}: {what}: revision compacted (history starts at {exc.compacted_revision})"
-        ) from exc
-    except aetcd.ConnectionTimeoutError as exc:
-        within = f" within {timeout_s:g}s" if timeout_s else ""
-        raise StoreError(f"{etcd} did not answer{within} ({what})") from exc
-    except aetcd.ConnectionFailedError as exc:
-        raise StoreError(f"{etcd} is unreachable ({what}): {_first_line(exc)}") from exc
-    except aetcd.ClientError as exc:
-        raise StoreError(f"{etcd}: {what}: {_first_line(exc)}") from exc
-    except grpc.RpcError as exc:  # aetcd wraps most, but not those of a broken watch stream
-        raise StoreError(f"{etcd}: {what}: {_first_line(exc)}") from exc
+    except (aetcd.ClientError, grpc.RpcError) as exc:
+        raise _store_error(exc, what, endpoint) from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException | str) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -169,13 +252,47 @@ def _key_value(kv: Any) -> KeyValue:
     )
 
 
-class EtcdStore:
-    """The Store contract over etcd; one gRPC channel, one shared watch stream."""
+@dataclass
+class _Member:
+    endpoint: str  # host:port
+    client: aetcd.Client
+    failing: bool = False  # its last request failed: logged once, until it answers again
 
-    def __init__(self, client: aetcd.Client, endpoint: str, timeout_s: float = 0.0) -> None:
-        self._client = client
-        self.endpoint = endpoint
+
+class EtcdStore:
+    """The Store contract over the members of one etcd cluster: one gRPC channel to each, one
+    shared watch stream on the member in use.
+
+    Failover. A call goes to the member in use. When that member cannot serve it (no
+    connection, "etcdserver: no leader" and its kin, or no answer within MEMBER_TIMEOUT_S), the
+    store moves to the next member and sends the call again there, round after round, until the
+    call's deadline (`timeout_s`). The members are the endpoints of the URL; the cluster's own
+    member list is not consulted. A call fails with StoreError when its deadline passes, and at
+    once when a majority of the members cannot be reached at all: then there is no quorum to
+    wait for.
+
+    What a retry means. Reads and lease refreshes are safe to send again. A write whose member
+    failed after it was sent (no answer, or the connection dropped) may have been applied: the
+    retry then sees its effect. A plain put is idempotent. A compare-and-swap retried after it
+    did succeed returns False (its own write changed the revision): callers treat False as "read
+    the key again" and find their own record there (controlplane/placement.py resolve_named). A
+    delete retried after it did succeed returns False ("did not exist"). A lease grant retried
+    leaves the first lease unused, to expire after its TTL; a revoke retried finds the lease gone,
+    which is not an error.
+
+    Leases live in the cluster, not in a member: one granted through a member is refreshed
+    through any other. A watch resumes on the next member from the revision after the last event
+    it delivered, so its reader sees every event once (see `watch`).
+    """
+
+    def __init__(self, members: list[_Member], timeout_s: float = 5.0) -> None:
+        if not members:
+            raise ValueError("an EtcdStore needs at least one member")
+        self._members = members
+        self._current = 0  # the member in use
         self.timeout_s = timeout_s
+        # One member: waiting for it is all there is to do, until the call's deadline.
+        self.member_timeout_s = timeout_s if len(members) == 1 else min(MEMBER_TIMEOUT_S, timeout_s)
         self._closed = False
         self._open_watches = 0
 
@@ -183,135 +300,320 @@ class EtcdStore:
     async def connect(
         cls, endpoints: list[tuple[str, int]], *, timeout_s: float, tls: StoreTls | None = None
     ) -> EtcdStore:
-        """Try the endpoints in order; the first that answers a read is kept. With `tls`, every
-        connection is TLS, verified and authenticated with its files.
+        """A store over all `endpoints`, using the first that answers a read (tried in order).
+        With `tls`, every connection is TLS, verified and authenticated with its files.
 
-        `timeout_s` is the deadline of every call, including each connection attempt.
+        `timeout_s` is the deadline of every call; one member may take MEMBER_TIMEOUT_S of it.
         """
         credentials = None if tls is None else tls.channel_credentials()
-        failures: list[str] = []
-        hints: dict[str, None] = {}  # each once, in order, however many endpoints it explains
+        members = []
+        member_timeout = timeout_s if len(endpoints) == 1 else min(MEMBER_TIMEOUT_S, timeout_s)
         for host, port in endpoints:
             if credentials is None:
-                client = aetcd.Client(host=host, port=port, timeout=timeout_s)
+                client = aetcd.Client(
+                    host=host, port=port, timeout=member_timeout, options=dict(_CHANNEL_OPTIONS)
+                )
             else:
-                client = _TlsClient(host, port, timeout_s, credentials)
+                client = _TlsClient(host, port, member_timeout, credentials, dict(_CHANNEL_OPTIONS))
+            members.append(_Member(f"{host}:{port}", client))
+        store = cls(members, timeout_s)
+        failures: list[str] = []
+        hints: dict[str, None] = {}  # each once, in order, however many endpoints it explains
+        for index, member in enumerate(members):
             try:
                 # aetcd's connect() only builds a channel; a read proves the member answers.
-                await client.get(b"health")
-            except (aetcd.ClientError, grpc.RpcError) as exc:
-                detail = _first_line(exc)
-                failures.append(f"{host}:{port}: {detail}")
+                async with asyncio.timeout(member_timeout):
+                    await member.client.get(b"health")
+            except (TimeoutError, aetcd.ClientError, grpc.RpcError) as exc:
+                if isinstance(exc, TimeoutError):
+                    detail = f"no answer within {member_timeout:g}s"
+                else:
+                    detail = _first_line(exc)
+                failures.append(f"{member.endpoint}: {detail}")
                 hints[_refusal_hint(detail, tls)] = None
-                await client.close()
                 continue
-            return cls(client, f"{host}:{port}", timeout_s)
+            store._current = index
+            if len(members) > 1:
+                log.info("etcd: using member %s of %d", member.endpoint, len(members))
+            return store
+        await store.close()
         raise StoreError("etcd: no endpoint answered: " + "; ".join(failures) + "".join(hints))
 
-    @contextmanager
-    def _call(self, what: str) -> Iterator[None]:
-        # aetcd would quietly reconnect a closed client; a closed store must refuse instead.
-        if self._closed:
-            raise StoreError(f"etcd at {self.endpoint}: {what}: the store is closed")
-        with _translated(what, self.endpoint, self.timeout_s):
-            yield
+    @property
+    def endpoint(self) -> str:
+        """The member in use (host:port)."""
+        return self._members[self._current].endpoint
+
+    @property
+    def _client(self) -> aetcd.Client:
+        return self._members[self._current].client
 
     @property
     def watch_count(self) -> int:
         """Watches open through this store, for metrics and tests."""
         return self._open_watches
 
+    def _check_open(self, what: str) -> None:
+        # aetcd would quietly reconnect a closed client; a closed store must refuse instead.
+        if self._closed:
+            raise StoreError(f"etcd at {self.endpoint}: {what}: the store is closed")
+
+    async def _call(self, what: str, op: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """`op` on the member in use, failing over as the class says, within `timeout_s`."""
+        self._check_open(what)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        failures: dict[int, _Failure] = {}
+        attempts = 0
+        while True:
+            index = self._current
+            member = self._members[index]
+            budget = min(self.member_timeout_s, deadline - loop.time())
+            try:
+                async with asyncio.timeout(budget):
+                    result = await op(member.client)
+            except (TimeoutError, aetcd.ClientError, grpc.RpcError) as exc:
+                failure = _member_failure(exc)
+                if failure is None or self._closed:
+                    raise _store_error(exc, what, member.endpoint) from exc
+                if failure.kind == "timeout" and len(self._members) > 1:
+                    failure = await self._why_silent(member, deadline)
+                failures[index] = failure
+                self._failed(index, failure)
+                error = self._give_up(what, failures, deadline - loop.time())
+                if error is not None:
+                    raise error from exc
+                attempts += 1
+                if attempts % len(self._members) == 0:
+                    await asyncio.sleep(min(ROUND_PAUSE_S, max(0.0, deadline - loop.time())))
+                self._check_open(what)
+                continue
+            if member.failing:
+                member.failing = False
+                log.info("etcd member %s answers again", member.endpoint)
+            return result
+
+    async def _why_silent(self, member: _Member, deadline: float) -> _Failure:
+        """For the reason of a member that did not answer: does it know of a leader? Its
+        status is answered locally, leader or not."""
+        budget = min(0.3, deadline - asyncio.get_running_loop().time())
+        if budget > 0:
+            try:
+                async with asyncio.timeout(budget):
+                    await member.client.connect()
+                    status = await member.client.maintenancestub.Status(rpc.StatusRequest())
+            except (TimeoutError, aetcd.ClientError, grpc.RpcError):
+                pass
+            else:
+                if not status.leader:
+                    return _Failure("unavailable", "no leader")
+        return _Failure("timeout", f"no answer within {self.member_timeout_s:g}s")
+
+    def _failed(self, index: int, failure: _Failure) -> None:
+        """Move on from the member at `index`, unless another call already did."""
+        member = self._members[index]
+        if self._current == index:
+            self._current = (index + 1) % len(self._members)
+        if not member.failing and len(self._members) > 1:
+            member.failing = True
+            log.warning(
+                "etcd member %s failed (%s): using %s",
+                member.endpoint,
+                failure.detail,
+                self._members[self._current].endpoint,
+            )
+
+    def _give_up(
+        self, what: str, failures: dict[int, _Failure], left_s: float
+    ) -> StoreError | None:
+        """The error to end a call with, after `failures`; None to try the next member."""
+        n = len(self._members)
+        if n == 1:
+            failure = failures[0]
+            endpoint = self._members[0].endpoint
+            if failure.kind == "unreachable":
+                return StoreError(f"etcd at {endpoint} is unreachable ({what}): {failure.detail}")
+            if left_s > 0:
+                return None
+            if failure.kind == "timeout":
+                return StoreError(
+                    f"etcd at {endpoint} did not answer within {self.timeout_s:g}s ({what})"
+                )
+            return StoreError(f"etcd at {endpoint}: {what}: {failure.detail}")
+        each = "; ".join(
+            f"{self._members[i].endpoint}: {f.detail}" for i, f in sorted(failures.items())
+        )
+        unreachable = sum(f.kind == "unreachable" for f in failures.values())
+        if len(failures) == n and unreachable > n // 2:
+            return StoreError(
+                f"etcd has no quorum: {unreachable} of {n} members unreachable ({what}; {each})"
+            )
+        if left_s > 0:
+            return None
+        if all(f.kind == "timeout" for f in failures.values()):
+            return StoreError(
+                f"no etcd member answered within {self.member_timeout_s:g}s ({what}; {each})"
+            )
+        if any(f.detail == "no leader" for f in failures.values()):
+            return StoreError(f"etcd has no quorum: no member has a leader ({what}; {each})")
+        return StoreError(f"etcd did not serve {what} within {self.timeout_s:g}s ({each})")
+
     async def get(self, key: str) -> KeyValue | None:
-        with self._call(f"get {key!r}"):
-            kv = await self._client.get(key.encode())
+        kv = await self._call(f"get {key!r}", lambda c: c.get(key.encode()))
         return None if kv is None else _key_value(kv)
 
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         start, end = _prefix_range(prefix)
-        with self._call(f"range {prefix!r}"):
-            result = await self._client.get_range(start, end, sort_order="ascend")
+        result = await self._call(
+            f"range {prefix!r}", lambda c: c.get_range(start, end, sort_order="ascend")
+        )
         return [_key_value(kv) for kv in result.kvs], int(result.header.revision)
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        with self._call(f"put {key!r}"):
-            result = await self._client.put(key.encode(), value, lease=lease)
+        result = await self._call(f"put {key!r}", lambda c: c.put(key.encode(), value, lease=lease))
         return int(result.header.revision)
 
     async def delete(self, key: str) -> bool:
-        with self._call(f"delete {key!r}"):
-            result = await self._client.delete(key.encode())
+        result = await self._call(f"delete {key!r}", lambda c: c.delete(key.encode()))
         return result is not None
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0
+        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
     ) -> bool:
         raw = key.encode()
-        txn = self._client.transactions
-        # An absent key has mod revision 0 in etcd, so one comparison covers create-if-absent.
-        write = txn.delete(raw) if value is None else txn.put(raw, value, lease=lease)
-        with self._call(f"compare-and-swap {key!r}"):
-            succeeded, _ = await self._client.transaction(
-                compare=[txn.mod(raw) == mod_revision], success=[write], failure=[]
-            )
-        return bool(succeeded)
+
+        async def swap(client: aetcd.Client) -> bool:
+            txn = client.transactions
+            # An absent key has mod revision 0 in etcd, so one comparison covers create-if-absent.
+            compare = [txn.mod(raw) == mod_revision]
+            if absent:
+                compare.append(txn.version(absent.encode()) == 0)  # version 0: no such key
+            write = txn.delete(raw) if value is None else txn.put(raw, value, lease=lease)
+            succeeded, _ = await client.transaction(compare=compare, success=[write], failure=[])
+            return bool(succeeded)
+
+        return await self._call(f"compare-and-swap {key!r}", swap)
 
     def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         return self._watch(prefix, start_revision)
 
     async def _watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
+        """Follows `prefix` across members. When the member's stream breaks, the watch opens
+        again on the next member from the revision after the last event delivered: etcd sends
+        the events of one revision in one response (a revision is never split unless the watch
+        asks for fragments), and aetcd queues a response's events before a stream's error, so
+        every revision up to the last delivered one was delivered whole. While no member serves
+        (quorum lost and the member gone), it tries again every WATCH_RETRY_S; it raises only
+        for a closed store, a compacted revision or a first open that fails."""
         start, end = _prefix_range(prefix)
-        with self._call(f"watch {prefix!r}"):
-            handle = await self._client.watch(
-                start, range_end=end, start_revision=start_revision or None
-            )
+        what = f"watch {prefix!r}"
+        self._check_open(what)
+        next_revision = start_revision
+        if not next_revision:
+            # "From now" pinned to a revision at once, so that a watch resumed on another member
+            # neither misses nor repeats what was written in between.
+            header = await self._call(what, lambda c: c.get_range(start, start + b"\0"))
+            next_revision = int(header.header.revision) + 1
         self._open_watches += 1
-        events = aiter(handle)
+        handle: Any = None
+        events: Any = None
+        outage = ""
         try:
-            with self._call(f"watch {prefix!r}"):
-                async for event in events:
-                    kv = _key_value(event.kv)
-                    yield WatchEvent("put", kv) if event.kind == "PUT" else WatchEvent("delete", kv)
-            # aetcd ends its iterator quietly when the client closes; a watcher must hear of it.
-            raise StoreError(f"etcd: watch {prefix!r} ended: the store was closed")
+            while True:
+                try:
+                    handle, index = await self._call(
+                        what, functools.partial(self._open_watch, start, end, next_revision)
+                    )
+                except Compacted:
+                    raise
+                except StoreError as exc:
+                    if events is None or self._closed:
+                        raise  # a first open that fails tells its caller: nothing was promised
+                    if not outage:
+                        log.warning("etcd: %s: no member serves it, retrying: %s", what, exc)
+                    outage = str(exc)
+                    await asyncio.sleep(WATCH_RETRY_S)
+                    continue
+                if outage:
+                    log.info("etcd: %s resumed at revision %d", what, next_revision)
+                    outage = ""
+                events = aiter(handle)
+                try:
+                    async for event in events:
+                        kv = _key_value(event.kv)
+                        next_revision = kv.mod_revision + 1
+                        yield (
+                            WatchEvent("put", kv)
+                            if event.kind == "PUT"
+                            else WatchEvent("delete", kv)
+                        )
+                except (aetcd.ClientError, grpc.RpcError) as exc:
+                    failure = _member_failure(exc)
+                    if failure is None or self._closed:
+                        raise _store_error(exc, what, self._members[index].endpoint) from exc
+                    self._failed(index, failure)
+                    log.info(
+                        "etcd: %s broke on %s (%s): resuming at revision %d on %s",
+                        what,
+                        self._members[index].endpoint,
+                        failure.detail,
+                        next_revision,
+                        self.endpoint,
+                    )
+                    await events.aclose()
+                    continue
+                # aetcd ends its iterator quietly when the client closes; a watcher must hear of it.
+                raise StoreError(f"etcd: watch {prefix!r} ended: the store was closed")
         finally:
             self._open_watches -= 1
-            await events.aclose()
-            if not self._closed:  # after close() aetcd has dropped its watcher: nothing to cancel
+            if events is not None:
+                await events.aclose()
+            if handle is not None and not self._closed:
+                # After close() aetcd has dropped its watchers: nothing to cancel then.
                 with _translated(f"cancel watch {prefix!r}"):
                     await handle.cancel()
+
+    async def _open_watch(
+        self, start: bytes, end: bytes, revision: int, client: aetcd.Client
+    ) -> tuple[Any, int]:
+        """A watch on `client`'s member, and that member's index: the one to fail over from."""
+        handle = await client.watch(start, range_end=end, start_revision=revision)
+        index = next(i for i, m in enumerate(self._members) if m.client is client)
+        return handle, index
 
     async def grant_lease(self, ttl_s: int) -> int:
         if ttl_s < 1:
             raise ValueError(f"lease TTL must be at least 1 s, not {ttl_s}")
-        with self._call("grant lease"):
-            lease = await self._client.lease(ttl_s)
+        lease = await self._call("grant lease", lambda c: c.lease(ttl_s))
         return int(lease.id)
 
     async def refresh_lease(self, lease: int) -> bool:
-        with self._call(f"refresh lease {lease:x}"):
-            reply = await self._client.refresh_lease(lease)
+        """True while the lease lives; False once it has expired or was revoked. A store that
+        cannot say (no member answers, no quorum) raises StoreError: that is not an expiry."""
+        reply = await self._call(f"refresh lease {lease:x}", lambda c: c.refresh_lease(lease))
         # etcd answers a keep-alive for an expired or unknown lease with TTL 0, not an error.
         return reply is not None and int(reply.TTL) > 0
 
     async def revoke_lease(self, lease: int) -> None:
-        if self._closed:
-            raise StoreError(f"etcd: revoke lease {lease:x}: the store is closed")
-        try:
-            await self._client.revoke_lease(lease)
-        except aetcd.ClientError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.NOT_FOUND:
-                return  # already expired or revoked: the outcome the caller asked for
-            raise StoreError(f"etcd: revoke lease {lease:x}: {exc}") from exc
+        async def revoke(client: aetcd.Client) -> None:
+            try:
+                await client.revoke_lease(lease)
+            except aetcd.ClientError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.NOT_FOUND:
+                    return  # already expired or revoked: the outcome the caller asked for
+                raise
+
+        await self._call(f"revoke lease {lease:x}", revoke)
 
     async def compact(self, revision: int) -> None:
         """Drop history before `revision`; watches from earlier revisions then fail."""
-        with self._call(f"compact to {revision}"):
-            await self._client.compact(revision)
+        await self._call(f"compact to {revision}", lambda c: c.compact(revision))
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        with _translated("close"):
-            await self._client.close()
+        for member in self._members:
+            with _translated("close", member.endpoint):
+                await member.client.close()

@@ -240,12 +240,17 @@ class SqliteStore:
         return existed
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0
+        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
     ) -> bool:
         with self._write(f"compare-and-swap {key!r}") as txn:
             row = txn.db.execute("SELECT mod_revision FROM kv WHERE key = ?", (key.encode(),))
             found = row.fetchone()
             if (0 if found is None else int(found[0])) != mod_revision:
+                return False
+            if (
+                absent
+                and txn.db.execute("SELECT 1 FROM kv WHERE key = ?", (absent.encode(),)).fetchone()
+            ):
                 return False
             if value is None:
                 self._delete(txn, key.encode())

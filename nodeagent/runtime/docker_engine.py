@@ -443,18 +443,24 @@ class DockerRuntime:
         finally:
             writer.close()
 
-    async def events(self) -> AsyncIterator[ContainerEvent]:
+    async def events(self, since: float | None = None) -> AsyncIterator[ContainerEvent]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ContainerEvent] = asyncio.Queue()
-        feed = EventFeed(self._client.api, self.node_id, loop, queue)
+        queue: asyncio.Queue[ContainerEvent | str] = asyncio.Queue()
+        feed = EventFeed(self._client.api, self.node_id, loop, queue, since)
         self._feeds.add(feed)
         feed.start()
         try:
             while True:
-                yield await queue.get()
+                item = await queue.get()
+                if isinstance(item, str):
+                    raise EngineUnavailable(f"the Docker engine of node {self.node_id}: {item}")
+                yield item
         finally:
             self._feeds.discard(feed)
             await loop.run_in_executor(None, feed.close)
+
+    async def ping(self) -> None:
+        await self._call(self._client.api.ping)
 
     async def inspect(self, container_id: str) -> ContainerInfo:
         return _from_inspect(await self._call(self._client.api.inspect_container, container_id))

@@ -17,19 +17,22 @@ log = logging.getLogger(__name__)
 
 
 class EventFeed:
-    """A thread that follows the engine's event stream for this node's containers and hands
-    each event to the loop. The SDK's stream blocks, so it cannot live on the loop; it ends when
-    the engine goes away, and the thread reconnects from the last event's time. `close()`
-    cancels the stream (closing its socket unblocks the read) and joins the thread."""
+    """A thread that follows one of the engine's event streams for this node's containers and
+    hands each event to the loop. The SDK's stream blocks, so it cannot live on the loop. When the
+    stream cannot be opened or ends (the engine went away), the feed hands over why, as a str,
+    and its thread ends: the consumer decides when to follow again. `close()` cancels the stream
+    (closing its socket unblocks the read) and joins the thread."""
 
     def __init__(
         self,
         api: Any,
         node_id: str,
         loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[ContainerEvent],
+        queue: asyncio.Queue[ContainerEvent | str],
+        since: float | None = None,
     ) -> None:
         self._api, self._node_id, self._loop, self._queue = api, node_id, loop, queue
+        self._since = since
         self._closing = threading.Event()
         self._stream: Any = None
         self._lock = threading.Lock()
@@ -50,40 +53,30 @@ class EventFeed:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        since: float | None = None
-        last_nano = 0
-        delay = 0.1
-        while not self._closing.is_set():
-            try:
-                stream = self._api.events(
-                    decode=True,
-                    since=since,
-                    filters={"label": f"{LABEL_NODE}={self._node_id}", "type": "container"},
-                )
-                with self._lock:
-                    self._stream = stream
-                if self._closing.is_set():
-                    stream.close()
-                    return
-                delay = 0.1
-                for raw in stream:
-                    nano = int(raw.get("timeNano") or 0)
-                    if nano and nano <= last_nano:
-                        continue  # seen before the reconnect
-                    last_nano = max(last_nano, nano)
-                    since = nano / 1e9 if nano else since
-                    event = container_event(raw)
-                    if event is not None:
-                        self._hand_over(event)
-            except Exception as exc:  # noqa: BLE001 - the engine went away: retry below
-                if not self._closing.is_set():
-                    log.warning("docker event stream failed (%s); reconnecting", exc)
-            if not self._closing.wait(delay):
-                delay = min(delay * 2, 5.0)
-
-    def _hand_over(self, event: ContainerEvent) -> None:
+        why = "the engine ended its event stream"
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            stream = self._api.events(
+                decode=True,
+                since=self._since,
+                filters={"label": f"{LABEL_NODE}={self._node_id}", "type": "container"},
+            )
+            with self._lock:
+                self._stream = stream
+            if self._closing.is_set():
+                stream.close()
+                return
+            for raw in stream:
+                event = container_event(raw)
+                if event is not None:
+                    self._hand_over(event)
+        except Exception as exc:  # noqa: BLE001 - whatever broke it, the consumer follows anew
+            why = f"its event stream failed: {exc}"
+        if not self._closing.is_set():
+            self._hand_over(why)
+
+    def _hand_over(self, item: ContainerEvent | str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody listens any more
             self._closing.set()
 

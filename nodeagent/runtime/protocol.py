@@ -152,8 +152,14 @@ class ContainerRuntime(Protocol):
         """The container's output (the last `tail` lines first; 0: all), and with `follow` what
         it writes next, until it stops."""
 
-    def events(self) -> AsyncIterator[ContainerEvent]:
-        """This node's container events as the engine reports them, until cancelled."""
+    def events(self, since: float | None = None) -> AsyncIterator[ContainerEvent]:
+        """This node's container events as the engine reports them, from unix time `since`
+        (None: from now), until cancelled. Raises EngineUnavailable when the stream breaks (the
+        engine restarted or went away): events from then on are lost, so the caller lists the
+        containers again once the engine answers, and follows anew."""
+
+    async def ping(self) -> None:
+        """Return if the engine answers now; EngineUnavailable if not."""
 
     async def inspect(self, container_id: str) -> ContainerInfo: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Final
 
 import aiohttp
@@ -39,8 +40,12 @@ _WS_HANDSHAKE: Final = (
 
 class AiohttpTransport:
     """UpstreamTransport over one aiohttp ClientSession, made on first use (inside the running
-    loop) with the connect and between-bytes deadlines of `deadlines`. With `tls`, upstreams are
-    servers of the cluster (agents) reached over mutual TLS."""
+    loop). With `tls`, upstreams are servers of the cluster (agents) reached over mutual TLS.
+
+    Three deadlines of `deadlines`, none of them on the whole exchange (a response may stream
+    for as long as its bytes flow): `connect` for the connection (TCP and TLS handshake),
+    `first_byte` from the request's last byte sent until the response's first, and
+    `upstream_read` between bytes of the response once its head has come."""
 
     def __init__(self, deadlines: Deadlines, tls: ClientTls | None = None) -> None:
         self._deadlines = deadlines
@@ -52,7 +57,11 @@ class AiohttpTransport:
 
     def _pool(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = http_client_session(self._deadlines, tls=self._tls)
+            # aiohttp's read deadline runs from the request's last byte sent and restarts with
+            # every byte received; the session's is the head's, each response's body then gets
+            # its own (`_Response`). A WebSocket has none once open.
+            head = replace(self._deadlines, upstream_read=self._deadlines.first_byte)
+            self._session = http_client_session(head, tls=self._tls)
         return self._session
 
     async def open(self, authority: str, forward: Forward) -> Upstream:
@@ -71,8 +80,12 @@ class AiohttpTransport:
                 server_hostname=self._server_name,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise classify_failure(exc) from exc
-        return _Response(response)
+            raise classify_failure(exc, self._first_byte) from exc
+        return _Response(response, self._deadlines.upstream_read)
+
+    @property
+    def _first_byte(self) -> str:
+        return f"the first-byte deadline ({self._deadlines.first_byte:g}s)"
 
     async def _upgrade(self, url: URL, forward: Forward) -> UpstreamSocket:
         headers = forward.headers.copy()
@@ -93,7 +106,7 @@ class AiohttpTransport:
             kind = exc.headers.get(ERROR) if exc.headers is not None else None
             raise UpgradeRefused(exc.status, kind) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise classify_failure(exc) from exc
+            raise classify_failure(exc, self._first_byte) from exc
         return UpstreamSocket(socket, socket.protocol)
 
     async def close(self) -> None:
@@ -103,11 +116,20 @@ class AiohttpTransport:
 
 
 class _Response(UpstreamResponse):
-    __slots__ = ("_response",)
+    __slots__ = ("_read", "_response")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, read_s: float) -> None:
         super().__init__(response.status, response.reason, response.headers)
         self._response = response
+        self._read = f"the read deadline between bytes ({read_s:g}s)"
+        # The head has come: from now on the deadline is between bytes, restarted at once (the
+        # one running is the head's). A body read to its end already has none to restart, and
+        # must not get one: its connection may be back in the pool.
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is not None and not response.content.is_eof():
+            protocol.read_timeout = read_s
+            protocol.start_timeout()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._response.content
@@ -115,7 +137,7 @@ class _Response(UpstreamResponse):
             try:
                 chunk = await content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise classify_failure(exc) from exc
+                raise classify_failure(exc, self._read) from exc
             if not chunk:
                 return
             yield chunk
@@ -124,15 +146,18 @@ class _Response(UpstreamResponse):
         self._response.release()
 
 
-def classify_failure(exc: BaseException) -> UpstreamFailed:
-    """One of aiohttp's client failures as one of the four the daemons tell apart."""
+def classify_failure(
+    exc: BaseException, read_deadline: str = "the read deadline"
+) -> UpstreamFailed:
+    """One of aiohttp's client failures as one of the four the daemons tell apart; a timeout
+    reading names `read_deadline` (which one ran: the first byte's, or between bytes)."""
     # Order matters: a connect timeout is a ServerTimeoutError, a failed connect a ClientOSError.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamRefused("no connection within the connect deadline")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamRefused(_os_reason(exc.os_error))
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return UpstreamTimeout("no answer within the read deadline")
+        return UpstreamTimeout(f"no answer within {read_deadline}")
     if isinstance(
         exc,
         aiohttp.ServerDisconnectedError

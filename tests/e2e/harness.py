@@ -36,6 +36,12 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     address: str
+    group: int | None = None  # its own group id, for tests/partition.py rules
+
+    def option(self, flag: str) -> str:
+        """The value of `flag` on its command line ("--api-listen" → "127.0.0.2:40123")."""
+        args = [str(a) for a in self.popen.args]  # type: ignore[union-attr]
+        return args[args.index(flag) + 1]
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -110,7 +116,9 @@ class Cluster:
             self.controlplane_address, tls=net.ClientTls(token.ca_pem), bearer=token.bearer
         )
 
-    def _start(self, name: str, args: list[str], address: str) -> Proc:
+    def _start(self, name: str, args: list[str], address: str, group: int | None = None) -> Proc:
+        """`group`: run the process with this group id (still uid 0, so Docker stays reachable),
+        so that packet-filter rules can match its traffic alone (tests/partition.py)."""
         log = self.tmp / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         popen = subprocess.Popen(
@@ -119,8 +127,9 @@ class Cluster:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            group=group,
         )
-        proc = Proc(name, popen, log, address)
+        proc = Proc(name, popen, log, address, group)
         self.procs.append(proc)
         wait_for_port(address, proc)
         return proc
@@ -148,7 +157,9 @@ class Cluster:
         self.controlplane_address = self.controlplane_address or address
         return proc
 
-    def start_agent(self, region: str, host: str = "127.0.0.1", *extra: str) -> Proc:
+    def start_agent(
+        self, region: str, host: str = "127.0.0.1", *extra: str, group: int | None = None
+    ) -> Proc:
         port = free_port(host)
         api_port = free_port(host)
         metrics_port = free_port(host)
@@ -173,9 +184,12 @@ class Cluster:
                 *extra,
             ],
             f"{host}:{port}",
+            group,
         )
 
-    def start_edge(self, region: str, host: str = "127.0.0.1", *extra: str) -> Proc:
+    def start_edge(
+        self, region: str, host: str = "127.0.0.1", *extra: str, group: int | None = None
+    ) -> Proc:
         address = f"{host}:{free_port(host)}"
         return self._start(
             f"edge-{region}-{len(self.procs)}",
@@ -193,12 +207,13 @@ class Cluster:
                 *extra,
             ],
             address,
+            group,
         )
 
     def restart(self, proc: Proc) -> Proc:
         """Start `proc` again with the same arguments (same node id, same ports)."""
         args = [str(a) for a in proc.popen.args][len(PORTSIDE) :]  # type: ignore[union-attr]
-        return self._start(proc.name + "-again", args, proc.address)
+        return self._start(proc.name + "-again", args, proc.address, proc.group)
 
     def deploy(self, toml_text: str) -> None:
         path = self.tmp / "portside.toml"

@@ -152,7 +152,8 @@ async def test_container_errors_are_portside_errors(agent: Agent) -> None:
     async with agent.session.get(f"{agent.url}/x", headers=to("crash", "carol")) as r:
         assert (r.status, r.headers["Portside-Error"]) == (502, "container-exited")
         assert await r.text() == (
-            "container for crash/carol exited with code 3 before its port 8080 answered\n"
+            "container for crash/carol exited with code 3 before its port 8080 answered; next try"
+            " in 1s\n"
         )
     started = time.monotonic()
     async with agent.session.get(f"{agent.url}/x", headers=to("silent", "dan")) as r:

@@ -143,6 +143,27 @@ async def test_create_if_absent(store: Backend, prefix: str) -> None:
     assert kv is not None and kv.value == b"first"
 
 
+async def test_swap_only_while_another_key_is_absent(store: Backend, prefix: str) -> None:
+    """A move off a lost node commits only while that node's key is still gone (fencing)."""
+    revision = await store.put(prefix + "instance", b"on-a")
+    await store.put(prefix + "node-a", b"back")
+    assert (
+        await store.compare_and_swap(
+            prefix + "instance", revision, b"on-b", absent=prefix + "node-a"
+        )
+        is False
+    )
+    kv = await store.get(prefix + "instance")
+    assert kv is not None and kv.value == b"on-a"
+    await store.delete(prefix + "node-a")
+    assert (
+        await store.compare_and_swap(
+            prefix + "instance", revision, b"on-b", absent=prefix + "node-a"
+        )
+        is True
+    )
+
+
 async def test_swap_on_mod_revision(store: Backend, prefix: str) -> None:
     revision = await store.put(prefix + "a", b"1")
     assert await store.compare_and_swap(prefix + "a", revision, b"2") is True

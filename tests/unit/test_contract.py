@@ -78,6 +78,8 @@ INFO = InstanceInfo(
     since=12.5,
     pool=True,
     in_flight=2,
+    backoff_until=1_700_000_004.5,
+    restarts=3,
 )
 
 ROUND_TRIPS: list[tuple[Any, Any, Any]] = [

@@ -302,3 +302,28 @@ def test_an_upgrade_refusal_says_what_the_upstream_answered() -> None:
     refused = UpgradeRefused(504, "boot-timeout")
     assert (refused.status, refused.kind) == (504, "boot-timeout")
     assert str(refused) == "answered the WebSocket upgrade with 504 boot-timeout"
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "reason"),
+    [
+        (
+            aiohttp.SocketTimeoutError("Timeout on reading data from socket"),
+            UpstreamTimeout,
+            "no answer within the first-byte deadline (100s)",
+        ),
+        (TimeoutError(), UpstreamTimeout, "no answer within the first-byte deadline (100s)"),
+        # A connect deadline is a failed connect (nothing was sent), whatever read deadline ran.
+        (
+            aiohttp.ConnectionTimeoutError("Connection timeout to host"),
+            UpstreamRefused,
+            "no connection within the connect deadline",
+        ),
+    ],
+)
+def test_a_timeout_names_the_deadline_that_ran(
+    failure: BaseException, kind: type[UpstreamFailed], reason: str
+) -> None:
+    classified = classify_failure(failure, "the first-byte deadline (100s)")
+    assert type(classified) is kind
+    assert str(classified) == reason

@@ -179,7 +179,7 @@ class InstanceRef(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("class_name", "name", "instance_id", "state", "exit_code", "node_id", "region", "since", "pool", "in_flight")
+    __slots__ = ("class_name", "name", "instance_id", "state", "exit_code", "node_id", "region", "since", "pool", "in_flight", "backoff_until", "restarts")
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,8 @@ class InstanceInfo(_message.Message):
     SINCE_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     class_name: str
     name: str
     instance_id: str
@@ -200,7 +202,9 @@ class InstanceInfo(_message.Message):
     since: float
     pool: bool
     in_flight: int
-    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., node_id: _Optional[str] = ..., region: _Optional[str] = ..., since: _Optional[float] = ..., pool: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    backoff_until: float
+    restarts: int
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., node_id: _Optional[str] = ..., region: _Optional[str] = ..., since: _Optional[float] = ..., pool: _Optional[bool] = ..., in_flight: _Optional[int] = ..., backoff_until: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("revision", "time", "kind", "class_name", "name", "instance_id", "node_id", "exit_code", "signal", "reason")

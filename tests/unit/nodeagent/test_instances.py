@@ -26,6 +26,7 @@ from portside.capacity import Resources
 from portside.errors import (
     BootTimeout,
     ContainerExited,
+    EngineUnavailable,
     FailedPrecondition,
     ImageUnavailable,
     NoCapacity,
@@ -55,7 +56,9 @@ class FakeRuntime:
         self.start_delay = 0.0
         self.create_error: PortsideError | None = None
         self._next_ip = 1
-        self.engine_events: asyncio.Queue[ContainerEvent] = asyncio.Queue()
+        self.engine_events: asyncio.Queue[ContainerEvent | str] = asyncio.Queue()
+        self.down = False  # the engine is out of reach: ping and list fail
+        self.followed_since: list[float | None] = []  # each events() call's `since`
 
     def add(
         self,
@@ -90,6 +93,8 @@ class FakeRuntime:
         self.calls.append(("ensure_networks", ""))
 
     async def list(self) -> list[ContainerInfo]:
+        if self.down:
+            raise EngineUnavailable("the engine is down")
         return list(self.containers.values())
 
     async def create(
@@ -130,9 +135,30 @@ class FakeRuntime:
     async def signal(self, container_id: str, signum: int) -> None:
         self.calls.append(("signal", container_id))
 
-    async def events(self) -> AsyncIterator[ContainerEvent]:
+    async def events(self, since: float | None = None) -> AsyncIterator[ContainerEvent]:
+        self.followed_since.append(since)
+        if self.down:
+            raise EngineUnavailable("the engine is down")
         while True:
-            yield await self.engine_events.get()
+            item = await self.engine_events.get()
+            if isinstance(item, str):  # the stream broke
+                raise EngineUnavailable(item)
+            yield item
+
+    async def ping(self) -> None:
+        self.calls.append(("ping", ""))
+        if self.down:
+            raise EngineUnavailable("the engine is down")
+
+    def restart_engine(self, live_restore: bool = False) -> None:
+        """The engine goes away (its event stream breaks), stopping every running container
+        unless `live_restore`; it stays down until `down` is set False."""
+        self.down = True
+        if not live_restore:
+            for info in list(self.containers.values()):
+                if info.running:
+                    self.set(info.id, status="exited", exit_code=143, ip=None)
+        self.engine_events.put_nowait("the engine restarted")
 
     async def exec(
         self,
@@ -245,16 +271,20 @@ async def test_exit_during_boot_reports_the_code_and_next_request_wakes_it(
     runtime: FakeRuntime, probe: Probe
 ) -> None:
     runtime.exit_on_start = 3
-    manager = manager_for(runtime, probe)
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
     results = await asyncio.gather(
         *(manager.acquire(ECHO, "bob") for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, ContainerExited) for r in results)
     error = results[0]
     assert isinstance(error, ContainerExited) and error.exit_code == 3
-    assert str(error) == "container for echo/bob exited with code 3 before its port 8080 answered"
+    assert str(error) == (
+        "container for echo/bob exited with code 3 before its port 8080 answered; next try in 1s"
+    )
     assert state_of(manager, ECHO, "bob") is InstanceState.STOPPED_WITH_CODE
     runtime.exit_on_start = None
+    clock.now += 1.0  # past its crash-loop backoff
     async with manager.use(ECHO, "bob"):
         pass
     # The same container was started again, not replaced.
@@ -359,6 +389,7 @@ async def test_reconcile_notices_a_container_that_exited(
     clock = Clock()
     manager = manager_for(runtime, probe, clock=clock)
     lease = await manager.acquire(ECHO, "jo")
+    lease.served()  # it served, so its death soon after is no crash loop: it wakes at once
     lease.release()
     assert lease.container_id is not None
     runtime.set(lease.container_id, status="exited", exit_code=137, ip=None)
@@ -679,3 +710,160 @@ async def test_stop_all_stops_every_awake_instance_and_keeps_its_container(
     exits = [e for e in events if e.kind is EventKind.EXITED]
     assert [e.reason for e in exits] == ["its agent shut down"] * 4
     hold.release()
+
+
+# -- crash-loop backoff ---------------------------------------------------------------------------
+
+
+async def test_a_crash_loop_is_refused_without_docker_until_its_backoff_passed(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    runtime.exit_on_start = 3
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    iid = instance_id("echo", "cy")
+    waits = []
+    for crash in range(1, 5):
+        with pytest.raises(ContainerExited, match=r"before its port 8080 answered; next try in"):
+            await manager.acquire(ECHO, "cy")
+        starts = runtime.count("start")
+        info = manager.info(iid)
+        assert (info.state, info.exit_code, info.restarts) == (
+            InstanceState.STOPPED_WITH_CODE,
+            3,
+            crash,
+        )
+        assert info.backoff_until > time.time()
+        wait = 2.0 ** (crash - 1)
+        waits.append(round(info.backoff_until - time.time()))
+        # During the backoff: refused at once, naming the code and the wait, and Docker is not
+        # asked anything.
+        clock.now += wait - 0.5
+        for _ in range(3):
+            with pytest.raises(ContainerExited) as refused:
+                await manager.acquire(ECHO, "cy")
+            assert str(refused.value) == (
+                "container for echo/cy exited with code 3 at start; next try in 1s"
+            )
+            assert refused.value.exit_code == 3
+        assert runtime.count("start") == starts
+        clock.now += 0.5
+    assert waits == [1, 2, 4, 8]
+    # It gets better: the next try after the backoff succeeds, and the count stays until a
+    # steady run.
+    runtime.exit_on_start = None
+    async with manager.use(ECHO, "cy"):
+        pass
+    info = manager.info(iid)
+    assert (info.state, info.restarts, info.backoff_until) == (InstanceState.HEALTHY, 4, 0.0)
+
+
+async def test_a_start_or_a_deploy_of_another_class_begins_afresh(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    runtime.exit_on_start = 3
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    for _ in range(2):
+        with pytest.raises(ContainerExited):
+            await manager.acquire(ECHO, "di")
+        clock.now += 10
+    iid = instance_id("echo", "di")
+    assert manager.info(iid).restarts == 2
+    # An explicit Start is tried at once, whatever the backoff.
+    with pytest.raises(ContainerExited, match="next try in 1s"):
+        await manager.start(ECHO, "di")
+    assert manager.info(iid).restarts == 1
+    # A deploy that changed the class (a fixed image, say) is tried at once too.
+    fixed = dataclasses.replace(ECHO, env={"FIXED": "1"})
+    runtime.exit_on_start = None
+    async with manager.use(fixed, "di"):
+        pass
+    info = manager.info(iid)
+    assert (info.state, info.restarts) == (InstanceState.HEALTHY, 0)
+
+
+async def test_an_exit_right_after_the_boot_without_serving_is_a_crash(
+    runtime: FakeRuntime, probe: Probe
+) -> None:
+    clock = Clock()
+    manager = manager_for(runtime, probe, clock=clock)
+    for name, served in (("el", False), ("fo", True)):
+        lease = await manager.acquire(ECHO, name)
+        if served:
+            lease.served()
+        lease.release()
+        assert lease.container_id is not None
+        runtime.set(lease.container_id, status="exited", exit_code=1, ip=None)
+        clock.now += 0.01
+        await manager.reconcile()
+    with pytest.raises(ContainerExited, match="exited with code 1 at start; next try in 1s"):
+        await manager.acquire(ECHO, "el")
+    async with manager.use(ECHO, "fo"):  # it had served: booted again at once
+        pass
+
+
+async def test_a_steady_run_forgives_the_crashes(runtime: FakeRuntime, probe: Probe) -> None:
+    runtime.exit_on_start = 3
+    clock, later = Clock(), 0.0
+    manager = InstanceManager(
+        runtime,
+        {"echo": ECHO}.get,
+        timing=FAST,
+        port_probe=probe,
+        clock=clock,
+        wall_clock=lambda: time.time() + later,
+    )
+    with pytest.raises(ContainerExited):
+        await manager.acquire(ECHO, "gil")
+    clock.now += 1
+    runtime.exit_on_start = None
+    lease = await manager.acquire(ECHO, "gil")
+    iid = lease.instance_id
+    manager.sleep_idle()
+    assert manager.info(iid).restarts == 1
+    later = 601.0  # ten minutes up since docker started it
+    manager.sleep_idle()
+    assert manager.info(iid).restarts == 0
+    lease.release()
+
+
+# -- the engine restarting under the agent ---------------------------------------------------
+
+
+@pytest.mark.parametrize("live_restore", [False, True])
+async def test_after_an_engine_restart_the_manager_reconnects_and_takes_its_containers_again(
+    live_restore: bool, runtime: FakeRuntime, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager, events = events_manager(runtime, probe)
+    lease = await manager.acquire(ECHO, "hu")
+    lease.release()
+    iid = lease.instance_id
+    first_container = lease.container_id
+    async with running(manager):
+        await eventually(lambda: runtime.followed_since == [None], what="following the engine")
+        caplog.clear()
+        runtime.restart_engine(live_restore=live_restore)
+        await eventually(lambda: runtime.count("ping") >= 3, what="pings while it is away")
+        assert manager.info(iid).state is InstanceState.HEALTHY  # nothing known yet
+        runtime.down = False
+        await eventually(lambda: len(runtime.followed_since) == 2, what="following again")
+        since = runtime.followed_since[-1]
+        assert since is not None and abs(since - time.time()) < 5
+        expected = InstanceState.HEALTHY if live_restore else InstanceState.STOPPED
+        await eventually(lambda: manager.info(iid).state is expected, what=str(expected))
+        if not live_restore:
+            # It was stopped by the engine, not by itself: no crash counted, and the event
+            # says so.
+            assert manager.info(iid).restarts == 0
+            assert events[-1].kind == "exited" and "engine restarted" in events[-1].reason
+        # It serves again, the same container (woken when the engine stopped it).
+        async with manager.use(ECHO, "hu"):
+            pass
+        assert manager.info(iid).state is InstanceState.HEALTHY
+        assert manager.get(iid) is not None and manager.get(iid).container_id == first_container  # type: ignore[union-attr]
+        assert runtime.count("start") == (1 if live_restore else 2)
+    lost = [r for r in caplog.records if "lost the container engine" in r.getMessage()]
+    back = [r for r in caplog.records if "container engine is back" in r.getMessage()]
+    assert (len(lost), len(back)) == (1, 1)  # once each way, however many pings failed
+    assert runtime.count("ensure_networks") >= 1  # made again (with their packet filter)

@@ -1,5 +1,6 @@
-"""The instance lifecycle's transition table, row by row, and the pairs it rejects: no Docker, no
-asyncio, only `step(state, cause, trigger)`."""
+"""The instance lifecycle's transition table, row by row, and the pairs it rejects, and the
+crash-loop backoff beside it: no Docker, no asyncio, only `step(state, cause, trigger)` and
+`after_exit(loop, end, now)`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import get_args
 import pytest
 
 from nodeagent.lifecycle import (
+    BACKOFF_MOST_S,
+    ENGINE_RESTARTED,
+    STEADY_S,
     STOP_OUTCOMES,
     TABLE,
     TRIGGERS,
@@ -16,17 +20,22 @@ from nodeagent.lifecycle import (
     Answered,
     Boot,
     BootFailed,
+    CrashLoop,
     Died,
     Effect,
+    EngineStopped,
     FoundRunning,
     FoundStopped,
     Removed,
+    RunEnd,
     Started,
     Step,
     Stop,
     StopCause,
     StopFailed,
     Trigger,
+    after_exit,
+    backoff_delay,
     step,
 )
 from portside.events import EventKind
@@ -36,7 +45,7 @@ S = InstanceState
 K = EventKind
 C = StopCause
 BEGIN, ADOPT, END = Effect.BEGIN_RUN, Effect.ADOPT_RUN, Effect.END_RUN
-STOP_IT, FORGET = Effect.STOP_CONTAINER, Effect.FORGET_CONTAINER
+STOP_IT, FORGET, BACK_OFF = Effect.STOP_CONTAINER, Effect.FORGET_CONTAINER, Effect.BACK_OFF
 
 
 def rests(state: InstanceState, *effects: Effect, says: tuple[Announce, ...] = ()) -> Step:
@@ -59,9 +68,27 @@ ROWS: list[tuple[InstanceState, StopCause | None, Trigger, Step]] = [
         S.RUNNING,
         None,
         Died(137, at=5.0),
-        rests(S.STOPPED_WITH_CODE, END, says=(Announce(K.EXITED, 137, 9),)),
+        rests(S.STOPPED_WITH_CODE, BACK_OFF, END, says=(Announce(K.EXITED, 137, 9),)),
     ),
-    (S.HEALTHY, None, Died(3), rests(S.STOPPED_WITH_CODE, END, says=(Announce(K.EXITED, 3),))),
+    (
+        S.HEALTHY,
+        None,
+        Died(3),
+        rests(S.STOPPED_WITH_CODE, BACK_OFF, END, says=(Announce(K.EXITED, 3),)),
+    ),
+    # The engine restarted under it (no live-restore): it rests stopped, no crash is counted.
+    (
+        S.RUNNING,
+        None,
+        EngineStopped(143),
+        rests(S.STOPPED, END, says=(Announce(K.EXITED, 143, 15, ENGINE_RESTARTED),)),
+    ),
+    (
+        S.HEALTHY,
+        None,
+        EngineStopped(0, at=5.0),
+        rests(S.STOPPED, END, says=(Announce(K.EXITED, 0, reason=ENGINE_RESTARTED),)),
+    ),
     (
         S.RUNNING,
         None,
@@ -175,6 +202,7 @@ ONE_OF_EACH: list[Trigger] = [
     Started(),
     Answered(),
     Died(0),
+    EngineStopped(0),
     Removed(),
     BootFailed("x"),
     Stop(C.STOP),
@@ -238,3 +266,64 @@ def test_a_sleep_from_request_to_rest_and_back() -> None:
 def test_stopping_without_its_cause_is_a_bug() -> None:
     with pytest.raises(ValueError, match="without the cause"):
         step(S.STOPPING, None, Died(0))
+
+
+# -- crash-loop backoff --------------------------------------------------------------------------
+
+BOOTING = RunEnd(3, ran_s=0.2, answered=False, served=False)
+
+
+@pytest.mark.parametrize(
+    ("end", "crashed"),
+    [
+        (BOOTING, True),  # exited before its port answered
+        (RunEnd(3, ran_s=40.0, answered=False, served=False), True),  # a slow boot, still a boot
+        (RunEnd(1, ran_s=2.0, answered=True, served=False), True),  # answered, then fell over
+        (RunEnd(143, ran_s=2.0, answered=True, served=True), False),  # it served: wakes at once
+        (RunEnd(0, ran_s=11.0, answered=True, served=False), False),  # past the crash window
+        (RunEnd(0, ran_s=None, answered=True, served=False), False),  # adopted: unknown start
+    ],
+)
+def test_which_exits_are_crashes(end: RunEnd, crashed: bool) -> None:
+    assert end.crashed is crashed
+
+
+def test_the_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
+    assert [backoff_delay(n) for n in range(12)] == [
+        0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 300.0, 300.0
+    ]  # fmt: skip
+    assert backoff_delay(10_000) == BACKOFF_MOST_S
+
+
+def test_a_crash_loop_step_by_step() -> None:
+    loop, now = CrashLoop(), 100.0
+    assert not loop.holds_back(now)
+    loop = after_exit(loop, BOOTING, now)
+    assert (loop.crashes, loop.exit_code, loop.retry_at, loop.delay_s) == (1, 3, 101.0, 1.0)
+    assert loop.holds_back(100.5) and loop.refusal(100.5) == (
+        "exited with code 3 at start; next try in 1s"
+    )
+    assert not loop.holds_back(101.0)  # the next boot may be tried
+    loop = after_exit(loop, BOOTING, 101.5)
+    assert (loop.crashes, loop.retry_at) == (2, 103.5)
+    loop = after_exit(loop, BOOTING, 104.0)
+    assert (loop.crashes, loop.retry_at) == (3, 108.0)
+    assert loop.refusal(104.5) == "exited with code 3 at start; next try in 4s"  # 3.5 rounded up
+    # An exit after it served waits for nothing, but the count stays until a steady run.
+    served = after_exit(loop, RunEnd(143, 30.0, answered=True, served=True), 200.0)
+    assert (served.crashes, served.holds_back(200.0)) == (3, False)
+    assert after_exit(served, BOOTING, 201.0).delay_s == 8.0
+    # A run of ten minutes forgives everything before it, whether it ended or still runs.
+    assert after_exit(loop, RunEnd(0, STEADY_S, answered=True, served=True), 900.0) == CrashLoop()
+    assert loop.ran_steadily(STEADY_S - 1) is loop
+    assert loop.ran_steadily(STEADY_S) == CrashLoop()
+
+
+def test_only_an_exit_of_its_own_counts_against_the_loop() -> None:
+    # Rows that carry BACK_OFF: a container that was up and exited by itself. A stop of the
+    # agent's, a removal or the engine's restart never does.
+    backing_off = {key for key, row in TABLE.items() if Effect.BACK_OFF in row.effects}
+    assert backing_off == {(S.RUNNING, Died), (S.HEALTHY, Died)}
+    # BACK_OFF comes before END_RUN, which forgets when the run began.
+    row = TABLE[(S.HEALTHY, Died)]
+    assert row.effects.index(BACK_OFF) < row.effects.index(END)
