@@ -161,6 +161,8 @@ def _encode_status(s: InstanceStatus) -> dict[str, Any]:
     out.update(since=i.since, pool=i.pool, in_flight=i.in_flight, memory_bytes=s.memory_bytes)
     if s.cpu_percent is not None:
         out["cpu_percent"] = s.cpu_percent
+    if i.restarts:  # a crash loop: kept so that listings show it (`portside ps`)
+        out.update(restarts=i.restarts, backoff_until=i.backoff_until)
     return out
 
 
@@ -175,6 +177,8 @@ def _decode_status(instance_id: str, node_id: str, body: Mapping[str, Any]) -> I
         since=body.get("since", 0.0),
         pool=body.get("pool", False),
         in_flight=body.get("in_flight", 0),
+        restarts=body.get("restarts", 0),
+        backoff_until=body.get("backoff_until", 0.0),
     )
     return InstanceStatus(info, body.get("cpu_percent"), body.get("memory_bytes", 0))
 

@@ -62,6 +62,7 @@ from portside.errors import (
 )
 from portside.events import Event
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
+from portside.routechanges import RouteUpdate
 from portside.rpc import abort_with, grpc_errors
 from portside.spec import Node, NodeInfo, instance_id
 from portside.states import InstanceState
@@ -393,14 +394,19 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         controlplane.routewatch); an empty message every few seconds carries the revision, so
         an edge resumes from a recent one on whichever replica it reconnects to."""
         update = self.route_changes.since(request.since_revision)
-        yield route_update_to_pb(update)
+        yield self._route_update(update)
         sent = update.revision
         while True:
             await self.route_changes.wait(sent, ROUTES_PROGRESS_S)
             update = self.route_changes.since(sent)
             if update.changes or update.reset or update.revision > sent:
                 sent = update.revision
-                yield route_update_to_pb(update)
+                yield self._route_update(update)
+
+    def _route_update(self, update: RouteUpdate) -> cp.WatchRoutesResponse:
+        message = route_update_to_pb(update)
+        message.node_ttl_seconds = self.node_ttl_s
+        return message
 
     def _pool_members(self) -> list[pb.PoolMember]:
         out = []

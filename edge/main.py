@@ -97,6 +97,8 @@ async def follow_routes(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
 
     async for message in follow_stream(open_stream, what="route watch"):
         update = route_update_from_pb(message)
+        if message.node_ttl_seconds > 0:
+            proxy.node_lease_s = message.node_ttl_seconds
         proxy.apply_route_update(update)
         revision = update.revision
 

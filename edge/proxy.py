@@ -60,8 +60,8 @@ _MOST_ATTEMPTS: Final = 4
 # How long a node the route watch reported lost counts as lost (no connect retries to it) unless
 # a reset lists it alive: a node that comes back re-registers under the same id.
 _LOST_FOR_S: Final = 60.0
-# The control plane's default --node-ttl: a node it counts alive but that cannot be reached is
-# either reachable again or declared lost within it (its lease runs out).
+# The control plane's default --node-ttl, until the route watch tells the real one: a node it
+# counts alive but that cannot be reached is reachable again or declared lost within it.
 NODE_LEASE_S: Final = 10.0
 
 
@@ -286,7 +286,7 @@ class EdgeProxy:
     ) -> None:
         self.region = region
         self._deadlines = deadlines
-        self._node_lease_s = node_lease_s
+        self.node_lease_s = node_lease_s  # the control plane's --node-ttl, from the route watch
         self._table = RouteTable(config.routes if config is not None else ())
         self.cache = RouteCache(resolver, deadlines.resolve, route_cache_size)
         self._core = proxy.ProxyCore(transport or proxy.AiohttpTransport(deadlines), name="edge")
@@ -552,7 +552,7 @@ class EdgeProxy:
         with self._openings.track(target.node_id) as attempt:
             attempt.sent = False
             try:
-                await asyncio.sleep(self._node_lease_s)
+                await asyncio.sleep(self.node_lease_s)
             except asyncio.CancelledError:
                 if not attempt.cut or attempt.task.uncancel() > 0:
                     raise

@@ -253,8 +253,7 @@ class DataPlane:
                 ) from exc
             except UpstreamTimeout as exc:
                 raise UpstreamTimeout(
-                    f"{_container(cls, name)} sent no answer within"
-                    f" {self._deadlines.upstream_read:g}s"
+                    f"{_container(cls, name)} sent no answer within {self._deadlines.first_byte:g}s"
                 ) from exc
             except UpstreamFailed as exc:
                 raise UpstreamFailed(

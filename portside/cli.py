@@ -679,21 +679,6 @@ def ps_state(i: InstanceInfo, now: float) -> str:
     return text
 
 
-async def _with_backoff(ps: Portside, found: list[InstanceInfo]) -> list[InstanceInfo]:
-    """The listing comes from the nodes' last heartbeats, which the control plane keeps without
-    the crash-loop backoff: ask the agents of the instances that exited by themselves."""
-    crashed = [i for i in found if i.state is InstanceState.STOPPED_WITH_CODE][:50]
-    fresh = await asyncio.gather(
-        *(ps.container(i.class_name, i.name).state() for i in crashed), return_exceptions=True
-    )
-    by_id = {
-        i.instance_id: dataclasses.replace(i, backoff_until=f.backoff_until, restarts=f.restarts)
-        for i, f in zip(crashed, fresh, strict=True)
-        if not isinstance(f, BaseException) and f.instance_id == i.instance_id
-    }
-    return [by_id.get(i.instance_id, i) for i in found]
-
-
 def _info_row(i: InstanceInfo) -> dict[str, object]:
     return dataclasses.asdict(i)
 
@@ -777,7 +762,6 @@ async def _nodes(args: argparse.Namespace) -> int:
 async def _ps(args: argparse.Namespace) -> int:
     async with _connect(args) as ps:
         found = await ps.instances(args.class_name, args.node, args.state)
-        found = await _with_backoff(ps, found)
     if args.json:
         _print_json([_info_row(i) for i in found])
         return 0

@@ -86,6 +86,7 @@ class Answer:
     status: int  # 0: no HTTP answer
     who: str  # the answering container's hostname (200), else the Portside-Error kind or error
     via: str  # the url, and the instance name asked for
+    text: str = ""  # the reason, when Portside answered with an error
 
 
 @dataclass
@@ -111,10 +112,11 @@ class Probe:
                         else resp.headers.get(headers.ERROR, text.strip()[:80])
                     )
                     status = resp.status
+                    reason = "" if status == 200 else text.strip()[:200]
             except (aiohttp.ClientError, TimeoutError) as exc:
-                status, who = 0, type(exc).__name__
+                status, who, reason = 0, type(exc).__name__, str(exc)[:200]
             via = f"{url} {h.get('X-Session-Id', '')}".strip()
-            self.answers.append(Answer(sent, time.monotonic(), status, who, via))
+            self.answers.append(Answer(sent, time.monotonic(), status, who, via, reason))
             await asyncio.sleep(self.every)
 
     async def run(self) -> None:
@@ -170,6 +172,7 @@ def timeline(answers: list[Answer], origin: float) -> str:
                 lines.append(
                     f"    {run[0].sent - origin:+8.2f}s .. {run[-1].received - origin:+8.2f}s"
                     f"  {run[0].status} {run[0].who} x{len(run)}"
+                    + (f": {run[0].text}" if run[0].text else "")
                 )
                 run = []
             run.append(a)

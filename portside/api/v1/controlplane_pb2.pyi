@@ -173,16 +173,18 @@ class RouteChange(_message.Message):
     def __init__(self, kind: _Optional[_Union[RouteChange.Kind, str]] = ..., node_id: _Optional[str] = ..., class_name: _Optional[str] = ..., instance_name: _Optional[str] = ...) -> None: ...
 
 class WatchRoutesResponse(_message.Message):
-    __slots__ = ("reset", "live_nodes", "changes", "revision")
+    __slots__ = ("reset", "live_nodes", "changes", "revision", "node_ttl_seconds")
     RESET_FIELD_NUMBER: _ClassVar[int]
     LIVE_NODES_FIELD_NUMBER: _ClassVar[int]
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    NODE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     live_nodes: _containers.RepeatedScalarFieldContainer[str]
     changes: _containers.RepeatedCompositeFieldContainer[RouteChange]
     revision: int
-    def __init__(self, reset: _Optional[bool] = ..., live_nodes: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[RouteChange, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+    node_ttl_seconds: float
+    def __init__(self, reset: _Optional[bool] = ..., live_nodes: _Optional[_Iterable[str]] = ..., changes: _Optional[_Iterable[_Union[RouteChange, _Mapping]]] = ..., revision: _Optional[int] = ..., node_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class WatchPoolsRequest(_message.Message):
     __slots__ = ()
