@@ -7,11 +7,11 @@ and 127.0.0.3 (ams) and edges on 127.0.0.1 (fra) and 127.0.0.4 (ams), secured li
 cluster, as separate processes. All traffic stays on loopback.
 
 Load: --clients asyncio clients (aiohttp), started over --ramp seconds, work on --names named
-instances (sleep_after --sleep-after), each name always through the same edge. A client takes its names in turn: a
-session of GETs (--think seconds apart) for --session seconds, then a pause of sleep_after plus
---pause seconds, so that the name sleeps and its next session wakes it. Meanwhile the pool gets
---pool-clients workers burning CPU (GET /cgi-bin/burn?1) for --phase seconds, then one light
-client for --phase seconds, over and over: it scales up and back down.
+instances (sleep_after --sleep-after), each name always through the same edge. A client takes
+its names in turn: a session of GETs (--think seconds apart) for --session seconds, then a pause
+of sleep_after plus --pause seconds, so that the name sleeps and its next session wakes it.
+Meanwhile the pool gets --pool-clients workers burning CPU (GET /cgi-bin/burn?1) for --phase
+seconds, then one light client for --phase seconds, over and over: it scales up and back down.
 
 Reports requests, errors by status and Portside-Error kind, p50/p99 latency, boots, wakes, sleeps
 and scale events, and each daemon's resident memory and open file descriptors at every
@@ -507,7 +507,13 @@ def main() -> None:
     parser.add_argument("--sleep-after", type=float, default=2.0, help="seconds (2)")
     parser.add_argument("--think", type=float, nargs=2, default=(0.5, 1.5), metavar=("MIN", "MAX"))
     parser.add_argument(
-        "--session", type=float, nargs=2, default=(20.0, 60.0), metavar=("MIN", "MAX")
+        "--session",
+        type=float,
+        nargs=2,
+        # 200 names: about 2 wakes and 2 sleeps a second, each name every 1.5 minutes. dockerd on
+        # 2 busy cores started and stopped about 4 containers a second in parallel.
+        default=(60.0, 120.0),
+        metavar=("MIN", "MAX"),
     )
     parser.add_argument("--pause", type=float, nargs=2, default=(0.5, 3.0), metavar=("MIN", "MAX"))
     parser.add_argument(
@@ -519,6 +525,7 @@ def main() -> None:
     parser.add_argument("--sample-every", type=float, default=60.0, help="seconds (60)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-level", default="warning", help="of the daemons (warning)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs")
     args = parser.parse_args()
     if not args.etcd.startswith("etcd://"):
         parser.error("--etcd takes etcd://HOST:PORT")
@@ -561,7 +568,10 @@ def main() -> None:
         cluster.stop(client)
         client.close()
         etcdctl(args.etcd, "del", "--prefix", "/portside/")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep_logs:
+        print(f"logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

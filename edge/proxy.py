@@ -442,17 +442,17 @@ class EdgeProxy:
             name = target.instance_name
             self.cache.put(class_name, name, target)
         with self._in_flight.acquire(instance_id(class_name, name)):
-            return await self._proxy(request, class_name, name, hint)
+            return await self._proxy(request, class_name, name, hint, pool=True)
 
     async def _proxy(
-        self, request: web.Request, class_name: str, name: str, hint: str
+        self, request: web.Request, class_name: str, name: str, hint: str, *, pool: bool = False
     ) -> web.StreamResponse:
         # The Portside-* identity headers are the edge's to set: a client must not choose its
         # instance.
         forward = proxy.forward_request(
             request, ingress=True, add={headers.CLASS: class_name, headers.INSTANCE: name}
         )
-        target, upstream = await self._open(forward, class_name, name, hint)
+        target, upstream = await self._open(forward, class_name, name, hint, pool=pool)
 
         def broke_off(exc: UpstreamFailed) -> None:
             metrics.UPSTREAM_ERRORS.labels("broken").inc()
@@ -466,13 +466,15 @@ class EdgeProxy:
         return await self._core.deliver(request, upstream, on_break=broke_off)
 
     async def _open(
-        self, forward: proxy.Forward, class_name: str, name: str, hint: str
+        self, forward: proxy.Forward, class_name: str, name: str, hint: str, *, pool: bool = False
     ) -> tuple[Target, proxy.Upstream]:
         """Send `forward` to the instance's node agent, and send it again to a freshly resolved
         node when the rule of `proxy.may_resend` allows (docs/architecture.md, "Edges follow
         the cluster"): once after a failed connect, a connection cut before the answer or a
         fenced agent's refusal; and after each loss of its node, which the next resolve no
-        longer names. Otherwise the failure says what happened and whether it may have run."""
+        longer names. Otherwise the failure says what happened and whether it may have run.
+        A pool request that goes again goes to another member (any member serves), never to
+        the lost or unreachable one's name again."""
         target = await self.cache.target(class_name, name, hint)
         resent = False
         for _ in range(_MOST_ATTEMPTS):
@@ -535,11 +537,38 @@ class EdgeProxy:
                         f" run this request for instance {name!r}; send it again"
                     )
                 resent = self._fenced(target, class_name, name)
-            target = await self.cache.target(class_name, name, hint)
+            if pool:
+                target = await self._another_member(class_name, hint, avoid=target.node_id)
+                name = target.instance_name
+                forward.headers[headers.INSTANCE] = name
+            else:
+                target = await self.cache.target(class_name, name, hint)
         raise NodeUnreachable(
             f"instance {name!r} of class {class_name}: its node was lost {_MOST_ATTEMPTS} times"
             " while this request waited; send it again"
         )
+
+    async def _another_member(self, class_name: str, hint: str, *, avoid: str) -> Target:
+        """A pool member on another node than `avoid` and on none the route watch reported
+        lost; with none left, the one the control plane names."""
+        members = [
+            m
+            for m in self._pools.get(class_name, ())
+            if m.node_id != avoid and m.node_id not in self._lost
+        ]
+        member = choose(
+            members,
+            geo.lookup(hint),
+            self._in_flight,
+            self._limits.get(class_name, 0),
+            self._rng,
+        )
+        if member is not None:
+            target = Target(member.node_id, member.data_address, member.name)
+        else:
+            target = await self.cache.target(class_name, "", hint)
+        self.cache.put(class_name, target.instance_name, target)
+        return target
 
     async def _lost_meanwhile(self, target: Target, failure: UpstreamFailed) -> bool:
         """After a second failed connect to a node the control plane still counts alive (it
