@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -20,7 +21,7 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.cluster import first_config, follow_config
 from portside.convert import pool_member_from_pb, route_update_from_pb
-from portside.errors import from_rpc
+from portside.errors import Unavailable, from_rpc
 from portside.instances import PoolMember
 from portside.join import take_part
 from portside.pki import PeerRole
@@ -48,15 +49,48 @@ def edge_id(opts: EdgeOptions) -> str:
     return f"{socket.gethostname()}-{opts.listen}"
 
 
-class GrpcResolver:
-    """Resolves through the control plane; failures become Portside errors with its reason."""
+# The route watch brings a message at least every 5 s (its progress beat); silence this long
+# means the control plane is out of reach, though the connection may not have failed yet.
+SILENT_FOR_S = 12.0
 
-    def __init__(self, channel: grpc.aio.Channel, controlplane: str, deadline_s: float) -> None:
+
+class Heard:
+    """When the control plane last spoke on the route watch (monotonic); 0: not yet."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def now(self) -> None:
+        self.at = time.monotonic()
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.at if self.at else 0.0
+
+
+class GrpcResolver:
+    """Resolves through the control plane; failures become Portside errors with its reason.
+    While the route watch has been silent past SILENT_FOR_S (a cut-off control plane whose
+    connection has not failed yet), a resolve fails at once instead of waiting its deadline."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        controlplane: str,
+        deadline_s: float,
+        heard: Heard | None = None,
+    ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
         self.controlplane = controlplane
         self.deadline_s = deadline_s
+        self.heard = heard
 
     async def resolve(self, class_name: str, instance_name: str, hint: str) -> Target:
+        silent = self.heard.silent_for() if self.heard is not None else 0.0
+        if silent > SILENT_FOR_S:
+            raise Unavailable(
+                f"control plane {self.controlplane} is unreachable (no word from it for"
+                f" {silent:.0f}s): cannot resolve {class_name}/{instance_name or '(pool)'} now"
+            )
         try:
             reply = await self.stub.Resolve(
                 cp.ResolveRequest(
@@ -85,7 +119,9 @@ async def follow_pools(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
         proxy.set_pool_members(pools)
 
 
-async def follow_routes(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
+async def follow_routes(
+    channel: grpc.aio.Channel, proxy: EdgeProxy, heard: Heard | None = None
+) -> None:
     """Drop cached routes as nodes are lost and instances move or go (WatchRoutes), resuming
     from the last revision seen after every break. While the control plane is unreachable the
     cache stays as it is, and warm routes serve."""
@@ -96,6 +132,8 @@ async def follow_routes(channel: grpc.aio.Channel, proxy: EdgeProxy) -> None:
         return stub.WatchRoutes(cp.WatchRoutesRequest(since_revision=revision))
 
     async for message in follow_stream(open_stream, what="route watch"):
+        if heard is not None:
+            heard.now()
         update = route_update_from_pb(message)
         if message.node_ttl_seconds > 0:
             proxy.node_lease_s = message.node_ttl_seconds
@@ -149,10 +187,11 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
         return  # told to stop before it could join
     to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
     to_agents = membership.client_tls(PeerRole.AGENT)
+    heard = Heard()
     async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
         proxy = EdgeProxy(
             opts.region,
-            GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve),
+            GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve, heard),
             opts.deadlines,
             transport=AiohttpTransport(opts.deadlines, tls=to_agents),
         )
@@ -167,7 +206,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                 got_config = asyncio.Event()
                 watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
                 pools = tasks.create_task(follow_pools(channel, proxy))
-                routes = tasks.create_task(follow_routes(channel, proxy))
+                routes = tasks.create_task(follow_routes(channel, proxy, heard))
                 demand = tasks.create_task(
                     report_demand(channel, proxy, ident, opts.region, opts.metrics_listen)
                 )
