@@ -54,8 +54,20 @@ async def get(
 def containers_of(
     client: docker.DockerClient, name: str, cluster: Cluster
 ) -> list[docker.models.containers.Container]:
-    found = client.containers.list(all=True, filters={"label": f"portside.instance={name}"})
-    return [c for c in found if c.labels["portside.node"].startswith(cluster.tag + "-")]
+    # Listed sparse, then inspected one by one: a container removed in between (an agent's
+    # reconcile, a sleep's cleanup) is skipped, not a 404 that fails the test.
+    listed = client.containers.list(
+        all=True, sparse=True, filters={"label": f"portside.instance={name}"}
+    )
+    out = []
+    for c in listed:
+        if not c.attrs["Labels"]["portside.node"].startswith(cluster.tag + "-"):
+            continue
+        try:
+            out.append(client.containers.get(c.id))
+        except docker.errors.NotFound:
+            continue
+    return out
 
 
 def stopped(container: docker.models.containers.Container) -> bool:
