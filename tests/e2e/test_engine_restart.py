@@ -2,9 +2,8 @@
 takes its containers again and serves its instance again without being restarted itself.
 
 This test restarts the host's dockerd: every other test using the engine meanwhile breaks, which
-is fine for the suite (it runs one test at a time) and for CI. Engineers who share a machine
-between several test runs at once set PORTSIDE_TEST_KEEP_DOCKERD=1 to leave it out of theirs
-(never in CI: .ci/run does not set it). It restarts dockerd exactly as
+is fine for the suite (it runs one test at a time) and for CI; do not run it beside another test
+run on the same engine. It restarts dockerd exactly as
 it was started: the same command line (from /proc/<pid>/cmdline), working directory and log file.
 tests/integration/test_agent_restarts.py covers the same recovery through a relay of the engine's
 socket, without touching the shared engine."""
@@ -26,13 +25,7 @@ from portside.states import InstanceState
 from tests.e2e.harness import Cluster
 from tests.support import eventually, eventually_sync
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        os.environ.get("PORTSIDE_TEST_KEEP_DOCKERD") == "1",
-        reason="PORTSIDE_TEST_KEEP_DOCKERD=1: this run shares the engine with other runs",
-    ),
-]
+pytestmark = pytest.mark.e2e
 
 
 def config(image: str) -> str:

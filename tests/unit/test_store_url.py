@@ -24,7 +24,7 @@ def test_registry_knows_etcd_and_sqlite_only() -> None:
         ("etcd://127.0.0.2:2379,127.0.0.3:22379/", [("127.0.0.2", 2379), ("127.0.0.3", 22379)]),
         ("etcd://etcd-0", [("etcd-0", 2379)]),
         ("etcd://[::1]:2379", [("::1", 2379)]),
-        ("etcd+https://10.0.0.5:2379,etcd-1", [("10.0.0.5", 2379), ("etcd-1", 2379)]),
+        ("etcd+https://127.0.1.5:2379,etcd-1", [("127.0.1.5", 2379), ("etcd-1", 2379)]),
     ],
 )
 def test_etcd_url_lists_endpoints_in_order(url: str, endpoints: list[tuple[str, int]]) -> None:

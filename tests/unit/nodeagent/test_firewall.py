@@ -28,9 +28,9 @@ from nodeagent.firewall import (
 from nodeagent.runtime.docker_engine import NetworkBridge, network_bridge
 from portside.errors import FailedPrecondition
 
-INTERNAL = NetworkBridge("portside-internal", "br-06ba06e1b493", False, ("172.18.0.1",))
-EGRESS = NetworkBridge("portside-egress", "br-9e572d514125", False, ("172.19.0.1",))
-DUAL = NetworkBridge("dual", "br-0123456789ab", True, ("172.20.0.1", "fd00:20::1"))
+INTERNAL = NetworkBridge("portside-internal", "br-06ba06e1b493", False, ("127.18.0.1",))
+EGRESS = NetworkBridge("portside-egress", "br-9e572d514125", False, ("127.19.0.1",))
+DUAL = NetworkBridge("dual", "br-0123456789ab", True, ("127.20.0.1", "fd00:20::1"))
 
 DOCKER_LISTING = """\
 -P INPUT ACCEPT
@@ -72,7 +72,7 @@ def test_the_bridge_is_dockers_name_unless_the_network_names_its_own() -> None:
         "Name": "portside-internal",
         "Id": "06ba06e1b49328399fb7db2fd9c9db8f6af3b6e3d2165396974be24875dc8413",
         "EnableIPv6": False,
-        "IPAM": {"Config": [{"Subnet": "172.18.0.0/16", "Gateway": "172.18.0.1"}]},
+        "IPAM": {"Config": [{"Subnet": "127.18.0.0/16", "Gateway": "127.18.0.1"}]},
         "Options": {"com.docker.network.bridge.enable_icc": "false"},
     }
     assert network_bridge(listed) == INTERNAL
@@ -244,7 +244,7 @@ async def test_the_agent_guards_its_networks_for_as_long_as_it_runs(tmp_path: Pa
     assert await firewall.check([INTERNAL, EGRESS]) == []
     # The networks were removed and made again: new bridges, guarded before any container joins.
     assert runtime.guard is not None
-    renewed = NetworkBridge("portside-internal", "br-aaaaaaaaaaaa", False, ("172.18.0.1",))
+    renewed = NetworkBridge("portside-internal", "br-aaaaaaaaaaaa", False, ("127.18.0.1",))
     await runtime.guard([renewed, EGRESS])
     assert await firewall.check([renewed]) == []
 
