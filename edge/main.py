@@ -25,7 +25,7 @@ from portside.errors import Unavailable, from_rpc
 from portside.instances import PoolMember
 from portside.join import take_part
 from portside.pki import PeerRole
-from portside.proxy import AiohttpTransport
+from portside.proxy import HttpTransport
 from portside.rpc import follow_stream
 from portside.tokens import Token
 
@@ -42,11 +42,13 @@ class EdgeOptions:
     join_token: Token | None = None  # None: a cluster run with --insecure (plaintext)
     tls_cert: str = ""  # the public listener's certificate chain and key (PEM): HTTPS
     tls_key: str = ""
+    worker: int | None = None  # which of `portside edge --workers N` (None: the only one)
 
 
 def edge_id(opts: EdgeOptions) -> str:
-    """This edge's name in demand reports and its certificate."""
-    return f"{socket.gethostname()}-{opts.listen}"
+    """This edge's name in demand reports and its certificate (each worker has its own)."""
+    ident = f"{socket.gethostname()}-{opts.listen}"
+    return ident if opts.worker is None else f"{ident}-w{opts.worker}"
 
 
 # The route watch brings a message at least every 5 s (its progress beat); silence this long
@@ -193,10 +195,10 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
             opts.region,
             GrpcResolver(channel, opts.controlplane, opts.deadlines.resolve, heard),
             opts.deadlines,
-            transport=AiohttpTransport(opts.deadlines, tls=to_agents),
+            transport=HttpTransport(opts.deadlines, tls=to_agents),
         )
         scrape = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
-        ingress = None
+        serving = False
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = []
@@ -211,7 +213,8 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                     report_demand(channel, proxy, ident, opts.region, opts.metrics_listen)
                 )
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "routes")
-                ingress = await net.start_http_server(proxy.app(), opts.listen, public)
+                await proxy.listen(opts.listen, public)
+                serving = True
                 log.info(
                     "edge %s serving %s %s (metrics %s), control plane %s (%s)",
                     opts.region,
@@ -225,7 +228,7 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                 for task in (*background, watch, pools, routes, demand):
                     task.cancel()
         finally:
-            if ingress is not None:
-                await ingress.cleanup()
+            if serving:
+                await proxy.shutdown()
             await scrape.cleanup()
             log.info("edge stopped")

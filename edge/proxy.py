@@ -8,12 +8,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-
-from aiohttp import web
 
 from edge import metrics
 from edge.pools import InFlight, choose
@@ -28,6 +27,7 @@ from edge.routing import (
 from portside import geo, headers, proxy
 from portside.errors import (
     ERROR_KINDS,
+    InvalidArgument,
     NodeFenced,
     NodeLost,
     NodeUnreachable,
@@ -42,7 +42,7 @@ from portside.errors import (
     error_class,
 )
 from portside.instances import PoolMember
-from portside.net import Deadlines
+from portside.net import Deadlines, split_hostport
 from portside.routechanges import RouteChangeKind, RouteUpdate
 from portside.spec import Config, Route, instance_id
 
@@ -263,13 +263,13 @@ class EdgeProxy:
 
         proxy = EdgeProxy(region="weur", resolver=resolver, deadlines=Deadlines())
         proxy.set_config(config)                  # and again on every config the watch delivers
-        ingress = await start_http_server(proxy.app(), "127.0.0.1:8080")
+        await proxy.listen("127.0.0.1:8080")      # several workers may share the port
         scrape = await start_http_server(daemon.metrics_app(), "127.0.0.1:9090")
         ...
         proxy.invalidate(class_name, name)        # an instance moved or stopped
         proxy.invalidate_node(node_id)            # a node's lease expired
         ...
-        await ingress.cleanup()                   # closes open WebSockets, then the upstream pool
+        await proxy.shutdown()                    # WebSockets going-away, then the upstream pool
         await scrape.cleanup()
     """
 
@@ -289,7 +289,8 @@ class EdgeProxy:
         self.node_lease_s = node_lease_s  # the control plane's --node-ttl, from the route watch
         self._table = RouteTable(config.routes if config is not None else ())
         self.cache = RouteCache(resolver, deadlines.resolve, route_cache_size)
-        self._core = proxy.ProxyCore(transport or proxy.AiohttpTransport(deadlines), name="edge")
+        self._core = proxy.ProxyCore(transport or proxy.HttpTransport(deadlines), name="edge")
+        self.server = proxy.HttpServer(self._handle, name="edge")
         self._pools: dict[str, list[PoolMember]] = {}  # class -> members, from the pool watch
         self._limits: dict[str, int] = {}  # class -> concurrency_limit
         self._in_flight = InFlight()  # this edge's requests in flight per pool instance id
@@ -362,51 +363,59 @@ class EdgeProxy:
 
     # --- the application --------------------------------------------------------------------
 
-    def app(self) -> web.Application:
-        """The ingress application; every path is a user's (no /metrics, no health path here)."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._core.attach(app)
-        app.cleanup_ctx.append(self._route_cache)
-        return app
+    async def listen(self, address: str, tls: ssl.SSLContext | None = None) -> None:
+        """Serve the ingress on HOST:PORT; every path is a user's (no /metrics, no health path
+        here). The port is shared (SO_REUSEPORT) with the other workers of this edge, if any."""
+        host, port = split_hostport(address, "listen address")
+        try:
+            await self.server.listen(host, port, tls, reuse_port=True)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot listen on {address}: {exc.strerror}") from exc
 
-    async def _route_cache(self, _app: web.Application) -> AsyncIterator[None]:
-        yield
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop serving: open WebSockets hear going-away, requests in flight finish within
+        `grace_s`, then the upstream pool and the resolves in flight close."""
+        await self._core.shutdown(self.server, grace_s)
         await self.cache.close()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw_path = request.rel_url.raw_path
+    async def _handle(self, request: proxy.Request) -> None:
+        raw_path = request.path
         route = self._table.match(raw_path)  # one read of the table: config swaps are atomic
         if route is None:
             metrics.REQUESTS.labels("", "", "404", self.region).inc()
-            return proxy.error_response(NoRoute(f"no route for {raw_path}"))
-        status = _CLIENT_GONE
+            proxy.answer_error(request, NoRoute(f"no route for {raw_path}"))
+            return
         try:
-            response = await self._serve(request, route, raw_path)
-            status = response.status
-            return response
+            await self._serve(request, route, raw_path)
         except PortsideError as exc:
-            answer = proxy.error_response(exc)
-            status = answer.status
-            return answer
+            if request.status:
+                request.abort()  # the head is out already: only a cut says it broke
+            else:
+                proxy.answer_error(request, exc)
         except Exception:
             # A bug, or a resolver raising outside the error tree: the client still gets a clear
             # answer, the operator the traceback.
             log.exception("edge failed on %s %s", request.method, raw_path)
-            status = 500
-            return proxy.error_response(
-                PortsideError("the edge failed on this request; see its log")
+            if request.status:
+                request.abort()
+                return
+            proxy.answer_error(
+                request, PortsideError("the edge failed on this request; see its log")
             )
         finally:
             metrics.REQUESTS.labels(
-                route.class_name, normalize_prefix(route.path), str(status), self.region
+                route.class_name,
+                normalize_prefix(route.path),
+                str(request.status or _CLIENT_GONE),
+                self.region,
             ).inc()
 
-    async def _serve(self, request: web.Request, route: Route, raw_path: str) -> web.StreamResponse:
+    async def _serve(self, request: proxy.Request, route: Route, raw_path: str) -> None:
         self.demand[route.class_name] = self.demand.get(route.class_name, 0) + 1
         source = route.instance
         if source is None:
-            return await self._serve_pool(request, route.class_name)
+            await self._serve_pool(request, route.class_name)
+            return
         # Parse the query string and cookies only for routes that read them.
         parts = RequestParts(
             path=raw_path,
@@ -421,9 +430,9 @@ class EdgeProxy:
                 f" {describe_source(route)}"
             )
         hint = location_hint(request.headers, self.region)
-        return await self._proxy(request, route.class_name, name, hint)
+        await self._proxy(request, route.class_name, name, hint)
 
-    async def _serve_pool(self, request: web.Request, class_name: str) -> web.StreamResponse:
+    async def _serve_pool(self, request: proxy.Request, class_name: str) -> None:
         """Any member serves: the nearest with room, by `pools.choose`; with none ready, the
         control plane names one (starting it if the pool is empty) and the request waits."""
         hint = location_hint(request.headers, self.region)
@@ -442,11 +451,11 @@ class EdgeProxy:
             name = target.instance_name
             self.cache.put(class_name, name, target)
         with self._in_flight.acquire(instance_id(class_name, name)):
-            return await self._proxy(request, class_name, name, hint, pool=True)
+            await self._proxy(request, class_name, name, hint, pool=True)
 
     async def _proxy(
-        self, request: web.Request, class_name: str, name: str, hint: str, *, pool: bool = False
-    ) -> web.StreamResponse:
+        self, request: proxy.Request, class_name: str, name: str, hint: str, *, pool: bool = False
+    ) -> None:
         # The Portside-* identity headers are the edge's to set: a client must not choose its
         # instance.
         forward = proxy.forward_request(
@@ -463,7 +472,7 @@ class EdgeProxy:
                 exc,
             )
 
-        return await self._core.deliver(request, upstream, on_break=broke_off)
+        await self._core.deliver(request, upstream, on_break=broke_off)
 
     async def _open(
         self, forward: proxy.Forward, class_name: str, name: str, hint: str, *, pool: bool = False
@@ -633,8 +642,9 @@ def _is_fenced(upstream: proxy.UpstreamResponse) -> bool:
 
 
 def _refused_upgrade(target: Target, exc: proxy.UpgradeRefused) -> PortsideError:
-    """The agent refused a WebSocket upgrade: with its kind, the same error it gave (aiohttp
-    drops a refused handshake's body, so the reason is rebuilt); without one, ours."""
+    """The agent refused a WebSocket upgrade: with its kind, the same error it gave (the
+    transport keeps a refused handshake's status and kind, not its body, so the reason is
+    rebuilt); without one, ours."""
     refusal = error_class(exc.kind) if exc.kind else None
     if refusal is None:
         return UpstreamRefused(f"{_agent(target)} {exc}")

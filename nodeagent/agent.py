@@ -360,12 +360,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "classes")
                 plane = DataPlane(manager, catalog.get, opts.deadlines, fence=fence)
-                data_plane = await net.start_http_server(
-                    plane.app(),
-                    opts.listen,
-                    data_tls,
-                    f"the data port of agent {node.id}",
-                )
+                await plane.listen(opts.listen, data_tls, f"the data port of agent {node.id}")
+                data_plane = plane
                 await api.start()
                 usage = UsageSampler(manager, runtime)
                 keeper = PoolKeeper(manager, catalog.get)
@@ -396,7 +392,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await keeper.close()
                 # New connections are refused at once (edges go elsewhere); requests in flight
                 # finish within the grace, WebSockets close 1001 at its end.
-                await plane.drain(data_plane, opts.drain_grace)
+                await plane.drain(opts.drain_grace)
                 data_plane = None
                 if opts.stop_on_exit:
                     # Nothing may wake what is being stopped: no more Starts.
@@ -415,7 +411,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             # Without stop_on_exit containers keep running: the next agent on this node adopts
             # them (running or stopped alike).
             if data_plane is not None:
-                await data_plane.cleanup()
+                await data_plane.close()
             await api.stop(2)
             await scrape.cleanup()
             await manager.close()

@@ -11,8 +11,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
-from aiohttp import web
-
 from nodeagent import metrics
 from nodeagent.fence import Fence
 from nodeagent.instances import Hold, InstanceManager
@@ -20,6 +18,7 @@ from nodeagent.runtime import ContainerInfo
 from portside import headers, proxy
 from portside.errors import (
     ContainerExited,
+    InvalidArgument,
     NodeFenced,
     NotFound,
     NotThroughEdge,
@@ -30,7 +29,7 @@ from portside.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from portside.net import Deadlines
+from portside.net import Deadlines, ServerTls, peer_admission, server_ssl_context, split_hostport
 from portside.spec import ContainerClass
 
 log = logging.getLogger(__name__)
@@ -41,14 +40,12 @@ _CLIENT_GONE: Final = 499  # nginx's code for "the client closed the request", f
 
 
 class DataPlane:
-    """The aiohttp application edges call. `app()` builds it; serve it with
-    `portside.net.start_http_server(plane.app(), address, tls)` (mutual TLS in a secured
-    cluster: only edges and control planes get through). The upstream transport lives with the
-    application (closed on its cleanup); open WebSockets close going-away on its shutdown.
+    """The HTTP server edges call: `await plane.listen(address, tls)` (mutual TLS in a secured
+    cluster: only edges and control planes get through).
 
-    On SIGTERM the agent `drain`s it instead of a plain cleanup: no new connections at once
-    (edges get connection refused and go elsewhere), requests in flight finish within a bounded
-    grace, and what is left at its end is cut (WebSockets close 1001 going away)."""
+    On SIGTERM the agent `drain`s it: no new connections at once (edges get connection refused
+    and go elsewhere), requests in flight finish within a bounded grace, and what is left at its
+    end is cut (WebSockets close 1001 going away). `close` stops it at once."""
 
     def __init__(
         self,
@@ -69,20 +66,34 @@ class DataPlane:
         self._cutting = False  # the drain's grace is over: what is left is cut, not finished
         # A container's answer never carries Portside-Error: that header says Portside answered.
         self._core = proxy.ProxyCore(
-            transport or proxy.AiohttpTransport(self._deadlines),
+            transport or proxy.HttpTransport(self._deadlines),
             name="node agent",
             drop_from_responses=(headers.ERROR,),
         )
+        self._server: proxy.HttpServer | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=0)  # bodies stream; no size limit to enforce here
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self._core.attach(app)
-        return app
+    async def listen(
+        self, address: str, tls: ServerTls | None = None, what: str = "the data port"
+    ) -> None:
+        """Serve on HOST:PORT; with `tls`, HTTPS whose peers must hold a certificate of the
+        roles it names (others get 403 on every request)."""
+        host, port = split_hostport(address, "listen address")
+        admission = peer_admission(tls.peers, what) if tls is not None and tls.peers else None
+        self._server = proxy.HttpServer(self.handle, name="node agent", admission=admission)
+        context = server_ssl_context(tls) if tls is not None else None
+        try:
+            await self._server.listen(host, port, context, reuse_port=False)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot listen on {address}: {exc.strerror}") from exc
+
+    async def close(self) -> None:
+        """Stop at once: WebSockets going-away, requests in flight cut."""
+        if self._server is not None:
+            await self._core.shutdown(self._server, 0)
 
     # -- entry --------------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: proxy.Request) -> None:
         # Every path is an instance's: /metrics and /healthz are on the agent's metrics port.
         try:
             cls, name = self._addressee(request)
@@ -90,38 +101,33 @@ class DataPlane:
                 # Only a request already read off a kept-alive connection can get here.
                 raise Unavailable("this node agent is shutting down: send the request elsewhere")
         except PortsideError as exc:
-            refusal = proxy.error_response(exc)
-            if self._draining:
-                refusal.force_close()
-            return refusal
+            proxy.answer_error(request, exc, close=self._draining)
+            return
         started = time.perf_counter()
-        status = _CLIENT_GONE
         task = asyncio.current_task()
         if task is not None:
-            self._handling[task] = request.headers.get("Upgrade", "").lower() == "websocket"
+            self._handling[task] = request.websocket
         try:
-            response = await self._serve(request, cls, name)
-            status = response.status
-            return response
+            await self._serve(request, cls, name)
         finally:
             if task is not None:
                 self._handling.pop(task, None)
                 if self._draining and not self._cutting:
                     metrics.DRAINED_REQUESTS.labels("finished").inc()
-            metrics.PROXIED_REQUESTS.labels(cls.name, str(status)).inc()
+            status = str(request.status or _CLIENT_GONE)
+            metrics.PROXIED_REQUESTS.labels(cls.name, status).inc()
             metrics.PROXY_SECONDS.labels(cls.name).observe(time.perf_counter() - started)
 
-    async def drain(self, runner: web.AppRunner, grace_s: float) -> tuple[int, int]:
-        """Stop serving `runner` (this plane's server) gracefully: close its listening sockets
-        at once and its idle kept-alive connections, let requests in flight finish within
-        `grace_s`, then close the WebSockets still open with 1001 going away and cut the
-        requests still waiting. Returns (finished, cut); the runner is cleaned up."""
+    async def drain(self, grace_s: float) -> tuple[int, int]:
+        """Stop serving gracefully: close the listening socket at once and idle kept-alive
+        connections, let requests in flight finish within `grace_s`, then close the WebSockets
+        still open with 1001 going away and cut the requests still waiting. Returns (finished,
+        cut); the server and its upstream pool are closed."""
         self._draining = True
         in_flight = len(self._handling)
-        for site in list(runner.sites):
-            await site.stop()  # new connections are refused from here on
-        if runner.server is not None:
-            runner.server.pre_shutdown()  # kept-alive connections close after their request
+        server = self._server
+        assert server is not None, "drain after listen"
+        server.stop_listening()  # new connections are refused from here on
         log.info(
             "draining: %d requests in flight (%d WebSockets), up to %gs",
             in_flight,
@@ -138,8 +144,8 @@ class DataPlane:
             task.cancel()
         if requests:
             await asyncio.wait(requests, timeout=1.0)
-        # Its shutdown closes the WebSockets (1001) and waits for their handlers to end.
-        await runner.cleanup()
+        # The WebSockets hear 1001; their handlers end as both sides close.
+        await self._core.shutdown(server, proxy.WS_CLOSE_TIMEOUT)
         finished = in_flight - cut
         if cut:
             log.warning("drained: %d requests finished, %d cut after %gs", finished, cut, grace_s)
@@ -147,7 +153,7 @@ class DataPlane:
             log.info("drained: %d requests finished", finished)
         return finished, cut
 
-    def _addressee(self, request: web.Request) -> tuple[ContainerClass, str]:
+    def _addressee(self, request: proxy.Request) -> tuple[ContainerClass, str]:
         """The class and instance name an edge set; refuses a request that did not come through
         one, or names a class this agent does not know."""
         class_name = request.headers.get(headers.CLASS)
@@ -166,9 +172,7 @@ class DataPlane:
             raise NotFound(f"class {class_name} is not deployed (this node agent does not know it)")
         return cls, name
 
-    async def _serve(
-        self, request: web.Request, cls: ContainerClass, name: str
-    ) -> web.StreamResponse:
+    async def _serve(self, request: proxy.Request, cls: ContainerClass, name: str) -> None:
         # The container needs no Portside-Class: its class is what it is. Portside-Instance
         # stays, so one image can serve many names.
         forward = proxy.forward_request(request, ingress=False, drop=(headers.CLASS,))
@@ -186,7 +190,7 @@ class DataPlane:
                 if isinstance(upstream, proxy.UpstreamResponse):
                     upstream.release()
                 else:
-                    await upstream.socket.close(code=1001)
+                    upstream.close(1001)
                 raise
 
             def broke_off(exc: UpstreamFailed) -> None:
@@ -200,9 +204,12 @@ class DataPlane:
                 )
 
             # The hold lasts as long as the answer: an open WebSocket keeps the instance awake.
-            return await self._core.deliver(request, upstream, on_break=broke_off)
+            await self._core.deliver(request, upstream, on_break=broke_off)
         except PortsideError as exc:
-            return proxy.error_response(exc)
+            if request.status:
+                request.abort()  # the answer had begun: only a cut says it broke
+            else:
+                proxy.answer_error(request, exc)
         finally:
             for hold in holds:
                 hold.release()
@@ -220,8 +227,8 @@ class DataPlane:
         died while idle, before this request, boot it again and send once more (appending to
         `holds`); every other failure becomes the error that says what happened to it.
 
-        aiohttp itself already sends an idempotent request a second time when its connection
-        drops (RFC 9112 9.3.1, for kept-alive connections the container had closed)."""
+        The transport itself already sends an idempotent request a second time when a kept-alive
+        connection the container had closed drops it (RFC 9112 9.3.1)."""
         while True:
             hold = holds[-1]
             sent_at = datetime.now(UTC)

@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a connection to a node agent (default: 5)",
     )
     p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="edge processes sharing --listen (SO_REUSEPORT), one per core to use; worker i "
+        "serves /metrics on the --metrics-listen port + i (default: 1)",
+    )
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
         "--first-byte-timeout",
         type=_seconds,
         metavar="SECONDS",
@@ -368,7 +377,9 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
     if args.command in ("controlplane", "agent", "edge"):
         from portside.up import stop_with_parent
 
@@ -401,6 +412,7 @@ def refused(exc: PortsideError) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from portside.daemon import run_fast
     from portside.join import join_token
     from portside.net import split_hostport, with_port_offset
 
@@ -441,7 +453,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from nodeagent.agent import run as run_agent
 
         labels = dict(_key_value(x) for x in args.label)
-        asyncio.run(
+        run_fast(
             run_agent(
                 AgentOptions(
                     controlplane=args.controlplane,
@@ -474,13 +486,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if bool(args.tls_cert) != bool(args.tls_key):
             raise InvalidArgument("--tls-cert and --tls-key go together: give both, or neither")
+        if args.workers > 1 and args.worker is None:
+            from edge.workers import supervise
 
-        asyncio.run(
+            return supervise(args.argv[args.argv.index("edge") + 1 :], args.workers)
+        worker = args.worker or 0
+        metrics_listen = args.metrics_listen or with_port_offset(args.listen, 1)
+        run_fast(
             run_edge(
                 EdgeOptions(
                     controlplane=args.controlplane,
                     listen=args.listen,
-                    metrics_listen=args.metrics_listen or with_port_offset(args.listen, 1),
+                    metrics_listen=with_port_offset(metrics_listen, worker),
+                    worker=args.worker,
                     region=args.region,
                     deadlines=deadlines,
                     join_token=join_token(args.join_token_file),
@@ -542,6 +560,12 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -11,9 +11,11 @@ import hmac
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
+import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,6 +34,13 @@ def setup_logging(level: str = "info") -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run a daemon whose hot path is network I/O (the edge, the node agent) on uvloop: its
+    event loop is libuv's, about twice as fast per request as asyncio's own."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -559,7 +559,11 @@ def public_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 def request_peer(request: web.Request) -> Peer | None:
     """Who sent `request`, by the certificate its connection presented; None without one."""
     transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return connection_peer(transport.get_extra_info("ssl_object") if transport else None)
+
+
+def connection_peer(ssl_object: ssl.SSLObject | None) -> Peer | None:
+    """Who is at the other end of a TLS connection, by its certificate; None without one."""
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
@@ -569,6 +573,18 @@ def request_peer(request: web.Request) -> Peer | None:
         return peer_of(ssl.DER_cert_to_PEM_cert(der).encode())
     except InvalidArgument:
         return None
+
+
+def peer_admission(
+    allowed: Collection[PeerRole], what: str
+) -> Callable[[ssl.SSLObject | None], str]:
+    """For a server that admits only clients whose certificate names one of `allowed`: why a
+    connection may not be served ("" if it may), decided once per connection."""
+
+    def admit(ssl_object: ssl.SSLObject | None) -> str:
+        return refusal(connection_peer(ssl_object), allowed, what)
+
+    return admit
 
 
 def _admit_peers(allowed: Collection[PeerRole], what: str) -> Any:

@@ -1,23 +1,28 @@
-"""The one HTTP/WebSocket proxy core of both hops (edge → node agent, agent → container): header
-hygiene, the upstream transport, streaming relay, WebSocket bridge and Portside's error answers.
+"""The one HTTP/WebSocket proxy core of both hops (edge → node agent, agent → container): a lean
+HTTP/1.1 server and upstream transport on asyncio protocols and the llhttp parser, header
+hygiene, streaming relay with backpressure, WebSocket tunnels and Portside's error answers.
 
 A daemon keeps only its decisions — where a request goes, what to do when that fails — around:
 
-    forward = forward_request(request, ingress=True, add={CLASS: cls, INSTANCE: name})
-    try:
-        upstream = await core.open("127.0.0.2:8788", forward)
-    except UpstreamRefused as exc:            # no connection: nothing was sent
-        ...                                   # retry elsewhere if may_resend(forward, exc)
-    return await core.deliver(request, upstream, on_break=note_it)
+    server = HttpServer(handle, name="edge")          # handle(request) answers each request
+    await server.listen(host, port, tls_context, reuse_port=True)
 
-The transport underneath is an interface (`UpstreamTransport`); `AiohttpTransport` is the one
+    async def handle(request):
+        forward = forward_request(request, ingress=True, add={CLASS: cls, INSTANCE: name})
+        try:
+            upstream = await core.open("127.0.0.2:8788", forward)
+        except UpstreamRefused as exc:        # no connection: nothing was sent
+            ...                               # retry elsewhere if may_resend(forward, exc)
+        await core.deliver(request, upstream, on_break=note_it)
+
+The transport underneath is an interface (`UpstreamTransport`); `HttpTransport` is the one
 there is. Its failures arrive classified once, as portside.errors classes: UpstreamRefused (could
 not connect), UpstreamReset (closed before a response), UpstreamTimeout (no response in time),
 UpgradeRefused (a WebSocket upgrade answered without 101), UpstreamFailed (anything else).
 """
 
-from portside.proxy._aiohttp import AiohttpTransport, classify_failure
-from portside.proxy._core import ProxyCore, error_response, forwardable_close_code
+from portside.proxy._client import HttpTransport
+from portside.proxy._core import ProxyCore, answer_error
 from portside.proxy._headers import (
     HOP_BY_HOP,
     connection_tokens,
@@ -25,13 +30,11 @@ from portside.proxy._headers import (
     request_headers,
     response_headers,
 )
+from portside.proxy._server import ClientGone, HttpServer, Request, RequestBody
 from portside.proxy._transport import (
     IDEMPOTENT_METHODS,
     WS_CLOSE_TIMEOUT,
-    WS_MAX_MESSAGE,
     Forward,
-    MessageSocket,
-    RequestBody,
     UpgradeRefused,
     Upstream,
     UpstreamResponse,
@@ -40,27 +43,28 @@ from portside.proxy._transport import (
     forward_request,
     may_resend,
 )
+from portside.proxy._wire import Framing
 
 __all__ = [
     "HOP_BY_HOP",
     "IDEMPOTENT_METHODS",
     "WS_CLOSE_TIMEOUT",
-    "WS_MAX_MESSAGE",
-    "AiohttpTransport",
+    "ClientGone",
     "Forward",
-    "MessageSocket",
+    "Framing",
+    "HttpServer",
+    "HttpTransport",
     "ProxyCore",
+    "Request",
     "RequestBody",
     "UpgradeRefused",
     "Upstream",
     "UpstreamResponse",
     "UpstreamSocket",
     "UpstreamTransport",
-    "classify_failure",
+    "answer_error",
     "connection_tokens",
-    "error_response",
     "forward_request",
-    "forwardable_close_code",
     "is_websocket_upgrade",
     "may_resend",
     "request_headers",

@@ -6,37 +6,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
-from aiohttp import StreamReader, WSMessage, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from portside.errors import UpstreamFailed, UpstreamRefused, UpstreamReset
-from portside.proxy._headers import is_websocket_upgrade, offered_protocols, request_headers
+from portside.proxy._headers import offered_protocols, request_headers
+from portside.proxy._server import Request, RequestBody
+from portside.proxy._wire import Framing
 
 # RFC 9110 9.2.2: the methods a client expects may be sent more than once.
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# A WebSocket message is held whole on each side of a hop, so some bound is needed; this one is
-# far above what interactive sessions send and far below what would hurt a daemon.
-WS_MAX_MESSAGE: Final = 64 * 1024 * 1024
 # After one side of a WebSocket closes, how long the other side may take to finish closing.
 WS_CLOSE_TIMEOUT: Final = 5.0
-
-
-class RequestBody:
-    """The client's request body as the upstream request's payload, streamed chunk by chunk.
-    Remembers whether any of it was read: after that, sending again would send a truncated body."""
-
-    __slots__ = ("_content", "started")
-
-    def __init__(self, content: StreamReader) -> None:
-        self._content = content
-        self.started = False
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        self.started = True
-        async for chunk in self._content.iter_any():
-            yield chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,30 +35,35 @@ class Forward:
 
 
 def forward_request(
-    request: web.Request,
+    request: Request,
     *,
     ingress: bool,
     drop: Iterable[str] = (),
     add: Mapping[str, str] | None = None,
 ) -> Forward:
-    """`request` as it goes on from this hop (`ingress`, `drop`, `add`: see request_headers)."""
-    websocket = is_websocket_upgrade(request.method, request.headers)
-    raw = request.raw_path  # absolute-form ("http://host/path") only from a misbehaving client
+    """`request` as it goes on from this hop (`ingress`, `drop`, `add`: see request_headers).
+    A WebSocket upgrade keeps its handshake fields: the client and the container shake hands
+    through the hops, which pass the connection's bytes on once it is open."""
+    target = request.target
+    if not target.startswith("/"):
+        # Absolute-form ("http://host/path"), from a client that takes this for a proxy.
+        after_scheme = target.partition("://")[2]
+        target = "/" + after_scheme.partition("/")[2]
     return Forward(
         method=request.method,
-        target=raw if raw.startswith("/") else request.rel_url.raw_path_qs,
+        target=target,
         headers=request_headers(
             request.headers,
-            peer=request.remote,
+            peer=request.peer,
             scheme=request.scheme,
             host=request.host,
             ingress=ingress,
             drop=drop,
             add=add,
         ),
-        body=RequestBody(request.content) if request.body_exists and not websocket else None,
-        websocket=websocket,
-        protocols=offered_protocols(request.headers) if websocket else (),
+        body=request.body,
+        websocket=request.websocket,
+        protocols=offered_protocols(request.headers) if request.websocket else (),
     )
 
 
@@ -112,15 +99,23 @@ class UpstreamResponse(ABC):
 
     __slots__ = ("headers", "reason", "status")
 
+    framing: Framing
+    trailers: list[tuple[str, str]]  # the body's trailer fields, once it has ended
+
     def __init__(self, status: int, reason: str | None, headers: CIMultiDictProxy[str]) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers  # as received: hop-by-hop headers are the relay's to drop
 
     @abstractmethod
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives. A break midway raises UpstreamReset, UpstreamTimeout or
+    async def relay(self, request: Request) -> None:
+        """Stream the body into `request`'s answer (its head already started) as it comes, as
+        fast as the client takes it. A break midway raises UpstreamReset, UpstreamTimeout or
         UpstreamFailed."""
+
+    @abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (raises as `relay` does)."""
 
     @abstractmethod
     def release(self) -> None:
@@ -128,27 +123,23 @@ class UpstreamResponse(ABC):
         its end, else it is closed."""
 
 
-class MessageSocket(Protocol):
-    """One side of a WebSocket, message by message (aiohttp's server and client sockets are)."""
-
-    @property
-    def close_code(self) -> int | None: ...
-
-    async def receive(self) -> WSMessage: ...
-
-    async def send_str(self, data: str) -> None: ...
-
-    async def send_bytes(self, data: bytes) -> None: ...
-
-    async def close(self, *, code: int = 1000, message: bytes = b"") -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class UpstreamSocket:
-    """An upstream WebSocket, open: the subprotocol the upstream chose, if any."""
+    """An upstream WebSocket, open: the upstream's 101 (its subprotocol in `protocol`), and its
+    connection, to be bridged to the client's byte for byte (`early`: what came after the 101)."""
 
-    socket: MessageSocket
+    connection: Any
     protocol: str | None
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]
+    early: bytes = b""
+
+    def close(self, code: int = 1001, reason: bytes = b"") -> None:
+        """Close it from this hop (a close frame with `code`, then the connection)."""
+        from portside.proxy._tunnel import close_upstream
+
+        close_upstream(self.connection, code, reason)
 
 
 Upstream = UpstreamResponse | UpstreamSocket

@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import docker
 import pytest
-from aiohttp import web
 from prometheus_client import generate_latest
 
 from nodeagent.instances import InstanceManager, Timing
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
-from portside.net import Deadlines, free_port, start_http_server
+from portside.net import Deadlines, free_port
 from portside.spec import ContainerClass, instance_id
 from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
@@ -42,7 +41,7 @@ class Agent:
     url: str
     manager: InstanceManager
     session: aiohttp.ClientSession
-    runner: web.AppRunner
+    plane: DataPlane
 
     def state(self, cls: str, name: str) -> tuple[InstanceState | None, int]:
         snap = self.manager.get(instance_id(cls, name))
@@ -56,17 +55,17 @@ async def agent(node_id: str, echo_image: str) -> AsyncIterator[Agent]:
     await manager.adopt()
     loop = asyncio.create_task(manager.run())
     address = f"127.0.0.1:{free_port()}"
-    runner = await start_http_server(DataPlane(manager, CLASSES.get).app(), address)
+    plane = DataPlane(manager, CLASSES.get)
+    await plane.listen(address)
     # The client adds no headers of its own, so tests see exactly what they send.
     session = aiohttp.ClientSession(
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"), auto_decompress=False
     )
     try:
-        yield Agent(f"http://{address}", manager, session, runner)
+        yield Agent(f"http://{address}", manager, session, plane)
     finally:
         await session.close()
-        if runner.server is not None:  # a test may have stopped the agent already
-            await runner.cleanup()
+        await plane.close()  # a no-op for an agent a test stopped already
         loop.cancel()
         await manager.close()
         await runtime.close()
@@ -183,7 +182,7 @@ async def test_container_that_died_while_idle_is_booted_again_for_the_next_reque
     manager = InstanceManager(runtime, CLASSES.get, timing=Timing(reconcile=3600))
     address = f"127.0.0.1:{free_port()}"
     plane = DataPlane(manager, CLASSES.get, Deadlines(connect=1.0))
-    runner = await start_http_server(plane.app(), address)
+    await plane.listen(address)
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://{address}/s/whoami", headers=to("echo", "ivy")) as r:
@@ -200,7 +199,7 @@ async def test_container_that_died_while_idle_is_booted_again_for_the_next_reque
                 assert r.status == 200, await r.text()
                 assert (await r.text()).split() == [first, "ivy"]
     finally:
-        await runner.cleanup()
+        await plane.close()
         await manager.close()
         await runtime.close()
 
@@ -251,7 +250,7 @@ async def test_agent_shutdown_closes_websockets_with_going_away(agent: Agent) ->
         await ws.send_str("hello")
         assert (await ws.receive(timeout=5)).data == "hello"
         async with asyncio.timeout(5):  # not the server's whole shutdown timeout
-            await agent.runner.cleanup()
+            await agent.plane.close()
         closed = await ws.receive(timeout=5)
     assert closed.type is aiohttp.WSMsgType.CLOSE
     assert (closed.data, closed.extra) == (1001, "node agent shutting down")

@@ -15,7 +15,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import docker
@@ -27,7 +26,7 @@ from nodeagent.instances import InstanceManager, Timing
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
 from portside.events import Event
-from portside.net import free_port, start_http_server
+from portside.net import free_port
 from portside.spec import ContainerClass, instance_id
 from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
@@ -65,7 +64,6 @@ class Plane:
     address: str
     plane: DataPlane
     manager: InstanceManager
-    runner: Any
 
 
 @contextlib.asynccontextmanager
@@ -75,12 +73,11 @@ async def serving(runtime: DockerRuntime, **timing: float) -> AsyncIterator[Plan
     loop = asyncio.create_task(manager.run())
     address = f"127.0.0.1:{free_port()}"
     plane = DataPlane(manager, CLASSES.get)
-    runner = await start_http_server(plane.app(), address)
+    await plane.listen(address)
     try:
-        yield Plane(f"http://{address}", address, plane, manager, runner)
+        yield Plane(f"http://{address}", address, plane, manager)
     finally:
-        if runner.server is not None:
-            await runner.cleanup()
+        await plane.close()
         loop.cancel()
         await manager.close()
 
@@ -168,7 +165,7 @@ async def test_a_drain_refuses_new_connections_and_lets_requests_in_flight_finis
             await eventually(lambda: p.manager.info(iid).in_flight == 3, what="3 in flight")
 
             drained_at = time.monotonic()
-            drain = asyncio.create_task(p.plane.drain(p.runner, 3.0))
+            drain = asyncio.create_task(p.plane.drain(3.0))
             await asyncio.sleep(0.2)
             host, port = p.address.rsplit(":", 1)
             with pytest.raises(ConnectionRefusedError):  # edges go elsewhere at once

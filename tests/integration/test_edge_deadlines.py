@@ -83,17 +83,18 @@ Edge = Callable[[str], Awaitable[str]]
 @pytest.fixture
 async def edge() -> AsyncIterator[Edge]:
     """An edge whose every instance lives on the agent at the address given; its URL."""
-    runners: list[web.AppRunner] = []
+    edges: list[EdgeProxy] = []
 
     async def make(agent_address: str) -> str:
         proxy = EdgeProxy("weur", OneNode(Target("n1", agent_address)), DEADLINES, CONFIG)
         address = f"127.0.0.1:{free_port()}"
-        runners.append(await start_http_server(proxy.app(), address))
+        await proxy.listen(address)
+        edges.append(proxy)
         return f"http://{address}"
 
     yield make
-    for runner in runners:
-        await runner.cleanup()
+    for proxy in edges:
+        await proxy.shutdown()
 
 
 async def test_a_response_whose_bytes_flow_is_never_cut(serve: Serve, edge: Edge) -> None:

@@ -173,7 +173,6 @@ class Cluster:
     resolver: StubResolver
     proxy: EdgeProxy
     client: aiohttp.ClientSession
-    edge_runner: web.AppRunner
 
 
 EdgeFactory = Callable[..., Awaitable[Cluster]]
@@ -182,6 +181,7 @@ EdgeFactory = Callable[..., Awaitable[Cluster]]
 @pytest.fixture
 async def make_cluster() -> AsyncIterator[EdgeFactory]:
     runners: list[web.AppRunner] = []
+    edges: list[EdgeProxy] = []
     clients: list[aiohttp.ClientSession] = []
 
     async def make(targets: Sequence[Target] | None = None, **resolver_args: object) -> Cluster:
@@ -194,21 +194,20 @@ async def make_cluster() -> AsyncIterator[EdgeFactory]:
         resolver = StubResolver(targets or [agent_target], **resolver_args)  # type: ignore[arg-type]
         proxy = EdgeProxy("weur", resolver, Deadlines(resolve=2.0, connect=1.0), CONFIG)
         edge_address = f"127.0.0.1:{free_port()}"
-        edge_runner = await start_http_server(proxy.app(), edge_address)
-        runners.append(edge_runner)
+        await proxy.listen(edge_address)
+        edges.append(proxy)
         # The test's own client: no auto headers, so what reaches the agent is what the edge sent.
         client = aiohttp.ClientSession(skip_auto_headers=("User-Agent", "Accept-Encoding"))
         clients.append(client)
-        return Cluster(
-            f"http://{edge_address}", agent, agent_target, resolver, proxy, client, edge_runner
-        )
+        return Cluster(f"http://{edge_address}", agent, agent_target, resolver, proxy, client)
 
     yield make
     for client in clients:
         await client.close()
+    for edge in edges:
+        await edge.shutdown()  # a no-op for an edge a test stopped already
     for runner in reversed(runners):
-        if runner.server is not None:  # a test may have stopped its edge already
-            await runner.cleanup()
+        await runner.cleanup()
 
 
 async def test_headers_are_added_stripped_and_passed(make_cluster: EdgeFactory) -> None:
@@ -574,7 +573,7 @@ async def test_edge_shutdown_closes_websockets_with_going_away(make_cluster: Edg
     async with c.client.ws_connect(f"{c.edge_url}/execute-code/ws", headers=SESSION) as ws:
         assert await ws.receive_str(timeout=5) == "hello s1"
         async with asyncio.timeout(5):
-            await c.edge_runner.cleanup()  # must not wait out the server's shutdown timeout
+            await c.proxy.shutdown()  # must not wait out the server's shutdown grace
         msg = await ws.receive(timeout=5)
         assert (msg.type, msg.data, msg.extra) == (
             aiohttp.WSMsgType.CLOSE,

@@ -16,9 +16,8 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from aiohttp import web
 
-from portside import net, pki, tokens
+from portside import net, pki, proxy, tokens
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
@@ -260,17 +259,20 @@ async def test_a_renewed_grpc_server_certificate_serves_the_next_handshake(
 async def data_port() -> AsyncIterator[tuple[str, net.LiveIdentity]]:
     """An HTTP server as an agent serves its data port: edges and control planes admitted."""
 
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hello\n")
+    async def hello(request: proxy.Request) -> None:
+        request.respond(200, b"hello\n")
 
-    app = web.Application()
-    app.router.add_get("/", hello)
     live = net.LiveIdentity(identity(PeerRole.AGENT, "fra-1"))
     tls = net.ServerTls(live, frozenset({PeerRole.EDGE, PeerRole.CONTROLPLANE}))
-    address = f"127.0.0.1:{net.free_port()}"
-    runner = await net.start_http_server(app, address, tls, "the data port of agent fra-1")
-    yield address, live
-    await runner.cleanup()
+    server = proxy.HttpServer(
+        hello,
+        name="agent",
+        admission=net.peer_admission(tls.peers or (), "the data port of agent fra-1"),
+    )
+    port = net.free_port()
+    await server.listen("127.0.0.1", port, net.server_ssl_context(tls), reuse_port=False)
+    yield f"127.0.0.1:{port}", live
+    await server.close()
 
 
 async def fetch(session: aiohttp.ClientSession, address: str, tls: net.ClientTls) -> str:
