@@ -51,6 +51,10 @@ def edge_id(opts: EdgeOptions) -> str:
     return ident if opts.worker is None else f"{ident}-w{opts.worker}"
 
 
+# On SIGTERM: how long requests in flight may take to finish before they are cut (the agent's
+# --drain-grace default too); open WebSockets hear 1001 going away at once.
+DRAIN_GRACE_S = 10.0
+
 # The route watch brings a message at least every 5 s (its progress beat); silence this long
 # means the control plane is out of reach, though the connection may not have failed yet.
 SILENT_FOR_S = 12.0
@@ -229,6 +233,6 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                     task.cancel()
         finally:
             if serving:
-                await proxy.shutdown()
+                await proxy.shutdown(DRAIN_GRACE_S)
             await scrape.cleanup()
             log.info("edge stopped")

@@ -3,8 +3,9 @@ spreads connections across them), each a whole edge that rebuilds everything it 
 control plane (routes, pools, its certificate), sharing nothing with the others.
 
 The first process supervises: it starts the workers, passes SIGINT/SIGTERM on, and starts again
-a worker that dies (backoff 1 s doubling to 30 s). A worker that fails as it starts (a bad flag,
-a port taken) stops them all with its exit code: a mistake is reported, not retried forever.
+a worker that dies (backoff 1 s doubling to 30 s). A worker that fails as the edge starts (exits
+with an error within 5 s: a bad flag, a port taken) stops them all with its exit code: a mistake
+is reported, not retried forever.
 Worker i serves /metrics on the --metrics-listen port + i and reports demand as edge `<id>-w<i>`.
 """
 
@@ -30,7 +31,8 @@ _STOP_TIMEOUT_S: Final = 30.0
 
 
 def worker_argv(argv: Sequence[str], index: int) -> list[str]:
-    """The `portside edge` arguments of worker `index`: these, without --workers."""
+    """The `portside` arguments of worker `index`: these (`edge` and its flags), without
+    --workers."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -54,6 +56,7 @@ class _Worker:
         self.started = 0.0
         self.backoff = _BACKOFF_FIRST_S
         self.restart_at = 0.0
+        self.first_run = True
 
     def start(self) -> None:
         # Each worker stops if the supervisor dies (PR_SET_PDEATHSIG, asked for by the worker).
@@ -63,7 +66,7 @@ class _Worker:
 
 
 def supervise(argv: Sequence[str], workers: int) -> int:
-    """Run `workers` edge processes with `argv` (the `portside edge` arguments) until told to
+    """Run `workers` edge processes with `argv` (the `portside` arguments) until told to
     stop; the exit code is 0, or that of a worker that failed to start."""
     stopping = False
 
@@ -91,7 +94,10 @@ def supervise(argv: Sequence[str], workers: int) -> int:
                     if now - worker.started > 10 * _BACKOFF_MOST_S:
                         worker.backoff = _BACKOFF_FIRST_S  # it has run well for a while
                     continue
-                if now - worker.started < _STARTUP_S and not stopping:
+                failed_to_start = (
+                    worker.first_run and proc.returncode > 0 and now - worker.started < _STARTUP_S
+                )
+                if failed_to_start:
                     log.error(
                         "edge worker %d exited with code %s as it started; stopping the edge",
                         worker.index,
@@ -106,6 +112,7 @@ def supervise(argv: Sequence[str], workers: int) -> int:
                     worker.backoff,
                 )
                 worker.proc = None
+                worker.first_run = False
                 worker.restart_at = now + worker.backoff
                 worker.backoff = min(worker.backoff * 2, _BACKOFF_MOST_S)
             time.sleep(0.2)

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-listen", default="127.0.0.1:7080")
     p.add_argument("--region", default="fra")
     p.add_argument("--data-dir", default=".portside", help="where the embedded store lives")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="edge processes sharing --listen, one per core to use (default: 1)",
+    )
 
     p = sub.add_parser(
         "bootstrap", help="once per cluster: create its CA in the store, an admin and a join token"
@@ -489,7 +496,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers > 1 and args.worker is None:
             from edge.workers import supervise
 
-            return supervise(args.argv[args.argv.index("edge") + 1 :], args.workers)
+            return supervise(args.argv, args.workers)
         worker = args.worker or 0
         metrics_listen = args.metrics_listen or with_port_offset(args.listen, 1)
         run_fast(
@@ -520,6 +527,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 agent_listen=args.agent_listen,
                 region=args.region,
                 data_dir=args.data_dir,
+                edge_workers=args.workers,
             )
         )
     if args.command == "bootstrap":

@@ -35,6 +35,7 @@ class UpOptions:
     agent_listen: str
     region: str
     data_dir: str
+    edge_workers: int = 1
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 15.0
 
@@ -121,6 +122,8 @@ def run(opts: UpOptions) -> int:
             opts.region,
             "--join-token-file",
             str(join_token),
+            "--workers",
+            str(opts.edge_workers),
         )
         _wait_for_port(opts.listen, "edge", children, opts.start_timeout_s)
         print(
@@ -130,7 +133,7 @@ def run(opts: UpOptions) -> int:
             f"  control plane {opts.controlplane_listen} "
             f"(metrics {with_port_offset(opts.controlplane_listen, 1)}), agent "
             f"{opts.agent_listen} (metrics {with_port_offset(opts.agent_listen, 2)}), edge "
-            f"metrics {with_port_offset(opts.listen, 1)}\n"
+            f"metrics {_edge_metrics(opts)}\n"
             f"  store {store_url}; tokens in {data_dir} (`portside ps` here uses "
             f"{admin_token.name}); Ctrl-C stops everything"
             + (
@@ -152,6 +155,14 @@ def run(opts: UpOptions) -> int:
         return 1
     finally:
         _stop_all(children, opts.stop_timeout_s)
+
+
+def _edge_metrics(opts: UpOptions) -> str:
+    first = with_port_offset(opts.listen, 1)
+    if opts.edge_workers == 1:
+        return first
+    last = with_port_offset(opts.listen, opts.edge_workers)
+    return f"{first} … {last} ({opts.edge_workers} workers)"
 
 
 def stop_with_parent() -> None:

@@ -218,6 +218,9 @@ class _Connection(asyncio.Protocol, BodySink):
     def connection_lost(self, exc: Exception | None) -> None:
         self._pool._forget(self)
         self._stop_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.tunnel is not None:
             self.tunnel.lost(self)
             return
@@ -267,6 +270,7 @@ class _Connection(asyncio.Protocol, BodySink):
     async def exchange(self, forward: Forward, authority: str) -> Upstream:
         self._forward = forward
         self._head = self._loop.create_future()
+        self._stop_deadline()  # not idle any more; the first-byte deadline runs once it is sent
         self._send(forward, authority)
         try:
             await self._head
@@ -413,14 +417,15 @@ class _Connection(asyncio.Protocol, BodySink):
         self._deadline_s = seconds
         self._deadline_what = what
         self._deadline = self._loop.time() + seconds
-        if self._timer is None:
+        # The timer is kept across exchanges (a new one per request costs more than the rest of
+        # the bookkeeping); one due too late for this deadline is replaced.
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self._loop.call_at(self._deadline, self._check_deadline)
 
     def _stop_deadline(self) -> None:
-        self._deadline = 0.0
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = 0.0  # the timer, when it fires, finds nothing due
 
     def _check_deadline(self) -> None:
         self._timer = None
@@ -433,6 +438,9 @@ class _Connection(asyncio.Protocol, BodySink):
         if self._paused_reading:
             # Paused for a slow client: the upstream is not the one late.
             self._start_deadline(self._deadline_s, self._deadline_what)
+            return
+        if self._deadline_what == "idle":
+            self.transport.close()  # unused for its whole idle time: no more of it in the pool
             return
         if self._deadline_what == "first-byte":
             deadline = f"the first-byte deadline ({self._deadline_s:g}s)"
