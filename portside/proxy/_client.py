@@ -210,6 +210,7 @@ class _Connection(asyncio.Protocol, BodySink):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_rest = data[int(exc.args[0]) :]
+            self.pause_reading()  # what comes next waits for the tunnel
             self._fail(None)  # nothing more is parsed: the connection is the tunnel's now
         except httptools.HttpParserError as exc:
             self._fail(UpstreamFailed(f"malformed HTTP response: {exc}"))
@@ -605,9 +606,9 @@ class _Response(UpstreamResponse):
         """Stream the body into `request`'s answer as it comes, as fast as the client takes it;
         raises UpstreamFailed if it breaks off."""
         done: asyncio.Future[list[tuple[str, str]]] = asyncio.get_running_loop().create_future()
-        request.follow(self._conn)
         try:
             self._conn.pipe(_ToClient(request, done))
+            request.follow(self._conn)  # after pipe, which resumes reading: a slow client wins
             self.trailers = await done
         finally:
             request.unfollow()

@@ -12,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 # RFC 9110 7.6.1: meant for one connection only, never forwarded (plus the legacy
-# Proxy-Connection); the names a Connection header lists are hop-by-hop too.
+# Proxy-Connection); the names a Connection header lists are hop-by-hop too. Trailer is not
+# (RFC 2616 had it): the trailers it announces pass through.
 HOP_BY_HOP: Final = frozenset(
     name.lower()
     for name in (
@@ -22,7 +23,6 @@ HOP_BY_HOP: Final = frozenset(
         "Proxy-Authorization",
         "Proxy-Connection",
         "TE",
-        "Trailer",
         "Transfer-Encoding",
         "Upgrade",
     )

@@ -304,7 +304,8 @@ class Request:
             self.keep_alive = False
         fields = [*headers, ("Content-Type", content_type), ("Content-Length", str(len(body)))]
         self.start(status, None, fields, Framing.LENGTH)
-        self.write(body)
+        if self.method != "HEAD":
+            self.write(body)
         self.end()
 
     def start(
@@ -342,6 +343,9 @@ class Request:
         head = self._head
         if self._chunked:
             if not data:
+                if head is not None:
+                    self._head = None
+                    transport.write(head)
                 return
             pieces = [chunk_size_line(len(data)), data, CRLF]
             if head is not None:
@@ -563,9 +567,6 @@ class _Connection(asyncio.Protocol):
             websocket,
         )
         self._incoming = request
-        if body is not None and headers.get("Expect", "").lower() == "100-continue":
-            # This hop takes the body whatever comes next: say so, as nginx does.
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._pending.append(request)
         if self._active is None:
             self._next()
@@ -592,6 +593,16 @@ class _Connection(asyncio.Protocol):
             return
         request = self._pending.popleft()
         self._active = request
+        body = request.body
+        if (
+            body is not None
+            and not body.done
+            and request.version == "1.1"
+            and request.headers.get("Expect", "").lower() == "100-continue"
+        ):
+            # This hop takes the body whatever comes next: say so, as nginx does; only now,
+            # after the answers before it (RFC 9110 15.2: never to an HTTP/1.0 client).
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.reading.resume("pipelined")
         self._task = asyncio.get_running_loop().create_task(self._serve(request))
 

@@ -26,6 +26,7 @@ class Tunnel:
         self._to_upstream = FrameTracker()  # what the client sends
         self._to_client = FrameTracker()  # what the upstream sends
         self._open = 2
+        self._cut_later: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self, from_client: bytes, from_upstream: bytes) -> None:
@@ -38,6 +39,7 @@ class Tunnel:
         if from_client:
             self.received(self._client, from_client)
         self._client.reading.resume("upgrade")
+        self._upstream.resume_reading()
         for side in (self._client, self._upstream):
             if side.transport.is_closing():
                 self.lost(side)
@@ -76,14 +78,15 @@ class Tunnel:
         other.transport.close()
         if self._open == 0 and not self.done.done():
             self.done.set_result(None)
+            if self._cut_later is not None:
+                self._cut_later.cancel()
 
     def going_away(self, reason: bytes) -> None:
         """This hop is shutting down: both sides hear 1001 with `reason`, and are cut if they
         have not closed within WS_CLOSE_TIMEOUT."""
         for side in (self._client, self._upstream):
             self._say_close(side, _GOING_AWAY, reason)
-        loop = asyncio.get_running_loop()
-        loop.call_later(WS_CLOSE_TIMEOUT, self.abort)
+        self._cut_later = asyncio.get_running_loop().call_later(WS_CLOSE_TIMEOUT, self.abort)
 
     def abort(self) -> None:
         for side in (self._client, self._upstream):

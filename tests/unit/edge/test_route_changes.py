@@ -36,12 +36,20 @@ class Resolver:
 
 
 class Answer(proxy.UpstreamResponse):
+    """A response head with an empty body (the edge's decisions here never read a body)."""
+
     def __init__(self, status: int = 200, error_kind: str = "") -> None:
         headers = CIMultiDict({ERROR: error_kind} if error_kind else {})
         super().__init__(status, None, CIMultiDictProxy(headers))
+        self.framing = proxy.Framing.NONE
+        self.trailers = []
         self.released = False
 
+    async def relay(self, request: proxy.Request) -> None:
+        pass
+
     async def chunks(self) -> AsyncIterator[bytes]:
+        return
         yield b""
 
     def release(self) -> None:
@@ -151,7 +159,7 @@ async def test_a_client_leaving_is_not_taken_for_a_lost_node() -> None:
     e = edge(Resolver(alice=A), Transport({A.data_address: [None]}))
     request = asyncio.create_task(e._open(forward(), "Echo", "alice", "fra"))
     await asyncio.sleep(0.01)
-    request.cancel()  # aiohttp cancels the handler when its client goes
+    request.cancel()  # the server cancels the handler when its client goes
     e.apply_route_update(lost("a"))
     with pytest.raises(asyncio.CancelledError):
         await request
