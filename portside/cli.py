@@ -386,7 +386,7 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.argv = argv
+    args.portside_argv = argv  # for `edge --workers`, which runs its workers with them
     if args.command in ("controlplane", "agent", "edge"):
         from portside.up import stop_with_parent
 
@@ -496,7 +496,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.workers > 1 and args.worker is None:
             from edge.workers import supervise
 
-            return supervise(args.argv, args.workers)
+            return supervise(args.portside_argv, args.workers)
         worker = args.worker or 0
         metrics_listen = args.metrics_listen or with_port_offset(args.listen, 1)
         run_fast(
