@@ -25,6 +25,7 @@ from edge.routing import (
     normalize_prefix,
 )
 from portside import geo, headers, proxy
+from portside.daemon import Children
 from portside.errors import (
     ERROR_KINDS,
     InvalidArgument,
@@ -47,6 +48,9 @@ from portside.routechanges import RouteChangeKind, RouteUpdate
 from portside.spec import Config, Route, instance_id
 
 log = logging.getLogger(__name__)
+
+_REQUESTS: Final = Children(metrics.REQUESTS)
+_PROXY_SECONDS: Final = Children(metrics.PROXY_SECONDS)
 
 DEFAULT_ROUTE_CACHE_SIZE: Final = 100_000
 _CLIENT_GONE: Final = 499  # the client went away before the edge answered (nginx's convention)
@@ -382,7 +386,7 @@ class EdgeProxy:
         raw_path = request.path
         route = self._table.match(raw_path)  # one read of the table: config swaps are atomic
         if route is None:
-            metrics.REQUESTS.labels("", "", "404", self.region).inc()
+            _REQUESTS("", "", "404", self.region).inc()
             proxy.answer_error(request, NoRoute(f"no route for {raw_path}"))
             return
         try:
@@ -403,7 +407,7 @@ class EdgeProxy:
                 request, PortsideError("the edge failed on this request; see its log")
             )
         finally:
-            metrics.REQUESTS.labels(
+            _REQUESTS(
                 route.class_name,
                 normalize_prefix(route.path),
                 str(request.status or _CLIENT_GONE),
@@ -535,7 +539,7 @@ class EdgeProxy:
                 raise UpstreamFailed(f"request to {_agent(target)} failed: {exc}") from exc
             else:
                 if not isinstance(upstream, proxy.UpstreamResponse) or not _is_fenced(upstream):
-                    metrics.PROXY_SECONDS.labels(class_name).observe(time.perf_counter() - started)
+                    _PROXY_SECONDS(class_name).observe(time.perf_counter() - started)
                     return target, upstream
                 upstream.release()
                 # The agent refused before running anything: sent again unless its body is gone.

@@ -16,6 +16,7 @@ from nodeagent.fence import Fence
 from nodeagent.instances import Hold, InstanceManager
 from nodeagent.runtime import ContainerInfo
 from portside import headers, proxy
+from portside.daemon import Children
 from portside.errors import (
     ContainerExited,
     InvalidArgument,
@@ -33,6 +34,9 @@ from portside.net import Deadlines, ServerTls, peer_admission, server_ssl_contex
 from portside.spec import ContainerClass
 
 log = logging.getLogger(__name__)
+
+_PROXIED: Final = Children(metrics.PROXIED_REQUESTS)
+_PROXY_SECONDS: Final = Children(metrics.PROXY_SECONDS)
 
 # A container whose server just died can still be "running" for a moment (its init is exiting).
 _DYING_GRACE_S: Final = 0.25
@@ -115,8 +119,8 @@ class DataPlane:
                 if self._draining and not self._cutting:
                     metrics.DRAINED_REQUESTS.labels("finished").inc()
             status = str(request.status or _CLIENT_GONE)
-            metrics.PROXIED_REQUESTS.labels(cls.name, status).inc()
-            metrics.PROXY_SECONDS.labels(cls.name).observe(time.perf_counter() - started)
+            _PROXIED(cls.name, status).inc()
+            _PROXY_SECONDS(cls.name).observe(time.perf_counter() - started)
 
     async def drain(self, grace_s: float) -> tuple[int, int]:
         """Stop serving gracefully: close the listening socket at once and idle kept-alive

@@ -36,6 +36,27 @@ def setup_logging(level: str = "info") -> None:
     )
 
 
+class Children:
+    """A labelled metric's children by label values, for the per-request path: one dict get,
+    where prometheus_client's `labels()` takes a lock and checks the values on every call.
+
+        requests = Children(REQUESTS)
+        requests("Echo", "200").inc()
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 def run_fast(main: Coroutine[Any, Any, None]) -> None:
     """Run a daemon whose hot path is network I/O (the edge, the node agent) on uvloop: its
     event loop is libuv's, about twice as fast per request as asyncio's own."""

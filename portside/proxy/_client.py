@@ -162,6 +162,7 @@ class _Connection(asyncio.Protocol, BodySink):
         self._head_fields: list[tuple[str, str]] = []
         self._framing = Framing.NONE
         self._got_head = False
+        self._arm_read = False
         self._got_any = False
         self._request_sent = False
         self._chunked_request = False
@@ -208,6 +209,10 @@ class _Connection(asyncio.Protocol, BodySink):
             return
         try:
             self._parser.feed_data(data)
+            if self._arm_read:
+                self._arm_read = False
+                if not self._complete:
+                    self._start_deadline(self._deadlines.upstream_read, "between-bytes")
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_rest = data[int(exc.args[0]) :]
             self.pause_reading()  # what comes next waits for the tunnel
@@ -282,7 +287,7 @@ class _Connection(asyncio.Protocol, BodySink):
         if forward.websocket:
             if self._status == 101:
                 return self._take_over()
-            kind = self.head_headers().get(ERROR)
+            kind = CIMultiDict(self._head_fields).get(ERROR)
             self.transport.close()
             raise UpgradeRefused(self._status, kind)
         if self._status == 101:
@@ -363,10 +368,9 @@ class _Connection(asyncio.Protocol, BodySink):
         self._headers = []
         self._keep_alive = self._parser.should_keep_alive()
         self._framing, _ = response_framing(status, self._forward.method, self._head_fields)
-        if self._framing is Framing.NONE:
-            self._stop_deadline()
-        else:
-            self._start_deadline(self._deadlines.upstream_read, "between-bytes")
+        self._stop_deadline()
+        # Between bytes from here: armed after this read unless the body came whole with it.
+        self._arm_read = self._framing is not Framing.NONE
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
         if self._framing is Framing.NONE and self._forward.method == "HEAD":
@@ -484,6 +488,7 @@ class _Connection(asyncio.Protocol, BodySink):
         self._headers = []
         self._head_fields = []
         self._got_head = self._got_any = self._request_sent = self._complete = False
+        self._arm_read = False
         self._chunked_request = False
         self._trailers = []
         self._failure = None
@@ -597,7 +602,7 @@ class _Response(UpstreamResponse):
     __slots__ = ("_conn", "framing", "trailers")
 
     def __init__(self, conn: _Connection) -> None:
-        super().__init__(conn._status, conn._reason, conn.head_headers())
+        super().__init__(conn._status, conn._reason, conn._head_fields)
         self._conn = conn
         self.framing = conn._framing
         self.trailers: list[tuple[str, str]] = []

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 from portside.errors import PortsideError, UpstreamFailed, error_kind
 from portside.headers import ERROR
-from portside.proxy._headers import response_headers
+from portside.proxy._headers import response_fields
 from portside.proxy._server import HttpServer, Request
 from portside.proxy._transport import (
     Forward,
@@ -52,7 +52,7 @@ class ProxyCore:
     ) -> None:
         self.transport = transport
         self._name = name
-        self._drop = tuple(drop_from_responses)
+        self._drop = frozenset(n.lower() for n in drop_from_responses)
         self._tunnels: set[Tunnel] = set()
 
     async def open(self, authority: str, forward: Forward) -> Upstream:
@@ -72,7 +72,7 @@ class ProxyCore:
         request.start(
             upstream.status,
             upstream.reason,
-            response_headers(upstream.headers, self._drop).items(),
+            response_fields(upstream.fields, self._drop),
             upstream.framing,
         )
         try:
@@ -88,7 +88,7 @@ class ProxyCore:
         request.end(upstream.trailers)
 
     async def _bridge(self, request: Request, upstream: UpstreamSocket) -> None:
-        fields = list(response_headers(upstream.headers, self._drop).items())
+        fields = response_fields(list(upstream.headers.items()), self._drop)
         fields += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
         request.start(101, upstream.reason, fields, Framing.NONE)
         client = request.take_over()

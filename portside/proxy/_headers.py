@@ -77,8 +77,19 @@ def request_headers(
 def response_headers(incoming: Headers, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """The headers a response goes back with: without hop-by-hop headers and the names in
     `drop`; repeated headers (Set-Cookie) stay repeated, in order."""
-    skip = HOP_BY_HOP | connection_tokens(incoming) | {n.lower() for n in drop}
-    return CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in skip])
+    return CIMultiDict(response_fields(list(incoming.items()), frozenset(n.lower() for n in drop)))
+
+
+def response_fields(
+    fields: list[tuple[str, str]], drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """`response_headers` on the fields as they came (the hot path: no mapping is built).
+    `drop` holds lower-case names."""
+    skip = HOP_BY_HOP | drop
+    for name, value in fields:
+        if name.lower() == "connection":
+            skip = skip | {t.strip().lower() for t in value.split(",")}
+    return [(k, v) for k, v in fields if k.lower() not in skip]
 
 
 def is_websocket_upgrade(method: str, headers: Headers) -> bool:

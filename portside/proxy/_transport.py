@@ -97,15 +97,33 @@ def may_resend(forward: Forward, failure: UpstreamFailed) -> bool:
 class UpstreamResponse(ABC):
     """The head of the upstream's response, and its body to stream."""
 
-    __slots__ = ("headers", "reason", "status")
+    __slots__ = ("_headers", "fields", "reason", "status")
 
     framing: Framing
     trailers: list[tuple[str, str]]  # the body's trailer fields, once it has ended
 
-    def __init__(self, status: int, reason: str | None, headers: CIMultiDictProxy[str]) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str | None,
+        headers: CIMultiDictProxy[str] | list[tuple[str, str]],
+    ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers  # as received: hop-by-hop headers are the relay's to drop
+        # As received: hop-by-hop headers are the relay's to drop. The mapping is built only
+        # for those who look a header up (the relay passes the fields on as they are).
+        if isinstance(headers, list):
+            self.fields = headers
+            self._headers: CIMultiDictProxy[str] | None = None
+        else:
+            self.fields = list(headers.items())
+            self._headers = headers
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        return self._headers
 
     @abstractmethod
     async def relay(self, request: Request) -> None:
