@@ -37,7 +37,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from nodeagent import lifecycle, metrics
 from nodeagent.lifecycle import (
@@ -70,6 +70,7 @@ from nodeagent.runtime import (
     Stream,
 )
 from portside.capacity import Resources
+from portside.daemon import Children
 from portside.errors import (
     BootTimeout,
     ContainerExited,
@@ -87,6 +88,8 @@ from portside.spec import DEFAULT_SLEEP_AFTER_S, ContainerClass, instance_id
 from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
+
+_IN_FLIGHT: Final = Children(metrics.REQUESTS_IN_FLIGHT)  # per request: no labels() lock
 _T = TypeVar("_T")
 
 
@@ -289,7 +292,7 @@ class InstanceManager:
         inst = self._instance(cls, name)
         inst.in_flight += 1
         inst.last_activity = self._clock()
-        metrics.REQUESTS_IN_FLIGHT.labels(inst.class_name).inc()
+        _IN_FLIGHT(inst.class_name).inc()
         try:
             upstream = await self._ready(inst, cls)
         except BaseException:
@@ -322,7 +325,7 @@ class InstanceManager:
     def _release(self, inst: _Instance) -> None:
         inst.in_flight -= 1
         inst.last_activity = self._clock()
-        metrics.REQUESTS_IN_FLIGHT.labels(inst.class_name).dec()
+        _IN_FLIGHT(inst.class_name).dec()
 
     async def _ready(self, inst: _Instance, cls: ContainerClass) -> Upstream:
         while True:
@@ -839,7 +842,7 @@ class InstanceManager:
         inst = self._known(iid)
         inst.in_flight += 1
         inst.last_activity = self._clock()
-        metrics.REQUESTS_IN_FLIGHT.labels(inst.class_name).inc()
+        _IN_FLIGHT(inst.class_name).inc()
         try:
             yield
         finally:

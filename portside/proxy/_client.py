@@ -296,8 +296,7 @@ class _Connection(asyncio.Protocol, BodySink):
         return _Response(self)
 
     def _send(self, forward: Forward, authority: str) -> None:
-        fields = list(forward.headers.items())
-        fields.append(("Host", authority))
+        fields = [*forward.headers.items(), ("Host", authority)]
         if forward.websocket:
             fields.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
         body = forward.body

@@ -58,12 +58,18 @@ def request_headers(
 
     `ingress`: this hop is where clients arrive (the edge), so X-Forwarded-Proto and -Host are
     set from what it saw; a hop behind it keeps the values the ingress set."""
-    add = add or {}
-    skip = _REQUEST_STOPS_HERE | connection_tokens(incoming) | {n.lower() for n in (*drop, *add)}
-    out = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in skip])
-    out.extend(add)
+    skip: frozenset[str] | set[str] = _REQUEST_STOPS_HERE
+    if hdrs.CONNECTION in incoming:
+        skip = skip | connection_tokens(incoming)
+    if drop or add:
+        skip = skip | {n.lower() for n in drop} | {n.lower() for n in add or ()}
     if peer:
         prior = ", ".join(incoming.getall(hdrs.X_FORWARDED_FOR, ()))
+        skip = skip | {"x-forwarded-for"}
+    out = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in skip])
+    if add:
+        out.extend(add)
+    if peer:
         out[hdrs.X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
     if ingress:
         out[hdrs.X_FORWARDED_PROTO] = scheme
