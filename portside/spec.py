@@ -5,6 +5,7 @@ Plain frozen dataclasses; protobuf messages are converted to these at the gRPC b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class NodeInfo:
     instances: int = 0
 
 
+@functools.lru_cache(maxsize=1 << 16)  # on every proxied request, some of them twice
 def instance_id(class_name: str, name: str) -> str:
     """The stable id of a named instance, like Cloudflare's `idFromName`."""
     return hashlib.sha256(f"{class_name}\x00{name}".encode()).hexdigest()
