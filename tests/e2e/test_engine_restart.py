@@ -119,6 +119,13 @@ async def test_the_agent_serves_again_after_its_engine_restarted(
         # The same container (its writable layer kept): woken again, or kept by live-restore.
         assert (await get(s, f"{base}/session/whoami", "eng"))[1] == before
         assert (await get(s, f"{base}/session/state", "eng"))[1] == "kept"
+        # A request may wake the instance before the event stream's reconnect (with backoff)
+        # logs that the engine is back.
+        await eventually(
+            lambda: "the container engine is back" in agent.log_text(),
+            within=10,
+            what="the engine's return logged",
+        )
         log = agent.log_text()
         assert log.count("lost the container engine") == 1, log[-4000:]
         assert log.count("the container engine is back") == 1, log[-4000:]
