@@ -281,6 +281,8 @@ class _Connection(asyncio.Protocol, BodySink):
         try:
             await self._head
         except BaseException:
+            if forward.body is not None:
+                forward.body.unpipe()  # what the client still sends is dropped, not written here
             self._forward = None
             self.transport.close()
             raise
@@ -315,12 +317,16 @@ class _Connection(asyncio.Protocol, BodySink):
     # BodySink: the client's request body, as it comes
 
     def body_data(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # the exchange failed: the rest of the body goes nowhere
         if self._chunked_request:
             self.transport.writelines((chunk_size_line(len(data)), data, CRLF))
         else:
             self.transport.write(data)
 
     def body_end(self, trailers: list[tuple[str, str]]) -> None:
+        if self.transport.is_closing():
+            return
         if self._chunked_request:
             self.transport.write(last_chunk(trailers))
         self._flow_source = None
@@ -477,6 +483,9 @@ class _Connection(asyncio.Protocol, BodySink):
             self._reset()
             self._pool._return(self)
         elif self.tunnel is None:
+            body = self._forward.body if self._forward is not None else None
+            if body is not None and not self._request_sent:
+                body.unpipe()  # answered before the whole body went: the rest goes nowhere
             self.transport.close()
 
     def _reset(self) -> None:

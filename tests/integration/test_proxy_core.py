@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -1312,3 +1314,37 @@ async def test_the_upstream_hop_over_mutual_tls(
             assert (await response.text()).startswith("TLS handshake failed")
     finally:
         await runner.cleanup()
+
+
+async def _refuse_the_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)  # the body is not read: answered at once, then closed
+    writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+    await writer.drain()
+
+
+async def test_an_answer_before_the_whole_request_body_drops_the_rest(
+    raw_upstream: RawFactory,
+    relay: RelayFactory,
+    clients: Callable[[str], Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream = await raw_upstream(_refuse_the_body)
+    hop = await relay(upstream.address)
+    client = await clients(hop.address)
+    client.get("/upload", "Content-Length: 1048576", method="POST")
+    client.send(b"x" * 65536)
+    answer = await client.response("POST")
+    assert (answer.status, answer.body) == (413, b"big!")
+    for _ in range(8):  # the client goes on sending what is left: dropped, not an error
+        with contextlib.suppress(ConnectionError):
+            client.send(b"x" * 65536)
+            await client.writer.drain()
+        await asyncio.sleep(0.01)
+    # The body was not read whole, so the connection cannot go on: the relay closes it (the
+    # client hears EOF, or a broken pipe on its next send).
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(STEP_S):
+            while await client.reader.read(65536):
+                pass
+    assert client.reader.at_eof() or client.writer.transport.is_closing()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
