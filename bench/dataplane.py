@@ -291,11 +291,11 @@ class BenchCluster(Cluster):
             argv = (*argv, *self.edge_args)
         super().spawn(*argv)
 
-    def deploy_and_warm(self) -> float:
-        """Deploy CONFIG over the one Cluster.start deployed (a deploy replaces the whole
-        config) and boot the instance with a first request; its seconds."""
-        config = self.tmp / "dataplane.toml"
-        config.write_text(CONFIG)
+    def deploy(self, config_text: str, name: str) -> None:
+        """Deploy `config_text` over the one Cluster.start deployed (a deploy replaces the
+        whole config)."""
+        config = self.tmp / f"{name}.toml"
+        config.write_text(config_text)
         token = ["--token-file", str(self.tmp / "tokens" / "admin.token")] if self.secure else []
         subprocess.run(
             [sys.executable, "-m", "portside", "--log-level", "warning", "deploy", str(config)]
@@ -303,6 +303,10 @@ class BenchCluster(Cluster):
             check=True,
             stdout=subprocess.DEVNULL,
         )
+
+    def deploy_and_warm(self) -> float:
+        """Deploy CONFIG and boot the instance with a first request; its seconds."""
+        self.deploy(CONFIG, "dataplane")
         return wait_for_hello(self.edge, HEADERS, timeout_s=60)
 
     def stop(self, client: docker.DockerClient) -> None:

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,19 +62,6 @@ instance = "header:X-Session-Id"
 
 
 # -- the cluster ------------------------------------------------------------------------------
-
-
-def deploy(cluster: BenchCluster) -> None:
-    """Deploy CONFIG over the one Cluster.start deployed (a deploy replaces the whole config)."""
-    config = cluster.tmp / "slow_download.toml"
-    config.write_text(CONFIG)
-    token = ["--token-file", str(cluster.tmp / "tokens" / "admin.token")] if cluster.secure else []
-    subprocess.run(
-        [sys.executable, "-m", "portside", "--log-level", "warning", "deploy", str(config)]
-        + ["--controlplane", cluster.controlplane, *token],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
 
 
 def boot(edge: str, timeout_s: float = 60.0) -> float:
@@ -346,7 +332,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> bool:
     hop = "mutual TLS" if args.secure else "plaintext, --insecure"
     print(f"starting a Portside cluster (edge → agent {hop}) ...", flush=True)
     cluster.start()
-    deploy(cluster)
+    cluster.deploy(CONFIG, "slow_download")
     print(f"  edge {cluster.edge}: the first request answered after {boot(cluster.edge):.2f} s")
     pids = {daemon: daemon_pid(cluster, daemon) for daemon in ("edge", "agent")}
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from portside.up import PARENT_ENV
+from portside.up import PARENT_ENV, StopRequest
 
 log = logging.getLogger("portside.edge")
 
@@ -68,21 +68,14 @@ class _Worker:
 def supervise(argv: Sequence[str], workers: int) -> int:
     """Run `workers` edge processes with `argv` (the `portside` arguments) until told to
     stop; the exit code is 0, or that of a worker that failed to start."""
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopRequest()
     pool = [_Worker(i, worker_argv(argv, i)) for i in range(workers)]
     for worker in pool:
         worker.start()
     log.info("edge: %d workers started (pids %s)", workers, [w.proc.pid for w in pool if w.proc])
     code = 0
     try:
-        while not stopping:
+        while not stop.requested:
             now = time.monotonic()
             for worker in pool:
                 proc = worker.proc

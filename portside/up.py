@@ -51,14 +51,7 @@ def run(opts: UpOptions) -> int:
         print(f"portside up: {exc}", file=sys.stderr)
         return 1
     portside = [sys.executable, "-m", "portside"]
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = StopRequest()
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def spawn(name: str, *args: str) -> None:
@@ -144,7 +137,7 @@ def run(opts: UpOptions) -> int:
             ),
             flush=True,
         )
-        while not stopping:
+        while not stop.requested:
             for name, proc in children:
                 if proc.poll() is not None:
                     raise Unavailable(f"the {name} exited with code {proc.returncode}")
@@ -163,6 +156,19 @@ def _edge_metrics(opts: UpOptions) -> str:
         return first
     last = with_port_offset(opts.listen, opts.edge_workers)
     return f"{first} … {last} ({opts.edge_workers} workers)"
+
+
+class StopRequest:
+    """For a process that supervises others from a plain loop: `requested` turns true at the
+    first SIGINT or SIGTERM (the loop then stops its children in order)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGINT, self._request)
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 def stop_with_parent() -> None:
