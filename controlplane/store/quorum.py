@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -76,10 +77,42 @@ async def quorum_lost(
     return lost
 
 
+#: How long one probe's verdict answers every caller. While the store fails, every agent's
+#: heartbeat asks (each opening a channel to every member); shared, they cost one probe a second.
+#: A verdict this old is still sound: a leader elected since gave every lease a full TTL, and the
+#: agent serves on for only 0.7 of one from its heartbeat's send — the 0.3 TTL left (3 s with the
+#: defaults) covers it.
+VERDICT_FRESH_S = 1.0
+
+
 def quorum_probe(
-    endpoints: list[tuple[str, int]], credentials: grpc.ChannelCredentials | None
+    endpoints: list[tuple[str, int]],
+    credentials: grpc.ChannelCredentials | None,
+    *,
+    fresh_s: float = VERDICT_FRESH_S,
+    check: Callable[[], Awaitable[bool]] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Callable[[], Awaitable[bool]]:
+    """`quorum_lost` for these endpoints, one probe at a time: callers meanwhile share it, and
+    its verdict answers for `fresh_s` after it ends. (`check` replaces the probe in tests.)"""
+    run = check or (lambda: quorum_lost(endpoints, credentials))
+    verdict: tuple[float, bool] | None = None  # when it was reached, and what it was
+    running: asyncio.Task[bool] | None = None
+
+    def reached(task: asyncio.Task[bool]) -> None:
+        nonlocal verdict, running
+        running = None
+        if not task.cancelled() and task.exception() is None:
+            verdict = (clock(), task.result())
+
     async def probe() -> bool:
-        return await quorum_lost(endpoints, credentials)
+        nonlocal running
+        if verdict is not None and clock() - verdict[0] < fresh_s:
+            return verdict[1]
+        if running is None:
+            running = asyncio.ensure_future(run())
+            running.add_done_callback(reached)
+        # Shielded: one caller giving up must not cancel the probe the others wait for.
+        return await asyncio.shield(running)
 
     return probe
