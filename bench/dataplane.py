@@ -38,9 +38,10 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import docker
@@ -732,11 +733,19 @@ def main() -> None:
     args = parse_args()
     # The daemons run `python -m portside`: from this checkout, like the code imported here.
     os.chdir(ROOT)
-    # SIGTERM cleans up like Ctrl-C does.
+    run_cleaning_up(lambda stack: run(args, stack))
+
+
+T = TypeVar("T")
+
+
+def run_cleaning_up(body: Callable[[contextlib.ExitStack], T]) -> T:
+    """`body(stack)`, then close `stack` (what the benchmark started) whatever happens:
+    on return, on Ctrl-C (exit 130) and on SIGTERM, which cleans up like Ctrl-C does."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     stack = contextlib.ExitStack()
     try:
-        run(args, stack)
+        return body(stack)
     except KeyboardInterrupt:
         print("interrupted: stopping everything the benchmark started", file=sys.stderr)
         sys.exit(130)

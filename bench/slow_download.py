@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import docker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.dataplane import BenchCluster, get  # noqa: E402
+from bench.dataplane import BenchCluster, get, run_cleaning_up  # noqa: E402
 from bench.named_instances import IMAGE  # noqa: E402
 from tests.images.build import build_image  # noqa: E402
 
@@ -371,20 +370,7 @@ def main() -> None:
     args = parse_args()
     # The daemons run `python -m portside`: from this checkout, like the code imported here.
     os.chdir(ROOT)
-    # SIGTERM cleans up like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    stack = contextlib.ExitStack()
-    ok = False
-    try:
-        ok = run(args, stack)
-    except KeyboardInterrupt:
-        print("interrupted: stopping everything the benchmark started", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        # A second Ctrl-C must not cut the cleanup short (every step of it is bounded).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.close()
+    ok = run_cleaning_up(lambda stack: run(args, stack))
     sys.exit(0 if ok else 1)
 
 

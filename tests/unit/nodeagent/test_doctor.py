@@ -108,10 +108,10 @@ def test_warnings_about_other_things_are_not_reported() -> None:
 
 
 def test_agent_ports_default_like_the_agent() -> None:
-    assert agent_ports("10.0.0.2:7080") == [
-        AgentPort("data", "10.0.0.2:7080"),
-        AgentPort("API", "10.0.0.2:7081"),
-        AgentPort("metrics", "10.0.0.2:7082"),
+    assert agent_ports("127.0.0.2:7080") == [
+        AgentPort("data", "127.0.0.2:7080"),
+        AgentPort("API", "127.0.0.2:7081"),
+        AgentPort("metrics", "127.0.0.2:7082"),
     ]
     assert agent_ports("0.0.0.0:7080", "127.0.0.1:9000", "127.0.0.1:9001")[1:] == [
         AgentPort("API", "127.0.0.1:9000"),
@@ -153,9 +153,9 @@ def test_skew_bounds_from_a_date_header() -> None:
     ],
 )
 def test_skew_verdict(low: float, high: float, ok: bool, warning: bool) -> None:
-    check = skew_check("10.0.0.1:7071", low, high)
+    check = skew_check("127.0.0.1:7071", low, high)
     assert (check.ok, check.warning) == (ok, warning), check
-    assert check.name == "clock against 10.0.0.1:7071" and "resolution 1 s" in check.detail
+    assert check.name == "clock against 127.0.0.1:7071" and "resolution 1 s" in check.detail
     if not ok or warning:
         side = "ahead of" if low > 0 else "behind"
         assert f"s {side} this host's" in check.fix and "NTP" in check.fix
