@@ -9,10 +9,15 @@ network of its own. Then, with one `wrk` thread (latency at 1 connection, req/s 
   nginx           nginx A → nginx B → the container (two nginx processes, one worker each,
                   upstream keep-alive), plaintext
   portside        Portside edge → agent → the container, a cluster started with --insecure
+  relay           bench/relay.py A → relay B → the container: the leanest Python relay (uvloop,
+                  llhttp, pooled keep-alive), with none of Portside's features: the floor of a
+                  Python hop here
   nginx-tls       nginx A → nginx B over mutual TLS (proxy_ssl, session reuse, the same kind of
                   certificates as Portside's: a CA, P-256 keys, names verified both ways)
   portside-tls    Portside edge → agent over mutual TLS, a cluster secured like `portside up`
-and WebSocket echo messages/s from one Python client process (aiohttp, --ws-clients connections
+For every row with proxies, the CPU each hop's processes spent per request at --connections
+(from /proc, children included: nginx's workers, an edge's --workers). And WebSocket echo
+messages/s from one Python client process (aiohttp, --ws-clients connections
 each sending a message and awaiting its echo): ws-straight, ws-portside, ws-portside-tls.
 Each Portside cluster is real separate processes (bench/named_instances.py's Cluster: control
 plane on an embedded store, agent, edge); the first request boots the instance, then it is warm.
@@ -60,7 +65,7 @@ BODY = b"Hello, world\n"
 INSTANCE = "dataplane"  # the named instance every request through Portside goes to
 WRK = "/usr/bin/wrk"
 NGINX = "/usr/sbin/nginx"
-HTTP_ROWS = ("straight", "nginx", "portside", "nginx-tls", "portside-tls")
+HTTP_ROWS = ("straight", "nginx", "relay", "portside", "nginx-tls", "portside-tls")
 WS_ROWS = ("ws-straight", "ws-portside", "ws-portside-tls")
 # The goal of issue 11, checked against every Portside row.
 GOAL_ADDED_MS = 0.15
@@ -256,6 +261,10 @@ server {{
                     log = (t / f"{name}.error.log").read_text(errors="replace")
                     raise RuntimeError(f"nginx {name} did not start:\n{log}") from None
 
+    def hops(self) -> tuple[int, ...]:
+        """The masters of A and B (their workers are counted under them)."""
+        return tuple(p.pid for p in reversed(self.procs))
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.send_signal(signal.SIGTERM)  # nginx: fast shutdown
@@ -271,6 +280,59 @@ def kill_group(p: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+
+
+@dataclass
+class Relays:
+    """bench/relay.py A (port) → relay B → the container."""
+
+    upstream: str  # the container, HOST:PORT
+    port: int = field(default_factory=free_port)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self) -> None:
+        b_port = free_port()
+        for listen, upstream in ((b_port, self.upstream), (self.port, f"127.0.0.1:{b_port}")):
+            argv = [sys.executable, str(ROOT / "bench" / "relay.py"), "--listen", str(listen)]
+            self.procs.append(
+                subprocess.Popen([*argv, "--upstream", upstream], start_new_session=True)
+            )
+            wait_port("127.0.0.1", listen, timeout_s=10)
+        self.procs.reverse()  # A first, as the hops are counted
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+            kill_group(p)
+
+
+# -- CPU per request --------------------------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def cpu_ticks(root: int) -> int:
+    """utime + stime of `root` and every process under it, in clock ticks."""
+    tree, total, todo = _children(), 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 # -- Portside ---------------------------------------------------------------------------------
@@ -304,6 +366,15 @@ class BenchCluster(Cluster):
             check=True,
             stdout=subprocess.DEVNULL,
         )
+
+    def hops(self) -> tuple[int, ...]:
+        """The edge's pid (its --workers under it), then the agent's."""
+        daemons = {
+            next(a for a in p.args if a in ("controlplane", "agent", "edge")): p.pid
+            for p in self.procs
+            if isinstance(p.args, list)
+        }
+        return daemons["edge"], daemons["agent"]
 
     def deploy_and_warm(self) -> float:
         """Deploy CONFIG and boot the instance with a first request; its seconds."""
@@ -369,6 +440,7 @@ class Row:
     url: str
     headers: dict[str, str]
     compare_to: str = ""  # the nginx row its throughput is held against
+    hops: tuple[int, ...] = ()  # the root pid of each hop's processes, first hop first
 
 
 @dataclass(frozen=True)
@@ -376,13 +448,17 @@ class Measured:
     row: Row
     one: Load  # at 1 connection
     many: Load  # at --connections
+    cpu_us: tuple[float, ...] = ()  # CPU per request of each hop, at --connections
 
 
 def measure(row: Row, connections: int, seconds: float, script: Path) -> Measured:
     wrk(row.url, connections, min(1.0, seconds), row.headers, script)  # warm pools and caches
     one = wrk(row.url, 1, seconds, row.headers, script)
+    before = [cpu_ticks(pid) for pid in row.hops]
     many = wrk(row.url, connections, seconds, row.headers, script)
-    return Measured(row, one, many)
+    spent = [(cpu_ticks(pid) - b) * _TICK_S for pid, b in zip(row.hops, before, strict=True)]
+    requests = many.rps * seconds
+    return Measured(row, one, many, tuple(s * 1e6 / requests for s in spent))
 
 
 def median_load(loads: list[Load]) -> Load:
@@ -397,6 +473,10 @@ def median_load(loads: list[Load]) -> Load:
     )
 
 
+def median_cpu(rounds: list[Measured]) -> tuple[float, ...]:
+    return tuple(statistics.median(hop) for hop in zip(*(m.cpu_us for m in rounds), strict=True))
+
+
 def print_table(results: dict[str, Measured], connections: int) -> None:
     straight = results.get("straight")
 
@@ -405,9 +485,10 @@ def print_table(results: dict[str, Measured], connections: int) -> None:
 
     print(
         f"| path | mean / p50 / p99 ms at 1 conn | added ms (mean / p50) | req/s at 1 "
-        f"| req/s at {connections} | × nginx (at 1 / at {connections}) |"
+        f"| req/s at {connections} | × nginx (at 1 / at {connections}) "
+        f"| CPU µs per request, hop 1 / hop 2 |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for m in results.values():
         one, many = m.one, m.many
         added = "—"
@@ -419,9 +500,10 @@ def print_table(results: dict[str, Measured], connections: int) -> None:
         nginx = results.get(m.row.compare_to)
         if nginx is not None:
             ratio = f"{one.rps / nginx.one.rps:.2f}× / {many.rps / nginx.many.rps:.2f}×"
+        cpu = " / ".join(f"{us:.0f}" for us in m.cpu_us) or "—"
         print(
             f"| {m.row.label} | {ms(one.mean_us)} / {ms(one.p50_us)} / {ms(one.p99_us)} "
-            f"| {added} | {one.rps:,.0f} | {many.rps:,.0f} | {ratio} |"
+            f"| {added} | {one.rps:,.0f} | {many.rps:,.0f} | {ratio} | {cpu} |"
         )
     for m in results.values():
         for load, conns in ((m.one, 1), (m.many, connections)):
@@ -610,6 +692,11 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
         stack.callback(nginx.stop)
         nginx.start()
 
+    relays = Relays(upstream)
+    if "relay" in only:
+        stack.callback(relays.stop)
+        relays.start()
+
     clusters: dict[str, BenchCluster] = {}
     for secure in (False, True):
         suffix = "-tls" if secure else ""
@@ -632,13 +719,29 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     workers = f", edge --workers {args.workers}" if args.workers else ""
     rows = [
         Row("straight", "straight to the container", f"http://{upstream}/", {}),
-        Row("nginx", "nginx, two hops", f"http://127.0.0.1:{nginx.plain_port}/", {}, "nginx"),
+        Row(
+            "nginx",
+            "nginx, two hops",
+            f"http://127.0.0.1:{nginx.plain_port}/",
+            {},
+            "nginx",
+            nginx.hops(),
+        ),
+        Row(
+            "relay",
+            "Python relay, two hops, no features (the floor)",
+            f"http://127.0.0.1:{relays.port}/",
+            {},
+            "nginx",
+            tuple(p.pid for p in relays.procs),
+        ),
         Row(
             "portside",
             f"Portside, edge → agent (plaintext{workers})",
             f"http://{clusters['portside'].edge}/" if "portside" in clusters else "",
             HEADERS,
             "nginx",
+            clusters["portside"].hops() if "portside" in clusters else (),
         ),
         Row(
             "nginx-tls",
@@ -646,6 +749,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             f"http://127.0.0.1:{nginx.tls_port}/",
             {},
             "nginx-tls",
+            nginx.hops(),
         ),
         Row(
             "portside-tls",
@@ -653,6 +757,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
             f"http://{clusters['portside-tls'].edge}/" if "portside-tls" in clusters else "",
             HEADERS,
             "nginx-tls",
+            clusters["portside-tls"].hops() if "portside-tls" in clusters else (),
         ),
     ]
     script = tmp / "report.lua"
@@ -666,7 +771,10 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                 rounds[row.name].append(measure(row, args.connections, args.duration, script))
     results = {
         name: Measured(
-            got[0].row, median_load([m.one for m in got]), median_load([m.many for m in got])
+            got[0].row,
+            median_load([m.one for m in got]),
+            median_load([m.many for m in got]),
+            median_cpu(got),
         )
         for name, got in rounds.items()
     }
