@@ -79,6 +79,7 @@ def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
         entrypoint=list(c.entrypoint),
         enable_internet=c.enable_internet,
         boot_timeout_seconds=c.boot_timeout_s,
+        image_digest=c.image_digest,
     )
 
 
@@ -95,6 +96,7 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         enable_internet=m.enable_internet,
         boot_timeout_s=m.boot_timeout_seconds,
         autoscaling=autoscaling_from_pb(m.autoscaling) if m.HasField("autoscaling") else None,
+        image_digest=m.image_digest,
     )
 
 

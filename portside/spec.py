@@ -71,6 +71,9 @@ class ContainerClass:
     enable_internet: bool = False
     boot_timeout_s: float = DEFAULT_BOOT_TIMEOUT_S
     autoscaling: Autoscaling | None = None  # set: the class is a pool
+    # sha256:<hex>, the image id of an image `portside deploy` built and pushed (then `image` is
+    # its readable tag, portside/<class>:<12 hex>); empty: `image` is a registry reference.
+    image_digest: str = ""
 
     @property
     def pool(self) -> bool:

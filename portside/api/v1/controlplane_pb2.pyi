@@ -109,7 +109,7 @@ class ListInstancesResponse(_message.Message):
     def __init__(self, instances: _Optional[_Iterable[_Union[_types_pb2.InstanceInfo, _Mapping]]] = ...) -> None: ...
 
 class NodeHeartbeatRequest(_message.Message):
-    __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence", "fenced")
+    __slots__ = ("node", "instances", "events", "usage", "usage_source", "usage_sequence", "fenced", "images", "images_changed")
     NODE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class NodeHeartbeatRequest(_message.Message):
     USAGE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     USAGE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     FENCED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_CHANGED_FIELD_NUMBER: _ClassVar[int]
     node: _types_pb2.Node
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.InstanceStatus]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
@@ -124,10 +126,12 @@ class NodeHeartbeatRequest(_message.Message):
     usage_source: str
     usage_sequence: int
     fenced: bool
-    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ..., fenced: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedScalarFieldContainer[str]
+    images_changed: bool
+    def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ..., fenced: _Optional[bool] = ..., images: _Optional[_Iterable[str]] = ..., images_changed: _Optional[bool] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
-    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds")
+    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds", "prefetch_images")
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     LEASE_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +139,7 @@ class NodeHeartbeatResponse(_message.Message):
     RECONCILED_FIELD_NUMBER: _ClassVar[int]
     ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
     FENCE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_IMAGES_FIELD_NUMBER: _ClassVar[int]
     lease_ttl_seconds: float
     pool: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolAssignment]
     lease_confirmed: bool
@@ -142,7 +147,8 @@ class NodeHeartbeatResponse(_message.Message):
     reconciled: bool
     elsewhere: _containers.RepeatedScalarFieldContainer[str]
     fence_after_seconds: float
-    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ...) -> None: ...
+    prefetch_images: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ..., prefetch_images: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRoutesRequest(_message.Message):
     __slots__ = ("since_revision",)
@@ -469,3 +475,77 @@ class RevokeTokenResponse(_message.Message):
     INFO_FIELD_NUMBER: _ClassVar[int]
     info: TokenInfo
     def __init__(self, info: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
+
+class PushImageRequest(_message.Message):
+    __slots__ = ("digest", "reference", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    reference: str
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., reference: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushImageResponse(_message.Message):
+    __slots__ = ("digest", "size_bytes", "stored_bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size_bytes: int
+    stored_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class StatImagesRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatImagesResponse(_message.Message):
+    __slots__ = ("held",)
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, held: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullImageRequest(_message.Message):
+    __slots__ = ("digest", "have_chain_ids")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HAVE_CHAIN_IDS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    have_chain_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., have_chain_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullImageResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ListImagesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ImageInfo(_message.Message):
+    __slots__ = ("digest", "reference", "size_bytes", "classes", "replicas", "nodes", "pushed_at")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_AT_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    reference: str
+    size_bytes: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    pushed_at: float
+    def __init__(self, digest: _Optional[str] = ..., reference: _Optional[str] = ..., size_bytes: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[str]] = ..., nodes: _Optional[_Iterable[str]] = ..., pushed_at: _Optional[float] = ...) -> None: ...
+
+class ListImagesResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...

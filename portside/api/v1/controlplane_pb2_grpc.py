@@ -180,6 +180,26 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.FromString,
                 _registered_method=True)
+        self.PushImage = channel.stream_unary(
+                '/portside.v1.ControlPlane/PushImage',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.PushImageRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.PushImageResponse.FromString,
+                _registered_method=True)
+        self.StatImages = channel.unary_unary(
+                '/portside.v1.ControlPlane/StatImages',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.StatImagesRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.StatImagesResponse.FromString,
+                _registered_method=True)
+        self.PullImage = channel.unary_stream(
+                '/portside.v1.ControlPlane/PullImage',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.PullImageRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.PullImageResponse.FromString,
+                _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListImages',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -417,6 +437,40 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushImage(self, request_iterator, context):
+        """--- images without a registry (issue 12; docs/architecture.md, "Images") ---
+
+        Upload an image as `docker save` writes it (deploy role). The first message names its
+        digest; layers the replica holds already are hashed and dropped, the rest stored by
+        digest. INVALID_ARGUMENT: the archive is not an image archive, or its config or a layer
+        does not match its digest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatImages(self, request, context):
+        """Which of these images the cluster's image store holds, so a client pushes only the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullImage(self, request, context):
+        """Download an image as `docker load` reads it (agent role), leaving out the layers the
+        caller's engine has. NOT_FOUND: no replica holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImages(self, request, context):
+        """Every image the cluster knows: size, the classes using it, where it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -564,6 +618,26 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.SerializeToString,
+            ),
+            'PushImage': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushImage,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.PushImageRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.PushImageResponse.SerializeToString,
+            ),
+            'StatImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatImages,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.StatImagesRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.StatImagesResponse.SerializeToString,
+            ),
+            'PullImage': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullImage,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.PullImageRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.PullImageResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1349,6 +1423,114 @@ class ControlPlane:
             '/portside.v1.ControlPlane/WatchRoutes',
             portside_dot_v1_dot_controlplane__pb2.WatchRoutesRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushImage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/portside.v1.ControlPlane/PushImage',
+            portside_dot_v1_dot_controlplane__pb2.PushImageRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.PushImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/StatImages',
+            portside_dot_v1_dot_controlplane__pb2.StatImagesRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.StatImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/PullImage',
+            portside_dot_v1_dot_controlplane__pb2.PullImageRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.PullImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListImages',
+            portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
