@@ -128,6 +128,9 @@ RULES: Mapping[str, Rule] = {
     "CreateToken": _token(ADMIN, _new_token, audited=True),
     "ListTokens": _token(ADMIN),
     "RevokeToken": _token(ADMIN, _token_reference, audited=True),
+    "PushImage": _token(DEPLOY, audited=True),  # the image store is the cluster's
+    "StatImages": _token(DEPLOY),
+    "ListImages": _token(READ),
     # parts of the cluster, by their certificate's role
     "NodeHeartbeat": _peers(AGENT),
     "WatchConfig": _peers(AGENT, EDGE),
@@ -135,6 +138,7 @@ RULES: Mapping[str, Rule] = {
     "WatchPools": _peers(EDGE),
     "WatchRoutes": _peers(EDGE),
     "ReportDemand": _peers(EDGE),
+    "PullImage": _peers(AGENT),
     "RenewCertificate": _peers(*PeerRole),
     # a node without a certificate yet
     "Join": Rule(join=True, target=_joining, audited=True),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,19 +25,23 @@ from controlplane.agents import AgentClients
 from controlplane.discovery import ReplicaRegistration, reachable_address, targets_route
 from controlplane.events import EventLog
 from controlplane.identity import ControlPlaneIdentity, load_ca
+from controlplane.imagecatalog import ImageCatalog
+from controlplane.images import ImageStore
 from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
-from controlplane.metrics import INSTANCES_PLACED, NODES_ALIVE
+from controlplane.metrics import IMAGES_HELD, INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
 from controlplane.routewatch import follow_route_changes
 from controlplane.service import ControlPlaneService
 from controlplane.store import StoreTls, instrument, open_store, quorum_probe
+from controlplane.store.sqlite import MEMORY, parse_sqlite_url
 from controlplane.tokens import TokenRegistry
 from controlplane.ui import ClusterPage
 from controlplane.view import ClusterView
 from portside import daemon, geo, net, pki
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
+from portside.errors import ConfigError
 
 log = logging.getLogger("portside.controlplane")
 
@@ -57,6 +63,40 @@ class ControlPlaneOptions:
     grace_s: float = 5.0
     insecure: bool = False  # plaintext, no certificates, no tokens: development only
     cert_lifetime_s: float = pki.DEFAULT_LIFETIME_S  # of its own and the nodes' certificates
+    # This replica's image store (controlplane.images); "": default_image_dir(store_url).
+    image_dir: str = ""
+
+
+def default_image_dir(store_url: str) -> Path:
+    """Beside a SQLite store's file (`<its folder>/images`: one machine's state in one place);
+    otherwise `$XDG_DATA_HOME/portside/images` (~/.local/share/portside/images). Replicas on one
+    machine may share it: every file is content-addressed and renamed into place."""
+    if store_url.startswith("sqlite://"):
+        path = parse_sqlite_url(store_url)
+        if path != MEMORY:
+            return Path(path).parent / "images"
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "portside" / "images"
+
+
+def open_image_store(image_dir: Path) -> ImageStore:
+    """This replica's image store, its folders made (ConfigError naming --image-dir if not)."""
+    images = ImageStore(image_dir)
+    try:
+        images.prepare()
+    except OSError as exc:
+        raise ConfigError("--image-dir", str(image_dir), f"cannot use it: {exc}") from exc
+    return images
+
+
+async def load_image_catalog(images: ImageStore, catalog: ImageCatalog) -> None:
+    """Load the catalog (before view.follow(): it follows the view's watch from there) and
+    bring the records in line with what this replica's folder holds."""
+    await catalog.load()
+    held = await images.held()
+    IMAGES_HELD.set(len(held))
+    await catalog.sync_replica(held)
+    log.info("image store %s holds %d images", images.root, len(held))
 
 
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
@@ -81,6 +121,12 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         identity = ControlPlaneIdentity(ca, replica_id, opts.cert_lifetime_s)
     view = ClusterView(store)
     await view.load()
+    try:
+        images = open_image_store(Path(opts.image_dir or default_image_dir(opts.store_url)))
+    except BaseException:
+        await store.close()
+        raise
+    image_catalog = ImageCatalog(store, view, replica_id)
     route_changes = follow_route_changes(view)  # fed by view.follow() from here on
     registration = ReplicaRegistration(
         store,
@@ -112,6 +158,8 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         tokens=TokenRegistry(store, view, identity.ca_pem) if identity is not None else None,
         route_changes=route_changes,
         quorum_lost=quorum_probe(opts.store_url, opts.store_tls),
+        images=images,
+        image_catalog=image_catalog,
     )
     gate = Gate(view.tokens, enforce=identity is not None)
     descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]
@@ -146,6 +194,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         opts.store_url,
     )
     try:
+        await load_image_catalog(images, image_catalog)
         async with asyncio.TaskGroup() as tasks:
             # A failed watch ends the group, and with it the process: a stale view must not serve.
             background = [

@@ -71,3 +71,28 @@ HEARTBEATS_UNCONFIRMED = Counter(
     "portside_controlplane_heartbeats_unconfirmed_total",
     "Heartbeat messages whose node lease could not be refreshed because the store failed.",
 )
+IMAGE_PUSHES = Counter(
+    "portside_controlplane_image_pushes_total",
+    "Image pushes, by outcome: stored (taken in), held (the store had it whole already), "
+    "refused (not an image archive, or it did not match its digest), failed.",
+    ["outcome"],
+)
+IMAGE_STORED_BYTES = Counter(
+    "portside_controlplane_image_stored_bytes_total",
+    "Bytes of configs and layers pushes added to this replica's image store (after dedupe).",
+)
+IMAGE_PULLS = Counter(
+    "portside_controlplane_image_pulls_total",
+    "Image pulls, by outcome: served, not_found (no replica holds it), elsewhere (another "
+    "replica holds it, this one does not), failed, cancelled.",
+    ["outcome"],
+)
+IMAGE_SENT_BYTES = Counter(
+    "portside_controlplane_image_sent_bytes_total", "Bytes of image archives sent to pulls."
+)
+IMAGE_EXPORT_SECONDS = Histogram(
+    "portside_controlplane_image_export_seconds",
+    "Time to send an image archive to a pull, from its first byte to its last.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+IMAGES_HELD = Gauge("portside_controlplane_images_held", "Images this replica's store holds whole.")

@@ -2,7 +2,7 @@
 
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
 demand/<edge>, replicas/<replica>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>,
-usage/<class>/<day>, pki/ca, tokens/<id>.
+usage/<class>/<day>, pki/ca, tokens/<id>, images/<hex digest>, nodeimages/<node>.
 """
 
 from __future__ import annotations
@@ -38,10 +38,22 @@ USAGE = ROOT + "usage/"  # metered use per class and UTC day (controlplane.usage
 # control-plane replicas read it; nothing else ever gets the key.
 CA = ROOT + "pki/ca"
 TOKENS = ROOT + "tokens/"  # tokens/<id>: api and join tokens (their secrets' digests, never them)
+# images/<hex>: an image in the cluster's image store and the replicas holding it (kept);
+# nodeimages/<node>: the Portside images the node's engine has, under the node's lease.
+IMAGES = ROOT + "images/"
+NODE_IMAGES = ROOT + "nodeimages/"
 
 
 def token_key(token_id: str) -> str:
     return TOKENS + token_id
+
+
+def image_key(digest: str) -> str:
+    return IMAGES + digest.removeprefix("sha256:")
+
+
+def node_images_key(node_id: str) -> str:
+    return NODE_IMAGES + node_id
 
 
 def class_key(name: str) -> str:
@@ -283,3 +295,42 @@ def decode_token(token_id: str, data: bytes) -> TokenRecord:
         classes=tuple(body.get("classes", ())),
         expires=body.get("expires", 0.0),
     )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """An image in the cluster's image store: which control-plane replicas hold it whole (one
+    key per image, updated with compare-and-swap by each replica that takes it in)."""
+
+    digest: str
+    reference: str
+    size_bytes: int
+    pushed_at: float
+    replicas: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        body = asdict(self)
+        body["replicas"] = sorted(self.replicas)
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImageRecord:
+        body = json.loads(data)
+        return cls(
+            digest=body["digest"],
+            reference=body["reference"],
+            size_bytes=body["size_bytes"],
+            pushed_at=body["pushed_at"],
+            replicas=tuple(body.get("replicas", ())),
+        )
+
+
+def encode_node_images(digests: frozenset[str]) -> bytes:
+    return json.dumps(sorted(digests), separators=(",", ":")).encode()
+
+
+def decode_node_images(data: bytes) -> frozenset[str]:
+    body = json.loads(data)
+    if not isinstance(body, list):
+        raise ValueError("node images: expected a list of digests")
+    return frozenset(str(d) for d in body)

@@ -1,5 +1,6 @@
-"""The control plane's gRPC service: deploy, config watch, resolve, listing, node heartbeats, and
-the lifecycle API (see controlplane.lifecycle). PortsideErrors become gRPC statuses here.
+"""The control plane's gRPC service: deploy, config watch, resolve, listing, node heartbeats, the
+lifecycle API (see controlplane.lifecycle) and the image store's. PortsideErrors become gRPC
+statuses here.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ from controlplane.access import peer_of_call
 from controlplane.discovery import peer_host, reachable_address
 from controlplane.events import EventLog, watch_events
 from controlplane.identity import ControlPlaneIdentity, Issued
+from controlplane.imagecatalog import ImageCatalog
+from controlplane.images import ImageStore, check_digest, check_reference
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import (
     DEPLOYS,
     HEARTBEAT_STREAMS,
     HEARTBEATS_UNCONFIRMED,
+    IMAGE_EXPORT_SECONDS,
+    IMAGE_PULLS,
+    IMAGE_PUSHES,
+    IMAGE_SENT_BYTES,
+    IMAGE_STORED_BYTES,
+    IMAGES_HELD,
     RESOLVE_SECONDS,
 )
 from controlplane.placement import resolve_instance
@@ -56,9 +65,11 @@ from portside.convert import (
 from portside.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     StoreError,
     Unauthenticated,
+    Unavailable,
 )
 from portside.events import Event
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
@@ -90,6 +101,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         tokens: TokenRegistry | None = None,
         route_changes: RouteChangeLog | None = None,
         quorum_lost: Callable[[], Awaitable[bool]] | None = None,
+        images: ImageStore | None = None,
+        image_catalog: ImageCatalog | None = None,
     ):
         self.store = store
         self.view = view
@@ -105,6 +118,9 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         # Whether the store provably has no quorum now (see _unconfirmed); a store that cannot
         # tell never vouches.
         self.quorum_lost = quorum_lost or _cannot_tell
+        # None (tests of other parts): the image RPCs say this replica has no image store.
+        self.images = images
+        self.image_catalog = image_catalog
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -249,8 +265,14 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         lease = 0
         node: Node | None = None
         written: dict[str, InstanceStatus] | None = None
+        # The images the agent reported (None: it reports none) and those written under the
+        # current lease (None: not yet).
+        images: frozenset[str] | None = None
+        images_written: frozenset[str] | None = None
         try:
             async for message in request_iterator:
+                if node is None or message.images_changed:
+                    images = frozenset(message.images)
                 if node is None:
                     if not message.HasField("node") or not message.node.id:
                         raise InvalidArgument("the first heartbeat must carry the node")
@@ -264,7 +286,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 try:
                     if lease == 0:
                         lease = await self.store.grant_lease(self.node_ttl_s)
-                        written, reconcile = None, True
+                        written, images_written, reconcile = None, None, True
                         log.info(
                             "node %s joined (%s, %s, %.2f vCPU, %d MiB)",
                             node.id,
@@ -276,7 +298,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     elif not await self.store.refresh_lease(lease):
                         # The lease expired (a long pause, or a partition): register again.
                         lease = await self.store.grant_lease(self.node_ttl_s)
-                        written, reconcile = None, True
+                        written, images_written, reconcile = None, None, True
                         log.warning("node %s lease had expired; renewed", node.id)
                 except StoreError as exc:
                     yield await self._unconfirmed(node, exc)
@@ -299,11 +321,16 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                         records.node_key(node.id), records.encode_node(node, statuses), lease
                     )
                     written = statuses
+                if self.image_catalog is not None and images != images_written:
+                    assert images is not None  # images_written starts as None
+                    await self.image_catalog.report_node(node.id, images, lease)
+                    images_written = images
                 reply = cp.NodeHeartbeatResponse(
                     lease_ttl_seconds=self.node_ttl_s,
                     pool=self._assignments(node.id),
                     lease_confirmed=True,
                     fence_after_seconds=fence_after(self.node_ttl_s),
+                    prefetch_images=self._prefetch(node),
                 )
                 if reconcile:
                     reply.reconciled = True
@@ -334,7 +361,15 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             pool=self._assignments(node.id),
             store_unavailable=no_quorum,
             fence_after_seconds=fence_after(self.node_ttl_s),
+            prefetch_images=self._prefetch(node),
         )
+
+    def _prefetch(self, node: Node) -> list[str]:
+        """The images the node should have (every reply carries them: the agent keeps the
+        latest), chosen by controlplane.imagecatalog.images_to_prefetch."""
+        if self.image_catalog is None:
+            return []
+        return self.image_catalog.prefetch_for(node.region)
 
     async def _elsewhere(
         self, node_id: str, statuses: dict[str, InstanceStatus], revision: int
@@ -599,6 +634,124 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         record = await self._tokens().revoke(request.token)
         return cp.RevokeTokenResponse(info=token_info_to_pb(record))
 
+    # --- images without a registry (issue 12): controlplane.images, controlplane.imagecatalog ---
+
+    @grpc_errors
+    async def PushImage(
+        self, request_iterator: AsyncIterator[cp.PushImageRequest], context: Any
+    ) -> cp.PushImageResponse:
+        """Take in a `docker save` archive, verified against the first message's digest. One
+        this replica holds whole already is read to its end (so the client's sends finish) and
+        answered with stored_bytes 0."""
+        images, catalog = self._images()
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or not first.digest:
+            raise InvalidArgument(
+                "PushImage: the first message must carry digest (sha256:<64 hex>) and reference"
+            )
+        digest = check_digest(first.digest)
+        reference = check_reference(first.reference)
+        held = await images.stored(digest)
+        if held is not None:
+            async for _ in messages:
+                pass
+            await catalog.note_held(held)
+            IMAGE_PUSHES.labels("held").inc()
+            return cp.PushImageResponse(digest=digest, size_bytes=held.size_bytes)
+
+        async def archive() -> AsyncIterator[bytes]:
+            yield first.data
+            async for message in messages:
+                yield message.data
+
+        outcome = "failed"
+        try:
+            ingested = await images.ingest(digest, reference, archive())
+            outcome = "stored"
+        except InvalidArgument:
+            outcome = "refused"
+            raise
+        finally:
+            IMAGE_PUSHES.labels(outcome).inc()
+        IMAGE_STORED_BYTES.inc(ingested.stored_bytes)
+        IMAGES_HELD.inc()
+        await catalog.note_held(ingested.image)
+        log.info(
+            "image %s (%s) pushed: %d bytes, %d new",
+            digest,
+            reference or "no reference",
+            ingested.image.size_bytes,
+            ingested.stored_bytes,
+        )
+        return cp.PushImageResponse(
+            digest=digest,
+            size_bytes=ingested.image.size_bytes,
+            stored_bytes=ingested.stored_bytes,
+        )
+
+    @grpc_errors
+    async def StatImages(
+        self, request: cp.StatImagesRequest, context: Any
+    ) -> cp.StatImagesResponse:
+        """The digests this replica holds whole: the ones its agents can pull from it (a client
+        pushes the rest to it, even if another replica holds them)."""
+        images, _ = self._images()
+        held = []
+        for i, digest in enumerate(request.digests):
+            check_digest(digest, f"digests[{i}]")
+            if await images.stored(digest) is not None:
+                held.append(digest)
+        return cp.StatImagesResponse(held=held)
+
+    @grpc_errors
+    async def PullImage(
+        self, request: cp.PullImageRequest, context: Any
+    ) -> AsyncGenerator[cp.PullImageResponse, None]:
+        images, catalog = self._images()
+        digest = check_digest(request.digest)
+        image = await images.stored(digest)
+        if image is None:
+            raise not_held(digest, catalog)
+        start = time.perf_counter()
+        outcome = "failed"
+        try:
+            async for chunk in images.export(image, request.have_chain_ids):
+                IMAGE_SENT_BYTES.inc(len(chunk))
+                yield cp.PullImageResponse(data=chunk)
+            outcome = "served"
+            IMAGE_EXPORT_SECONDS.observe(time.perf_counter() - start)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            IMAGE_PULLS.labels(outcome).inc()
+
+    @grpc_errors
+    async def ListImages(
+        self, request: cp.ListImagesRequest, context: Any
+    ) -> cp.ListImagesResponse:
+        _, catalog = self._images()
+        return cp.ListImagesResponse(
+            images=[
+                cp.ImageInfo(
+                    digest=i.digest,
+                    reference=i.reference,
+                    size_bytes=i.size_bytes,
+                    classes=i.classes,
+                    replicas=i.replicas,
+                    nodes=i.nodes,
+                    pushed_at=i.pushed_at,
+                )
+                for i in catalog.listing()
+            ]
+        )
+
+    def _images(self) -> tuple[ImageStore, ImageCatalog]:
+        if self.images is None or self.image_catalog is None:
+            raise FailedPrecondition("this control plane replica runs without an image store")
+        return self.images, self.image_catalog
+
     def _identity(self) -> ControlPlaneIdentity:
         if self.identity is None:
             raise FailedPrecondition(_INSECURE)
@@ -636,6 +789,23 @@ async def _check_claim(context: Any, claimed: str, what: str) -> None:
                 f"it {peer.id} (give it that id, or join it again under {claimed})"
             ),
         )
+
+
+def not_held(digest: str, catalog: ImageCatalog) -> NotFound | Unavailable:
+    """Why this replica cannot serve `digest`: no replica holds it, or another one does."""
+    others = [r for r in catalog.holders(digest) if r != catalog.replica_id]
+    if others:
+        IMAGE_PULLS.labels("elsewhere").inc()
+        return Unavailable(
+            f"image {digest} is not in replica {catalog.replica_id}'s image store; replica "
+            f"{', '.join(others)} holds it: pull it through that replica (replicas do not "
+            "copy images between them yet)"
+        )
+    IMAGE_PULLS.labels("not_found").inc()
+    return NotFound(
+        f"image {digest} is in no replica's image store: `portside deploy` pushes the "
+        "images of classes it builds (deploy again to push it)"
+    )
 
 
 def fence_after(node_ttl_s: float) -> float:

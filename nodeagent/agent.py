@@ -21,6 +21,7 @@ from nodeagent.api import NodeAgentService, status_of
 from nodeagent.events import EventOutbox
 from nodeagent.fence import Fence
 from nodeagent.firewall import isolate_host
+from nodeagent.images import ControlPlaneImages, ImageKeeper, RegistryAuth, load_registry_auth
 from nodeagent.instances import Capacity, InstanceManager
 from nodeagent.metrics import RECONCILE_REMOVED
 from nodeagent.pools import PoolKeeper, UsageSampler
@@ -77,6 +78,9 @@ class AgentOptions:
     drain_grace: float = 10.0
     # Development only: leave the host open to containers (no host isolation rules).
     allow_host_access: bool = False
+    # A JSON or TOML file of registry host -> {username, password} or {identitytoken}, for
+    # classes whose image is a registry reference ("": pull without credentials).
+    registry_auth: str = ""
 
 
 def host_memory_mib() -> int:
@@ -127,6 +131,9 @@ class ClassCatalog:
     def get(self, name: str) -> ContainerClass | None:
         return self._classes.get(name)
 
+    def classes(self) -> list[ContainerClass]:
+        return list(self._classes.values())
+
     def size_of(self, name: str) -> tuple[int, bool] | None:
         """What usage metering needs of a class beyond vCPU and memory: disk MB, internet."""
         cls = self._classes.get(name)
@@ -154,7 +161,10 @@ class Heartbeat:
     Fencing rides on it too: each reply says whether its message refreshed the lease, and the
     fence (nodeagent/fence.py) closes named instances when none has for its window; a reply
     with `reconciled` lists the reported instances that were placed elsewhere, which are
-    removed here."""
+    removed here.
+
+    Images too: the Portside images the engine has go on a stream's first message and whenever
+    they change, and each reply's prefetch list is handed to the image keeper."""
 
     def __init__(
         self,
@@ -166,8 +176,11 @@ class Heartbeat:
         outbox: EventOutbox | None = None,
         meter: UsageMeter | None = None,
         fence: Fence | None = None,
+        images: ImageKeeper | None = None,
     ) -> None:
         self.stub = cp_grpc.ControlPlaneStub(channel)
+        self.images = images
+        self._images_sent = -1  # the version of the images the current stream was told
         self.fence = fence if fence is not None else Fence()
         self._removing: set[asyncio.Task[None]] = set()
         self.node = node
@@ -203,6 +216,12 @@ class Heartbeat:
             msg.usage.extend(usage_to_pb(u) for u in batch.totals.values())
         if first:
             msg.node.CopyFrom(node_to_pb(self.node))
+        if self.images is not None:
+            digests, version = self.images.reported()
+            if first or version != self._images_sent:
+                msg.images.extend(sorted(digests))
+                msg.images_changed = True
+                self._images_sent = version
         self.fence.sent()
         return msg
 
@@ -257,6 +276,8 @@ class Heartbeat:
         # A third of the lease keeps the node alive; CPU samples want every 2 s.
         self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
         self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
+        if self.images is not None:
+            self.images.want(reply.prefetch_images)
 
     async def _remove(self, iid: str) -> None:
         """An instance placed on another node while this one was out of touch: its copy here
@@ -311,6 +332,8 @@ async def watch_fence(fence: Fence, every_s: float = 0.25) -> None:
 async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     stop = stop or daemon.stop_on_signals()
     node = build_node(opts)
+    # Read before joining: a bad file stops the agent at once, naming the file and the host.
+    registry_auth = load_registry_auth(opts.registry_auth) if opts.registry_auth else RegistryAuth()
     membership = await take_part(
         opts.controlplane,
         opts.join_token,
@@ -324,26 +347,36 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     catalog = ClassCatalog()
     runtime = DockerRuntime(node.id)
     await isolate_host(runtime, allow_host_access=opts.allow_host_access)
-    changes = _Relay()
-    outbox = EventOutbox(wake=changes)
-    meter = UsageMeter(class_size=catalog.size_of)
-    manager = InstanceManager(
-        runtime,
-        catalog.get,
-        on_change=changes,
-        on_event=outbox.put,
-        on_run=follow_runs(meter),
-        capacity=Capacity(node.id, node.vcpu, node.memory_mib),
-        node_id=node.id,
-    )
-    adopted = await manager.adopt()
-    if adopted:
-        log.info("adopted %d containers of node %s", len(adopted), node.id)
-    # Only a control plane may call the API; only edges and control planes the data port.
-    api_tls = membership.server_tls(PeerRole.CONTROLPLANE)
-    data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE)
     to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
     async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
+        changes = _Relay()
+        outbox = EventOutbox(wake=changes)
+        meter = UsageMeter(class_size=catalog.size_of)
+        # Boots and the heartbeat's prefetch list get images through it, over the same channel.
+        images = ImageKeeper(
+            runtime,
+            ControlPlaneImages(channel),
+            catalog.classes,
+            node_id=node.id,
+            registry_auth=registry_auth,
+            on_change=changes,
+        )
+        manager = InstanceManager(
+            runtime,
+            catalog.get,
+            on_change=changes,
+            on_event=outbox.put,
+            on_run=follow_runs(meter),
+            capacity=Capacity(node.id, node.vcpu, node.memory_mib),
+            node_id=node.id,
+            images=images,
+        )
+        adopted = await manager.adopt()
+        if adopted:
+            log.info("adopted %d containers of node %s", len(adopted), node.id)
+        # Only a control plane may call the API; only edges and control planes the data port.
+        api_tls = membership.server_tls(PeerRole.CONTROLPLANE)
+        data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE)
         api = net.grpc_server(api_tls, f"the API of agent {node.id}")
         fence = Fence()  # fenced until the first heartbeat reply has reconciled its instances
         na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager, fence), api)
@@ -365,11 +398,14 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await api.start()
                 usage = UsageSampler(manager, runtime)
                 keeper = PoolKeeper(manager, catalog.get)
+                # The first heartbeat message reports the images the engine has now.
+                await images.refresh_quietly()
                 heartbeat = Heartbeat(
-                    channel, node, manager, usage, keeper, outbox, meter, fence=fence
+                    channel, node, manager, usage, keeper, outbox, meter, fence=fence, images=images
                 )
                 changes.target = heartbeat.changed
                 beat = tasks.create_task(heartbeat.run())
+                background.append(tasks.create_task(images.run()))
                 sleeper = tasks.create_task(manager.run())
                 background.append(tasks.create_task(watch_fence(fence)))
 
@@ -414,6 +450,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 await data_plane.close()
             await api.stop(2)
             await scrape.cleanup()
+            await images.close()
             await manager.close()
             await runtime.close()
             log.info("agent %s stopped", node.id)

@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
 from nodeagent import lifecycle, metrics
+from nodeagent.images import ImageSupply
 from nodeagent.lifecycle import (
     Announce,
     Answered,
@@ -260,8 +261,12 @@ class InstanceManager:
         on_run: Callable[[InstanceSnapshot, Effect, float | None], None] | None = None,
         node_id: str = "",
         wall_clock: Callable[[], float] = time.time,
+        images: ImageSupply | None = None,
     ) -> None:
         self._runtime = runtime
+        # Makes sure the engine has a class's image before its container is created (pulled
+        # from the control plane or a registry); None: the image must be there already.
+        self._images = images
         self._on_event = on_event
         # A container run began (BEGIN_RUN, ADOPT_RUN) or ended (END_RUN, with the engine's unix
         # time of the death when known): metering follows the time docker ran it.
@@ -463,11 +468,15 @@ class InstanceManager:
         except TimeoutError:
             outcome = "timeout"
             port = inst.port or cls.default_port
-            what = (
-                f"port {port} did not answer"
-                if inst.container_id is not None
-                else "docker did not create its container"
-            )
+            if inst.container_id is not None:
+                what = f"port {port} did not answer"
+            elif self._images is not None and self._images.pulling(cls):
+                what = (
+                    f"its image {cls.image_digest or cls.image} was not pulled (the pull goes "
+                    "on; the next boot finds it)"
+                )
+            else:
+                what = "docker did not create its container"
             failure = f"container for {cls.name}/{inst.name}: {what} within {cls.boot_timeout_s:g}s"
             # Stopped in the background: the waiters hear of the timeout now, and a request that
             # comes during the stop waits for it and then boots afresh.
@@ -532,6 +541,8 @@ class InstanceManager:
                 inst.container_id = None
         if inst.container_id is None:
             overrides = inst.overrides or NO_OVERRIDES
+            if self._images is not None:  # within the boot's deadline: a pull counts
+                await self._images.ensure(cls)
             inst.container_id = await self._runtime.create(cls, inst.name, overrides)
             inst.overrides_digest = overrides.digest
             inst.port = cls.default_port

@@ -1,4 +1,5 @@
-"""The node agent's Prometheus metrics: boots, wakes, sleeps, proxied requests and their latency.
+"""The node agent's Prometheus metrics: boots, wakes, sleeps, proxied requests and their latency,
+image pulls.
 
 Module-level objects in prometheus_client's default registry; the data plane serves /metrics.
 """
@@ -122,4 +123,41 @@ RECONCILE_REMOVED = Counter(
     "portside_agent_reconcile_removed_total",
     "Named instances removed from this node on reconcile: the control plane placed them on "
     "another node (or destroyed them) while this node was out of touch.",
+)
+# A pull takes from well under a second (the layers were there) to minutes (a large image).
+_PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+IMAGE_PULLS = Counter(
+    "portside_agent_image_pulls_total",
+    "Images the agent got for its engine, by source (controlplane: by digest, without a "
+    "registry; registry: a reference the engine pulled) and outcome: ok, error, mismatch (the "
+    "archive did not load as the digest it was asked for).",
+    ["source", "outcome"],
+)
+IMAGE_PULL_SECONDS = Histogram(
+    "portside_agent_image_pull_seconds",
+    "Time to get an image into the engine (transfer and load), by source, any outcome.",
+    ["source"],
+    buckets=_PULL_BUCKETS,
+)
+IMAGE_PULL_BYTES = Counter(
+    "portside_agent_image_pull_bytes_total",
+    "Bytes of image archives received from the control plane (layers the engine had are left "
+    "out of them).",
+)
+IMAGE_PREFETCHES = Counter(
+    "portside_agent_image_prefetches_total",
+    "Background pulls of images the control plane asked this node to have before a boot needs "
+    "them, by outcome: ok, error.",
+    ["outcome"],
+)
+IMAGE_CHECKS = Counter(
+    "portside_agent_image_checks_total",
+    "Images made sure of before a container was created, by outcome: present, tagged (the image "
+    "was there under another name), pulled (the boot waited for a pull), failed.",
+    ["outcome"],
+)
+IMAGES = Gauge(
+    "portside_agent_images",
+    "Portside images (built by portside deploy, known by digest) the node's engine has.",
 )

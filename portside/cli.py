@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from portside import geo
 from portside.errors import (
     InvalidArgument,
@@ -29,7 +27,6 @@ from portside.errors import (
     PortsideError,
     Unauthenticated,
     Unavailable,
-    from_rpc,
 )
 from portside.states import InstanceState
 from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SECOND
@@ -80,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="lifetime of the certificates this replica issues, its own included (default 24h)",
     )
+    p.add_argument(
+        "--image-dir",
+        default="",
+        metavar="DIR",
+        help="where this replica's image store keeps the images `portside deploy` pushes, by "
+        "digest (default: beside a sqlite:// store's file, else "
+        "$XDG_DATA_HOME/portside/images)",
+    )
     _metrics_token_flag(p)
 
     p = sub.add_parser("agent", help="run a node agent")
@@ -115,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="development only: install no packet-filter rules, so containers can reach every "
         "service on this host (the agent's ports included)",
+    )
+    p.add_argument(
+        "--registry-auth",
+        metavar="FILE",
+        help="credentials for pulling classes' registry images: a JSON or TOML file of registry "
+        "host -> {username, password} or {identitytoken} (never logged); default: pull without "
+        "credentials",
     )
 
     p = sub.add_parser("doctor", help="check that this host is ready to be a Portside node")
@@ -200,12 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, metavar="DIR", help="where admin.token and join.token go (0600)"
     )
 
-    p = sub.add_parser("deploy", help="register the classes and routes of a config file")
+    p = sub.add_parser(
+        "deploy",
+        help="build the config file's Dockerfile images, push the ones the cluster lacks, and "
+        "register its classes and routes",
+    )
     p.add_argument("file")
     p.add_argument("--controlplane", default=_controlplane_default())
     _token_flag(p)
 
     _client_parser(sub, "nodes", "list nodes")
+    _client_parser(sub, "images", "list the cluster's images: size, classes, where they are")
 
     p = sub.add_parser("regions", help="list the region codes and areas Portside knows")
     p.add_argument("--json", action="store_true")
@@ -451,6 +468,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     replica_id=args.replica_id,
                     insecure=args.insecure,
                     cert_lifetime_s=_duration(args.cert_lifetime, "--cert-lifetime"),
+                    image_dir=args.image_dir,
                 )
             )
         )
@@ -476,6 +494,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     stop_on_exit=args.stop_on_exit,
                     drain_grace=args.drain_grace,
                     allow_host_access=args.allow_host_access,
+                    registry_auth=args.registry_auth or "",
                 )
             )
         )
@@ -583,37 +602,42 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-async def deploy_config(file: str, controlplane: str, token: str | None = None) -> tuple[int, int]:
-    """Read `file` and register its classes and routes, with the API token `token` (its text;
-    default as `portside.connect` finds one); returns (classes, routes)."""
-    from portside import config as config_file
-    from portside import net
-    from portside.api.v1 import controlplane_pb2 as cp
-    from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
-    from portside.client._async import api_token
-    from portside.convert import config_to_pb
+async def deploy_config(
+    file: str,
+    controlplane: str,
+    token: str | None = None,
+    *,
+    report: Callable[[str], None] | None = None,
+    on_build_failure: Callable[[Sequence[str]], None] | None = None,
+) -> tuple[int, int]:
+    """Read `file`, build its Dockerfile classes' images and push the ones the cluster lacks
+    (progress to `report`), and register its classes and routes, with the API token `token`
+    (its text; default as `portside.connect` finds one); returns (classes, routes)."""
+    from portside.client import connect
+    from portside.net import Deadlines
 
-    config = config_file.load_config(file)
-    found = api_token(token)
-    tls = net.ClientTls(found.ca_pem) if found is not None else None
-    bearer = found.bearer if found is not None else None
-    async with net.grpc_channel(controlplane, tls=tls, bearer=bearer) as channel:
-        stub = cp_grpc.ControlPlaneStub(channel)
-        try:
-            reply = await stub.Deploy(
-                cp.DeployRequest(config=config_to_pb(config)),
-                timeout=net.Deadlines().rpc,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc(exc, f"control plane {controlplane}") from exc
-    return reply.classes, reply.routes
+    async with connect(controlplane, token=token, timeout=Deadlines().rpc) as ps:
+        result = await ps.deploy(file, report=report, on_build_failure=on_build_failure)
+    return result.classes, result.routes
 
 
 async def _deploy(file: str, controlplane: str, token: Token | None) -> int:
+    def report(line: str) -> None:
+        print(line, flush=True)
+
+    def build_log(lines: Sequence[str]) -> None:
+        if lines:
+            print("the build's last lines:", file=sys.stderr)
+        for line in lines:
+            print(line, file=sys.stderr)
+
     try:
         classes, routes = await deploy_config(
-            file, controlplane, token.text() if token is not None else None
+            file,
+            controlplane,
+            token.text() if token is not None else None,
+            report=report,
+            on_build_failure=build_log,
         )
     except Unavailable as exc:
         raise await _plaintext_hint(exc, controlplane, token) from exc
@@ -834,6 +858,33 @@ async def _classes(args: argparse.Namespace) -> int:
                 "yes" if c.pool else "no",
             )
             for c in classes
+        ],
+    )
+    return 0
+
+
+async def _images(args: argparse.Namespace) -> int:
+    from portside.build import human_size
+
+    async with _connect(args) as ps:
+        images = await ps.images()
+    if args.json:
+        _print_json([dataclasses.asdict(i) for i in images])
+        return 0
+    now = time.time()
+    _print_table(
+        ("REFERENCE", "DIGEST", "SIZE", "CLASSES", "NODES", "REPLICAS", "PUSHED"),
+        [
+            (
+                i.reference or "-",
+                i.digest.removeprefix("sha256:")[:12] or "-",
+                human_size(i.size_bytes),
+                ",".join(i.classes) or "-",
+                f"{len(i.nodes)} ({','.join(i.nodes)})" if i.nodes else "-",
+                ",".join(i.replicas) or "-",
+                age(i.pushed_at, now),
+            )
+            for i in images
         ],
     )
     return 0
@@ -1151,6 +1202,7 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "nodes": _nodes,
     "ps": _ps,
     "classes": _classes,
+    "images": _images,
     "start": _start,
     "stop": _stop,
     "signal": _signal,

@@ -1,10 +1,12 @@
-"""Reads a user's config file, Portside TOML or a Cloudflare wrangler.jsonc, into `spec.Config`.
+"""Reads a user's config file, Portside TOML or a Cloudflare wrangler.jsonc, into `spec.Config`,
+with a `BuildSpec` for each class whose image `portside deploy` builds.
 
 Every problem is a ConfigError naming the file, the field path and the values that are allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -12,6 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from portside.durations import parse_duration
@@ -27,7 +30,19 @@ from portside.spec import (
     Route,
 )
 
-__all__ = ["load_config", "parse_toml", "parse_wrangler", "strip_jsonc", "validate_config"]
+__all__ = [
+    "BuildSpec",
+    "LoadedConfig",
+    "is_build_path",
+    "load_config",
+    "load_deployment",
+    "parse_toml",
+    "parse_wrangler",
+    "read_toml",
+    "read_wrangler",
+    "strip_jsonc",
+    "validate_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +64,10 @@ _CONTAINER_KEYS = (
     "entrypoint",
     "boot_timeout",
     "autoscaling",
+    "image_build_context",
+    "image_vars",
 )
+_BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
     "minimum_instances",
     "maximum_instances",
@@ -77,8 +95,6 @@ _SOURCE_SYNTAX = f"use {_SOURCE_FORMS}"
 _WRANGLER_IGNORED = frozenset(
     {
         "name",
-        "image_build_context",
-        "image_vars",
         "rollout_step_percentage",
         "rollout_kind",
         "rollout_active_grace_period",
@@ -97,6 +113,12 @@ _WRANGLER_DEFAULTS: Mapping[str, object] = {"instance_type": "lite", "max_instan
 # Older wrangler files still use the instance types' first names.
 _WRANGLER_TYPE_ALIASES = {"dev": "lite", "standard": "standard-1"}
 
+_NOT_BUILT = (
+    "only for an image Portside builds, from a Dockerfile path or build directory; "
+    "image {image} is a registry reference"
+)
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
 _DEFAULT = ContainerClass(name="", image="")
 _DEFAULT_AUTOSCALING = Autoscaling()
 
@@ -108,13 +130,47 @@ class _Required:
 _REQUIRED = _Required()
 
 
+@dataclass(frozen=True)
+class BuildSpec:
+    """How `portside deploy` builds a class's image: a Dockerfile, its build context and build
+    args, all resolved against the config file. Never sent to the control plane: a Deploy
+    carries the built image's reference and digest instead."""
+
+    dockerfile: Path  # absolute
+    context: Path  # absolute, a directory
+    vars: Mapping[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # build args (wrangler's image_vars)
+    source: str = ""  # `image` as the user wrote it
+    file: str = ""  # the config file it came from
+    at: str = ""  # the class's place in that file, e.g. containers[0]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A config as read from its file: `config` (a built class's `image` is still the path the
+    user wrote) and a BuildSpec per class name whose image is to be built."""
+
+    config: Config
+    builds: Mapping[str, BuildSpec] = dataclasses.field(default_factory=dict)
+
+
 def load_config(
     path: str | os.PathLike[str], *, on_warning: Callable[[str], None] | None = None
 ) -> Config:
     """Reads `path`: `*.toml` as Portside TOML, `*.json`/`*.jsonc` as a wrangler file.
 
-    A wrangler file's warnings go to `on_warning`, or to this module's logger.
+    A wrangler file's warnings go to `on_warning`, or to this module's logger. A class whose
+    image is a Dockerfile or build directory keeps that path as its `image`: `load_deployment`
+    says how to build it.
     """
+    return load_deployment(path, on_warning=on_warning).config
+
+
+def load_deployment(
+    path: str | os.PathLike[str], *, on_warning: Callable[[str], None] | None = None
+) -> LoadedConfig:
+    """Like `load_config`, with the BuildSpec of each class whose image is to be built."""
     file = os.fspath(path)
     suffix = Path(file).suffix.lower()
     if suffix not in (".toml", ".json", ".jsonc"):
@@ -133,15 +189,20 @@ def load_config(
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from exc
     if suffix == ".toml":
-        return parse_toml(text, file)
-    config, warnings = parse_wrangler(text, file)
+        return read_toml(text, file)
+    loaded, warnings = read_wrangler(text, file)
     for warning in warnings:
         (on_warning or log.warning)(warning)
-    return config
+    return loaded
 
 
 def parse_toml(text: str, file: str) -> Config:
     """Portside's own format: `[[containers]]` and `[[routes]]`; unknown keys are errors."""
+    return read_toml(text, file).config
+
+
+def read_toml(text: str, file: str) -> LoadedConfig:
+    """`parse_toml`, with the BuildSpecs (paths relative to `file`'s directory)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -149,13 +210,21 @@ def parse_toml(text: str, file: str) -> Config:
     top = _Table(file, "", data, noun="table")
     top.check_keys(_TOML_TOP_KEYS)
     classes: list[tuple[_Table, ContainerClass]] = []
+    builds: dict[str, BuildSpec] = {}
     for table in top.tables("containers"):
         table.check_keys(_CONTAINER_KEYS)
         if "autoscaling" in table:
             table.table("autoscaling").check_keys(_AUTOSCALING_KEYS)
-        classes.append((table, _container(table)))
+        cls = _container(table)
+        classes.append((table, cls))
+        if is_build_path(cls.image):
+            builds[cls.name] = _build_spec(table)
+        else:
+            for key in _BUILD_KEYS:
+                if key in table:
+                    raise table.error(key, _NOT_BUILT.format(image=_show(cls.image)))
     routes = [(table, _route(table)) for table in top.tables("routes")]
-    return _assemble(classes, routes)
+    return LoadedConfig(_assemble(classes, routes), builds)
 
 
 def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
@@ -164,6 +233,12 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
     Container fields Portside does not use are returned as warnings; the Worker's own keys
     (name, main, durable_objects, migrations, ...) are skipped without a word.
     """
+    loaded, warnings = read_wrangler(text, file)
+    return loaded.config, warnings
+
+
+def read_wrangler(text: str, file: str) -> tuple[LoadedConfig, list[str]]:
+    """`parse_wrangler`, with the BuildSpecs (paths relative to `file`'s directory)."""
     try:
         data = json.loads(strip_jsonc(text))
     except json.JSONDecodeError as exc:
@@ -178,6 +253,7 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
         warnings.append(f"{file}: containers: missing; there is nothing for Portside to run")
 
     classes: list[tuple[_Table, ContainerClass]] = []
+    builds: dict[str, BuildSpec] = {}
     for table in top.tables("containers"):
         known: dict[str, object] = {}
         for key, value in table.data.items():
@@ -209,8 +285,18 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
                 f"{file}: {table.where('instance_type')}: {_show(old_name)} read as "
                 f"{_show(known['instance_type'])}, its current name"
             )
+        image = known.get("image")
+        if not (isinstance(image, str) and is_build_path(image)):
+            # Build settings beside a registry reference: Cloudflare would not build either.
+            for key in _BUILD_KEYS:
+                if known.pop(key, None) is not None:
+                    problem = _NOT_BUILT.format(image=_show(image))
+                    warnings.append(f"{file}: {table.where(key)}: ignored ({problem})")
         kept = _Table(file, table.at, known, noun="object")
-        classes.append((kept, _container(kept)))
+        cls = _container(kept)
+        classes.append((kept, cls))
+        if is_build_path(cls.image):
+            builds[cls.name] = _build_spec(kept)
 
     routes: list[tuple[_Table, Route]] = []
     for index, entry in enumerate(top.array("routes")):
@@ -228,7 +314,7 @@ def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
             raise ConfigError(file, at, f"must be an object, not {_show(entry)}")
         table = _Table(file, at, entry, noun="object")
         routes.append((table, _route(table)))
-    return _assemble(classes, routes), warnings
+    return LoadedConfig(_assemble(classes, routes), builds), warnings
 
 
 def strip_jsonc(text: str) -> str:
@@ -296,6 +382,63 @@ def _container(table: _Table) -> ContainerClass:
         boot_timeout_s=table.duration("boot_timeout", _DEFAULT.boot_timeout_s),
         autoscaling=_autoscaling(table, max_instances) if "autoscaling" in table else None,
     )
+
+
+def _build_spec(table: _Table) -> BuildSpec:
+    """The Dockerfile, build context and build args of a class whose image is built, resolved
+    against the config file's directory and checked now, so that a typo fails before a build."""
+    source = table.text("image").strip()
+    base = Path(table.file).resolve().parent if table.file else Path.cwd()
+    target = Path(os.path.normpath(base / source))  # an absolute `source` stays as it is
+    if target.is_dir():
+        dockerfile = target / "Dockerfile"
+        if not dockerfile.is_file():
+            raise table.error(
+                "image",
+                f"{_show(source)} is a directory without a Dockerfile ({dockerfile}); name the "
+                "Dockerfile, or a directory holding one",
+            )
+        context = target
+    elif target.is_file():
+        dockerfile, context = target, target.parent
+    else:
+        raise table.error(
+            "image",
+            f"{_show(source)}: no such file or directory ({target}); use a registry reference, "
+            "or a Dockerfile or a directory holding one, relative to the config file",
+        )
+    if "image_build_context" in table:
+        written = table.text("image_build_context")
+        context = Path(os.path.normpath(base / written))
+        if not context.is_dir():
+            raise table.error(
+                "image_build_context",
+                f"{_show(written)} is not a directory ({context}); it is the build context, a "
+                "directory relative to the config file (default: the Dockerfile's)",
+            )
+    return BuildSpec(
+        dockerfile=dockerfile.resolve(),
+        context=context.resolve(),
+        vars=_image_vars(table) if "image_vars" in table else {},
+        source=source,
+        file=table.file,
+        at=table.at,
+    )
+
+
+def _image_vars(table: _Table) -> dict[str, str]:
+    """Build args: names to strings, as Docker's --build-arg and wrangler's image_vars take."""
+    image_vars = table.table("image_vars")
+    for key, value in image_vars.data.items():
+        if not key or "=" in key or "\0" in key:
+            raise image_vars.error(
+                key, "is not a build arg name; it must be non-empty, without '='"
+            )
+        if not isinstance(value, str):
+            raise image_vars.error(
+                key, f"must be a string, not {_show(value)} (build args are text: quote it)"
+            )
+    return {key: str(value) for key, value in image_vars.data.items()}
 
 
 def _autoscaling(table: _Table, max_instances: int) -> Autoscaling:
@@ -418,6 +561,7 @@ def _assemble(
         file,
         class_at=[table.at for table, _ in classes],
         route_at=[table.at for table, _ in routes],
+        allow_build_paths=True,
     )
     return config
 
@@ -428,16 +572,19 @@ def validate_config(
     *,
     class_at: Sequence[str] = (),
     route_at: Sequence[str] = (),
+    allow_build_paths: bool = False,
 ) -> None:
     """The rules a config keeps however it was made: read from a file here, or sent in a Deploy
     call by any client. Each class's values; unique class names and paths; routes to declared
     classes; a route to a pool takes no instance source, a route to any other class needs one.
+    An image that is a build path is refused unless `allow_build_paths` (a file read here, before
+    `portside deploy` builds it): a Deploy call carries the built image's reference and digest.
     Raises ConfigError naming `source`, the field (at `class_at[i]` / `route_at[i]`, by default
     containers[i] and routes[i]) and what is allowed."""
     declared: dict[str, tuple[str, ContainerClass]] = {}
     for i, cls in enumerate(config.classes):
         at = class_at[i] if i < len(class_at) else f"containers[{i}]"
-        _check_class(cls, source, at)
+        _check_class(cls, source, at, allow_build_paths=allow_build_paths)
         if cls.name in declared:
             raise ConfigError(
                 source,
@@ -482,7 +629,7 @@ def validate_config(
         routed[route.path] = at
 
 
-def _check_class(cls: ContainerClass, source: str, at: str) -> None:
+def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths: bool) -> None:
     """What one class must hold whoever sent it (the file reader checks the same as it reads,
     with the user's own text in its messages)."""
 
@@ -497,12 +644,18 @@ def _check_class(cls: ContainerClass, source: str, at: str) -> None:
         )
     if not cls.image.strip():
         raise fail("image", "must not be empty")
-    if _is_build_path(cls.image):
+    if is_build_path(cls.image) and not allow_build_paths:
         raise fail(
             "image",
-            f"{_show(cls.image)} is a Dockerfile or build directory; Portside does not build "
-            "images yet: build it yourself (docker build -t NAME:TAG .) on every node, or push "
-            "it to your registry, and set image to that reference",
+            f"{_show(cls.image)} is a Dockerfile or build directory: `portside deploy FILE` "
+            "builds it and deploys the image's reference and digest; a Deploy call must carry "
+            "those, not a path",
+        )
+    if cls.image_digest and not _DIGEST.fullmatch(cls.image_digest):
+        raise fail(
+            "image_digest",
+            f"{_show(cls.image_digest)} is not an image id; use sha256: and 64 lower-case hex "
+            "digits, or leave it empty for a registry reference",
         )
     if not 0 < cls.default_port < 65536:
         raise fail("default_port", f"must be an integer from 1 to 65535, not {cls.default_port}")
@@ -528,7 +681,8 @@ def _check_class(cls: ContainerClass, source: str, at: str) -> None:
 _BUILD_PATH = re.compile(r"^(\.{1,2}/|/)|(^|/)Dockerfile[^/]*$|^\.{1,2}$")
 
 
-def _is_build_path(image: str) -> bool:
+def is_build_path(image: str) -> bool:
+    """True when `image` names a Dockerfile or build directory rather than a registry reference."""
     return bool(_BUILD_PATH.search(image.strip()))
 
 

@@ -1,5 +1,6 @@
-"""`portside up`: a whole Portside on one machine — control plane (embedded store), one agent,
-one edge — as three supervised processes, from ./portside.toml. Ctrl-C stops them all.
+"""`portside up`: a whole Portside on one machine — control plane (embedded store and image store
+in the data directory), one agent, one edge — as three supervised processes, from
+./portside.toml. Ctrl-C stops them all.
 
 It is secured like any cluster: the first `up` bootstraps its store (the cluster CA, an admin and
 a join token in the data directory, 0600); the agent and the edge join with the join token, and
@@ -72,12 +73,22 @@ def run(opts: UpOptions) -> int:
             store_url,
             "--region",
             opts.region,
+            "--image-dir",
+            str(data_dir / "images"),
         )
         _wait_for_port(opts.controlplane_listen, "control plane", children, opts.start_timeout_s)
         from portside.cli import deploy_config
 
+        # Dockerfile classes are built and pushed to the control plane's image store here; the
+        # agent, on the same engine, finds them there already.
         classes, routes = asyncio.run(
-            deploy_config(opts.config, opts.controlplane_listen, admin_token.read_text())
+            deploy_config(
+                opts.config,
+                opts.controlplane_listen,
+                admin_token.read_text(),
+                report=lambda line: print(line, flush=True),
+                on_build_failure=lambda lines: print("\n".join(lines), file=sys.stderr),
+            )
         )
         # The agent stops its containers when `up` stops (keeping their writable layers); the
         # next `up` adopts them, as `docker compose up` users expect.

@@ -1,10 +1,11 @@
-"""`ContainerRuntime` on a local Docker engine: labelled containers with resource limits on
-Portside's private networks, Docker's blocking SDK run off the loop, and Docker's errors
-translated into Portside's at this one boundary."""
+"""`ContainerRuntime` and `ImageEngine` on a local Docker engine: labelled containers with
+resource limits on Portside's private networks, images loaded as they stream, Docker's blocking
+SDK run off the loop, and Docker's errors translated into Portside's at this one boundary."""
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import fcntl
 import functools
@@ -14,7 +15,7 @@ import os
 import re
 import signal as signals
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -48,8 +49,10 @@ from nodeagent.runtime.protocol import (
     NO_OVERRIDES,
     ContainerEvent,
     ContainerInfo,
+    EngineImage,
     ExecProcess,
     Overrides,
+    RegistryCredential,
     Stream,
 )
 from portside.errors import (
@@ -78,6 +81,10 @@ _NETWORK_LOCK = os.path.join(tempfile.gettempdir(), "portside-docker-networks.lo
 
 _T = TypeVar("_T")
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+_LOADED = re.compile(r"Loaded image(?: ID)?: (\S+)")
+# Chunks of an archive being loaded that may wait between its source and the engine: enough to
+# keep both busy, few enough that a large image is never held in memory.
+_LOAD_QUEUE = 4
 _DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
@@ -307,16 +314,15 @@ class DockerRuntime:
         except docker.errors.ImageNotFound as exc:
             raise ImageUnavailable(
                 f"class {cls.name}: image {cls.image!r} is not on node {self.node_id} "
-                f"(docker: {_explain(exc)}); Portside does not pull images: load it into the "
-                "node's Docker engine (docker pull, docker load or docker build there)"
+                f"(docker: {_explain(exc)})"
             ) from exc
         except docker.errors.APIError as exc:
             if exc.status_code == 400 and "invalid reference format" in _explain(exc):
                 raise ImageUnavailable(
                     f"class {cls.name}: image {cls.image!r} is not an image reference "
                     f"(docker on node {self.node_id}: {_explain(exc)}); set `image` to an "
-                    "image name such as registry.example.com/app:1.0 (Portside does not build "
-                    "Dockerfiles)"
+                    "image name such as registry.example.com/app:1.0 (a Dockerfile path is "
+                    "built by `portside deploy`, not by the agent)"
                 ) from exc
             if exc.status_code != 409:
                 raise
@@ -471,12 +477,167 @@ class DockerRuntime:
         except NotFound:
             pass
 
+    # -- images -----------------------------------------------------------------------------
+
+    async def images(self) -> builtins.list[EngineImage]:
+        summaries = await self._call(self._client.api.images, all=True)
+        return [
+            EngineImage(
+                str(s["Id"]), tuple(t for t in s.get("RepoTags") or () if t != "<none>:<none>")
+            )
+            for s in summaries
+        ]
+
+    async def image_id(self, reference: str) -> str | None:
+        try:
+            found = await self._call(self._client.api.inspect_image, reference)
+        except NotFound:
+            return None
+        except EngineError as exc:
+            if "invalid reference format" not in str(exc):
+                raise
+            reason = str(exc).removeprefix("docker: ")
+            raise ImageUnavailable(
+                f"image {reference!r} is not an image reference (docker on node {self.node_id}: "
+                f"{reason}); set `image` to an image name such as registry.example.com/app:1.0 "
+                "(a Dockerfile path is built by `portside deploy`, not by the agent)"
+            ) from exc
+        return str(found["Id"])
+
+    async def image_layers(self, image_id: str) -> tuple[str, ...]:
+        found = await self._call(self._client.api.inspect_image, image_id)
+        return tuple(str(d) for d in (found.get("RootFS") or {}).get("Layers") or ())
+
+    async def load_image(self, archive: AsyncIterator[bytes]) -> builtins.list[str]:
+        # Docker's SDK sends a request body from a blocking iterator on one of our threads: it
+        # takes chunks one by one from a small queue the loop fills from `archive`. None in the
+        # queue is the end; `ended` says whether the archive ended whole.
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=_LOAD_QUEUE)
+        ended: builtins.list[bool] = []
+        failure: builtins.list[Exception] = []
+
+        async def feed() -> None:
+            try:
+                async for chunk in archive:
+                    if chunk:
+                        await chunks.put(chunk)
+                ended.append(True)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the upload is cut
+                failure.append(exc)
+            finally:
+                aclose = getattr(archive, "aclose", None)
+                if aclose is not None:  # ends the source's call now, even when cancelled
+                    await aclose()
+            await chunks.put(None)
+
+        def body() -> Iterator[bytes]:
+            while True:
+                chunk = asyncio.run_coroutine_threadsafe(chunks.get(), loop).result()
+                if chunk is None:
+                    if not ended:  # cut the upload: the engine must not load part of it
+                        raise _ArchiveBroken()
+                    return
+                yield chunk
+
+        feeder = asyncio.create_task(feed(), name="image archive")
+        try:
+            return await self._call(self._load, body())
+        except (_ArchiveBroken, EngineUnavailable, EngineError) as exc:
+            if failure:
+                raise failure[0] from None
+            if isinstance(exc, _ArchiveBroken):
+                raise EngineError("docker load: the archive was cut short") from None
+            raise
+        finally:
+            feeder.cancel()
+            # The loading thread may wait for a chunk that will not come (we were cancelled, or
+            # the engine answered before the end): hand it the end. Drained first, so the put
+            # cannot fail.
+            while not chunks.empty():
+                chunks.get_nowait()
+            chunks.put_nowait(None)
+
+    def _load(self, body: Iterator[bytes]) -> builtins.list[str]:
+        api = self._client.api
+        # The SDK's load_image has no timeout of its own: the client's 60 s would cut the wait
+        # while the engine unpacks a large image after the upload, so the call takes none.
+        response = api._post(
+            api._url("/images/load"), data=body, params={"quiet": True}, stream=True, timeout=None
+        )
+        api._raise_for_status(response)
+        loaded: builtins.list[str] = []
+        for entry in api._stream_helper(response, decode=True):
+            error = entry.get("error") or (entry.get("errorDetail") or {}).get("message")
+            if error:
+                raise EngineError(f"docker load: {error}")
+            for line in str(entry.get("stream", "")).splitlines():
+                match = _LOADED.match(line.strip())
+                if match:
+                    loaded.append(match.group(1))
+        return loaded
+
+    async def tag_image(self, image_id: str, reference: str) -> None:
+        repository, tag = _split_reference(reference)
+        await self._call(self._client.api.tag, image_id, repository, tag or None, force=True)
+
+    async def pull_image(self, reference: str, credential: RegistryCredential | None) -> str:
+        repository, tag = _split_reference(reference)
+        try:
+            await self._call(self._pull, repository, tag or "latest", _auth_config(credential))
+        except (EngineError, NotFound, InvalidArgument, FailedPrecondition) as exc:
+            # Docker's reason names the registry and what it said; never the credential.
+            reason = str(exc).removeprefix("docker: ")
+            raise ImageUnavailable(f"docker pull {reference}: {reason}") from exc
+        found = await self.image_id(reference)
+        if found is None:
+            raise ImageUnavailable(f"docker pull {reference}: done, yet the engine lacks it")
+        return found
+
+    def _pull(self, repository: str, tag: str, auth: dict[str, str] | None) -> None:
+        progress = self._client.api.pull(
+            repository, tag=tag, stream=True, decode=True, auth_config=auth
+        )
+        for entry in progress:
+            error = entry.get("error") or (entry.get("errorDetail") or {}).get("message")
+            if error:
+                raise EngineError(str(error))
+
+    async def remove_image(self, reference: str) -> None:
+        try:
+            await self._call(self._client.api.remove_image, reference, noprune=False)
+        except (NotFound, FailedPrecondition):
+            pass  # gone already, or a container uses it: kept
+
     async def close(self) -> None:
         for feed in list(self._feeds):  # normally closed by their consumer already
             await asyncio.get_running_loop().run_in_executor(None, feed.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._owns_client:
             self._client.close()
+
+
+class _ArchiveBroken(Exception):
+    """Raised into Docker's SDK to abort an upload whose archive did not end cleanly."""
+
+
+def _split_reference(reference: str) -> tuple[str, str]:
+    """("registry:5000/app", "1.0") from "registry:5000/app:1.0"; a digest stays in the name
+    ("app@sha256:…", ""); no tag: ""."""
+    if "@" in reference:
+        return reference, ""
+    name, sep, tag = reference.rpartition(":")
+    if not sep or "/" in tag:  # no tag, or the colon was a registry's port
+        return reference, ""
+    return name, tag
+
+
+def _auth_config(credential: RegistryCredential | None) -> dict[str, str] | None:
+    if credential is None:
+        return None
+    if credential.identitytoken:
+        return {"identitytoken": credential.identitytoken}
+    return {"username": credential.username, "password": credential.password}
 
 
 def _explain(exc: docker.errors.APIError) -> str:

@@ -1,5 +1,5 @@
-"""What the instance manager needs of a container engine: the `ContainerRuntime` protocol and
-the values it speaks (`ContainerInfo`, `ContainerEvent`, `Overrides`), free of any engine's terms.
+"""What the instance manager needs of a container engine: the `ContainerRuntime` and
+`ImageEngine` protocols and the values they speak, free of any engine's terms.
 """
 
 from __future__ import annotations
@@ -169,13 +169,63 @@ class ContainerRuntime(Protocol):
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class EngineImage:
+    """An image the engine has: its id (sha256:<hex> of its config) and the names it goes by."""
+
+    id: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistryCredential:
+    """How to log in to one registry: a username and password, or an identity token. The
+    secrets stay out of repr() so that no log line or traceback shows them."""
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identitytoken: str = field(default="", repr=False)
+
+
+class ImageEngine(Protocol):
+    """The images of ONE node's engine. Every method may raise EngineUnavailable or
+    EngineError like ContainerRuntime's."""
+
+    async def images(self) -> list[EngineImage]:
+        """Every image the engine has (dangling ones too)."""
+
+    async def image_id(self, reference: str) -> str | None:
+        """The id of the image `reference` (a name, or an id) names now; None if none."""
+
+    async def image_layers(self, image_id: str) -> tuple[str, ...]:
+        """The diff ids of the image's layers, bottom first. NotFound: no such image."""
+
+    async def load_image(self, archive: AsyncIterator[bytes]) -> list[str]:
+        """Load an archive as `docker save` writes it, read as it streams (never held whole);
+        return what the engine says it loaded (names, or ids of unnamed images). What the
+        archive's iterator raises is raised."""
+
+    async def tag_image(self, image_id: str, reference: str) -> None:
+        """Name the image `reference` (moving the name if another image had it)."""
+
+    async def pull_image(self, reference: str, credential: RegistryCredential | None) -> str:
+        """Pull `reference` from its registry; return the image id. ImageUnavailable when the
+        registry refuses or cannot be reached, with the registry's reason."""
+
+    async def remove_image(self, reference: str) -> None:
+        """Drop the name (or the image, for an id) unless a container uses it; no-op if gone."""
+
+
 __all__ = [
     "NO_OVERRIDES",
     "ContainerEvent",
     "ContainerEventKind",
     "ContainerInfo",
     "ContainerRuntime",
+    "EngineImage",
     "ExecProcess",
+    "ImageEngine",
     "Overrides",
+    "RegistryCredential",
     "Stream",
 ]

@@ -4,7 +4,14 @@ The implementation is private (`_async`, `_sync`, `_models`); import from `ports
 """
 
 from portside.client._async import Container, Portside, connect
-from portside.client._models import DeployResult, ExecChunk, ExecResult, LogChunk, Response
+from portside.client._models import (
+    DeployResult,
+    ExecChunk,
+    ExecResult,
+    ImageInfo,
+    LogChunk,
+    Response,
+)
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "DeployResult",
     "ExecChunk",
     "ExecResult",
+    "ImageInfo",
     "LogChunk",
     "Portside",
     "Response",

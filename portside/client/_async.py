@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import grpc
@@ -22,6 +22,7 @@ from portside.client._models import (
     DeployResult,
     ExecChunk,
     ExecResult,
+    ImageInfo,
     LogChunk,
     Response,
 )
@@ -45,6 +46,9 @@ from portside.states import InstanceState
 from portside.tokens import Token, TokenRecord, find_token
 from portside.usage import Usage
 
+if TYPE_CHECKING:
+    from portside.build import PushResult
+
 DEFAULT_CONTROLPLANE = "127.0.0.1:7070"
 #: The environment variable that holds an API token's text.
 TOKEN_VARIABLE = "PORTSIDE_TOKEN"
@@ -60,6 +64,8 @@ DEFAULT_RESUME_FOR = 60.0
 INSTANCE_HEADER = INSTANCE
 
 _STDIN_CHUNK = 64 * 1024
+#: The bytes of an image archive one PushImageRequest carries (the last may carry fewer).
+PUSH_CHUNK = 256 * 1024
 # A watch broken by these (control plane restarting, a replica gone, the connection reset) is
 # resumed from the last revision seen; any other status is a real error.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -273,16 +279,74 @@ class Portside:
         """
         return self._watch(class_name or "", "", after_revision, resume_for)
 
-    async def deploy(self, path: str | os.PathLike[str]) -> DeployResult:
+    async def deploy(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        report: Callable[[str], None] | None = None,
+        on_build_failure: Callable[[Sequence[str]], None] | None = None,
+    ) -> DeployResult:
         """Register the classes and routes of a portside.toml (or wrangler.jsonc), replacing
-        the ones registered before."""
-        from portside.config import load_config
+        the ones registered before. A class whose `image` is a Dockerfile or build directory is
+        built first with the local Docker engine and its image pushed to the cluster unless the
+        cluster has it (`portside.build.build_and_push`; progress lines go to `report`, a failed
+        build's last output lines to `on_build_failure`)."""
+        from portside.build import build_and_push
+        from portside.config import load_deployment
         from portside.convert import config_to_pb
 
-        request = cp.DeployRequest(config=config_to_pb(load_config(path)))
+        loaded = load_deployment(path)
+        config = await build_and_push(
+            loaded, self, report=report, on_build_failure=on_build_failure
+        )
+        request = cp.DeployRequest(config=config_to_pb(config))
         with self._grpc_errors():
-            reply = await self._stub.Deploy(request, timeout=self.timeout)
+            # wait_for_ready: `portside up` deploys as soon as its control plane's port opens.
+            reply = await self._stub.Deploy(request, timeout=self.timeout, wait_for_ready=True)
         return DeployResult(classes=reply.classes, routes=reply.routes)
+
+    # --- images (issue 12: no registry needed) ---
+
+    async def images(self) -> list[ImageInfo]:
+        """Every image the cluster knows: size, the classes using it, which replicas' image
+        stores and which nodes' engines have it."""
+        with self._grpc_errors():
+            reply = await self._stub.ListImages(cp.ListImagesRequest(), timeout=self.timeout)
+        return [_image_info_from_pb(m) for m in reply.images]
+
+    async def stat_images(self, digests: Sequence[str]) -> set[str]:
+        """Which of `digests` (sha256:<64 hex>) the cluster's image store holds whole."""
+        if not digests:
+            return set()
+        with self._grpc_errors():
+            reply = await self._stub.StatImages(
+                cp.StatImagesRequest(digests=list(digests)),
+                timeout=self.timeout,
+                wait_for_ready=True,
+            )
+        return set(reply.held)
+
+    async def push_image(
+        self,
+        digest: str,
+        reference: str,
+        data: AsyncIterable[bytes],
+        *,
+        deadline_s: float | None = None,
+    ) -> PushResult:
+        """Upload the image `digest` (its id, sha256:<64 hex>), tagged `reference`, from `data`,
+        the bytes of its `docker save` archive; sent in messages of PUSH_CHUNK bytes. The store
+        verifies the archive against `digest` (InvalidArgument if it does not match). `deadline_s`
+        bounds the whole upload (default: none beyond the connection's)."""
+        from portside.build import PushResult
+
+        with self._grpc_errors():
+            reply = await self._stub.PushImage(
+                _push_requests(digest, reference, data), timeout=deadline_s
+            )
+        return PushResult(
+            digest=reply.digest, size_bytes=reply.size_bytes, stored_bytes=reply.stored_bytes
+        )
 
     # --- tokens (an admin token's calls) ---
 
@@ -622,3 +686,38 @@ async def _exec_requests(start: pb.ExecStart, stdin: Stdin) -> AsyncIterator[pb.
             for i in range(0, len(piece), _STDIN_CHUNK):
                 yield pb.ExecRequest(stdin=bytes(piece[i : i + _STDIN_CHUNK]))
     yield pb.ExecRequest(stdin_close=True)
+
+
+async def _push_requests(
+    digest: str, reference: str, data: AsyncIterable[bytes], size: int = PUSH_CHUNK
+) -> AsyncIterator[cp.PushImageRequest]:
+    """The messages of a push: digest and reference on the first; then `data` cut and joined
+    into pieces of exactly `size` bytes, the last one shorter. An empty `data` is one message."""
+    buffer = bytearray()
+    first = True
+    async for piece in data:
+        buffer += piece
+        while len(buffer) >= size:
+            chunk = bytes(buffer[:size])
+            del buffer[:size]
+            if first:
+                yield cp.PushImageRequest(digest=digest, reference=reference, data=chunk)
+                first = False
+            else:
+                yield cp.PushImageRequest(data=chunk)
+    if first:
+        yield cp.PushImageRequest(digest=digest, reference=reference, data=bytes(buffer))
+    elif buffer:
+        yield cp.PushImageRequest(data=bytes(buffer))
+
+
+def _image_info_from_pb(m: cp.ImageInfo) -> ImageInfo:
+    return ImageInfo(
+        digest=m.digest,
+        reference=m.reference,
+        size_bytes=m.size_bytes,
+        classes=tuple(m.classes),
+        replicas=tuple(m.replicas),
+        nodes=tuple(m.nodes),
+        pushed_at=m.pushed_at,
+    )

@@ -58,6 +58,21 @@ class DeployResult:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    """An image the cluster knows (`portside images`): its digest (the image id) and readable
+    reference, its size, the classes whose current config uses it, the control-plane replicas
+    whose image store holds it and the nodes whose engine has it."""
+
+    digest: str
+    reference: str
+    size_bytes: int
+    classes: tuple[str, ...] = ()
+    replicas: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+    pushed_at: float = 0.0  # unix seconds; 0: not pushed (a registry reference)
+
+
+@dataclass(frozen=True)
 class Response:
     """An HTTP response from an edge, read in full.
 

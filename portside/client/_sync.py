@@ -9,7 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 from portside.client._async import (
@@ -19,7 +27,14 @@ from portside.client._async import (
     Container,
     Portside,
 )
-from portside.client._models import DeployResult, ExecChunk, ExecResult, LogChunk, Response
+from portside.client._models import (
+    DeployResult,
+    ExecChunk,
+    ExecResult,
+    ImageInfo,
+    LogChunk,
+    Response,
+)
 from portside.events import Event
 from portside.instances import InstanceInfo
 from portside.spec import ContainerClass, NodeInfo
@@ -159,8 +174,19 @@ class SyncPortside:
             self._async.events(class_name, after_revision=after_revision, resume_for=resume_for)
         )
 
-    def deploy(self, path: str | os.PathLike[str]) -> DeployResult:
-        return self._loop.run(self._async.deploy(path))
+    def deploy(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        report: Callable[[str], None] | None = None,
+        on_build_failure: Callable[[Sequence[str]], None] | None = None,
+    ) -> DeployResult:
+        return self._loop.run(
+            self._async.deploy(path, report=report, on_build_failure=on_build_failure)
+        )
+
+    def images(self) -> list[ImageInfo]:
+        return self._loop.run(self._async.images())
 
 
 class SyncContainer:

@@ -116,11 +116,19 @@ class Cluster:
             self.controlplane_address, tls=net.ClientTls(token.ca_pem), bearer=token.bearer
         )
 
-    def _start(self, name: str, args: list[str], address: str, group: int | None = None) -> Proc:
+    def _start(
+        self,
+        name: str,
+        args: list[str],
+        address: str,
+        group: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         """`group`: run the process with this group id (still uid 0, so Docker stays reachable),
-        so that packet-filter rules can match its traffic alone (tests/partition.py)."""
+        so that packet-filter rules can match its traffic alone (tests/partition.py). `env`: more
+        environment (DOCKER_HOST for an agent on another engine)."""
         log = self.tmp / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         popen = subprocess.Popen(
             [*PORTSIDE, *args],
             stdout=log.open("wb"),
@@ -150,6 +158,8 @@ class Cluster:
                 self.store_url,
                 "--metrics-listen",
                 f"127.0.0.1:{free_port()}",
+                # The test's own image store: never the machine's default, shared by every run.
+                *([] if "--image-dir" in extra else ["--image-dir", str(self.tmp / "images")]),
                 *extra,
             ],
             address,
@@ -158,7 +168,12 @@ class Cluster:
         return proc
 
     def start_agent(
-        self, region: str, host: str = "127.0.0.1", *extra: str, group: int | None = None
+        self,
+        region: str,
+        host: str = "127.0.0.1",
+        *extra: str,
+        group: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         port = free_port(host)
         api_port = free_port(host)
@@ -185,6 +200,7 @@ class Cluster:
             ],
             f"{host}:{port}",
             group,
+            env,
         )
 
     def start_edge(

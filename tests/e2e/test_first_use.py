@@ -27,6 +27,10 @@ from tests.support import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
+# An image no engine has, in a registry on a closed loopback port: the agent's pull is refused at
+# once, and no request leaves the machine.
+MISSING = "127.0.0.1:1/portside-test/not-built:1"
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -189,7 +193,7 @@ def test_wrangler_defaults_and_docker_errors_as_they_are(
                 "name": "worker",
                 "containers": [
                     {"class_name": "Echo", "image": test_image},
-                    {"class_name": "Missing", "image": "portside-test/not-built:1"},
+                    {"class_name": "Missing", "image": MISSING},
                 ],
                 "routes": [
                     {"path": "/echo", "class_name": "Echo", "instance": "header:X-Session-Id"},
@@ -210,13 +214,13 @@ def test_wrangler_defaults_and_docker_errors_as_they_are(
 
     status, headers, body = get(f"http://{edge.address}/gone/x", {"X-Session-Id": "a"})
     assert (status, headers.get("Portside-Error")) == (502, "image-unavailable"), (status, body)
-    assert "portside-test/not-built:1" in body and "unreachable" not in body
+    assert MISSING in body and "unreachable" not in body
     assert body.count("\n") == 1, body
     # The lifecycle API says the same, with the same kind.
     out = subprocess.run(
         [*PORTSIDE, "start", "Missing", "b", *control], capture_output=True, text=True, timeout=60
     )
-    assert out.returncode == 1 and "portside-test/not-built:1" in out.stderr, out.stderr
+    assert out.returncode == 1 and MISSING in out.stderr, out.stderr
     assert "unreachable" not in out.stderr
 
 

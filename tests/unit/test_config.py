@@ -481,9 +481,11 @@ def test_wrangler_with_comments_trailing_commas_and_extras() -> None:
     )
     assert warnings == [
         "wrangler.jsonc: containers[0].rollout_step_percentage: ignored (not used by Portside)",
-        "wrangler.jsonc: containers[0].image_build_context: ignored (not used by Portside)",
         "wrangler.jsonc: containers[0].sleepAfter: ignored (unknown field; did you mean "
         "sleep_after?)",
+        "wrangler.jsonc: containers[0].image_build_context: ignored (only for an image Portside "
+        "builds, from a Dockerfile path or build directory; image "
+        '"registry.example/executor:1" is a registry reference)',
         'wrangler.jsonc: containers[1].instance_type: "dev" read as "lite", its current name',
         "wrangler.jsonc: routes[1]: ignored (a Workers route; "
         "Portside routes are {path, class_name, instance})",
@@ -758,13 +760,12 @@ def test_load_config_file_errors(
     "image",
     ["./container/Dockerfile", "Dockerfile", "./", ".", "/srv/app", "../app", "app/Dockerfile.dev"],
 )
-def test_a_build_path_as_image_is_refused_with_what_to_do(image: str) -> None:
-    text = f'{{"containers": [{{"class_name": "A", "image": "{image}"}}]}}'
+def test_a_build_path_in_a_deploy_call_is_refused_with_what_to_do(image: str) -> None:
+    """The control plane's check: a Deploy carries what `portside deploy` built, never a path."""
     with pytest.raises(ConfigError) as caught:
-        parse_wrangler(text, "wrangler.jsonc")
-    message = str(caught.value)
-    assert message.startswith("wrangler.jsonc: containers[0].image: ")
-    assert "does not build images yet" in message and "docker build" in message
+        validate_config(Config(classes=(ContainerClass("A", image),)))
+    assert caught.value.field == "containers[0].image"
+    assert "`portside deploy FILE` builds it" in caught.value.problem
 
 
 @pytest.mark.parametrize(

@@ -30,14 +30,14 @@ SERVICE = cp.DESCRIPTOR.services_by_name["ControlPlane"]
 
 READ_METHODS = {
     "GetConfig", "Logs", "GetState", "GetStateValue", "WatchEvents", "ListClasses",
-    "ListInstances", "ListNodes", "GetUsage",
+    "ListInstances", "ListNodes", "GetUsage", "ListImages",
 }  # fmt: skip
 DEPLOY_METHODS = {
     "Deploy", "Start", "Stop", "Signal", "Destroy", "Exec", "RenewActivity", "PutStateValue",
-    "DeleteStateValue",
+    "DeleteStateValue", "PushImage", "StatImages",
 }  # fmt: skip
 ADMIN_METHODS = {"CreateToken", "ListTokens", "RevokeToken"}
-AUDITED = DEPLOY_METHODS | {"CreateToken", "RevokeToken", "Join"}
+AUDITED = (DEPLOY_METHODS - {"StatImages"}) | {"CreateToken", "RevokeToken", "Join"}
 
 
 def record(
