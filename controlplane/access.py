@@ -124,6 +124,7 @@ RULES: Mapping[str, Rule] = {
     "ListClasses": _token(READ),
     "ListInstances": _token(READ, _class_field),
     "ListNodes": _token(READ),
+    "ListVersions": _token(READ, _class_field),
     "GetUsage": _token(READ, _class_field),
     "CreateToken": _token(ADMIN, _new_token, audited=True),
     "ListTokens": _token(ADMIN),
@@ -138,7 +139,7 @@ RULES: Mapping[str, Rule] = {
     "WatchPools": _peers(EDGE),
     "WatchRoutes": _peers(EDGE),
     "ReportDemand": _peers(EDGE),
-    "PullImage": _peers(AGENT),
+    "PullImage": _peers(AGENT, PeerRole.CONTROLPLANE),  # replicas copy images between them
     "RenewCertificate": _peers(*PeerRole),
     # a node without a certificate yet
     "Join": Rule(join=True, target=_joining, audited=True),

@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -123,6 +123,15 @@ class Ingested:
 
 
 @dataclass(frozen=True)
+class Removed:
+    """What removing images freed: their records, and the blobs no other image uses."""
+
+    images: int
+    blobs: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Received:
     """One file of a pushed archive, hashed as it arrived: small ones kept in `data`, large
     ones spilled to `path`; neither when the store held its blob already (`held`)."""
@@ -143,18 +152,33 @@ class Verified:
     diff_ids: tuple[str, ...]
 
 
+def _no_blobs(digest: str) -> int | None:
+    return None
+
+
 def verify_archive(
-    digest: str, files: Mapping[str, Received], links: Mapping[str, str]
+    digest: str,
+    files: Mapping[str, Received],
+    links: Mapping[str, str],
+    held_blob: Callable[[str], int | None] = _no_blobs,
 ) -> Verified:
     """Check a received `docker save` archive against `digest`: manifest.json names a config
     whose sha256 is `digest`, and layers whose sha256s are the config's rootfs.diff_ids, in
-    order. InvalidArgument names what did not match."""
+    order. InvalidArgument names what did not match.
 
-    def member(name: str, what: str) -> Received:
+    A layer the archive leaves out is taken from the store if `held_blob(diff id)` gives its
+    size: a blob's name is its verified sha256, so it is that layer (an export to a replica
+    leaves out the layers whose chains the replica sent, as one to an engine does)."""
+
+    def resolve(name: str) -> str:
         seen: set[str] = set()
         while name in links and name not in seen:  # docker save links a repeated layer
             seen.add(name)
             name = links[name]
+        return name
+
+    def member(name: str, what: str) -> Received:
+        name = resolve(name)
         found = files.get(name)
         if found is None:
             raise InvalidArgument(f"the archive's manifest.json names {what} {name!r}, absent")
@@ -201,6 +225,10 @@ def verify_archive(
         )
     layers = []
     for i, (name, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True)):
+        size = held_blob(diff_id) if resolve(name) not in files else None
+        if size is not None:
+            layers.append(Received(diff_id, size, held=True))
+            continue
         layer = member(name, f"layer {i + 1}")
         if layer.sha256 != diff_id:
             raise InvalidArgument(
@@ -220,6 +248,9 @@ class ImageStore:
         self.blobs = root / "blobs" / "sha256"
         self.records = root / "images"
         self.tmp = root / "tmp"
+        # Taking a verified image in and removing images are exclusive: a removal must not
+        # take a blob an image being taken in found already there (within this process).
+        self._writing = asyncio.Lock()
 
     def prepare(self) -> None:
         """Create the folders and remove what pushes cut short left in tmp/ (blocking: call it
@@ -236,6 +267,12 @@ class ImageStore:
 
     def _record(self, digest: str) -> Path:
         return self.records / (digest.removeprefix("sha256:") + ".json")
+
+    def _blob_size(self, digest: str) -> int | None:
+        try:
+            return self._blob(digest).stat().st_size
+        except FileNotFoundError:
+            return None
 
     async def stored(self, digest: str) -> StoredImage | None:
         """The image's record if the store holds it whole (its record and every blob)."""
@@ -266,10 +303,61 @@ class ImageStore:
                     out.append(image)
         return out
 
+    async def chain_ids(self) -> list[str]:
+        """The layer chain of every layer of every image held whole, once, sorted: sent on a
+        copy from another replica, which then leaves those layers out (ingest takes them from
+        here)."""
+        return sorted({c for image in await self.held() for c in chain_ids(image.diff_ids)})
+
+    async def remove(self, digests: Iterable[str]) -> Removed:
+        """Remove these images: their records, and each of their blobs that no other image this
+        store has a record of uses (one another replica on this machine takes in meanwhile
+        included: it writes its record last, so its blobs may go; its next start notices)."""
+        gone = {check_digest(d) for d in digests}
+        async with self._writing:
+            return await asyncio.to_thread(self._remove, gone)
+
+    def _remove(self, gone: set[str]) -> Removed:
+        candidates: set[str] = set()
+        images = 0
+        for digest in gone:
+            try:
+                image = StoredImage.decode(self._record(digest).read_bytes())
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError):
+                image = None  # unreadable: only its config blob is known to be its own
+            candidates.add(digest)
+            if image is not None:
+                candidates.update(image.diff_ids)
+            self._record(digest).unlink(missing_ok=True)
+            images += 1
+        used: set[str] = set()
+        for path in self.records.glob("*.json"):
+            try:
+                other = StoredImage.decode(path.read_bytes())
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError):
+                # Its blobs cannot be told apart: keep every candidate rather than break it.
+                return Removed(images, 0, 0)
+            used.add(other.digest)
+            used.update(other.diff_ids)
+        blobs = freed = 0
+        for digest in sorted(candidates - used):
+            size = self._blob_size(digest)
+            if size is None:
+                continue
+            self._blob(digest).unlink(missing_ok=True)
+            blobs += 1
+            freed += size
+        return Removed(images, blobs, freed)
+
     async def ingest(self, digest: str, reference: str, chunks: AsyncIterator[bytes]) -> Ingested:
         """Take in the `docker save` archive streamed as `chunks` (read to its end), verify it
         against `digest` (verify_archive) and keep its config and layers. Members are hashed as
-        they arrive; large ones go to a temporary file, never the whole archive to memory."""
+        they arrive; large ones go to a temporary file, never the whole archive to memory.
+        Layers the archive leaves out are taken from the blobs the store has, if it has them."""
         check_digest(digest)
         check_reference(reference)
         upload = self.tmp / uuid.uuid4().hex
@@ -284,8 +372,9 @@ class ImageStore:
                 elif member.kind == "file":
                     files[member.name] = await self._receive(reader, member, upload, len(files))
             await reader.drain()
-            verified = verify_archive(digest, files, links)
-            stored = await asyncio.to_thread(self._keep, verified, upload)
+            verified = await asyncio.to_thread(
+                verify_archive, digest, files, links, self._blob_size
+            )
             image = StoredImage(
                 digest=digest,
                 reference=reference,
@@ -294,7 +383,9 @@ class ImageStore:
                 config_size=verified.config.size,
                 stored_at=time.time(),
             )
-            await asyncio.to_thread(_write_atomically, self._record(digest), image.encode())
+            async with self._writing:
+                stored = await asyncio.to_thread(self._keep, verified, upload)
+                await asyncio.to_thread(_write_atomically, self._record(digest), image.encode())
             return Ingested(image, stored)
         finally:
             await asyncio.to_thread(shutil.rmtree, upload, True)

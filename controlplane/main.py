@@ -26,6 +26,8 @@ from controlplane.discovery import ReplicaRegistration, reachable_address, targe
 from controlplane.events import EventLog
 from controlplane.identity import ControlPlaneIdentity, load_ca
 from controlplane.imagecatalog import ImageCatalog
+from controlplane.imagecopy import ReplicaCopier
+from controlplane.imagegc import ImageCollector, ImageSweeper
 from controlplane.images import ImageStore
 from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
@@ -42,6 +44,7 @@ from portside import daemon, geo, net, pki
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.errors import ConfigError
+from portside.pki import PeerRole
 
 log = logging.getLogger("portside.controlplane")
 
@@ -65,6 +68,10 @@ class ControlPlaneOptions:
     cert_lifetime_s: float = pki.DEFAULT_LIFETIME_S  # of its own and the nodes' certificates
     # This replica's image store (controlplane.images); "": default_image_dir(store_url).
     image_dir: str = ""
+    # Image garbage collection (controlplane.imagegc), run by the leader this often, keeping
+    # each class's last this many images.
+    image_gc_every_s: float = 600.0
+    image_keep_versions: int = 3
 
 
 def default_image_dir(store_url: str) -> Path:
@@ -100,6 +107,14 @@ async def load_image_catalog(images: ImageStore, catalog: ImageCatalog) -> None:
 
 
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
+    if opts.image_gc_every_s <= 0:
+        raise ConfigError("--image-gc-every", f"{opts.image_gc_every_s:g}s", "must be positive")
+    if opts.image_keep_versions < 1:
+        raise ConfigError(
+            "--image-keep-versions",
+            str(opts.image_keep_versions),
+            "must be at least 1 (each class's current image is always kept)",
+        )
     stop = stop or daemon.stop_on_signals()
     store = instrument(
         await open_store(opts.store_url, timeout_s=opts.store_timeout_s, tls=opts.store_tls)
@@ -128,6 +143,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         raise
     image_catalog = ImageCatalog(store, view, replica_id)
     route_changes = follow_route_changes(view)  # fed by view.follow() from here on
+    grpc_address = reachable_address(opts.listen, socket.gethostname())
     registration = ReplicaRegistration(
         store,
         replica_id,
@@ -135,12 +151,27 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
             region=geo.lookup(opts.region).code,
             # Listening everywhere: advertised at the gRPC listen host, else the host name.
             metrics_address=reachable_address(
-                opts.metrics_listen,
-                net.split_hostport(reachable_address(opts.listen, socket.gethostname()))[0],
+                opts.metrics_listen, net.split_hostport(grpc_address)[0]
             ),
+            address=grpc_address,  # other replicas copy images from here (its cluster port)
         ),
     )
     leader = LeaderElection(store, replica_id, opts.leader_ttl_s)
+    image_copier = ReplicaCopier(
+        images,
+        image_catalog,
+        view,
+        region=opts.region,
+        tls=identity.client_tls(PeerRole.CONTROLPLANE) if identity is not None else None,
+    )
+    image_collector = ImageCollector(
+        store,
+        view,
+        image_catalog,
+        leader,
+        every_s=opts.image_gc_every_s,
+        keep_versions=opts.image_keep_versions,
+    )
     events = EventLog(store)
     agents = AgentClients(
         view, tls=identity.client_tls(pki.PeerRole.AGENT) if identity is not None else None
@@ -160,6 +191,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         quorum_lost=quorum_probe(opts.store_url, opts.store_tls),
         images=images,
         image_catalog=image_catalog,
+        image_copier=image_copier,
     )
     gate = Gate(view.tokens, enforce=identity is not None)
     descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]
@@ -205,6 +237,10 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(pools.run()),
                 tasks.create_task(agents.follow_nodes()),
                 tasks.create_task(page.follow_events()),
+                tasks.create_task(image_catalog.record_deployments()),
+                tasks.create_task(image_copier.run()),
+                tasks.create_task(image_collector.run()),
+                tasks.create_task(ImageSweeper(images, image_catalog).run()),
             ]
             if identity is not None:
                 background.append(tasks.create_task(identity.keep_renewed()))
@@ -216,6 +252,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     finally:
         await health_service.enter_graceful_shutdown()  # NOT_SERVING while calls drain
         await server.stop(opts.grace_s)
+        await image_copier.close()
         await agents.close()
         await runner.cleanup()
         await store.close()

@@ -32,6 +32,10 @@ STORE_ERRORS = Counter(
     "portside_controlplane_store_errors_total", "Store operations that failed.", ["op"]
 )
 DEPLOYS = Counter("portside_controlplane_deploys_total", "Configs deployed.")
+VERSIONS_MADE = Counter(
+    "portside_controlplane_class_versions_total",
+    "Class versions made by deploys that changed what a class's containers are made from.",
+)
 LEADER = Gauge(
     "portside_controlplane_leader", "1 if this replica is the leader (runs the autoscaler)."
 )
@@ -83,8 +87,8 @@ IMAGE_STORED_BYTES = Counter(
 )
 IMAGE_PULLS = Counter(
     "portside_controlplane_image_pulls_total",
-    "Image pulls, by outcome: served, not_found (no replica holds it), elsewhere (another "
-    "replica holds it, this one does not), failed, cancelled.",
+    "Image pulls, by outcome: served, not_found (no replica holds it), unavailable (another "
+    "replica holds it and the copy from it failed), failed, cancelled.",
     ["outcome"],
 )
 IMAGE_SENT_BYTES = Counter(
@@ -96,3 +100,46 @@ IMAGE_EXPORT_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
 )
 IMAGES_HELD = Gauge("portside_controlplane_images_held", "Images this replica's store holds whole.")
+IMAGE_COPIES = Counter(
+    "portside_controlplane_image_copies_total",
+    "Copies of images from other replicas into this one's store, by outcome: copied, held (a "
+    "push had taken it in meanwhile), refused (it did not match its digest), failed.",
+    ["outcome"],
+)
+IMAGE_COPY_SECONDS = Histogram(
+    "portside_controlplane_image_copy_seconds",
+    "Time to copy an image from another replica, from the call to the record.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+IMAGE_COPIED_BYTES = Counter(
+    "portside_controlplane_image_copied_bytes_total",
+    "Bytes of configs and layers copies from other replicas added to this store (after dedupe).",
+)
+IMAGE_GC_RUNS = Counter(
+    "portside_controlplane_image_gc_runs_total",
+    "Image garbage-collection rounds the leader ran, by outcome (ok, store_error).",
+    ["outcome"],
+)
+IMAGE_GC_SECONDS = Histogram(
+    "portside_controlplane_image_gc_seconds",
+    "Time of one image garbage-collection round.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+)
+IMAGE_GC_KEPT = Gauge(
+    "portside_controlplane_image_gc_kept",
+    "Images the last garbage-collection round kept, by why: current (a class's image), "
+    "recent_version (among a class's last --image-keep-versions), fresh_push (pushed < 1 h ago).",
+    ["reason"],
+)
+IMAGE_GC_DELETED = Counter(
+    "portside_controlplane_image_gc_deleted_total",
+    "Image records garbage collection deleted (every replica then removes the image's blobs).",
+)
+IMAGE_BLOBS_REMOVED = Counter(
+    "portside_controlplane_image_blobs_removed_total",
+    "Blobs this replica removed from its store: of garbage-collected images, used by no other.",
+)
+IMAGE_REMOVED_BYTES = Counter(
+    "portside_controlplane_image_removed_bytes_total",
+    "Bytes of blobs this replica removed from its store after garbage collection.",
+)

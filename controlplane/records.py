@@ -175,6 +175,8 @@ def _encode_status(s: InstanceStatus) -> dict[str, Any]:
         out["cpu_percent"] = s.cpu_percent
     if i.restarts:  # a crash loop: kept so that listings show it (`portside ps`)
         out.update(restarts=i.restarts, backoff_until=i.backoff_until)
+    if i.version:
+        out["version"] = i.version
     return out
 
 
@@ -191,6 +193,7 @@ def _decode_status(instance_id: str, node_id: str, body: Mapping[str, Any]) -> I
         in_flight=body.get("in_flight", 0),
         restarts=body.get("restarts", 0),
         backoff_until=body.get("backoff_until", 0.0),
+        version=body.get("version", 0),
     )
     return InstanceStatus(info, body.get("cpu_percent"), body.get("memory_bytes", 0))
 
@@ -240,10 +243,12 @@ class Demand:
 
 @dataclass(frozen=True)
 class Replica:
-    """A control-plane replica, registered while it runs, so Prometheus can discover it."""
+    """A control-plane replica, registered while it runs, so Prometheus can discover it and the
+    other replicas can copy images from it (`address`: its gRPC --listen; "" from an older one)."""
 
     region: str
     metrics_address: str
+    address: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -251,7 +256,11 @@ class Replica:
     @classmethod
     def decode(cls, data: bytes) -> Replica:
         body = json.loads(data)
-        return cls(region=body["region"], metrics_address=body["metrics_address"])
+        return cls(
+            region=body["region"],
+            metrics_address=body["metrics_address"],
+            address=body.get("address", ""),
+        )
 
 
 def encode_ca(ca: CertificateAuthority) -> bytes:
@@ -298,19 +307,44 @@ def decode_token(token_id: str, data: bytes) -> TokenRecord:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """A class deployed with an image: the revision of the class's record that did it (every
+    replica sees the same one on its watch, so they agree) and when it was seen."""
+
+    class_name: str
+    revision: int
+    at: float
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """An image in the cluster's image store: which control-plane replicas hold it whole (one
-    key per image, updated with compare-and-swap by each replica that takes it in)."""
+    key per image, updated with compare-and-swap by each replica that takes it in), and the
+    classes it was deployed for, each one's latest deployment of it (what garbage collection
+    keeps the last versions of: controlplane.imagegc)."""
 
     digest: str
     reference: str
     size_bytes: int
     pushed_at: float
     replicas: tuple[str, ...] = ()
+    deployed: tuple[Deployment, ...] = ()  # one per class, sorted by class
+
+    def deployment(self, class_name: str) -> Deployment | None:
+        return next((d for d in self.deployed if d.class_name == class_name), None)
 
     def encode(self) -> bytes:
-        body = asdict(self)
-        body["replicas"] = sorted(self.replicas)
+        body: dict[str, Any] = {
+            "digest": self.digest,
+            "reference": self.reference,
+            "size_bytes": self.size_bytes,
+            "pushed_at": self.pushed_at,
+            "replicas": sorted(self.replicas),
+        }
+        if self.deployed:
+            body["deployed"] = [
+                {"class": d.class_name, "revision": d.revision, "at": d.at} for d in self.deployed
+            ]
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -322,6 +356,10 @@ class ImageRecord:
             size_bytes=body["size_bytes"],
             pushed_at=body["pushed_at"],
             replicas=tuple(body.get("replicas", ())),
+            deployed=tuple(
+                Deployment(str(d["class"]), int(d["revision"]), float(d["at"]))
+                for d in body.get("deployed", ())
+            ),
         )
 
 

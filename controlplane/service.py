@@ -20,7 +20,8 @@ from controlplane.discovery import peer_host, reachable_address
 from controlplane.events import EventLog, watch_events
 from controlplane.identity import ControlPlaneIdentity, Issued
 from controlplane.imagecatalog import ImageCatalog
-from controlplane.images import ImageStore, check_digest, check_reference
+from controlplane.imagecopy import ReplicaCopier
+from controlplane.images import ImageStore, StoredImage, check_digest, check_reference
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import (
     DEPLOYS,
@@ -33,12 +34,14 @@ from controlplane.metrics import (
     IMAGE_STORED_BYTES,
     IMAGES_HELD,
     RESOLVE_SECONDS,
+    VERSIONS_MADE,
 )
 from controlplane.placement import resolve_instance
 from controlplane.routewatch import RouteChangeLog, follow_route_changes
 from controlplane.store import Compacted, Store
 from controlplane.tokens import TokenRegistry
 from controlplane.usage import UsageLedger
+from controlplane.versions import history, newest_first, version_class
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import controlplane_pb2 as cp
@@ -67,6 +70,7 @@ from portside.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    PortsideError,
     StoreError,
     Unauthenticated,
     Unavailable,
@@ -103,6 +107,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         quorum_lost: Callable[[], Awaitable[bool]] | None = None,
         images: ImageStore | None = None,
         image_catalog: ImageCatalog | None = None,
+        image_copier: ReplicaCopier | None = None,
     ):
         self.store = store
         self.view = view
@@ -121,6 +126,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         # None (tests of other parts): the image RPCs say this replica has no image store.
         self.images = images
         self.image_catalog = image_catalog
+        # None: a pull of an image this replica lacks names the replica that holds it.
+        self.image_copier = image_copier
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -131,7 +138,14 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         validate_config(config)
         # Write the new classes and routes, then delete what the new config no longer has.
         # Not one transaction: a watcher may briefly see a mix, never a route without its class.
+        # A class is written with its version: the next one if its containers change.
         for cls in config.classes:
+            cls, made = await version_class(self.store, cls)
+            if made is not None:
+                VERSIONS_MADE.inc()
+                log.info(
+                    "class %s: version %d (%s)", cls.name, made.number, ", ".join(made.changes)
+                )
             await self.store.put(records.class_key(cls.name), records.encode_class(cls))
         new_route_keys = set()
         for i, route in enumerate(config.routes):
@@ -150,6 +164,34 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         DEPLOYS.inc()
         log.info("deployed %d classes, %d routes", len(config.classes), len(config.routes))
         return cp.DeployResponse(classes=len(config.classes), routes=len(config.routes))
+
+    @grpc_errors
+    async def ListVersions(
+        self, request: cp.ListVersionsRequest, context: Any
+    ) -> cp.ListVersionsResponse:
+        kept = await history(self.store, request.class_name)
+        current = self.view.classes.get(request.class_name)
+        if not kept and current is None:
+            raise NotFound(f"no class {request.class_name!r} and no versions of it")
+        running: dict[int, int] = {}
+        for r in self.view.instances.values():
+            if r.class_name == request.class_name:
+                info = self._listed_info(r)
+                if info.version and info.state.awake:
+                    running[info.version] = running.get(info.version, 0) + 1
+        return cp.ListVersionsResponse(
+            versions=[
+                cp.ClassVersion(
+                    number=v.number,
+                    spec=class_to_pb(v.spec),
+                    created_at=v.created_at,
+                    changes=list(v.changes),
+                    instances=running.get(v.number, 0),
+                )
+                for v in newest_first(kept)
+            ],
+            current=current.version if current is not None else 0,
+        )
 
     @grpc_errors
     async def GetConfig(self, request: cp.GetConfigRequest, context: Any) -> cp.GetConfigResponse:
@@ -269,6 +311,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         # current lease (None: not yet).
         images: frozenset[str] | None = None
         images_written: frozenset[str] | None = None
+        keep_sent: list[str] | None = None  # the keep list this stream was last told
         try:
             async for message in request_iterator:
                 if node is None or message.images_changed:
@@ -332,6 +375,11 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     fence_after_seconds=fence_after(self.node_ttl_s),
                     prefetch_images=self._prefetch(node),
                 )
+                catalog = self.image_catalog
+                keep = catalog.keep_images() if catalog is not None else None
+                if keep is not None and keep != keep_sent:
+                    reply.keep_images.digests.extend(keep)  # set: the agent may remove others
+                    keep_sent = keep
                 if reconcile:
                     reply.reconciled = True
                     reply.elsewhere.extend(await self._elsewhere(node.id, statuses, revision))
@@ -712,7 +760,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         digest = check_digest(request.digest)
         image = await images.stored(digest)
         if image is None:
-            raise not_held(digest, catalog)
+            image = await self._copy_for_pull(digest, catalog)
         start = time.perf_counter()
         outcome = "failed"
         try:
@@ -746,6 +794,22 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 for i in catalog.listing()
             ]
         )
+
+    async def _copy_for_pull(self, digest: str, catalog: ImageCatalog) -> StoredImage:
+        """The image, copied first from a replica that holds it (the copy the background
+        would make: one per digest); the pull fails as Unavailable if that copy fails."""
+        others = [r for r in catalog.holders(digest) if r != catalog.replica_id]
+        if not others or self.image_copier is None:
+            raise not_held(digest, catalog)
+        log.info("pull of image %s waits for its copy from replica %s", digest, ", ".join(others))
+        try:
+            return await self.image_copier.copy(digest)
+        except PortsideError as exc:
+            IMAGE_PULLS.labels("unavailable").inc()
+            raise Unavailable(
+                f"image {digest} is not in replica {catalog.replica_id}'s image store yet and "
+                f"could not be copied from replica {', '.join(others)}: {exc}"
+            ) from exc
 
     def _images(self) -> tuple[ImageStore, ImageCatalog]:
         if self.images is None or self.image_catalog is None:
@@ -795,11 +859,10 @@ def not_held(digest: str, catalog: ImageCatalog) -> NotFound | Unavailable:
     """Why this replica cannot serve `digest`: no replica holds it, or another one does."""
     others = [r for r in catalog.holders(digest) if r != catalog.replica_id]
     if others:
-        IMAGE_PULLS.labels("elsewhere").inc()
+        IMAGE_PULLS.labels("unavailable").inc()
         return Unavailable(
             f"image {digest} is not in replica {catalog.replica_id}'s image store; replica "
-            f"{', '.join(others)} holds it: pull it through that replica (replicas do not "
-            "copy images between them yet)"
+            f"{', '.join(others)} holds it: this replica copies it from there (try again)"
         )
     IMAGE_PULLS.labels("not_found").inc()
     return NotFound(

@@ -278,6 +278,8 @@ class Heartbeat:
         self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
         if self.images is not None:
             self.images.want(reply.prefetch_images)
+            if reply.HasField("keep_images"):  # absent: the control plane has not said yet
+                self.images.keep(reply.keep_images.digests)
 
     async def _remove(self, iid: str) -> None:
         """An instance placed on another node while this one was out of touch: its copy here

@@ -4,6 +4,8 @@ digest (no registry; verified, layers the engine has left out), a reference from
     ImageKeeper.ensure(cls)    before a container is created: the image is there, named cls.image
     ImageKeeper.want(digests)  a heartbeat reply's prefetch list; run() pulls the missing ones
     ImageKeeper.reported()     the Portside images the engine has, for the heartbeat
+    ImageKeeper.keep(digests)  a heartbeat reply's keep list; run() removes the Portside images
+                               outside it that no container uses, at most once a minute
 
 One pull per image at a time: boots and the prefetcher that need the same image wait for the
 same pull, which goes on in the background when a boot gives up on it (the next boot finds it).
@@ -37,15 +39,13 @@ import grpc
 
 from nodeagent import metrics
 from nodeagent.runtime.protocol import EngineImage, ImageEngine, RegistryCredential
-from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.errors import (
     ConfigError,
     ImageUnavailable,
     PortsideError,
-    Timeout,
-    from_rpc,
 )
+from portside.imagepull import PULL_STALL_S, pull_image
 from portside.spec import ContainerClass
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,10 @@ PREFETCH_RETRY_FIRST_S = 5.0
 PREFETCH_RETRY_MOST_S = 300.0
 # The control plane reads a layer from its store while it streams: a stream silent this long
 # has stalled (a whole pull may take much longer).
-PULL_STALL_S = 60.0
+# Images outside the cluster's keep list are removed at most this often; one this node pulled
+# or booted from this recently stays (its keep list may be older than the pull).
+REMOVE_EVERY_S = 60.0
+RECENTLY_USED_S = 600.0
 
 
 # -- pure parts -------------------------------------------------------------------------------
@@ -95,6 +98,20 @@ def portside_images(
         for i in images
         if i.id in class_digests or any(t.startswith(PORTSIDE_REPOSITORY) for t in i.tags)
     )
+
+
+def images_to_remove(
+    reported: Collection[str], keep: Collection[str], protected: Collection[str]
+) -> list[str]:
+    """The Portside images the engine has that the cluster no longer keeps and nothing here
+    protects (a class's current image, a wanted or recently used one); sorted."""
+    return sorted(d for d in reported if d not in keep and d not in protected)
+
+
+def repository(reference: str) -> str:
+    """ "portside/web" of "portside/web:0123abcd"; a registry's port is not a tag."""
+    name, sep, tag = reference.rpartition(":")
+    return name if sep and "/" not in tag else reference
 
 
 def registry_host(reference: str) -> str:
@@ -239,28 +256,10 @@ class ControlPlaneImages:
         self._stub = cp_grpc.ControlPlaneStub(channel)
         self._stall_s, self._name = stall_s, name
 
-    async def pull(self, digest: str, have_chain_ids: Sequence[str]) -> AsyncIterator[bytes]:
-        call = self._stub.PullImage(
-            cp.PullImageRequest(digest=digest, have_chain_ids=list(have_chain_ids))
+    def pull(self, digest: str, have_chain_ids: Sequence[str]) -> AsyncIterator[bytes]:
+        return pull_image(
+            self._stub, digest, have_chain_ids, name=self._name, stall_s=self._stall_s
         )
-        replies = call.__aiter__()
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self._stall_s):
-                        reply = await anext(replies)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise Timeout(
-                        f"{self._name} sent nothing of image {digest} for {self._stall_s:g}s"
-                    ) from None
-                if reply.data:
-                    yield bytes(reply.data)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc(exc, unreachable=self._name) from exc
-        finally:
-            call.cancel()
 
 
 # -- the keeper -------------------------------------------------------------------------------
@@ -310,6 +309,9 @@ class ImageKeeper:
         self._wanted: tuple[str, ...] = ()
         self._failures: dict[str, Failure] = {}
         self._wake = asyncio.Event()
+        self._keep: frozenset[str] | None = None  # None: the control plane has not said
+        self._next_removal = clock()
+        self._used: dict[str, float] = {}  # digest -> when a boot or a pull last needed it
 
     # -- boots --------------------------------------------------------------------------------
 
@@ -332,6 +334,7 @@ class ImageKeeper:
         digest = cls.image_digest
         if not DIGEST.fullmatch(digest):
             raise ImageUnavailable(f"image_digest {digest!r} is not sha256:<64 hex digits>")
+        self._used[digest] = self._clock()
         if await self._engine.image_id(cls.image) == digest:
             return "present"
         outcome = "tagged"
@@ -364,6 +367,7 @@ class ImageKeeper:
 
     async def _pull_controlplane(self, digest: str) -> None:
         started = self._clock()
+        self._used[digest] = started
         outcome = "error"
         try:
             before = await self._engine.images()
@@ -446,6 +450,60 @@ class ImageKeeper:
         """The Portside images the engine has, and a number that grows when they change."""
         return self._reported, self._version
 
+    def keep(self, digests: Iterable[str]) -> None:
+        """The control plane's latest list of the images the cluster keeps: run() removes the
+        Portside images outside it that no container uses."""
+        keep = frozenset(d for d in digests if DIGEST.fullmatch(d))
+        if keep != self._keep:
+            self._keep = keep
+            self._wake.set()
+
+    def removable(self) -> list[str]:
+        """The Portside images run() would remove now (none before a keep list came)."""
+        if self._keep is None:
+            return []
+        now = self._clock()
+        protected = {c.image_digest for c in self._classes() if c.image_digest}
+        protected |= set(self._wanted) | set(self._pulls)
+        protected |= {d for d, at in self._used.items() if now - at < RECENTLY_USED_S}
+        return images_to_remove(self._reported, self._keep, protected)
+
+    async def remove_unkept(self) -> None:
+        """Remove the images `removable()` names, each unless a container uses it (the engine
+        refuses; never forced), logging and counting each; then report the images again."""
+        candidates = self.removable()
+        for digest in candidates:
+            outcome = "error"
+            try:
+                outcome = await self._remove(digest)
+            except PortsideError as exc:
+                log.warning(
+                    "could not remove image %s, which the cluster no longer keeps: %s", digest, exc
+                )
+            metrics.IMAGE_REMOVALS.labels(outcome).inc()
+            if outcome == "removed":
+                self._used.pop(digest, None)
+                log.info("removed image %s: the cluster no longer keeps it", digest)
+            elif outcome == "in_use":
+                log.info(
+                    "kept image %s, which the cluster no longer keeps: a container uses it", digest
+                )
+        if candidates:
+            await self.refresh_quietly()
+
+    async def _remove(self, digest: str) -> str:
+        """Remove the image by its id, which the engine refuses while a container (running or
+        not) uses it. One named in several repositories (two classes built the same image)
+        the engine removes only name by name: the last name is refused while it is in use."""
+        names = next((i.tags for i in await self._engine.images() if i.id == digest), ())
+        await self._engine.remove_image(digest)
+        if await self._engine.image_id(digest) is not None and len(set(map(repository, names))) > 1:
+            for name in names:
+                await self._engine.remove_image(name)
+                if await self._engine.image_id(digest) is None:
+                    break
+        return "removed" if await self._engine.image_id(digest) is None else "in_use"
+
     def want(self, digests: Iterable[str]) -> None:
         """The control plane's latest list of images this node should have."""
         wanted = tuple(dict.fromkeys(d for d in digests if DIGEST.fullmatch(d)))
@@ -474,17 +532,23 @@ class ImageKeeper:
 
     async def run(self) -> None:
         """Until cancelled: look at the engine's images every refresh_s (an image removed, a
-        deploy naming one), and pull the wanted images it lacks, one at a time, with backoff."""
+        deploy naming one), pull the wanted images it lacks, one at a time, with backoff, and
+        remove those the cluster no longer keeps, at most once every REMOVE_EVERY_S."""
         next_refresh = self._clock()
         while True:
             if self._clock() >= next_refresh:
                 await self.refresh_quietly()
                 next_refresh = self._clock() + self._refresh_s
+            if self._clock() >= self._next_removal and self.removable():
+                self._next_removal = self._clock() + REMOVE_EVERY_S
+                await self.remove_unkept()
             digest = next_prefetch(self._wanted, self._engine_ids, self._failures, self._clock())
             if digest is not None:
                 await self._prefetch(digest)
                 continue
             wake_at = next_refresh
+            if self.removable():
+                wake_at = min(wake_at, self._next_removal)
             retry = next_retry(self._wanted, self._engine_ids, self._failures)
             if retry is not None:
                 wake_at = min(wake_at, retry)
@@ -547,6 +611,7 @@ __all__ = [
     "after_failure",
     "chain_ids",
     "engine_chain_ids",
+    "images_to_remove",
     "load_registry_auth",
     "next_prefetch",
     "next_retry",

@@ -10,6 +10,11 @@ the container, meter its run, forget a removed container, announce events.
                  └─ its port stays silent, docker fails ─▶ stopping ─▶ stopped
     running, healthy ─ its container exits by itself ─▶ stopped_with_code
     running, healthy ─ the engine restarted under it ─▶ stopped
+    healthy ─ its health checks fail N times in a row ─▶ running ─ one passes ─▶ healthy
+
+Health checks (nodeagent.health) GET its class's ping_endpoint straight from the container, one
+at a time per instance, from one loop for the node: they never wake an instance, never hold it
+awake and never count as activity for sleep_after, and a stop cancels the check in flight.
 
 A container that exits at start (during its boot, or within seconds and before serving a request)
 is not booted again until its crash-loop backoff has passed (1 s, 2, 4 … 5 min; see
@@ -39,13 +44,16 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
 
-from nodeagent import lifecycle, metrics
+from nodeagent import health, lifecycle, metrics
+from nodeagent.health import CheckResult, HealthCheck, Streak
 from nodeagent.images import ImageSupply
 from nodeagent.lifecycle import (
     Announce,
     Answered,
     Boot,
     BootFailed,
+    CheckFailed,
+    CheckPassed,
     CrashLoop,
     Died,
     Effect,
@@ -155,6 +163,8 @@ class Timing:
     # While the engine is away: the first and the longest wait between tries to reach it.
     engine_retry_first: float = 0.1
     engine_retry_most: float = 2.0
+    # The health loop's longest sleep: a new instance's first check is scheduled within this.
+    health_tick: float = 0.5
 
 
 class _Instance:
@@ -181,6 +191,7 @@ class _Instance:
         # digest, which the container keeps.
         self.overrides: Overrides | None = NO_OVERRIDES
         self.overrides_digest = ""
+        self.version = 0  # the class version its container was made from (0: unknown)
         # The current run: when the engine started it (unix; 0.0 unknown, None: no run), so an
         # earlier run's late die event is not taken for its death; and whether the kernel's OOM
         # killer hit it.
@@ -193,6 +204,13 @@ class _Instance:
         self.started: asyncio.Event | None = None  # set once the boot's docker start returned
         self.abort: _StopOrder | None = None  # set by a stop that comes while it boots
         self.health: asyncio.Task[bool] | None = None  # port probe after a no-wait start
+        # Health checks while it runs: the check in flight, when the next one is due (on the
+        # manager's clock; None: not scheduled), the failures in a row, and whether the checks
+        # made it unhealthy.
+        self.check: asyncio.Task[None] | None = None
+        self.next_check: float | None = None
+        self.streak = Streak()
+        self.sick = False
         self.stop: asyncio.Task[None] | None = None
         # Crash-loop backoff: its state, the class its last boot ran (a deploy that changes it
         # begins afresh), the unix time of its next try, and whether this run served a request.
@@ -262,8 +280,10 @@ class InstanceManager:
         node_id: str = "",
         wall_clock: Callable[[], float] = time.time,
         images: ImageSupply | None = None,
+        health_check: HealthCheck | None = None,
     ) -> None:
         self._runtime = runtime
+        self._health_check = health_check or health.http_check
         # Makes sure the engine has a class's image before its container is created (pulled
         # from the control plane or a registry); None: the image must be there already.
         self._images = images
@@ -545,6 +565,7 @@ class InstanceManager:
                 await self._images.ensure(cls)
             inst.container_id = await self._runtime.create(cls, inst.name, overrides)
             inst.overrides_digest = overrides.digest
+            inst.version = cls.version
             inst.port = cls.default_port
             info = await self._runtime.start(inst.container_id)
         assert info is not None
@@ -608,6 +629,7 @@ class InstanceManager:
             group.create_task(self._sleep_loop())
             group.create_task(self._reconcile_loop())
             group.create_task(self._follow_engine())
+            group.create_task(self._health_loop())
 
     async def _sleep_loop(self) -> None:
         while True:
@@ -628,12 +650,114 @@ class InstanceManager:
                 continue
             if inst.id in self._pinned:
                 continue
-            cls = self._get_class(inst.class_name) or self._started_classes.get(inst.class_name)
+            cls = self._class_of(inst)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
             if now - inst.last_activity >= sleep_after:
                 self._fire(inst, Stop(StopCause.SLEEP, reason=f"idle for {sleep_after:g}s"))
                 stopping.append(inst.id)
         return stopping
+
+    def _class_of(self, inst: _Instance) -> ContainerClass | None:
+        return self._get_class(inst.class_name) or self._started_classes.get(inst.class_name)
+
+    # -- health checks --------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            now = self._clock()
+            self.schedule_checks(now)
+            nexts = (inst.next_check for inst in self._instances.values())
+            await asyncio.sleep(health.soonest(nexts, now, self._timing.health_tick))
+
+    def schedule_checks(self, now: float) -> list[str]:
+        """Begin the checks due at `now` and schedule the next ones; returns the ids checked.
+        Only an instance whose container runs, with no boot, port probe or stop in progress, is
+        checked; its first check comes one interval after it was first seen so. One still in
+        flight when the next is due makes that one skipped, so checks never pile up."""
+        begun = []
+        for inst in list(self._instances.values()):
+            if not self._checkable(inst):
+                inst.next_check = None
+                continue
+            assert inst.upstream is not None  # checkable
+            cls = self._class_of(inst)
+            if cls is None or not cls.health_checked:
+                inst.next_check = None
+                if inst.sick:  # its checks were turned off: what they said no longer holds
+                    self._turn(inst, CheckPassed("its class has no health checks any more"))
+                continue
+            if inst.next_check is None:
+                inst.next_check = now + cls.health_check_interval_s
+                continue
+            if not health.due(inst.next_check, now):
+                continue
+            inst.next_check = now + cls.health_check_interval_s
+            if inst.check is not None:
+                metrics.HEALTH_CHECKS.labels(cls.name, "skipped").inc()
+                continue
+            inst.check = self._spawn(self._check(inst, cls, inst.upstream))
+            begun.append(inst.id)
+        return begun
+
+    @staticmethod
+    def _checkable(inst: _Instance) -> bool:
+        return (
+            inst.state.running
+            and inst.upstream is not None
+            and inst.boot is None
+            and inst.health is None
+            and inst.stop is None
+        )
+
+    async def _check(self, inst: _Instance, cls: ContainerClass, upstream: Upstream) -> None:
+        started = time.perf_counter()
+        timeout = cls.health_check_timeout_s
+        try:
+            # The check keeps its own timeout; this one holds a check function that does not.
+            async with asyncio.timeout(timeout + 0.5):
+                result = await self._health_check(
+                    upstream.host, upstream.port, cls.ping_endpoint, timeout
+                )
+        except TimeoutError:
+            result = CheckResult(False, reason=f"no answer within {timeout:g}s")
+        finally:
+            if inst.check is asyncio.current_task():
+                inst.check = None
+        metrics.HEALTH_CHECK_SECONDS.labels(cls.name).observe(time.perf_counter() - started)
+        metrics.HEALTH_CHECKS.labels(cls.name, "pass" if result.passed else "fail").inc()
+        if self._checkable(inst) and inst.upstream == upstream:  # still the run it checked
+            self._judge(inst, cls, result)
+
+    def _judge(self, inst: _Instance, cls: ContainerClass, result: CheckResult) -> None:
+        """Count `result` in the instance's streak; a streak that reached the class's threshold
+        makes it unhealthy (running), a check that passes after that makes it healthy again."""
+        threshold = cls.health_check_failures
+        inst.streak, verdict = health.judge(inst.streak, result, threshold, inst.state)
+        if verdict is not None:
+            self._turn(inst, verdict)
+
+    def _turn(self, inst: _Instance, verdict: CheckFailed | CheckPassed) -> None:
+        if not self._fire(inst, verdict):
+            return
+        inst.sick = isinstance(verdict, CheckFailed)
+        if not inst.sick:
+            inst.streak = Streak()
+        metrics.HEALTH_TRANSITIONS.labels(
+            inst.class_name, "unhealthy" if inst.sick else "healthy"
+        ).inc()
+        if inst.sick:
+            log.warning("%s/%s is unhealthy: %s", inst.class_name, inst.name, inst.streak.reason)
+        else:
+            log.info("%s/%s is healthy again", inst.class_name, inst.name)
+
+    def _end_checks(self, inst: _Instance) -> None:
+        """Its container no longer runs: the check in flight is cancelled, the streak forgotten."""
+        if inst.check is not None:
+            inst.check.cancel()
+            inst.check = None
+        inst.next_check = None
+        inst.streak = Streak()
+        inst.sick = False
 
     # -- pools ----------------------------------------------------------------------------------
 
@@ -781,7 +905,7 @@ class InstanceManager:
                 await asyncio.shield(boot)
             if inst.health is not None:  # started earlier without waiting: wait for the port
                 await asyncio.shield(inst.health)
-            if inst.state is InstanceState.RUNNING:
+            if inst.state is InstanceState.RUNNING and not inst.sick:  # sick: its port answered
                 raise BootTimeout(
                     f"{cls.name}/{name} runs, but its port "
                     f"{inst.port or cls.default_port} did not answer in time"
@@ -893,6 +1017,7 @@ class InstanceManager:
             node_id=self._node_id,
             backoff_until=inst.backoff_until if inst.crash.holds_back(self._clock()) else 0.0,
             restarts=inst.crash.crashes,
+            version=inst.version,
         )
 
     # -- the table ----------------------------------------------------------------------------
@@ -919,6 +1044,7 @@ class InstanceManager:
         inst.cause = step.cause
         if not step.state.running:
             inst.upstream = None  # reached only while its container runs
+            self._end_checks(inst)
         if step.state is not inst.state:
             metrics.INSTANCES.labels(inst.state.value).dec()
             metrics.INSTANCES.labels(step.state.value).inc()
@@ -1077,6 +1203,7 @@ class InstanceManager:
             inst.container_id, inst.port = info.id, info.port
             inst.overrides = None  # only its digest is known
             inst.overrides_digest = info.overrides_digest
+            inst.version = info.version
             inst.vcpu, inst.memory_mib = info.vcpu, info.memory_mib
             self._add(inst)
             if info.running and info.ip is not None:

@@ -14,6 +14,8 @@ Its states are the public `InstanceState`s, so the manager reports its state as 
 
     running, healthy ──died, removed──▶ stopped_with_code (it exited by itself)
     running, healthy ──engine-stopped──▶ stopped (the engine restarted under it)
+    healthy ──check-failed──▶ running ──check-passed──▶ healthy (its health checks; see
+                                                       nodeagent.health for when each fires)
 
 Beside the state, the machine keeps one thing: the cause of the stop in progress, which decides
 the state the instance rests in and the event its container's death makes (see STOP_OUTCOMES). A
@@ -62,6 +64,22 @@ class Started:
 @dataclass(frozen=True)
 class Answered:
     """Its port answered."""
+
+
+@dataclass(frozen=True)
+class CheckFailed:
+    """Its health checks failed its class's health_check_failures times in a row; `reason` is
+    the last one's failure ("answered 503", "no answer within 2s")."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckPassed:
+    """A health check passed while it was running but not healthy (or its class's checks were
+    turned off while it was unhealthy: `reason` says which)."""
+
+    reason: str = "its health check passed"
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,8 @@ Trigger: TypeAlias = (
     Boot
     | Started
     | Answered
+    | CheckFailed
+    | CheckPassed
     | Died
     | EngineStopped
     | Removed
@@ -140,6 +160,8 @@ TRIGGERS: tuple[type[Trigger], ...] = (
     Boot,
     Started,
     Answered,
+    CheckFailed,
+    CheckPassed,
     Died,
     EngineStopped,
     Removed,
@@ -215,6 +237,8 @@ class Say(enum.Enum):
 
     STARTING = "starting"
     READY = "ready"
+    UNHEALTHY = "unhealthy"  # its checks failed: the last failure as the reason
+    HEALTHY = "healthy"  # a check passed again
     EXITED = "exited"  # it exited by itself: its code, signal, "out of memory"
     FAILED = "failed"  # the boot failed: its reason
     STOP_BEGINS = "stop-begins"  # what the stop's cause begins with, if anything
@@ -248,6 +272,10 @@ TABLE: Mapping[tuple[InstanceState, type[Trigger]], Row] = MappingProxyType(
         **{(s, Boot): Row(_S.STARTING, says=(Say.STARTING,)) for s in _RESTING},
         (_S.STARTING, Started): Row(_S.RUNNING, (Effect.BEGIN_RUN,)),
         (_S.RUNNING, Answered): Row(_S.HEALTHY, says=(Say.READY,)),
+        # Health checks move it between the two states of a running container, and nothing else:
+        # its container, its run and its sleep timer are left as they are.
+        (_S.HEALTHY, CheckFailed): Row(_S.RUNNING, says=(Say.UNHEALTHY,)),
+        (_S.RUNNING, CheckPassed): Row(_S.HEALTHY, says=(Say.HEALTHY,)),
         # A die while starting is the previous run's, or comes with docker start's answer:
         # the boot reports that one (Started, then Died), so the pair is rejected.
         **{(s, Died): _EXITED for s in _UP},
@@ -320,6 +348,10 @@ def _announce(say: Say, cause: StopCause | None, trigger: Trigger) -> Announce |
         return Announce(EventKind.STARTING)
     if say is Say.READY:
         return Announce(EventKind.READY)
+    if say is Say.UNHEALTHY:
+        return Announce(EventKind.UNHEALTHY, reason=getattr(trigger, "reason", ""))
+    if say is Say.HEALTHY:
+        return Announce(EventKind.HEALTHY, reason=getattr(trigger, "reason", ""))
     if say is Say.FAILED:
         return Announce(EventKind.FAILED, reason=getattr(trigger, "reason", ""))
     if say is Say.EXITED:
@@ -438,6 +470,8 @@ __all__ = [
     "Answered",
     "Boot",
     "BootFailed",
+    "CheckFailed",
+    "CheckPassed",
     "CrashLoop",
     "Died",
     "ENGINE_RESTARTED",

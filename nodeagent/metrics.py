@@ -59,8 +59,8 @@ INSTANCES = Gauge(
 )
 LIFECYCLE_EVENTS = Counter(
     "portside_agent_lifecycle_events_total",
-    "Lifecycle events the agent emitted (starting, ready, activity-expired, slept, exited, "
-    "failed, removed), by class and kind.",
+    "Lifecycle events the agent emitted (starting, ready, unhealthy, healthy, activity-expired, "
+    "slept, exited, failed, removed), by class and kind.",
     ["class", "kind"],
 )
 EVENTS_DROPPED = Counter(
@@ -89,6 +89,25 @@ CRASH_RESTARTS = Counter(
     "Boots of a container that crashed at start (exited during its boot, or within 10 s "
     "without serving a request), each after its backoff.",
     ["class"],
+)
+HEALTH_CHECKS = Counter(
+    "portside_agent_health_checks_total",
+    "Health checks of running instances (GET of the class's ping_endpoint), by class and "
+    "outcome: pass (any answer below 500), fail (a 5xx, no answer within the timeout, a refused "
+    "or reset connection), skipped (the previous check of the instance was still running).",
+    ["class", "outcome"],
+)
+HEALTH_CHECK_SECONDS = Histogram(
+    "portside_agent_health_check_seconds",
+    "Time of one health check, from the connect until the status line or the failure.",
+    ["class"],
+    buckets=LATENCY_BUCKETS,
+)
+HEALTH_TRANSITIONS = Counter(
+    "portside_agent_health_transitions_total",
+    "Instances that changed health: to unhealthy (health_check_failures checks in a row failed: "
+    "state running, out of its pool's routing), or to healthy (a check passed again).",
+    ["class", "to"],
 )
 ENGINE_UP = Gauge(
     "portside_agent_engine_up",
@@ -160,4 +179,10 @@ IMAGE_CHECKS = Counter(
 IMAGES = Gauge(
     "portside_agent_images",
     "Portside images (built by portside deploy, known by digest) the node's engine has.",
+)
+IMAGE_REMOVALS = Counter(
+    "portside_agent_image_removals_total",
+    "Portside images the cluster no longer keeps that the agent tried to remove from its engine, "
+    "by outcome: removed, in_use (a container uses it: kept, never forced), error.",
+    ["outcome"],
 )

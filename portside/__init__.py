@@ -15,10 +15,12 @@ The SDK::
 """
 
 from portside.client import (
+    ClassVersion,
     Container,
     DeployResult,
     ExecChunk,
     ExecResult,
+    ImageInfo,
     LogChunk,
     Portside,
     Response,
@@ -56,6 +58,7 @@ from portside.usage import Usage
 __version__ = "0.1.0"
 __all__ = [
     "BootTimeout",
+    "ClassVersion",
     "ConfigError",
     "Container",
     "ContainerClass",
@@ -68,6 +71,7 @@ __all__ = [
     "ExecChunk",
     "ExecResult",
     "FailedPrecondition",
+    "ImageInfo",
     "ImageUnavailable",
     "InstanceInfo",
     "InstanceState",

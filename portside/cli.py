@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
         "digest (default: beside a sqlite:// store's file, else "
         "$XDG_DATA_HOME/portside/images)",
     )
+    p.add_argument(
+        "--image-gc-every",
+        default="10m",
+        metavar="DURATION",
+        help="how often the leader garbage-collects images no class needs (default 10m)",
+    )
+    p.add_argument(
+        "--image-keep-versions",
+        type=int,
+        default=3,
+        metavar="N",
+        help="garbage collection keeps each class's last N images, its current one among them "
+        "(default 3)",
+    )
     _metrics_token_flag(p)
 
     p = sub.add_parser("agent", help="run a node agent")
@@ -223,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _client_parser(sub, "nodes", "list nodes")
     _client_parser(sub, "images", "list the cluster's images: size, classes, where they are")
+    p = _client_parser(
+        sub, "versions", "list a class's versions: what changed, when, how many instances run each"
+    )
+    p.add_argument("class_name", metavar="CLASS")
 
     p = sub.add_parser("regions", help="list the region codes and areas Portside knows")
     p.add_argument("--json", action="store_true")
@@ -469,6 +487,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                     insecure=args.insecure,
                     cert_lifetime_s=_duration(args.cert_lifetime, "--cert-lifetime"),
                     image_dir=args.image_dir,
+                    image_gc_every_s=_duration(args.image_gc_every, "--image-gc-every"),
+                    image_keep_versions=args.image_keep_versions,
                 )
             )
         )
@@ -890,6 +910,30 @@ async def _images(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _versions(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        versions = await ps.versions(args.class_name)
+    if args.json:
+        _print_json([dataclasses.asdict(v) for v in versions])
+        return 0
+    now = time.time()
+    _print_table(
+        ("VERSION", "CREATED", "IMAGE", "CHANGES", "INSTANCES", ""),
+        [
+            (
+                str(v.number),
+                age(v.created_at, now),
+                v.spec.image,
+                ",".join(v.changes),
+                str(v.instances),
+                "current" if v.current else "",
+            )
+            for v in versions
+        ],
+    )
+    return 0
+
+
 def _print_info(args: argparse.Namespace, info: InstanceInfo) -> None:
     if args.json:
         _print_json(_info_row(info))
@@ -1203,6 +1247,7 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "ps": _ps,
     "classes": _classes,
     "images": _images,
+    "versions": _versions,
     "start": _start,
     "stop": _stop,
     "signal": _signal,

@@ -28,6 +28,7 @@ from portside.spec import (
     InstanceSourceKind,
     InstanceType,
     Route,
+    ping_path,
 )
 
 __all__ = [
@@ -66,6 +67,10 @@ _CONTAINER_KEYS = (
     "autoscaling",
     "image_build_context",
     "image_vars",
+    "ping_endpoint",
+    "health_check_interval",
+    "health_check_failures",
+    "health_check_timeout",
 )
 _BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
@@ -118,6 +123,8 @@ _NOT_BUILT = (
     "image {image} is a registry reference"
 )
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# A request target's path and query: printable ASCII, no space, no fragment.
+_PING_PATH = re.compile(r"/[!-~]*")
 
 _DEFAULT = ContainerClass(name="", image="")
 _DEFAULT_AUTOSCALING = Autoscaling()
@@ -381,6 +388,16 @@ def _container(table: _Table) -> ContainerClass:
         enable_internet=table.boolean("enable_internet", _DEFAULT.enable_internet),
         boot_timeout_s=table.duration("boot_timeout", _DEFAULT.boot_timeout_s),
         autoscaling=_autoscaling(table, max_instances) if "autoscaling" in table else None,
+        ping_endpoint=_ping_endpoint(table),
+        health_check_interval_s=table.duration(
+            "health_check_interval", _DEFAULT.health_check_interval_s
+        ),
+        health_check_failures=table.integer(
+            "health_check_failures", _DEFAULT.health_check_failures, low=1
+        ),
+        health_check_timeout_s=table.duration(
+            "health_check_timeout", _DEFAULT.health_check_timeout_s
+        ),
     )
 
 
@@ -674,6 +691,48 @@ def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths
             raise fail(field, f"{seconds:g}s must be longer than zero")
     if cls.max_instances < 0:
         raise fail("max_instances", f"must be an integer >= 0, not {cls.max_instances}")
+    _check_health(cls, fail)
+
+
+def _ping_endpoint(table: _Table) -> str:
+    """The class's ping_endpoint as a path with its leading "/" ("" turns checks off)."""
+    text = table.text("ping_endpoint", _DEFAULT.ping_endpoint)
+    if not _is_ping_path(ping_path(text)):
+        raise table.error("ping_endpoint", _NOT_A_PING_PATH.format(endpoint=_show(text)))
+    return ping_path(text)
+
+
+def _is_ping_path(endpoint: str) -> bool:
+    if not endpoint:
+        return True
+    return "://" not in endpoint and "#" not in endpoint and bool(_PING_PATH.fullmatch(endpoint))
+
+
+_NOT_A_PING_PATH = (
+    '{endpoint} is not a path; use a path on the container\'s default_port like "/ping" or '
+    '"healthz?deep=1" (printable ASCII, no spaces, no #, not a URL), or "" for no health checks'
+)
+
+
+def _check_health(cls: ContainerClass, fail: Callable[[str, str], ConfigError]) -> None:
+    if not _is_ping_path(cls.ping_endpoint) or (
+        cls.ping_endpoint and not cls.ping_endpoint.startswith("/")
+    ):
+        raise fail("ping_endpoint", _NOT_A_PING_PATH.format(endpoint=_show(cls.ping_endpoint)))
+    if cls.health_check_failures < 1:
+        raise fail(
+            "health_check_failures", f"must be an integer >= 1, not {cls.health_check_failures}"
+        )
+    interval, timeout = cls.health_check_interval_s, cls.health_check_timeout_s
+    for field, seconds in (("health_check_interval", interval), ("health_check_timeout", timeout)):
+        if not seconds > 0:
+            raise fail(field, f"{seconds:g}s must be longer than zero")
+    if timeout >= interval:
+        raise fail(
+            "health_check_timeout",
+            f"{timeout:g}s must be shorter than health_check_interval ({interval:g}s): a check "
+            "ends before the next one is due",
+        )
 
 
 # A registry reference never starts with "." or "/", and nothing but a build path ends in

@@ -17,6 +17,9 @@ from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
 from portside.spec import (
+    DEFAULT_HEALTH_CHECK_FAILURES,
+    DEFAULT_HEALTH_CHECK_INTERVAL_S,
+    DEFAULT_HEALTH_CHECK_TIMEOUT_S,
     Autoscaling,
     Config,
     ContainerClass,
@@ -80,6 +83,11 @@ def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
         enable_internet=c.enable_internet,
         boot_timeout_seconds=c.boot_timeout_s,
         image_digest=c.image_digest,
+        ping_endpoint=c.ping_endpoint,
+        health_check_interval_seconds=c.health_check_interval_s,
+        health_check_failures=c.health_check_failures,
+        health_check_timeout_seconds=c.health_check_timeout_s,
+        version=c.version,
     )
 
 
@@ -97,6 +105,12 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         boot_timeout_s=m.boot_timeout_seconds,
         autoscaling=autoscaling_from_pb(m.autoscaling) if m.HasField("autoscaling") else None,
         image_digest=m.image_digest,
+        # The path as sent ("": no checks); 0 is what a sender that predates the checks sends.
+        ping_endpoint=m.ping_endpoint,
+        health_check_interval_s=m.health_check_interval_seconds or DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        health_check_failures=m.health_check_failures or DEFAULT_HEALTH_CHECK_FAILURES,
+        health_check_timeout_s=m.health_check_timeout_seconds or DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+        version=m.version,
     )
 
 
@@ -205,6 +219,7 @@ def instance_info_to_pb(i: InstanceInfo) -> pb.InstanceInfo:
         in_flight=i.in_flight,
         backoff_until=i.backoff_until,
         restarts=i.restarts,
+        version=i.version,
     )
     if i.exit_code is not None:
         msg.exit_code = i.exit_code
@@ -225,6 +240,7 @@ def instance_info_from_pb(m: pb.InstanceInfo) -> InstanceInfo:
         in_flight=m.in_flight,
         backoff_until=m.backoff_until,
         restarts=m.restarts,
+        version=m.version,
     )
 
 

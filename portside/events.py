@@ -4,6 +4,9 @@ users watch it (`portside events`, `Container.events()`).
     placed            the control plane gave the instance a node (reason: "moved from node X")
     starting          a boot began (a request, a Start, a pool assignment)
     ready             the port answered: the instance is healthy
+    unhealthy         its health checks failed N times in a row: it is running, not healthy, and
+                      out of its pool's routing (reason: the last check's failure)
+    healthy           a health check passed again after it was unhealthy
     activity-expired  sleep_after passed without activity; a sleep follows
     slept             the sleep's stop finished
     exited            the container stopped by itself, by a user's signal, or by a Stop
@@ -22,6 +25,8 @@ class EventKind(enum.StrEnum):
     PLACED = "placed"
     STARTING = "starting"
     READY = "ready"
+    UNHEALTHY = "unhealthy"
+    HEALTHY = "healthy"
     ACTIVITY_EXPIRED = "activity-expired"
     SLEPT = "slept"
     EXITED = "exited"

@@ -32,6 +32,7 @@ class InstanceInfo:
     in_flight: int = 0
     backoff_until: float = 0.0
     restarts: int = 0
+    version: int = 0  # the class version its container was made from (0: unknown)
 
     def backoff_left(self, now: float) -> float:
         """Seconds until its next boot may be tried (0.0: now), by the unix time `now`."""

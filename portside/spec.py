@@ -42,6 +42,12 @@ DEFAULT_SLEEP_AFTER_S = 600.0
 # between, so that every instance's sample covers the same interval.
 CPU_SAMPLE_INTERVAL_S = 2.0
 DEFAULT_BOOT_TIMEOUT_S = 30.0
+# Health checks (Cloudflare's ping_endpoint): GET this path every interval; this many failures in
+# a row make an instance unhealthy. The path's default answers 404 on most images, which passes.
+DEFAULT_PING_ENDPOINT = "/ping"
+DEFAULT_HEALTH_CHECK_INTERVAL_S = 10.0
+DEFAULT_HEALTH_CHECK_FAILURES = 3
+DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,13 @@ class ContainerClass:
     # sha256:<hex>, the image id of an image `portside deploy` built and pushed (then `image` is
     # its readable tag, portside/<class>:<12 hex>); empty: `image` is a registry reference.
     image_digest: str = ""
+    # Health checks of a running instance: GET of `ping_endpoint` (a path; "": no checks) on
+    # default_port every interval, each within the timeout.
+    ping_endpoint: str = DEFAULT_PING_ENDPOINT
+    health_check_interval_s: float = DEFAULT_HEALTH_CHECK_INTERVAL_S
+    health_check_failures: int = DEFAULT_HEALTH_CHECK_FAILURES
+    health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
+    version: int = 0  # the class version (controlplane/versions.py); 0: not versioned
 
     @property
     def pool(self) -> bool:
@@ -86,6 +99,20 @@ class ContainerClass:
         if self.autoscaling is None:
             return 0
         return self.autoscaling.maximum_instances or self.max_instances
+
+    @property
+    def health_checked(self) -> bool:
+        """Its running instances are checked (it has a ping_endpoint)."""
+        return bool(self.ping_endpoint)
+
+
+def ping_path(endpoint: str) -> str:
+    """A ping_endpoint as a request path: "ping" and "/ping" alike are "/ping"; "" stays "" (no
+    checks)."""
+    endpoint = endpoint.strip()
+    if not endpoint or endpoint.startswith("/"):
+        return endpoint
+    return "/" + endpoint
 
 
 InstanceSourceKind = Literal["header", "query", "cookie", "path"]

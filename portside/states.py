@@ -1,9 +1,12 @@
 """The states of an instance, by their public names: the one vocabulary the agent's lifecycle,
 its heartbeats, the control plane, the cluster page, the CLI and the SDK share.
 
-    placed ──▶ starting ──▶ running ──▶ healthy ──▶ stopping ──▶ sleeping | stopped
+    placed ──▶ starting ──▶ running ◀─▶ healthy ──▶ stopping ──▶ sleeping | stopped
                   │            │           │                     (by Portside, or a Stop)
                   └────────────┴───────────┴──▶ stopped_with_code (it exited by itself)
+
+healthy goes back to running when its class's health checks fail (health_check_failures in a
+row), and to healthy again when one passes: a running pool member is out of routing meanwhile.
 
 Cloudflare's `getState()` names are kept as they are (`running`, `healthy`, `stopping`,
 `stopped`, `stopped_with_code`); `placed`, `starting` and `sleeping` are Portside's own. On the
@@ -20,8 +23,8 @@ from portside.errors import InvalidArgument
 class InstanceState(enum.StrEnum):
     PLACED = "placed"  # it has a node, but no container there yet
     STARTING = "starting"  # its container is being created or started
-    RUNNING = "running"  # its container runs; its port has not answered (yet)
-    HEALTHY = "healthy"  # its container runs and its port answers
+    RUNNING = "running"  # its container runs; its port has not answered (yet), or its checks fail
+    HEALTHY = "healthy"  # its container runs, its port answers and its health checks pass
     STOPPING = "stopping"  # its container is being stopped
     SLEEPING = "sleeping"  # stopped after sleep_after without activity; wakes on a request
     STOPPED = "stopped"  # stopped by a Stop, by its agent, or with its lost node
@@ -39,7 +42,8 @@ class InstanceState(enum.StrEnum):
 
     @property
     def ready(self) -> bool:
-        """It serves requests now: its port answers."""
+        """It serves requests now: its port answers and its health checks pass (a pool routes
+        only to ready members)."""
         return self is InstanceState.HEALTHY
 
     @classmethod

@@ -57,8 +57,16 @@ const fmt = {
   time: (t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false }),
 };
 
+// What a state's badge says on hover, where the word alone may mislead.
+const STATE_TITLES = {
+  running: "running, not healthy: its health checks fail, or its port has not answered yet",
+  healthy: "running, its port answers and its health checks pass",
+};
+
 function badge(text, kind) {
-  return el("span", { className: `badge ${kind || text}`, text });
+  const props = { className: `badge ${kind || text}`, text };
+  if (STATE_TITLES[text]) props.title = STATE_TITLES[text];
+  return el("span", props);
 }
 
 function renderSummary(data) {
@@ -135,8 +143,9 @@ function renderPools(data) {
     const members = pool.members.map((m) => {
       const small = el("div", { className: "fill" });
       small.style.width = `${Math.min(100, ((m.cpu_percent || 0) / scale) * 100)}%`;
-      const state = m.draining ? "draining" : m.ready ? fmt.pct(m.cpu_percent) : m.state;
-      return el("div", { title: `${m.name} on ${m.node_id}` }, `${m.name} ${state}`,
+      // A member that is not ready (unhealthy, or still booting) gets no traffic: its badge says so.
+      const state = m.draining ? badge("draining") : m.ready ? fmt.pct(m.cpu_percent) : badge(m.state);
+      return el("div", { title: `${m.name} on ${m.node_id}` }, `${m.name} `, state,
         el("div", { className: "bar small" }, small));
     });
     return el("div", { className: "pool" },

@@ -44,6 +44,7 @@ from nodeagent.runtime.labels import (
     LABEL_OVERRIDES,
     LABEL_PORT,
     LABEL_VCPU,
+    LABEL_VERSION,
 )
 from nodeagent.runtime.protocol import (
     NO_OVERRIDES,
@@ -273,6 +274,7 @@ class DockerRuntime:
             LABEL_VCPU: repr(cls.instance_type.vcpu),
             LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
             LABEL_OVERRIDES: overrides.digest,
+            LABEL_VERSION: str(cls.version),
         }
         # Portside's variables win over the class's and a Start's: the agent connects to PORT.
         env = {
@@ -701,6 +703,7 @@ def _labelled(
         vcpu=vcpu,
         memory_mib=memory_mib,
         overrides_digest=labels.get(LABEL_OVERRIDES, ""),
+        version=int(version) if (version := labels.get(LABEL_VERSION, "")).isdigit() else 0,
     )
 
 

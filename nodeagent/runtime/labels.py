@@ -18,6 +18,8 @@ LABEL_MANAGED = "portside.managed"  # on the networks Portside creates
 # A hash of the entrypoint and env a Start asked for ("" for none): a Start with other overrides
 # must make the container again, since Docker cannot change them on an existing container.
 LABEL_OVERRIDES = "portside.overrides"
+# The class version the container was made from (controlplane/versions.py; "0" or none: unknown).
+LABEL_VERSION = "portside.version"
 
 __all__ = [
     "LABEL_CLASS",
@@ -27,6 +29,7 @@ __all__ = [
     "LABEL_MEMORY_MIB",
     "LABEL_NODE",
     "LABEL_OVERRIDES",
+    "LABEL_VERSION",
     "LABEL_PORT",
     "LABEL_VCPU",
 ]

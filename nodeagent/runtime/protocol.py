@@ -79,6 +79,7 @@ class ContainerInfo:
     vcpu: float = 0.0
     memory_mib: int = 0
     overrides_digest: str = ""
+    version: int = 0  # the class version it was made from (0: unknown)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     pid: int | None = None  # the main process, while running (from inspect only)

@@ -5,6 +5,7 @@ The implementation is private (`_async`, `_sync`, `_models`); import from `ports
 
 from portside.client._async import Container, Portside, connect
 from portside.client._models import (
+    ClassVersion,
     DeployResult,
     ExecChunk,
     ExecResult,
@@ -19,6 +20,7 @@ __all__ = [
     "DeployResult",
     "ExecChunk",
     "ExecResult",
+    "ClassVersion",
     "ImageInfo",
     "LogChunk",
     "Portside",

@@ -19,6 +19,7 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 from portside.client._models import (
+    ClassVersion,
     DeployResult,
     ExecChunk,
     ExecResult,
@@ -313,6 +314,23 @@ class Portside:
         with self._grpc_errors():
             reply = await self._stub.ListImages(cp.ListImagesRequest(), timeout=self.timeout)
         return [_image_info_from_pb(m) for m in reply.images]
+
+    async def versions(self, class_name: str) -> list[ClassVersion]:
+        """The class's versions, newest first (NotFound: no such class and none kept)."""
+        request = cp.ListVersionsRequest(class_name=class_name)
+        with self._grpc_errors():
+            reply = await self._stub.ListVersions(request, timeout=self.timeout)
+        return [
+            ClassVersion(
+                number=v.number,
+                spec=class_from_pb(v.spec),
+                created_at=v.created_at,
+                changes=tuple(v.changes),
+                instances=v.instances,
+                current=v.number == reply.current,
+            )
+            for v in reply.versions
+        ]
 
     async def stat_images(self, digests: Sequence[str]) -> set[str]:
         """Which of `digests` (sha256:<64 hex>) the cluster's image store holds whole."""

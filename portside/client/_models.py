@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from portside import headers
+from portside.spec import ContainerClass
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,20 @@ class ImageInfo:
     replicas: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
     pushed_at: float = 0.0  # unix seconds; 0: not pushed (a registry reference)
+
+
+@dataclass(frozen=True)
+class ClassVersion:
+    """One version of a class (`portside versions CLASS`): the spec it was deployed with, when,
+    which fields changed from the version before ("new" for the first), and how many instances'
+    containers run it now, as their nodes last reported."""
+
+    number: int
+    spec: ContainerClass
+    created_at: float
+    changes: tuple[str, ...]
+    instances: int = 0
+    current: bool = False
 
 
 @dataclass(frozen=True)

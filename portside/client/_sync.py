@@ -28,6 +28,7 @@ from portside.client._async import (
     Portside,
 )
 from portside.client._models import (
+    ClassVersion,
     DeployResult,
     ExecChunk,
     ExecResult,
@@ -187,6 +188,9 @@ class SyncPortside:
 
     def images(self) -> list[ImageInfo]:
         return self._loop.run(self._async.images())
+
+    def versions(self, class_name: str) -> list[ClassVersion]:
+        return self._loop.run(self._async.versions(class_name))
 
 
 class SyncContainer:

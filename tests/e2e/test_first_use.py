@@ -164,7 +164,9 @@ WRANGLER = """{
 """
 
 
-def test_deploy_refuses_a_wrangler_image_to_build_and_says_what_to_do(tmp_path: Path) -> None:
+def test_deploy_of_a_wrangler_image_whose_dockerfile_is_missing_says_what_is_missing(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "wrangler.jsonc"
     path.write_text(WRANGLER)
     out = subprocess.run(
@@ -176,7 +178,8 @@ def test_deploy_refuses_a_wrangler_image_to_build_and_says_what_to_do(tmp_path: 
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(f"portside deploy: {path}: containers[0].image: ")
-    assert "./container/Dockerfile" in lines[-1] and "docker build" in lines[-1]
+    assert '"./container/Dockerfile": no such file or directory' in lines[-1]
+    assert str(tmp_path / "container" / "Dockerfile") in lines[-1]
 
 
 def test_wrangler_defaults_and_docker_errors_as_they_are(

@@ -6,6 +6,7 @@ and a registry that cannot be reached fails clearly without showing its credenti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -411,3 +412,56 @@ async def test_the_heartbeat_reports_images_and_prefetches_over_grpc(
         await channel.close()
         await server.stop(0)
         await manager.close()
+
+
+def _removals(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("portside_agent_image_removals_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def test_images_the_cluster_no_longer_keeps_are_removed_unless_a_container_uses_them(
+    images: Images, engine: DockerRuntime, docker_client: docker.DockerClient
+) -> None:
+    built = {name: images.build(name) for name in ("kept", "unused", "used", "shared")}
+    # Named as `portside deploy` names them (the agent removes only Portside images), and
+    # only so: the test's own names are dropped. "shared": two classes built the same image.
+    names = {name: [f"portside/gc-{images.uid}-{name}:1"] for name in built}
+    names["shared"].append(f"portside/gc-{images.uid}-other:1")
+    for name, b in built.items():
+        for reference in names[name]:
+            repository, _, tag = reference.rpartition(":")
+            docker_client.api.tag(b.id, repository, tag)
+        docker_client.api.remove_image(b.tag)  # an untag: the image has other names
+    # Created, never started: Docker still counts it as using the image.
+    container = docker_client.api.create_container(
+        built["used"].id, command=["/bin/true"], labels={"portside.test": images.uid}
+    )
+    try:
+        keeper = keeper_for(engine, Source())
+        await keeper.refresh()
+        assert {b.id for b in built.values()} <= keeper.reported()[0]
+        before = {o: _removals(o) for o in ("removed", "in_use", "error")}
+        # The engine is shared: every other Portside image on it is kept, only ours may go.
+        ours = {built[n].id for n in ("unused", "used", "shared")}
+        keeper.keep(keeper.reported()[0] - ours)
+        assert keeper.removable() == sorted(ours)
+        await keeper.remove_unkept()
+
+        assert images.has(built["unused"].id) is None
+        assert images.has(built["shared"].id) is None  # name by name, all of them
+        assert images.has(built["used"].id) == built["used"].id  # never forced
+        assert images.has(names["used"][0]) == built["used"].id  # and it keeps its name
+        assert images.has(built["kept"].id) == built["kept"].id
+        reported = keeper.reported()[0]  # reported again at once
+        assert built["used"].id in reported and built["unused"].id not in reported
+        counted = {o: _removals(o) - n for o, n in before.items()}
+        assert counted == {"removed": 2, "in_use": 1, "error": 0}
+
+        docker_client.api.remove_container(container["Id"], force=True)
+        await keeper.remove_unkept()
+        assert images.has(built["used"].id) is None
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.api.remove_container(container["Id"], force=True)

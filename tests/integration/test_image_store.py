@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from controlplane.images import ImageStore, chain_ids
+from controlplane.images import ImageStore, Removed, chain_ids
 from controlplane.main import ControlPlaneOptions, default_image_dir, run
 from portside import net
 from portside.api.v1 import controlplane_pb2 as cp
@@ -153,6 +154,214 @@ async def test_a_changed_byte_in_a_layer_is_refused_and_nothing_is_kept(
     assert list((tmp_path / "images" / "tmp").iterdir()) == []
 
 
+async def test_a_copy_leaves_out_the_layers_the_receiver_holds_and_takes_them_from_its_blobs(
+    images: Images, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    holder, receiver = ImageStore(tmp_path / "holder"), ImageStore(tmp_path / "receiver")
+    for store in (holder, receiver):
+        store.prepare()
+    await holder.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
+    app = await holder.ingest(images.app.digest, images.app.tag, pieces(images.app.archive))
+    await receiver.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
+
+    # As ReplicaCopier does: the receiver sends its chains, the holder leaves those layers out.
+    have = await receiver.chain_ids()
+    assert have == chain_ids(diff_ids(images.base))
+    exported = b"".join([c async for c in holder.export(app.image, have)])
+    assert f"{diff_ids(images.base)[0][7:]}/layer.tar" not in members(exported)
+    copied = await receiver.ingest(images.app.digest, images.app.tag, pieces(exported))
+    assert copied.image.diff_ids == app.image.diff_ids
+    assert copied.image.layer_sizes == app.image.layer_sizes  # the held layer's, from its blob
+    assert copied.stored_bytes == app.image.config_size + app.image.layer_sizes[1]
+    assert await receiver.stored(images.app.digest) == copied.image
+
+    # What the receiver now gives out loads whole into an engine that has neither image.
+    docker_client.images.remove(images.app.tag, force=True)
+    docker_client.images.remove(images.base.tag, force=True)
+    whole = b"".join([c async for c in receiver.export(copied.image)])
+    loaded = await asyncio.to_thread(docker_client.images.load, whole)
+    assert [i.id for i in loaded] == [images.app.digest]
+
+    # A store that does not hold the left-out layer refuses the archive, naming it.
+    empty = ImageStore(tmp_path / "empty")
+    empty.prepare()
+    with pytest.raises(InvalidArgument, match="names layer 1 .*absent"):
+        await empty.ingest(images.app.digest, images.app.tag, pieces(exported))
+    assert await empty.stored(images.app.digest) is None
+
+
+async def test_removing_an_image_keeps_the_blobs_another_image_uses(
+    images: Images, tmp_path: Path
+) -> None:
+    store = ImageStore(tmp_path / "images")
+    store.prepare()
+    base = await store.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
+    app = await store.ingest(images.app.digest, images.app.tag, pieces(images.app.archive))
+    blobs = tmp_path / "images" / "blobs" / "sha256"
+
+    removed = await store.remove([images.app.digest])
+    assert (removed.images, removed.blobs) == (1, 2)  # its config and its own layer
+    assert removed.bytes == app.image.config_size + app.image.layer_sizes[1]
+    assert await store.stored(images.app.digest) is None
+    assert await store.stored(images.base.digest) == base.image  # the shared layer stayed
+    assert await store.remove([images.app.digest]) == Removed(0, 0, 0)  # gone already
+
+    removed = await store.remove([images.base.digest])
+    assert (removed.images, removed.blobs, removed.bytes) == (1, 2, base.image.size_bytes)
+    assert list(blobs.iterdir()) == [] and await store.held() == []
+
+
+async def test_garbage_collection_deletes_records_and_the_blobs_no_kept_image_uses(
+    images: Images, tmp_path: Path
+) -> None:
+    from typing import Any, cast
+
+    from controlplane import records
+    from controlplane.imagecatalog import ImageCatalog
+    from controlplane.imagegc import FRESH_PUSH_S, ImageCollector, ImageSweeper
+    from controlplane.store import open_store
+    from controlplane.view import ClusterView
+    from portside.spec import ContainerClass
+
+    store = await open_store(f"sqlite://{tmp_path / 'state.db'}")
+    view = ClusterView(store)
+    image_store = ImageStore(tmp_path / "images")
+    image_store.prepare()
+    follow: asyncio.Task[None] | None = None
+    try:
+        await view.load()
+        catalog = ImageCatalog(store, view, "r1")
+        await catalog.load()
+        follow = asyncio.create_task(view.follow())
+        notes = asyncio.create_task(catalog.record_deployments())
+        for built in (images.base, images.app):
+            ingested = await image_store.ingest(built.digest, built.tag, pieces(built.archive))
+            await catalog.note_held(ingested.image)
+        web = ContainerClass("Web", images.app.tag, image_digest=images.app.digest)
+        await store.put(records.class_key("Web"), records.encode_class(web))
+
+        def deployed() -> bool:
+            record = catalog.images.get(images.app.digest)
+            return record is not None and record.deployment("Web") is not None
+
+        await eventually(deployed, what="the deployment in the image record")
+        leader = cast(Any, type("Leader", (), {"is_leader": True})())
+        collector = ImageCollector(
+            store, view, catalog, leader, every_s=1, keep_versions=1, clock=lambda: later
+        )
+        later = time.time() + 10
+        assert await collector.collect() == []  # both pushed within the hour
+        later = time.time() + FRESH_PUSH_S + 10
+        assert await collector.collect() == [images.base.digest]  # no class uses it
+        assert await store.get(records.image_key(images.base.digest)) is None
+        await eventually(lambda: catalog.dropped == {images.base.digest}, what="the delete")
+        await ImageSweeper(image_store, catalog).sweep()
+        assert await image_store.stored(images.base.digest) is None
+        # The base layer stays: the app, still kept, is made of it.
+        assert await image_store.stored(images.app.digest) is not None
+        assert catalog.keep_images() == [images.app.digest]
+        notes.cancel()
+    finally:
+        if follow is not None:
+            follow.cancel()
+        await store.close()
+
+
+async def test_a_pull_from_a_replica_that_lacks_the_image_copies_it_first_then_serves_it(
+    images: Images, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Two replicas in this process over one SQLite store, each with its own image folder and
+    gRPC server (plaintext, as --insecure); no background copier runs, so the pull makes it."""
+    from typing import Any, cast
+
+    from controlplane import records
+    from controlplane.events import EventLog
+    from controlplane.imagecatalog import ImageCatalog
+    from controlplane.imagecopy import ReplicaCopier
+    from controlplane.service import ControlPlaneService
+    from controlplane.store import open_store
+    from controlplane.view import ClusterView
+
+    store = await open_store(f"sqlite://{tmp_path / 'state.db'}")
+    view = ClusterView(store)
+    await view.load()
+    follow = asyncio.create_task(view.follow())
+    servers: list[grpc.aio.Server] = []
+    copier: ReplicaCopier | None = None
+
+    async def replica(name: str, copier_of: Any = None) -> tuple[str, ImageStore, ImageCatalog]:
+        folder = ImageStore(tmp_path / name)
+        folder.prepare()
+        catalog = ImageCatalog(store, view, name)
+        await catalog.load()
+        service = ControlPlaneService(
+            store,
+            view,
+            node_ttl_s=10,
+            default_region="fra",
+            lifecycle=cast(Any, None),
+            events=EventLog(store),
+            images=folder,
+            image_catalog=catalog,
+            image_copier=copier_of(folder, catalog) if copier_of else None,
+        )
+        server = net.grpc_server()
+        cp_grpc.add_ControlPlaneServicer_to_server(service, server)
+        address = f"127.0.0.1:{net.free_port()}"
+        net.add_grpc_port(server, address)
+        await server.start()
+        servers.append(server)
+        await store.put(records.replica_key(name), records.Replica("fra", "", address).encode())
+        return address, folder, catalog
+
+    def make_copier(folder: ImageStore, catalog: ImageCatalog) -> ReplicaCopier:
+        nonlocal copier
+        copier = ReplicaCopier(folder, catalog, view, region="fra", tls=None)
+        return copier
+
+    try:
+        _, holder, holder_catalog = await replica("r1")
+        address, receiver, receiver_catalog = await replica("r2", make_copier)
+        for built in (images.base, images.app):
+            ingested = await holder.ingest(built.digest, built.tag, pieces(built.archive))
+            await holder_catalog.note_held(ingested.image)
+        # The receiver has the base already: the copy leaves its layer out.
+        base = await receiver.ingest(
+            images.base.digest, images.base.tag, pieces(images.base.archive)
+        )
+        await receiver_catalog.note_held(base.image)
+        await eventually(
+            lambda: "r1" in view.replicas and images.app.digest in receiver_catalog.images,
+            what="the receiver seeing the holder and the image",
+        )
+        copied_before = _metric("portside_controlplane_image_copied_bytes_total", {})
+
+        docker_client.images.remove(images.app.tag, force=True)
+        async with net.grpc_channel(address) as channel:
+            stub = cp_grpc.ControlPlaneStub(channel)
+            request = cp.PullImageRequest(
+                digest=images.app.digest, have_chain_ids=chain_ids(diff_ids(images.base))
+            )
+            data = b"".join([m.data async for m in stub.PullImage(request, timeout=30)])
+        loaded = await asyncio.to_thread(docker_client.images.load, data)
+        assert [i.id for i in loaded] == [images.app.digest]
+
+        copied = await receiver.stored(images.app.digest)
+        assert copied is not None and copied.diff_ids == tuple(diff_ids(images.app))
+        copied_bytes = _metric("portside_controlplane_image_copied_bytes_total", {})
+        assert copied_bytes - copied_before == copied.config_size + copied.layer_sizes[1]
+        record = await store.get(records.image_key(images.app.digest))
+        assert record is not None
+        assert records.ImageRecord.decode(record.value).replicas == ("r1", "r2")
+    finally:
+        if copier is not None:
+            await copier.close()
+        for server in servers:
+            await server.stop(0)
+        follow.cancel()
+        await store.close()
+
+
 def test_the_default_image_dir_sits_beside_a_sqlite_store() -> None:
     assert default_image_dir("sqlite:///var/lib/portside/state.db") == Path(
         "/var/lib/portside/images"
@@ -226,6 +435,14 @@ async def test_the_rpcs_push_stat_pull_list_and_heartbeat_reports(
 
             by_digest = await eventually(listed, what="the node's images listed")
             assert list(by_digest[images.app.digest].replicas) == ["r1"]
+            # The catalog has loaded: every reply may carry the keep list, and the first does.
+            keeping = stub.NodeHeartbeat(_heartbeats([], "node-keep"), timeout=30)
+            keep_reply = await keeping.read()
+            assert keep_reply.HasField("keep_images")
+            assert list(keep_reply.keep_images.digests) == sorted(
+                [images.base.digest, images.app.digest]
+            )
+            keeping.cancel()
             assert by_digest[images.app.digest].reference == images.app.tag
             assert by_digest[images.app.digest].size_bytes == app.size_bytes
             heartbeat.cancel()
@@ -283,11 +500,13 @@ def _metric(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name.partition("/")[0], labels) or 0.0
 
 
-async def _heartbeats(digests: list[str]) -> AsyncIterator[cp.NodeHeartbeatRequest]:
+async def _heartbeats(
+    digests: list[str], node_id: str = "node-img"
+) -> AsyncIterator[cp.NodeHeartbeatRequest]:
     from portside.api.v1 import types_pb2 as pb
 
     node = pb.Node(
-        id="node-img",
+        id=node_id,
         data_address="127.0.0.1:1",
         api_address="127.0.0.1:2",
         region="fra",

@@ -131,7 +131,7 @@ class NodeHeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ..., fenced: _Optional[bool] = ..., images: _Optional[_Iterable[str]] = ..., images_changed: _Optional[bool] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
-    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds", "prefetch_images")
+    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds", "prefetch_images", "keep_images")
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     LEASE_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class NodeHeartbeatResponse(_message.Message):
     ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
     FENCE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_IMAGES_FIELD_NUMBER: _ClassVar[int]
     lease_ttl_seconds: float
     pool: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolAssignment]
     lease_confirmed: bool
@@ -148,7 +149,14 @@ class NodeHeartbeatResponse(_message.Message):
     elsewhere: _containers.RepeatedScalarFieldContainer[str]
     fence_after_seconds: float
     prefetch_images: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ..., prefetch_images: _Optional[_Iterable[str]] = ...) -> None: ...
+    keep_images: ImageKeep
+    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ..., prefetch_images: _Optional[_Iterable[str]] = ..., keep_images: _Optional[_Union[ImageKeep, _Mapping]] = ...) -> None: ...
+
+class ImageKeep(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchRoutesRequest(_message.Message):
     __slots__ = ("since_revision",)
@@ -549,3 +557,31 @@ class ListImagesResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInfo]
     def __init__(self, images: _Optional[_Iterable[_Union[ImageInfo, _Mapping]]] = ...) -> None: ...
+
+class ListVersionsRequest(_message.Message):
+    __slots__ = ("class_name",)
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    def __init__(self, class_name: _Optional[str] = ...) -> None: ...
+
+class ClassVersion(_message.Message):
+    __slots__ = ("number", "spec", "created_at", "changes", "instances")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    spec: _types_pb2.ContainerClass
+    created_at: float
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    instances: int
+    def __init__(self, number: _Optional[int] = ..., spec: _Optional[_Union[_types_pb2.ContainerClass, _Mapping]] = ..., created_at: _Optional[float] = ..., changes: _Optional[_Iterable[str]] = ..., instances: _Optional[int] = ...) -> None: ...
+
+class ListVersionsResponse(_message.Message):
+    __slots__ = ("versions", "current")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ClassVersion]
+    current: int
+    def __init__(self, versions: _Optional[_Iterable[_Union[ClassVersion, _Mapping]]] = ..., current: _Optional[int] = ...) -> None: ...

@@ -200,6 +200,11 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListVersions',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -457,8 +462,10 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullImage(self, request, context):
-        """Download an image as `docker load` reads it (agent role), leaving out the layers the
-        caller's engine has. NOT_FOUND: no replica holds it.
+        """Download an image as `docker load` reads it (agent role; control plane role: a replica
+        copying an image it lacks), leaving out the layers the caller has. A replica that lacks the
+        image copies it from one that holds it first. NOT_FOUND: no replica holds it.
+        UNAVAILABLE: the replicas that hold it cannot be reached now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -466,6 +473,14 @@ class ControlPlaneServicer:
 
     def ListImages(self, request, context):
         """Every image the cluster knows: size, the classes using it, where it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVersions(self, request, context):
+        """A class's versions, newest first, with how many instances run each. NOT_FOUND: no such class
+        now and no versions kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -638,6 +653,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListImages,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1531,6 +1551,33 @@ class ControlPlane:
             '/portside.v1.ControlPlane/ListImages',
             portside_dot_v1_dot_controlplane__pb2.ListImagesRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListVersions',
+            portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,11 @@ class ContainerClass(_message.Message):
     BOOT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PING_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CHECK_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_CHECK_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -51,7 +56,12 @@ class ContainerClass(_message.Message):
     boot_timeout_seconds: float
     autoscaling: Autoscaling
     image_digest: str
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
+    ping_endpoint: str
+    health_check_interval_seconds: float
+    health_check_failures: int
+    health_check_timeout_seconds: float
+    version: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("minimum_instances", "maximum_instances", "cpu_target", "scale_down_delay_seconds", "concurrency_limit")
@@ -181,7 +191,7 @@ class InstanceRef(_message.Message):
     def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("class_name", "name", "instance_id", "state", "exit_code", "node_id", "region", "since", "pool", "in_flight", "backoff_until", "restarts")
+    __slots__ = ("class_name", "name", "instance_id", "state", "exit_code", "node_id", "region", "since", "pool", "in_flight", "backoff_until", "restarts", "version")
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +204,7 @@ class InstanceInfo(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_UNTIL_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     class_name: str
     name: str
     instance_id: str
@@ -206,7 +217,8 @@ class InstanceInfo(_message.Message):
     in_flight: int
     backoff_until: float
     restarts: int
-    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., node_id: _Optional[str] = ..., region: _Optional[str] = ..., since: _Optional[float] = ..., pool: _Optional[bool] = ..., in_flight: _Optional[int] = ..., backoff_until: _Optional[float] = ..., restarts: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., state: _Optional[str] = ..., exit_code: _Optional[int] = ..., node_id: _Optional[str] = ..., region: _Optional[str] = ..., since: _Optional[float] = ..., pool: _Optional[bool] = ..., in_flight: _Optional[int] = ..., backoff_until: _Optional[float] = ..., restarts: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("revision", "time", "kind", "class_name", "name", "instance_id", "node_id", "exit_code", "signal", "reason")

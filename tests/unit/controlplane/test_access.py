@@ -30,7 +30,7 @@ SERVICE = cp.DESCRIPTOR.services_by_name["ControlPlane"]
 
 READ_METHODS = {
     "GetConfig", "Logs", "GetState", "GetStateValue", "WatchEvents", "ListClasses",
-    "ListInstances", "ListNodes", "GetUsage", "ListImages",
+    "ListInstances", "ListNodes", "GetUsage", "ListImages", "ListVersions",
 }  # fmt: skip
 DEPLOY_METHODS = {
     "Deploy", "Start", "Stop", "Signal", "Destroy", "Exec", "RenewActivity", "PutStateValue",

@@ -210,4 +210,6 @@ def test_who_may_call_the_image_methods() -> None:
     assert RULES["PushImage"].role is Role.DEPLOY and RULES["PushImage"].audited
     assert RULES["StatImages"].role is Role.DEPLOY and not RULES["StatImages"].audited
     assert RULES["ListImages"].role is Role.READ and not RULES["ListImages"].audited
-    assert RULES["PullImage"].peers == {PeerRole.AGENT} and RULES["PullImage"].role is None
+    # Agents pull for their engines; replicas copy from each other (controlplane.imagecopy).
+    assert RULES["PullImage"].peers == {PeerRole.AGENT, PeerRole.CONTROLPLANE}
+    assert RULES["PullImage"].role is None

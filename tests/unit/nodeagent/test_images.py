@@ -20,6 +20,7 @@ from nodeagent.images import (
     after_failure,
     chain_ids,
     engine_chain_ids,
+    images_to_remove,
     next_prefetch,
     next_retry,
     parse_registry_auth,
@@ -200,6 +201,7 @@ class FakeEngine:
         self.registry: dict[str, str] = {}  # reference -> id a pull gets
         self.removed: list[str] = []
         self.loaded_bytes = 0
+        self.in_use: set[str] = set()  # image ids a container uses: the engine keeps them
 
     def add(self, image_id: str, *tags: str, layers: tuple[str, ...] = ()) -> None:
         self.store[image_id] = FakeImage(image_id, set(tags), layers)
@@ -244,10 +246,21 @@ class FakeEngine:
     async def remove_image(self, reference: str) -> None:
         self.removed.append(reference)
         found = await self.image_id(reference)
-        if found is not None and reference == found:
+        if found is None:
+            return
+        image = self.store[found]
+        # As Docker: an image in use is kept (its last name too); by id, refused if it is named
+        # in several repositories.
+        last_name = reference != found and image.tags == {reference}
+        if found in self.in_use and (reference == found or last_name):
+            return
+        if reference == found:
+            if len({t.rpartition(":")[0] for t in image.tags}) <= 1:
+                del self.store[found]
+        elif last_name:
             del self.store[found]
-        elif found is not None:
-            self.store[found].tags.discard(reference)
+        else:
+            image.tags.discard(reference)
 
 
 class FakeSource:
@@ -458,3 +471,63 @@ async def test_the_manager_gets_the_image_before_it_creates_the_container(
     hold.release()
     assert runtime.count("create") == 1 and len(setup.source.calls) == 2
     await manager.close()
+
+
+# -- removal of images the cluster no longer keeps ------------------------------------------------
+
+
+def test_images_to_remove_are_reported_ones_neither_kept_nor_protected() -> None:
+    reported = {digest(1), digest(2), digest(3), digest(4)}
+    assert images_to_remove(reported, {digest(1)}, {digest(2)}) == sorted([digest(3), digest(4)])
+    assert images_to_remove(reported, reported, ()) == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_unkept_images_are_removed_unless_in_use_at_most_once_a_minute() -> None:
+    engine, source, clock = FakeEngine(), FakeSource(), Clock()
+    keeper = ImageKeeper(engine, source, lambda: [WEB], refresh_s=0.02, clock=clock)
+    kept, unused, used, shared = digest(1), digest(2), digest(3), digest(4)
+    engine.add(WEB_DIGEST, WEB.image)  # the class's current image: never removed
+    engine.add(kept, "portside/web:kept")
+    engine.add(unused, "portside/web:unused")
+    engine.add(used, "portside/web:used")
+    engine.in_use.add(used)
+    engine.add(shared, "portside/a:1", "portside/b:1")  # two classes built the same image
+    engine.add(digest(5), "nginx:1")  # not Portside's: not ours to remove
+    runner = asyncio.create_task(keeper.run())
+    try:
+        await eventually(lambda: len(keeper.reported()[0]) == 5)
+        await asyncio.sleep(0.1)
+        assert engine.removed == []  # no keep list yet: nothing is removed
+        keeper.keep([kept])
+        await eventually(lambda: keeper.reported()[0] == {WEB_DIGEST, kept, used})
+        assert set(engine.store) == {WEB_DIGEST, kept, used, digest(5)}
+        assert engine.store[used].tags == {"portside/web:used"}  # in use: kept whole
+        removed_so_far = len(engine.removed)
+        engine.in_use.clear()
+        await asyncio.sleep(0.2)  # refreshes go on, but a minute has not passed
+        assert len(engine.removed) == removed_so_far
+        clock.now += 61
+        await eventually(lambda: used not in engine.store)
+        assert keeper.reported()[0] == {WEB_DIGEST, kept}
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_an_image_booted_or_pulled_lately_is_not_removed(setup: Setup) -> None:
+    await setup.keeper.ensure(WEB)  # pulled for a boot just now
+    other = digest(7)
+    setup.engine.add(other, "portside/old:1")
+    await setup.keeper.refresh()
+    setup.keeper.keep([])
+    assert setup.keeper.removable() == [other]  # WEB is its class's image, and just used
+    await setup.keeper.remove_unkept()
+    assert other not in setup.engine.store and WEB_DIGEST in setup.engine.store

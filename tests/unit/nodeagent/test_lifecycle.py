@@ -20,6 +20,8 @@ from nodeagent.lifecycle import (
     Answered,
     Boot,
     BootFailed,
+    CheckFailed,
+    CheckPassed,
     CrashLoop,
     Died,
     Effect,
@@ -62,6 +64,20 @@ ROWS: list[tuple[InstanceState, StopCause | None, Trigger, Step]] = [
     # docker start answered, then the port did.
     (S.STARTING, None, Started(), rests(S.RUNNING, BEGIN)),
     (S.RUNNING, None, Answered(), rests(S.HEALTHY, says=(Announce(K.READY),))),
+    # Health checks: failures in a row make it running (unhealthy), a pass healthy again; its
+    # container, its run and its sleep timer are left alone (no effects).
+    (
+        S.HEALTHY,
+        None,
+        CheckFailed("answered 503"),
+        rests(S.RUNNING, says=(Announce(K.UNHEALTHY, reason="answered 503"),)),
+    ),
+    (
+        S.RUNNING,
+        None,
+        CheckPassed(),
+        rests(S.HEALTHY, says=(Announce(K.HEALTHY, reason="its health check passed"),)),
+    ),
     # It exited by itself: its code, the signal above 128, and out of memory when the kernel
     # said so.
     (
@@ -201,6 +217,8 @@ ONE_OF_EACH: list[Trigger] = [
     Boot(),
     Started(),
     Answered(),
+    CheckFailed("x"),
+    CheckPassed(),
     Died(0),
     EngineStopped(0),
     Removed(),
