@@ -10,10 +10,11 @@ it is taken in as a push is (verified against its digest), the layers this repli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,8 +203,9 @@ class ReplicaCopier:
             address,
             len(have),
         )
-        archive = self._pull(address, holder, digest, have)
-        ingested = await self.images.ingest(digest, record.reference, archive)
+        # Closed however the ingest ends, so a refused copy does not leave the holder's stream open.
+        async with contextlib.aclosing(self._pull(address, holder, digest, have)) as archive:
+            ingested = await self.images.ingest(digest, record.reference, archive)
         IMAGE_COPIED_BYTES.inc(ingested.stored_bytes)
         if await self.catalog.note_held(ingested.image, create=False) is None:
             # Collected while it was copied: the record is gone, so the copy goes too.
@@ -232,7 +234,7 @@ class ReplicaCopier:
 
     def _pull(
         self, address: str, holder: str, digest: str, have: Sequence[str]
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         name = f"replica {holder} ({address})"
         return pull_image(self._stub(address), digest, have, name=name, stall_s=self.stall_s)
 

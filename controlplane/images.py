@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,13 +36,19 @@ from controlplane.imagetar import (
 )
 from portside.errors import FailedPrecondition, InvalidArgument
 
+log = logging.getLogger(__name__)
+
 CHUNK = 256 * 1024  # an export's message size, and a push's disk write
-IN_MEMORY_MAX = 4 * 1024 * 1024  # archive members up to this size are kept in memory, not spilled
+# An archive's JSON members (manifest, config, per-layer json) are kept in memory, up to this
+# much in all; every other member is hashed into a temporary file as it arrives.
+IN_MEMORY_MAX = 4 * 1024 * 1024
+MEMBERS_MAX = 100_000  # an image has at most a few hundred layers; more members is an attack
 STALE_UPLOAD_S = 6 * 3600.0  # an upload folder untouched this long was left by a dead push
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-# Loose on purpose: `docker load` judges the reference in the end; this catches what could
-# never be one (spaces, control characters, an empty name) with a clear message first.
-_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}")
+# What `portside deploy` names a built image: portside/<component>:<first 12 hex of its digest>.
+# Nothing else: the name goes into every engine that loads the image, and a pushed image named
+# like a registry image (postgres:16) would stand in for it there.
+_REFERENCE = re.compile(r"portside/[a-z0-9]+(?:[._-][a-z0-9]+)*:([0-9a-f]{12})")
 
 
 def check_digest(digest: str, field: str = "digest") -> str:
@@ -54,10 +61,14 @@ def check_digest(digest: str, field: str = "digest") -> str:
     return digest
 
 
-def check_reference(reference: str) -> str:
-    if reference and not _REFERENCE.fullmatch(reference):
+def check_reference(reference: str, digest: str) -> str:
+    """`reference` if it is the name `portside deploy` gives the image `digest` (or empty)."""
+    found = _REFERENCE.fullmatch(reference)
+    if reference and (found is None or not digest.startswith("sha256:" + found.group(1))):
+        short = digest.removeprefix("sha256:")[:12]
         raise InvalidArgument(
-            f"reference: {reference!r} is not an image reference such as portside/web:0123abcd4567"
+            f"reference: {reference!r} is not this image's name: expected "
+            f"portside/<name>:{short}, as `portside deploy` names it"
         )
     return reference
 
@@ -283,6 +294,10 @@ class ImageStore:
                 image = StoredImage.decode(self._record(digest).read_bytes())
             except FileNotFoundError:
                 return None
+            except (ValueError, KeyError, TypeError) as exc:
+                # A damaged record (a crash mid-write): not held; a push or copy writes it anew.
+                log.warning("image record %s is damaged (%s): taken as not held", digest, exc)
+                return None
             if all(self._blob(d).exists() for d in (digest, *image.diff_ids)):
                 return image
             return None
@@ -359,18 +374,31 @@ class ImageStore:
         they arrive; large ones go to a temporary file, never the whole archive to memory.
         Layers the archive leaves out are taken from the blobs the store has, if it has them."""
         check_digest(digest)
-        check_reference(reference)
+        check_reference(reference, digest)
         upload = self.tmp / uuid.uuid4().hex
         await asyncio.to_thread(upload.mkdir, parents=True)
         try:
             reader = ChunkReader(chunks)
             files: dict[str, Received] = {}
             links: dict[str, str] = {}
+            members = in_memory = 0
             while (member := await next_member(reader)) is not None:
+                members += 1
+                if members > MEMBERS_MAX:
+                    raise InvalidArgument(f"not an image archive: over {MEMBERS_MAX} members")
+                # One name, one content: a second member of a name could make what is kept
+                # differ from what was verified.
+                if member.name in files or member.name in links:
+                    raise InvalidArgument(f"not an image archive: {member.name} twice")
                 if member.kind == "link":
                     links[member.name] = member.target
                 elif member.kind == "file":
-                    files[member.name] = await self._receive(reader, member, upload, len(files))
+                    keep = member.name.endswith(".json") or member.name == "repositories"
+                    keep = keep and in_memory + member.size <= IN_MEMORY_MAX
+                    in_memory += member.size if keep else 0
+                    files[member.name] = await self._receive(
+                        reader, member, upload, members, in_memory=keep
+                    )
             await reader.drain()
             verified = await asyncio.to_thread(
                 verify_archive, digest, files, links, self._blob_size
@@ -391,11 +419,12 @@ class ImageStore:
             await asyncio.to_thread(shutil.rmtree, upload, True)
 
     async def _receive(
-        self, reader: ChunkReader, member: Member, upload: Path, index: int
+        self, reader: ChunkReader, member: Member, upload: Path, index: int, *, in_memory: bool
     ) -> Received:
+        """`index`: the member's own number in the archive, which names its temporary file."""
         what = f"tar member {member.name}"
         hasher = hashlib.sha256()
-        if member.size <= IN_MEMORY_MAX:
+        if in_memory:
             data = bytearray()
             async for piece in reader.pieces(member.size, what):
                 hasher.update(piece)
@@ -409,7 +438,7 @@ class ImageStore:
         path = None if held else upload / f"{index:06d}"
         out: IO[bytes] | None = None
         if path is not None:
-            out = await asyncio.to_thread(path.open, "wb")
+            out = await asyncio.to_thread(path.open, "xb")
         try:
             batch = bytearray()
             async for piece in reader.pieces(member.size, what):

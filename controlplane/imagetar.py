@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from portside.errors import InvalidArgument
 
 BLOCK = 512
+EXTENDED_HEADER_MAX = 64 * 1024  # a PAX or GNU long-name header; names are far shorter
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 
 
@@ -114,6 +115,11 @@ async def next_member(reader: ChunkReader) -> Member | None:
             tarfile.GNUTYPE_LONGNAME,
             tarfile.GNUTYPE_LONGLINK,
         ):
+            if not 0 <= info.size <= EXTENDED_HEADER_MAX:
+                raise InvalidArgument(
+                    f"not an image archive: an extended tar header of {info.size} bytes (at most "
+                    f"{EXTENDED_HEADER_MAX} are taken)"
+                )
             data = await reader.read_exact(info.size, "an extended tar header")
             await reader.skip(padding(info.size), "tar padding")
             if info.type == tarfile.XHDTYPE:
@@ -125,7 +131,9 @@ async def next_member(reader: ChunkReader) -> Member | None:
             continue  # a global header (XGLTYPE) carries nothing an image archive needs
         name = pax.get("path") or long_name or info.name
         link = pax.get("linkpath") or long_link or info.linkname
-        size = int(pax["size"]) if "size" in pax else info.size
+        size = _size(pax["size"]) if "size" in pax else info.size
+        if size < 0:
+            raise InvalidArgument(f"not a tar archive: member {name!r} has a negative size")
         name = _normal(name)
         if info.type in tarfile.REGULAR_TYPES:
             return Member(name, size, "file")
@@ -136,6 +144,12 @@ async def next_member(reader: ChunkReader) -> Member | None:
             return Member(name, 0, "link", _normal(target))
         await reader.skip(size + padding(size), f"tar member {name}")
         return Member(name, size, "other")
+
+
+def _size(text: str) -> int:
+    if not text.isdigit():
+        raise InvalidArgument(f"not a tar archive: a PAX size of {text[:40]!r}")
+    return int(text)
 
 
 def _normal(name: str) -> str:

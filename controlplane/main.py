@@ -33,6 +33,7 @@ from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import IMAGES_HELD, INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
+from controlplane.rolloutloop import RolloutBook, RolloutLoop
 from controlplane.routewatch import follow_route_changes
 from controlplane.service import ControlPlaneService
 from controlplane.store import StoreTls, instrument, open_store, quorum_probe
@@ -177,6 +178,9 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         view, tls=identity.client_tls(pki.PeerRole.AGENT) if identity is not None else None
     )
     pools = PoolManager(store, view, leader, default_region=opts.region, events=events)
+    # Rollouts: the leader drives them; every replica's heartbeat replies carry their replaces.
+    rollout_book = RolloutBook(store, view)
+    rollout_loop = RolloutLoop(store, view, lambda: leader.is_leader, pools=pools)
     server = net.grpc_server()
     service = ControlPlaneService(
         store,
@@ -192,6 +196,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         images=images,
         image_catalog=image_catalog,
         image_copier=image_copier,
+        rollouts=rollout_book,
     )
     gate = Gate(view.tokens, enforce=identity is not None)
     descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]
@@ -227,6 +232,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     )
     try:
         await load_image_catalog(images, image_catalog)
+        await rollout_book.load()  # before view.follow(): it follows the view's watch
         async with asyncio.TaskGroup() as tasks:
             # A failed watch ends the group, and with it the process: a stale view must not serve.
             background = [
@@ -235,6 +241,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(leader.run()),
                 tasks.create_task(registration.run()),
                 tasks.create_task(pools.run()),
+                tasks.create_task(rollout_loop.run()),
                 tasks.create_task(agents.follow_nodes()),
                 tasks.create_task(page.follow_events()),
                 tasks.create_task(image_catalog.record_deployments()),

@@ -143,3 +143,61 @@ IMAGE_REMOVED_BYTES = Counter(
     "portside_controlplane_image_removed_bytes_total",
     "Bytes of blobs this replica removed from its store after garbage collection.",
 )
+ROLLOUTS_STARTED = Counter(
+    "portside_controlplane_rollouts_started_total",
+    "Rollouts started, by mode: gradual, immediate (deploys), rollback (Rollback, or a rollout "
+    "that rolled back by itself).",
+    ["mode"],
+)
+ROLLOUTS_ENDED = Counter(
+    "portside_controlplane_rollouts_ended_total",
+    "Rollouts ended, by outcome: done, rolled_back (a rollback rollout finished, or a rollout "
+    "gave way to its automatic rollback), aborted, superseded (a newer deploy or rollback, or "
+    "its class removed).",
+    ["outcome"],
+)
+ROLLOUT_SECONDS = Histogram(
+    "portside_controlplane_rollout_seconds",
+    "Time from a rollout's start to its end, by outcome.",
+    ["outcome"],
+    buckets=(1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+ROLLOUT_STEPS = Counter(
+    "portside_controlplane_rollout_steps_total",
+    "Rollout steps completed (count reached, grace waited, new instances healthy), by class.",
+    ["class"],
+)
+ROLLOUT_REPLACEMENTS = Counter(
+    "portside_controlplane_rollout_replacements_total",
+    "Instances a rollout asked to replace (each counted once when first asked), by class and "
+    "kind: named (its agent replaces it in place), pool (a surge member replaces it).",
+    ["class", "kind"],
+)
+ROLLOUT_ROLLBACKS = Counter(
+    "portside_controlplane_rollout_rollbacks_total",
+    "Rollbacks, by reason: unhealthy (a step's new instances not healthy within the deadline), "
+    "stalled (a step short of its count too long), manual (the Rollback call).",
+    ["reason"],
+)
+ROLLOUT_PAUSES = Counter(
+    "portside_controlplane_rollout_pauses_total",
+    "Rollouts paused, by reason: unhealthy, stalled (on_unhealthy = pause, or a rollback "
+    "rollout that cannot roll back), manual (ControlRollout).",
+    ["reason"],
+)
+ROLLOUT_CONTROLS = Counter(
+    "portside_controlplane_rollout_controls_total",
+    "ControlRollout calls, by action (pause, resume, abort) and result (ok, not_applicable).",
+    ["action", "result"],
+)
+ROLLOUTS_MOVING = Gauge(
+    "portside_controlplane_rollouts_moving",
+    "Rollouts rolling or waiting, as the leader's last rollout tick saw them.",
+)
+POOL_SURGES = Counter(
+    "portside_controlplane_pool_surges_total",
+    "Pool rollout surges, by outcome: placed (a new-version member added beyond the count), "
+    "completed (it was ready: an old member drained), abandoned (the class moved on, or a "
+    "member left), no_capacity (no node could take the extra member; tried again).",
+    ["class", "outcome"],
+)

@@ -1,6 +1,10 @@
 """The autoscaler's loop, on the leader only: every tick, for each pool, gather CPU samples from
 the view, let `autoscaler.decide` pick a count, then place new instances near the demand or
-drain the ones least needed; drained instances leave the store once their agent stopped them."""
+drain the ones least needed; drained instances leave the store once their agent stopped them.
+
+Rollouts replace pool members here by surge (`replace_members`): one new member of the class's
+version beyond the count, then, once it is ready, one old member drained: never below the count.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from controlplane import records
 from controlplane.autoscaler import (
@@ -24,6 +29,7 @@ from controlplane.metrics import (
     POOL_CURRENT,
     POOL_DESIRED,
     POOL_MAX,
+    POOL_SURGES,
     POOL_UTILISATION,
     SCALE_EVENTS,
 )
@@ -62,26 +68,42 @@ def target_region(
 
 
 def drain_order(
-    members: list[InstanceRecord], view: ClusterView, demand: dict[str, float]
+    members: list[InstanceRecord],
+    view: ClusterView,
+    demand: dict[str, float],
+    version: int = 0,
 ) -> list[InstanceRecord]:
-    """Which instances to retire first: not ready, then in regions with the least demand per
-    instance, then the least busy."""
+    """Which instances to retire first: not ready, then those on another version than the
+    class's `version` (a rollout would replace them anyway), then in regions with the least
+    demand per instance, then the least busy."""
     per_region: dict[str, int] = {}
     for r in members:
         region = view.nodes[r.node_id].region
         per_region[region] = per_region.get(region, 0) + 1
 
-    def cost(r: InstanceRecord) -> tuple[int, float, int, str]:
+    def cost(r: InstanceRecord) -> tuple[int, int, float, int, str]:
         status = view.status_of(r)
         region = view.nodes[r.node_id].region
         return (
             1 if status is not None and status.state.ready else 0,
+            1 if not version or (status is not None and status.info.version == version) else 0,
             demand.get(region, 0.0) / per_region[region],
             status.info.in_flight if status else 0,
             r.name,
         )
 
     return sorted(members, key=cost)
+
+
+@dataclass(frozen=True)
+class Surge:
+    """A new member placed beyond a pool's count to replace `old_id` (on an older version) with
+    one of `version`; the old one is drained once the new one is ready."""
+
+    old_id: str
+    new_id: str
+    version: int
+    placed_at: float
 
 
 class PoolManager:
@@ -105,6 +127,7 @@ class PoolManager:
         self.clock = clock
         self.history: dict[str, tuple[Recommendation, ...]] = {}
         self.last_logged: dict[str, tuple[int, int]] = {}
+        self.surges: dict[str, Surge] = {}  # class -> its surge in progress (at most one)
 
     async def run(self) -> None:
         while True:
@@ -114,6 +137,7 @@ class PoolManager:
             await asyncio.sleep((self.tick_s / 2 - now) % self.tick_s or self.tick_s)
             if not self.leader.is_leader:
                 self.history.clear()  # a new leader starts its stabilisation window afresh
+                self.surges.clear()
                 continue
             try:
                 await self.tick()
@@ -131,7 +155,14 @@ class PoolManager:
 
     async def _scale(self, cls: ContainerClass) -> None:
         assert cls.autoscaling is not None
-        members = [r for r in self.view.pool_members(cls.name) if not r.draining]
+        # A rollout's surge member is beyond the count: the autoscaler neither counts it nor
+        # drains it (its old member leaves when it is ready).
+        surge = self.surges.get(cls.name)
+        members = [
+            r
+            for r in self.view.pool_members(cls.name)
+            if not r.draining and (surge is None or r.instance_id != surge.new_id)
+        ]
         samples = []
         for r in members:
             status = self.view.status_of(r)
@@ -159,7 +190,9 @@ class PoolManager:
         if decision.desired > decision.current:
             await self._grow(cls, members, decision.desired - decision.current, demand)
         elif decision.desired < decision.current:
-            victims = drain_order(members, self.view, demand)[: decision.current - decision.desired]
+            victims = drain_order(members, self.view, demand, cls.version)[
+                : decision.current - decision.desired
+            ]
             for rec in victims:
                 await self._drain(rec, f"autoscaler wants {decision.desired}")
 
@@ -204,6 +237,74 @@ class PoolManager:
                 region,
                 demand or "none",
             )
+
+    async def replace_members(self, cls: ContainerClass, old_ids: tuple[str, ...]) -> None:
+        """A rollout wants these members of pool `cls` (on older versions) replaced: finish the
+        surge in progress — drain its old member once the new one is ready (on the class's
+        version, health checks passing) — else start one for the first listed. Called by the
+        rollout loop every tick, on the leader."""
+        surge = self.surges.get(cls.name)
+        if surge is not None:
+            await self._follow_surge(cls, surge)
+            return
+        for old_id in old_ids:
+            old = self.view.by_id.get(old_id)
+            if old is None or not old.pool or old.draining or old.node_id not in self.view.nodes:
+                continue
+            name = f"{cls.name}-{secrets.token_hex(4)}"
+            region = self.view.nodes[old.node_id].region
+            try:
+                placed = await place_instance(
+                    self.store,
+                    self.view,
+                    cls,
+                    name,
+                    geo.lookup(region),
+                    pool=True,
+                    events=self.events,
+                )
+            except NoCapacity as exc:
+                POOL_SURGES.labels(cls.name, "no_capacity").inc()
+                log.warning("rollout of %s: no room for a surge member: %s", cls.name, exc)
+                return
+            if placed is None:
+                return
+            self.surges[cls.name] = Surge(
+                old_id, placed.record.instance_id, cls.version, self.clock()
+            )
+            POOL_SURGES.labels(cls.name, "placed").inc()
+            log.info(
+                "rollout of %s: added %s on %s (version %d) to replace %s",
+                cls.name,
+                name,
+                placed.node.id,
+                cls.version,
+                old.name,
+            )
+            return
+
+    async def _follow_surge(self, cls: ContainerClass, surge: Surge) -> None:
+        new = self.view.by_id.get(surge.new_id)
+        old = self.view.by_id.get(surge.old_id)
+        if new is None or new.draining or new.node_id not in self.view.nodes:
+            del self.surges[cls.name]
+            POOL_SURGES.labels(cls.name, "abandoned").inc()
+            log.info("rollout of %s: surge member %s is gone", cls.name, surge.new_id)
+            return
+        if cls.version != surge.version:
+            # The class moved on (a rollback, a newer deploy): its member is of a version no
+            # longer wanted, and the pool has one more than its count.
+            del self.surges[cls.name]
+            POOL_SURGES.labels(cls.name, "abandoned").inc()
+            await self._drain(new, f"surge of version {surge.version} no longer wanted")
+            return
+        status = self.view.status_of(new)
+        if status is None or not status.state.ready or status.info.version != surge.version:
+            return
+        del self.surges[cls.name]
+        POOL_SURGES.labels(cls.name, "completed").inc()
+        if old is not None and not old.draining:
+            await self._drain(old, f"replaced by {new.name} (version {surge.version})")
 
     async def _drain(self, rec: InstanceRecord, why: str) -> None:
         key = records.instance_key(rec.class_name, rec.instance_id)

@@ -34,9 +34,27 @@ from controlplane.metrics import (
     IMAGE_STORED_BYTES,
     IMAGES_HELD,
     RESOLVE_SECONDS,
+    ROLLOUT_ROLLBACKS,
     VERSIONS_MADE,
 )
 from controlplane.placement import resolve_instance
+from controlplane.rolloutloop import (
+    RolloutBook,
+    class_instances,
+    control_rollout,
+    end_in_progress,
+    read_rollout,
+    roll_back,
+    start_rollout,
+)
+from controlplane.rollouts import (
+    GRADUAL,
+    IMMEDIATE,
+    NONE,
+    RolloutRecord,
+    deploy_mode,
+    has_awake_old,
+)
 from controlplane.routewatch import RouteChangeLog, follow_route_changes
 from controlplane.store import Compacted, Store
 from controlplane.tokens import TokenRegistry
@@ -79,7 +97,7 @@ from portside.events import Event
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.routechanges import RouteUpdate
 from portside.rpc import abort_with, grpc_errors
-from portside.spec import Node, NodeInfo, instance_id
+from portside.spec import ContainerClass, Node, NodeInfo, instance_id
 from portside.states import InstanceState
 from portside.tokens import Role
 
@@ -108,6 +126,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         images: ImageStore | None = None,
         image_catalog: ImageCatalog | None = None,
         image_copier: ReplicaCopier | None = None,
+        rollouts: RolloutBook | None = None,
     ):
         self.store = store
         self.view = view
@@ -128,6 +147,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self.image_catalog = image_catalog
         # None: a pull of an image this replica lacks names the replica that holds it.
         self.image_copier = image_copier
+        # This replica's copy of the rollout records: heartbeat replies carry their `replace`.
+        self.rollouts = rollouts or RolloutBook(store, view)
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -136,9 +157,13 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from exc
         validate_config(config)
+        mode = deploy_mode(request.rollout)
         # Write the new classes and routes, then delete what the new config no longer has.
         # Not one transaction: a watcher may briefly see a mix, never a route without its class.
-        # A class is written with its version: the next one if its containers change.
+        # A class is written with its version: the next one if its containers change. A class
+        # whose version changed (a new one, or back from a rollback) starts a rollout of its
+        # awake instances unless the mode is none.
+        started = []
         for cls in config.classes:
             cls, made = await version_class(self.store, cls)
             if made is not None:
@@ -146,7 +171,17 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 log.info(
                     "class %s: version %d (%s)", cls.name, made.number, ", ".join(made.changes)
                 )
+            kv = await self.store.get(records.class_key(cls.name))
+            previous = records.decode_class(kv.value) if kv is not None else None
+            floor = previous.wake_min_version if previous is not None else 0
+            changed = previous is not None and previous.version != cls.version
+            # wake_min_version is the control plane's: whatever the config says is replaced.
+            cls = replace(cls, wake_min_version=cls.version if changed and mode != NONE else floor)
             await self.store.put(records.class_key(cls.name), records.encode_class(cls))
+            if changed:
+                rollout = await self._start_deploy_rollout(cls, mode, floor)
+                if rollout is not None:
+                    started.append(rollout.to_pb())
         new_route_keys = set()
         for i, route in enumerate(config.routes):
             key = records.route_key(i)
@@ -163,7 +198,26 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 await self.store.delete(kv.key)
         DEPLOYS.inc()
         log.info("deployed %d classes, %d routes", len(config.classes), len(config.routes))
-        return cp.DeployResponse(classes=len(config.classes), routes=len(config.routes))
+        return cp.DeployResponse(
+            classes=len(config.classes), routes=len(config.routes), rollouts=started
+        )
+
+    async def _start_deploy_rollout(
+        self, cls: ContainerClass, mode: str, previous_floor: int
+    ) -> RolloutRecord | None:
+        """The rollout a deploy starts for a class whose version changed: one if it has awake
+        instances on another version; otherwise (or with mode none) its rollout in progress,
+        if any, ends: sleeping instances move at their wake, new ones boot the new version."""
+        if mode != NONE and has_awake_old(class_instances(self.view, cls.name), cls.version):
+            assert mode in (GRADUAL, IMMEDIATE)
+            return await start_rollout(
+                self.store, self.view, cls, mode, previous_wake_min_version=previous_floor
+            )
+        why = f"superseded by version {cls.version}" + (
+            " (deployed with rollout none)" if mode == NONE else " (no awake instance to move)"
+        )
+        await end_in_progress(self.store, cls.name, why)
+        return None
 
     @grpc_errors
     async def ListVersions(
@@ -192,6 +246,44 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             ],
             current=current.version if current is not None else 0,
         )
+
+    # -- rollouts: controlplane.rollouts (records, planner), controlplane.rolloutloop (I/O) ------
+
+    @grpc_errors
+    async def GetRollout(
+        self, request: cp.GetRolloutRequest, context: Any
+    ) -> cp.GetRolloutResponse:
+        found = await read_rollout(self.store, _class_name(request.class_name))
+        if found is None:
+            raise NotFound(f"class {request.class_name!r} has had no rollout")
+        return cp.GetRolloutResponse(rollout=found[0].to_pb())
+
+    @grpc_errors
+    async def ControlRollout(
+        self, request: cp.ControlRolloutRequest, context: Any
+    ) -> cp.ControlRolloutResponse:
+        if request.action not in ("pause", "resume", "abort"):
+            raise InvalidArgument(f"action: {request.action!r} is not one of pause, resume, abort")
+        record = await control_rollout(self.store, _class_name(request.class_name), request.action)
+        return cp.ControlRolloutResponse(rollout=record.to_pb())
+
+    @grpc_errors
+    async def Rollback(self, request: cp.RollbackRequest, context: Any) -> cp.RollbackResponse:
+        if request.rollout not in ("", IMMEDIATE, GRADUAL):
+            raise InvalidArgument(
+                f"rollout: {request.rollout!r} is not a rollback mode; one of immediate, gradual"
+            )
+        if request.version < 0:
+            raise InvalidArgument(f"version: {request.version} is negative")
+        record = await roll_back(
+            self.store,
+            self.view,
+            _class_name(request.class_name),
+            request.version,
+            gradual=request.rollout == GRADUAL,
+        )
+        ROLLOUT_ROLLBACKS.labels("manual").inc()
+        return cp.RollbackResponse(rollout=record.to_pb())
 
     @grpc_errors
     async def GetConfig(self, request: cp.GetConfigRequest, context: Any) -> cp.GetConfigResponse:
@@ -374,6 +466,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                     lease_confirmed=True,
                     fence_after_seconds=fence_after(self.node_ttl_s),
                     prefetch_images=self._prefetch(node),
+                    replace=self.rollouts.replace_for(node.id),
                 )
                 catalog = self.image_catalog
                 keep = catalog.keep_images() if catalog is not None else None
@@ -699,7 +792,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 "PushImage: the first message must carry digest (sha256:<64 hex>) and reference"
             )
         digest = check_digest(first.digest)
-        reference = check_reference(first.reference)
+        reference = check_reference(first.reference, digest)
         held = await images.stored(digest)
         if held is not None:
             async for _ in messages:
@@ -831,6 +924,12 @@ _INSECURE = (
     "this control plane runs with --insecure: it has no CA and checks no token; bootstrap "
     "the store (`portside bootstrap`) and start it without --insecure"
 )
+
+
+def _class_name(name: str) -> str:
+    if not name:
+        raise InvalidArgument("class_name: required")
+    return name
 
 
 def _join_response(issued: Issued) -> cp.JoinResponse:

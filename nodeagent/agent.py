@@ -164,7 +164,10 @@ class Heartbeat:
     removed here.
 
     Images too: the Portside images the engine has go on a stream's first message and whenever
-    they change, and each reply's prefetch list is handed to the image keeper."""
+    they change, and each reply's prefetch list is handed to the image keeper.
+
+    Rollouts too: each reply's `replace` lists instances to move to their class's current
+    version now; the instance manager replaces each once (InstanceManager.replace)."""
 
     def __init__(
         self,
@@ -273,6 +276,14 @@ class Heartbeat:
                 task = asyncio.create_task(self._remove(iid), name=f"remove {iid}")
                 self._removing.add(task)
                 task.add_done_callback(self._removing.discard)
+        for iid in reply.replace:
+            # A rollout's ask, on every reply while wanted: the manager replaces each once per
+            # version. A fenced node replaces nothing (its lease may be gone: the instance may
+            # be placed elsewhere, and no container of it may start here).
+            if self.fence.allows_named(iid):
+                self.manager.replace(iid)
+            else:
+                self.manager.refuse_replace(iid)
         # A third of the lease keeps the node alive; CPU samples want every 2 s.
         self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
         self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])

@@ -16,6 +16,15 @@ Health checks (nodeagent.health) GET its class's ping_endpoint straight from the
 at a time per instance, from one loop for the node: they never wake an instance, never hold it
 awake and never count as activity for sleep_after, and a stop cancels the check in flight.
 
+A rollout replaces a running instance (`replace`, once per instance and class version): requests
+wait at its gate from then on, those in flight on the old container finish (up to the class's
+stop_timeout, 15 min by default), then SIGTERM, SIGKILL after what is left of stop_timeout (at least
+Timing.stop_grace), removal, and a container of the current version boots; the waiters join that
+boot as they would a wake, so the replace itself never fails a request. The old container is gone
+before the new one is created: never two copies. A stop, destroy or drain ends a replace under way.
+A resting instance whose container is older than its class's wake_min_version wakes in a new
+container instead (`replaced`: its writable layer starts fresh).
+
 A container that exits at start (during its boot, or within seconds and before serving a request)
 is not booted again until its crash-loop backoff has passed (1 s, 2, 4 … 5 min; see
 `lifecycle.CrashLoop`): requests meanwhile get ContainerExited at once, without touching Docker. A
@@ -93,7 +102,12 @@ from portside.errors import (
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
 from portside.rpc import Backoff
-from portside.spec import DEFAULT_SLEEP_AFTER_S, ContainerClass, instance_id
+from portside.spec import (
+    DEFAULT_SLEEP_AFTER_S,
+    DEFAULT_STOP_TIMEOUT_S,
+    ContainerClass,
+    instance_id,
+)
 from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
@@ -134,6 +148,7 @@ class _StopOrder:
     cause: StopCause
     signum: int | None = None  # None: the image's stop signal (SIGTERM)
     grace_s: float | None = None  # None: Timing.stop_grace
+    reason: str = ""  # for the event the stop's cause begins with (a rollout's versions)
 
 
 class _Aborted(Exception):
@@ -212,6 +227,16 @@ class _Instance:
         self.streak = Streak()
         self.sick = False
         self.stop: asyncio.Task[None] | None = None
+        # A rollout's replace in progress. Requests and Starts wait at its gate (opened once the
+        # new container's boot began, or the replace gave up) and are not in flight on the old
+        # container: `waiting` of `in_flight` are parked there. `drained` is set when the old
+        # container's last request ends. `replaced_to`: the version the last replace was for
+        # (a rollout asks on every heartbeat reply; each version is replaced once).
+        self.replacing: asyncio.Task[None] | None = None
+        self.replace_gate: asyncio.Event | None = None
+        self.waiting = 0
+        self.drained: asyncio.Event | None = None
+        self.replaced_to = 0
         # Crash-loop backoff: its state, the class its last boot ran (a deploy that changes it
         # begins afresh), the unix time of its next try, and whether this run served a request.
         self.crash = CrashLoop()
@@ -351,9 +376,14 @@ class InstanceManager:
         inst.in_flight -= 1
         inst.last_activity = self._clock()
         _IN_FLIGHT(inst.class_name).dec()
+        if inst.drained is not None and inst.in_flight <= inst.waiting:
+            inst.drained.set()
 
     async def _ready(self, inst: _Instance, cls: ContainerClass) -> Upstream:
         while True:
+            if inst.replace_gate is not None:
+                await self._wait_for_replace(inst, inst.replace_gate)
+                continue
             if inst.stop is not None:
                 # Shielded: a caller that gives up must not cancel the stop for everyone.
                 await asyncio.shield(inst.stop)
@@ -477,7 +507,7 @@ class InstanceManager:
         done once the container runs; the port is probed in the background, and a port that
         never answers leaves it running (a job need not serve HTTP) instead of stopping it."""
         started = self._clock()
-        woke = inst.container_id is not None
+        woke = inst.container_id is not None and not _below_wake_floor(inst, cls)
         if woke:
             metrics.WAKES.labels(cls.name).inc()
         outcome = "error"
@@ -548,6 +578,8 @@ class InstanceManager:
         self, inst: _Instance, cls: ContainerClass, detached: bool
     ) -> tuple[Upstream, bool]:
         info: ContainerInfo | None = None
+        if inst.container_id is not None and _below_wake_floor(inst, cls):
+            await self._wake_fresh(inst, cls)
         if inst.container_id is not None:
             try:
                 info = await self._runtime.start(inst.container_id)
@@ -600,6 +632,22 @@ class InstanceManager:
                 self._notice(inst, info)
                 next_inspect = self._clock() + self._timing.exit_poll
 
+    async def _wake_fresh(self, inst: _Instance, cls: ContainerClass) -> None:
+        """Its container is older than the class's wake_min_version (a rollout moved the class
+        on while it slept): remove it, so the boot makes one of the current version; its
+        writable layer starts fresh, as the event says."""
+        old, was = inst.container_id, inst.version
+        assert old is not None
+        await self._runtime.remove(old, force=True)  # a failure fails the boot; nothing changed
+        inst.container_id = None
+        metrics.WAKES_NEW_VERSION.labels(cls.name).inc()
+        reason = (
+            f"version {was} → {cls.version} at its wake: a new container, "
+            "its writable layer starts fresh"
+        )
+        self._emit(inst, Announce(EventKind.REPLACED, reason=reason))
+        log.info("%s/%s: %s", cls.name, inst.name, reason)
+
     async def _probe(self, inst: _Instance, upstream: Upstream, deadline: float) -> bool:
         """After a no-wait start: whether the port answers before `deadline` (then: healthy)."""
         try:
@@ -648,7 +696,7 @@ class InstanceManager:
                     self._forgive(inst)
             if not inst.state.running or inst.boot is not None or inst.in_flight > 0:
                 continue
-            if inst.id in self._pinned:
+            if inst.id in self._pinned or inst.replacing is not None:
                 continue
             cls = self._class_of(inst)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
@@ -777,6 +825,7 @@ class InstanceManager:
         inst = self._instances.get(iid)
         if inst is None:
             return
+        await self._end_replace(inst)
         deadline = self._clock() + timeout_s
         while inst.in_flight > 0 and self._clock() < deadline:  # noqa: ASYNC110 - a bounded poll; no event per release
             await asyncio.sleep(0.1)
@@ -798,6 +847,7 @@ class InstanceManager:
         inst = self._instances.get(iid)
         if inst is None:
             return False
+        await self._end_replace(inst)
         await self._stop_instance(inst, _StopOrder(StopCause.STOP, signum, grace_s))
         return True
 
@@ -807,6 +857,9 @@ class InstanceManager:
         grace plus 10 s). Containers and their writable layers are kept: the next agent adopts
         them stopped and wakes each on its next request. Returns the ids still awake when the
         time ran out (none, normally)."""
+        for inst in self._instances.values():
+            if inst.replacing is not None:
+                inst.replacing.cancel()  # the old container stops below; no new one is made
         awake = [inst for inst in self._instances.values() if inst.state.awake]
         limit = self._timing.stop_grace + 10.0 if timeout_s is None else timeout_s
         order = _StopOrder(StopCause.SHUTDOWN)
@@ -830,7 +883,7 @@ class InstanceManager:
             with contextlib.suppress(PortsideError):
                 await asyncio.shield(inst.boot)
         if inst.state.running:
-            self._fire(inst, Stop(order.cause), order)
+            self._fire(inst, Stop(order.cause, order.reason), order)
         if inst.stop is not None:
             await asyncio.shield(inst.stop)
 
@@ -864,6 +917,146 @@ class InstanceManager:
             if inst.stop is asyncio.current_task():
                 inst.stop = None
 
+    # -- replaces (rollouts) ------------------------------------------------------------------
+
+    def replace(self, iid: str) -> bool:
+        """A rollout asks for instance `iid` on its class's current version: replace it in the
+        background, unless a replace of it is under way, one was begun for that version
+        already, or its container is of that version; True when one began. A resting instance
+        is left as it is: its next wake follows the class's wake_min_version."""
+        inst = self._instances.get(iid)
+        cls = self._class_of(inst) if inst is not None else None
+        if inst is None or cls is None or inst.replacing is not None:
+            return False
+        # Any other version is replaced, a newer one too: a rollback moves instances back.
+        if inst.version == cls.version or inst.replaced_to == cls.version:
+            return False
+        if not inst.state.awake:
+            return False
+        inst.replaced_to = cls.version
+        inst.replacing = self._spawn(self._replace(inst))
+        return True
+
+    def refuse_replace(self, iid: str) -> None:
+        """A rollout asked while this node is fenced: nothing is replaced (counted)."""
+        inst = self._instances.get(iid)
+        metrics.REPLACEMENTS.labels(inst.class_name if inst else "", "fenced").inc()
+
+    async def _replace(self, inst: _Instance) -> None:
+        """Requests wait at the gate from now on; those in flight on the old container finish
+        (up to the class's stop_timeout), then it gets SIGTERM, SIGKILL after what is left of
+        stop_timeout (at least Timing.stop_grace), and is removed; then a container of the
+        current version boots, and the waiters join its boot as they would a wake. One
+        container at a time: the old one is gone before the new one is created."""
+        started = self._clock()
+        gate = inst.replace_gate = asyncio.Event()
+        outcome = "error"
+        class_name = inst.class_name
+        try:
+            outcome = await self._replace_container(inst, gate)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except PortsideError as exc:
+            log.warning("could not replace %s/%s: %s", inst.class_name, inst.name, exc)
+        except Exception:
+            log.exception("replacing %s/%s failed", inst.class_name, inst.name)
+        finally:
+            _open(inst, gate)
+            if inst.replacing is asyncio.current_task():
+                inst.replacing = None
+            metrics.REPLACEMENTS.labels(class_name, outcome).inc()
+            metrics.REPLACE_SECONDS.labels(class_name).observe(self._clock() - started)
+
+    async def _replace_container(self, inst: _Instance, gate: asyncio.Event) -> str:
+        """The steps of `_replace`; returns its outcome (see metrics.REPLACEMENTS)."""
+        while (busy := inst.boot or inst.stop) is not None:
+            # What is under way ends first (a wake of the old container, a sleep).
+            with contextlib.suppress(PortsideError):
+                await asyncio.shield(busy)
+        cls = self._class_of(inst)
+        if cls is None or inst.version == cls.version or not inst.state.running:
+            return "current"
+        if self._images is not None:
+            # Before the old container stops: the pull's time is not a gap, and an image that
+            # cannot be had leaves the old version serving.
+            try:
+                await self._images.ensure(cls)
+            except PortsideError as exc:
+                log.warning("not replacing %s/%s: %s", cls.name, inst.name, exc)
+                return "failed"
+        timeout = stop_timeout_of(cls)
+        deadline = self._clock() + timeout
+        drained = await self._drain(inst, timeout)
+        metrics.REPLACE_DRAINS.labels(cls.name, "drained" if drained else "timeout").inc()
+        if not drained:
+            log.warning(
+                "%s/%s: %d requests still in flight after %gs; stopping its old container",
+                cls.name,
+                inst.name,
+                inst.in_flight - inst.waiting,
+                timeout,
+            )
+        grace = max(deadline - self._clock(), min(self._timing.stop_grace, timeout))
+        was = inst.version
+        reason = f"version {was} → {cls.version}: a new container, its writable layer starts fresh"
+        await self._stop_instance(inst, _StopOrder(StopCause.ROLLOUT, grace_s=grace, reason=reason))
+        if self._instances.get(inst.id) is not inst:
+            return "current"  # forgotten meanwhile
+        old, inst.container_id = inst.container_id, None
+        if old is not None:
+            try:
+                await self._runtime.remove(old, force=True)
+            except BaseException:
+                inst.container_id = old  # it may still exist: a wake starts it again
+                raise
+        cls = self._class_of(inst) or cls
+        inst.overrides = inst.overrides or NO_OVERRIDES  # an adopted one's are not known
+        try:
+            self._begin_boot(inst, cls, detached=False)
+        except PortsideError as exc:
+            log.warning("%s/%s: its new container cannot boot: %s", cls.name, inst.name, exc)
+            return "failed"
+        boot = inst.boot
+        assert boot is not None
+        _open(inst, gate)  # the waiters join the new container's boot
+        try:
+            await asyncio.shield(boot)
+        except PortsideError:
+            return "failed"
+        log.info("replaced %s/%s: version %d → %d", cls.name, inst.name, was, inst.version)
+        return "ok"
+
+    async def _drain(self, inst: _Instance, timeout_s: float) -> bool:
+        """Wait until no request is in flight on its container (those waiting at the replace's
+        gate are not); False when `timeout_s` passed first."""
+        if inst.in_flight <= inst.waiting:
+            return True
+        inst.drained = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await inst.drained.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            inst.drained = None
+
+    async def _wait_for_replace(self, inst: _Instance, gate: asyncio.Event) -> None:
+        inst.waiting += 1
+        try:
+            await gate.wait()
+        finally:
+            inst.waiting -= 1
+
+    async def _end_replace(self, inst: _Instance) -> None:
+        """A stop, destroy or drain overrides a replace in progress: no new container is made
+        (a stop already begun goes on; what waited at the gate is let through)."""
+        task = inst.replacing
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     # -- the lifecycle API ----------------------------------------------------------------------
 
     async def start(
@@ -883,6 +1076,9 @@ class InstanceManager:
         inst.last_activity = self._clock()
         self._forgive(inst)  # a Start is an operator's try: no crash-loop backoff holds it
         while True:
+            if inst.replace_gate is not None:
+                await inst.replace_gate.wait()
+                continue
             if inst.stop is not None:
                 await asyncio.shield(inst.stop)
                 continue
@@ -937,6 +1133,7 @@ class InstanceManager:
         """Kill and remove the container and its writable layer, and forget the instance."""
         inst = self._known(iid)
         self._pinned.discard(iid)
+        await self._end_replace(inst)
         await self._stop_instance(inst, _StopOrder(StopCause.DESTROY, grace_s=1.0))
         if inst.container_id is not None:
             await self._runtime.remove(inst.container_id, force=True)
@@ -1308,6 +1505,30 @@ class InstanceManager:
             task.exception()
 
 
+def stop_timeout_of(cls: ContainerClass) -> float:
+    """Seconds a replaced container's requests and SIGTERM get before SIGKILL: the class's
+    stop_timeout, 15 minutes when unset (as Cloudflare's)."""
+    return cls.stop_timeout_s if cls.stop_timeout_s > 0 else DEFAULT_STOP_TIMEOUT_S
+
+
+def _open(inst: _Instance, gate: asyncio.Event) -> None:
+    """Let what waits at a replace's gate through (once it is open, nothing else waits there)."""
+    if inst.replace_gate is gate:
+        inst.replace_gate = None
+    gate.set()
+
+
+def _below_wake_floor(inst: _Instance, cls: ContainerClass) -> bool:
+    """Its container (of version 0: unknown) is older than the class's wake_min_version (0: wake
+    what is there), or newer than the class's version (a rollback moved the class back): a wake
+    makes a new one instead."""
+    if inst.container_id is None:
+        return False
+    floor = cls.wake_min_version
+    below = floor > 0 and inst.version < floor
+    return below or (cls.version > 0 and inst.version > cls.version)
+
+
 def _not_running(inst: _Instance) -> FailedPrecondition:
     return FailedPrecondition(
         f"instance {inst.class_name}/{inst.name} is {inst.state}, not running: start it first"
@@ -1333,5 +1554,6 @@ __all__ = [
     "InstanceState",
     "Timing",
     "Upstream",
+    "stop_timeout_of",
     "tcp_port_answers",
 ]

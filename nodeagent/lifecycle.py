@@ -17,6 +17,10 @@ Its states are the public `InstanceState`s, so the manager reports its state as 
     healthy ──check-failed──▶ running ──check-passed──▶ healthy (its health checks; see
                                                        nodeagent.health for when each fires)
 
+A rollout's replace is a stop of its own cause (ROLLOUT: announced as `replaced` as it begins),
+after which the manager boots a new container from the instance's resting state; no state of its
+own is needed.
+
 Beside the state, the machine keeps one thing: the cause of the stop in progress, which decides
 the state the instance rests in and the event its container's death makes (see STOP_OUTCOMES). A
 pair not in TABLE is rejected: `step` returns None and nothing changes. That is how a second
@@ -186,6 +190,7 @@ class StopCause(enum.StrEnum):
     REPLACE = "replace"  # a Start with other overrides makes the container again
     DESTROY = "destroy"  # Destroy removes it next
     DRAIN = "drain"  # a pool instance drained; it is removed next
+    ROLLOUT = "rollout"  # a rollout replaces it: a container of its class's current version next
 
 
 @dataclass(frozen=True)
@@ -207,11 +212,14 @@ STOP_OUTCOMES: Mapping[StopCause, StopOutcome] = MappingProxyType(
             _S.STOPPED, ends_with=EventKind.EXITED, reason="its agent shut down"
         ),
         # Silent deaths: the boot's `failed` event says why; `removed` follows a destroy or a
-        # drain; a replaced container starts again at once.
+        # drain; a container made again for other overrides starts again at once.
         StopCause.BOOT_FAILED: StopOutcome(_S.STOPPED),
         StopCause.REPLACE: StopOutcome(_S.STOPPED),
         StopCause.DESTROY: StopOutcome(_S.STOPPED),
         StopCause.DRAIN: StopOutcome(_S.STOPPED),
+        # Announced as it begins, with the versions as the reason; the new container's
+        # starting and ready follow, and its old container's death says nothing.
+        StopCause.ROLLOUT: StopOutcome(_S.STOPPED, begins_with=EventKind.REPLACED),
     }
 )
 

@@ -60,7 +60,7 @@ INSTANCES = Gauge(
 LIFECYCLE_EVENTS = Counter(
     "portside_agent_lifecycle_events_total",
     "Lifecycle events the agent emitted (starting, ready, unhealthy, healthy, activity-expired, "
-    "slept, exited, failed, removed), by class and kind.",
+    "slept, exited, failed, removed, replaced), by class and kind.",
     ["class", "kind"],
 )
 EVENTS_DROPPED = Counter(
@@ -142,6 +142,38 @@ RECONCILE_REMOVED = Counter(
     "portside_agent_reconcile_removed_total",
     "Named instances removed from this node on reconcile: the control plane placed them on "
     "another node (or destroyed them) while this node was out of touch.",
+)
+# A replace drains the old container's requests for up to the class's stop_timeout (15 min).
+_REPLACE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+REPLACEMENTS = Counter(
+    "portside_agent_replacements_total",
+    "Instances a rollout asked this node to replace with its class's current version (once per "
+    "instance and version), by class and outcome: ok (the new container's port answered), "
+    "failed (the new container did not boot), error (the old one could not be stopped or "
+    "removed), current (it already ran the current version, or no longer ran), cancelled (a "
+    "stop, destroy, drain or the agent's shutdown came first), fenced (asked while the node was "
+    "fenced: nothing replaced; counted per heartbeat reply).",
+    ["class", "outcome"],
+)
+REPLACE_SECONDS = Histogram(
+    "portside_agent_replace_seconds",
+    "Time of one replace, from the rollout's ask until the new container answered (or failed): "
+    "the old container's drain and stop included.",
+    ["class"],
+    buckets=_REPLACE_BUCKETS,
+)
+REPLACE_DRAINS = Counter(
+    "portside_agent_replace_drains_total",
+    "Old containers a replace stopped, by how their requests in flight ended: drained (none "
+    "left before SIGTERM), timeout (some still in flight when stop_timeout passed: SIGTERM then).",
+    ["class", "outcome"],
+)
+WAKES_NEW_VERSION = Counter(
+    "portside_agent_wakes_new_version_total",
+    "Wakes of a sleeping instance whose container was older than its class's wake_min_version: "
+    "its old container removed and a new one of the current version made (writable layer fresh).",
+    ["class"],
 )
 # A pull takes from well under a second (the layers were there) to minutes (a large image).
 _PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)

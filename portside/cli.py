@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from portside import geo
+from portside.client._models import DEPLOY_ROLLOUTS, ROLLBACK_ROLLOUTS
 from portside.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -34,7 +35,7 @@ from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SE
 if TYPE_CHECKING:
     from controlplane.store import StoreTls
     from nodeagent.doctor import Check
-    from portside.client import Portside
+    from portside.client import DeployResult, Portside, Rollout
     from portside.events import Event
     from portside.instances import InstanceInfo
     from portside.tokens import Token
@@ -233,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file")
     p.add_argument("--controlplane", default=_controlplane_default())
+    p.add_argument(
+        "--rollout",
+        choices=DEPLOY_ROLLOUTS,
+        default="gradual",
+        help="how running instances of a class whose version changes move to it: gradual (in "
+        "the class's rollout_step_percentage steps; the default), immediate (all at once), "
+        "none (they stay on their version; new containers get the new one)",
+    )
     _token_flag(p)
 
     _client_parser(sub, "nodes", "list nodes")
@@ -241,6 +250,41 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "versions", "list a class's versions: what changed, when, how many instances run each"
     )
     p.add_argument("class_name", metavar="CLASS")
+
+    p = sub.add_parser("rollout", help="a class's rollout to its new version: status and control")
+    actions = p.add_subparsers(dest="rollout_action", required=True, metavar="ACTION")
+    p = _client_parser(actions, "status", "the class's latest rollout: progress, step and state")
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="follow it until it ends (exit 0 when done, 1 when aborted or rolled back)",
+    )
+    for action, help in (
+        ("pause", "hold the class's rollout where it is"),
+        ("resume", "go on with the class's paused rollout"),
+        ("abort", "end the class's rollout; instances stay on the version they run"),
+    ):
+        _client_parser(actions, action, help).add_argument("class_name", metavar="CLASS")
+    p = _client_parser(
+        sub, "rollback", "make an earlier version current again and roll the instances to it"
+    )
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument(
+        "version",
+        metavar="VERSION",
+        nargs="?",
+        type=_version_number,
+        default=0,
+        help="the version to go back to (default: the one before the current one)",
+    )
+    p.add_argument(
+        "--rollout",
+        choices=ROLLBACK_ROLLOUTS,
+        default="immediate",
+        help="immediate (all at once; the default) or gradual (in the class's steps)",
+    )
 
     p = sub.add_parser("regions", help="list the region codes and areas Portside knows")
     p.add_argument("--json", action="store_true")
@@ -575,7 +619,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(bootstrap_url(args.store, args.out, _store_tls(args)).report())
         return 0
     if args.command == "deploy":
-        return asyncio.run(_deploy(args.file, args.controlplane, _api_token(args)))
+        return asyncio.run(_deploy(args.file, args.controlplane, _api_token(args), args.rollout))
     if args.command == "regions":
         return _regions(args.json)
     if args.command == "doctor":
@@ -609,6 +653,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _version_number(text: str) -> int:
+    digits = text.removeprefix("v")
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number like 3 or v3")
+    return int(digits)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
@@ -633,15 +684,35 @@ async def deploy_config(
     """Read `file`, build its Dockerfile classes' images and push the ones the cluster lacks
     (progress to `report`), and register its classes and routes, with the API token `token`
     (its text; default as `portside.connect` finds one); returns (classes, routes)."""
+    result = await deploy_file(
+        file, controlplane, token, report=report, on_build_failure=on_build_failure
+    )
+    return result.classes, result.routes
+
+
+async def deploy_file(
+    file: str,
+    controlplane: str,
+    token: str | None = None,
+    *,
+    rollout: str = "gradual",
+    report: Callable[[str], None] | None = None,
+    on_build_failure: Callable[[Sequence[str]], None] | None = None,
+) -> DeployResult:
+    """`deploy_config`, with how running instances move to new versions (`rollout`) and the
+    whole result: the rollouts the deploy started too."""
     from portside.client import connect
     from portside.net import Deadlines
 
     async with connect(controlplane, token=token, timeout=Deadlines().rpc) as ps:
-        result = await ps.deploy(file, report=report, on_build_failure=on_build_failure)
-    return result.classes, result.routes
+        return await ps.deploy(
+            file, report=report, on_build_failure=on_build_failure, rollout=rollout
+        )
 
 
-async def _deploy(file: str, controlplane: str, token: Token | None) -> int:
+async def _deploy(
+    file: str, controlplane: str, token: Token | None, rollout: str = "gradual"
+) -> int:
     def report(line: str) -> None:
         print(line, flush=True)
 
@@ -652,16 +723,22 @@ async def _deploy(file: str, controlplane: str, token: Token | None) -> int:
             print(line, file=sys.stderr)
 
     try:
-        classes, routes = await deploy_config(
+        result = await deploy_file(
             file,
             controlplane,
             token.text() if token is not None else None,
+            rollout=rollout,
             report=report,
             on_build_failure=build_log,
         )
     except Unavailable as exc:
         raise await _plaintext_hint(exc, controlplane, token) from exc
-    print(f"deployed {classes} classes and {routes} routes from {file} to {controlplane}")
+    print(
+        f"deployed {result.classes} classes and {result.routes} routes from {file} "
+        f"to {controlplane}"
+    )
+    for started in result.rollouts:
+        print(rollout_started_line(started))
     return 0
 
 
@@ -931,6 +1008,125 @@ async def _versions(args: argparse.Namespace) -> int:
             for v in versions
         ],
     )
+    return 0
+
+
+# --- rollouts ---
+
+ROLLOUT_BAR_WIDTH = 10
+#: How often `rollout status --watch` asks for the rollout.
+ROLLOUT_WATCH_INTERVAL_S = 0.5
+
+
+def rollout_bar(r: Rollout, width: int = ROLLOUT_BAR_WIDTH) -> str:
+    """`[#####.....]`: the share of the class's instances on the rollout's version."""
+    if r.instances > 0:
+        filled = min(width, max(0, r.updated * width // r.instances))
+    else:
+        filled = width if r.state == "done" else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def rollout_progress(r: Rollout) -> str:
+    """`5/10 on v3, step 1 of 2 (10%), waiting: grace period`: counts, step and state."""
+    counts = f"{r.updated}/{r.instances} on v{r.to_version}"
+    if r.healthy < r.updated:
+        counts += f" ({r.healthy} healthy)"
+    step = f"step {min(r.step, len(r.steps) - 1) + 1} of {len(r.steps)} ({r.percentage}%)"
+    state = r.state.replace("_", " ")
+    reason = r.reason or ("grace period, then health checks" if r.state == "waiting" else "")
+    return f"{counts}, {step}, {state}" + (f": {reason}" if reason else "")
+
+
+def rollout_heading(r: Rollout, now: float) -> str:
+    """`Echo: gradual rollout to v3 from v1 (steps 10%, 100%), started 2m ago`."""
+    what = "rollback" if r.mode == "rollback" else f"{r.mode} rollout"
+    source = f" from {', '.join(f'v{v}' for v in r.from_versions)}" if r.from_versions else ""
+    steps = ", ".join(f"{p}%" for p in r.steps)
+    started = f", started {age(r.started_at, now)} ago" if r.started_at > 0 else ""
+    return f"{r.class_name}: {what} to v{r.to_version}{source} (steps {steps}){started}"
+
+
+def rollout_line(r: Rollout, *, tty: bool) -> str:
+    """One line of progress: with a bar in a terminal, plain for a pipe or a file."""
+    if tty:
+        return f"{rollout_bar(r)} {rollout_progress(r)}"
+    return f"{r.class_name} v{r.to_version}: {rollout_progress(r)}"
+
+
+def rollout_started_line(r: Rollout) -> str:
+    """What `deploy` and `rollback` print for a rollout they started."""
+    steps = ", ".join(f"{p}%" for p in r.steps)
+    verb = "rolling back" if r.mode == "rollback" else f"rolling out ({r.mode})"
+    return (
+        f"{r.class_name}: {verb} to v{r.to_version} over {r.instances} instances, steps "
+        f"{steps}; follow it with: portside rollout status {r.class_name} --watch"
+    )
+
+
+def rollout_row(r: Rollout) -> dict[str, object]:
+    return {**dataclasses.asdict(r), "active": r.active, "percentage": r.percentage}
+
+
+async def _rollout(args: argparse.Namespace) -> int:
+    action = args.rollout_action
+    async with _connect(args) as ps:
+        if action == "status":
+            return await _rollout_status(args, ps)
+        control = {
+            "pause": ps.pause_rollout,
+            "resume": ps.resume_rollout,
+            "abort": ps.abort_rollout,
+        }[action]
+        r = await control(args.class_name)
+    if args.json:
+        _print_json(rollout_row(r))
+    else:
+        print(rollout_heading(r, time.time()))
+        print(rollout_line(r, tty=False))
+    return 0
+
+
+async def _rollout_status(args: argparse.Namespace, ps: Portside) -> int:
+    """The rollout once, or (--watch) every change until it ends: in a terminal one bar redrawn
+    in place, otherwise a line per change. --watch exits 1 when it aborted or rolled back."""
+    r = await ps.rollout(args.class_name)
+    tty = sys.stdout.isatty() and not args.json
+    if args.json and not args.watch:
+        _print_json(rollout_row(r))
+        return 0
+    if not args.json:
+        print(rollout_heading(r, time.time()), flush=True)
+    if not args.watch:
+        print(rollout_line(r, tty=tty))
+        return 0
+    last = ""
+    try:
+        while True:
+            shown = json.dumps(rollout_row(r)) if args.json else rollout_line(r, tty=tty)
+            if shown != last:
+                if tty:
+                    print("\r\033[K" + shown, end="", flush=True)
+                else:
+                    print(shown, flush=True)
+                last = shown
+            if not r.active:
+                break
+            await asyncio.sleep(ROLLOUT_WATCH_INTERVAL_S)
+            r = await ps.rollout(args.class_name)
+    finally:
+        if tty and last:
+            print()
+    return 0 if r.state == "done" else 1
+
+
+async def _rollback(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        r = await ps.rollback(args.class_name, args.version, args.rollout)
+    if args.json:
+        _print_json(rollout_row(r))
+    else:
+        print(rollout_started_line(r))
     return 0
 
 
@@ -1248,6 +1444,8 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "classes": _classes,
     "images": _images,
     "versions": _versions,
+    "rollout": _rollout,
+    "rollback": _rollback,
     "start": _start,
     "stop": _stop,
     "signal": _signal,

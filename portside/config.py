@@ -21,6 +21,7 @@ from portside.durations import parse_duration
 from portside.errors import ConfigError
 from portside.spec import (
     INSTANCE_TYPES,
+    ROLLOUT_ON_UNHEALTHY,
     Autoscaling,
     Config,
     ContainerClass,
@@ -71,6 +72,11 @@ _CONTAINER_KEYS = (
     "health_check_interval",
     "health_check_failures",
     "health_check_timeout",
+    "rollout_step_percentage",
+    "rollout_active_grace_period",
+    "rollout_health_deadline",
+    "rollout_on_unhealthy",
+    "stop_timeout",
 )
 _BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
@@ -100,9 +106,7 @@ _SOURCE_SYNTAX = f"use {_SOURCE_FORMS}"
 _WRANGLER_IGNORED = frozenset(
     {
         "name",
-        "rollout_step_percentage",
         "rollout_kind",
-        "rollout_active_grace_period",
         "constraints",
         "affinities",
         "scheduling_policy",
@@ -398,7 +402,68 @@ def _container(table: _Table) -> ContainerClass:
         health_check_timeout_s=table.duration(
             "health_check_timeout", _DEFAULT.health_check_timeout_s
         ),
+        rollout_step_percentage=_rollout_steps(table),
+        rollout_active_grace_period_s=table.duration(
+            "rollout_active_grace_period",
+            _DEFAULT.rollout_active_grace_period_s,
+            allow_zero=True,
+            allow_seconds=True,
+        ),
+        rollout_health_deadline_s=table.duration(
+            "rollout_health_deadline", _DEFAULT.rollout_health_deadline_s, allow_seconds=True
+        ),
+        rollout_on_unhealthy=_rollout_on_unhealthy(table),
+        stop_timeout_s=table.duration("stop_timeout", _DEFAULT.stop_timeout_s, allow_seconds=True),
     )
+
+
+_STEPS_SYNTAX = (
+    "use a percentage from 1 to 100 (each step moves that many more instances: 25 is "
+    "[25, 50, 75, 100]), or an ascending array of them ending in 100, like [10, 50, 100]"
+)
+
+
+def _rollout_steps(table: _Table) -> tuple[int, ...]:
+    """wrangler's rollout_step_percentage: one step size, or every step's percentage."""
+    if "rollout_step_percentage" not in table:
+        return ()
+    value = table.data["rollout_step_percentage"]
+    if isinstance(value, int) and _is_percentage(value):
+        return (*range(value, 100, value), 100)
+    if not isinstance(value, list) or not value:
+        raise table.error("rollout_step_percentage", f"{_show(value)}: {_STEPS_SYNTAX}")
+    steps = tuple(value)
+    problem = _steps_problem(steps)
+    if problem:
+        raise table.error("rollout_step_percentage", f"{_show(value)}: {problem}; {_STEPS_SYNTAX}")
+    return tuple(int(step) for step in steps)
+
+
+def _is_percentage(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100
+
+
+def _steps_problem(steps: Sequence[object]) -> str:
+    """What is wrong with a list of rollout steps ("" when nothing is)."""
+    for index, step in enumerate(steps):
+        if not _is_percentage(step):
+            return f"step {index + 1} ({_show(step)}) is not a whole number from 1 to 100"
+    numbers = [step for step in steps if isinstance(step, int)]
+    if any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+        return "the steps must go up"
+    if numbers[-1] != 100:
+        return "the last step must be 100"
+    return ""
+
+
+def _rollout_on_unhealthy(table: _Table) -> str:
+    value = table.text("rollout_on_unhealthy", _DEFAULT.rollout_on_unhealthy)
+    if value not in ROLLOUT_ON_UNHEALTHY:
+        raise table.error(
+            "rollout_on_unhealthy",
+            f"{_show(value)} is not allowed; use {' or '.join(map(_show, ROLLOUT_ON_UNHEALTHY))}",
+        )
+    return value
 
 
 def _build_spec(table: _Table) -> BuildSpec:
@@ -692,6 +757,33 @@ def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths
     if cls.max_instances < 0:
         raise fail("max_instances", f"must be an integer >= 0, not {cls.max_instances}")
     _check_health(cls, fail)
+    _check_rollout(cls, fail)
+
+
+def _check_rollout(cls: ContainerClass, fail: Callable[[str, str], ConfigError]) -> None:
+    steps = cls.rollout_step_percentage
+    problem = _steps_problem(steps) if steps else ""
+    if problem:
+        raise fail("rollout_step_percentage", f"{list(steps)}: {problem}; {_STEPS_SYNTAX}")
+    if not cls.rollout_active_grace_period_s >= 0:
+        raise fail(
+            "rollout_active_grace_period",
+            f"{cls.rollout_active_grace_period_s:g}s must not be negative",
+        )
+    for field, seconds in (
+        ("rollout_health_deadline", cls.rollout_health_deadline_s),
+        ("stop_timeout", cls.stop_timeout_s),
+    ):
+        if not seconds > 0:
+            raise fail(field, f"{seconds:g}s must be longer than zero")
+    if cls.rollout_on_unhealthy not in ROLLOUT_ON_UNHEALTHY:
+        raise fail(
+            "rollout_on_unhealthy",
+            f"{_show(cls.rollout_on_unhealthy)} is not allowed; use "
+            f"{' or '.join(map(_show, ROLLOUT_ON_UNHEALTHY))}",
+        )
+    if cls.wake_min_version < 0:
+        raise fail("wake_min_version", f"must be >= 0, not {cls.wake_min_version}")
 
 
 def _ping_endpoint(table: _Table) -> str:
@@ -806,9 +898,22 @@ class _Table:
             raise self.error(key, f"must be a number, not {_show(value)}")
         return float(value)
 
-    def duration(self, key: str, default: float, *, allow_zero: bool = False) -> float:
+    def duration(
+        self, key: str, default: float, *, allow_zero: bool = False, allow_seconds: bool = False
+    ) -> float:
+        """A duration string; with `allow_seconds` also a number of seconds (wrangler's form)."""
         if key not in self:
             return default
+        raw = self.data[key]
+        if allow_seconds and isinstance(raw, int | float) and not isinstance(raw, bool):
+            if raw < 0 or (raw == 0 and not allow_zero):
+                low = ">= 0" if allow_zero else "more than 0"
+                raise self.error(key, f"{_show(raw)} seconds: must be {low}")
+            return float(raw)
+        if allow_seconds and not isinstance(raw, str):
+            raise self.error(
+                key, f'must be a number of seconds or a duration like "30s", not {_show(raw)}'
+            )
         value = self.text(key)
         try:
             seconds = parse_duration(value)

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import types_pb2 as pb
 from portside.capacity import Resources
-from portside.client._models import ExecChunk, LogChunk
+from portside.client._models import ExecChunk, LogChunk, Rollout
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
@@ -20,6 +20,8 @@ from portside.spec import (
     DEFAULT_HEALTH_CHECK_FAILURES,
     DEFAULT_HEALTH_CHECK_INTERVAL_S,
     DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+    DEFAULT_ROLLOUT_HEALTH_DEADLINE_S,
+    DEFAULT_STOP_TIMEOUT_S,
     Autoscaling,
     Config,
     ContainerClass,
@@ -88,6 +90,12 @@ def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
         health_check_failures=c.health_check_failures,
         health_check_timeout_seconds=c.health_check_timeout_s,
         version=c.version,
+        rollout_step_percentage=list(c.rollout_step_percentage),
+        rollout_active_grace_period_seconds=c.rollout_active_grace_period_s,
+        rollout_health_deadline_seconds=c.rollout_health_deadline_s,
+        rollout_on_unhealthy=c.rollout_on_unhealthy,
+        stop_timeout_seconds=c.stop_timeout_s,
+        wake_min_version=c.wake_min_version,
     )
 
 
@@ -111,6 +119,15 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         health_check_failures=m.health_check_failures or DEFAULT_HEALTH_CHECK_FAILURES,
         health_check_timeout_s=m.health_check_timeout_seconds or DEFAULT_HEALTH_CHECK_TIMEOUT_S,
         version=m.version,
+        # 0 and "" are what a sender that predates rollouts sends: the defaults.
+        rollout_step_percentage=tuple(m.rollout_step_percentage),
+        rollout_active_grace_period_s=m.rollout_active_grace_period_seconds,
+        rollout_health_deadline_s=(
+            m.rollout_health_deadline_seconds or DEFAULT_ROLLOUT_HEALTH_DEADLINE_S
+        ),
+        rollout_on_unhealthy=m.rollout_on_unhealthy or "rollback",  # validate_config checks it
+        stop_timeout_s=m.stop_timeout_seconds or DEFAULT_STOP_TIMEOUT_S,
+        wake_min_version=m.wake_min_version,
     )
 
 
@@ -358,6 +375,42 @@ def _flat_to_pb(value: Any, message_type: type[_M]) -> _M:
 
 def _flat_from_pb(m: Message, cls: type[_D]) -> _D:
     return cls(**{f.name: getattr(m, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def rollout_to_pb(r: Rollout) -> cp.Rollout:
+    return cp.Rollout(
+        class_name=r.class_name,
+        to_version=r.to_version,
+        from_versions=list(r.from_versions),
+        mode=r.mode,
+        steps=list(r.steps),
+        step=r.step,
+        state=r.state,
+        reason=r.reason,
+        started_at=r.started_at,
+        step_started_at=r.step_started_at,
+        instances=r.instances,
+        updated=r.updated,
+        healthy=r.healthy,
+    )
+
+
+def rollout_from_pb(m: cp.Rollout) -> Rollout:
+    return Rollout(
+        class_name=m.class_name,
+        to_version=m.to_version,
+        from_versions=tuple(m.from_versions),
+        mode=m.mode,
+        steps=tuple(m.steps) or (100,),
+        step=m.step,
+        state=m.state,
+        reason=m.reason,
+        started_at=m.started_at,
+        step_started_at=m.step_started_at,
+        instances=m.instances,
+        updated=m.updated,
+        healthy=m.healthy,
+    )
 
 
 def exec_chunk_from_pb(m: pb.ExecResponse) -> ExecChunk | None:

@@ -13,6 +13,10 @@ users watch it (`portside events`, `Container.events()`).
                       (exit_code; signal = code - 128 above 128; reason "out of memory")
     failed            a boot failed: the reason says why (timeout, exit, image missing ...)
     removed           Destroy, or a pool instance drained and removed
+    replaced          its container is being made again from a newer version of its class: by a
+                      rollout (its old container stops, requests wait for the new one), or at a
+                      wake older than the class's wake_min_version (reason: "version 1 → 2 ...";
+                      either way the new container's writable layer starts fresh)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class EventKind(enum.StrEnum):
     EXITED = "exited"
     FAILED = "failed"
     REMOVED = "removed"
+    REPLACED = "replaced"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ plane replicas (an image another replica holds): the archive's bytes as they arr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 
@@ -22,7 +22,7 @@ async def pull_image(
     *,
     name: str,
     stall_s: float = PULL_STALL_S,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The `docker load` archive of `digest` from the replica behind `stub` (`name` in errors),
     leaving out the layers whose chain ids the caller has. Raises Timeout when nothing comes for
     `stall_s`, and the error tree's translation of the call's status otherwise."""

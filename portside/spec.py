@@ -48,6 +48,11 @@ DEFAULT_PING_ENDPOINT = "/ping"
 DEFAULT_HEALTH_CHECK_INTERVAL_S = 10.0
 DEFAULT_HEALTH_CHECK_FAILURES = 3
 DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
+# Rollouts (wrangler's names): a step's new instances must be healthy within the deadline, else
+# the rollout rolls back by itself ("rollback") or pauses ("pause").
+DEFAULT_ROLLOUT_HEALTH_DEADLINE_S = 300.0
+DEFAULT_STOP_TIMEOUT_S = 900.0
+ROLLOUT_ON_UNHEALTHY = ("rollback", "pause")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,17 @@ class ContainerClass:
     health_check_failures: int = DEFAULT_HEALTH_CHECK_FAILURES
     health_check_timeout_s: float = DEFAULT_HEALTH_CHECK_TIMEOUT_S
     version: int = 0  # the class version (controlplane/versions.py); 0: not versioned
+    # Rollouts to a new version: percentages of instances on it after each step (ascending, ending
+    # in 100; empty: `rollout_steps()`'s default), the wait after a step before its new instances
+    # must be healthy, and how long they may take. Runtime policy: not part of a version.
+    rollout_step_percentage: tuple[int, ...] = ()
+    rollout_active_grace_period_s: float = 0.0
+    rollout_health_deadline_s: float = DEFAULT_ROLLOUT_HEALTH_DEADLINE_S
+    rollout_on_unhealthy: str = "rollback"  # one of ROLLOUT_ON_UNHEALTHY
+    stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S  # SIGTERM, then SIGKILL after this
+    # Set by the control plane: a sleeping instance whose container is older than this wakes in a
+    # new container of the class's version. 0: it wakes its old container.
+    wake_min_version: int = 0
 
     @property
     def pool(self) -> bool:
@@ -99,6 +115,13 @@ class ContainerClass:
         if self.autoscaling is None:
             return 0
         return self.autoscaling.maximum_instances or self.max_instances
+
+    def rollout_steps(self) -> tuple[int, ...]:
+        """The configured steps, or [10, 100] for a class that may have 2 or more instances
+        (max_instances 0 is no limit), else [100]."""
+        if self.rollout_step_percentage:
+            return self.rollout_step_percentage
+        return (10, 100) if self.max_instances >= 2 or self.max_instances == 0 else (100,)
 
     @property
     def health_checked(self) -> bool:

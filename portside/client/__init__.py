@@ -12,6 +12,7 @@ from portside.client._models import (
     ImageInfo,
     LogChunk,
     Response,
+    Rollout,
 )
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
 
@@ -25,6 +26,7 @@ __all__ = [
     "LogChunk",
     "Portside",
     "Response",
+    "Rollout",
     "SyncContainer",
     "SyncPortside",
     "connect",

@@ -19,6 +19,8 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 from portside.client._models import (
+    DEPLOY_ROLLOUTS,
+    ROLLBACK_ROLLOUTS,
     ClassVersion,
     DeployResult,
     ExecChunk,
@@ -26,6 +28,7 @@ from portside.client._models import (
     ImageInfo,
     LogChunk,
     Response,
+    Rollout,
 )
 from portside.convert import (
     class_from_pb,
@@ -34,6 +37,7 @@ from portside.convert import (
     instance_info_from_pb,
     log_chunks_from_pb,
     node_info_from_pb,
+    rollout_from_pb,
     token_info_from_pb,
     usage_from_pb,
 )
@@ -72,6 +76,11 @@ PUSH_CHUNK = 256 * 1024
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 Stdin = bytes | AsyncIterable[bytes] | None
+
+
+def _check_word(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise InvalidArgument(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
 def controlplane_address(address: str | None = None) -> str:
@@ -286,25 +295,77 @@ class Portside:
         *,
         report: Callable[[str], None] | None = None,
         on_build_failure: Callable[[Sequence[str]], None] | None = None,
+        rollout: str = "gradual",
     ) -> DeployResult:
         """Register the classes and routes of a portside.toml (or wrangler.jsonc), replacing
         the ones registered before. A class whose `image` is a Dockerfile or build directory is
         built first with the local Docker engine and its image pushed to the cluster unless the
         cluster has it (`portside.build.build_and_push`; progress lines go to `report`, a failed
-        build's last output lines to `on_build_failure`)."""
+        build's last output lines to `on_build_failure`).
+
+        A class whose version changes rolls its running instances to the new version:
+        `rollout` "gradual" (in the class's rollout steps), "immediate" (all at once) or "none"
+        (existing containers stay on their version). The result lists the rollouts started."""
         from portside.build import build_and_push
         from portside.config import load_deployment
         from portside.convert import config_to_pb
 
+        _check_word("rollout", rollout, DEPLOY_ROLLOUTS)
         loaded = load_deployment(path)
         config = await build_and_push(
             loaded, self, report=report, on_build_failure=on_build_failure
         )
-        request = cp.DeployRequest(config=config_to_pb(config))
+        request = cp.DeployRequest(config=config_to_pb(config), rollout=rollout)
         with self._grpc_errors():
             # wait_for_ready: `portside up` deploys as soon as its control plane's port opens.
             reply = await self._stub.Deploy(request, timeout=self.timeout, wait_for_ready=True)
-        return DeployResult(classes=reply.classes, routes=reply.routes)
+        return DeployResult(
+            classes=reply.classes,
+            routes=reply.routes,
+            rollouts=tuple(rollout_from_pb(m) for m in reply.rollouts),
+        )
+
+    # --- rollouts (issue 12: versions and rollouts) ---
+
+    async def rollout(self, class_name: str) -> Rollout:
+        """The class's latest rollout, in progress or ended (NotFound: it never had one)."""
+        request = cp.GetRolloutRequest(class_name=class_name)
+        with self._grpc_errors():
+            reply = await self._stub.GetRollout(request, timeout=self.timeout)
+        return rollout_from_pb(reply.rollout)
+
+    async def pause_rollout(self, class_name: str) -> Rollout:
+        """Hold the class's rollout where it is (FailedPrecondition: none in progress)."""
+        return await self._control_rollout(class_name, "pause")
+
+    async def resume_rollout(self, class_name: str) -> Rollout:
+        """Go on with the class's paused rollout (FailedPrecondition: none paused)."""
+        return await self._control_rollout(class_name, "resume")
+
+    async def abort_rollout(self, class_name: str) -> Rollout:
+        """End the class's rollout; every instance stays on the version it runs now
+        (FailedPrecondition: none in progress)."""
+        return await self._control_rollout(class_name, "abort")
+
+    async def rollback(
+        self, class_name: str, version: int = 0, rollout: str = "immediate"
+    ) -> Rollout:
+        """Make `version` (0: the one before the current one) the class's current version again
+        and roll its instances back to it, "immediate" or "gradual" (NotFound: no such class or
+        version). Returns the rollback's rollout."""
+        _check_word("rollout", rollout, ROLLBACK_ROLLOUTS)
+        if version < 0:
+            raise InvalidArgument(f"version must be a version number, or 0; not {version}")
+        request = cp.RollbackRequest(class_name=class_name, version=version, rollout=rollout)
+        with self._grpc_errors():
+            reply = await self._stub.Rollback(request, timeout=self.timeout)
+        return rollout_from_pb(reply.rollout)
+
+    async def _control_rollout(self, class_name: str, action: str) -> Rollout:
+        request = cp.ControlRolloutRequest(class_name=class_name, action=action)
+        with self._grpc_errors():
+            reply = await self._stub.ControlRollout(request, timeout=self.timeout)
+        return rollout_from_pb(reply.rollout)
 
     # --- images (issue 12: no registry needed) ---
 

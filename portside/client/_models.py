@@ -50,12 +50,55 @@ class LogChunk:
     data: bytes
 
 
+#: How `deploy` moves running instances to a class's new version, and how `rollback` does.
+DEPLOY_ROLLOUTS = ("gradual", "immediate", "none")
+ROLLBACK_ROLLOUTS = ("immediate", "gradual")
+#: The states of a rollout in progress; the others (done, aborted, rolled_back) are ends.
+ROLLOUT_ACTIVE_STATES = frozenset({"rolling", "waiting", "paused"})
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A class's rollout to `to_version` (`portside rollout status CLASS`): its steps (percentages
+    of the class's instances on `to_version`, ascending to 100), the step in progress and its
+    state (rolling, waiting, paused, done, aborted, rolled_back), with `reason` saying why it
+    waits, paused, aborted or rolled back, and how many instances it counts, updated and healthy."""
+
+    class_name: str
+    to_version: int
+    from_versions: tuple[int, ...] = ()
+    mode: str = "gradual"  # gradual, immediate, rollback
+    steps: tuple[int, ...] = (100,)
+    step: int = 0
+    state: str = "rolling"
+    reason: str = ""
+    started_at: float = 0.0  # unix seconds
+    step_started_at: float = 0.0
+    instances: int = 0
+    updated: int = 0
+    healthy: int = 0
+
+    @property
+    def active(self) -> bool:
+        """In progress (rolling, waiting or paused), not ended."""
+        return self.state in ROLLOUT_ACTIVE_STATES
+
+    @property
+    def percentage(self) -> int:
+        """The share of instances the step in progress wants on `to_version`."""
+        if not self.steps:
+            return 100
+        return self.steps[min(max(self.step, 0), len(self.steps) - 1)]
+
+
 @dataclass(frozen=True)
 class DeployResult:
-    """What `deploy` registered."""
+    """What `deploy` registered, and the rollouts it started (one per class whose new version
+    replaces running instances)."""
 
     classes: int
     routes: int
+    rollouts: tuple[Rollout, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from portside.client._models import (
     ImageInfo,
     LogChunk,
     Response,
+    Rollout,
 )
 from portside.events import Event
 from portside.instances import InstanceInfo
@@ -181,9 +182,12 @@ class SyncPortside:
         *,
         report: Callable[[str], None] | None = None,
         on_build_failure: Callable[[Sequence[str]], None] | None = None,
+        rollout: str = "gradual",
     ) -> DeployResult:
         return self._loop.run(
-            self._async.deploy(path, report=report, on_build_failure=on_build_failure)
+            self._async.deploy(
+                path, report=report, on_build_failure=on_build_failure, rollout=rollout
+            )
         )
 
     def images(self) -> list[ImageInfo]:
@@ -191,6 +195,21 @@ class SyncPortside:
 
     def versions(self, class_name: str) -> list[ClassVersion]:
         return self._loop.run(self._async.versions(class_name))
+
+    def rollout(self, class_name: str) -> Rollout:
+        return self._loop.run(self._async.rollout(class_name))
+
+    def pause_rollout(self, class_name: str) -> Rollout:
+        return self._loop.run(self._async.pause_rollout(class_name))
+
+    def resume_rollout(self, class_name: str) -> Rollout:
+        return self._loop.run(self._async.resume_rollout(class_name))
+
+    def abort_rollout(self, class_name: str) -> Rollout:
+        return self._loop.run(self._async.abort_rollout(class_name))
+
+    def rollback(self, class_name: str, version: int = 0, rollout: str = "immediate") -> Rollout:
+        return self._loop.run(self._async.rollback(class_name, version, rollout))
 
 
 class SyncContainer:

@@ -39,6 +39,12 @@ class Built:
     digest: str
     archive: bytes  # as `docker save` wrote it
 
+    @property
+    def reference(self) -> str:
+        """The name `portside deploy` would give it, the only kind the store takes."""
+        repository = self.tag.partition(":")[0].replace("portside-test/", "portside/")
+        return f"{repository}:{self.digest[7:19]}"
+
 
 @dataclass(frozen=True)
 class Images:
@@ -64,16 +70,20 @@ def images(docker_client: docker.DockerClient, tmp_path: Path) -> Iterator[Image
     (context / "hello.txt").write_text(f"hello {unique}\n")
     base_tag = f"portside-test/imgbase:{unique}"
     app_tag = f"portside-test/imgapp:{unique}"
+    made: list[Built] = []
     try:
-        base = _build(docker_client, context, "FROM scratch\nCOPY busybox /bin/busybox\n", base_tag)
-        app = _build(
-            docker_client, context, f"FROM {base_tag}\nCOPY hello.txt /hello.txt\n", app_tag
+        made.append(
+            _build(docker_client, context, "FROM scratch\nCOPY busybox /bin/busybox\n", base_tag)
         )
-        yield Images(base, app)
+        made.append(
+            _build(docker_client, context, f"FROM {base_tag}\nCOPY hello.txt /hello.txt\n", app_tag)
+        )
+        yield Images(made[0], made[1])
     finally:
-        for tag in (app_tag, base_tag):
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                docker_client.images.remove(tag, force=True)
+        for built in reversed(made):
+            for name in (built.reference, built.tag):
+                with contextlib.suppress(docker.errors.ImageNotFound):
+                    docker_client.images.remove(name, force=True)
 
 
 async def pieces(data: bytes) -> AsyncIterator[bytes]:
@@ -100,9 +110,11 @@ async def test_push_dedupes_shared_layers_and_export_loads_without_them(
     base_layers, app_layers = diff_ids(images.base), diff_ids(images.app)
     assert len(base_layers) == 1 and app_layers[:1] == base_layers and len(app_layers) == 2
 
-    base = await store.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
+    base = await store.ingest(
+        images.base.digest, images.base.reference, pieces(images.base.archive)
+    )
     assert base.stored_bytes == base.image.size_bytes > 1_000_000  # busybox: all of it new
-    app = await store.ingest(images.app.digest, images.app.tag, pieces(images.app.archive))
+    app = await store.ingest(images.app.digest, images.app.reference, pieces(images.app.archive))
     # Only the app's config and its own layer were stored: the busybox layer was there.
     assert app.image.diff_ids == tuple(app_layers)
     assert app.stored_bytes == app.image.config_size + app.image.layer_sizes[1]
@@ -125,7 +137,7 @@ async def test_push_dedupes_shared_layers_and_export_loads_without_them(
 
     loaded = await asyncio.to_thread(docker_client.images.load, exported)
     assert [i.id for i in loaded] == [images.app.digest]
-    assert docker_client.images.get(images.app.tag).id == images.app.digest
+    assert docker_client.images.get(images.app.reference).id == images.app.digest
 
 
 async def test_a_changed_byte_in_a_layer_is_refused_and_nothing_is_kept(
@@ -145,7 +157,7 @@ async def test_a_changed_byte_in_a_layer_is_refused_and_nothing_is_kept(
     tampered = bytearray(images.app.archive)
     tampered[member.offset_data + member.size // 2] ^= 0x01
     with pytest.raises(InvalidArgument) as caught:
-        await store.ingest(images.app.digest, images.app.tag, pieces(bytes(tampered)))
+        await store.ingest(images.app.digest, images.app.reference, pieces(bytes(tampered)))
     message = str(caught.value)
     assert f"layer 2 of 2 ({member.name}) has sha256" in message
     assert f"rootfs.diff_ids[1] is {top}" in message
@@ -160,16 +172,16 @@ async def test_a_copy_leaves_out_the_layers_the_receiver_holds_and_takes_them_fr
     holder, receiver = ImageStore(tmp_path / "holder"), ImageStore(tmp_path / "receiver")
     for store in (holder, receiver):
         store.prepare()
-    await holder.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
-    app = await holder.ingest(images.app.digest, images.app.tag, pieces(images.app.archive))
-    await receiver.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
+    await holder.ingest(images.base.digest, images.base.reference, pieces(images.base.archive))
+    app = await holder.ingest(images.app.digest, images.app.reference, pieces(images.app.archive))
+    await receiver.ingest(images.base.digest, images.base.reference, pieces(images.base.archive))
 
     # As ReplicaCopier does: the receiver sends its chains, the holder leaves those layers out.
     have = await receiver.chain_ids()
     assert have == chain_ids(diff_ids(images.base))
     exported = b"".join([c async for c in holder.export(app.image, have)])
     assert f"{diff_ids(images.base)[0][7:]}/layer.tar" not in members(exported)
-    copied = await receiver.ingest(images.app.digest, images.app.tag, pieces(exported))
+    copied = await receiver.ingest(images.app.digest, images.app.reference, pieces(exported))
     assert copied.image.diff_ids == app.image.diff_ids
     assert copied.image.layer_sizes == app.image.layer_sizes  # the held layer's, from its blob
     assert copied.stored_bytes == app.image.config_size + app.image.layer_sizes[1]
@@ -186,7 +198,7 @@ async def test_a_copy_leaves_out_the_layers_the_receiver_holds_and_takes_them_fr
     empty = ImageStore(tmp_path / "empty")
     empty.prepare()
     with pytest.raises(InvalidArgument, match="names layer 1 .*absent"):
-        await empty.ingest(images.app.digest, images.app.tag, pieces(exported))
+        await empty.ingest(images.app.digest, images.app.reference, pieces(exported))
     assert await empty.stored(images.app.digest) is None
 
 
@@ -195,8 +207,10 @@ async def test_removing_an_image_keeps_the_blobs_another_image_uses(
 ) -> None:
     store = ImageStore(tmp_path / "images")
     store.prepare()
-    base = await store.ingest(images.base.digest, images.base.tag, pieces(images.base.archive))
-    app = await store.ingest(images.app.digest, images.app.tag, pieces(images.app.archive))
+    base = await store.ingest(
+        images.base.digest, images.base.reference, pieces(images.base.archive)
+    )
+    app = await store.ingest(images.app.digest, images.app.reference, pieces(images.app.archive))
     blobs = tmp_path / "images" / "blobs" / "sha256"
 
     removed = await store.remove([images.app.digest])
@@ -235,7 +249,9 @@ async def test_garbage_collection_deletes_records_and_the_blobs_no_kept_image_us
         follow = asyncio.create_task(view.follow())
         notes = asyncio.create_task(catalog.record_deployments())
         for built in (images.base, images.app):
-            ingested = await image_store.ingest(built.digest, built.tag, pieces(built.archive))
+            ingested = await image_store.ingest(
+                built.digest, built.reference, pieces(built.archive)
+            )
             await catalog.note_held(ingested.image)
         web = ContainerClass("Web", images.app.tag, image_digest=images.app.digest)
         await store.put(records.class_key("Web"), records.encode_class(web))
@@ -323,11 +339,11 @@ async def test_a_pull_from_a_replica_that_lacks_the_image_copies_it_first_then_s
         _, holder, holder_catalog = await replica("r1")
         address, receiver, receiver_catalog = await replica("r2", make_copier)
         for built in (images.base, images.app):
-            ingested = await holder.ingest(built.digest, built.tag, pieces(built.archive))
+            ingested = await holder.ingest(built.digest, built.reference, pieces(built.archive))
             await holder_catalog.note_held(ingested.image)
         # The receiver has the base already: the copy leaves its layer out.
         base = await receiver.ingest(
-            images.base.digest, images.base.tag, pieces(images.base.archive)
+            images.base.digest, images.base.reference, pieces(images.base.archive)
         )
         await receiver_catalog.note_held(base.image)
         await eventually(
@@ -371,7 +387,7 @@ def test_the_default_image_dir_sits_beside_a_sqlite_store() -> None:
 
 async def _push(stub: cp_grpc.ControlPlaneStub, built: Built) -> cp.PushImageResponse:
     async def requests() -> AsyncIterator[cp.PushImageRequest]:
-        yield cp.PushImageRequest(digest=built.digest, reference=built.tag)
+        yield cp.PushImageRequest(digest=built.digest, reference=built.reference)
         async for piece in pieces(built.archive):
             yield cp.PushImageRequest(data=piece)
 
@@ -443,7 +459,7 @@ async def test_the_rpcs_push_stat_pull_list_and_heartbeat_reports(
                 [images.base.digest, images.app.digest]
             )
             keeping.cancel()
-            assert by_digest[images.app.digest].reference == images.app.tag
+            assert by_digest[images.app.digest].reference == images.app.reference
             assert by_digest[images.app.digest].size_bytes == app.size_bytes
             heartbeat.cancel()
 
@@ -466,7 +482,7 @@ async def test_the_rpcs_push_stat_pull_list_and_heartbeat_reports(
             tampered = bytearray(images.base.archive)
             tampered[len(tampered) // 2] ^= 0x01
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await _push(stub, Built("x:1", "sha256:" + "1" * 64, bytes(tampered)))
+                await _push(stub, Built("portside-test/x:1", "sha256:" + "1" * 64, bytes(tampered)))
             assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
             counted = {n: _metric(n, labels) - before[n] for n, labels in COUNTED}
@@ -515,3 +531,32 @@ async def _heartbeats(
     )
     yield cp.NodeHeartbeatRequest(node=node, images=digests, images_changed=True)
     await asyncio.sleep(3600)
+
+
+async def test_an_archive_naming_a_member_twice_is_refused_and_nothing_is_kept(
+    tmp_path: Path,
+) -> None:
+    """The second member of a name could differ from the first, which is what was verified: the
+    store would keep other bytes under the layer's digest, for every image that shares it."""
+    layer, junk = b"honest layer" * 1000, b"junk" * 1000
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = [{"Config": "config.json", "RepoTags": [], "Layers": ["L/layer.tar"]}]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in (
+            ("L/layer.tar", layer),
+            ("L/layer.tar", junk),
+            ("config.json", config),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    store = ImageStore(tmp_path / "images")
+    store.prepare()
+    with pytest.raises(InvalidArgument, match="L/layer.tar twice"):
+        await store.ingest(digest, "", pieces(out.getvalue()))
+    assert await store.stored(digest) is None
+    assert not list((tmp_path / "images" / "blobs" / "sha256").iterdir())

@@ -33,6 +33,7 @@ def test_public_surface_is_explicit_and_importable() -> None:
         portside.ContainerClass,
         portside.Response,
         portside.DeployResult,
+        portside.Rollout,
         portside.Usage,
     ],
 )

@@ -443,6 +443,7 @@ WRANGLER = """
       "max_instances": 10,
       "instance_type": {"vcpu": 1, "memory_mib": 3072, "disk_mb": 4000,},
       "rollout_step_percentage": 50,
+      "rollout_kind": "full_auto",
       "image_build_context": ".",
       "sleepAfter": "1m",
       "sleep_after": "2m", // Portside extra
@@ -472,6 +473,7 @@ def test_wrangler_with_comments_trailing_commas_and_extras() -> None:
                 instance_type=InstanceType("custom", 1.0, 3072, 4000),
                 sleep_after_s=120.0,
                 env={"URL": "http://example.com/*not-a-comment*/"},
+                rollout_step_percentage=(50, 100),  # 50: steps of 50%
             ),
             ContainerClass(
                 name="Lite", image="lite:1", instance_type=LITE, max_instances=20
@@ -480,7 +482,7 @@ def test_wrangler_with_comments_trailing_commas_and_extras() -> None:
         routes=(Route("/execute-code", "CodeExecutor", InstanceSource("query", name="id")),),
     )
     assert warnings == [
-        "wrangler.jsonc: containers[0].rollout_step_percentage: ignored (not used by Portside)",
+        "wrangler.jsonc: containers[0].rollout_kind: ignored (not used by Portside)",
         "wrangler.jsonc: containers[0].sleepAfter: ignored (unknown field; did you mean "
         "sleep_after?)",
         "wrangler.jsonc: containers[0].image_build_context: ignored (only for an image Portside "
@@ -714,7 +716,7 @@ def test_load_config_reads_wrangler_by_extension(tmp_path: Path, name: str) -> N
     config = load_config(path, on_warning=warnings.append)
     assert config.class_named("CodeExecutor") is not None
     assert len(warnings) == 6
-    assert warnings[0].startswith(f"{path}: containers[0].rollout_step_percentage")
+    assert warnings[0].startswith(f"{path}: containers[0].rollout_kind")
 
 
 def test_load_config_logs_wrangler_warnings_by_default(

@@ -9,18 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DeployRequest(_message.Message):
-    __slots__ = ("config",)
+    __slots__ = ("config", "rollout")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     config: _types_pb2.Config
-    def __init__(self, config: _Optional[_Union[_types_pb2.Config, _Mapping]] = ...) -> None: ...
+    rollout: str
+    def __init__(self, config: _Optional[_Union[_types_pb2.Config, _Mapping]] = ..., rollout: _Optional[str] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
-    __slots__ = ("classes", "routes")
+    __slots__ = ("classes", "routes", "rollouts")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     classes: int
     routes: int
-    def __init__(self, classes: _Optional[int] = ..., routes: _Optional[int] = ...) -> None: ...
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, classes: _Optional[int] = ..., routes: _Optional[int] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
 class GetConfigRequest(_message.Message):
     __slots__ = ()
@@ -131,7 +135,7 @@ class NodeHeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[_Union[_types_pb2.Node, _Mapping]] = ..., instances: _Optional[_Iterable[_Union[_types_pb2.InstanceStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_types_pb2.Usage, _Mapping]]] = ..., usage_source: _Optional[str] = ..., usage_sequence: _Optional[int] = ..., fenced: _Optional[bool] = ..., images: _Optional[_Iterable[str]] = ..., images_changed: _Optional[bool] = ...) -> None: ...
 
 class NodeHeartbeatResponse(_message.Message):
-    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds", "prefetch_images", "keep_images")
+    __slots__ = ("lease_ttl_seconds", "pool", "lease_confirmed", "store_unavailable", "reconciled", "elsewhere", "fence_after_seconds", "prefetch_images", "keep_images", "replace")
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     LEASE_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,7 @@ class NodeHeartbeatResponse(_message.Message):
     FENCE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_IMAGES_FIELD_NUMBER: _ClassVar[int]
     KEEP_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     lease_ttl_seconds: float
     pool: _containers.RepeatedCompositeFieldContainer[_types_pb2.PoolAssignment]
     lease_confirmed: bool
@@ -150,7 +155,8 @@ class NodeHeartbeatResponse(_message.Message):
     fence_after_seconds: float
     prefetch_images: _containers.RepeatedScalarFieldContainer[str]
     keep_images: ImageKeep
-    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ..., prefetch_images: _Optional[_Iterable[str]] = ..., keep_images: _Optional[_Union[ImageKeep, _Mapping]] = ...) -> None: ...
+    replace: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_ttl_seconds: _Optional[float] = ..., pool: _Optional[_Iterable[_Union[_types_pb2.PoolAssignment, _Mapping]]] = ..., lease_confirmed: _Optional[bool] = ..., store_unavailable: _Optional[bool] = ..., reconciled: _Optional[bool] = ..., elsewhere: _Optional[_Iterable[str]] = ..., fence_after_seconds: _Optional[float] = ..., prefetch_images: _Optional[_Iterable[str]] = ..., keep_images: _Optional[_Union[ImageKeep, _Mapping]] = ..., replace: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageKeep(_message.Message):
     __slots__ = ("digests",)
@@ -585,3 +591,75 @@ class ListVersionsResponse(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[ClassVersion]
     current: int
     def __init__(self, versions: _Optional[_Iterable[_Union[ClassVersion, _Mapping]]] = ..., current: _Optional[int] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("class_name", "to_version", "from_versions", "mode", "steps", "step", "state", "reason", "started_at", "step_started_at", "instances", "updated", "healthy")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STEP_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    to_version: int
+    from_versions: _containers.RepeatedScalarFieldContainer[int]
+    mode: str
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    step: int
+    state: str
+    reason: str
+    started_at: float
+    step_started_at: float
+    instances: int
+    updated: int
+    healthy: int
+    def __init__(self, class_name: _Optional[str] = ..., to_version: _Optional[int] = ..., from_versions: _Optional[_Iterable[int]] = ..., mode: _Optional[str] = ..., steps: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., started_at: _Optional[float] = ..., step_started_at: _Optional[float] = ..., instances: _Optional[int] = ..., updated: _Optional[int] = ..., healthy: _Optional[int] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("class_name",)
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    def __init__(self, class_name: _Optional[str] = ...) -> None: ...
+
+class GetRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class ControlRolloutRequest(_message.Message):
+    __slots__ = ("class_name", "action")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    action: str
+    def __init__(self, class_name: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class ControlRolloutResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("class_name", "version", "rollout")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    version: int
+    rollout: str
+    def __init__(self, class_name: _Optional[str] = ..., version: _Optional[int] = ..., rollout: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...

@@ -205,6 +205,21 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/portside.v1.ControlPlane/GetRollout',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/portside.v1.ControlPlane/ControlRollout',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ControlRolloutResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/portside.v1.ControlPlane/Rollback',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.RollbackResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -486,6 +501,31 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRollout(self, request, context):
+        """A class's rollout: the latest one, in progress or ended. NOT_FOUND: the class never had one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """Pause, resume or abort the class's rollout in progress (deploy role). Abort leaves every
+        instance on the version it runs now and ends the rollout. FAILED_PRECONDITION: no rollout
+        in progress (or, for resume, none paused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Make VERSION (0: the version before the current one) the class's current version again and
+        roll every instance back to it (immediate unless `rollout` says gradual) (deploy role).
+        NOT_FOUND: no such class or version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -658,6 +698,21 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.GetRolloutRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ControlRolloutResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.RollbackRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.RollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1578,6 +1633,87 @@ class ControlPlane:
             '/portside.v1.ControlPlane/ListVersions',
             portside_dot_v1_dot_controlplane__pb2.ListVersionsRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/GetRollout',
+            portside_dot_v1_dot_controlplane__pb2.GetRolloutRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ControlRollout',
+            portside_dot_v1_dot_controlplane__pb2.ControlRolloutRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ControlRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Rollback',
+            portside_dot_v1_dot_controlplane__pb2.RollbackRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.RollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,12 @@ class ContainerClass(_message.Message):
     HEALTH_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_CHECK_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STEP_PERCENTAGE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ACTIVE_GRACE_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_HEALTH_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ON_UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
+    STOP_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAKE_MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -61,7 +67,13 @@ class ContainerClass(_message.Message):
     health_check_failures: int
     health_check_timeout_seconds: float
     version: int
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+    rollout_step_percentage: _containers.RepeatedScalarFieldContainer[int]
+    rollout_active_grace_period_seconds: float
+    rollout_health_deadline_seconds: float
+    rollout_on_unhealthy: str
+    stop_timeout_seconds: float
+    wake_min_version: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("minimum_instances", "maximum_instances", "cpu_target", "scale_down_delay_seconds", "concurrency_limit")

@@ -30,11 +30,11 @@ SERVICE = cp.DESCRIPTOR.services_by_name["ControlPlane"]
 
 READ_METHODS = {
     "GetConfig", "Logs", "GetState", "GetStateValue", "WatchEvents", "ListClasses",
-    "ListInstances", "ListNodes", "GetUsage", "ListImages", "ListVersions",
+    "ListInstances", "ListNodes", "GetUsage", "ListImages", "ListVersions", "GetRollout",
 }  # fmt: skip
 DEPLOY_METHODS = {
     "Deploy", "Start", "Stop", "Signal", "Destroy", "Exec", "RenewActivity", "PutStateValue",
-    "DeleteStateValue", "PushImage", "StatImages",
+    "DeleteStateValue", "PushImage", "StatImages", "ControlRollout", "Rollback",
 }  # fmt: skip
 ADMIN_METHODS = {"CreateToken", "ListTokens", "RevokeToken"}
 AUDITED = (DEPLOY_METHODS - {"StatImages"}) | {"CreateToken", "RevokeToken", "Join"}

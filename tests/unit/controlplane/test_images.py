@@ -48,11 +48,16 @@ def test_a_malformed_digest_is_refused_naming_the_field(digest: str) -> None:
         check_digest(digest, "layers[0]")
 
 
-def test_references() -> None:
-    assert check_reference("portside/web:0123456789ab") == "portside/web:0123456789ab"
-    assert check_reference("") == ""
-    with pytest.raises(InvalidArgument, match="reference"):
-        check_reference("has space:1")
+def test_a_reference_is_the_name_portside_deploy_gives_that_image() -> None:
+    digest = "sha256:0123456789ab" + "c" * 52
+    assert check_reference("portside/web:0123456789ab", digest) == "portside/web:0123456789ab"
+    assert check_reference("portside/a.b-c:0123456789ab", digest) == "portside/a.b-c:0123456789ab"
+    assert check_reference("", digest) == ""
+    # A name that would stand in for a registry image in every engine that loads it, another
+    # image's tag, or no name at all.
+    for wrong in ("postgres:16", "portside/web:latest", "portside/web:ffffffffffff", "has space:1"):
+        with pytest.raises(InvalidArgument, match="portside/<name>:0123456789ab"):
+            check_reference(wrong, digest)
 
 
 def make_tar(files: Sequence[tuple[str, bytes]], links: Sequence[tuple[str, str]] = ()) -> bytes:
@@ -213,3 +218,26 @@ def test_who_may_call_the_image_methods() -> None:
     # Agents pull for their engines; replicas copy from each other (controlplane.imagecopy).
     assert RULES["PullImage"].peers == {PeerRole.AGENT, PeerRole.CONTROLPLANE}
     assert RULES["PullImage"].role is None
+
+
+def pax_member(name: str, data: bytes, pax: dict[str, str]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.pax_headers = pax
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+async def test_an_extended_header_past_its_bound_is_refused_before_it_is_read() -> None:
+    archive = pax_member("layer.tar", b"x", {"comment": "y" * 100_000})
+    with pytest.raises(InvalidArgument, match="extended tar header of .* bytes"):
+        await read_all(archive, 4096)
+
+
+@pytest.mark.parametrize("size", ["abc", "-5", "1e3", ""])
+async def test_a_pax_size_that_is_not_a_count_of_bytes_is_refused(size: str) -> None:
+    archive = pax_member("layer.tar", b"x", {"size": size})
+    with pytest.raises(InvalidArgument, match="not a tar archive"):
+        await read_all(archive, 4096)

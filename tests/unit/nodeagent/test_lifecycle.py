@@ -142,6 +142,23 @@ ROWS: list[tuple[InstanceState, StopCause | None, Trigger, Step]] = [
         rests(S.STOPPED, END, says=(Announce(K.EXITED, 143, 15, "its agent shut down"),)),
     ),
     (S.STOPPING, C.BOOT_FAILED, Died(143), rests(S.STOPPED, END)),
+    # A rollout's replace: announced as it begins, with the versions; the old container's death
+    # is silent (the new container's starting and ready follow).
+    (
+        S.HEALTHY,
+        None,
+        Stop(C.ROLLOUT, "version 1 → 2"),
+        Step(S.STOPPING, C.ROLLOUT, (STOP_IT,), (Announce(K.REPLACED, reason="version 1 → 2"),)),
+    ),
+    (
+        S.RUNNING,
+        None,
+        Stop(C.ROLLOUT, "version 1 → 2"),
+        Step(S.STOPPING, C.ROLLOUT, (STOP_IT,), (Announce(K.REPLACED, reason="version 1 → 2"),)),
+    ),
+    (S.STOPPING, C.ROLLOUT, Died(143), rests(S.STOPPED, END)),
+    (S.STOPPING, C.ROLLOUT, Removed(), rests(S.STOPPED, END, FORGET)),
+    (S.STOPPING, C.ROLLOUT, StopFailed(), rests(S.STOPPED, END)),
     (S.STOPPING, C.SLEEP, Removed(), rests(S.SLEEPING, END, FORGET, says=(Announce(K.SLEPT),))),
     (S.STOPPING, C.SLEEP, StopFailed(), rests(S.STOPPED, END)),
     # A container removed while it rests: only forgotten, the next boot creates one.
