@@ -94,11 +94,13 @@ class ImageCollector:
         *,
         every_s: float,
         keep_versions: int,
+        fresh_s: float = FRESH_PUSH_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store, self.view, self.catalog, self.leader = store, view, catalog, leader
         self.every_s = every_s
         self.keep_versions = keep_versions
+        self.fresh_s = fresh_s
         self.clock = clock
 
     def snapshot(self, images: Mapping[str, ImageRecord] | None = None) -> GcSnapshot:
@@ -109,6 +111,7 @@ class ImageCollector:
                 n: c.image_digest for n, c in self.view.classes.items() if c.image_digest
             },
             keep_versions=self.keep_versions,
+            fresh_s=self.fresh_s,
         )
 
     async def run(self) -> None:

@@ -73,6 +73,7 @@ class ControlPlaneOptions:
     # each class's last this many images.
     image_gc_every_s: float = 600.0
     image_keep_versions: int = 3
+    image_gc_grace_s: float = 3600.0  # a push this recent is kept: its deploy may still come
 
 
 def default_image_dir(store_url: str) -> Path:
@@ -110,6 +111,8 @@ async def load_image_catalog(images: ImageStore, catalog: ImageCatalog) -> None:
 async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> None:
     if opts.image_gc_every_s <= 0:
         raise ConfigError("--image-gc-every", f"{opts.image_gc_every_s:g}s", "must be positive")
+    if opts.image_gc_grace_s < 0:
+        raise ConfigError("--image-gc-grace", f"{opts.image_gc_grace_s:g}s", "must not be negative")
     if opts.image_keep_versions < 1:
         raise ConfigError(
             "--image-keep-versions",
@@ -172,6 +175,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         leader,
         every_s=opts.image_gc_every_s,
         keep_versions=opts.image_keep_versions,
+        fresh_s=opts.image_gc_grace_s,
     )
     events = EventLog(store)
     agents = AgentClients(
@@ -180,7 +184,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     pools = PoolManager(store, view, leader, default_region=opts.region, events=events)
     # Rollouts: the leader drives them; every replica's heartbeat replies carry their replaces.
     rollout_book = RolloutBook(store, view)
-    rollout_loop = RolloutLoop(store, view, lambda: leader.is_leader, pools=pools)
+    rollout_loop = RolloutLoop(store, view, lambda: leader.is_leader, pools=pools, events=events)
     server = net.grpc_server()
     service = ControlPlaneService(
         store,

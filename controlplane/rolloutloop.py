@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from controlplane import records
+from controlplane.events import EventLog
 from controlplane.metrics import (
     ROLLOUT_CONTROLS,
     ROLLOUT_PAUSES,
@@ -49,6 +50,7 @@ from controlplane.store import KeyValue, Store, WatchEvent
 from controlplane.versions import VERSIONED_FIELDS, history
 from controlplane.view import ClusterView
 from portside.errors import FailedPrecondition, NotFound, StoreError
+from portside.events import Event, EventKind
 from portside.spec import ContainerClass
 from portside.states import InstanceState
 
@@ -367,12 +369,14 @@ class RolloutLoop:
         is_leader: Callable[[], bool],
         *,
         pools: PoolReplacer | None = None,
+        events: EventLog | None = None,
         tick_s: float = TICK_S,
     ) -> None:
         self.store = store
         self.view = view
         self.is_leader = is_leader
         self.pools = pools
+        self.events = events
         self.tick_s = tick_s
 
     async def run(self) -> None:
@@ -472,6 +476,7 @@ class RolloutLoop:
             ROLLOUT_ROLLBACKS.labels(cause).inc()
             log.warning("rollout of %s rolls back: %s", cls.name, record.reason)
             note_ended(record, ROLLED_BACK, now)
+            await self._say_rolled_back(cls.name, record, plan.rollback_to, now)
             try:
                 await roll_back(
                     self.store,
@@ -486,6 +491,28 @@ class RolloutLoop:
                 )
             except (NotFound, FailedPrecondition) as exc:
                 await self._cannot_roll_back(record, str(exc))
+
+    async def _say_rolled_back(
+        self, class_name: str, record: RolloutRecord, back_to: int, now: float
+    ) -> None:
+        """An event for each instance that ran the failed version: users watching the class
+        (`portside events`) hear why their instances moved back."""
+        if self.events is None:
+            return
+        why = f"version {record.to_version} rolled back to {back_to}: {record.reason}"
+        for inst in class_instances(self.view, class_name):
+            if inst.version == record.to_version:
+                await self.events.record(
+                    Event(
+                        EventKind.ROLLED_BACK,
+                        now,
+                        class_name,
+                        inst.name,
+                        inst.instance_id,
+                        inst.node_id,
+                        reason=why,
+                    )
+                )
 
     async def _cannot_roll_back(self, record: RolloutRecord, why: str) -> None:
         """The rollback's version is gone (or the class moved): the rollout pauses instead,

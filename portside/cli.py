@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the leader garbage-collects images no class needs (default 10m)",
     )
     p.add_argument(
+        "--image-gc-grace",
+        default="1h",
+        metavar="DURATION",
+        help="garbage collection keeps any image pushed this recently, whatever uses it: a "
+        "deploy pushes its images before it registers the classes that use them (default 1h)",
+    )
+    p.add_argument(
         "--image-keep-versions",
         type=int,
         default=3,
@@ -533,6 +540,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     image_dir=args.image_dir,
                     image_gc_every_s=_duration(args.image_gc_every, "--image-gc-every"),
                     image_keep_versions=args.image_keep_versions,
+                    image_gc_grace_s=_duration(args.image_gc_grace, "--image-gc-grace"),
                 )
             )
         )

@@ -17,6 +17,9 @@ users watch it (`portside events`, `Container.events()`).
                       rollout (its old container stops, requests wait for the new one), or at a
                       wake older than the class's wake_min_version (reason: "version 1 → 2 ...";
                       either way the new container's writable layer starts fresh)
+    rolled-back       a rollout of its class failed its health gate and the class went back to
+                      the version before, by itself (recorded for each instance that ran the
+                      failed version; reason: why the rollout stopped)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class EventKind(enum.StrEnum):
     FAILED = "failed"
     REMOVED = "removed"
     REPLACED = "replaced"
+    ROLLED_BACK = "rolled-back"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from there on its first boot, verified by digest; `portside images` says where i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -73,7 +74,7 @@ def images(cluster: Cluster) -> list[dict[str, object]]:
     return listed
 
 
-async def test_a_dockerfile_boots_on_a_node_whose_engine_never_had_it(
+async def test_a_dockerfile_boots_on_the_node_whose_engine_never_had_it(
     cluster: Cluster, engine_b: str, docker_client: docker.DockerClient
 ) -> None:
     cluster.start_controlplane()
@@ -90,9 +91,11 @@ async def test_a_dockerfile_boots_on_a_node_whose_engine_never_had_it(
     b = docker.DockerClient(base_url=engine_b)
     try:
         assert b.images.list(all=True) == []  # nothing on node B's engine, and no registry
+        # Two nodes: fra's engine has the image (it was built there), syd's never had it.
+        cluster.start_agent("fra", "127.0.0.2")
         syd = cluster.start_agent("syd", "127.0.0.3", env={"DOCKER_HOST": engine_b})
         edge = cluster.start_edge("syd")
-        cluster.wait_for_nodes(1)
+        cluster.wait_for_nodes(2)
         async with aiohttp.ClientSession() as s:
             status, body, _ = await get(s, f"http://{edge.address}/session/state", "far", "syd")
         assert (status, body.strip()) == (200, mark), body
@@ -128,3 +131,39 @@ def test_a_build_that_fails_deploys_nothing_and_says_why(cluster: Cluster) -> No
     assert out.returncode != 0
     assert "Built" in out.stderr and "build" in out.stderr.lower(), out.stderr
     assert images(cluster) == []
+
+
+async def test_garbage_collection_keeps_the_current_image_and_removes_the_rest(
+    cluster: Cluster, docker_client: docker.DockerClient
+) -> None:
+    cluster.start_controlplane(
+        "--image-gc-every", "1s", "--image-keep-versions", "1", "--image-gc-grace", "0s"
+    )
+    build_dir(cluster.tmp)
+    cluster.deploy(config("gc-one-" + secrets.token_hex(3)))
+    (first,) = images(cluster)
+    cluster.deploy(config("gc-two-" + secrets.token_hex(3)))
+    store = cluster.tmp / "images"
+    try:
+
+        def only_the_current_one() -> bool:
+            listed = images(cluster)
+            return [i["classes"] for i in listed] == [["Built"]] and len(listed) == 1
+
+        await eventually(only_the_current_one, within=15, every=0.3, what="the old image gone")
+        (kept,) = images(cluster)
+        assert kept["digest"] != first["digest"]
+        old_hex = str(first["digest"]).removeprefix("sha256:")
+        kept_hex = str(kept["digest"]).removeprefix("sha256:")
+
+        def swept() -> bool:
+            return not (store / "images" / f"{old_hex}.json").exists()
+
+        await eventually(swept, within=15, every=0.3, what="the old image's record swept")
+        blobs = {p.name for p in (store / "blobs" / "sha256").iterdir()}
+        assert old_hex not in blobs and kept_hex in blobs  # the configs
+        assert (store / "images" / f"{kept_hex}.json").exists()
+    finally:
+        for image in (first, *images(cluster)):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                docker_client.images.remove(str(image["reference"]), force=True)

@@ -85,6 +85,18 @@ def instances(cluster: Cluster) -> list[dict[str, object]]:
     return listed
 
 
+def stored_events(cluster: Cluster) -> list[dict[str, object]]:
+    """The class's lifecycle events as the control plane stored them."""
+    out = subprocess.run(
+        ["etcdctl", "--endpoints", cluster.store_url.removeprefix("etcd://")]
+        + ["get", "--prefix", "/portside/events/Echo/", "--print-value-only"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
 def exec_mark(cluster: Cluster, name: str) -> str:
     """$MARK in the instance's container, by `portside exec`."""
     out = subprocess.run(
@@ -203,6 +215,9 @@ async def test_a_version_that_crashes_is_stopped_at_its_first_step_and_rolled_ba
         shape = (back["mode"], back["to_version"])
         assert shape in (("gradual", 2), ("rollback", 1)), back
         assert "health" in str(back["reason"]) or "rollback" in str(back["reason"]), back
+        # The instance that ran version 2 has an event saying why it went back.
+        said = [e for e in stored_events(cluster) if e["kind"] == "rolled-back"]
+        assert said and all("version 2 rolled back to 1" in str(e["reason"]) for e in said)
 
         # The instance whose version 2 container crashed is stopped; its next request wakes it
         # in a new container of version 1 (its crash loop was version 2's, and is forgotten).
