@@ -191,6 +191,9 @@ async def test_event_watch_resumes_after_a_controlplane_restart(
         (controlplane,) = [p for p in cluster.procs if p.name.startswith("controlplane")]
         cluster.stop(controlplane)
         cluster.restart(controlplane)
+        # The agent's heartbeat reconnects with backoff (up to 2 s): until it has, the new
+        # replica may know no live node (the stop's grace can outlast the node's lease).
+        cluster.wait_for_nodes(1)
         await ps.container("Echo", "after").start()
         await asyncio.wait_for(watcher, 30)
 
