@@ -27,7 +27,13 @@ from portside import geo
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
 from portside.convert import class_to_pb, instance_info_from_pb
-from portside.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from portside.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PortsideError,
+    Unavailable,
+)
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
 from portside.net import Deadlines
@@ -35,6 +41,7 @@ from portside.spec import ContainerClass, Node, instance_id
 from portside.states import InstanceState
 
 log = logging.getLogger(__name__)
+_DRAIN_S = 1.0  # how long a failing exec waits for its client to finish sending
 
 DEFAULT_GRACE_S = 10.0  # Stop's grace period when the request gives none
 DESTROY_S = 30.0  # removing a container and its writable layer can take a while on a busy disk
@@ -265,8 +272,19 @@ class Lifecycle:
         start = first.start
         if not start.command:
             raise InvalidArgument("start.command: must not be empty")
-        where = await self.locate(start.instance.class_name, start.instance.name)
-        node = self._running_node(where, "exec into")
+        try:
+            where = await self.locate(start.instance.class_name, start.instance.name)
+            node = self._running_node(where, "exec into")
+        except PortsideError:
+            if not start.stdin:
+                # The client half-closes right after its start: let it, before answering with
+                # the error. A call ended while the client still writes can reach it as gRPC's
+                # "Internal error from Core" instead of this error.
+                with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                    async with asyncio.timeout(_DRAIN_S):
+                        async for _ in requests:
+                            pass
+            raise
         call = self.agents.stub(node).Exec()
 
         async def forward_stdin() -> None:
