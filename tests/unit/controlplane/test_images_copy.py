@@ -79,15 +79,15 @@ def test_backoff_doubles_up_to_five_minutes() -> None:
 
 def test_sources_are_registered_holders_with_an_address_nearest_first() -> None:
     replicas = {
-        "r1": Replica("fra", "m", "10.0.0.1:7070"),
-        "r2": Replica("iad", "m", "10.0.0.2:7070"),
-        "r3": Replica("FRA", "m", "10.0.0.3:7070"),
+        "r1": Replica("fra", "m", "127.0.0.11:7070"),
+        "r2": Replica("iad", "m", "127.0.0.12:7070"),
+        "r3": Replica("FRA", "m", "127.0.0.13:7070"),
         "r4": Replica("fra", "m", ""),  # an older replica: no address to call
     }
     record = rec(1, ("r1", "r2", "r3", "r4", "r5"))  # r5 is not registered (stopped)
     assert copy_sources(record, replicas, "r1", "fra") == [
-        ("r3", "10.0.0.3:7070"),
-        ("r2", "10.0.0.2:7070"),
+        ("r3", "127.0.0.13:7070"),
+        ("r2", "127.0.0.12:7070"),
     ]
 
 
