@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from types import TracebackType
 
 from portside.net import free_port
 from tests.support import eventually_sync
+
+
+class MemberExited(Exception):
+    """A member's process ended while the cluster was expected to come up."""
 
 
 @dataclass
@@ -64,11 +69,29 @@ class EtcdCluster:
     def member(self, endpoint: str) -> Member:
         return next(m for m in self.members if m.endpoint == endpoint)
 
-    def start(self) -> EtcdCluster:
-        for m in self.members:
-            self._spawn(m)
-        self.wait_healthy()
-        return self
+    def start(self, attempts: int = 3) -> EtcdCluster:
+        """Start every member and wait for a healthy cluster. A member that exits at once because
+        its port was taken in the meantime (another test's server bound it between `free_port`
+        and etcd's bind) makes the whole cluster start again on fresh ports and data dirs."""
+        for attempt in range(1, attempts + 1):
+            for m in self.members:
+                self._spawn(m)
+            try:
+                self.wait_healthy()
+                return self
+            except (AssertionError, MemberExited):
+                taken = [m for m in self.members if not m.running and self._port_taken(m)]
+                self.close()
+                if not taken or attempt == attempts:
+                    raise AssertionError(f"etcd cluster did not start:\n{self.logs()}") from None
+                for m in self.members:
+                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                    m.client_port, m.peer_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _port_taken(m: Member) -> bool:
+        return m.log.exists() and "address already in use" in m.log.read_text(errors="replace")
 
     def _spawn(self, m: Member) -> None:
         initial = ",".join(f"{o.name}=http://127.0.0.1:{o.peer_port}" for o in self.members)
@@ -122,8 +145,16 @@ class EtcdCluster:
         for m in self.members:
             if m.running:
                 eventually_sync(
-                    functools.partial(self.healthy, m), within=within, what=f"etcd member {m.name}"
+                    functools.partial(self._healthy_or_exited, m),
+                    within=within,
+                    what=f"etcd member {m.name}",
                 )
+
+    def _healthy_or_exited(self, m: Member) -> bool:
+        """Healthy; a member that has exited fails at once, without waiting out the deadline."""
+        if not m.running:
+            raise MemberExited(f"etcd member {m.name} exited ({m.proc and m.proc.returncode})")
+        return self.healthy(m)
 
     def leader(self) -> Member | None:
         """The member that leads, by the status of the running ones; None without a leader."""
