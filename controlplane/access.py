@@ -129,10 +129,17 @@ RULES: Mapping[str, Rule] = {
     "ControlRollout": _token(DEPLOY, _class_field, audited=True),
     "Rollback": _token(DEPLOY, _class_field, audited=True),
     "GetUsage": _token(READ, _class_field),
+    "CreateSnapshot": _token(DEPLOY, _instance, audited=True),
+    "ListSnapshots": _token(READ, _class_field),
+    "DeleteSnapshot": _token(DEPLOY, _class_field, audited=True),
+    "Schedule": _token(DEPLOY, _instance, audited=True),
+    "ListSchedules": _token(READ, _class_field),
+    "DeleteSchedule": _token(DEPLOY, _instance, audited=True),
     "CreateToken": _token(ADMIN, _new_token, audited=True),
     "ListTokens": _token(ADMIN),
     "RevokeToken": _token(ADMIN, _token_reference, audited=True),
-    "PushImage": _token(DEPLOY, audited=True),  # the image store is the cluster's
+    # the image store is the cluster's; agents push the snapshots they take
+    "PushImage": Rule(role=DEPLOY, peers=frozenset((AGENT,)), audited=True),
     "StatImages": _token(DEPLOY),
     "ListImages": _token(READ),
     # parts of the cluster, by their certificate's role
@@ -143,6 +150,8 @@ RULES: Mapping[str, Rule] = {
     "WatchRoutes": _peers(EDGE),
     "ReportDemand": _peers(EDGE),
     "PullImage": _peers(AGENT, PeerRole.CONTROLPLANE),  # replicas copy images between them
+    "RecordSnapshot": _peers(AGENT),
+    "LatestSnapshot": _peers(AGENT),
     "RenewCertificate": _peers(*PeerRole),
     # a node without a certificate yet
     "Join": Rule(join=True, target=_joining, audited=True),
@@ -178,7 +187,9 @@ def admit(
 ) -> Caller:
     """The caller, if `rule` lets it call `method` on `target`; otherwise Unauthenticated or
     PermissionDenied with the reason and what to do."""
-    if rule.peers:
+    if rule.peers and (
+        rule.role is None or (credentials.peer is not None and credentials.peer.role in rule.peers)
+    ):
         return _admit_peer(method, rule.peers, credentials)
     kind: TokenKind = "join" if rule.join else "api"
     found = check_bearer(tokens, credentials.authorization, kind, now)

@@ -22,6 +22,7 @@ from portside.errors import ConfigError
 from portside.spec import (
     INSTANCE_TYPES,
     ROLLOUT_ON_UNHEALTHY,
+    SLEEP_MODES,
     Autoscaling,
     Config,
     ContainerClass,
@@ -77,6 +78,11 @@ _CONTAINER_KEYS = (
     "rollout_health_deadline",
     "rollout_on_unhealthy",
     "stop_timeout",
+    "sleep_mode",
+    "pause_max",
+    "snapshot_on_sleep",
+    "snapshot_retention",
+    "snapshot_keep",
 )
 _BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
@@ -414,6 +420,13 @@ def _container(table: _Table) -> ContainerClass:
         ),
         rollout_on_unhealthy=_rollout_on_unhealthy(table),
         stop_timeout_s=table.duration("stop_timeout", _DEFAULT.stop_timeout_s, allow_seconds=True),
+        sleep_mode=table.text("sleep_mode", _DEFAULT.sleep_mode),
+        pause_max_s=table.duration("pause_max", _DEFAULT.pause_max_s, allow_seconds=True),
+        snapshot_on_sleep=table.boolean("snapshot_on_sleep", _DEFAULT.snapshot_on_sleep),
+        snapshot_retention_s=table.duration(
+            "snapshot_retention", _DEFAULT.snapshot_retention_s, allow_seconds=True
+        ),
+        snapshot_keep=table.integer("snapshot_keep", _DEFAULT.snapshot_keep, low=1),
     )
 
 
@@ -784,6 +797,23 @@ def _check_rollout(cls: ContainerClass, fail: Callable[[str, str], ConfigError])
         )
     if cls.wake_min_version < 0:
         raise fail("wake_min_version", f"must be >= 0, not {cls.wake_min_version}")
+    _check_sleep(cls, fail)
+
+
+def _check_sleep(cls: ContainerClass, fail: Callable[[str, str], ConfigError]) -> None:
+    if cls.sleep_mode not in SLEEP_MODES:
+        raise fail(
+            "sleep_mode",
+            f"{_show(cls.sleep_mode)} is not allowed; use {' or '.join(map(_show, SLEEP_MODES))}",
+        )
+    for field, seconds in (
+        ("pause_max", cls.pause_max_s),
+        ("snapshot_retention", cls.snapshot_retention_s),
+    ):
+        if not seconds > 0:
+            raise fail(field, f"{seconds:g}s must be longer than zero")
+    if cls.snapshot_keep < 1:
+        raise fail("snapshot_keep", f"must be an integer >= 1, not {cls.snapshot_keep}")
 
 
 def _ping_endpoint(table: _Table) -> str:

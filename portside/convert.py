@@ -20,7 +20,10 @@ from portside.spec import (
     DEFAULT_HEALTH_CHECK_FAILURES,
     DEFAULT_HEALTH_CHECK_INTERVAL_S,
     DEFAULT_HEALTH_CHECK_TIMEOUT_S,
+    DEFAULT_PAUSE_MAX_S,
     DEFAULT_ROLLOUT_HEALTH_DEADLINE_S,
+    DEFAULT_SNAPSHOT_KEEP,
+    DEFAULT_SNAPSHOT_RETENTION_S,
     DEFAULT_STOP_TIMEOUT_S,
     Autoscaling,
     Config,
@@ -96,6 +99,11 @@ def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
         rollout_on_unhealthy=c.rollout_on_unhealthy,
         stop_timeout_seconds=c.stop_timeout_s,
         wake_min_version=c.wake_min_version,
+        sleep_mode=c.sleep_mode,
+        pause_max_seconds=c.pause_max_s,
+        snapshot_on_sleep=c.snapshot_on_sleep,
+        snapshot_retention_seconds=c.snapshot_retention_s,
+        snapshot_keep=c.snapshot_keep,
     )
 
 
@@ -128,6 +136,12 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         rollout_on_unhealthy=m.rollout_on_unhealthy or "rollback",  # validate_config checks it
         stop_timeout_s=m.stop_timeout_seconds or DEFAULT_STOP_TIMEOUT_S,
         wake_min_version=m.wake_min_version,
+        # "" and 0 are what a sender that predates issue 13 sends: the defaults.
+        sleep_mode=m.sleep_mode or "stop",  # validate_config checks it
+        pause_max_s=m.pause_max_seconds or DEFAULT_PAUSE_MAX_S,
+        snapshot_on_sleep=m.snapshot_on_sleep,
+        snapshot_retention_s=m.snapshot_retention_seconds or DEFAULT_SNAPSHOT_RETENTION_S,
+        snapshot_keep=m.snapshot_keep or DEFAULT_SNAPSHOT_KEEP,
     )
 
 

@@ -41,6 +41,11 @@ class EventKind(enum.StrEnum):
     REMOVED = "removed"
     REPLACED = "replaced"
     ROLLED_BACK = "rolled-back"
+    PAUSED = "paused"  # frozen after sleep_after idle (sleep_mode "pause")
+    RESUMED = "resumed"  # thawed from paused (reason: what woke it)
+    SNAPSHOT_TAKEN = "snapshot-taken"  # reason: the snapshot's id and layer size
+    SNAPSHOT_RESTORED = "snapshot-restored"  # its container was made from a snapshot
+    SCHEDULE_RAN = "schedule-ran"  # reason: the schedule's id and the run's result
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,14 @@ DEFAULT_HEALTH_CHECK_TIMEOUT_S = 2.0
 DEFAULT_ROLLOUT_HEALTH_DEADLINE_S = 300.0
 DEFAULT_STOP_TIMEOUT_S = 900.0
 ROLLOUT_ON_UNHEALTHY = ("rollback", "pause")
+# What a sleep does (issue 13): stop the container, or freeze it (cgroup freezer) and stop it
+# only after pause_max paused.
+SLEEP_MODES = ("stop", "pause")
+DEFAULT_PAUSE_MAX_S = 3600.0
+# Snapshots: kept this long after their creation or last restore; of those a sleep takes, the
+# newest this many per instance.
+DEFAULT_SNAPSHOT_RETENTION_S = 30 * 86400.0
+DEFAULT_SNAPSHOT_KEEP = 5
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,11 @@ class ContainerClass:
     # Set by the control plane: a sleeping instance whose container is older than this wakes in a
     # new container of the class's version. 0: it wakes its old container.
     wake_min_version: int = 0
+    sleep_mode: str = "stop"  # one of SLEEP_MODES
+    pause_max_s: float = DEFAULT_PAUSE_MAX_S  # paused this long, a paused instance is stopped
+    snapshot_on_sleep: bool = False  # every stopping sleep snapshots a changed writable layer
+    snapshot_retention_s: float = DEFAULT_SNAPSHOT_RETENTION_S
+    snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # sleep snapshots kept per instance
 
     @property
     def pool(self) -> bool:

@@ -25,6 +25,7 @@ class InstanceState(enum.StrEnum):
     STARTING = "starting"  # its container is being created or started
     RUNNING = "running"  # its container runs; its port has not answered (yet), or its checks fail
     HEALTHY = "healthy"  # its container runs, its port answers and its health checks pass
+    PAUSED = "paused"  # asleep frozen (sleep_mode "pause"): memory kept, thaws on a request
     STOPPING = "stopping"  # its container is being stopped
     SLEEPING = "sleeping"  # stopped after sleep_after without activity; wakes on a request
     STOPPED = "stopped"  # stopped by a Stop, by its agent, or with its lost node

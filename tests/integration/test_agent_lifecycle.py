@@ -9,6 +9,7 @@ import gzip
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import docker
 import grpc
@@ -68,9 +69,10 @@ class Agent:
         env: dict[str, str] | None = None,
         no_wait: bool = False,
     ) -> pb.InstanceInfo:
+        spec: dict[str, Any] = {"class": class_to_pb(cls)}
         reply = await self.stub.Start(
             na.AgentStartRequest(
-                **{"class": class_to_pb(cls)},
+                **spec,
                 name=name,
                 entrypoint=entrypoint or [],
                 env=env or {},

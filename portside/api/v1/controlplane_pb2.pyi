@@ -242,7 +242,7 @@ class ReportDemandResponse(_message.Message):
     def __init__(self, report_every_seconds: _Optional[float] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("instance", "entrypoint", "env", "location_hint", "no_wait")
+    __slots__ = ("instance", "entrypoint", "env", "location_hint", "no_wait", "snapshot")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -255,12 +255,14 @@ class StartRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     LOCATION_HINT_FIELD_NUMBER: _ClassVar[int]
     NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     instance: _types_pb2.InstanceRef
     entrypoint: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     location_hint: str
     no_wait: bool
-    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., location_hint: _Optional[str] = ..., no_wait: _Optional[bool] = ...) -> None: ...
+    snapshot: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., location_hint: _Optional[str] = ..., no_wait: _Optional[bool] = ..., snapshot: _Optional[str] = ...) -> None: ...
 
 class StartResponse(_message.Message):
     __slots__ = ("info",)
@@ -663,3 +665,161 @@ class RollbackResponse(_message.Message):
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     rollout: Rollout
     def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("instance", "name")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    name: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("class_name", "instance_name")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    instance_name: str
+    def __init__(self, class_name: _Optional[str] = ..., instance_name: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("class_name", "snapshot")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    snapshot: str
+    def __init__(self, class_name: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class RecordSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot", "instance_id")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _types_pb2.Snapshot
+    instance_id: str
+    def __init__(self, snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class RecordSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class LatestSnapshotRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ...) -> None: ...
+
+class LatestSnapshotResponse(_message.Message):
+    __slots__ = ("found", "snapshot")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, found: _Optional[bool] = ..., snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class ScheduleRequest(_message.Message):
+    __slots__ = ("instance", "at", "every_seconds", "path", "method", "command", "no_wake", "no_activity", "id")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    NO_WAKE_FIELD_NUMBER: _ClassVar[int]
+    NO_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    at: float
+    every_seconds: float
+    path: str
+    method: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    no_wake: bool
+    no_activity: bool
+    id: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., at: _Optional[float] = ..., every_seconds: _Optional[float] = ..., path: _Optional[str] = ..., method: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., no_wake: _Optional[bool] = ..., no_activity: _Optional[bool] = ..., id: _Optional[str] = ...) -> None: ...
+
+class ScheduleInfo(_message.Message):
+    __slots__ = ("id", "instance", "at", "every_seconds", "path", "method", "command", "no_wake", "no_activity", "created_at", "next_run", "last_run", "last_result", "runs")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    NO_WAKE_FIELD_NUMBER: _ClassVar[int]
+    NO_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_RUN_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    instance: _types_pb2.InstanceRef
+    at: float
+    every_seconds: float
+    path: str
+    method: str
+    command: _containers.RepeatedScalarFieldContainer[str]
+    no_wake: bool
+    no_activity: bool
+    created_at: float
+    next_run: float
+    last_run: float
+    last_result: str
+    runs: int
+    def __init__(self, id: _Optional[str] = ..., instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., at: _Optional[float] = ..., every_seconds: _Optional[float] = ..., path: _Optional[str] = ..., method: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., no_wake: _Optional[bool] = ..., no_activity: _Optional[bool] = ..., created_at: _Optional[float] = ..., next_run: _Optional[float] = ..., last_run: _Optional[float] = ..., last_result: _Optional[str] = ..., runs: _Optional[int] = ...) -> None: ...
+
+class ScheduleResponse(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: ScheduleInfo
+    def __init__(self, schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
+
+class ListSchedulesRequest(_message.Message):
+    __slots__ = ("class_name", "name")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    name: str
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ("schedules",)
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[ScheduleInfo]
+    def __init__(self, schedules: _Optional[_Iterable[_Union[ScheduleInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteScheduleRequest(_message.Message):
+    __slots__ = ("instance", "id")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    id: str
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
+
+class DeleteScheduleResponse(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: ScheduleInfo
+    def __init__(self, schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...

@@ -220,6 +220,46 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/portside.v1.ControlPlane/CreateSnapshot',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListSnapshots',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/portside.v1.ControlPlane/DeleteSnapshot',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.RecordSnapshot = channel.unary_unary(
+                '/portside.v1.ControlPlane/RecordSnapshot',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.RecordSnapshotRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.RecordSnapshotResponse.FromString,
+                _registered_method=True)
+        self.LatestSnapshot = channel.unary_unary(
+                '/portside.v1.ControlPlane/LatestSnapshot',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.LatestSnapshotRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.LatestSnapshotResponse.FromString,
+                _registered_method=True)
+        self.Schedule = channel.unary_unary(
+                '/portside.v1.ControlPlane/Schedule',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListSchedules',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/portside.v1.ControlPlane/DeleteSchedule',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -526,6 +566,75 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """--- snapshots (issue 13; docs/architecture.md, "Snapshots") ---
+
+        Snapshot a named instance's filesystem now (its container's writable layer; running or
+        asleep). FAILED_PRECONDITION: it has no container yet. ALREADY_EXISTS: the class has a
+        snapshot of that name. NOT_FOUND: unknown class or instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """A class's snapshots (of one instance, with instance_name), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Forget a snapshot (by id or name); the image store frees its layer at its next collection.
+        NOT_FOUND: no such snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordSnapshot(self, request, context):
+        """For agents: record a snapshot the agent took and pushed (PushImage). FAILED_PRECONDITION:
+        the instance is not placed on the caller's node (a stale copy never records one). The
+        class's retention is applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LatestSnapshot(self, request, context):
+        """For agents: the snapshot a named instance's first container on a node starts from: the
+        newest taken on the class's current image, if any (found false: none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Schedule(self, request, context):
+        """--- per-instance schedules (issue 13; docs/architecture.md, "Schedules") ---
+
+        Run an HTTP request or a command in a named instance at a time or every N seconds. Durable in
+        the store; the leader runs each tick once; each run's result is a schedule-ran event.
+        INVALID_ARGUMENT: neither or both of at and every, neither or both of path and command,
+        every below 0.1 s, an id taken. NOT_FOUND: unknown class.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Schedules of one instance (class and name), one class (class), or all (neither).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """NOT_FOUND: no such schedule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -713,6 +822,46 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.RollbackRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.RollbackResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'RecordSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordSnapshot,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.RecordSnapshotRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.RecordSnapshotResponse.SerializeToString,
+            ),
+            'LatestSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.LatestSnapshot,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.LatestSnapshotRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.LatestSnapshotResponse.SerializeToString,
+            ),
+            'Schedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.Schedule,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ScheduleRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1714,6 +1863,222 @@ class ControlPlane:
             '/portside.v1.ControlPlane/Rollback',
             portside_dot_v1_dot_controlplane__pb2.RollbackRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/CreateSnapshot',
+            portside_dot_v1_dot_controlplane__pb2.CreateSnapshotRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListSnapshots',
+            portside_dot_v1_dot_controlplane__pb2.ListSnapshotsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/DeleteSnapshot',
+            portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/RecordSnapshot',
+            portside_dot_v1_dot_controlplane__pb2.RecordSnapshotRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.RecordSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LatestSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/LatestSnapshot',
+            portside_dot_v1_dot_controlplane__pb2.LatestSnapshotRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.LatestSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Schedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/Schedule',
+            portside_dot_v1_dot_controlplane__pb2.ScheduleRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListSchedules',
+            portside_dot_v1_dot_controlplane__pb2.ListSchedulesRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/DeleteSchedule',
+            portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,

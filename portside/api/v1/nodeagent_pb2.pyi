@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentStartRequest(_message.Message):
-    __slots__ = ("name", "entrypoint", "env", "no_wait")
+    __slots__ = ("name", "entrypoint", "env", "no_wait", "snapshot")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,11 +21,13 @@ class AgentStartRequest(_message.Message):
     ENTRYPOINT_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     name: str
     entrypoint: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     no_wait: bool
-    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., no_wait: _Optional[bool] = ..., **kwargs) -> None: ...
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., no_wait: _Optional[bool] = ..., snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ..., **kwargs) -> None: ...
 
 class AgentInstanceResponse(_message.Message):
     __slots__ = ("info",)
@@ -100,3 +102,44 @@ class StopInstanceRequest(_message.Message):
 class StopInstanceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AgentSnapshotRequest(_message.Message):
+    __slots__ = ("instance_id", "name", "trigger")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    name: str
+    trigger: str
+    def __init__(self, instance_id: _Optional[str] = ..., name: _Optional[str] = ..., trigger: _Optional[str] = ...) -> None: ...
+
+class AgentSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: _types_pb2.Snapshot
+    def __init__(self, snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ...) -> None: ...
+
+class AgentCallRequest(_message.Message):
+    __slots__ = ("name", "method", "path", "no_wake", "no_activity", "timeout_seconds")
+    CLASS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NO_WAKE_FIELD_NUMBER: _ClassVar[int]
+    NO_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    method: str
+    path: str
+    no_wake: bool
+    no_activity: bool
+    timeout_seconds: float
+    def __init__(self, name: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., no_wake: _Optional[bool] = ..., no_activity: _Optional[bool] = ..., timeout_seconds: _Optional[float] = ..., **kwargs) -> None: ...
+
+class AgentCallResponse(_message.Message):
+    __slots__ = ("status", "body")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    body: bytes
+    def __init__(self, status: _Optional[int] = ..., body: _Optional[bytes] = ...) -> None: ...

@@ -85,6 +85,16 @@ class NodeAgentStub:
                 request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/portside.v1.NodeAgent/Snapshot',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotResponse.FromString,
+                _registered_method=True)
+        self.Call = channel.unary_unary(
+                '/portside.v1.NodeAgent/Call',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -165,6 +175,24 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Snapshot an instance's writable layer: commit it, push it to the control plane's image store
+        and record it there (RecordSnapshot). NOT_FOUND: no instance. FAILED_PRECONDITION: no
+        container yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Call(self, request, context):
+        """A scheduled run's HTTP request to an instance of `class` (booting or thawing it first unless
+        `no_wake`), through the agent's own data path: the request is in flight on the instance like
+        any other. FAILED_PRECONDITION: asleep and no_wake.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +245,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.RenewActivity,
                     request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.FromString,
                     response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotResponse.SerializeToString,
+            ),
+            'Call': grpc.unary_unary_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +527,60 @@ class NodeAgent:
             '/portside.v1.NodeAgent/RenewActivity',
             portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityRequest.SerializeToString,
             portside_dot_v1_dot_nodeagent__pb2.AgentRenewActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Snapshot',
+            portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Call(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/Call',
+            portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

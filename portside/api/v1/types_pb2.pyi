@@ -19,7 +19,7 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version", "sleep_mode", "pause_max_seconds", "snapshot_on_sleep", "snapshot_retention_seconds", "snapshot_keep")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,11 @@ class ContainerClass(_message.Message):
     ROLLOUT_ON_UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
     STOP_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WAKE_MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SLEEP_MODE_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ON_SLEEP_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_RETENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_KEEP_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -73,7 +78,12 @@ class ContainerClass(_message.Message):
     rollout_on_unhealthy: str
     stop_timeout_seconds: float
     wake_min_version: int
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ...) -> None: ...
+    sleep_mode: str
+    pause_max_seconds: float
+    snapshot_on_sleep: bool
+    snapshot_retention_seconds: float
+    snapshot_keep: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ..., sleep_mode: _Optional[str] = ..., pause_max_seconds: _Optional[float] = ..., snapshot_on_sleep: _Optional[bool] = ..., snapshot_retention_seconds: _Optional[float] = ..., snapshot_keep: _Optional[int] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("minimum_instances", "maximum_instances", "cpu_target", "scale_down_delay_seconds", "concurrency_limit")
@@ -257,7 +267,7 @@ class Event(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., time: _Optional[float] = ..., kind: _Optional[str] = ..., class_name: _Optional[str] = ..., name: _Optional[str] = ..., instance_id: _Optional[str] = ..., node_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ExecStart(_message.Message):
-    __slots__ = ("instance", "command", "env", "working_dir", "stdin")
+    __slots__ = ("instance", "command", "env", "working_dir", "stdin", "tty", "size", "user", "wake", "activity")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,22 +280,42 @@ class ExecStart(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    TTY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    WAKE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     instance: InstanceRef
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     working_dir: str
     stdin: bool
-    def __init__(self, instance: _Optional[_Union[InstanceRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    tty: bool
+    size: TerminalSize
+    user: str
+    wake: bool
+    activity: bool
+    def __init__(self, instance: _Optional[_Union[InstanceRef, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., working_dir: _Optional[str] = ..., stdin: _Optional[bool] = ..., tty: _Optional[bool] = ..., size: _Optional[_Union[TerminalSize, _Mapping]] = ..., user: _Optional[str] = ..., wake: _Optional[bool] = ..., activity: _Optional[bool] = ...) -> None: ...
+
+class TerminalSize(_message.Message):
+    __slots__ = ("rows", "cols")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("start", "stdin", "stdin_close")
+    __slots__ = ("start", "stdin", "stdin_close", "resize")
     START_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDIN_CLOSE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     start: ExecStart
     stdin: bytes
     stdin_close: bool
-    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_close: _Optional[bool] = ...) -> None: ...
+    resize: TerminalSize
+    def __init__(self, start: _Optional[_Union[ExecStart, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_close: _Optional[bool] = ..., resize: _Optional[_Union[TerminalSize, _Mapping]] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
     __slots__ = ("stdout", "stderr", "exit_code")
@@ -336,3 +366,31 @@ class Usage(_message.Message):
     cpu_seconds_used: float
     egress_bytes: int
     def __init__(self, class_name: _Optional[str] = ..., day: _Optional[str] = ..., instance_id: _Optional[str] = ..., running_ms: _Optional[int] = ..., vcpu_seconds: _Optional[float] = ..., memory_gib_seconds: _Optional[float] = ..., disk_gb_seconds: _Optional[float] = ..., cpu_seconds_used: _Optional[float] = ..., egress_bytes: _Optional[int] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("id", "name", "class_name", "instance_name", "digest", "reference", "image_digest", "version", "layer_bytes", "created_at", "expires_at", "trigger")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    class_name: str
+    instance_name: str
+    digest: str
+    reference: str
+    image_digest: str
+    version: int
+    layer_bytes: int
+    created_at: float
+    expires_at: float
+    trigger: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., class_name: _Optional[str] = ..., instance_name: _Optional[str] = ..., digest: _Optional[str] = ..., reference: _Optional[str] = ..., image_digest: _Optional[str] = ..., version: _Optional[int] = ..., layer_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., trigger: _Optional[str] = ...) -> None: ...

@@ -31,10 +31,12 @@ SERVICE = cp.DESCRIPTOR.services_by_name["ControlPlane"]
 READ_METHODS = {
     "GetConfig", "Logs", "GetState", "GetStateValue", "WatchEvents", "ListClasses",
     "ListInstances", "ListNodes", "GetUsage", "ListImages", "ListVersions", "GetRollout",
+    "ListSnapshots", "ListSchedules",
 }  # fmt: skip
 DEPLOY_METHODS = {
     "Deploy", "Start", "Stop", "Signal", "Destroy", "Exec", "RenewActivity", "PutStateValue",
     "DeleteStateValue", "PushImage", "StatImages", "ControlRollout", "Rollback",
+    "CreateSnapshot", "DeleteSnapshot", "Schedule", "DeleteSchedule",
 }  # fmt: skip
 ADMIN_METHODS = {"CreateToken", "ListTokens", "RevokeToken"}
 AUDITED = (DEPLOY_METHODS - {"StatImages"}) | {"CreateToken", "RevokeToken", "Join"}
