@@ -602,8 +602,10 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LatestSnapshot(self, request, context):
-        """For agents: the snapshot a named instance's first container on a node starts from: the
-        newest taken on the class's current image, if any (found false: none).
+        """For agents, before making a named instance's first container on the node: the snapshot it
+        starts from. Found only when the instance was placed anew because its node was lost (its
+        record says so) and it has a snapshot taken on the class's current image: the newest. A
+        destroyed instance started again starts fresh.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
