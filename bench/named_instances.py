@@ -132,17 +132,19 @@ instance = "header:X-Session-Id"
 @dataclass
 class Cluster:
     """One control plane (embedded store), agent and edge; `secure`: bootstrapped, nodes join
-    with the join token (mutual TLS between the parts), else --insecure (plaintext)."""
+    with the join token (mutual TLS between the parts), else --insecure (plaintext). `config` is
+    deployed first (another benchmark's classes)."""
 
     tmp: Path
     secure: bool
     node_id: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     edge: str = ""
+    config: str = CONFIG  # the portside.toml deployed before the agent and edge start
 
     def start(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        (self.tmp / "portside.toml").write_text(CONFIG)
+        (self.tmp / "portside.toml").write_text(self.config)
         store = f"sqlite://{self.tmp}/store.db"
         tokens = self.tmp / "tokens"
         py = [sys.executable, "-m", "portside", "--log-level", "warning"]

@@ -3,8 +3,10 @@ the leader's scheduled round that deletes the others' records, and each replica'
 blobs of deleted images that no kept image uses. Agents remove theirs (nodeagent.images).
 
 Kept: every class's current image; for each class, the last N images it was deployed with (the
-current one among them); any image pushed less than FRESH_PUSH_S ago (a deploy may be between
-its push and its Deploy). Deployments are in the image records (records.Deployment).
+current one among them); every snapshot's image (controlplane.snapshots: a snapshot record is
+what keeps it); any image pushed less than FRESH_PUSH_S ago (a deploy may be between its push
+and its Deploy, a snapshot between its push and its record). Deployments are in the image
+records (records.Deployment).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from controlplane.metrics import (
     IMAGES_HELD,
 )
 from controlplane.records import ImageRecord
+from controlplane.snapshots import snapshot_digests
 from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside.errors import PortsideError, StoreError
@@ -39,7 +42,7 @@ FRESH_PUSH_S = 3600.0
 SWEEP_RETRY_S = 5.0
 
 # Why an image is kept, strongest first (an image kept for several reasons counts once).
-CURRENT, RECENT, FRESH = "current", "recent_version", "fresh_push"
+CURRENT, RECENT, SNAPSHOT, FRESH = "current", "recent_version", "snapshot", "fresh_push"
 
 
 @dataclass(frozen=True)
@@ -51,11 +54,12 @@ class GcSnapshot:
     class_images: Mapping[str, str]  # class -> its current image digest (classes that have one)
     keep_versions: int  # per class, how many of its latest images are kept
     fresh_s: float = FRESH_PUSH_S
+    snapshots: frozenset[str] = frozenset()  # the images snapshot records name
 
 
 @dataclass(frozen=True)
 class KeepDecision:
-    keep: Mapping[str, str]  # digest -> why (CURRENT, RECENT, FRESH)
+    keep: Mapping[str, str]  # digest -> why (CURRENT, RECENT, SNAPSHOT, FRESH)
     drop: tuple[str, ...]  # sorted
 
 
@@ -73,6 +77,8 @@ def decide_keep(snapshot: GcSnapshot) -> KeepDecision:
                 versions.append((-deployment.revision, record.digest))
         for _, digest in sorted(versions)[: snapshot.keep_versions]:
             keep.setdefault(digest, RECENT)
+    for digest in snapshot.snapshots:
+        keep.setdefault(digest, SNAPSHOT)
     for record in snapshot.images.values():
         if snapshot.now - record.pushed_at < snapshot.fresh_s:
             keep.setdefault(record.digest, FRESH)
@@ -103,7 +109,11 @@ class ImageCollector:
         self.fresh_s = fresh_s
         self.clock = clock
 
-    def snapshot(self, images: Mapping[str, ImageRecord] | None = None) -> GcSnapshot:
+    def snapshot(
+        self,
+        images: Mapping[str, ImageRecord] | None = None,
+        snapshots: frozenset[str] = frozenset(),
+    ) -> GcSnapshot:
         return GcSnapshot(
             now=self.clock(),
             images=dict(self.catalog.images if images is None else images),
@@ -112,6 +122,7 @@ class ImageCollector:
             },
             keep_versions=self.keep_versions,
             fresh_s=self.fresh_s,
+            snapshots=snapshots,
         )
 
     async def run(self) -> None:
@@ -130,8 +141,9 @@ class ImageCollector:
 
     async def collect(self) -> list[str]:
         """One round; the digests whose records it deleted."""
-        decision = decide_keep(self.snapshot())
-        for why in (CURRENT, RECENT, FRESH):
+        snapshots = await snapshot_digests(self.store)
+        decision = decide_keep(self.snapshot(snapshots=snapshots))
+        for why in (CURRENT, RECENT, SNAPSHOT, FRESH):
             IMAGE_GC_KEPT.labels(why).set(sum(1 for w in decision.keep.values() if w == why))
         deleted = []
         for digest in decision.drop:
@@ -144,7 +156,10 @@ class ImageCollector:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("skipping unreadable image record %s: %s", key, exc)
                 continue
-            again = decide_keep(self.snapshot({**self.catalog.images, digest: record}))
+            # Decided again on the records as they are now: a deployment or a snapshot recorded
+            # meanwhile keeps it.
+            snapshots = await snapshot_digests(self.store)
+            again = decide_keep(self.snapshot({**self.catalog.images, digest: record}, snapshots))
             if digest not in again.drop:
                 continue
             if await self.store.compare_and_swap(key, kv.mod_revision, None):

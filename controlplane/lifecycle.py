@@ -20,13 +20,15 @@ from controlplane.agents import AgentClients, translate
 from controlplane.events import EventLog
 from controlplane.placement import resolve_named
 from controlplane.records import InstanceRecord
+from controlplane.scheduleloop import delete_instance_schedules
 from controlplane.statevalues import StateValues
 from controlplane.store import Store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_to_pb, instance_info_from_pb
+from portside.client._models import Snapshot
+from portside.convert import class_to_pb, instance_info_from_pb, snapshot_to_pb
 from portside.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -129,17 +131,11 @@ class Lifecycle:
             pool=where.record.pool,
         )
 
-    async def start(
-        self,
-        class_name: str,
-        name: str,
-        *,
-        entrypoint: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        location_hint: str = "",
-        no_wait: bool = False,
-    ) -> InstanceInfo:
-        cls, iid = self._class_and_id(class_name, name)
+    async def _node_to_run(
+        self, cls: ContainerClass, iid: str, name: str, location_hint: str = ""
+    ) -> Node:
+        """The node to run instance `name` on: where it is placed, placing it first (near
+        `location_hint`) if it is not or its node is gone. A pool's member must exist."""
         try:
             near = geo.lookup(location_hint or self.default_region)
         except InvalidArgument as exc:
@@ -155,15 +151,31 @@ class Lifecycle:
             node = self.view.nodes.get(record.node_id)
             if node is None:
                 raise Unavailable(f"pool instance {cls.name}/{name} is gone with its node")
-        else:
-            resolved = await resolve_named(
-                self.store, self.view, cls, name, near, events=self.events
-            )
-            node = resolved.node
+            return node
+        resolved = await resolve_named(self.store, self.view, cls, name, near, events=self.events)
+        return resolved.node
+
+    async def start(
+        self,
+        class_name: str,
+        name: str,
+        *,
+        entrypoint: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        location_hint: str = "",
+        no_wait: bool = False,
+        snapshot: Snapshot | None = None,
+    ) -> InstanceInfo:
+        """Place the instance if it is not, and have its agent start it (from `snapshot`, one
+        of the class's that controlplane.snapshots checked can be restored)."""
+        cls, iid = self._class_and_id(class_name, name)
+        node = await self._node_to_run(cls, iid, name, location_hint)
         request = na.AgentStartRequest(
             name=name, entrypoint=list(entrypoint), env=dict(env or {}), no_wait=no_wait
         )
         getattr(request, "class").CopyFrom(class_to_pb(cls))
+        if snapshot is not None:
+            request.snapshot.CopyFrom(snapshot_to_pb(snapshot))
         # The agent waits for the port (boot_timeout) and maybe for a stop in progress first.
         reply = await self.agents.call(
             node,
@@ -231,11 +243,17 @@ class Lifecycle:
                 )
             except NotFound:
                 pass  # placed but never booted there: no container to remove
+        # Its schedules first: a run must not place it again once it is forgotten.
+        schedules = await delete_instance_schedules(
+            self.store, where.cls.name, where.record.instance_id
+        )
         key = records.instance_key(where.cls.name, where.record.instance_id)
         await self.store.delete(key)
         self.view.note_removed(key)
         removed = await self.values.delete_all(where.cls.name, where.record.instance_id)
-        log.info("destroyed %s (and %d state values)", where.label, removed)
+        log.info(
+            "destroyed %s (and %d state values, %d schedules)", where.label, removed, schedules
+        )
         await self.events.record(
             Event(
                 kind=EventKind.REMOVED,
@@ -265,16 +283,24 @@ class Lifecycle:
     async def exec(
         self, requests: AsyncIterator[pb.ExecRequest]
     ) -> AsyncGenerator[pb.ExecResponse, None]:
-        """Relay an exec stream both ways; when either side ends, the other is cancelled."""
+        """Relay an exec stream both ways (stdin and terminal resizes to the agent, output
+        back); when either side ends, the other is cancelled. With `wake` the instance is placed
+        first if it is not (as Start does), and its agent boots it if it does not run."""
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("message") != "start":
             raise InvalidArgument("start: the first exec message must carry start")
         start = first.start
         if not start.command:
             raise InvalidArgument("start.command: must not be empty")
+        ref = start.instance
+        label = f"{ref.class_name}/{ref.name}"
         try:
-            where = await self.locate(start.instance.class_name, start.instance.name)
-            node = self._running_node(where, "exec into")
+            if start.wake:
+                cls, iid = self._class_and_id(ref.class_name, ref.name)
+                node = await self._node_to_run(cls, iid, ref.name)
+            else:
+                where = await self.locate(ref.class_name, ref.name)
+                node = self._running_node(where, "exec into")
         except PortsideError:
             if not start.stdin:
                 # The client half-closes right after its start: let it, before answering with
@@ -293,7 +319,7 @@ class Lifecycle:
                 await call.write(message)
             await call.done_writing()
 
-        stdin = asyncio.create_task(forward_stdin(), name=f"exec stdin {where.label}")
+        stdin = asyncio.create_task(forward_stdin(), name=f"exec stdin {label}")
         try:
             while True:
                 reply = await call.read()
@@ -301,7 +327,7 @@ class Lifecycle:
                     break
                 yield reply
         except grpc.aio.AioRpcError as exc:
-            raise translate(exc, node, f"exec in {where.label}") from exc
+            raise translate(exc, node, f"exec in {label}") from exc
         finally:
             call.cancel()
             stdin.cancel()

@@ -35,7 +35,9 @@ from controlplane.metrics import IMAGES_HELD, INSTANCES_PLACED, NODES_ALIVE
 from controlplane.pools import PoolManager
 from controlplane.rolloutloop import RolloutBook, RolloutLoop
 from controlplane.routewatch import follow_route_changes
+from controlplane.scheduleloop import ScheduleLoop
 from controlplane.service import ControlPlaneService
+from controlplane.snapshots import SnapshotBook, SnapshotRetention
 from controlplane.store import StoreTls, instrument, open_store, quorum_probe
 from controlplane.store.sqlite import MEMORY, parse_sqlite_url
 from controlplane.tokens import TokenRegistry
@@ -185,13 +187,18 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     # Rollouts: the leader drives them; every replica's heartbeat replies carry their replaces.
     rollout_book = RolloutBook(store, view)
     rollout_loop = RolloutLoop(store, view, lambda: leader.is_leader, pools=pools, events=events)
+    lifecycle = Lifecycle(store, view, agents, events, default_region=opts.region)
+    # Per-instance schedules: the leader claims and runs each tick (controlplane.scheduleloop).
+    schedule_loop = ScheduleLoop(
+        store, view, lifecycle, events, is_leader=lambda: leader.is_leader, replica_id=replica_id
+    )
     server = net.grpc_server()
     service = ControlPlaneService(
         store,
         view,
         node_ttl_s=opts.node_ttl_s,
         default_region=opts.region,
-        lifecycle=Lifecycle(store, view, agents, events, default_region=opts.region),
+        lifecycle=lifecycle,
         events=events,
         identity=identity,
         tokens=TokenRegistry(store, view, identity.ca_pem) if identity is not None else None,
@@ -237,6 +244,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
     try:
         await load_image_catalog(images, image_catalog)
         await rollout_book.load()  # before view.follow(): it follows the view's watch
+        await schedule_loop.load()  # so does it
         async with asyncio.TaskGroup() as tasks:
             # A failed watch ends the group, and with it the process: a stale view must not serve.
             background = [
@@ -246,12 +254,17 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(registration.run()),
                 tasks.create_task(pools.run()),
                 tasks.create_task(rollout_loop.run()),
+                tasks.create_task(schedule_loop.run()),
                 tasks.create_task(agents.follow_nodes()),
                 tasks.create_task(page.follow_events()),
                 tasks.create_task(image_catalog.record_deployments()),
                 tasks.create_task(image_copier.run()),
                 tasks.create_task(image_collector.run()),
                 tasks.create_task(ImageSweeper(images, image_catalog).run()),
+                # The leader deletes snapshot records whose time is up (controlplane.snapshots).
+                tasks.create_task(
+                    SnapshotRetention(SnapshotBook(store), lambda: view.classes, leader).run()
+                ),
             ]
             if identity is not None:
                 background.append(tasks.create_task(identity.keep_renewed()))

@@ -128,7 +128,8 @@ IMAGE_GC_SECONDS = Histogram(
 IMAGE_GC_KEPT = Gauge(
     "portside_controlplane_image_gc_kept",
     "Images the last garbage-collection round kept, by why: current (a class's image), "
-    "recent_version (among a class's last --image-keep-versions), fresh_push (pushed < 1 h ago).",
+    "recent_version (among a class's last --image-keep-versions), snapshot (a snapshot's), "
+    "fresh_push (pushed < 1 h ago).",
     ["reason"],
 )
 IMAGE_GC_DELETED = Counter(
@@ -200,4 +201,44 @@ POOL_SURGES = Counter(
     "completed (it was ready: an old member drained), abandoned (the class moved on, or a "
     "member left), no_capacity (no node could take the extra member; tried again).",
     ["class", "outcome"],
+)
+SNAPSHOTS_RECORDED = Counter(
+    "portside_controlplane_snapshots_recorded_total",
+    "Snapshots agents took and this replica recorded, by trigger: create (CreateSnapshot), "
+    "sleep (snapshot_on_sleep).",
+    ["trigger"],
+)
+SNAPSHOTS_RESTORED = Counter(
+    "portside_controlplane_snapshots_restored_total",
+    "Snapshots given to agents to restore, by how: start (a Start with a snapshot), replaced "
+    "(LatestSnapshot for an instance placed anew after its node was lost).",
+    ["how"],
+)
+SNAPSHOTS_RETIRED = Counter(
+    "portside_controlplane_snapshots_retired_total",
+    "Snapshot records deleted by retention, by reason: expired (snapshot_retention after their "
+    "creation or last restore), beyond_keep (older than an instance's newest snapshot_keep "
+    "sleep snapshots).",
+    ["reason"],
+)
+SNAPSHOT_RETENTION_RUNS = Counter(
+    "portside_controlplane_snapshot_retention_runs_total",
+    "Snapshot retention rounds the leader ran, by outcome (ok, store_error).",
+    ["outcome"],
+)
+SCHEDULE_RUNS = Counter(
+    "portside_controlplane_schedule_runs_total",
+    "Scheduled runs (issue 13) by result: ok (HTTP status below 400, exit 0), error (another "
+    "status or exit code), skipped (asleep and no_wake), failed, lost (its claimer died).",
+    ["result"],
+)
+SCHEDULE_RUN_SECONDS = Histogram(
+    "portside_controlplane_schedule_run_seconds",
+    "Time of one scheduled run, a wake included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+SCHEDULE_LAG_SECONDS = Histogram(
+    "portside_controlplane_schedule_lag_seconds",
+    "From a scheduled tick's due time to its claim (its run's start).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )

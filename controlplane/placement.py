@@ -176,6 +176,8 @@ async def place_instance(
         memory_mib=cls.instance_type.memory_mib,
         placed_at=time.time(),
         pool=pool,
+        # Moved off a lost node: its first container there starts from its latest snapshot.
+        restore=bool(node_gone),
     )
     key = records.instance_key(cls.name, record.instance_id)
     if not await store.compare_and_swap(key, expected_revision, record.encode(), absent=node_gone):

@@ -2,7 +2,8 @@
 
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
 demand/<edge>, replicas/<replica>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>,
-usage/<class>/<day>, pki/ca, tokens/<id>, images/<hex digest>, nodeimages/<node>.
+usage/<class>/<day>, pki/ca, tokens/<id>, images/<hex digest>, nodeimages/<node>,
+snapshots/<class>/<id>, schedules/<class>/<instance id>/<id> (controlplane.schedules).
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ TOKENS = ROOT + "tokens/"  # tokens/<id>: api and join tokens (their secrets' di
 # nodeimages/<node>: the Portside images the node's engine has, under the node's lease.
 IMAGES = ROOT + "images/"
 NODE_IMAGES = ROOT + "nodeimages/"
+# snapshots/<class>/<id>: a snapshot of a named instance (controlplane.snapshots); its image is
+# in the image store like any other.
+SNAPSHOTS = ROOT + "snapshots/"
 
 
 def token_key(token_id: str) -> str:
@@ -54,6 +58,15 @@ def image_key(digest: str) -> str:
 
 def node_images_key(node_id: str) -> str:
     return NODE_IMAGES + node_id
+
+
+def snapshots_prefix(class_name: str = "") -> str:
+    """Every snapshot, or one class's (with its trailing slash)."""
+    return f"{SNAPSHOTS}{class_name}/" if class_name else SNAPSHOTS
+
+
+def snapshot_key(class_name: str, snapshot_id: str) -> str:
+    return snapshots_prefix(class_name) + snapshot_id
 
 
 def class_key(name: str) -> str:
@@ -108,7 +121,8 @@ def state_key(class_name: str, instance_id: str, key: str) -> str:
 class InstanceRecord:
     """A placed instance: which node it lives on and what its type takes there while awake.
     Pool instances are placed by the autoscaler; `draining` ones get no new requests and are
-    removed once idle."""
+    removed once idle. `restore`: placed anew because its node was lost, so its first container
+    starts from its latest snapshot (controlplane.snapshots)."""
 
     class_name: str
     name: str
@@ -119,6 +133,7 @@ class InstanceRecord:
     placed_at: float
     pool: bool = False
     draining: bool = False
+    restore: bool = False
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -56,6 +56,9 @@ from controlplane.rollouts import (
     has_awake_old,
 )
 from controlplane.routewatch import RouteChangeLog, follow_route_changes
+from controlplane.scheduleloop import create_schedule, delete_schedule, list_schedules
+from controlplane.schedules import check_request, new_schedule_id
+from controlplane.snapshots import Snapshots, check_agent_push
 from controlplane.store import Compacted, Store
 from controlplane.tokens import TokenRegistry
 from controlplane.usage import UsageLedger
@@ -79,6 +82,10 @@ from portside.convert import (
     pool_assignment_to_pb,
     pool_member_to_pb,
     route_update_to_pb,
+    schedule_from_request,
+    schedule_to_pb,
+    snapshot_from_pb,
+    snapshot_to_pb,
     token_info_to_pb,
     usage_from_pb,
     usage_to_pb,
@@ -95,6 +102,7 @@ from portside.errors import (
 )
 from portside.events import Event
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
+from portside.pki import PeerRole
 from portside.routechanges import RouteUpdate
 from portside.rpc import abort_with, grpc_errors
 from portside.spec import ContainerClass, Node, NodeInfo, instance_id
@@ -149,6 +157,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self.image_copier = image_copier
         # This replica's copy of the rollout records: heartbeat replies carry their `replace`.
         self.rollouts = rollouts or RolloutBook(store, view)
+        self.snapshots = Snapshots(lifecycle)
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -626,6 +635,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
 
     @grpc_errors
     async def Start(self, request: cp.StartRequest, context: Any) -> cp.StartResponse:
+        snapshot = None
+        if request.snapshot:
+            cls = self.lifecycle.class_named(request.instance.class_name)
+            snapshot = await self.snapshots.for_start(cls, request.snapshot)
         info = await self.lifecycle.start(
             request.instance.class_name,
             request.instance.name,
@@ -633,7 +646,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             env=request.env,
             location_hint=request.location_hint,
             no_wait=request.no_wait,
+            snapshot=snapshot,
         )
+        if snapshot is not None:
+            await self.snapshots.restored(cls, snapshot)
         return cp.StartResponse(info=instance_info_to_pb(info))
 
     @grpc_errors
@@ -730,6 +746,32 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
         return cp.DeleteStateValueResponse(existed=existed)
 
+    # --- per-instance schedules (issue 13): controlplane.schedules, controlplane.scheduleloop ---
+
+    @grpc_errors
+    async def Schedule(self, request: cp.ScheduleRequest, context: Any) -> cp.ScheduleResponse:
+        asked = schedule_from_request(request)
+        checked = check_request(asked, now=time.time(), generated_id=new_schedule_id())
+        self.lifecycle.class_named(checked.class_name)  # NotFound: unknown class
+        created = await create_schedule(self.store, checked)
+        return cp.ScheduleResponse(schedule=schedule_to_pb(created))
+
+    @grpc_errors
+    async def ListSchedules(
+        self, request: cp.ListSchedulesRequest, context: Any
+    ) -> cp.ListSchedulesResponse:
+        found = await list_schedules(self.store, request.class_name, request.name)
+        return cp.ListSchedulesResponse(schedules=[schedule_to_pb(s) for s in found])
+
+    @grpc_errors
+    async def DeleteSchedule(
+        self, request: cp.DeleteScheduleRequest, context: Any
+    ) -> cp.DeleteScheduleResponse:
+        deleted = await delete_schedule(
+            self.store, request.instance.class_name, request.instance.name, request.id
+        )
+        return cp.DeleteScheduleResponse(schedule=schedule_to_pb(deleted))
+
     # --- identity and access (issue 9); who may call each is in controlplane.access ---
 
     @grpc_errors
@@ -775,6 +817,57 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         record = await self._tokens().revoke(request.token)
         return cp.RevokeTokenResponse(info=token_info_to_pb(record))
 
+    # --- snapshots (issue 13): controlplane.snapshots ---
+
+    @grpc_errors
+    async def CreateSnapshot(
+        self, request: cp.CreateSnapshotRequest, context: Any
+    ) -> cp.CreateSnapshotResponse:
+        snapshot = await self.snapshots.create(
+            request.instance.class_name, request.instance.name, request.name
+        )
+        return cp.CreateSnapshotResponse(snapshot=snapshot_to_pb(snapshot))
+
+    @grpc_errors
+    async def ListSnapshots(
+        self, request: cp.ListSnapshotsRequest, context: Any
+    ) -> cp.ListSnapshotsResponse:
+        listed = await self.snapshots.listing(request.class_name, request.instance_name)
+        return cp.ListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in listed])
+
+    @grpc_errors
+    async def DeleteSnapshot(
+        self, request: cp.DeleteSnapshotRequest, context: Any
+    ) -> cp.DeleteSnapshotResponse:
+        deleted = await self.snapshots.delete(request.class_name, request.snapshot)
+        return cp.DeleteSnapshotResponse(snapshot=snapshot_to_pb(deleted))
+
+    @grpc_errors
+    async def RecordSnapshot(
+        self, request: cp.RecordSnapshotRequest, context: Any
+    ) -> cp.RecordSnapshotResponse:
+        peer = peer_of_call(context)
+        recorded = await self.snapshots.record(
+            snapshot_from_pb(request.snapshot),
+            request.instance_id,
+            peer.id if peer is not None else None,
+        )
+        return cp.RecordSnapshotResponse(snapshot=snapshot_to_pb(recorded))
+
+    @grpc_errors
+    async def LatestSnapshot(
+        self, request: cp.LatestSnapshotRequest, context: Any
+    ) -> cp.LatestSnapshotResponse:
+        peer = peer_of_call(context)
+        found = await self.snapshots.latest(
+            request.instance.class_name,
+            request.instance.name,
+            peer.id if peer is not None else None,
+        )
+        if found is None:
+            return cp.LatestSnapshotResponse(found=False)
+        return cp.LatestSnapshotResponse(found=True, snapshot=snapshot_to_pb(found))
+
     # --- images without a registry (issue 12): controlplane.images, controlplane.imagecatalog ---
 
     @grpc_errors
@@ -793,6 +886,9 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
             )
         digest = check_digest(first.digest)
         reference = check_reference(first.reference, digest)
+        peer = peer_of_call(context)
+        if peer is not None and peer.role is PeerRole.AGENT:
+            check_agent_push(peer.common_name, reference)
         held = await images.stored(digest)
         if held is not None:
             async for _ in messages:

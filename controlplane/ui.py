@@ -361,7 +361,10 @@ def _node(
         "vcpu": node.vcpu if node else 0.0,
         "memory_mib": node.memory_mib if node else 0,
         "used_vcpu": round(sum(i["vcpu"] for i in awake), 4),
-        "used_memory_mib": sum(i["memory_mib"] for i in awake),
+        # A paused instance holds its memory (not its CPU), as placement counts it.
+        "used_memory_mib": sum(
+            i["memory_mib"] for i in placed if i["awake"] or i["state"] == InstanceState.PAUSED
+        ),
         # Containers the agent runs without a record here (being removed, or adopted ones).
         "unplaced_awake": sum(
             1 for iid, st in statuses.items() if st.state.awake and iid not in known

@@ -2,8 +2,9 @@
 instances, loaded once and then kept current by one watch (like a Kubernetes informer).
 
 Capacity is accounted by what is awake: the instances each node's heartbeat reports booting,
-running or stopping, plus placements too recent to have been reported yet. A sleeping instance
-keeps its node but uses none of it."""
+running or stopping, plus placements too recent to have been reported yet. A paused instance
+(sleep_mode "pause") holds its memory but none of its CPU; a sleeping instance keeps its node but
+uses none of it (portside.capacity.held)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from controlplane import records
 from controlplane.records import Demand, InstanceRecord, Replica
 from controlplane.store import KeyValue, Store, WatchEvent
-from portside.capacity import Resources
+from portside.capacity import Resources, held
 from portside.instances import InstanceStatus
 from portside.spec import Config, ContainerClass, Node, Route
+from portside.states import InstanceState
 from portside.tokens import TokenRecord
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ _VIEWED = (
     records.REPLICAS,
     records.TOKENS,
 )
-_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE, records.CA)
+_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE, records.CA, records.SNAPSHOTS)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ClusterView:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
     by_id: dict[str, InstanceRecord] = field(default_factory=dict)
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
+    paused: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
     # node -> instance id -> its status as the node's last heartbeat reported it
     statuses: dict[str, dict[str, InstanceStatus]] = field(default_factory=dict)
     demand: dict[str, Demand] = field(default_factory=dict)  # edge id -> its last report
@@ -157,14 +160,18 @@ class ClusterView:
                 if deleted:
                     self.nodes.pop(node_id, None)
                     self.awake.pop(node_id, None)
+                    self.paused.pop(node_id, None)
                     self.statuses.pop(node_id, None)
                 else:
                     self.nodes[node_id], statuses = records.decode_node(kv.value)
                     self.statuses[node_id] = statuses
                     awake = frozenset(i for i, st in statuses.items() if st.state.awake)
-                    if awake != self.awake.get(node_id):
-                        self.awake[node_id] = awake
-                        for iid in awake - self.reported:
+                    paused = frozenset(
+                        i for i, st in statuses.items() if st.state is InstanceState.PAUSED
+                    )
+                    if awake != self.awake.get(node_id) or paused != self.paused.get(node_id):
+                        self.awake[node_id], self.paused[node_id] = awake, paused
+                        for iid in (awake | paused) - self.reported:
                             self.reported.add(iid)
                             rec = self.by_id.get(iid)
                             if rec is not None:
@@ -252,13 +259,18 @@ class ClusterView:
         use.instances += sign
 
     def _recount(self, node_id: str) -> None:
-        """Sum what the node's awake instances take, after its report or their records changed."""
+        """Sum what the node's awake instances take, and its paused ones' memory, after its report
+        or their records changed."""
         use, classes = NodeUse(), dict[str, int]()
         for iid in self.awake.get(node_id, frozenset()):
             rec = self.by_id.get(iid)
             if rec is not None and rec.node_id == node_id:
                 self._count(use, rec, +1)
                 classes[rec.class_name] = classes.get(rec.class_name, 0) + 1
+        for iid in self.paused.get(node_id, frozenset()):
+            rec = self.by_id.get(iid)
+            if rec is not None and rec.node_id == node_id:
+                use.used += held(InstanceState.PAUSED, Resources(rec.vcpu, rec.memory_mib))
         if node_id in self.nodes:
             self.awake_use[node_id], self.awake_class[node_id] = use, classes
         else:

@@ -27,6 +27,7 @@ from nodeagent.metrics import RECONCILE_REMOVED
 from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
+from nodeagent.snapshots import Snapshots
 from nodeagent.usage import UsageMeter, follow_runs, observe_sample
 from portside import daemon, geo, net
 from portside.api.v1 import controlplane_pb2 as cp
@@ -141,6 +142,10 @@ class ClassCatalog:
 
 
 # A heartbeat answered with these will not be admitted by trying again.
+# How long a heartbeat waits to tell a change (see Heartbeat.changed): a thaw's request takes
+# about 2 ms from the thaw to its first byte (docs/benchmarks.md, "Pause mode").
+CHANGE_DELAY_S = 0.01
+
 _REFUSALS = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -197,10 +202,20 @@ class Heartbeat:
         self.registered = False
         self.stream = 0  # the number of the current heartbeat stream
         self.wake = asyncio.Event()  # set by leave(), instance state changes and new events
+        self._telling = False  # a change is to be told within CHANGE_DELAY_S
 
     def changed(self) -> None:
-        """An instance woke or slept, or an event is queued: tell the control plane now (it
-        accounts capacity by awake instances, and users watch events as they happen)."""
+        """An instance woke or slept, or an event is queued: tell the control plane within
+        CHANGE_DELAY_S (it accounts capacity by awake instances, and users watch events as they
+        happen). Not at once: the request whose wake or thaw changed the state goes on first,
+        instead of waiting behind the message's making and sending, and a burst of changes goes
+        in one message."""
+        if not self._telling:
+            self._telling = True
+            asyncio.get_running_loop().call_later(CHANGE_DELAY_S, self._tell)
+
+    def _tell(self) -> None:
+        self._telling = False
         self.wake.set()
 
     def _message(self, first: bool) -> cp.NodeHeartbeatRequest:
@@ -383,6 +398,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             capacity=Capacity(node.id, node.vcpu, node.memory_mib),
             node_id=node.id,
             images=images,
+            # Snapshots are pushed and recorded over the same channel, with the node's identity.
+            snapshots=Snapshots(runtime, channel, node_id=node.id, deadline_s=opts.deadlines.rpc),
         )
         adopted = await manager.adopt()
         if adopted:

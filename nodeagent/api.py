@@ -1,5 +1,6 @@
 """The NodeAgent gRPC service: the lifecycle verbs the control plane forwards to an instance's
-node (Start, Stop, Signal, Destroy, Exec, Logs, GetInstance, RenewActivity) and listings.
+node (Start, Stop, Signal, Destroy, Exec, Logs, GetInstance, RenewActivity, Snapshot, Call) and
+listings.
 
 Protobuf stays here: requests become domain values, PortsideErrors become gRPC statuses with
 their one-line reason, and the instance manager never sees a `_pb2` type.
@@ -12,15 +13,24 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from nodeagent.calls import CALL_TIMEOUT_S, call_instance
 from nodeagent.fence import Fence
 from nodeagent.instances import InstanceManager
 from nodeagent.pools import Sample
 from nodeagent.runtime import ExecProcess, Overrides
+from nodeagent.snapshots import CREATE, TRIGGERS
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_from_pb, instance_info_to_pb, instance_status_to_pb
-from portside.errors import InvalidArgument, NotFound
+from portside.convert import (
+    class_from_pb,
+    instance_info_to_pb,
+    instance_status_to_pb,
+    snapshot_from_pb,
+    snapshot_to_pb,
+    terminal_size_from_pb,
+)
+from portside.errors import FailedPrecondition, InvalidArgument, NotFound
 from portside.instances import InstanceInfo, InstanceStatus
 from portside.rpc import grpc_errors
 from portside.spec import instance_id
@@ -85,8 +95,24 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         if self.fence is not None and cls.autoscaling is None:
             await self.fence.admit(cls.name, request.name)
         overrides = Overrides(tuple(request.entrypoint), dict(request.env))
-        info = await self.manager.start(cls, request.name, overrides, wait=not request.no_wait)
+        snapshot = snapshot_from_pb(request.snapshot) if request.HasField("snapshot") else None
+        info = await self.manager.start(
+            cls, request.name, overrides, wait=not request.no_wait, snapshot=snapshot
+        )
         return na.AgentInstanceResponse(info=instance_info_to_pb(info))
+
+    @grpc_errors
+    async def Snapshot(
+        self, request: na.AgentSnapshotRequest, context: Any
+    ) -> na.AgentSnapshotResponse:
+        iid = _required_id(request.instance_id)
+        trigger = request.trigger or CREATE
+        if trigger not in TRIGGERS:
+            raise InvalidArgument(f"trigger: {trigger!r} is not one of {', '.join(TRIGGERS)}")
+        snapshot = await self.manager.take_snapshot(iid, request.name, trigger)
+        if snapshot is None:  # a sleep's, not needed: its layer is the last snapshot's
+            raise FailedPrecondition(f"instance {iid} has not changed since its last snapshot")
+        return na.AgentSnapshotResponse(snapshot=snapshot_to_pb(snapshot))
 
     @grpc_errors
     async def Stop(self, request: na.AgentStopRequest, context: Any) -> na.AgentInstanceResponse:
@@ -131,6 +157,31 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         return na.AgentRenewActivityResponse()
 
     @grpc_errors
+    async def Call(self, request: na.AgentCallRequest, context: Any) -> na.AgentCallResponse:
+        """A scheduled run's HTTP request (nodeagent.calls), fenced like an edge's."""
+        spec = getattr(request, "class")  # `class` is a Python keyword
+        if not spec.name:
+            raise InvalidArgument("class.name: must not be empty")
+        if not request.name:
+            raise InvalidArgument("name: must not be empty")
+        if not request.path.startswith("/"):
+            raise InvalidArgument(f"path: {request.path!r} must start with '/'")
+        cls = class_from_pb(spec)
+        if self.fence is not None and cls.autoscaling is None:
+            await self.fence.admit(cls.name, request.name)
+        status, body = await call_instance(
+            self.manager,
+            cls,
+            request.name,
+            request.method or "GET",
+            request.path,
+            wake=not request.no_wake,
+            activity=not request.no_activity,
+            timeout_s=request.timeout_seconds or CALL_TIMEOUT_S,
+        )
+        return na.AgentCallResponse(status=status, body=body)
+
+    @grpc_errors
     async def Logs(self, request: pb.LogsRequest, context: Any) -> AsyncIterator[pb.LogsResponse]:
         iid = _instance_of(request.instance)
         self.manager.info(iid)  # NOT_FOUND before the stream starts
@@ -145,22 +196,38 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
     async def Exec(
         self, request_iterator: AsyncIterator[pb.ExecRequest], context: Any
     ) -> AsyncIterator[pb.ExecResponse]:
-        """First message `start`; then stdin chunks and `stdin_close` (or the end of the
-        client's stream, which closes stdin too). Output streams back; `exit_code` is last."""
+        """First message `start`; then stdin chunks, terminal resizes and `stdin_close` (or the
+        end of the client's stream, which closes stdin too). Output streams back; `exit_code`
+        is last. The session holds the instance awake only with `wake` (which boots it first,
+        fenced like a Start): an instance that stops running under it (asleep, paused, stopped)
+        ends it with FAILED_PRECONDITION instead of an exit code."""
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "start":
             raise InvalidArgument("the first Exec message must carry `start`")
         start = first.start
         if not start.command:
             raise InvalidArgument("start.command: must not be empty")
-        iid = _instance_of(start.instance)
-        with self.manager.holding(iid):
+        ref = start.instance
+        iid = _instance_of(ref)
+        if start.wake and self.fence is not None and iid not in self.manager.pinned:
+            await self.fence.admit(ref.class_name, ref.name)
+        async with self.manager.exec_session(
+            ref.class_name, ref.name, wake=start.wake, activity=start.activity
+        ) as ended:
             process = await self.manager.exec(
-                iid, list(start.command), dict(start.env), start.working_dir, start.stdin
+                iid,
+                list(start.command),
+                dict(start.env),
+                start.working_dir,
+                start.stdin,
+                tty=terminal_size_from_pb(start.size) if start.tty else None,
+                user=start.user,
             )
             feeder = (
                 asyncio.create_task(_feed_stdin(request_iterator, process)) if start.stdin else None
             )
+            # A frozen (paused) command never ends by itself: drop it when the instance stops.
+            closer = asyncio.create_task(_close_when(ended, process))
             try:
                 async for stream, data in process.output():
                     yield (
@@ -168,12 +235,20 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
                         if stream == "stdout"
                         else pb.ExecResponse(stderr=data)
                     )
+                if ended.is_set():
+                    snapshot = self.manager.get(iid)
+                    raise FailedPrecondition(
+                        f"the exec session ended: instance {ref.class_name}/{ref.name} stopped "
+                        f"running under it (it is {snapshot.state if snapshot else 'gone'}); "
+                        "exec --wake holds it awake"
+                    )
                 yield pb.ExecResponse(exit_code=await process.exit_code())
             finally:
-                if feeder is not None:
-                    feeder.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await feeder
+                for task in (feeder, closer):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
                 await process.close()
 
 
@@ -182,6 +257,13 @@ async def _feed_stdin(requests: AsyncIterator[pb.ExecRequest], process: ExecProc
         kind = message.WhichOneof("message")
         if kind == "stdin":
             await process.write(message.stdin)
+        elif kind == "resize":
+            await process.resize(terminal_size_from_pb(message.resize))
         elif kind == "stdin_close":
             break
     await process.close_stdin()
+
+
+async def _close_when(ended: asyncio.Event, process: ExecProcess) -> None:
+    await ended.wait()
+    await process.close()

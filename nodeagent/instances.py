@@ -11,6 +11,14 @@ the container, meter its run, forget a removed container, announce events.
     running, healthy ─ its container exits by itself ─▶ stopped_with_code
     running, healthy ─ the engine restarted under it ─▶ stopped
     healthy ─ its health checks fail N times in a row ─▶ running ─ one passes ─▶ healthy
+    healthy ─idle for sleep_after (sleep_mode "pause")─▶ paused ─a request─▶ healthy
+    paused ─pause_max─▶ stopping ─▶ sleeping
+
+Pause mode freezes an idle healthy container (docker pause) instead of stopping it; the next
+request, Start or pool assignment thaws it (docker unpause) through the boot path: waiters join
+the thaw as they would a boot, and a request that comes while the freeze is in progress waits
+for it, then thaws. A paused instance holds its memory on the node but not its CPU, is never
+health-checked, and is stopped as a sleep after its class's pause_max.
 
 Health checks (nodeagent.health) GET its class's ping_endpoint straight from the container, one
 at a time per instance, from one loop for the node: they never wake an instance, never hold it
@@ -48,7 +56,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, NamedTuple, TypeVar
@@ -67,14 +75,17 @@ from nodeagent.lifecycle import (
     Died,
     Effect,
     EngineStopped,
+    FoundPaused,
     FoundRunning,
     FoundStopped,
+    Pause,
     Removed,
     RunEnd,
     Started,
     Stop,
     StopCause,
     StopFailed,
+    Thawed,
     Trigger,
 )
 from nodeagent.runtime import (
@@ -87,7 +98,17 @@ from nodeagent.runtime import (
     Overrides,
     Stream,
 )
-from portside.capacity import Resources
+from nodeagent.snapshots import (
+    CREATE,
+    SLEEP,
+    SnapshotService,
+    Source,
+    from_snapshot,
+    restore_class,
+)
+from portside.build import human_size
+from portside.capacity import Resources, held
+from portside.client._models import Snapshot
 from portside.daemon import Children
 from portside.errors import (
     BootTimeout,
@@ -103,16 +124,21 @@ from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
 from portside.rpc import Backoff
 from portside.spec import (
+    DEFAULT_PAUSE_MAX_S,
     DEFAULT_SLEEP_AFTER_S,
     DEFAULT_STOP_TIMEOUT_S,
     ContainerClass,
     instance_id,
 )
 from portside.states import InstanceState
+from portside.terminal import TerminalSize
 
 log = logging.getLogger(__name__)
 
 _IN_FLIGHT: Final = Children(metrics.REQUESTS_IN_FLIGHT)  # per request: no labels() lock
+# The reasons of the events when someone pauses or unpauses a container with docker itself.
+_PAUSED_OUTSIDE = "paused outside Portside (docker pause)"
+_UNPAUSED_OUTSIDE = "unpaused outside Portside (docker unpause)"
 _T = TypeVar("_T")
 
 
@@ -198,7 +224,11 @@ class _Instance:
         self.upstream: Upstream | None = None
         self.in_flight = 0
         self.last_activity = now
-        self.ready_at = 0.0  # when its boot ended, to ignore older engine listings
+        # Its open exec sessions: each event is set when it stops running (the session is over).
+        self.sessions: set[asyncio.Event] = set()
+        # When its boot, freeze or thaw ended (or it was found paused or thawed): engine listings
+        # taken before then are stale.
+        self.ready_at = 0.0
         self.exit_code: int | None = None
         self.vcpu = 0.0  # the instance type it runs with; counts against the node while awake
         self.memory_mib = 0
@@ -227,6 +257,23 @@ class _Instance:
         self.streak = Streak()
         self.sick = False
         self.stop: asyncio.Task[None] | None = None
+        # Snapshots (nodeagent.snapshots): set while its container is being committed (a boot
+        # waits for it); whether it ran since its last snapshot, and that snapshot's top layer
+        # (a sleep's snapshot is skipped when the layer is the same); the snapshot its next
+        # container is made from (a Start's); and whether it never had a container here, which
+        # then starts from its latest snapshot if it was placed anew after its node was lost.
+        self.committing: asyncio.Event | None = None
+        self.ran_since_snapshot = False
+        self.snapshot_layer = ""
+        self.restore: Snapshot | None = None
+        self.first_container = False
+        # Pause mode: the freeze in progress (docker pause; a thaw is a boot: `boot`), since when
+        # it is paused (on the manager's clock, for pause_max; None while not paused), and the
+        # unix time its last freeze or thaw was answered: the engine's pause and unpause events
+        # stamped before it are the agent's own (or older), not news.
+        self.freeze: asyncio.Task[None] | None = None
+        self.paused_at: float | None = None
+        self.froze_or_thawed = 0.0
         # A rollout's replace in progress. Requests and Starts wait at its gate (opened once the
         # new container's boot began, or the replace gave up) and are not in flight on the old
         # container: `waiting` of `in_flight` are parked there. `drained` is set when the old
@@ -249,14 +296,21 @@ class Hold:
     """An instance held awake by one request or WebSocket; `release()` it exactly once (extra
     calls are ignored), or use it as `async with hold as upstream:`."""
 
-    __slots__ = ("_manager", "_instance", "upstream", "container_id", "_released")
+    __slots__ = ("_manager", "_instance", "upstream", "container_id", "_released", "_activity")
 
-    def __init__(self, manager: InstanceManager, instance: _Instance, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        instance: _Instance,
+        upstream: Upstream,
+        activity: bool = True,
+    ) -> None:
         self._manager = manager
         self._instance = instance
         self.upstream = upstream
         self.container_id = instance.container_id
         self._released = False
+        self._activity = activity
 
     @property
     def instance_id(self) -> str:
@@ -269,7 +323,7 @@ class Hold:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._manager._release(self._instance)
+            self._manager._release(self._instance, self._activity)
 
     async def __aenter__(self) -> Upstream:
         return self.upstream
@@ -306,12 +360,16 @@ class InstanceManager:
         wall_clock: Callable[[], float] = time.time,
         images: ImageSupply | None = None,
         health_check: HealthCheck | None = None,
+        snapshots: SnapshotService | None = None,
     ) -> None:
         self._runtime = runtime
         self._health_check = health_check or health.http_check
         # Makes sure the engine has a class's image before its container is created (pulled
         # from the control plane or a registry); None: the image must be there already.
         self._images = images
+        # Takes snapshots and finds the one a container starts from; None: no snapshots (an
+        # agent without a control plane, tests).
+        self._snapshots = snapshots
         self._on_event = on_event
         # A container run began (BEGIN_RUN, ADOPT_RUN) or ended (END_RUN, with the engine's unix
         # time of the death when known): metering follows the time docker ran it.
@@ -335,21 +393,26 @@ class InstanceManager:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def acquire(self, cls: ContainerClass, name: str) -> Hold:
-        """Hold instance `name` of `cls` awake, booting it first if needed (concurrent callers
-        share one boot). Raises ContainerExited, BootTimeout, ImageUnavailable, NoCapacity or
-        Unavailable."""
+    async def acquire(
+        self, cls: ContainerClass, name: str, *, activity: bool = True, why: str = "a request"
+    ) -> Hold:
+        """Hold instance `name` of `cls` awake, booting (or thawing) it first if needed
+        (concurrent callers share one boot). Without `activity` (a scheduled call with
+        no_activity) it is held the same, but neither the acquire nor the release restarts its
+        sleep timer. `why` is what a thaw's `resumed` event says woke it. Raises
+        ContainerExited, BootTimeout, ImageUnavailable, NoCapacity or Unavailable."""
         inst = self._instance(cls, name)
         inst.in_flight += 1
-        inst.last_activity = self._clock()
+        if activity:
+            inst.last_activity = self._clock()
         _IN_FLIGHT(inst.class_name).inc()
         try:
-            upstream = await self._ready(inst, cls)
+            upstream = await self._ready(inst, cls, why)
         except BaseException:
             # Also on cancellation (the client went away): it must not keep the instance awake.
-            self._release(inst)
+            self._release(inst, activity)
             raise
-        return Hold(self, inst, upstream)
+        return Hold(self, inst, upstream, activity)
 
     @contextlib.asynccontextmanager
     async def use(self, cls: ContainerClass, name: str) -> AsyncIterator[Upstream]:
@@ -365,6 +428,7 @@ class InstanceManager:
         inst = self._instances.get(iid)
         if inst is None:
             inst = self._add(_Instance(iid, name, cls.name, self._clock(), self._wall()))
+            inst.first_container = True
         return inst
 
     def _add(self, inst: _Instance) -> _Instance:
@@ -372,14 +436,15 @@ class InstanceManager:
         metrics.INSTANCES.labels(inst.state.value).inc()
         return inst
 
-    def _release(self, inst: _Instance) -> None:
+    def _release(self, inst: _Instance, activity: bool = True) -> None:
         inst.in_flight -= 1
-        inst.last_activity = self._clock()
+        if activity:
+            inst.last_activity = self._clock()
         _IN_FLIGHT(inst.class_name).dec()
         if inst.drained is not None and inst.in_flight <= inst.waiting:
             inst.drained.set()
 
-    async def _ready(self, inst: _Instance, cls: ContainerClass) -> Upstream:
+    async def _ready(self, inst: _Instance, cls: ContainerClass, why: str) -> Upstream:
         while True:
             if inst.replace_gate is not None:
                 await self._wait_for_replace(inst, inst.replace_gate)
@@ -388,12 +453,20 @@ class InstanceManager:
                 # Shielded: a caller that gives up must not cancel the stop for everyone.
                 await asyncio.shield(inst.stop)
                 continue
+            if inst.freeze is not None:
+                # A request that comes while it is being frozen waits for the freeze, then thaws
+                # it: it never fails for the pause.
+                await asyncio.shield(inst.freeze)
+                continue
             if inst.boot is None:
                 if inst.state.running and inst.upstream is not None:
                     return inst.upstream
                 if inst.state.awake:  # unreachable: starting has its boot, stopping its stop
                     raise Unavailable(f"instance {cls.name}/{inst.name} is {inst.state} idle")
-                self._begin_boot(inst, cls, detached=False)
+                if self._thaws_anew(inst, cls):
+                    await self._stop_instance(inst, _StopOrder(StopCause.REPLACE))
+                    continue
+                self._begin_boot(inst, cls, detached=False, why=why)
             assert inst.boot is not None
             # Every waiter gets the boot's result or its error; none of them owns the boot.
             upstream = await asyncio.shield(inst.boot)
@@ -402,7 +475,15 @@ class InstanceManager:
                 await asyncio.shield(inst.health)
             return upstream
 
-    def _begin_boot(self, inst: _Instance, cls: ContainerClass, *, detached: bool) -> None:
+    def _begin_boot(
+        self, inst: _Instance, cls: ContainerClass, *, detached: bool, why: str = "a request"
+    ) -> None:
+        if inst.state is InstanceState.PAUSED:
+            # Its container and its port are there, frozen: the boot is a thaw, which waiters
+            # join as they would a boot.
+            self._check_capacity(inst, cls)
+            inst.boot = self._spawn(self._thaw(inst, cls, why))
+            return
         self._check_backoff(inst, cls)
         self._check_capacity(inst, cls)
         inst.vcpu, inst.memory_mib = cls.instance_type.vcpu, cls.instance_type.memory_mib
@@ -465,23 +546,31 @@ class InstanceManager:
 
     def _check_capacity(self, inst: _Instance, cls: ContainerClass) -> None:
         """Awake instances may not use more than the node offers. The control plane places with
-        the same rule, but a sleeping instance wakes here without asking it, so the agent checks."""
+        the same rule, but a sleeping instance wakes here without asking it, so the agent checks.
+        A paused one's memory is counted already: its thaw needs only its CPU back."""
         if self._capacity is None:
             return
         cap = self._capacity
         used = self.awake_use()
-        if not (Resources(cap.vcpu, cap.memory_mib) - used).fits(Resources.of(cls.instance_type)):
+        need = Resources.of(cls.instance_type)
+        if inst.state is InstanceState.PAUSED:
+            need = Resources(inst.vcpu, 0)
+        if not (Resources(cap.vcpu, cap.memory_mib) - used).fits(need):
             awake = sum(1 for i in self._instances.values() if i.state.awake)
+            paused = sum(1 for i in self._instances.values() if i.state is InstanceState.PAUSED)
             raise NoCapacity(
-                f"node {cap.node_id} is full: {awake} awake instances use "
+                f"node {cap.node_id} is full: {awake} awake "
+                + (f"and {paused} paused " if paused else "")
+                + "instances use "
                 f"{used.vcpu:g}/{cap.vcpu:g} vCPU and {used.memory_mib}/{cap.memory_mib} MiB; "
                 f"{cls.name}/{inst.name} can wake when others sleep"
             )
 
     def awake_use(self) -> Resources:
-        """The instance types of every awake instance (starting, running, healthy, stopping)."""
+        """The instance types of every awake instance (starting, running, healthy, stopping),
+        and the memory of every paused one (frozen, it keeps its memory but uses no CPU)."""
         return sum(
-            (Resources(i.vcpu, i.memory_mib) for i in self._instances.values() if i.state.awake),
+            (held(i.state, Resources(i.vcpu, i.memory_mib)) for i in self._instances.values()),
             Resources(),
         )
 
@@ -578,6 +667,8 @@ class InstanceManager:
         self, inst: _Instance, cls: ContainerClass, detached: bool
     ) -> tuple[Upstream, bool]:
         info: ContainerInfo | None = None
+        while inst.committing is not None:  # a snapshot's commit: its container must not start
+            await inst.committing.wait()
         if inst.container_id is not None and _below_wake_floor(inst, cls):
             await self._wake_fresh(inst, cls)
         if inst.container_id is not None:
@@ -593,9 +684,19 @@ class InstanceManager:
                 inst.container_id = None
         if inst.container_id is None:
             overrides = inst.overrides or NO_OVERRIDES
+            restore = await self._restore_from(inst, cls)
+            made_from = cls if restore is None else restore_class(cls, restore[0])
             if self._images is not None:  # within the boot's deadline: a pull counts
-                await self._images.ensure(cls)
-            inst.container_id = await self._runtime.create(cls, inst.name, overrides)
+                await self._images.ensure(made_from)
+            inst.container_id = await self._runtime.create(
+                cls,
+                inst.name,
+                overrides,
+                from_snapshot=None if restore is None else from_snapshot(restore[0]),
+            )
+            inst.first_container, inst.restore, inst.snapshot_layer = False, None, ""
+            if restore is not None:
+                self._restored(inst, *restore)
             inst.overrides_digest = overrides.digest
             inst.version = cls.version
             inst.port = cls.default_port
@@ -604,6 +705,7 @@ class InstanceManager:
         inst.oom = False
         inst.exit_code = None
         inst.run_started = info.started_at.timestamp() if info.started_at is not None else 0.0
+        inst.ran_since_snapshot = True
         self._fire(inst, Started())
         if not info.running:  # it exited already: its run began and ended
             self._notice(inst, info)
@@ -668,6 +770,58 @@ class InstanceManager:
             if inst.health is asyncio.current_task():  # not a later boot's probe
                 inst.health = None
 
+    async def _thaw(self, inst: _Instance, cls: ContainerClass, why: str) -> Upstream:
+        """Thaw its paused container (docker unpause): healthy again at once, as its port
+        answered before the freeze, so no probe delays the request that woke it. A container
+        that was unpaused behind the agent's back counts as thawed; one that is gone or exited
+        fails this thaw (it rests, and the next request boots it)."""
+        started = self._clock()
+        container_id = inst.container_id
+        assert container_id is not None  # paused: it has a container
+        try:
+            try:
+                await self._runtime.unpause(container_id)
+            except PortsideError as exc:
+                info = await self._inspect(container_id)
+                if info is None or not info.running:
+                    if info is None or not info.paused:
+                        self._notice(inst, info)
+                    metrics.THAWS.labels(cls.name, "error").inc()
+                    raise Unavailable(f"could not thaw {cls.name}/{inst.name}: {exc}") from exc
+            upstream = inst.upstream
+            if upstream is None:  # adopted paused, its address not listed
+                ip = (await self._runtime.inspect(container_id)).ip
+                if ip is None:
+                    raise Unavailable(f"{cls.name}/{inst.name} was thawed without an address")
+                upstream = inst.upstream = Upstream(ip, inst.port or cls.default_port)
+        finally:
+            inst.boot = None
+        inst.froze_or_thawed = self._wall()
+        now = self._clock()
+        inst.last_activity = now
+        self._fire(inst, Thawed(why))
+        metrics.THAWS.labels(cls.name, "ok").inc()
+        metrics.THAW_SECONDS.labels(cls.name).observe(now - started)
+        log.info("thawed %s/%s in %.1f ms (%s)", cls.name, inst.name, (now - started) * 1e3, why)
+        return upstream
+
+    async def _inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container as the engine has it now; None when it no longer exists."""
+        try:
+            return await self._runtime.inspect(container_id)
+        except NotFound:
+            return None
+
+    def _thaws_anew(self, inst: _Instance, cls: ContainerClass, digest: str | None = None) -> bool:
+        """A paused instance that a wake must not thaw: its container is older than its class's
+        wake floor (see `_below_wake_floor`), or made with other overrides than a Start's
+        (`digest`). It is stopped first (silently), and the boot makes it again."""
+        if inst.state is not InstanceState.PAUSED:
+            return False
+        return _below_wake_floor(inst, cls) or (
+            digest is not None and inst.overrides_digest != digest
+        )
+
     # -- sleep --------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -686,27 +840,78 @@ class InstanceManager:
 
     def sleep_idle(self) -> list[str]:
         """Begin stopping every running instance that has nothing in flight and has been idle for
-        its class's sleep_after; returns their ids. Synchronous, so no request slips in between
-        the decision and the state change."""
+        its class's sleep_after, or freezing it when its class sleeps by pausing and it is
+        healthy; and stopping, as a sleep, every paused one paused for its class's pause_max.
+        Returns their ids. Synchronous, so no request slips in between the decision and the
+        state change."""
         now = self._clock()
         stopping = []
         for inst in list(self._instances.values()):
             if inst.crash.crashes and inst.state.running and inst.run_started:
                 if not inst.crash.ran_steadily(self._wall() - inst.run_started).crashes:
                     self._forgive(inst)
+            if inst.state is InstanceState.PAUSED:
+                if self._pause_ended(inst, now):
+                    stopping.append(inst.id)
+                continue
             if not inst.state.running or inst.boot is not None or inst.in_flight > 0:
+                continue
+            if inst.committing is not None:  # frozen for a snapshot: it sleeps after
                 continue
             if inst.id in self._pinned or inst.replacing is not None:
                 continue
             cls = self._class_of(inst)
             sleep_after = cls.sleep_after_s if cls is not None else DEFAULT_SLEEP_AFTER_S
             if now - inst.last_activity >= sleep_after:
-                self._fire(inst, Stop(StopCause.SLEEP, reason=f"idle for {sleep_after:g}s"))
+                idle = f"idle for {sleep_after:g}s"
+                pauses = cls is not None and cls.sleep_mode == "pause"
+                # An unhealthy one (or one whose port never answered) sleeps by stopping: a
+                # frozen broken process is of no use, its wake boots it afresh.
+                if not (pauses and self._fire(inst, Pause(idle))):
+                    self._fire(inst, Stop(StopCause.SLEEP, reason=idle))
                 stopping.append(inst.id)
         return stopping
 
+    def _pause_ended(self, inst: _Instance, now: float) -> bool:
+        """Stop (as a sleep) a paused instance paused for its class's pause_max, with no thaw,
+        freeze or request under way; True when its stop began."""
+        if inst.paused_at is None or inst.boot is not None or inst.freeze is not None:
+            return False
+        if inst.in_flight > 0:
+            return False
+        cls = self._class_of(inst)
+        pause_max = cls.pause_max_s if cls is not None else DEFAULT_PAUSE_MAX_S
+        if now - inst.paused_at < pause_max:
+            return False
+        return self._fire(inst, Stop(StopCause.SLEEP, reason=f"paused for {pause_max:g}s"))
+
+    async def _freeze(self, inst: _Instance) -> None:
+        """Freeze its container (docker pause), in the background of the sleep loop's decision:
+        a request that comes meanwhile waits for this, then thaws it. A freeze that fails leaves
+        it running (`resumed`, with the failure), unless its container is gone."""
+        container_id = inst.container_id
+        assert container_id is not None  # healthy: it has a container
+        try:
+            await self._runtime.pause(container_id)
+            inst.froze_or_thawed = self._wall()
+            inst.ready_at = self._clock()
+            metrics.PAUSES.labels(inst.class_name).inc()
+            log.info("paused %s/%s", inst.class_name, inst.name)
+        except NotFound:
+            self._fire(inst, Removed())
+        except Exception as exc:  # noqa: BLE001 - whatever failed, it was not frozen: it runs
+            log.warning("cannot pause %s/%s (it stays awake): %s", inst.class_name, inst.name, exc)
+            self._fire(inst, Thawed(f"its pause failed: {exc}"))
+        finally:
+            if inst.freeze is asyncio.current_task():
+                inst.freeze = None
+
     def _class_of(self, inst: _Instance) -> ContainerClass | None:
-        return self._get_class(inst.class_name) or self._started_classes.get(inst.class_name)
+        return self._class_named(inst.class_name)
+
+    def _class_named(self, class_name: str) -> ContainerClass | None:
+        """The class as the control plane's config has it, else as a Start gave it."""
+        return self._get_class(class_name) or self._started_classes.get(class_name)
 
     # -- health checks --------------------------------------------------------------------------
 
@@ -755,6 +960,7 @@ class InstanceManager:
             and inst.boot is None
             and inst.health is None
             and inst.stop is None
+            and inst.committing is None  # frozen for a snapshot's commit
         )
 
     async def _check(self, inst: _Instance, cls: ContainerClass, upstream: Upstream) -> None:
@@ -816,7 +1022,7 @@ class InstanceManager:
     async def start_pinned(self, cls: ContainerClass, name: str) -> None:
         """Boot a pool instance now (not on a request) and keep it awake until it is drained."""
         self._pinned.add(instance_id(cls.name, name))
-        (await self.acquire(cls, name)).release()
+        (await self.acquire(cls, name, why="a pool assignment")).release()
 
     async def drain_and_remove(self, iid: str, timeout_s: float = 60.0) -> None:
         """Let a pool instance finish its requests in flight (up to `timeout_s`), then stop it
@@ -852,7 +1058,7 @@ class InstanceManager:
         return True
 
     async def stop_all(self, timeout_s: float | None = None) -> list[str]:
-        """Stop every awake instance of this node at once, as the agent shuts down
+        """Stop every awake (or paused) instance of this node at once, as the agent shuts down
         (--stop-on-exit): docker stop with Timing.stop_grace, all within `timeout_s` (None: the
         grace plus 10 s). Containers and their writable layers are kept: the next agent adopts
         them stopped and wakes each on its next request. Returns the ids still awake when the
@@ -860,7 +1066,11 @@ class InstanceManager:
         for inst in self._instances.values():
             if inst.replacing is not None:
                 inst.replacing.cancel()  # the old container stops below; no new one is made
-        awake = [inst for inst in self._instances.values() if inst.state.awake]
+        awake = [
+            inst
+            for inst in self._instances.values()
+            if inst.state.awake or inst.state is InstanceState.PAUSED
+        ]
         limit = self._timing.stop_grace + 10.0 if timeout_s is None else timeout_s
         order = _StopOrder(StopCause.SHUTDOWN)
         try:
@@ -882,7 +1092,10 @@ class InstanceManager:
             inst.abort = order
             with contextlib.suppress(PortsideError):
                 await asyncio.shield(inst.boot)
-        if inst.state.running:
+        if inst.freeze is not None:
+            await asyncio.shield(inst.freeze)  # a freeze is quick; the stop follows it
+        if inst.state.running or inst.state is InstanceState.PAUSED:
+            # A paused container stops as a running one: docker thaws it to deliver the signal.
             self._fire(inst, Stop(order.cause, order.reason), order)
         if inst.stop is not None:
             await asyncio.shield(inst.stop)
@@ -905,6 +1118,7 @@ class InstanceManager:
             if order.cause is StopCause.SLEEP:
                 metrics.SLEEPS.labels(inst.class_name).inc()
                 log.info("slept %s/%s", inst.class_name, inst.name)
+                self._snapshot_after_sleep(inst)
         except NotFound:
             self._fire(inst, Removed())
         except EngineUnavailable as exc:
@@ -1057,6 +1271,135 @@ class InstanceManager:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    # -- snapshots (nodeagent.snapshots) --------------------------------------------------------
+
+    async def take_snapshot(
+        self, iid: str, name: str = "", trigger: str = CREATE
+    ) -> Snapshot | None:
+        """Snapshot the instance's filesystem now: its container's writable layer, committed
+        (a running one is frozen meanwhile), pushed to the image store and recorded. A boot
+        that comes during the commit waits for it: the container never starts while it is
+        committed. NotFound; FailedPrecondition when it has no container or this agent takes
+        no snapshots. None: a sleep's snapshot that was not needed (it woke meanwhile, or its
+        layer did not change)."""
+        inst = self._known(iid)
+        if self._snapshots is None:
+            raise FailedPrecondition(f"node {self._node_id} takes no snapshots")
+        # Under way first: a boot, a stop, a freeze, another snapshot's commit.
+        while (busy := inst.boot or inst.stop or inst.freeze) or inst.committing:
+            if busy is None:
+                assert inst.committing is not None
+                await inst.committing.wait()
+                continue
+            with contextlib.suppress(PortsideError):
+                await asyncio.shield(busy)
+        if trigger == SLEEP and (inst.state.awake or inst.state is InstanceState.PAUSED):
+            return None  # it woke: it sleeps again later, and is snapshotted then
+        if inst.container_id is None:
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} has no container yet: start it first"
+            )
+        cls = self._class_of(inst)
+        source = Source(
+            inst.container_id,
+            inst.class_name,
+            inst.name,
+            inst.id,
+            inst.version,
+            class_image="" if cls is None else cls.image_digest or cls.image,
+        )
+        running = inst.state.running  # it may change its layer after the commit
+        # Set with no await since the checks above: no boot can begin in between.
+        committing = inst.committing = asyncio.Event()
+
+        def committed() -> None:
+            if inst.committing is committing:
+                inst.committing = None
+                # The engine's pause and unpause of the commit are not news.
+                inst.froze_or_thawed, inst.ready_at = self._wall(), self._clock()
+                if not running:  # its next run (Started) says it may have changed again
+                    inst.ran_since_snapshot = False
+            committing.set()
+
+        try:
+            taken = await self._snapshots.take(
+                source, name, trigger, committed=committed, unchanged=inst.snapshot_layer
+            )
+        except BaseException:
+            committed()
+            inst.ran_since_snapshot = True  # nothing was recorded: the next sleep tries again
+            raise
+        committed()
+        inst.snapshot_layer = taken.top_layer
+        if taken.snapshot is not None:
+            reason = f"{taken.snapshot.id} ({human_size(taken.snapshot.layer_bytes)})"
+            self._emit(inst, Announce(EventKind.SNAPSHOT_TAKEN, reason=reason))
+        return taken.snapshot
+
+    def _snapshot_after_sleep(self, inst: _Instance) -> None:
+        """Its container was stopped for a sleep: if its class asks and it ran since its last
+        snapshot, take one in the background (the sleep is done; a wake waits for the commit
+        only)."""
+        cls = self._class_of(inst)
+        if self._snapshots is None or cls is None or not cls.snapshot_on_sleep:
+            return
+        if inst.ran_since_snapshot:
+            self._spawn(self._sleep_snapshot(inst))
+
+    async def _sleep_snapshot(self, inst: _Instance) -> None:
+        try:
+            await self.take_snapshot(inst.id, trigger=SLEEP)
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the sleep stands
+            log.warning(
+                "%s/%s: no snapshot after its sleep: %s",
+                inst.class_name,
+                inst.name,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+
+    async def _restore_from(
+        self, inst: _Instance, cls: ContainerClass
+    ) -> tuple[Snapshot, str] | None:
+        """The snapshot a new container of `inst` is made from, and why: a Start's; else, for
+        a named instance's first container on this node, its latest if it was placed anew after
+        its node was lost (Unavailable when the control plane cannot be asked). Nothing is
+        remembered of an answer: a destroyed instance's snapshots are the control plane's to
+        refuse."""
+        if inst.restore is not None:
+            return inst.restore, "start"
+        if self._snapshots is None or not inst.first_container or cls.pool:
+            return None
+        found = await self._snapshots.latest(cls, inst.name)
+        return None if found is None else (found, "replaced")
+
+    def _restored(self, inst: _Instance, snapshot: Snapshot, cause: str) -> None:
+        metrics.SNAPSHOT_RESTORES.labels(inst.class_name, cause).inc()
+        reason = f"{snapshot.id} ({snapshot.name})"
+        if cause == "replaced":
+            reason += ": placed anew after its node was lost"
+        self._emit(inst, Announce(EventKind.SNAPSHOT_RESTORED, reason=reason))
+        log.info("%s/%s: container made from snapshot %s", inst.class_name, inst.name, reason)
+
+    async def _make_again_from(self, inst: _Instance, snapshot: Snapshot) -> None:
+        """A Start from `snapshot`: its container, if any, is removed, and the boot makes one
+        from the snapshot. FailedPrecondition while it runs (or starts, stops, is paused)."""
+        if (
+            inst.state.awake
+            or inst.state is InstanceState.PAUSED
+            or inst.boot is not None
+            or inst.stop is not None
+        ):
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} is {inst.state}: stop it before starting "
+                f"it from snapshot {snapshot.id}"
+            )
+        while inst.committing is not None:
+            await inst.committing.wait()
+        inst.restore = snapshot
+        if inst.container_id is not None:
+            old, inst.container_id = inst.container_id, None
+            await self._runtime.remove(old, force=True)
+
     # -- the lifecycle API ----------------------------------------------------------------------
 
     async def start(
@@ -1066,15 +1409,19 @@ class InstanceManager:
         overrides: Overrides = NO_OVERRIDES,
         *,
         wait: bool = True,
+        snapshot: Snapshot | None = None,
     ) -> InstanceInfo:
         """Boot (or wake) instance `name`. A container made with other overrides is stopped if
         needed, removed and made again. `wait`: until the port answers (ContainerExited,
         BootTimeout as for a request); else until docker started it (a container that already
-        exited is reported in the returned state, not raised)."""
+        exited is reported in the returned state, not raised). `snapshot`: its container is
+        removed and made again from the snapshot (FailedPrecondition while it runs)."""
         self._started_classes[cls.name] = cls
         inst = self._instance(cls, name)
         inst.last_activity = self._clock()
         self._forgive(inst)  # a Start is an operator's try: no crash-loop backoff holds it
+        if snapshot is not None:
+            await self._make_again_from(inst, snapshot)
         while True:
             if inst.replace_gate is not None:
                 await inst.replace_gate.wait()
@@ -1082,21 +1429,27 @@ class InstanceManager:
             if inst.stop is not None:
                 await asyncio.shield(inst.stop)
                 continue
-            if inst.state.awake:
+            if inst.freeze is not None:
+                await asyncio.shield(inst.freeze)
+                continue
+            if inst.state.awake or inst.boot is not None:  # a boot of a paused one: its thaw
                 if inst.overrides_digest != overrides.digest:
                     await self._stop_instance(inst, _StopOrder(StopCause.REPLACE))
                     continue
                 break  # booting or running as asked: join it
+            if self._thaws_anew(inst, cls, overrides.digest):
+                await self._stop_instance(inst, _StopOrder(StopCause.REPLACE))
+                continue
             if inst.container_id is not None and inst.overrides_digest != overrides.digest:
                 container_id, inst.container_id = inst.container_id, None
                 log.info("making %s/%s again with other overrides", cls.name, name)
                 await self._runtime.remove(container_id, force=True)
                 continue
             inst.overrides = overrides
-            self._begin_boot(inst, cls, detached=not wait)
+            self._begin_boot(inst, cls, detached=not wait, why="a Start")
             break
         boot, started = inst.boot, inst.started
-        if wait:
+        if wait or inst.state is InstanceState.PAUSED:  # a thaw is quick: even no_wait waits
             if boot is not None:
                 await asyncio.shield(boot)
             if inst.health is not None:  # started earlier without waiting: wait for the port
@@ -1160,25 +1513,55 @@ class InstanceManager:
         env: Mapping[str, str],
         working_dir: str = "",
         stdin: bool = False,
+        *,
+        tty: TerminalSize | None = None,
+        user: str = "",
     ) -> ExecProcess:
-        """Run a command in the running container (hold the instance with `holding` meanwhile).
-        FailedPrecondition when it does not run."""
+        """Run a command in the running container (within an `exec_session`), as `user`, with a
+        pseudo-terminal of size `tty` if given. FailedPrecondition when it does not run."""
         inst = self._known(iid)
         if inst.container_id is None or not inst.state.running:
-            raise _not_running(inst)
-        return await self._runtime.exec(inst.container_id, command, env, working_dir, stdin)
+            raise FailedPrecondition(
+                f"instance {inst.class_name}/{inst.name} is {inst.state}, not running: exec "
+                "does not wake it unless asked (exec --wake boots it first)"
+            )
+        return await self._runtime.exec(
+            inst.container_id, command, env, working_dir, stdin, tty=tty, user=user
+        )
 
-    @contextlib.contextmanager
-    def holding(self, iid: str) -> Iterator[None]:
-        """Keep the instance awake, like a request in flight (an exec session)."""
-        inst = self._known(iid)
-        inst.in_flight += 1
-        inst.last_activity = self._clock()
-        _IN_FLIGHT(inst.class_name).inc()
+    @contextlib.asynccontextmanager
+    async def exec_session(
+        self, class_name: str, name: str, *, wake: bool = False, activity: bool = False
+    ) -> AsyncIterator[asyncio.Event]:
+        """An exec session on instance `name` of `class_name`, while the block runs.
+
+        By default it neither keeps the instance awake nor counts as activity for sleep_after:
+        the instance may go to sleep under it. `wake`: boot it first if it does not run (as a
+        request would: its own container, with the overrides it was made with) and hold it
+        awake until the block ends. `activity`: the session's start and end count as activity
+        (the sleep timer restarts when it ends). The event yielded is set when the instance
+        stops running (asleep, paused, stopped): the session is over then. NotFound: an
+        instance (without `wake`) or a class (with it) this agent does not know; with `wake`,
+        what `acquire` raises."""
+        hold: Hold | None = None
+        if wake:
+            cls = self._class_named(class_name)
+            if cls is None:
+                raise NotFound(f"class {class_name} is not deployed (this agent does not know it)")
+            hold = await self.acquire(cls, name, activity=activity)
+        inst = hold._instance if hold is not None else self._known(instance_id(class_name, name))
+        ended = asyncio.Event()
+        inst.sessions.add(ended)
+        if activity:
+            inst.last_activity = self._clock()
         try:
-            yield
+            yield ended
         finally:
-            self._release(inst)
+            inst.sessions.discard(ended)
+            if hold is not None:
+                hold.release()
+            elif activity:
+                inst.last_activity = self._clock()
 
     async def logs(self, iid: str, follow: bool, tail: int) -> AsyncIterator[tuple[Stream, bytes]]:
         """The container's output; nothing when it has none yet."""
@@ -1240,11 +1623,17 @@ class InstanceManager:
             )
         inst.cause = step.cause
         if not step.state.running:
-            inst.upstream = None  # reached only while its container runs
+            if step.state is not InstanceState.PAUSED:  # a frozen container keeps its address
+                inst.upstream = None  # reached only while its container runs
             self._end_checks(inst)
+            for ended in inst.sessions:
+                ended.set()
         if step.state is not inst.state:
             metrics.INSTANCES.labels(inst.state.value).dec()
             metrics.INSTANCES.labels(step.state.value).inc()
+            if InstanceState.PAUSED in (inst.state, step.state):
+                inst.ready_at = self._clock()  # listings from before the freeze or thaw are stale
+            inst.paused_at = self._clock() if step.state is InstanceState.PAUSED else None
             inst.state = step.state
             inst.since = self._wall()
             if self._on_change is not None:
@@ -1253,6 +1642,8 @@ class InstanceManager:
             if effect is Effect.STOP_CONTAINER:
                 cause = step.cause or StopCause.STOP
                 inst.stop = self._spawn(self._stop(inst, order or _StopOrder(cause)))
+            elif effect is Effect.FREEZE_CONTAINER:
+                inst.freeze = self._spawn(self._freeze(inst))
             elif effect is Effect.FORGET_CONTAINER:
                 inst.container_id = None
             elif effect is Effect.BACK_OFF:
@@ -1274,11 +1665,18 @@ class InstanceManager:
     def _notice(
         self, inst: _Instance, info: ContainerInfo | None, *, engine_restarted: bool = False
     ) -> None:
-        """What an inspect or a listing found of `inst`'s container: gone, or stopped (by the
-        engine's restart, when it is out of reach or was just found again)."""
+        """What an inspect or a listing found of `inst`'s container: gone, paused or unpaused
+        behind the agent's back, or stopped (by the engine's restart, when it is out of reach or
+        was just found again)."""
         if info is None:
             self._fire(inst, Removed())
-        elif not info.running:
+        elif info.paused:
+            if inst.committing is None:  # a snapshot's commit freezes a running container
+                self._fire(inst, FoundPaused(_PAUSED_OUTSIDE))
+        elif info.running:
+            if inst.state is InstanceState.PAUSED and self._fire(inst, Thawed(_UNPAUSED_OUTSIDE)):
+                inst.last_activity = self._clock()  # whoever thawed it wants it awake a while
+        else:
             at = info.finished_at.timestamp() if info.finished_at is not None else None
             if inst.boot is None and (engine_restarted or self._engine_lost is not None):
                 self._fire(inst, EngineStopped(info.exit_code, at=at))
@@ -1320,6 +1718,24 @@ class InstanceManager:
             inst.oom = True
         elif event.kind is ContainerEventKind.DESTROY:
             self._fire(inst, Removed())
+        elif event.kind in (ContainerEventKind.PAUSE, ContainerEventKind.UNPAUSE):
+            self._on_freezer_event(inst, event)
+
+    def _on_freezer_event(self, inst: _Instance, event: ContainerEvent) -> None:
+        """A pause or unpause of its container. The agent's own come while its call is under
+        way or are stamped before its answer (docker stop thaws a paused container too): the
+        call reports them. Others were done behind its back, with docker itself: a paused
+        container is taken as paused (the next request thaws it), a thawed one as awake."""
+        if inst.freeze is not None or inst.boot is not None or inst.stop is not None:
+            return
+        if inst.committing is not None:  # a snapshot's commit freezes a running container
+            return
+        if event.time and event.time <= inst.froze_or_thawed:
+            return
+        if event.kind is ContainerEventKind.PAUSE:
+            self._fire(inst, FoundPaused(_PAUSED_OUTSIDE))
+        elif self._fire(inst, Thawed(_UNPAUSED_OUTSIDE)):
+            inst.last_activity = self._clock()  # whoever thawed it wants it awake a while
 
     async def _follow_engine(self) -> None:
         """Follow the engine's events. When the stream breaks, the engine restarted or went
@@ -1383,8 +1799,10 @@ class InstanceManager:
 
     async def adopt(self) -> list[InstanceSnapshot]:
         """Make Portside's networks, then take over this node's containers as a previous agent
-        left them: running ones as healthy (idle from now), others as stopped, reused on their
-        next wake. Nothing is stopped or removed. Call once, before serving."""
+        left them: running ones as healthy (idle from now), paused ones as paused (their
+        pause_max counted from now: the engine does not say when they were frozen), others as
+        stopped, reused on their next wake. Nothing is stopped or removed. Call once, before
+        serving."""
         await self._runtime.ensure_networks()
         now = self._clock()
         adopted = []
@@ -1402,12 +1820,18 @@ class InstanceManager:
             inst.overrides_digest = info.overrides_digest
             inst.version = info.version
             inst.vcpu, inst.memory_mib = info.vcpu, info.memory_mib
+            inst.ran_since_snapshot = info.running or info.paused
             self._add(inst)
             if info.running and info.ip is not None:
                 inst.upstream = Upstream(info.ip, info.port)
                 inst.ready_at = now
                 inst.run_started = 0.0  # its start time is not listed: any die is this run's
                 self._fire(inst, FoundRunning())
+            elif info.paused:
+                inst.upstream = Upstream(info.ip, info.port) if info.ip is not None else None
+                inst.ready_at = now
+                inst.run_started = 0.0
+                self._fire(inst, FoundPaused())
             else:
                 inst.exit_code = info.exit_code
                 self._fire(inst, FoundStopped())
@@ -1452,6 +1876,13 @@ class InstanceManager:
                     and info.ip != inst.upstream.host
                 ):
                     inst.upstream = Upstream(info.ip, inst.upstream.port)
+            elif (
+                inst.state is InstanceState.PAUSED
+                and inst.boot is None
+                and inst.freeze is None
+                and inst.ready_at < listed_at
+            ):
+                self._notice(inst, info, engine_restarted=engine_restarted)
             elif info is None and not inst.state.awake and inst.stop is None:
                 self._fire(inst, Removed())  # removed behind our back: the next boot creates one
 

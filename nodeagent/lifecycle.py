@@ -17,6 +17,20 @@ Its states are the public `InstanceState`s, so the manager reports its state as 
     healthy ──check-failed──▶ running ──check-passed──▶ healthy (its health checks; see
                                                        nodeagent.health for when each fires)
 
+    healthy ──pause──▶ paused ──thawed──▶ healthy     (sleep_mode "pause": frozen, not stopped)
+    running, healthy ──found-paused──▶ paused         (docker pause behind the agent's back)
+    paused ──stop(cause)──▶ stopping                  (pause_max passed: a sleep; or any stop)
+    paused ──died, removed──▶ stopped_with_code; paused ──engine-stopped──▶ stopped
+
+Pause mode (a class's sleep_mode "pause") freezes an idle healthy container instead of stopping
+it: its memory and processes are kept, it uses no CPU, and its run is not metered meanwhile
+(PAUSE_RUN, RESUME_RUN). Only a healthy instance pauses; one whose port never answered or whose
+checks fail sleeps by stopping, so that its wake boots it afresh. A thaw makes it healthy again
+(its port answered before the freeze) and its health checks begin anew. The freeze and the thaw
+are calls in progress like a boot: `paused` is announced as the freeze begins, `resumed` once
+docker unpause answered. After its class's pause_max, a paused instance is stopped as a sleep
+(Stop with cause SLEEP: activity-expired, then slept).
+
 A rollout's replace is a stop of its own cause (ROLLOUT: announced as `replaced` as it begins),
 after which the manager boots a new container from the instance's resting state; no state of its
 own is needed.
@@ -31,10 +45,13 @@ Beside the table, `CrashLoop` keeps an instance's crash-loop backoff (like Kuber
 CrashLoopBackOff): rows where a container exits by itself carry BACK_OFF, and `after_exit` decides
 from how long it ran whether that exit was a crash and when the next boot may be tried.
 
-There are no internal sub-states. Two things the manager holds are not states of the instance
-but calls in progress: a boot (from starting until its port answered or it gave up; requests
-join it), and a stop (from stopping until `docker stop` answered: its answer reports the death,
-and the engine's die event, which comes a moment earlier, only lends it its time).
+There are no internal sub-states. What the manager holds beside them are not states of the
+instance but calls in progress: a boot (from starting until its port answered or it gave up;
+requests join it), a stop (from stopping until `docker stop` answered: its answer reports the
+death, and the engine's die event, which comes a moment earlier, only lends it its time), and in
+pause mode a freeze (paused until `docker pause` answered: a request that comes meanwhile waits
+for it) and a thaw (paused until `docker unpause` answered; requests join it as they would a
+boot).
 """
 
 from __future__ import annotations
@@ -136,6 +153,32 @@ class StopFailed:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """Its class sleeps by pausing (sleep_mode "pause"): the agent freezes it after sleep_after
+    without activity; `reason` goes with the `paused` event ("idle for 2s")."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Thawed:
+    """Its container runs again after a pause: docker unpause answered, or it was found running
+    (unpaused behind the agent's back, or its freeze failed); `reason` says what woke it ("a
+    request") and goes with the `resumed` event."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FoundPaused:
+    """Its container was found paused: adoption of a previous agent's paused container, or a
+    docker pause behind the agent's back (the engine's event, or a listing); `reason` goes with
+    the `paused` event of the latter."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class FoundRunning:
     """Adoption: a previous agent's container of this instance runs."""
 
@@ -159,6 +202,9 @@ Trigger: TypeAlias = (
     | StopFailed
     | FoundRunning
     | FoundStopped
+    | Pause
+    | Thawed
+    | FoundPaused
 )
 TRIGGERS: tuple[type[Trigger], ...] = (
     Boot,
@@ -174,6 +220,9 @@ TRIGGERS: tuple[type[Trigger], ...] = (
     StopFailed,
     FoundRunning,
     FoundStopped,
+    Pause,
+    Thawed,
+    FoundPaused,
 )
 
 
@@ -238,6 +287,9 @@ class Effect(enum.Enum):
     STOP_CONTAINER = "stop-container"  # docker stop it in the background; report Died after
     FORGET_CONTAINER = "forget-container"  # it no longer exists: the next boot creates one
     BACK_OFF = "back-off"  # it exited by itself: `after_exit` says if it was a crash
+    FREEZE_CONTAINER = "freeze-container"  # docker pause it in the background; Thawed if it fails
+    PAUSE_RUN = "pause-run"  # its run is frozen: not metered until it resumes
+    RESUME_RUN = "resume-run"  # its frozen run goes on from now (its counters are not at zero)
 
 
 class Say(enum.Enum):
@@ -251,6 +303,8 @@ class Say(enum.Enum):
     FAILED = "failed"  # the boot failed: its reason
     STOP_BEGINS = "stop-begins"  # what the stop's cause begins with, if anything
     STOP_ENDS = "stop-ends"  # what the stop's cause ends with, if anything
+    PAUSED = "paused"  # frozen: the trigger's reason (idle for 2s, paused outside Portside)
+    RESUMED = "resumed"  # thawed: what woke it
 
 
 class Rest(enum.Enum):
@@ -274,6 +328,7 @@ _EXITED = Row(_S.STOPPED_WITH_CODE, (Effect.BACK_OFF, Effect.END_RUN), (Say.EXIT
 _GONE = Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN, Effect.FORGET_CONTAINER), (Say.EXITED,))
 _STOP = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.STOP_BEGINS,))
 _FAILED = Row(_S.STOPPING, (Effect.STOP_CONTAINER,), (Say.FAILED,))
+_FROZEN = Row(_S.PAUSED, (Effect.PAUSE_RUN,), (Say.PAUSED,))
 
 TABLE: Mapping[tuple[InstanceState, type[Trigger]], Row] = MappingProxyType(
     {
@@ -303,6 +358,20 @@ TABLE: Mapping[tuple[InstanceState, type[Trigger]], Row] = MappingProxyType(
         (_S.STOPPING, StopFailed): Row(_S.STOPPED, (Effect.END_RUN,)),
         (_S.PLACED, FoundRunning): Row(_S.HEALTHY, (Effect.ADOPT_RUN,)),
         (_S.PLACED, FoundStopped): Row(_S.STOPPED),
+        # Pause mode. Its run was paused with it (PAUSE_RUN), so its end meters nothing more;
+        # a paused container cannot exit by itself (frozen), so no exit of one is a crash.
+        (_S.HEALTHY, Pause): Row(
+            _S.PAUSED, (Effect.FREEZE_CONTAINER, Effect.PAUSE_RUN), (Say.PAUSED,)
+        ),
+        **{(s, FoundPaused): _FROZEN for s in _UP},
+        (_S.PLACED, FoundPaused): Row(_S.PAUSED),  # adopted frozen: no run to meter
+        (_S.PAUSED, Thawed): Row(_S.HEALTHY, (Effect.RESUME_RUN,), (Say.RESUMED,)),
+        (_S.PAUSED, Stop): _STOP,
+        (_S.PAUSED, Died): Row(_S.STOPPED_WITH_CODE, (Effect.END_RUN,), (Say.EXITED,)),
+        (_S.PAUSED, Removed): Row(
+            _S.STOPPED_WITH_CODE, (Effect.END_RUN, Effect.FORGET_CONTAINER), (Say.EXITED,)
+        ),
+        (_S.PAUSED, EngineStopped): Row(_S.STOPPED, (Effect.END_RUN,), (Say.EXITED,)),
     }
 )
 
@@ -362,6 +431,10 @@ def _announce(say: Say, cause: StopCause | None, trigger: Trigger) -> Announce |
         return Announce(EventKind.HEALTHY, reason=getattr(trigger, "reason", ""))
     if say is Say.FAILED:
         return Announce(EventKind.FAILED, reason=getattr(trigger, "reason", ""))
+    if say is Say.PAUSED:
+        return Announce(EventKind.PAUSED, reason=getattr(trigger, "reason", ""))
+    if say is Say.RESUMED:
+        return Announce(EventKind.RESUMED, reason=getattr(trigger, "reason", ""))
     if say is Say.EXITED:
         return _exit(trigger, "")
     outcome = STOP_OUTCOMES[cause] if cause is not None else None
@@ -485,8 +558,10 @@ __all__ = [
     "ENGINE_RESTARTED",
     "Effect",
     "EngineStopped",
+    "FoundPaused",
     "FoundRunning",
     "FoundStopped",
+    "Pause",
     "Removed",
     "Rest",
     "Row",
@@ -498,6 +573,7 @@ __all__ = [
     "StopCause",
     "StopFailed",
     "StopOutcome",
+    "Thawed",
     "Trigger",
     "after_exit",
     "backoff_delay",

@@ -32,8 +32,31 @@ WAKES = Counter(
 )
 SLEEPS = Counter(
     "portside_agent_sleeps_total",
-    "Containers stopped because they were idle for their class's sleep_after.",
+    "Containers stopped because they were idle for their class's sleep_after (or, in pause "
+    "mode, paused for its pause_max).",
     ["class"],
+)
+# A thaw is docker unpause: tens of milliseconds, more when the engine is busy.
+_THAW_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+PAUSES = Counter(
+    "portside_agent_pauses_total",
+    "Containers frozen (docker pause) because they were idle for their class's sleep_after, in a "
+    'class with sleep_mode "pause".',
+    ["class"],
+)
+THAWS = Counter(
+    "portside_agent_thaws_total",
+    "Paused containers thawed (docker unpause) for a request, a Start or a pool assignment, by "
+    "outcome: ok, error (its container was gone or exited, or the engine failed the call).",
+    ["class", "outcome"],
+)
+THAW_SECONDS = Histogram(
+    "portside_agent_thaw_seconds",
+    "Time of one thaw, from its start until docker unpause answered and the instance was "
+    "healthy again.",
+    ["class"],
+    buckets=_THAW_BUCKETS,
 )
 PROXIED_REQUESTS = Counter(
     "portside_agent_proxied_requests_total",
@@ -53,14 +76,14 @@ REQUESTS_IN_FLIGHT = Gauge(
 )
 INSTANCES = Gauge(
     "portside_agent_instances",
-    "Instances this agent knows, by state: placed, starting, running, healthy, stopping, "
-    "sleeping, stopped, stopped_with_code.",
+    "Instances this agent knows, by state: placed, starting, running, healthy, paused, "
+    "stopping, sleeping, stopped, stopped_with_code.",
     ["state"],
 )
 LIFECYCLE_EVENTS = Counter(
     "portside_agent_lifecycle_events_total",
     "Lifecycle events the agent emitted (starting, ready, unhealthy, healthy, activity-expired, "
-    "slept, exited, failed, removed, replaced), by class and kind.",
+    "slept, paused, resumed, exited, failed, removed, replaced), by class and kind.",
     ["class", "kind"],
 )
 EVENTS_DROPPED = Counter(
@@ -217,4 +240,35 @@ IMAGE_REMOVALS = Counter(
     "Portside images the cluster no longer keeps that the agent tried to remove from its engine, "
     "by outcome: removed, in_use (a container uses it: kept, never forced), error.",
     ["outcome"],
+)
+
+# Snapshots (nodeagent/snapshots.py): a commit takes well under a second for a small layer; a
+# large layer's read and push take longer.
+_SNAPSHOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+SNAPSHOTS = Counter(
+    "portside_agent_snapshots_total",
+    "Snapshots of an instance's writable layer, by class, trigger (create: asked for; sleep: "
+    "snapshot_on_sleep) and outcome: taken (pushed and recorded), unchanged (a sleep's, skipped: "
+    "the layer is the last snapshot's), failed.",
+    ["class", "trigger", "outcome"],
+)
+SNAPSHOT_SECONDS = Histogram(
+    "portside_agent_snapshot_seconds",
+    "Time to take a snapshot, by step: commit (the container is held: a wake waits for it), "
+    "total (commit, read, push to the image store and record).",
+    ["class", "step"],
+    buckets=_SNAPSHOT_BUCKETS,
+)
+SNAPSHOT_LAYER_BYTES = Counter(
+    "portside_agent_snapshot_layer_bytes_total",
+    "Bytes of writable layer in the snapshots taken, uncompressed (divided by the snapshots "
+    "taken: the mean layer).",
+    ["class"],
+)
+SNAPSHOT_RESTORES = Counter(
+    "portside_agent_snapshot_restores_total",
+    "Containers made from a snapshot, by class and cause: start (a Start named it), replaced "
+    "(the instance's first container on this node after its node was lost).",
+    ["class", "cause"],
 )

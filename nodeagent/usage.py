@@ -7,7 +7,9 @@ event says, which comes a few tens of ms before docker's stop call returns): the
 shows between State.StartedAt and State.FinishedAt. Elapsed time comes from the monotonic clock;
 the wall clock only says which UTC day a 10 ms step falls on. Steps are counted whole while the
 run goes on (floor) and a started step is counted at its end (ceil). A sleeping instance has no
-run: it costs nothing. Between an agent's stop and the next agent's adoption nothing is metered.
+run: it costs nothing. Nor does a paused one (sleep_mode "pause"): its run stops at the freeze and
+goes on at the thaw; frozen, it uses no CPU, though it holds its memory, which its node's
+capacity counts. Between an agent's stop and the next agent's adoption nothing is metered.
 
 CPU used is the growth of the container's cgroup CPU counter and egress the growth of its eth0
 tx_bytes (enable_internet classes only), read every sample (2 s): what a run does after its last
@@ -358,7 +360,9 @@ def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, Effect, float 
     """The InstanceManager's `on_run` hook that meters each container run."""
 
     def on_run(snap: InstanceSnapshot, change: Effect, at: float | None) -> None:
-        if change is Effect.END_RUN:
+        # A paused container's run is not metered: it uses no CPU while frozen (it holds its
+        # memory, which the node's capacity counts). Its thaw goes on with counters not at zero.
+        if change in (Effect.END_RUN, Effect.PAUSE_RUN):
             meter.run_ended(snap.id, at)
             return
         found = meter.class_size(snap.class_name)
@@ -375,7 +379,7 @@ def follow_runs(meter: UsageMeter) -> Callable[[InstanceSnapshot, Effect, float 
             snap.name,
             snap.container_id,
             size,
-            adopted=change is Effect.ADOPT_RUN,
+            adopted=change in (Effect.ADOPT_RUN, Effect.RESUME_RUN),
             at_wall=at,
         )
 

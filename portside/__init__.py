@@ -25,12 +25,16 @@ from portside.client import (
     Portside,
     Response,
     Rollout,
+    Schedule,
+    Snapshot,
     SyncContainer,
     SyncPortside,
+    TerminalSize,
     connect,
     connect_sync,
 )
 from portside.errors import (
+    AlreadyExists,
     BootTimeout,
     ConfigError,
     ContainerExited,
@@ -58,6 +62,7 @@ from portside.usage import Usage
 
 __version__ = "0.1.0"
 __all__ = [
+    "AlreadyExists",
     "BootTimeout",
     "ClassVersion",
     "ConfigError",
@@ -87,9 +92,12 @@ __all__ = [
     "PortsideError",
     "Response",
     "Rollout",
+    "Schedule",
+    "Snapshot",
     "StoreError",
     "SyncContainer",
     "SyncPortside",
+    "TerminalSize",
     "Timeout",
     "Unauthenticated",
     "Unavailable",

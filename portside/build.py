@@ -34,6 +34,7 @@ __all__ = [
     "human_size",
     "image_reference",
     "open_engine",
+    "snapshot_reference",
     "with_built_images",
 ]
 
@@ -94,6 +95,13 @@ def image_reference(class_name: str, digest: str) -> str:
     if not _COMPONENT.fullmatch(name):
         name = re.sub(r"[-_]+", "-", name).strip("-")
     return f"{REFERENCE_REPOSITORY}/{name}:{match.group(1)[:12]}"
+
+
+def snapshot_reference(class_name: str, digest: str) -> str:
+    """What a snapshot of an instance of `class_name` is named in the cluster's image store and
+    in engines: `portside/<class name lowercased>.snapshot:<first 12 hex of digest>` (its id)."""
+    repository, tag = image_reference(class_name, digest).rsplit(":", 1)
+    return f"{repository}.snapshot:{tag}"
 
 
 def with_built_images(config: Config, built: Mapping[str, BuiltImage]) -> Config:

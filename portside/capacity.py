@@ -1,12 +1,14 @@
-"""Capacity: what a node offers and what its awake instances take, and the one rule for whether
-another instance fits. The scheduler, the autoscaler's room count and the agent's own check on
-a wake all ask here, so they can never disagree about a full node."""
+"""Capacity: what a node offers and what its awake (and paused) instances take, and the one rule
+for whether another instance fits. The scheduler, the autoscaler's room count and the agent's own
+check on a wake all ask here, so they can never disagree about a full node."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from portside.states import InstanceState
 
 if TYPE_CHECKING:
     from portside.spec import InstanceType
@@ -46,4 +48,14 @@ class Resources:
         return max(0, min(by_cpu, by_memory))
 
 
-__all__ = ["VCPU_EPSILON", "Resources"]
+def held(state: InstanceState, size: Resources) -> Resources:
+    """What an instance of `size` in `state` takes of its node: all of it while awake, only its
+    memory while paused (frozen, it uses no CPU but keeps its memory), nothing while it rests."""
+    if state.awake:
+        return size
+    if state is InstanceState.PAUSED:
+        return Resources(0.0, size.memory_mib)
+    return Resources()
+
+
+__all__ = ["VCPU_EPSILON", "Resources", "held"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from portside import geo
+from portside import geo, terminal
 from portside.client._models import DEPLOY_ROLLOUTS, ROLLBACK_ROLLOUTS
 from portside.errors import (
     InvalidArgument,
@@ -35,7 +36,7 @@ from portside.usage import PRICE_DISK_GB_SECOND, PRICE_GIB_SECOND, PRICE_VCPU_SE
 if TYPE_CHECKING:
     from controlplane.store import StoreTls
     from nodeagent.doctor import Check
-    from portside.client import DeployResult, Portside, Rollout
+    from portside.client import DeployResult, Portside, Rollout, Snapshot
     from portside.events import Event
     from portside.instances import InstanceInfo
     from portside.tokens import Token
@@ -301,18 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Like build_parser().parse_args, but `exec`'s command is everything after its `--`, so
-    the command's own options (`-- sh -c 'ls -l'`) never reach argparse."""
+    """Like build_parser().parse_args, but the command of `exec` (and `schedule add`) is
+    everything after its `--`, so its own options (`-- sh -c 'ls -l'`) never reach argparse."""
     words = list(argv)
     command: list[str] | None = None
     verb = 0
     while verb < len(words) and words[verb].startswith("-"):  # the global options
         verb += 1 if "=" in words[verb] or words[verb] in ("-h", "--help") else 2
-    if words[verb : verb + 1] == ["exec"] and "--" in words[verb:]:
+    if words[verb : verb + 1] in (["exec"], ["schedule"]) and "--" in words[verb:]:
         cut = words.index("--", verb)
         words, command = words[:cut], words[cut + 1 :]
     args = build_parser().parse_args(words)
-    if command is not None and args.command == "exec":
+    if command is not None and args.command in ("exec", "schedule"):
         args.argv = command
     return args
 
@@ -394,6 +395,12 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--hint", help="location hint: a region code (fra) or an area (weur)")
     p.add_argument("--no-wait", action="store_true", help="return once the container started")
+    p.add_argument(
+        "--snapshot",
+        metavar="S",
+        help="make its container again from this snapshot of the class (id or name; another "
+        "instance's too); stop it first if it runs",
+    )
 
     p = _instance_parser(sub, "stop", "stop an instance: SIGNAL, then SIGKILL after --grace")
     p.add_argument("--signal", default="TERM", help="name (TERM, SIGINT) or number (default TERM)")
@@ -404,9 +411,45 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     _instance_parser(sub, "destroy", "remove an instance's container and writable layer")
 
+    p = sub.add_parser("snapshot", help="snapshots of instances' filesystems: create, list, delete")
+    actions = p.add_subparsers(dest="snapshot_action", required=True, metavar="ACTION")
+    p = _instance_parser(actions, "create", "snapshot an instance's filesystem now")
+    p.add_argument(
+        "--name", dest="snapshot_name", default="", help="a name to find it by (default: its id)"
+    )
+    p = _client_parser(actions, "list", "list snapshots (of a class, or of one instance)")
+    p.add_argument("class_name", metavar="CLASS", nargs="?", default="")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    p = _client_parser(actions, "delete", "forget a snapshot; its layer is freed at the next GC")
+    p.add_argument("class_name", metavar="CLASS")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="its id or name")
+
     p = _instance_parser(sub, "exec", "run a command in an instance: exec CLASS NAME -- CMD...")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--workdir", help="working directory of the command")
+    p.add_argument("--user", "-u", help="user[:group] or uid[:gid] (default: the image's user)")
+    p.add_argument(
+        "--interactive",
+        "-i",
+        action="store_true",
+        help="stream stdin even from a terminal (without -t, piped stdin is streamed anyway)",
+    )
+    p.add_argument(
+        "--tty",
+        "-t",
+        action="store_true",
+        help="a pseudo-terminal for the command; with -i this terminal drives it (raw mode)",
+    )
+    p.add_argument(
+        "--wake",
+        action="store_true",
+        help="boot the instance first if it does not run, and keep it awake meanwhile",
+    )
+    p.add_argument(
+        "--activity",
+        action="store_true",
+        help="count the session as activity for sleep_after (its timer restarts at the end)",
+    )
     p.add_argument("argv", nargs="*", metavar="-- CMD")
 
     p = _instance_parser(sub, "logs", "print an instance's output")
@@ -447,6 +490,29 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("name", metavar="NAME")
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", nargs="?", help="put: the value (default: stdin)")
+
+    p = sub.add_parser("schedule", help="per-instance schedules: a request or command at times")
+    actions = p.add_subparsers(dest="schedule_action", required=True, metavar="ACTION")
+    p = _instance_parser(
+        actions, "add", "run an HTTP request (--path) or a command (-- CMD...) in an instance"
+    )
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="TIME", help="once: an ISO time (UTC unless it says) or +30s")
+    when.add_argument("--every", metavar="DURATION", help="repeatedly: 0.5s, 5m, 1h (>= 100ms)")
+    p.add_argument("--path", default="", help="an HTTP request to this path on the class's port")
+    p.add_argument("--method", default="GET", help="the request's method (GET)")
+    p.add_argument("--no-wake", action="store_true", help="skip a run while it sleeps, not wake it")
+    p.add_argument(
+        "--no-activity", action="store_true", help="runs do not count as activity for sleep_after"
+    )
+    p.add_argument(
+        "--id", dest="schedule_id", default="", metavar="ID", help="its id (default: generated)"
+    )
+    p.set_defaults(argv=[])
+    p = _client_parser(actions, "list", "list schedules (of a class, or of one instance)")
+    p.add_argument("class_name", metavar="CLASS", nargs="?", default="")
+    p.add_argument("name", metavar="NAME", nargs="?", default="")
+    _instance_parser(actions, "rm", "delete a schedule").add_argument("schedule_id", metavar="ID")
 
     p = sub.add_parser("token", help="API and join tokens (needs an admin token)")
     actions = p.add_subparsers(dest="token_action", required=True, metavar="ACTION")
@@ -1152,7 +1218,11 @@ async def _start(args: argparse.Namespace) -> int:
     entrypoint = parse_entrypoint(args.entrypoint)
     async with _connect(args) as ps:
         info = await ps.container(args.class_name, args.name).start(
-            entrypoint=entrypoint, env=env, hint=args.hint, wait=not args.no_wait
+            entrypoint=entrypoint,
+            env=env,
+            hint=args.hint,
+            wait=not args.no_wait,
+            snapshot=args.snapshot,
         )
     _print_info(args, info)
     return 0
@@ -1210,13 +1280,35 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
 
 
 async def _exec(args: argparse.Namespace) -> int:
+    """Like `docker exec`: -t gives the command a terminal, -it hands it this one (raw mode,
+    its window size, keys as typed: Ctrl-C interrupts the command, not this process)."""
     command = exec_command(args.argv)
     env = parse_env(args.env)
-    stdin = None if sys.stdin is None or sys.stdin.isatty() else _stdin_chunks()
+    on_terminal = sys.stdin is not None and sys.stdin.isatty()
+    if args.tty and args.interactive and not on_terminal:
+        raise InvalidArgument("-it: the input device is not a TTY (drop -t to pipe stdin in)")
+    size = (terminal.size_of(sys.stdout.fileno()) or terminal.size_of(0)) if args.tty else None
     exit_code = 1
-    async with _connect(args) as ps:
-        box = ps.container(args.class_name, args.name)
-        async for chunk in box.exec_stream(command, env=env, workdir=args.workdir, stdin=stdin):
+    async with contextlib.AsyncExitStack() as stack:
+        box = (await stack.enter_async_context(_connect(args))).container(
+            args.class_name, args.name
+        )
+        stdin: AsyncIterator[terminal.TerminalInput] | None = None
+        if args.tty and args.interactive:
+            stdin = await stack.enter_async_context(terminal.raw_input(sys.stdin.fileno()))
+        elif sys.stdin is not None and (args.interactive or not (args.tty or on_terminal)):
+            stdin = _stdin_chunks()  # -t without -i: the terminal gets no stdin (as docker's)
+        async for chunk in box.exec_stream(
+            command,
+            env=env,
+            workdir=args.workdir,
+            stdin=stdin,
+            user=args.user,
+            tty=args.tty,
+            size=size,
+            wake=args.wake,
+            activity=args.activity,
+        ):
             if chunk.stream == "exit":
                 exit_code = chunk.exit_code if chunk.exit_code is not None else 1
             else:
@@ -1442,6 +1534,119 @@ async def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _snapshot(args: argparse.Namespace) -> int:
+    from portside.build import human_size
+
+    async with _connect(args) as ps:
+        if args.snapshot_action == "list":
+            listed = await ps.snapshots(args.class_name, args.name)
+            return _print_snapshots(listed, as_json=args.json)
+        if args.snapshot_action == "create":
+            box = ps.container(args.class_name, args.name)
+            snap = await box.snapshot(args.snapshot_name or None)
+        else:
+            snap = await ps.delete_snapshot(args.class_name, args.snapshot)
+    if args.json:
+        _print_json(dataclasses.asdict(snap))
+        return 0
+    verb = "created" if args.snapshot_action == "create" else "deleted"
+    print(
+        f"{verb} snapshot {snap.id} ({snap.name}) of {snap.class_name}/{snap.instance_name}: "
+        f"{human_size(snap.layer_bytes)} of writable layer, class version {snap.version}"
+    )
+    return 0
+
+
+def _print_snapshots(snapshots: Sequence[Snapshot], *, as_json: bool) -> int:
+    from portside.build import human_size
+
+    if as_json:
+        _print_json([dataclasses.asdict(s) for s in snapshots])
+        return 0
+    now = time.time()
+    _print_table(
+        ("ID", "NAME", "INSTANCE", "VERSION", "LAYER", "CREATED", "EXPIRES", "TRIGGER"),
+        [
+            (
+                s.id,
+                s.name,
+                f"{s.class_name}/{s.instance_name}",
+                s.version or "-",
+                human_size(s.layer_bytes),
+                age(s.created_at, now),
+                _utc_day_time(s.expires_at),
+                s.trigger,
+            )
+            for s in snapshots
+        ],
+    )
+    return 0
+
+
+def parse_at(text: str) -> float | datetime:
+    """`--at`: "+30s" (seconds from now) or an ISO time, UTC unless it gives an offset."""
+    if text.startswith("+"):
+        return _duration(text[1:], "--at")
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"--at: {text!r} is neither an ISO time (2026-12-24T18:00Z) nor +DURATION (+30s)"
+        ) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+async def _schedule(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        if args.schedule_action == "list":
+            found = await ps.schedules(args.class_name, args.name)
+            if args.json:
+                _print_json([dataclasses.asdict(s) for s in found])
+                return 0
+            now = time.time()
+            _print_table(
+                ("CLASS", "NAME", "ID", "WHEN", "ACTION", "NEXT", "RUNS", "LAST RESULT"),
+                [
+                    (
+                        s.class_name,
+                        s.name,
+                        s.id,
+                        f"every {s.every_s:g}s" if s.every_s else f"at {_utc_day_time(s.at)}",
+                        s.action,
+                        "done" if s.done else f"in {max(0.0, s.next_run - now):.1f}s",
+                        s.runs,
+                        f"{s.last_result} ({age(s.last_run, now)} ago)" if s.runs else "-",
+                    )
+                    for s in found
+                ],
+            )
+            return 0
+        box = ps.container(args.class_name, args.name)
+        if args.schedule_action == "rm":
+            gone = await box.delete_schedule(args.schedule_id)
+            print(f"deleted schedule {gone.id} of {gone.class_name}/{gone.name}")
+            return 0
+        if bool(args.path) == bool(args.argv):
+            raise InvalidArgument("give either --path /PATH or -- CMD [ARG...], not both")
+        options: dict[str, Any] = {
+            "command": args.argv or None,
+            "method": args.method,
+            "no_wake": args.no_wake,
+            "no_activity": args.no_activity,
+            "id": args.schedule_id or None,
+        }
+        if args.every:
+            every = _duration(args.every, "--every")
+            made = await box.schedule_every(every, args.path or None, **options)
+        else:
+            made = await box.schedule(parse_at(args.at), args.path or None, **options)
+    if args.json:
+        _print_json(dataclasses.asdict(made))
+    else:
+        print(f"scheduled {made.id} in {made.class_name}/{made.name}: {made.action}")
+    return 0
+
+
 def _utc_day_time(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d %H:%M")
 
@@ -1464,6 +1669,8 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "state": _state,
     "usage": _usage,
     "token": _token,
+    "schedule": _schedule,
+    "snapshot": _snapshot,
 }
 
 

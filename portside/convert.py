@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import types_pb2 as pb
 from portside.capacity import Resources
-from portside.client._models import ExecChunk, LogChunk, Rollout
+from portside.client._models import ExecChunk, LogChunk, Rollout, Schedule, Snapshot
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
@@ -36,6 +36,7 @@ from portside.spec import (
     Route,
 )
 from portside.states import InstanceState
+from portside.terminal import DEFAULT_SIZE, TerminalSize
 from portside.tokens import Role, TokenRecord
 from portside.usage import Usage
 
@@ -378,6 +379,69 @@ def pool_assignment_from_pb(m: pb.PoolAssignment) -> PoolAssignment:
     return _flat_from_pb(m, PoolAssignment)
 
 
+def snapshot_to_pb(s: Snapshot) -> pb.Snapshot:
+    return _flat_to_pb(s, pb.Snapshot)
+
+
+def snapshot_from_pb(m: pb.Snapshot) -> Snapshot:
+    return _flat_from_pb(m, Snapshot)
+
+
+def schedule_to_pb(s: Schedule) -> cp.ScheduleInfo:
+    return cp.ScheduleInfo(
+        id=s.id,
+        instance=pb.InstanceRef(class_name=s.class_name, name=s.name),
+        at=s.at,
+        every_seconds=s.every_s,
+        path=s.path,
+        method=s.method,
+        command=list(s.command),
+        no_wake=s.no_wake,
+        no_activity=s.no_activity,
+        created_at=s.created_at,
+        next_run=s.next_run,
+        last_run=s.last_run,
+        last_result=s.last_result,
+        runs=s.runs,
+    )
+
+
+def schedule_from_request(m: cp.ScheduleRequest) -> Schedule:
+    """The schedule a Schedule call asks for (unchecked: controlplane.schedules checks it)."""
+    return Schedule(
+        id=m.id,
+        class_name=m.instance.class_name,
+        name=m.instance.name,
+        at=m.at,
+        every_s=m.every_seconds,
+        path=m.path,
+        method=m.method,
+        command=tuple(m.command),
+        no_wake=m.no_wake,
+        no_activity=m.no_activity,
+    )
+
+
+def schedule_from_pb(m: cp.ScheduleInfo) -> Schedule:
+    return Schedule(
+        id=m.id,
+        class_name=m.instance.class_name,
+        name=m.instance.name,
+        at=m.at,
+        every_s=m.every_seconds,
+        path=m.path,
+        method=m.method,
+        command=tuple(m.command),
+        no_wake=m.no_wake,
+        no_activity=m.no_activity,
+        created_at=m.created_at,
+        next_run=m.next_run,
+        last_run=m.last_run,
+        last_result=m.last_result,
+        runs=m.runs,
+    )
+
+
 # Types whose fields are all scalars named as in their message convert field by field.
 _M = TypeVar("_M", bound=Message)
 _D = TypeVar("_D")
@@ -436,6 +500,15 @@ def exec_chunk_from_pb(m: pb.ExecResponse) -> ExecChunk | None:
     if which == "exit_code":
         return ExecChunk("exit", exit_code=m.exit_code)
     return None
+
+
+def terminal_size_to_pb(size: TerminalSize) -> pb.TerminalSize:
+    return pb.TerminalSize(rows=size.rows, cols=size.cols)
+
+
+def terminal_size_from_pb(m: pb.TerminalSize) -> TerminalSize:
+    """An unset (or zero) size is the API's default, 80x24."""
+    return TerminalSize(m.rows, m.cols) if m.rows and m.cols else DEFAULT_SIZE
 
 
 def log_chunks_from_pb(m: pb.LogsResponse) -> list[LogChunk]:

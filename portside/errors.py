@@ -7,6 +7,7 @@
      │    └── NotThroughEdge                      not-through-edge     400   INVALID_ARGUMENT
      ├── NotFound                                 not-found            404   NOT_FOUND
      │    └── NoRoute                             no-route             404   NOT_FOUND
+     ├── AlreadyExists                            already-exists       409   ALREADY_EXISTS
      ├── FailedPrecondition                       failed-precondition  409   FAILED_PRECONDITION
      │    └── ImageUnavailable                    image-unavailable    502   FAILED_PRECONDITION
      ├── NoCapacity                               no-capacity          503   RESOURCE_EXHAUSTED
@@ -82,6 +83,10 @@ class NotFound(PortsideError):
 
 class NoRoute(NotFound):
     """No route matches the request's path."""
+
+
+class AlreadyExists(PortsideError):
+    """A request would create something under a name that is taken (a class's snapshot names)."""
 
 
 class FailedPrecondition(PortsideError):
@@ -192,6 +197,7 @@ ERROR_KINDS: Mapping[type[PortsideError], ErrorKind] = MappingProxyType(
         NotThroughEdge: ErrorKind("not-through-edge", 400, _C.INVALID_ARGUMENT),
         NotFound: ErrorKind("not-found", 404, _C.NOT_FOUND),
         NoRoute: ErrorKind("no-route", 404, _C.NOT_FOUND),
+        AlreadyExists: ErrorKind("already-exists", 409, _C.ALREADY_EXISTS),
         FailedPrecondition: ErrorKind("failed-precondition", 409, _C.FAILED_PRECONDITION),
         ImageUnavailable: ErrorKind("image-unavailable", 502, _C.FAILED_PRECONDITION),
         NoCapacity: ErrorKind("no-capacity", 503, _C.RESOURCE_EXHAUSTED),
@@ -225,6 +231,7 @@ _BY_CODE: Mapping[grpc.StatusCode, type[PortsideError]] = MappingProxyType(
     {
         _C.INVALID_ARGUMENT: InvalidArgument,
         _C.NOT_FOUND: NotFound,
+        _C.ALREADY_EXISTS: AlreadyExists,
         _C.FAILED_PRECONDITION: FailedPrecondition,
         _C.RESOURCE_EXHAUSTED: NoCapacity,
         _C.UNAVAILABLE: Unavailable,
@@ -295,6 +302,7 @@ __all__ = [
     "ERROR_KINDS",
     "EXIT_CODE_METADATA",
     "KIND_METADATA",
+    "AlreadyExists",
     "BootTimeout",
     "ConfigError",
     "ContainerExited",

@@ -16,8 +16,9 @@ class InstanceInfo:
 
     `exit_code` is set in `stopped_with_code` (and after an exit while stopped); `since` is the
     unix time of the last state change; `in_flight` counts requests, WebSockets and exec
-    sessions holding it awake. A crash loop: its container exited at start `restarts` times in
-    a row, and no boot is tried before `backoff_until` (unix seconds; 0.0: none pending).
+    sessions (opened with `wake`) holding it awake. A crash loop: its container exited at start
+    `restarts` times in a row, and no boot is tried before `backoff_until` (unix seconds; 0.0:
+    none pending).
     """
 
     class_name: str

@@ -109,7 +109,10 @@ async def main() -> int:
             box = ps.container("Compressor", name=f"job-{secrets.token_hex(3)}")
 
             async def compress() -> bytes:
-                result = await box.exec(["gzip", "-c", "-6"], stdin=read_file(source))
+                # wake: the job is the exec, so it holds the instance awake however long it takes
+                # (and boots it again if it slept since the start: the retry after a failure).
+                gzip = ["gzip", "-c", "-6"]
+                result = await box.exec(gzip, stdin=read_file(source), wake=True)
                 if not result.ok:
                     raise StepFailed(f"gzip exited {result.exit_code}: {result.stderr!r}")
                 return result.stdout

@@ -1,6 +1,7 @@
-"""`ContainerRuntime` and `ImageEngine` on a local Docker engine: labelled containers with
-resource limits on Portside's private networks, images loaded as they stream, Docker's blocking
-SDK run off the loop, and Docker's errors translated into Portside's at this one boundary."""
+"""`ContainerRuntime`, `ImageEngine` and `SnapshotEngine` on a local Docker engine: labelled
+containers with resource limits on Portside's private networks, images loaded as they stream,
+commits read back layer by layer, Docker's blocking SDK run off the loop, and Docker's errors
+translated into Portside's at this one boundary."""
 
 from __future__ import annotations
 
@@ -9,16 +10,28 @@ import builtins
 import dataclasses
 import fcntl
 import functools
+import hashlib
+import io
 import logging
 import math
 import os
 import re
 import signal as signals
+import tarfile
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import docker
@@ -36,6 +49,7 @@ from nodeagent.runtime.docker_streams import (
 from nodeagent.runtime.engine_events import EventFeed
 from nodeagent.runtime.labels import (
     LABEL_CLASS,
+    LABEL_CLASS_IMAGE,
     LABEL_INSTANCE,
     LABEL_INSTANCE_ID,
     LABEL_MANAGED,
@@ -43,6 +57,7 @@ from nodeagent.runtime.labels import (
     LABEL_NODE,
     LABEL_OVERRIDES,
     LABEL_PORT,
+    LABEL_SNAPSHOT,
     LABEL_VCPU,
     LABEL_VERSION,
 )
@@ -52,6 +67,8 @@ from nodeagent.runtime.protocol import (
     ContainerInfo,
     EngineImage,
     ExecProcess,
+    FromSnapshot,
+    ImageParts,
     Overrides,
     RegistryCredential,
     Stream,
@@ -63,8 +80,10 @@ from portside.errors import (
     ImageUnavailable,
     InvalidArgument,
     NotFound,
+    PortsideError,
 )
 from portside.spec import ContainerClass, instance_id
+from portside.terminal import TerminalSize
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +105,8 @@ _LOADED = re.compile(r"Loaded image(?: ID)?: (\S+)")
 # Chunks of an archive being loaded that may wait between its source and the engine: enough to
 # keep both busy, few enough that a large image is never held in memory.
 _LOAD_QUEUE = 4
+# The pieces a `docker save` is read in (snapshots).
+_SAVE_CHUNK = 1024 * 1024
 _DOCKER_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
@@ -245,22 +266,31 @@ class DockerRuntime:
         return [_from_summary(s) for s in summaries]
 
     async def create(
-        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+        self,
+        cls: ContainerClass,
+        name: str,
+        overrides: Overrides = NO_OVERRIDES,
+        from_snapshot: FromSnapshot | None = None,
     ) -> str:
         network = await self._network_for(cls)
         try:
-            return await self._call(self._create, cls, name, network, overrides)
+            return await self._call(self._create, cls, name, network, overrides, from_snapshot)
         except NotFound as exc:
             if "network" not in str(exc):
                 raise
             # Someone removed our network since it was ensured: make it again, once.
             self._networks.clear()
             return await self._call(
-                self._create, cls, name, await self._network_for(cls), overrides
+                self._create, cls, name, await self._network_for(cls), overrides, from_snapshot
             )
 
     def _create(
-        self, cls: ContainerClass, name: str, network: str, overrides: Overrides = NO_OVERRIDES
+        self,
+        cls: ContainerClass,
+        name: str,
+        network: str,
+        overrides: Overrides = NO_OVERRIDES,
+        from_snapshot: FromSnapshot | None = None,
     ) -> str:
         api = self._client.api
         iid = instance_id(cls.name, name)
@@ -275,7 +305,13 @@ class DockerRuntime:
             LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
             LABEL_OVERRIDES: overrides.digest,
             LABEL_VERSION: str(cls.version),
+            LABEL_CLASS_IMAGE: cls.image_digest or cls.image,
         }
+        image = cls.image
+        if from_snapshot is not None:
+            image = from_snapshot.reference
+            labels[LABEL_CLASS_IMAGE] = from_snapshot.class_image
+            labels[LABEL_SNAPSHOT] = from_snapshot.snapshot_id
         # Portside's variables win over the class's and a Start's: the agent connects to PORT.
         env = {
             **cls.env,
@@ -303,7 +339,7 @@ class DockerRuntime:
         )
         try:
             created = api.create_container(
-                image=cls.image,
+                image=image,
                 name=cname,
                 labels=labels,
                 environment=env,
@@ -315,7 +351,7 @@ class DockerRuntime:
             )
         except docker.errors.ImageNotFound as exc:
             raise ImageUnavailable(
-                f"class {cls.name}: image {cls.image!r} is not on node {self.node_id} "
+                f"class {cls.name}: image {image!r} is not on node {self.node_id} "
                 f"(docker: {_explain(exc)})"
             ) from exc
         except docker.errors.APIError as exc:
@@ -336,6 +372,7 @@ class DockerRuntime:
                 found.get(LABEL_NODE) != self.node_id
                 or found.get(LABEL_INSTANCE_ID) != iid
                 or found.get(LABEL_OVERRIDES, "") != overrides.digest
+                or found.get(LABEL_SNAPSHOT, "") != labels.get(LABEL_SNAPSHOT, "")
             ):
                 raise
             log.info("reusing existing container %s for %s/%s", cname, cls.name, name)
@@ -387,6 +424,18 @@ class DockerRuntime:
         except FailedPrecondition as exc:
             raise FailedPrecondition(f"container {container_id[:12]} is not running") from exc
 
+    async def pause(self, container_id: str) -> None:
+        await self._call(self._client.api.pause, container_id)
+
+    async def unpause(self, container_id: str) -> None:
+        try:
+            await self._call(self._client.api.unpause, container_id)
+        except EngineError as exc:
+            # Docker answers 500, not 409, for a container that is not paused.
+            if "is not paused" not in str(exc):
+                raise
+            raise FailedPrecondition(f"container {container_id[:12]} is not paused") from exc
+
     async def exec(
         self,
         container_id: str,
@@ -394,6 +443,9 @@ class DockerRuntime:
         env: Mapping[str, str],
         working_dir: str,
         stdin: bool,
+        *,
+        tty: TerminalSize | None = None,
+        user: str = "",
     ) -> ExecProcess:
         if not command:
             raise InvalidArgument("command: must not be empty")
@@ -405,7 +457,8 @@ class DockerRuntime:
                 stdout=True,
                 stderr=True,
                 stdin=stdin,
-                tty=False,
+                tty=tty is not None,
+                user=user,
                 environment=dict(env) or None,
                 workdir=working_dir or None,
             )
@@ -416,10 +469,24 @@ class DockerRuntime:
             self._client.api,
             "POST",
             f"/exec/{exec_id}/start",
-            body={"Detach": False, "Tty": False},
+            body={"Detach": False, "Tty": tty is not None},
             upgrade=True,
         )
-        return DockerExec(exec_id, reader, writer, self._exec_exit_code)
+        if tty is None:
+            return DockerExec(exec_id, reader, writer, self._exec_exit_code)
+        process = DockerExec(exec_id, reader, writer, self._exec_exit_code, self._exec_resize)
+        # A terminal the engine made has no size (0x0) until it is given one.
+        await process.resize(tty)
+        return process
+
+    async def _exec_resize(self, exec_id: str, size: TerminalSize) -> None:
+        """Best effort: a resize that races the command's end fails, and changes nothing."""
+        try:
+            await self._call(
+                self._client.api.exec_resize, exec_id, height=size.rows, width=size.cols
+            )
+        except PortsideError as exc:
+            log.debug("exec %s: resize to %s failed: %s", exec_id[:12], size, exc)
 
     async def _exec_exit_code(self, exec_id: str) -> int:
         # The stream ends a moment before the engine records the code.
@@ -611,6 +678,52 @@ class DockerRuntime:
         except (NotFound, FailedPrecondition):
             pass  # gone already, or a container uses it: kept
 
+    # -- snapshots ----------------------------------------------------------------------------
+
+    async def commit(self, container_id: str) -> str:
+        # pause: a running container is frozen while its layer is read: one moment's files.
+        committed = await self._call(self._client.api.commit, container_id, pause=True)
+        return str(committed["Id"])
+
+    async def read_image(self, image_id: str, layers: Collection[str], into: Path) -> ImageParts:
+        return await self._call(self._read_image, image_id, frozenset(layers), into)
+
+    def _read_image(self, image_id: str, wanted: frozenset[str], into: Path) -> ImageParts:
+        """`docker save` read as it streams: a layer's diff id is the sha256 of its layer.tar,
+        known once it was read, so each one is written to a file while it is hashed and kept
+        only if it is wanted."""
+        config_name = image_id.removeprefix("sha256:") + ".json"
+        config: bytes | None = None
+        found: dict[str, Path] = {}
+        chunks = self._client.api.get_image(image_id, chunk_size=_SAVE_CHUNK)
+        try:
+            reader = _ChunkReader(chunks)
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=_SAVE_CHUNK) as archive:
+                for member in archive:
+                    source = archive.extractfile(member) if member.isfile() else None
+                    if source is None:
+                        continue
+                    if member.name == config_name:
+                        config = source.read()
+                    elif member.name.endswith("/layer.tar"):
+                        diff_id, path = _spool(source, into)
+                        if diff_id in wanted:
+                            found[diff_id] = path
+                        else:
+                            path.unlink()
+        except tarfile.TarError as exc:
+            raise EngineError(f"docker save {image_id}: not an image archive: {exc}") from exc
+        missing = sorted(wanted - found.keys())
+        if config is None or missing:
+            lacks = f"layers {', '.join(missing)}" if missing else f"its config {config_name}"
+            raise EngineError(f"docker save {image_id}: the archive lacks {lacks}")
+        return ImageParts(config, found)
+
+    async def image_settings(self, image_id: str) -> Mapping[str, Any]:
+        found = await self._call(self._client.api.inspect_image, image_id)
+        settings: Mapping[str, Any] = found.get("Config") or {}
+        return settings
+
     async def close(self) -> None:
         for feed in list(self._feeds):  # normally closed by their consumer already
             await asyncio.get_running_loop().run_in_executor(None, feed.close)
@@ -621,6 +734,39 @@ class DockerRuntime:
 
 class _ArchiveBroken(Exception):
     """Raised into Docker's SDK to abort an upload whose archive did not end cleanly."""
+
+
+class _ChunkReader(io.RawIOBase):
+    """A blocking stream of byte chunks (Docker's SDK's download) read as a file."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._chunk = memoryview(b"")
+        self._at = 0  # what of the current chunk was read (no copy of the rest per read)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._chunk):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._chunk, self._at = memoryview(chunk), 0
+        n = min(len(buffer), len(self._chunk) - self._at)
+        buffer[:n] = self._chunk[self._at : self._at + n]
+        self._at += n
+        return n
+
+
+def _spool(source: IO[bytes], into: Path) -> tuple[str, Path]:
+    """Copy `source` to a new file in `into`; its sha256 ("sha256:<hex>") and the file."""
+    hasher = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=into, suffix=".tar", delete=False) as out:
+        while piece := source.read(_SAVE_CHUNK):
+            hasher.update(piece)
+            out.write(piece)
+    return "sha256:" + hasher.hexdigest(), Path(out.name)
 
 
 def _split_reference(reference: str) -> tuple[str, str]:
@@ -704,6 +850,11 @@ def _labelled(
         memory_mib=memory_mib,
         overrides_digest=labels.get(LABEL_OVERRIDES, ""),
         version=int(version) if (version := labels.get(LABEL_VERSION, "")).isdigit() else 0,
+        # A listing's "Image" is the name it was made from, "ImageID" the id; inspect's "Image"
+        # is the id.
+        image_id=str(data.get("ImageID") or data.get("Image") or ""),
+        class_image=labels.get(LABEL_CLASS_IMAGE, ""),
+        snapshot_id=labels.get(LABEL_SNAPSHOT, ""),
     )
 
 

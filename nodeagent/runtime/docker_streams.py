@@ -19,8 +19,10 @@ from portside.errors import (
     NotFound,
     PortsideError,
 )
+from portside.terminal import TerminalSize
 
 _STREAMS: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+_TTY_READ = 64 * 1024
 
 
 def engine_error(status: int | None, message: str) -> PortsideError:
@@ -74,7 +76,9 @@ async def open_stream(
 
 class DockerExec:
     """An exec's hijacked connection: Docker multiplexes stdout and stderr on it in frames of
-    an 8-byte header (stream, 0, 0, 0, big-endian length) and the payload; we write stdin."""
+    an 8-byte header (stream, 0, 0, 0, big-endian length) and the payload; we write stdin. With
+    a pseudo-terminal (`tty`) the connection carries the terminal's bytes as they are, no frames:
+    everything is stdout."""
 
     def __init__(
         self,
@@ -82,20 +86,34 @@ class DockerExec:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         exit_code: Callable[[str], Awaitable[int]],
+        resize: Callable[[str, TerminalSize], Awaitable[None]] | None = None,
     ) -> None:
         self.exec_id = exec_id
         self._reader, self._writer = reader, writer
         self._exit_code = exit_code
+        self._resize = resize  # None: no pseudo-terminal
 
     async def output(self) -> AsyncIterator[tuple[Stream, bytes]]:
-        async for item in frames(self._reader):
-            yield item
+        if self._resize is None:
+            async for item in frames(self._reader):
+                yield item
+            return
+        while data := await self._reader.read(_TTY_READ):
+            yield "stdout", data
+
+    async def resize(self, size: TerminalSize) -> None:
+        if self._resize is not None:
+            await self._resize(self.exec_id, size)
 
     async def write(self, data: bytes) -> None:
         self._writer.write(data)
         await self._writer.drain()
 
     async def close_stdin(self) -> None:
+        if self._resize is not None:
+            # A terminal's input has no end but its EOF key (^D, a byte), and the engine would
+            # close the terminal's output with its input: the command keeps its terminal.
+            return
         # A half-close: the engine closes the command's stdin and keeps sending its output.
         if self._writer.can_write_eof() and not self._writer.is_closing():
             self._writer.write_eof()

@@ -20,9 +20,14 @@ LABEL_MANAGED = "portside.managed"  # on the networks Portside creates
 LABEL_OVERRIDES = "portside.overrides"
 # The class version the container was made from (controlplane/versions.py; "0" or none: unknown).
 LABEL_VERSION = "portside.version"
+# The class image its filesystem stands on (a digest, or a registry reference), and the snapshot
+# it was made from (none: its class's image): a snapshot of it records the class image it is on.
+LABEL_CLASS_IMAGE = "portside.class_image"
+LABEL_SNAPSHOT = "portside.snapshot"
 
 __all__ = [
     "LABEL_CLASS",
+    "LABEL_CLASS_IMAGE",
     "LABEL_INSTANCE",
     "LABEL_INSTANCE_ID",
     "LABEL_MANAGED",
@@ -31,5 +36,6 @@ __all__ = [
     "LABEL_OVERRIDES",
     "LABEL_VERSION",
     "LABEL_PORT",
+    "LABEL_SNAPSHOT",
     "LABEL_VCPU",
 ]

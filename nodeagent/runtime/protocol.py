@@ -1,5 +1,6 @@
-"""What the instance manager needs of a container engine: the `ContainerRuntime` and
-`ImageEngine` protocols and the values they speak, free of any engine's terms.
+"""What the instance manager needs of a container engine: the `ContainerRuntime`,
+`ImageEngine` and `SnapshotEngine` protocols and the values they speak, free of any engine's
+terms.
 """
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from portside.spec import ContainerClass
+from portside.terminal import TerminalSize
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,18 @@ class Overrides:
 
 NO_OVERRIDES = Overrides()
 
+
+@dataclass(frozen=True)
+class FromSnapshot:
+    """A snapshot a container is made from instead of its class's image: the snapshot's id, its
+    image's name in the engine, and the class image it was taken on. The container's labels keep
+    the id and the class image, so a later snapshot of it records the class image it stands on."""
+
+    snapshot_id: str
+    reference: str
+    class_image: str
+
+
 Stream = Literal["stdout", "stderr"]
 
 
@@ -44,6 +59,8 @@ class ContainerEventKind(enum.StrEnum):
     OOM = "oom"  # the kernel's OOM killer hit it
     START = "start"
     DESTROY = "destroy"  # removed
+    PAUSE = "pause"  # frozen (the agent's own freeze, or a docker pause behind its back)
+    UNPAUSE = "unpause"  # thawed
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,11 @@ class ContainerInfo:
     memory_mib: int = 0
     overrides_digest: str = ""
     version: int = 0  # the class version it was made from (0: unknown)
+    image_id: str = ""  # the engine's id of the image it was made from
+    # The class image its filesystem stands on (a digest, or a registry reference), and the
+    # snapshot it was made from ("": its class's image); from its labels (see FromSnapshot).
+    class_image: str = ""
+    snapshot_id: str = ""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     pid: int | None = None  # the main process, while running (from inspect only)
@@ -87,6 +109,11 @@ class ContainerInfo:
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def paused(self) -> bool:
+        """Frozen by the cgroup freezer: its processes and memory are kept, it uses no CPU."""
+        return self.status == "paused"
 
 
 class ExecProcess(Protocol):
@@ -97,7 +124,11 @@ class ExecProcess(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
-    async def close_stdin(self) -> None: ...
+    async def close_stdin(self) -> None:
+        """End its stdin (no-op with a pseudo-terminal: ^D is a terminal's end of input)."""
+
+    async def resize(self, size: TerminalSize) -> None:
+        """Give its pseudo-terminal a new size (no-op without one, or once it ended)."""
 
     async def exit_code(self) -> int:
         """After output() ended: the command's exit code."""
@@ -118,10 +149,15 @@ class ContainerRuntime(Protocol):
         """This node's containers, any status."""
 
     async def create(
-        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+        self,
+        cls: ContainerClass,
+        name: str,
+        overrides: Overrides = NO_OVERRIDES,
+        from_snapshot: FromSnapshot | None = None,
     ) -> str:
-        """Create (not start) the container of instance `name`; return its id. If it already
-        exists (a create whose answer was lost), return the existing one's id."""
+        """Create (not start) the container of instance `name`, from its class's image or
+        `from_snapshot`'s; return its id. If it already exists (a create whose answer was lost),
+        return the existing one's id."""
 
     async def start(self, container_id: str) -> ContainerInfo:
         """Start the container (no-op when running) and inspect it: its IP may change on
@@ -137,6 +173,15 @@ class ContainerRuntime(Protocol):
     async def signal(self, container_id: str, signum: int) -> None:
         """Send `signum` to the container's main process. FailedPrecondition: not running."""
 
+    async def pause(self, container_id: str) -> None:
+        """Freeze every process of the running container (the cgroup freezer): its memory and
+        processes are kept, it uses no CPU. FailedPrecondition: not running, or paused already.
+        A paused container can be stopped and removed as a running one."""
+
+    async def unpause(self, container_id: str) -> None:
+        """Thaw a paused container: its processes go on where they were. FailedPrecondition:
+        it is not paused."""
+
     async def exec(
         self,
         container_id: str,
@@ -144,8 +189,13 @@ class ContainerRuntime(Protocol):
         env: Mapping[str, str],
         working_dir: str,
         stdin: bool,
+        *,
+        tty: TerminalSize | None = None,
+        user: str = "",
     ) -> ExecProcess:
-        """Run `command` in the running container. FailedPrecondition: not running."""
+        """Run `command` in the running container, as `user` (user[:group] or uid[:gid]; "": the
+        image's), with a pseudo-terminal of size `tty` if given (its output all stdout).
+        FailedPrecondition: not running."""
 
     def logs(
         self, container_id: str, follow: bool, tail: int
@@ -217,6 +267,34 @@ class ImageEngine(Protocol):
         """Drop the name (or the image, for an id) unless a container uses it; no-op if gone."""
 
 
+@dataclass(frozen=True)
+class ImageParts:
+    """What `SnapshotEngine.read_image` took out of an image: its config as the engine keeps it
+    (the bytes its id is the sha256 of) and the layers asked for, each in a file (by diff id)."""
+
+    config: bytes
+    layers: Mapping[str, Path]
+
+
+class SnapshotEngine(ImageEngine, Protocol):
+    """What snapshots need of ONE node's engine beyond its images (nodeagent.snapshots)."""
+
+    async def inspect(self, container_id: str) -> ContainerInfo: ...
+
+    async def commit(self, container_id: str) -> str:
+        """Make an image of the container's filesystem (its image's layers, and its writable
+        layer on top; a running container is frozen meanwhile) and return its id. Its config is
+        the container's, env included: read what is needed out of it and remove it."""
+
+    async def read_image(self, image_id: str, layers: Collection[str], into: Path) -> ImageParts:
+        """The image's config, and those of its layers whose diff id is in `layers`, each
+        written to a file in the folder `into` (read as the engine's export streams)."""
+
+    async def image_settings(self, image_id: str) -> Mapping[str, Any]:
+        """The image's run settings as the OCI image config's `config` holds them (Env, Cmd,
+        Entrypoint, WorkingDir, User, ExposedPorts, Labels, ...)."""
+
+
 __all__ = [
     "NO_OVERRIDES",
     "ContainerEvent",
@@ -225,8 +303,11 @@ __all__ = [
     "ContainerRuntime",
     "EngineImage",
     "ExecProcess",
+    "FromSnapshot",
     "ImageEngine",
+    "ImageParts",
     "Overrides",
     "RegistryCredential",
+    "SnapshotEngine",
     "Stream",
 ]

@@ -13,8 +13,11 @@ from portside.client._models import (
     LogChunk,
     Response,
     Rollout,
+    Schedule,
+    Snapshot,
 )
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
+from portside.terminal import TerminalSize
 
 __all__ = [
     "Container",
@@ -27,8 +30,11 @@ __all__ = [
     "Portside",
     "Response",
     "Rollout",
+    "Schedule",
+    "Snapshot",
     "SyncContainer",
     "SyncPortside",
+    "TerminalSize",
     "connect",
     "connect_sync",
 ]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -29,6 +31,8 @@ from portside.client._models import (
     LogChunk,
     Response,
     Rollout,
+    Schedule,
+    Snapshot,
 )
 from portside.convert import (
     class_from_pb,
@@ -38,6 +42,9 @@ from portside.convert import (
     log_chunks_from_pb,
     node_info_from_pb,
     rollout_from_pb,
+    schedule_from_pb,
+    snapshot_from_pb,
+    terminal_size_to_pb,
     token_info_from_pb,
     usage_from_pb,
 )
@@ -48,6 +55,7 @@ from portside.instances import InstanceInfo
 from portside.rpc import Backoff, follow_stream
 from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
+from portside.terminal import TerminalSize
 from portside.tokens import Token, TokenRecord, find_token
 from portside.usage import Usage
 
@@ -69,13 +77,12 @@ DEFAULT_RESUME_FOR = 60.0
 INSTANCE_HEADER = INSTANCE
 
 _STDIN_CHUNK = 64 * 1024
-#: The bytes of an image archive one PushImageRequest carries (the last may carry fewer).
-PUSH_CHUNK = 256 * 1024
 # A watch broken by these (control plane restarting, a replica gone, the connection reset) is
 # resumed from the last revision seen; any other status is a real error.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
-Stdin = bytes | AsyncIterable[bytes] | None
+#: An exec's stdin: bytes, or an async iterable of bytes (and, with a tty, of TerminalSize).
+Stdin = bytes | AsyncIterable[bytes | TerminalSize] | None
 
 
 def _check_word(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -367,6 +374,17 @@ class Portside:
             reply = await self._stub.ControlRollout(request, timeout=self.timeout)
         return rollout_from_pb(reply.rollout)
 
+    # --- per-instance schedules (issue 13) ---
+
+    async def schedules(
+        self, class_name: str | None = None, name: str | None = None
+    ) -> list[Schedule]:
+        """Every schedule, one class's, or one instance's (`Container.schedules()`)."""
+        request = cp.ListSchedulesRequest(class_name=class_name or "", name=name or "")
+        with self._grpc_errors():
+            reply = await self._stub.ListSchedules(request, timeout=self.timeout)
+        return [schedule_from_pb(m) for m in reply.schedules]
+
     # --- images (issue 12: no registry needed) ---
 
     async def images(self) -> list[ImageInfo]:
@@ -417,15 +435,28 @@ class Portside:
         the bytes of its `docker save` archive; sent in messages of PUSH_CHUNK bytes. The store
         verifies the archive against `digest` (InvalidArgument if it does not match). `deadline_s`
         bounds the whole upload (default: none beyond the connection's)."""
-        from portside.build import PushResult
+        from portside.imagepush import push_image
 
         with self._grpc_errors():
-            reply = await self._stub.PushImage(
-                _push_requests(digest, reference, data), timeout=deadline_s
-            )
-        return PushResult(
-            digest=reply.digest, size_bytes=reply.size_bytes, stored_bytes=reply.stored_bytes
-        )
+            return await push_image(self._stub, digest, reference, data, deadline_s=deadline_s)
+
+    # --- snapshots (issue 13): a named instance's filesystem, kept and restored ---
+
+    async def snapshots(self, class_name: str = "", name: str = "") -> list[Snapshot]:
+        """The class's snapshots (of instance `name` only, if given; of every class if no
+        class), newest first."""
+        request = cp.ListSnapshotsRequest(class_name=class_name, instance_name=name)
+        with self._grpc_errors():
+            reply = await self._stub.ListSnapshots(request, timeout=self.timeout)
+        return [snapshot_from_pb(m) for m in reply.snapshots]
+
+    async def delete_snapshot(self, class_name: str, snapshot: str) -> Snapshot:
+        """Forget the class's snapshot `snapshot` (its id or name; NotFound if none); the image
+        store frees its layer at its next garbage collection."""
+        request = cp.DeleteSnapshotRequest(class_name=class_name, snapshot=snapshot)
+        with self._grpc_errors():
+            reply = await self._stub.DeleteSnapshot(request, timeout=self.timeout)
+        return snapshot_from_pb(reply.snapshot)
 
     # --- tokens (an admin token's calls) ---
 
@@ -513,6 +544,7 @@ class Container:
         env: Mapping[str, str] | None = None,
         hint: str | None = None,
         wait: bool = True,
+        snapshot: str | Snapshot | None = None,
     ) -> InstanceInfo:
         """Place the instance if needed (near `hint`, a region code or area), boot its
         container and, unless `wait` is false, wait until its port answers::
@@ -521,8 +553,11 @@ class Container:
             print(info.state, info.node_id)
 
         `entrypoint` replaces the class's command; `env` is added to the class's env.
-        Raises NotFound (unknown class), NoCapacity, ContainerExited (it exited while
-        starting; `.exit_code`) or BootTimeout.
+        `snapshot` (a snapshot of the class, or its id or name; another instance's too) makes
+        its container again from that snapshot's filesystem: FailedPrecondition if it runs
+        (stop it first) or if the snapshot was taken on another image than the class's now.
+        Raises NotFound (unknown class or snapshot), NoCapacity, ContainerExited (it exited
+        while starting; `.exit_code`) or BootTimeout.
         """
         if isinstance(entrypoint, str):
             raise InvalidArgument("entrypoint is a list of arguments, e.g. ['/bin/app', '-v']")
@@ -532,10 +567,26 @@ class Container:
             env=dict(env or {}),
             location_hint=hint or "",
             no_wait=not wait,
+            snapshot=snapshot.id if isinstance(snapshot, Snapshot) else snapshot or "",
         )
         with self.portside._grpc_errors():
             reply = await self.portside._stub.Start(request, timeout=self.portside.start_timeout)
         return instance_info_from_pb(reply.info)
+
+    async def snapshot(self, name: str | None = None) -> Snapshot:
+        """Snapshot the instance's filesystem now (its container's writable layer, running or
+        asleep; not its memory), named `name` (default: its id; AlreadyExists if the class has
+        one of that name). FailedPrecondition if it has no container yet::
+
+            snap = await box.snapshot("before-upgrade")
+            await ps.container(box.class_name, "copy").start(snapshot=snap)
+        """
+        request = cp.CreateSnapshotRequest(instance=self._ref, name=name or "")
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.CreateSnapshot(
+                request, timeout=self.portside.start_timeout
+            )
+        return snapshot_from_pb(reply.snapshot)
 
     async def stop(self, signal: int = 15, grace: float = 10.0) -> InstanceInfo:
         """Send `signal` (default SIGTERM), then SIGKILL after `grace` seconds. The instance
@@ -577,19 +628,44 @@ class Container:
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         stdin: Stdin = None,
+        *,
+        user: str | None = None,
+        tty: bool = False,
+        size: TerminalSize | None = None,
+        wake: bool = False,
+        activity: bool = False,
     ) -> ExecResult:
         """Run `command` in the running container and wait for it::
 
             result = await box.exec(["sh", "-c", "echo $MODE"])
             assert result.exit_code == 0, result.stderr
             zipped = await box.exec(["gzip", "-c"], stdin=b"some text")
+            uid = await box.exec(["id", "-u"], user="1000", wake=True)
 
-        `stdin` is bytes or an async iterable of bytes (streamed as it comes). A command that
-        fails is a result with its exit code, not an exception.
+        `stdin` is bytes or an async iterable of bytes (streamed as it comes). `user` is
+        user[:group] or uid[:gid] (default: the image's). `tty`: a pseudo-terminal of `size`
+        (default 80x24), as `docker exec -t`; see `exec_stream`. A command that fails is a
+        result with its exit code, not an exception.
+
+        Exec neither wakes the instance nor keeps it awake unless `wake`: a sleeping instance
+        raises FailedPrecondition, and one that goes to sleep during the command ends it with
+        FailedPrecondition. `wake` boots it first if needed and holds it awake until the command
+        ends. Exec does not count as activity for sleep_after unless `activity` (the sleep
+        timer then restarts when the command ends).
         """
         stdout, stderr = bytearray(), bytearray()
         exit_code = -1
-        async for chunk in self.exec_stream(command, env=env, workdir=workdir, stdin=stdin):
+        async for chunk in self.exec_stream(
+            command,
+            env=env,
+            workdir=workdir,
+            stdin=stdin,
+            user=user,
+            tty=tty,
+            size=size,
+            wake=wake,
+            activity=activity,
+        ):
             if chunk.stream == "stdout":
                 stdout += chunk.data
             elif chunk.stream == "stderr":
@@ -604,6 +680,12 @@ class Container:
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         stdin: Stdin = None,
+        *,
+        user: str | None = None,
+        tty: bool = False,
+        size: TerminalSize | None = None,
+        wake: bool = False,
+        activity: bool = False,
     ) -> AsyncIterator[ExecChunk]:
         """Like `exec`, but yields the output as it comes, then one chunk with the exit code::
 
@@ -614,18 +696,37 @@ class Container:
                     sys.stdout.buffer.write(chunk.data)
 
         A command that fails ends with its exit code, not an exception.
+
+        With `tty` the command gets a pseudo-terminal: its output is all stdout, and what
+        `stdin` yields goes to the terminal unchanged (byte 0x03 is Ctrl-C, which the terminal
+        makes SIGINT; byte 0x04, Ctrl-D, is its end of input, not the end of `stdin`). `stdin`
+        may also yield a `TerminalSize` to resize the terminal::
+
+            async def keys():
+                yield TerminalSize(rows=50, cols=132)
+                yield b"stty size; exit 3\\r"  # prints "50 132"; the exit code is 3
+
+            async for chunk in box.exec_stream(["sh"], stdin=keys(), tty=True): ...
         """
         if isinstance(command, str | bytes):
             raise InvalidArgument("command is a list of arguments, e.g. ['sh', '-c', 'ls']")
         if not command:
             raise InvalidArgument("command is empty")
+        if size is not None and not tty:
+            raise InvalidArgument("size is the size of a terminal: pass tty=True too")
         start = pb.ExecStart(
             instance=self._ref,
             command=list(command),
             env=dict(env or {}),
             working_dir=workdir or "",
             stdin=stdin is not None,
+            tty=tty,
+            user=user or "",
+            wake=wake,
+            activity=activity,
         )
+        if size is not None:
+            start.size.CopyFrom(terminal_size_to_pb(size))
         call = self.portside._stub.Exec(_exec_requests(start, stdin))
         exited = False
         try:
@@ -703,6 +804,97 @@ class Container:
             )
         return bool(reply.existed)
 
+    async def schedule(
+        self,
+        when: float | datetime,
+        path: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        method: str = "GET",
+        no_wake: bool = False,
+        no_activity: bool = False,
+        id: str | None = None,
+    ) -> Schedule:
+        """Run once at `when` (a datetime, or seconds from now) an HTTP request to `path` on
+        the class's default_port, or `command` in the container::
+
+            await box.schedule(30, "/report", method="POST")
+            await box.schedule(datetime(2026, 12, 24, 18, tzinfo=UTC), command=["sh", "/cleanup"])
+
+        The control plane's leader runs it once, waking the instance if it sleeps (with
+        `no_wake` a sleeping instance is skipped instead); it counts as activity for
+        sleep_after unless `no_activity`. Its result is a schedule-ran event (see `events()`)
+        and the schedule's `last_result`; it stays listed until deleted. `id` names it in its
+        instance (default: generated). InvalidArgument names the field at fault.
+        """
+        at = when.timestamp() if isinstance(when, datetime) else time.time() + float(when)
+        return await self._schedule(at, 0.0, path, command, method, no_wake, no_activity, id)
+
+    async def schedule_every(
+        self,
+        seconds: float,
+        path: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        method: str = "GET",
+        no_wake: bool = False,
+        no_activity: bool = False,
+        id: str | None = None,
+    ) -> Schedule:
+        """Run every `seconds` (at least 0.1) an HTTP request to `path` or `command`, first
+        `seconds` from now, until deleted (or the instance is destroyed)::
+
+            health = await box.schedule_every(0.5, "/_health")
+            ...
+            await box.delete_schedule(health.id)
+
+        At most one run is in flight: a run longer than the interval skips the ticks it
+        overlapped, and ticks missed while no control plane ran are not made up. The rest is
+        as `schedule`.
+        """
+        return await self._schedule(
+            0.0, float(seconds), path, command, method, no_wake, no_activity, id
+        )
+
+    async def _schedule(
+        self,
+        at: float,
+        every_s: float,
+        path: str | None,
+        command: Sequence[str] | None,
+        method: str,
+        no_wake: bool,
+        no_activity: bool,
+        schedule_id: str | None,
+    ) -> Schedule:
+        if isinstance(command, str | bytes):
+            raise InvalidArgument("command is a list of arguments, e.g. ['touch', '/tmp/x']")
+        request = cp.ScheduleRequest(
+            instance=self._ref,
+            at=at,
+            every_seconds=every_s,
+            path=path or "",
+            method=method.upper() if path else "",
+            command=list(command or ()),
+            no_wake=no_wake,
+            no_activity=no_activity,
+            id=schedule_id or "",
+        )
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.Schedule(request, timeout=self.portside.timeout)
+        return schedule_from_pb(reply.schedule)
+
+    async def schedules(self) -> list[Schedule]:
+        """This instance's schedules, with how their runs went."""
+        return await self.portside.schedules(self.class_name, self.name)
+
+    async def delete_schedule(self, schedule_id: str) -> Schedule:
+        """Delete one of this instance's schedules (NotFound: no such schedule)."""
+        request = cp.DeleteScheduleRequest(instance=self._ref, id=schedule_id)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.DeleteSchedule(request, timeout=self.portside.timeout)
+        return schedule_from_pb(reply.schedule)
+
     async def fetch(
         self,
         path: str,
@@ -762,32 +954,12 @@ async def _exec_requests(start: pb.ExecStart, stdin: Stdin) -> AsyncIterator[pb.
             yield pb.ExecRequest(stdin=data[i : i + _STDIN_CHUNK])
     else:
         async for piece in stdin:
+            if isinstance(piece, TerminalSize):
+                yield pb.ExecRequest(resize=terminal_size_to_pb(piece))
+                continue
             for i in range(0, len(piece), _STDIN_CHUNK):
                 yield pb.ExecRequest(stdin=bytes(piece[i : i + _STDIN_CHUNK]))
     yield pb.ExecRequest(stdin_close=True)
-
-
-async def _push_requests(
-    digest: str, reference: str, data: AsyncIterable[bytes], size: int = PUSH_CHUNK
-) -> AsyncIterator[cp.PushImageRequest]:
-    """The messages of a push: digest and reference on the first; then `data` cut and joined
-    into pieces of exactly `size` bytes, the last one shorter. An empty `data` is one message."""
-    buffer = bytearray()
-    first = True
-    async for piece in data:
-        buffer += piece
-        while len(buffer) >= size:
-            chunk = bytes(buffer[:size])
-            del buffer[:size]
-            if first:
-                yield cp.PushImageRequest(digest=digest, reference=reference, data=chunk)
-                first = False
-            else:
-                yield cp.PushImageRequest(data=chunk)
-    if first:
-        yield cp.PushImageRequest(digest=digest, reference=reference, data=bytes(buffer))
-    elif buffer:
-        yield cp.PushImageRequest(data=bytes(buffer))
 
 
 def _image_info_from_pb(m: cp.ImageInfo) -> ImageInfo:

@@ -18,6 +18,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from datetime import datetime
 from typing import Any, TypeVar
 
 from portside.client._async import (
@@ -36,11 +37,14 @@ from portside.client._models import (
     LogChunk,
     Response,
     Rollout,
+    Schedule,
+    Snapshot,
 )
 from portside.events import Event
 from portside.instances import InstanceInfo
 from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
+from portside.terminal import TerminalSize
 from portside.usage import Usage
 
 T = TypeVar("T")
@@ -83,7 +87,7 @@ async def _anext(iterator: AsyncIterator[T]) -> T:
     return await iterator.__anext__()
 
 
-async def _from_sync(items: Iterable[bytes]) -> AsyncIterator[bytes]:
+async def _from_sync(items: Iterable[bytes | TerminalSize]) -> AsyncIterator[bytes | TerminalSize]:
     """Feed a blocking iterable (a file, a generator) to exec without blocking the loop."""
     it = iter(items)
     done = object()
@@ -91,6 +95,9 @@ async def _from_sync(items: Iterable[bytes]) -> AsyncIterator[bytes]:
         piece = await asyncio.to_thread(next, it, done)
         if piece is done:
             return
+        if isinstance(piece, TerminalSize):
+            yield piece
+            continue
         assert isinstance(piece, bytes | bytearray | memoryview)
         yield bytes(piece)
 
@@ -211,6 +218,15 @@ class SyncPortside:
     def rollback(self, class_name: str, version: int = 0, rollout: str = "immediate") -> Rollout:
         return self._loop.run(self._async.rollback(class_name, version, rollout))
 
+    def schedules(self, class_name: str | None = None, name: str | None = None) -> list[Schedule]:
+        return self._loop.run(self._async.schedules(class_name, name))
+
+    def snapshots(self, class_name: str = "", name: str = "") -> list[Snapshot]:
+        return self._loop.run(self._async.snapshots(class_name, name))
+
+    def delete_snapshot(self, class_name: str, snapshot: str) -> Snapshot:
+        return self._loop.run(self._async.delete_snapshot(class_name, snapshot))
+
 
 class SyncContainer:
     """A named instance, synchronously; the methods are those of `portside.Container`."""
@@ -230,8 +246,12 @@ class SyncContainer:
         env: Mapping[str, str] | None = None,
         hint: str | None = None,
         wait: bool = True,
+        snapshot: str | Snapshot | None = None,
     ) -> InstanceInfo:
-        return self._loop.run(self._async.start(entrypoint, env, hint, wait))
+        return self._loop.run(self._async.start(entrypoint, env, hint, wait, snapshot))
+
+    def snapshot(self, name: str | None = None) -> Snapshot:
+        return self._loop.run(self._async.snapshot(name))
 
     def stop(self, signal: int = 15, grace: float = 10.0) -> InstanceInfo:
         return self._loop.run(self._async.stop(signal, grace))
@@ -253,21 +273,58 @@ class SyncContainer:
         command: Sequence[str],
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
-        stdin: bytes | Iterable[bytes] | None = None,
+        stdin: bytes | Iterable[bytes | TerminalSize] | None = None,
+        *,
+        user: str | None = None,
+        tty: bool = False,
+        size: TerminalSize | None = None,
+        wake: bool = False,
+        activity: bool = False,
     ) -> ExecResult:
-        """`stdin` is bytes or any iterable of bytes (e.g. a generator reading a file)."""
+        """`stdin` is bytes or any iterable of bytes (e.g. a generator reading a file); the
+        rest as for `Container.exec`."""
         feed = stdin if stdin is None or isinstance(stdin, bytes) else _from_sync(stdin)
-        return self._loop.run(self._async.exec(command, env, workdir, feed))
+        return self._loop.run(
+            self._async.exec(
+                command,
+                env,
+                workdir,
+                feed,
+                user=user,
+                tty=tty,
+                size=size,
+                wake=wake,
+                activity=activity,
+            )
+        )
 
     def exec_stream(
         self,
         command: Sequence[str],
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
-        stdin: bytes | Iterable[bytes] | None = None,
+        stdin: bytes | Iterable[bytes | TerminalSize] | None = None,
+        *,
+        user: str | None = None,
+        tty: bool = False,
+        size: TerminalSize | None = None,
+        wake: bool = False,
+        activity: bool = False,
     ) -> Iterator[ExecChunk]:
         feed = stdin if stdin is None or isinstance(stdin, bytes) else _from_sync(stdin)
-        return self._loop.iterate(self._async.exec_stream(command, env, workdir, feed))
+        return self._loop.iterate(
+            self._async.exec_stream(
+                command,
+                env,
+                workdir,
+                feed,
+                user=user,
+                tty=tty,
+                size=size,
+                wake=wake,
+                activity=activity,
+            )
+        )
 
     def logs(self, follow: bool = False, tail: int = 0) -> Iterator[LogChunk]:
         return self._loop.iterate(self._async.logs(follow, tail))
@@ -285,6 +342,58 @@ class SyncContainer:
 
     def delete_state_value(self, key: str) -> bool:
         return self._loop.run(self._async.delete_state_value(key))
+
+    def schedule(
+        self,
+        when: float | datetime,
+        path: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        method: str = "GET",
+        no_wake: bool = False,
+        no_activity: bool = False,
+        id: str | None = None,
+    ) -> Schedule:
+        return self._loop.run(
+            self._async.schedule(
+                when,
+                path,
+                command=command,
+                method=method,
+                no_wake=no_wake,
+                no_activity=no_activity,
+                id=id,
+            )
+        )
+
+    def schedule_every(
+        self,
+        seconds: float,
+        path: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        method: str = "GET",
+        no_wake: bool = False,
+        no_activity: bool = False,
+        id: str | None = None,
+    ) -> Schedule:
+        return self._loop.run(
+            self._async.schedule_every(
+                seconds,
+                path,
+                command=command,
+                method=method,
+                no_wake=no_wake,
+                no_activity=no_activity,
+                id=id,
+            )
+        )
+
+    def schedules(self) -> list[Schedule]:
+        return self._loop.run(self._async.schedules())
+
+    def delete_schedule(self, schedule_id: str) -> Schedule:
+        return self._loop.run(self._async.delete_schedule(schedule_id))
 
     def fetch(
         self,

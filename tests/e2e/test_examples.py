@@ -97,6 +97,24 @@ def test_state_across_sleeps(cluster: Cluster, test_image: str) -> None:
     assert saved.stdout.splitlines() == notes
 
 
+def test_pause_session(cluster: Cluster, test_image: str) -> None:
+    one_node(cluster)
+    edge = cluster.start_edge("fra")
+    out = run_example(
+        cluster, "pause-session", test_image, "--edge", edge.address, "--name", "s", "--note", "n1"
+    )
+    assert "s: wrote 'n1' into its memory" in out
+    assert "s: idle for 2s, paused" in out
+    # Thawed: the same process answers with the note it kept in memory.
+    assert "'n1' (200), healthy" in out
+    assert "stopped after pause_max: sleeping" in out
+    assert "a new process" in out and "404 'no state written yet'" in out
+    assert (
+        "paused (idle for 2s), resumed (a request), paused (idle for 2s), "
+        "activity-expired (paused for 6s), slept" in out
+    )
+
+
 def test_health_check_manager(cluster: Cluster, test_image: str) -> None:
     cluster.start_controlplane()
     cluster.start_agent("fra", "127.0.0.2")

@@ -477,3 +477,27 @@ async def test_a_revocation_ends_the_streams_its_token_opened(tmp_path: Path) ->
             assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
             assert "token w was revoked" in (caught.value.details() or "")
             assert time.monotonic() - revoked_at < 2.5
+
+
+async def test_an_agent_pushes_snapshots_only_and_records_them_with_its_certificate(
+    tmp_path: Path,
+) -> None:
+    digest = "sha256:" + "a" * 64
+
+    async def push(stub: Any, reference: str) -> None:
+        async def messages() -> AsyncIterator[cp.PushImageRequest]:
+            yield cp.PushImageRequest(digest=digest, reference=reference, data=b"not an archive")
+
+        await _call(stub.PushImage(messages(), timeout=5))
+
+    async with controlplane(tmp_path) as c:
+        agent = await _join(c, c.join.bearer, "agent", "n1")
+        async with c.stub(identity=agent) as stub:
+            with pytest.raises(PermissionDenied, match="may push snapshots only"):
+                await push(stub, "portside/web:aaaaaaaaaaaa")
+            # A snapshot's name passes the rule: the archive itself is what is refused then.
+            with pytest.raises(PortsideError, match="docker save"):
+                await push(stub, "portside/web.snapshot:aaaaaaaaaaaa")
+        async with c.stub(c.admin.bearer) as admin:
+            with pytest.raises(Unauthenticated, match="for agents"):
+                await _call(admin.RecordSnapshot(cp.RecordSnapshotRequest(), timeout=5))

@@ -18,6 +18,7 @@ from portside.build import BuiltImage, PushResult, human_size, image_reference, 
 from portside.client import ImageInfo, _async
 from portside.config import BuildSpec, LoadedConfig
 from portside.errors import ConfigError
+from portside.imagepush import PUSH_CHUNK
 from portside.spec import Config, ContainerClass
 
 HEX = "0123456789abcdef" * 4
@@ -102,10 +103,10 @@ async def pieces(sizes: Sequence[int]) -> AsyncIterator[bytes]:
     [
         [],  # an empty stream is still one message, naming the image
         [10],
-        [_async.PUSH_CHUNK],
-        [_async.PUSH_CHUNK + 1],
+        [PUSH_CHUNK],
+        [PUSH_CHUNK + 1],
         [1000] * 700,  # many small reads joined into full messages
-        [3 * _async.PUSH_CHUNK + 5, 17, _async.PUSH_CHUNK - 17],  # big reads cut
+        [3 * PUSH_CHUNK + 5, 17, PUSH_CHUNK - 17],  # big reads cut
     ],
 )
 async def test_push_is_cut_into_messages_of_the_chunk_size(sizes: list[int]) -> None:
@@ -121,9 +122,9 @@ async def test_push_is_cut_into_messages_of_the_chunk_size(sizes: list[int]) -> 
     assert all(m.digest == "" and m.reference == "" for m in rest)
     assert b"".join(m.data for m in stub.messages) == sent
     # Every message but the last is full; the last is not empty unless it is the only one.
-    assert all(len(m.data) == _async.PUSH_CHUNK for m in stub.messages[:-1])
-    assert 0 < len(stub.messages[-1].data) <= _async.PUSH_CHUNK or len(stub.messages) == 1
-    assert len(stub.messages) == max(1, -(-len(sent) // _async.PUSH_CHUNK))
+    assert all(len(m.data) == PUSH_CHUNK for m in stub.messages[:-1])
+    assert 0 < len(stub.messages[-1].data) <= PUSH_CHUNK or len(stub.messages) == 1
+    assert len(stub.messages) == max(1, -(-len(sent) // PUSH_CHUNK))
 
 
 class FakeStore:

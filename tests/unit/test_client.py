@@ -34,6 +34,7 @@ def test_public_surface_is_explicit_and_importable() -> None:
         portside.Response,
         portside.DeployResult,
         portside.Rollout,
+        portside.Snapshot,
         portside.Usage,
     ],
 )
@@ -162,6 +163,11 @@ def test_client_verbs_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (a.class_name, a.state, a.node) == ("C", "healthy", None)
     a = cli.parse_args(["logs", "C", "n", "-f", "--tail", "10"])
     assert (a.follow, a.tail) == (True, 10)
+    a = cli.parse_args(["snapshot", "create", "C", "n", "--name", "before"])
+    assert (a.class_name, a.name, a.snapshot_name) == ("C", "n", "before")
+    a = cli.parse_args(["snapshot", "list", "C"])
+    assert (a.snapshot_action, a.class_name, a.name) == ("list", "C", "")
+    assert cli.parse_args(["start", "C", "fork", "--snapshot", "before"]).snapshot == "before"
 
 
 def test_age_and_event_lines() -> None:

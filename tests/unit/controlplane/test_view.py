@@ -1,5 +1,5 @@
 """Capacity accounting in the cluster view: awake instances and fresh placements use a node,
-sleeping ones do not. Pure logic: events are applied by hand, no store."""
+paused ones its memory, sleeping ones nothing. Pure logic: events are applied by hand, no store."""
 
 from __future__ import annotations
 
@@ -82,6 +82,19 @@ def test_awake_counts_and_asleep_does_not() -> None:
     assert view.instances_of("C") == 1
     report(view)  # both slept
     assert view.use_of("n1").used.vcpu == 0.0 and view.instances_of("C") == 0
+
+
+def test_a_paused_instance_holds_its_memory_not_its_cpu() -> None:
+    view, _ = make_view()
+    place(view, "a")
+    place(view, "b")
+    stats = {"id-a": reported("id-a", "paused"), "id-b": reported("id-b", "healthy")}
+    put(view, records.node_key("n1"), records.encode_node(NODE, stats))
+    use = view.use_of("n1")
+    assert (use.used.vcpu, use.used.memory_mib, use.instances) == (0.5, 1024, 1)
+    assert view.instances_of("C") == 1  # max_instances counts awake ones only
+    report(view)  # a's pause_max passed: asleep, it holds nothing
+    assert view.use_of("n1").used.memory_mib == 0
 
 
 def test_a_placement_never_reported_stops_counting_after_the_pending_window() -> None:

@@ -22,6 +22,7 @@ from nodeagent.runtime import (
     Overrides,
     Stream,
 )
+from nodeagent.runtime.protocol import FromSnapshot
 from portside.capacity import Resources
 from portside.errors import (
     BootTimeout,
@@ -37,6 +38,7 @@ from portside.errors import (
 from portside.events import Event, EventKind
 from portside.spec import ContainerClass, instance_id
 from portside.states import InstanceState
+from portside.terminal import TerminalSize
 from tests.support import eventually
 
 ECHO = ContainerClass("echo", "echo:latest", sleep_after_s=2.0, boot_timeout_s=1.0)
@@ -55,6 +57,7 @@ class FakeRuntime:
         self.exit_on_start: int | None = None
         self.start_delay = 0.0
         self.create_error: PortsideError | None = None
+        self.pause_delay = 0.0
         self._next_ip = 1
         self.engine_events: asyncio.Queue[ContainerEvent | str] = asyncio.Queue()
         self.down = False  # the engine is out of reach: ping and list fail
@@ -98,13 +101,19 @@ class FakeRuntime:
         return list(self.containers.values())
 
     async def create(
-        self, cls: ContainerClass, name: str, overrides: Overrides = NO_OVERRIDES
+        self,
+        cls: ContainerClass,
+        name: str,
+        overrides: Overrides = NO_OVERRIDES,
+        from_snapshot: FromSnapshot | None = None,
     ) -> str:
         self.calls.append(("create", name))
         if self.create_error is not None:
             raise self.create_error
         info = self.add(cls, name, "created")
         self.set(info.id, overrides_digest=overrides.digest)
+        if from_snapshot is not None:
+            self.set(info.id, snapshot_id=from_snapshot.snapshot_id)
         return info.id
 
     async def start(self, container_id: str) -> ContainerInfo:
@@ -134,6 +143,24 @@ class FakeRuntime:
 
     async def signal(self, container_id: str, signum: int) -> None:
         self.calls.append(("signal", container_id))
+
+    async def pause(self, container_id: str) -> None:
+        """Like docker pause: `pause_delay` stretches it, so tests can send a request meanwhile."""
+        self.calls.append(("pause", container_id))
+        await asyncio.sleep(self.pause_delay)
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        if not self.containers[container_id].running:
+            raise FailedPrecondition(f"container {container_id} is not running")
+        self.set(container_id, status="paused")
+
+    async def unpause(self, container_id: str) -> None:
+        self.calls.append(("unpause", container_id))
+        if container_id not in self.containers:
+            raise NotFound(f"no container {container_id}")
+        if not self.containers[container_id].paused:
+            raise FailedPrecondition(f"container {container_id} is not paused")
+        self.set(container_id, status="running")
 
     async def events(self, since: float | None = None) -> AsyncIterator[ContainerEvent]:
         self.followed_since.append(since)
@@ -167,6 +194,9 @@ class FakeRuntime:
         env: Mapping[str, str],
         working_dir: str,
         stdin: bool,
+        *,
+        tty: TerminalSize | None = None,
+        user: str = "",
     ) -> ExecProcess:
         raise NotImplementedError("exec is tested against a real engine")
 

@@ -26,8 +26,10 @@ from nodeagent.lifecycle import (
     Died,
     Effect,
     EngineStopped,
+    FoundPaused,
     FoundRunning,
     FoundStopped,
+    Pause,
     Removed,
     RunEnd,
     Started,
@@ -35,6 +37,7 @@ from nodeagent.lifecycle import (
     Stop,
     StopCause,
     StopFailed,
+    Thawed,
     Trigger,
     after_exit,
     backoff_delay,
@@ -48,6 +51,7 @@ K = EventKind
 C = StopCause
 BEGIN, ADOPT, END = Effect.BEGIN_RUN, Effect.ADOPT_RUN, Effect.END_RUN
 STOP_IT, FORGET, BACK_OFF = Effect.STOP_CONTAINER, Effect.FORGET_CONTAINER, Effect.BACK_OFF
+FREEZE, PAUSE_RUN, RESUME_RUN = Effect.FREEZE_CONTAINER, Effect.PAUSE_RUN, Effect.RESUME_RUN
 
 
 def rests(state: InstanceState, *effects: Effect, says: tuple[Announce, ...] = ()) -> Step:
@@ -188,6 +192,68 @@ ROWS: list[tuple[InstanceState, StopCause | None, Trigger, Step]] = [
     # Adoption of a previous agent's containers.
     (S.PLACED, None, FoundRunning(), rests(S.HEALTHY, ADOPT)),
     (S.PLACED, None, FoundStopped(), rests(S.STOPPED)),
+    # Pause mode: an idle healthy instance is frozen (its run no longer metered), and thawed
+    # healthy again by what woke it.
+    (
+        S.HEALTHY,
+        None,
+        Pause("idle for 2s"),
+        rests(S.PAUSED, FREEZE, PAUSE_RUN, says=(Announce(K.PAUSED, reason="idle for 2s"),)),
+    ),
+    (
+        S.PAUSED,
+        None,
+        Thawed("a request"),
+        rests(S.HEALTHY, RESUME_RUN, says=(Announce(K.RESUMED, reason="a request"),)),
+    ),
+    # Frozen behind the agent's back (docker pause): paused, nothing to freeze; adopted frozen:
+    # paused, without a run to meter or an event.
+    (
+        S.HEALTHY,
+        None,
+        FoundPaused("paused outside Portside"),
+        rests(S.PAUSED, PAUSE_RUN, says=(Announce(K.PAUSED, reason="paused outside Portside"),)),
+    ),
+    (
+        S.RUNNING,
+        None,
+        FoundPaused("paused outside Portside"),
+        rests(S.PAUSED, PAUSE_RUN, says=(Announce(K.PAUSED, reason="paused outside Portside"),)),
+    ),
+    (S.PLACED, None, FoundPaused(), rests(S.PAUSED)),
+    # pause_max passed (a sleep: activity-expired, then slept), or any other stop of a paused
+    # instance: stopped like a running one.
+    (
+        S.PAUSED,
+        None,
+        Stop(C.SLEEP, "paused for 4s"),
+        Step(
+            S.STOPPING,
+            C.SLEEP,
+            (STOP_IT,),
+            (Announce(K.ACTIVITY_EXPIRED, reason="paused for 4s"),),
+        ),
+    ),
+    # Its end: never a crash (a frozen container does not exit by itself); the run's end meters
+    # nothing more, as the pause ended its metering.
+    (
+        S.PAUSED,
+        None,
+        Died(137),
+        rests(S.STOPPED_WITH_CODE, END, says=(Announce(K.EXITED, 137, 9),)),
+    ),
+    (
+        S.PAUSED,
+        None,
+        Removed(),
+        rests(S.STOPPED_WITH_CODE, END, FORGET, says=(Announce(K.EXITED),)),
+    ),
+    (
+        S.PAUSED,
+        None,
+        EngineStopped(137),
+        rests(S.STOPPED, END, says=(Announce(K.EXITED, 137, 9, ENGINE_RESTARTED),)),
+    ),
 ]
 
 
@@ -244,6 +310,9 @@ ONE_OF_EACH: list[Trigger] = [
     StopFailed(),
     FoundRunning(),
     FoundStopped(),
+    Pause(),
+    Thawed(),
+    FoundPaused(),
 ]
 REJECTED = [
     (state, trigger)
@@ -296,6 +365,53 @@ def test_a_sleep_from_request_to_rest_and_back() -> None:
         if state is S.SLEEPING:  # docker stop's own answer, after the engine's die event
             assert step(state, cause, Died(143)) is None
     assert kinds == [K.STARTING, K.READY, K.ACTIVITY_EXPIRED, K.SLEPT, K.STARTING]
+
+
+def test_the_rejections_of_pause_mode() -> None:
+    # Only a healthy instance pauses: one whose port never answered or whose checks fail sleeps
+    # by stopping, and its wake boots it afresh.
+    assert step(S.RUNNING, None, Pause("idle for 2s")) is None
+    # A paused instance is thawed, not booted: a Boot would start a second run of it.
+    assert step(S.PAUSED, None, Boot()) is None
+    # Its own freeze's and thaw's engine events come back as found-paused and thawed: the state
+    # already says so, and nothing is announced twice.
+    assert step(S.PAUSED, None, FoundPaused()) is None
+    assert step(S.HEALTHY, None, Thawed()) is None
+    # A health check that answered before the freeze judges nothing: no check runs on it.
+    assert step(S.PAUSED, None, CheckFailed("no answer within 2s")) is None
+    assert step(S.PAUSED, None, CheckPassed()) is None
+    # A stop in progress is not thawed under it.
+    assert step(S.STOPPING, C.SLEEP, Thawed()) is None
+
+
+def test_a_pause_from_request_to_freeze_and_back_then_pause_max() -> None:
+    """A walk through pause mode as the manager feeds it: frozen, thawed, frozen again, then
+    stopped after pause_max and asleep, then booted."""
+    walk: list[tuple[Trigger, InstanceState]] = [
+        (Pause("idle for 1s"), S.PAUSED),
+        (Thawed("a request"), S.HEALTHY),
+        (Pause("idle for 1s"), S.PAUSED),
+        (Stop(C.SLEEP, "paused for 4s"), S.STOPPING),
+        (Died(143), S.SLEEPING),
+        (Boot(), S.STARTING),
+    ]
+    state: InstanceState = S.HEALTHY
+    cause: StopCause | None = None
+    kinds: list[EventKind] = []
+    effects: list[Effect] = []
+    for trigger, expected in walk:
+        taken = step(state, cause, trigger)
+        assert taken is not None, (state, trigger)
+        state, cause = taken.state, taken.cause
+        kinds += [e.kind for e in taken.events]
+        effects += taken.effects
+        assert state is expected
+    assert kinds == [K.PAUSED, K.RESUMED, K.PAUSED, K.ACTIVITY_EXPIRED, K.SLEPT, K.STARTING]
+    # Metering: each pause ends what a resume began; the last pause's end meters nothing more.
+    assert [e for e in effects if e in (PAUSE_RUN, RESUME_RUN)] == [
+        PAUSE_RUN, RESUME_RUN, PAUSE_RUN
+    ]  # fmt: skip
+    assert BACK_OFF not in effects
 
 
 def test_stopping_without_its_cause_is_a_bug() -> None:
