@@ -1548,7 +1548,7 @@ class InstanceManager:
             cls = self._class_named(class_name)
             if cls is None:
                 raise NotFound(f"class {class_name} is not deployed (this agent does not know it)")
-            hold = await self.acquire(cls, name, activity=activity)
+            hold = await self.acquire(cls, name, activity=activity, why="an exec")
         inst = hold._instance if hold is not None else self._known(instance_id(class_name, name))
         ended = asyncio.Event()
         inst.sessions.add(ended)
