@@ -27,7 +27,6 @@ from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
-from portside.client._models import Snapshot
 from portside.convert import class_to_pb, instance_info_from_pb, snapshot_to_pb
 from portside.errors import (
     FailedPrecondition,
@@ -39,6 +38,7 @@ from portside.errors import (
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
 from portside.net import Deadlines
+from portside.snapshots import Snapshot
 from portside.spec import ContainerClass, Node, instance_id
 from portside.states import InstanceState
 

@@ -263,7 +263,9 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
                 tasks.create_task(ImageSweeper(images, image_catalog).run()),
                 # The leader deletes snapshot records whose time is up (controlplane.snapshots).
                 tasks.create_task(
-                    SnapshotRetention(SnapshotBook(store), lambda: view.classes, leader).run()
+                    SnapshotRetention(
+                        SnapshotBook(store), lambda: view.classes, lambda: leader.is_leader
+                    ).run()
                 ),
             ]
             if identity is not None:

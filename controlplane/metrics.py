@@ -223,7 +223,7 @@ SNAPSHOTS_RETIRED = Counter(
 )
 SNAPSHOT_RETENTION_RUNS = Counter(
     "portside_controlplane_snapshot_retention_runs_total",
-    "Snapshot retention rounds the leader ran, by outcome (ok, store_error).",
+    "Snapshot retention rounds the leader ran, by outcome (ok, store_error, error).",
     ["outcome"],
 )
 SCHEDULE_RUNS = Counter(

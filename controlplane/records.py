@@ -3,7 +3,7 @@
 Keys live under /portside/: classes/<class>, routes/<n>, nodes/<node>, instances/<class>/<id>,
 demand/<edge>, replicas/<replica>, leader, events/<class>/<id>/<ns>-<seq>, state/<class>/<id>/<key>,
 usage/<class>/<day>, pki/ca, tokens/<id>, images/<hex digest>, nodeimages/<node>,
-snapshots/<class>/<id>, schedules/<class>/<instance id>/<id> (controlplane.schedules).
+snapshots/<class>/<id>, schedules/<class>/<instance id>/<id>.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ NODE_IMAGES = ROOT + "nodeimages/"
 # snapshots/<class>/<id>: a snapshot of a named instance (controlplane.snapshots); its image is
 # in the image store like any other.
 SNAPSHOTS = ROOT + "snapshots/"
+# schedules/<class>/<instance id>/<schedule id>: a per-instance schedule and the claim of the tick
+# being run (controlplane.schedules).
+SCHEDULES = ROOT + "schedules/"
 
 
 def token_key(token_id: str) -> str:
@@ -67,6 +70,19 @@ def snapshots_prefix(class_name: str = "") -> str:
 
 def snapshot_key(class_name: str, snapshot_id: str) -> str:
     return snapshots_prefix(class_name) + snapshot_id
+
+
+def schedules_prefix(class_name: str = "", instance_id: str = "") -> str:
+    """Every schedule, one class's or one instance's (with its trailing slash)."""
+    if not class_name:
+        return SCHEDULES
+    if not instance_id:
+        return f"{SCHEDULES}{class_name}/"
+    return f"{SCHEDULES}{class_name}/{instance_id}/"
+
+
+def schedule_key(class_name: str, instance_id: str, schedule_id: str) -> str:
+    return schedules_prefix(class_name, instance_id) + schedule_id
 
 
 def class_key(name: str) -> str:

@@ -8,30 +8,32 @@ schedule-ran event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from controlplane import records
 from controlplane.events import EventLog
 from controlplane.metrics import SCHEDULE_LAG_SECONDS, SCHEDULE_RUN_SECONDS, SCHEDULE_RUNS
+from controlplane.records import SCHEDULES, schedule_key, schedules_prefix
 from controlplane.schedules import (
     RUN_TIMEOUT_S,
-    SCHEDULES,
+    SKIPPED_DELETED,
     SKIPPED_SLEEPING,
     Claim,
     Due,
     Later,
     Lost,
     ScheduleRecord,
+    call_result,
     claimed,
     decide,
     finished,
+    log_action,
     lost_result,
-    one_line,
     outcome,
-    schedule_key,
-    schedules_prefix,
 )
 from controlplane.store import KeyValue, Store, WatchEvent
 from controlplane.view import ClusterView
@@ -39,7 +41,15 @@ from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
 from portside.client import Schedule
 from portside.convert import class_to_pb
-from portside.errors import FailedPrecondition, InvalidArgument, NotFound, PortsideError, StoreError
+from portside.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    NotRunning,
+    PortsideError,
+    StoreError,
+    one_line,
+)
 from portside.events import Event, EventKind
 from portside.spec import Node, instance_id
 
@@ -66,14 +76,14 @@ def _decode(kv: KeyValue) -> ScheduleRecord | None:
 
 
 async def create_schedule(store: Store, s: Schedule) -> Schedule:
-    """Store a checked schedule (controlplane.schedules.check_request); InvalidArgument if its
+    """Store a checked schedule (controlplane.schedules.check_request); AlreadyExists if its
     instance has a schedule of that id."""
     if not await store.compare_and_swap(_key(s), 0, ScheduleRecord(s).encode()):
-        raise InvalidArgument(
+        raise AlreadyExists(
             f"id: {s.class_name}/{s.name} has a schedule {s.id!r} already (delete it first, or "
             "give another id)"
         )
-    log.info("schedule %s of %s/%s: %s", s.id, s.class_name, s.name, s.action)
+    log.info("schedule %s of %s/%s: %s", s.id, s.class_name, s.name, log_action(s))
     return s
 
 
@@ -88,19 +98,35 @@ async def list_schedules(store: Store, class_name: str = "", name: str = "") -> 
 
 
 async def delete_schedule(store: Store, class_name: str, name: str, schedule_id: str) -> Schedule:
-    """Forget a schedule (a run in flight finishes; its result is an event only). NotFound."""
+    """Forget a schedule (a run in flight finishes; its result is an event only). NotFound only
+    when there is no such key: a record the leader rewrites meanwhile (a claim, a result) is
+    read again; an unreadable one is deleted too."""
     key = schedule_key(class_name, instance_id(class_name, name), schedule_id)
-    kv = await store.get(key)
-    record = _decode(kv) if kv is not None else None
-    if kv is None or record is None or not await store.compare_and_swap(key, kv.mod_revision, None):
-        raise NotFound(f"{class_name}/{name} has no schedule {schedule_id!r}")
-    log.info("schedule %s of %s/%s deleted", schedule_id, class_name, name)
-    return record.schedule
+    for _ in range(_CAS_TRIES):
+        kv = await store.get(key)
+        if kv is None:
+            raise NotFound(f"{class_name}/{name} has no schedule {schedule_id!r}")
+        if await store.compare_and_swap(key, kv.mod_revision, None):
+            log.info("schedule %s of %s/%s deleted", schedule_id, class_name, name)
+            record = _decode(kv)
+            return (
+                record.schedule if record is not None else Schedule(schedule_id, class_name, name)
+            )
+    raise StoreError(f"schedule record {key}: {_CAS_TRIES} conflicting writes; try again")
 
 
 async def delete_instance_schedules(store: Store, class_name: str, iid: str) -> int:
     """Delete every schedule of a destroyed instance; how many there were."""
-    kvs, _ = await store.range(schedules_prefix(class_name, iid))
+    return await _delete_all(store, schedules_prefix(class_name, iid))
+
+
+async def delete_class_schedules(store: Store, class_name: str) -> int:
+    """Delete every schedule of a class a deploy removed; how many there were."""
+    return await _delete_all(store, schedules_prefix(class_name))
+
+
+async def _delete_all(store: Store, prefix: str) -> int:
+    kvs, _ = await store.range(prefix)
     for kv in kvs:
         await store.delete(kv.key)
     return len(kvs)
@@ -131,7 +157,9 @@ class ScheduleLoop:
         # key -> the record and the mod revision it was read at (of a delete: the record None)
         self._book: dict[str, tuple[ScheduleRecord | None, int]] = {}
         self._changed = asyncio.Event()
-        self._running: set[str] = set()  # the keys of this replica's runs in flight
+        # This replica's runs in flight, by key and claim: a schedule deleted and made again
+        # under its id while its run is in flight has a run of its own.
+        self._running: set[tuple[str, Claim]] = set()
 
     async def load(self) -> None:
         """Call after view.load() and before view.follow()."""
@@ -159,12 +187,16 @@ class ScheduleLoop:
         async with asyncio.TaskGroup() as runs:
             while True:
                 wait = POLL_S
+                # Cleared before the tick: a change that arrives during its awaits wakes the next.
+                self._changed.clear()
                 if self.is_leader():
                     try:
                         wait = await self.tick(runs)
                     except StoreError as exc:
                         log.warning("schedule tick failed: %s", exc)
-                self._changed.clear()
+                    except Exception:
+                        # A fault of this code must not end the loop (nor, with it, the replica).
+                        log.exception("schedule tick failed")
                 try:
                     async with asyncio.timeout(max(wait, 0.001)):
                         await self._changed.wait()
@@ -174,7 +206,8 @@ class ScheduleLoop:
                     pass
 
     async def tick(self, runs: asyncio.TaskGroup) -> float:
-        """Claim and start every due tick, record lost claims; seconds until the next due."""
+        """Claim and start every due tick, record lost claims; seconds until the next due. A
+        schedule whose class is gone is left alone (the deploy that removed it deletes it)."""
         now = self.clock()
         wait = POLL_S
         for key, (record, revision) in list(self._book.items()):
@@ -182,21 +215,39 @@ class ScheduleLoop:
                 if self.view.revision >= revision:  # no older event can come any more
                     del self._book[key]
                 continue
-            decision = decide(record, now, claimer_alive=self._alive(key, record.claim))
-            if isinstance(decision, Later):
-                wait = min(wait, decision.at - now)
-            elif isinstance(decision, Lost):
-                await self._record_lost(key, revision, record, decision.claim, now)
-            elif isinstance(decision, Due):
-                timeout_s = self._timeout(record.schedule)
-                mine = claimed(record, now=now, replica=self.replica_id, timeout_s=timeout_s)
-                # Another replica's claim, or a delete, in between: the swap fails, nothing runs.
-                if await self.store.compare_and_swap(key, revision, mine.encode()):
-                    assert mine.claim is not None
-                    self._book[key] = (mine, revision)  # the watch brings its revision
-                    self._running.add(key)
-                    runs.create_task(self._run(mine.schedule, mine.claim, timeout_s))
+            if record.schedule.class_name not in self.view.classes:
+                continue
+            try:
+                wait = min(wait, await self._tick_one(runs, key, record, revision, now))
+            except StoreError:
+                raise  # the store is down: this round ends
+            except Exception:
+                log.exception("schedule %s: skipped this round", key)
         return wait
+
+    async def _tick_one(
+        self, runs: asyncio.TaskGroup, key: str, record: ScheduleRecord, revision: int, now: float
+    ) -> float:
+        """One schedule's part of a tick; seconds until it is due (POLL_S: nothing to wait)."""
+        decision = decide(record, now, claimer_alive=self._alive(key, record.claim))
+        if isinstance(decision, Later):
+            return decision.at - now
+        if isinstance(decision, Lost):
+            await self._record_lost(key, revision, record, decision.claim, now)
+        elif isinstance(decision, Due):
+            timeout_s = self._timeout(record.schedule)
+            mine = claimed(record, now=now, replica=self.replica_id, timeout_s=timeout_s)
+            # Another replica's claim, or a delete, in between: the swap fails, nothing runs.
+            if await self.store.compare_and_swap(key, revision, mine.encode()):
+                assert mine.claim is not None
+                known = self._book.get(key)
+                # The watch brings the claim's own revision; it may have brought it (or a
+                # delete after it) during the swap's await already: never go back from that.
+                if known is None or known[1] <= revision:
+                    self._book[key] = (mine, revision)
+                self._running.add((key, mine.claim))
+                runs.create_task(self._run(key, mine.schedule, mine.claim, timeout_s))
+        return POLL_S
 
     def _alive(self, key: str, claim: Claim | None) -> bool:
         """Whether a claim's run may still be in flight: this replica's own only while its task
@@ -204,55 +255,107 @@ class ScheduleLoop:
         if claim is None:
             return True
         if claim.replica == self.replica_id:
-            return key in self._running
+            return (key, claim) in self._running
         return claim.replica in self.view.replicas
 
     def _timeout(self, s: Schedule) -> float:
         cls = self.view.classes.get(s.class_name)
         return RUN_TIMEOUT_S + (cls.boot_timeout_s if cls is not None and not s.no_wake else 0.0)
 
-    async def _run(self, s: Schedule, claim: Claim, timeout_s: float) -> None:
-        SCHEDULE_LAG_SECONDS.observe(max(0.0, claim.started - claim.tick))
-        started = time.perf_counter()
-        node_id = ""
+    async def _run(self, key: str, s: Schedule, claim: Claim, timeout_s: float) -> None:
         try:
-            async with asyncio.timeout(timeout_s):
-                result, node_id = await self._execute(s, timeout_s)
-        except TimeoutError:
-            result = f"failed: no result within {timeout_s:g}s"
-        except PortsideError as exc:
-            result = "failed: " + one_line(str(exc))
-        except Exception as exc:
-            # A fault of this code must not end the loop's task group, and with it the replica.
-            log.exception("scheduled run %s of %s/%s failed", s.id, s.class_name, s.name)
-            result = "failed: " + one_line(f"{type(exc).__name__}: {exc}")
-        SCHEDULE_RUN_SECONDS.observe(time.perf_counter() - started)
-        try:
+            SCHEDULE_LAG_SECONDS.observe(max(0.0, claim.started - claim.tick))
+            started = time.perf_counter()
+            node_id = ""
+            try:
+                async with asyncio.timeout(timeout_s):
+                    result, node_id = await self._execute(s, timeout_s)
+            except TimeoutError:
+                result = f"failed: no result within {timeout_s:g}s"
+            except PortsideError as exc:
+                result = "failed: " + one_line(str(exc))
+            except Exception as exc:
+                log.exception("scheduled run %s of %s/%s failed", s.id, s.class_name, s.name)
+                result = "failed: " + one_line(f"{type(exc).__name__}: {exc}")
+            SCHEDULE_RUN_SECONDS.observe(time.perf_counter() - started)
             await self._record(s, claim, result, node_id)
+        except Exception:
+            # A fault of this code must not end the loop's task group, and with it the replica:
+            # the claim stays, and is reported lost.
+            log.exception("scheduled run %s of %s/%s: no result", s.id, s.class_name, s.name)
         finally:
-            self._running.discard(_key(s))
+            self._running.discard((key, claim))
 
     async def _execute(self, s: Schedule, timeout_s: float) -> tuple[str, str]:
         """One run: its result and the node it ran on ("" if none)."""
         where = await self._locate(s)
-        if where is None or where.node is None:
-            if s.no_wake:
-                return SKIPPED_SLEEPING, ""
-            # Never placed, or its node is gone: placed and booted as Start does, unless the
-            # schedule went meanwhile (its instance destroyed: never bring that back).
-            if await self.store.get(_key(s)) is None:
-                return "skipped: deleted", ""
+        if where is not None and where.node is not None:
+            return await self._on(s, where.node, timeout_s)
+        if s.no_wake:
+            return SKIPPED_SLEEPING, ""
+        # Never placed, or its node is gone: placed and booted as Start does, unless the
+        # schedule went meanwhile (its instance destroyed: never bring that back).
+        if await self.store.get(_key(s)) is None:
+            return SKIPPED_DELETED, ""
+        instance_key = records.instance_key(s.class_name, instance_id(s.class_name, s.name))
+        before = await self.store.get(instance_key)
+        node: Node | None = None
+        try:
             await self.lifecycle.start(s.class_name, s.name)
             where = await self.lifecycle.locate(s.class_name, s.name)
-        node = where.node
-        if node is None:
-            return f"failed: its node {where.record.node_id} is gone", ""
+            node = where.node
+            if node is None:
+                return f"failed: its node {where.record.node_id} is gone", ""
+            return await self._on(s, node, timeout_s)
+        finally:
+            await self._unless_destroyed(s, instance_key, before, node)
+
+    async def _unless_destroyed(
+        self, s: Schedule, instance_key: str, before: KeyValue | None, node: Node | None
+    ) -> None:
+        """After a run that placed its instance: when its schedule went meanwhile and so did the
+        placement the run began with (a Destroy while the run placed it anew), destroy what the
+        run placed, so that a destroyed instance does not come back. A schedule merely deleted
+        leaves the instance alone: its placement is the one the run began with."""
+        if await self.store.get(_key(s)) is not None:
+            return
+        after = await self.store.get(instance_key)
+        if after is None and node is None:
+            return  # nothing placed, or nothing booted of what was
+        if (
+            after is not None
+            and before is not None
+            and after.create_revision == before.create_revision
+        ):
+            return
+        log.warning(
+            "schedule %s of %s/%s went while its run placed the instance anew: removing what "
+            "the run placed",
+            s.id,
+            s.class_name,
+            s.name,
+        )
+        if after is not None:
+            with contextlib.suppress(NotFound):
+                await self.lifecycle.destroy(s.class_name, s.name)
+        elif node is not None:  # the Destroy forgot the placement: the container is left
+            with contextlib.suppress(NotFound):
+                await self.lifecycle.agents.call(
+                    node,
+                    f"destroy {s.class_name}/{s.name} (placed by a schedule after its destroy)",
+                    lambda stub: stub.Destroy,
+                    na.AgentDestroyRequest(instance_id=instance_id(s.class_name, s.name)),
+                    RUN_TIMEOUT_S,
+                )
+
+    async def _on(self, s: Schedule, node: Node, timeout_s: float) -> tuple[str, str]:
+        """The run on the instance's node: its result and the node's id."""
         try:
             if s.path:
                 return await self._call(s, node, timeout_s), node.id
             return await self._exec(s), node.id
-        except FailedPrecondition:
-            if s.no_wake:  # the agent's answer for an instance that does not run
+        except NotRunning:
+            if s.no_wake:  # the agent's answer for an instance that does not run, untouched
                 return SKIPPED_SLEEPING, node.id
             raise
 
@@ -280,7 +383,7 @@ class ScheduleLoop:
             request,
             timeout_s,
         )
-        return str(reply.status)
+        return call_result(reply.status, reply.body)
 
     async def _exec(self, s: Schedule) -> str:
         start = pb.ExecStart(

@@ -1,13 +1,15 @@
-"""Per-instance schedules in the store (issue 13): their keys, the record (a schedule and the
-claim of the tick being run), the checks of a Schedule request, and the pure tick logic that the
-leader's loop (controlplane.scheduleloop) applies with compare-and-swap.
+"""Per-instance schedules in the store (issue 13): the record (a schedule and the claim of the
+tick being run; its key is controlplane.records.schedule_key), the checks of a Schedule request,
+and the pure tick logic that the leader's loop (controlplane.scheduleloop) applies with
+compare-and-swap.
 
 A tick is claimed before it runs: one compare-and-swap moves the record's next_run from the tick
 to the next one and writes the claim (tick, replica, deadline). Only the claimer runs the tick,
 so no tick runs twice however many replicas think they lead. The claimer records the result and
 drops the claim; a claim still there after its deadline was a run whose claimer died, and is
-recorded as lost instead of being run again, and so is one whose claimer is gone (its
-registration expired) before that (docs/architecture.md, "Schedules").
+recorded as lost instead of being run again (it may or may not have reached the instance), and so
+is one whose claimer is gone (its registration expired) before that: each tick runs at most once,
+and a tick that may not have run is reported (docs/architecture.md, "Schedules").
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from controlplane import records
 from portside.client import Schedule
-from portside.errors import InvalidArgument
-
-SCHEDULES = records.ROOT + "schedules/"  # schedules/<class>/<instance id>/<schedule id>
+from portside.errors import InvalidArgument, one_line
 
 MIN_EVERY_S = 0.1
 # A run's own deadline (its HTTP request or command), plus the class's boot_timeout when it may
@@ -37,19 +36,8 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 
 SKIPPED_SLEEPING = "skipped: sleeping"
-
-
-def schedules_prefix(class_name: str = "", instance_id: str = "") -> str:
-    """Every schedule, one class's (with its trailing slash) or one instance's."""
-    if not class_name:
-        return SCHEDULES
-    if not instance_id:
-        return f"{SCHEDULES}{class_name}/"
-    return f"{SCHEDULES}{class_name}/{instance_id}/"
-
-
-def schedule_key(class_name: str, instance_id: str, schedule_id: str) -> str:
-    return schedules_prefix(class_name, instance_id) + schedule_id
+SKIPPED_DELETED = "skipped: deleted"
+BODY_MOST = 100  # of a failed HTTP run's body, what its result shows
 
 
 @dataclass(frozen=True)
@@ -78,7 +66,10 @@ class ScheduleRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> ScheduleRecord:
+        """ValueError, TypeError or KeyError for a record this version cannot read."""
         body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError(f"not a JSON object: {type(body).__name__}")
         claim = body.pop("claim", None)
         body["command"] = tuple(body.get("command", ()))
         return cls(Schedule(**body), Claim(**claim) if claim is not None else None)
@@ -207,10 +198,12 @@ def lost_result(claim: Claim) -> str:
     )
 
 
-def one_line(text: str, most: int = 200) -> str:
-    """An error's first line, shortened: event reasons are one line."""
-    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
-    return line if len(line) <= most else line[: most - 1] + "…"
+def call_result(status: int, body: bytes) -> str:
+    """An HTTP run's result: its status ("200"), and for a status of 400 or more the first line
+    of the body's excerpt too ("503 draining"), so that `last_result` says why."""
+    if status < 400 or not body.strip():
+        return str(status)
+    return f"{status} {one_line(body.decode(errors='replace'), BODY_MOST)}"
 
 
 def outcome(result: str) -> str:
@@ -221,4 +214,13 @@ def outcome(result: str) -> str:
             return prefix
     if result.startswith("exit "):
         return "ok" if result == "exit 0" else "error"
-    return "ok" if result.isdigit() and int(result) < 400 else "error"
+    status = result.split(" ", 1)[0]
+    return "ok" if status.isdigit() and int(status) < 400 else "error"
+
+
+def log_action(s: Schedule) -> str:
+    """What a run does, for a log line: the method and the path without its query, or the
+    command's program only. Arguments and query strings often carry tokens; no log holds them."""
+    if s.path:
+        return f"{s.method or 'GET'} {s.path.partition('?')[0]}"
+    return f"exec {s.command[0]}" if s.command else "exec"

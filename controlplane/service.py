@@ -56,7 +56,12 @@ from controlplane.rollouts import (
     has_awake_old,
 )
 from controlplane.routewatch import RouteChangeLog, follow_route_changes
-from controlplane.scheduleloop import create_schedule, delete_schedule, list_schedules
+from controlplane.scheduleloop import (
+    create_schedule,
+    delete_class_schedules,
+    delete_schedule,
+    list_schedules,
+)
 from controlplane.schedules import check_request, new_schedule_id
 from controlplane.snapshots import Snapshots, check_agent_push
 from controlplane.store import Compacted, Store
@@ -203,8 +208,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         class_names = {c.name for c in config.classes}
         old_classes, _ = await self.store.range(records.CLASSES)
         for kv in old_classes:
-            if kv.key[len(records.CLASSES) :] not in class_names:
+            removed = kv.key[len(records.CLASSES) :]
+            if removed not in class_names:
                 await self.store.delete(kv.key)
+                await delete_class_schedules(self.store, removed)  # they would fail forever
         DEPLOYS.inc()
         log.info("deployed %d classes, %d routes", len(config.classes), len(config.routes))
         return cp.DeployResponse(
@@ -846,11 +853,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     async def RecordSnapshot(
         self, request: cp.RecordSnapshotRequest, context: Any
     ) -> cp.RecordSnapshotResponse:
-        peer = peer_of_call(context)
         recorded = await self.snapshots.record(
-            snapshot_from_pb(request.snapshot),
-            request.instance_id,
-            peer.id if peer is not None else None,
+            snapshot_from_pb(request.snapshot), request.instance_id, _caller_id(context)
         )
         return cp.RecordSnapshotResponse(snapshot=snapshot_to_pb(recorded))
 
@@ -858,11 +862,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     async def LatestSnapshot(
         self, request: cp.LatestSnapshotRequest, context: Any
     ) -> cp.LatestSnapshotResponse:
-        peer = peer_of_call(context)
         found = await self.snapshots.latest(
-            request.instance.class_name,
-            request.instance.name,
-            peer.id if peer is not None else None,
+            request.instance.class_name, request.instance.name, _caller_id(context)
         )
         if found is None:
             return cp.LatestSnapshotResponse(found=False)
@@ -1034,6 +1035,13 @@ def _join_response(issued: Issued) -> cp.JoinResponse:
         ca_certificate=issued.ca_certificate,
         not_after=issued.not_after,
     )
+
+
+def _caller_id(context: Any) -> str | None:
+    """The id the call's certificate names (a node's, for an agent); None without one
+    (--insecure: nothing says who calls)."""
+    peer = peer_of_call(context)
+    return peer.id if peer is not None else None
 
 
 async def _check_claim(context: Any, claimed: str, what: str) -> None:

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, replace
 
 from controlplane import records
 from controlplane.images import check_digest
-from controlplane.leader import LeaderElection
 from controlplane.lifecycle import Lifecycle
 from controlplane.metrics import (
     SNAPSHOT_RETENTION_RUNS,
@@ -33,7 +32,6 @@ from controlplane.records import ImageRecord, InstanceRecord
 from controlplane.store import KeyValue, Store
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.build import snapshot_reference
-from portside.client._models import Snapshot
 from portside.convert import snapshot_from_pb
 from portside.errors import (
     AlreadyExists,
@@ -43,15 +41,11 @@ from portside.errors import (
     PermissionDenied,
     StoreError,
 )
+from portside.snapshots import CREATE, SLEEP, SNAPSHOT_TIMEOUT_S, TRIGGERS, Snapshot
 from portside.spec import ContainerClass, instance_id
 
 log = logging.getLogger(__name__)
 
-CREATE, SLEEP = "create", "sleep"  # what took a snapshot (Snapshot.trigger)
-TRIGGERS = (CREATE, SLEEP)
-# The agent commits the writable layer, saves it and pushes it to the image store: for a large
-# layer on a busy disk that takes a while.
-SNAPSHOT_S = 600.0
 RETENTION_EVERY_S = 60.0  # how often the leader deletes the records whose time is up
 EXPIRED, BEYOND_KEEP = "expired", "beyond_keep"  # why a record is retired
 _CAS_TRIES = 5
@@ -74,12 +68,6 @@ def check_agent_push(agent: str, reference: str) -> None:
             f"{agent} may push snapshots only (portside/<class>.snapshot:<id>), not "
             f"{reference or 'an image without a reference'}"
         )
-
-
-def class_image(cls: ContainerClass) -> str:
-    """The image a class's containers are made from, as a snapshot records the one it was taken
-    on: the digest of an image `portside deploy` built, else the class's image reference."""
-    return cls.image_digest or cls.image
 
 
 def check_name(name: str) -> str:
@@ -120,7 +108,7 @@ def latest_restorable(
     snapshots: Iterable[Snapshot], cls: ContainerClass, instance_name: str
 ) -> Snapshot | None:
     """The newest snapshot of the instance taken on the image its class runs now."""
-    image = class_image(cls)
+    image = cls.run_image
     mine = [s for s in snapshots if s.instance_name == instance_name and s.image_digest == image]
     return next(iter(newest_first(mine)), None)
 
@@ -131,10 +119,10 @@ def check_restorable(snapshot: Snapshot, cls: ContainerClass) -> None:
         raise FailedPrecondition(
             f"snapshot {snapshot.id} is of class {snapshot.class_name}, not {cls.name}"
         )
-    if snapshot.image_digest != class_image(cls):
+    if snapshot.image_digest != cls.run_image:
         raise FailedPrecondition(
             f"snapshot {snapshot.name} ({snapshot.id}) was taken on image "
-            f"{snapshot.image_digest}, the class now runs {class_image(cls)}: snapshots are "
+            f"{snapshot.image_digest}, the class now runs {cls.run_image}: snapshots are "
             "tied to their image version (deploy that image again to restore it)"
         )
 
@@ -219,21 +207,26 @@ class SnapshotBook:
         if name:
             _check_name_free(await self.read(class_name), class_name, name)
 
-    async def create(self, snapshot: Snapshot) -> Snapshot:
-        """Write a new record; the record of the same image if it exists (an agent that sends
-        its record again). AlreadyExists if the class has another snapshot of its name: of two
-        written at once, the later one is deleted again."""
+    async def create(self, snapshot: Snapshot, placement: KeyValue) -> Snapshot | None:
+        """Write a new record, only while the instance's record is still `placement` (as read:
+        one transaction, so a move meanwhile never lets the old node's snapshot in); None if it
+        changed. The record of the same image if it exists (an agent that sends its record
+        again). AlreadyExists if the class has another snapshot of its name: of two written at
+        once, the later one is deleted again."""
         key = records.snapshot_key(snapshot.class_name, snapshot.id)
         stored = await self.read(snapshot.class_name)
         same = next((s.snapshot for s in stored if s.snapshot.id == snapshot.id), None)
         if same is None:
             _check_name_free(stored, snapshot.class_name, snapshot.name)
-            if await self.store.compare_and_swap(key, 0, encode(snapshot)):
+            unchanged = (placement.key, placement.mod_revision)
+            if await self.store.compare_and_swap(key, 0, encode(snapshot), unchanged=unchanged):
                 await self._yield_to_older_namesake(snapshot)
                 return snapshot
-            kv = await self.store.get(key)  # recorded meanwhile
-            same = decode(kv.value) if kv is not None else None
-        if same is not None and same.digest == snapshot.digest:
+            kv = await self.store.get(key)  # recorded meanwhile, or the placement changed
+            if kv is None:
+                return None
+            same = decode(kv.value)
+        if same.digest == snapshot.digest:
             return same
         raise AlreadyExists(f"snapshot id {snapshot.id} names another image already")
 
@@ -326,7 +319,7 @@ class Snapshots:
                 na.AgentSnapshotRequest(
                     instance_id=where.record.instance_id, name=snapshot_name, trigger=CREATE
                 ),
-                SNAPSHOT_S,
+                SNAPSHOT_TIMEOUT_S,
             )
         except NotFound as exc:  # placed, never booted there
             raise FailedPrecondition(
@@ -345,7 +338,6 @@ class Snapshots:
             raise InvalidArgument(
                 f"instance_id: {iid!r} is not the id of {cls.name}/{taken.instance_name}"
             )
-        await self._placed_on(cls, taken.instance_name, caller_node, "record a snapshot of")
         reference = snapshot_reference(cls.name, digest)
         if taken.reference != reference:
             raise InvalidArgument(f"snapshot.reference: {taken.reference!r}, not {reference!r}")
@@ -363,7 +355,17 @@ class Snapshots:
             created_at=now,
             expires_at=now + cls.snapshot_retention_s,
         )
-        snapshot = await self.book.create(snapshot)
+        for _ in range(_CAS_TRIES):
+            # Checked again on every try: the write fails only if the placement changed.
+            placement = await self._placement(
+                cls, taken.instance_name, caller_node, "record a snapshot of"
+            )
+            recorded = await self.book.create(snapshot, placement)
+            if recorded is not None:
+                break
+        else:
+            raise StoreError(f"{cls.name}/{taken.instance_name}: {_CAS_TRIES} conflicting writes")
+        snapshot = recorded
         SNAPSHOTS_RECORDED.labels(snapshot.trigger).inc()
         log.info(
             "snapshot %s (%s) of %s/%s recorded: %d bytes of writable layer, on image %s",
@@ -387,8 +389,8 @@ class Snapshots:
         """The snapshot a named instance's first container on its node starts from: only if
         it was placed anew after its node was lost, the newest taken on the class's image."""
         cls = self.lifecycle.class_named(class_name)
-        placed = await self._placed_on(cls, name, caller_node, "restore")
-        if not placed.restore:
+        placement = await self._placement(cls, name, caller_node, "restore")
+        if not InstanceRecord.decode(placement.value).restore:
             return None
         stored = await self.book.read(cls.name)
         found = latest_restorable((s.snapshot for s in stored), cls, name)
@@ -430,11 +432,11 @@ class Snapshots:
         log.info("deleted snapshot %s (%s)", stored.snapshot.id, stored.snapshot.name)
         return stored.snapshot
 
-    async def _placed_on(
+    async def _placement(
         self, cls: ContainerClass, name: str, caller_node: str | None, verb: str
-    ) -> InstanceRecord:
-        """The instance's placement as the store has it now (not this replica's view, which may
-        lag a move); FailedPrecondition unless it is on `caller_node`."""
+    ) -> KeyValue:
+        """The instance's record as the store has it now (not this replica's view, which may
+        lag a move); FailedPrecondition unless it is placed on `caller_node`."""
         kv = await self.store.get(records.instance_key(cls.name, instance_id(cls.name, name)))
         if kv is None:
             raise FailedPrecondition(f"cannot {verb} {cls.name}/{name}: it is not placed")
@@ -444,7 +446,7 @@ class Snapshots:
                 f"cannot {verb} {cls.name}/{name} from node {caller_node}: it is placed on "
                 f"node {placed.node_id} (this node's copy is stale)"
             )
-        return placed
+        return kv
 
 
 class SnapshotRetention:
@@ -456,22 +458,27 @@ class SnapshotRetention:
         self,
         book: SnapshotBook,
         classes: Callable[[], Mapping[str, ContainerClass]],
-        leader: LeaderElection,
+        is_leader: Callable[[], bool],
         every_s: float = RETENTION_EVERY_S,
     ) -> None:
-        self.book, self.classes, self.leader, self.every_s = book, classes, leader, every_s
+        self.book, self.classes, self.is_leader, self.every_s = book, classes, is_leader, every_s
 
     async def run(self) -> None:
+        """Forever: a round that fails is logged and counted, and the next one runs."""
         while True:
             await asyncio.sleep(self.every_s)
-            if not self.leader.is_leader:
+            if not self.is_leader():
                 continue
             try:
                 await self.round()
                 SNAPSHOT_RETENTION_RUNS.labels("ok").inc()
             except StoreError as exc:
                 SNAPSHOT_RETENTION_RUNS.labels("store_error").inc()
-                log.warning("snapshot retention stopped: %s", exc)
+                log.warning("snapshot retention round failed: %s", exc)
+            except Exception:
+                # A fault of this code must not end the loop's task group, and with it the replica.
+                SNAPSHOT_RETENTION_RUNS.labels("error").inc()
+                log.exception("snapshot retention round failed")
 
     async def round(self) -> int:
         keep = {name: c.snapshot_keep for name, c in self.classes().items()}

@@ -38,7 +38,14 @@ _VIEWED = (
     records.REPLICAS,
     records.TOKENS,
 )
-_NOT_VIEWED = (records.EVENTS, records.STATE, records.USAGE, records.CA, records.SNAPSHOTS)
+_NOT_VIEWED = (
+    records.EVENTS,
+    records.STATE,
+    records.USAGE,
+    records.CA,
+    records.SNAPSHOTS,
+    records.SCHEDULES,  # controlplane.scheduleloop keeps its own copy
+)
 
 
 @dataclass

@@ -389,6 +389,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             registry_auth=registry_auth,
             on_change=changes,
         )
+        # Snapshots are pushed and recorded over the same channel, with the node's identity.
+        snapshots = Snapshots(runtime, channel, node_id=node.id, deadline_s=opts.deadlines.rpc)
         manager = InstanceManager(
             runtime,
             catalog.get,
@@ -398,12 +400,12 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             capacity=Capacity(node.id, node.vcpu, node.memory_mib),
             node_id=node.id,
             images=images,
-            # Snapshots are pushed and recorded over the same channel, with the node's identity.
-            snapshots=Snapshots(runtime, channel, node_id=node.id, deadline_s=opts.deadlines.rpc),
+            snapshots=snapshots,
         )
         adopted = await manager.adopt()
         if adopted:
             log.info("adopted %d containers of node %s", len(adopted), node.id)
+        await snapshots.remove_leftover_commits()
         # Only a control plane may call the API; only edges and control planes the data port.
         api_tls = membership.server_tls(PeerRole.CONTROLPLANE)
         data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE)

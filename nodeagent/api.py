@@ -18,7 +18,6 @@ from nodeagent.fence import Fence
 from nodeagent.instances import InstanceManager
 from nodeagent.pools import Sample
 from nodeagent.runtime import ExecProcess, Overrides
-from nodeagent.snapshots import CREATE, TRIGGERS
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import nodeagent_pb2_grpc as na_grpc
 from portside.api.v1 import types_pb2 as pb
@@ -33,7 +32,8 @@ from portside.convert import (
 from portside.errors import FailedPrecondition, InvalidArgument, NotFound
 from portside.instances import InstanceInfo, InstanceStatus
 from portside.rpc import grpc_errors
-from portside.spec import instance_id
+from portside.snapshots import CREATE, TRIGGERS
+from portside.spec import ContainerClass, instance_id
 
 
 def status_of(info: InstanceInfo, sample: Sample | None) -> InstanceStatus:
@@ -82,18 +82,27 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
             raise NotFound(f"this agent has no instance {request.instance_id}")
         return na.StopInstanceResponse()
 
-    @grpc_errors
-    async def Start(self, request: na.AgentStartRequest, context: Any) -> na.AgentInstanceResponse:
+    async def _admitted(
+        self, request: na.AgentStartRequest | na.AgentCallRequest
+    ) -> ContainerClass:
+        """The class of a request for instance `request.name` of it, both names checked, once
+        the fence admits a named instance here (pool members are the control plane's to place,
+        not fenced)."""
         spec = getattr(request, "class")  # `class` is a Python keyword
         if not spec.name:
             raise InvalidArgument("class.name: must not be empty")
-        if not spec.image:
-            raise InvalidArgument("class.image: must not be empty")
         if not request.name:
             raise InvalidArgument("name: must not be empty")
         cls = class_from_pb(spec)
         if self.fence is not None and cls.autoscaling is None:
             await self.fence.admit(cls.name, request.name)
+        return cls
+
+    @grpc_errors
+    async def Start(self, request: na.AgentStartRequest, context: Any) -> na.AgentInstanceResponse:
+        if not getattr(request, "class").image:  # `class` is a Python keyword
+            raise InvalidArgument("class.image: must not be empty")
+        cls = await self._admitted(request)
         overrides = Overrides(tuple(request.entrypoint), dict(request.env))
         snapshot = snapshot_from_pb(request.snapshot) if request.HasField("snapshot") else None
         info = await self.manager.start(
@@ -159,16 +168,9 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
     @grpc_errors
     async def Call(self, request: na.AgentCallRequest, context: Any) -> na.AgentCallResponse:
         """A scheduled run's HTTP request (nodeagent.calls), fenced like an edge's."""
-        spec = getattr(request, "class")  # `class` is a Python keyword
-        if not spec.name:
-            raise InvalidArgument("class.name: must not be empty")
-        if not request.name:
-            raise InvalidArgument("name: must not be empty")
         if not request.path.startswith("/"):
             raise InvalidArgument(f"path: {request.path!r} must start with '/'")
-        cls = class_from_pb(spec)
-        if self.fence is not None and cls.autoscaling is None:
-            await self.fence.admit(cls.name, request.name)
+        cls = await self._admitted(request)
         status, body = await call_instance(
             self.manager,
             cls,

@@ -11,7 +11,7 @@ import aiohttp
 
 from nodeagent.instances import InstanceManager
 from portside import headers
-from portside.errors import FailedPrecondition, UpstreamFailed, UpstreamTimeout
+from portside.errors import NotRunning, UpstreamFailed, UpstreamTimeout
 from portside.spec import ContainerClass, instance_id
 
 BODY_MOST = 4096  # of the answer's body, what the call returns
@@ -31,7 +31,7 @@ async def call_instance(
     timeout_s: float,
 ) -> tuple[int, bytes]:
     """Send `method path` to the instance's container on the class's default_port, booting (or
-    thawing) it first if `wake`, else FailedPrecondition when it does not run. Without
+    thawing) it first if `wake`, else NotRunning when it does not run. Without
     `activity` the call does not restart the sleep timer. Returns the status and the first
     BODY_MOST bytes of the body; UpstreamTimeout past `timeout_s`, UpstreamFailed for an
     exchange that failed."""
@@ -39,7 +39,7 @@ async def call_instance(
         found = manager.get(instance_id(cls.name, name))
         if found is None or not found.state.running:
             state = found.state if found is not None else "not on this node"
-            raise FailedPrecondition(f"{cls.name}/{name} is {state}: not woken (no_wake)")
+            raise NotRunning(f"{cls.name}/{name} is {state}: not woken (no_wake)")
     # No await between that check and the acquire: the instance cannot begin to sleep between.
     try:
         async with asyncio.timeout(timeout_s):

@@ -345,7 +345,7 @@ class ImageKeeper:
         return outcome
 
     def pulling(self, cls: ContainerClass) -> bool:
-        return (cls.image_digest or cls.image) in self._pulls
+        return cls.run_image in self._pulls
 
     def _shared(
         self, key: str, pull: Callable[[], Coroutine[Any, Any, None]]

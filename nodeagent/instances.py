@@ -99,8 +99,6 @@ from nodeagent.runtime import (
     Stream,
 )
 from nodeagent.snapshots import (
-    CREATE,
-    SLEEP,
     SnapshotService,
     Source,
     from_snapshot,
@@ -108,7 +106,6 @@ from nodeagent.snapshots import (
 )
 from portside.build import human_size
 from portside.capacity import Resources, held
-from portside.client._models import Snapshot
 from portside.daemon import Children
 from portside.errors import (
     BootTimeout,
@@ -117,12 +114,14 @@ from portside.errors import (
     FailedPrecondition,
     NoCapacity,
     NotFound,
+    NotRunning,
     PortsideError,
     Unavailable,
 )
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
 from portside.rpc import Backoff
+from portside.snapshots import CREATE, SLEEP, Snapshot
 from portside.spec import (
     DEFAULT_PAUSE_MAX_S,
     DEFAULT_SLEEP_AFTER_S,
@@ -423,6 +422,15 @@ class InstanceManager:
         finally:
             hold.release()
 
+    def frozen_upstream(self, class_name: str, name: str) -> Upstream | None:
+        """The address of instance `name` while it is paused (or being frozen), which a
+        request's acquire thaws: the frozen container keeps it, and its kernel accepts
+        connections to its port meanwhile, so the request can connect while docker unpauses."""
+        inst = self._instances.get(instance_id(class_name, name))
+        if inst is None or inst.state is not InstanceState.PAUSED:
+            return None
+        return inst.upstream
+
     def _instance(self, cls: ContainerClass, name: str) -> _Instance:
         iid = instance_id(cls.name, name)
         inst = self._instances.get(iid)
@@ -611,7 +619,7 @@ class InstanceManager:
                 what = f"port {port} did not answer"
             elif self._images is not None and self._images.pulling(cls):
                 what = (
-                    f"its image {cls.image_digest or cls.image} was not pulled (the pull goes "
+                    f"its image {cls.run_image} was not pulled (the pull goes "
                     "on; the next boot finds it)"
                 )
             else:
@@ -1306,7 +1314,7 @@ class InstanceManager:
             inst.name,
             inst.id,
             inst.version,
-            class_image="" if cls is None else cls.image_digest or cls.image,
+            class_image="" if cls is None else cls.run_image,
         )
         running = inst.state.running  # it may change its layer after the commit
         # Set with no await since the checks above: no boot can begin in between.
@@ -1518,10 +1526,10 @@ class InstanceManager:
         user: str = "",
     ) -> ExecProcess:
         """Run a command in the running container (within an `exec_session`), as `user`, with a
-        pseudo-terminal of size `tty` if given. FailedPrecondition when it does not run."""
+        pseudo-terminal of size `tty` if given. NotRunning when it does not run."""
         inst = self._known(iid)
         if inst.container_id is None or not inst.state.running:
-            raise FailedPrecondition(
+            raise NotRunning(
                 f"instance {inst.class_name}/{inst.name} is {inst.state}, not running: exec "
                 "does not wake it unless asked (exec --wake boots it first)"
             )

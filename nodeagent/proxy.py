@@ -5,6 +5,7 @@ back. What is the agent's own: which container, holding it awake, booting it aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -183,7 +184,7 @@ class DataPlane:
         holds: list[Hold] = []  # more than one when a dead container was booted again
         try:
             await self._check_fence(cls, name)
-            holds.append(await self._manager.acquire(cls, name))
+            holds.append(await self._acquire(cls, name))
             upstream = await self._open(forward, cls, name, holds)
             holds[-1].served()  # its container answered: it is not crash-looping
             try:
@@ -217,6 +218,25 @@ class DataPlane:
         finally:
             for hold in holds:
                 hold.release()
+
+    async def _acquire(self, cls: ContainerClass, name: str) -> Hold:
+        """The manager's hold on the instance. When it thaws a paused one, the connection to its
+        container is made meanwhile (its kernel accepts while it is frozen), so the request goes
+        out on it as soon as docker unpause answered; never before: a thaw that fails must not
+        leave a request in a frozen container's socket."""
+        frozen = self._manager.frozen_upstream(cls.name, name)
+        if frozen is None:
+            return await self._manager.acquire(cls, name)
+        ahead = asyncio.create_task(self._connect_ahead(f"{frozen.host}:{frozen.port}"))
+        try:
+            return await self._manager.acquire(cls, name)
+        finally:
+            ahead.cancel()  # connected long before, as a rule; else the request connects itself
+
+    async def _connect_ahead(self, authority: str) -> None:
+        await asyncio.sleep(0)  # once the thaw's docker unpause went out: it is the longer one
+        with contextlib.suppress(UpstreamFailed):  # the request's own connect meets it again
+            await self._core.transport.prepare(authority)
 
     async def _check_fence(self, cls: ContainerClass, name: str) -> None:
         """Named instances are served only while this node's lease is confirmed (pools, whose

@@ -25,6 +25,7 @@ import logging
 import tarfile
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,19 @@ from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.api.v1 import types_pb2 as pb
 from portside.build import PUSH_BASE_TIMEOUT_S, human_size, snapshot_reference
-from portside.client._models import Snapshot
 from portside.convert import snapshot_from_pb, snapshot_to_pb
 from portside.errors import EngineError, InvalidArgument, PortsideError, Unavailable, from_rpc
 from portside.imagepush import push_image
+from portside.snapshots import SLEEP, TRIGGERS, Snapshot
 from portside.spec import ContainerClass
 
 log = logging.getLogger(__name__)
 
-CREATE, SLEEP = "create", "sleep"  # what took a snapshot (Snapshot.trigger)
-TRIGGERS: Final = (CREATE, SLEEP)
+# A snapshot's commit is named in this repository while it lives (moments), tagged <12 hex>.<node>
+# (agents of several nodes may share an engine): the agent removes at its start what a crash left.
+COMMIT_REPOSITORY: Final = "portside/snapshot-commit"
+_TAG_NODE_CHARS = 115  # a tag has at most 128
+
 # The fields of a commit's image config a snapshot keeps. The rest is the container's (its
 # config and container_config carry its env, secrets included; container is its id), and the
 # snapshot's run settings are its base image's instead.
@@ -223,6 +227,7 @@ class Snapshots:
         self._engine = engine
         self._stub = cp_grpc.ControlPlaneStub(channel)
         self._node = f"node {node_id}" if node_id else "this node"
+        self._commit_node = (node_id or "node")[:_TAG_NODE_CHARS]
         self._deadline_s = deadline_s
         self._clock = clock
         self._transfers = asyncio.Semaphore(TRANSFERS)
@@ -272,7 +277,8 @@ class Snapshots:
         try:
             try:
                 info = await self._engine.inspect(source.container_id)
-                commit_id = await self._engine.commit(source.container_id)
+                reference = f"{COMMIT_REPOSITORY}:{uuid.uuid4().hex[:12]}.{self._commit_node}"
+                commit_id = await self._engine.commit(source.container_id, reference)
             finally:
                 committed()
             metrics.SNAPSHOT_SECONDS.labels(source.class_name, "commit").observe(
@@ -308,6 +314,29 @@ class Snapshots:
             await self._engine.remove_image(commit_id)
         except PortsideError as exc:
             log.warning("could not remove the commit %s of a snapshot: %s", commit_id, exc)
+
+    async def remove_leftover_commits(self) -> int:
+        """At the agent's start: remove the commits this node's snapshots left behind when the
+        agent (or the node) stopped in the middle of one (named in COMMIT_REPOSITORY), so that
+        no container's env outlives its snapshot in an image config; how many went."""
+        ours = f"{COMMIT_REPOSITORY}:"
+        try:
+            leftovers = [
+                image.id
+                for image in await self._engine.images()
+                if any(
+                    tag.startswith(ours) and tag[len(ours) :].partition(".")[2] == self._commit_node
+                    for tag in image.tags
+                )
+            ]
+            for image_id in leftovers:
+                await self._engine.remove_image(image_id)
+        except PortsideError as exc:
+            log.warning("could not remove the commits snapshots left behind: %s", exc)
+            return 0
+        if leftovers:
+            log.info("removed %d commits that unfinished snapshots left behind", len(leftovers))
+        return len(leftovers)
 
     async def _publish(
         self,

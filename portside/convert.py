@@ -12,10 +12,11 @@ from google.protobuf.message import Message
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import types_pb2 as pb
 from portside.capacity import Resources
-from portside.client._models import ExecChunk, LogChunk, Rollout, Schedule, Snapshot
+from portside.client._models import ExecChunk, LogChunk, Rollout, Schedule
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, PoolMember
 from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
+from portside.snapshots import Snapshot
 from portside.spec import (
     DEFAULT_HEALTH_CHECK_FAILURES,
     DEFAULT_HEALTH_CHECK_INTERVAL_S,
@@ -406,8 +407,9 @@ def schedule_to_pb(s: Schedule) -> cp.ScheduleInfo:
     )
 
 
-def schedule_from_request(m: cp.ScheduleRequest) -> Schedule:
-    """The schedule a Schedule call asks for (unchecked: controlplane.schedules checks it)."""
+def schedule_from_request(m: cp.ScheduleRequest | cp.ScheduleInfo) -> Schedule:
+    """The schedule a Schedule call asks for (unchecked: controlplane.schedules checks it), or
+    the part of a ScheduleInfo that a request gives."""
     return Schedule(
         id=m.id,
         class_name=m.instance.class_name,
@@ -423,17 +425,8 @@ def schedule_from_request(m: cp.ScheduleRequest) -> Schedule:
 
 
 def schedule_from_pb(m: cp.ScheduleInfo) -> Schedule:
-    return Schedule(
-        id=m.id,
-        class_name=m.instance.class_name,
-        name=m.instance.name,
-        at=m.at,
-        every_s=m.every_seconds,
-        path=m.path,
-        method=m.method,
-        command=tuple(m.command),
-        no_wake=m.no_wake,
-        no_activity=m.no_activity,
+    return dataclasses.replace(
+        schedule_from_request(m),
         created_at=m.created_at,
         next_run=m.next_run,
         last_run=m.last_run,

@@ -9,7 +9,8 @@
      │    └── NoRoute                             no-route             404   NOT_FOUND
      ├── AlreadyExists                            already-exists       409   ALREADY_EXISTS
      ├── FailedPrecondition                       failed-precondition  409   FAILED_PRECONDITION
-     │    └── ImageUnavailable                    image-unavailable    502   FAILED_PRECONDITION
+     │    ├── ImageUnavailable                    image-unavailable    502   FAILED_PRECONDITION
+     │    └── NotRunning                          not-running          409   FAILED_PRECONDITION
      ├── NoCapacity                               no-capacity          503   RESOURCE_EXHAUSTED
      ├── ContainerExited (.exit_code)             container-exited     502   ABORTED
      ├── BootTimeout                              boot-timeout         504   DEADLINE_EXCEEDED
@@ -92,6 +93,11 @@ class AlreadyExists(PortsideError):
 class FailedPrecondition(PortsideError):
     """The target exists but its state does not allow the operation (exec into a stopped
     instance); the reason says which state it is in and what to do."""
+
+
+class NotRunning(FailedPrecondition):
+    """The instance does not run and the operation does not wake it (an exec without wake, a
+    scheduled call with no_wake): nothing was done. A scheduled run reports it as skipped."""
 
 
 class ImageUnavailable(FailedPrecondition):
@@ -200,6 +206,7 @@ ERROR_KINDS: Mapping[type[PortsideError], ErrorKind] = MappingProxyType(
         AlreadyExists: ErrorKind("already-exists", 409, _C.ALREADY_EXISTS),
         FailedPrecondition: ErrorKind("failed-precondition", 409, _C.FAILED_PRECONDITION),
         ImageUnavailable: ErrorKind("image-unavailable", 502, _C.FAILED_PRECONDITION),
+        NotRunning: ErrorKind("not-running", 409, _C.FAILED_PRECONDITION),
         NoCapacity: ErrorKind("no-capacity", 503, _C.RESOURCE_EXHAUSTED),
         ContainerExited: ErrorKind("container-exited", 502, _C.ABORTED),
         BootTimeout: ErrorKind("boot-timeout", 504, _C.DEADLINE_EXCEEDED),
@@ -273,7 +280,7 @@ def from_rpc(
     the same class with the same reason; a call that failed in transport becomes
     `unreachable_class` (or Timeout) naming `unreachable` (e.g. "control plane 127.0.0.1:7070")."""
     code = exc.code()
-    detail = (exc.details() or code.name).strip().splitlines()[0]
+    detail = one_line(exc.details() or code.name, most=0)
     metadata = _metadata(exc.trailing_metadata())
     cls = error_class(metadata.get(KIND_METADATA, ""))
     if cls is ContainerExited:
@@ -289,6 +296,13 @@ def from_rpc(
     if unreachable and code == _C.DEADLINE_EXCEEDED:
         return Timeout(f"{unreachable} did not answer in time: {detail}")
     return fallback(detail)
+
+
+def one_line(text: str, most: int = 200) -> str:
+    """An error's first line, shortened to `most` characters (0: not shortened): event reasons
+    and gRPC details are one line."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line if not most or len(line) <= most else line[: most - 1] + "…"
 
 
 def _metadata(pairs: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
@@ -319,6 +333,7 @@ __all__ = [
     "NodeLost",
     "NodeUnreachable",
     "NotFound",
+    "NotRunning",
     "NotThroughEdge",
     "PermissionDenied",
     "PortsideError",
@@ -333,5 +348,6 @@ __all__ = [
     "error_class",
     "error_kind",
     "from_rpc",
+    "one_line",
     "rpc_metadata",
 ]

@@ -118,6 +118,13 @@ class ContainerClass:
     snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # sleep snapshots kept per instance
 
     @property
+    def run_image(self) -> str:
+        """The image its containers are made from, as the engine names it: the digest of an
+        image `portside deploy` built, else its image reference. Containers are labelled with it
+        and snapshots record it: a snapshot restores only while the class runs the same one."""
+        return self.image_digest or self.image
+
+    @property
     def pool(self) -> bool:
         """True for an autoscaled pool (it has an `autoscaling` block)."""
         return self.autoscaling is not None

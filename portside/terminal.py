@@ -88,18 +88,22 @@ async def raw_input(fd: int) -> AsyncIterator[AsyncIterator[TerminalInput]]:
         while (item := await queue.get()) is not None:
             yield item
 
-    tty.setraw(fd, termios.TCSADRAIN)
+    # The handlers come first and go last: a SIGTERM or SIGHUP at any moment the terminal is
+    # raw finds one that restores it before the process ends.
     try:
-        loop.add_reader(fd, readable)
-        loop.add_signal_handler(signal.SIGWINCH, resized)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, ended, signum)
+        loop.add_signal_handler(signal.SIGWINCH, resized)
+        tty.setraw(fd, termios.TCSADRAIN)
+        loop.add_reader(fd, readable)
         yield typed()
     finally:
-        for signum in (signal.SIGWINCH, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        loop.remove_reader(fd)
-        restore()
+        try:
+            restore()
+        finally:
+            loop.remove_reader(fd)
+            for signum in (signal.SIGWINCH, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
 
 
 __all__ = ["DEFAULT_SIZE", "TerminalInput", "TerminalSize", "raw_input", "size_of"]

@@ -52,10 +52,18 @@ class Store(Protocol):
         ...
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
+        self,
+        key: str,
+        mod_revision: int,
+        value: bytes | None,
+        lease: int = 0,
+        *,
+        absent: str = "",
+        unchanged: tuple[str, int] | None = None,
     ) -> bool:
         """Write `value` (or delete, if None) only if the key's mod revision is `mod_revision`
-        (and, with `absent`, only if that other key does not exist: one transaction).
+        (and, with `absent`, only if that other key does not exist; with `unchanged` (another
+        key, its mod revision), only if that key is still at that revision: one transaction).
 
         `mod_revision == 0` means "only if absent": create-if-absent. False if the check failed.
         """

@@ -478,7 +478,14 @@ class EtcdStore:
         return result is not None
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
+        self,
+        key: str,
+        mod_revision: int,
+        value: bytes | None,
+        lease: int = 0,
+        *,
+        absent: str = "",
+        unchanged: tuple[str, int] | None = None,
     ) -> bool:
         raw = key.encode()
 
@@ -488,6 +495,8 @@ class EtcdStore:
             compare = [txn.mod(raw) == mod_revision]
             if absent:
                 compare.append(txn.version(absent.encode()) == 0)  # version 0: no such key
+            if unchanged is not None:
+                compare.append(txn.mod(unchanged[0].encode()) == unchanged[1])
             write = txn.delete(raw) if value is None else txn.put(raw, value, lease=lease)
             succeeded, _ = await client.transaction(compare=compare, success=[write], failure=[])
             return bool(succeeded)

@@ -46,11 +46,20 @@ class InstrumentedStore:
         return await self._timed("delete", lambda: self.inner.delete(key))
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
+        self,
+        key: str,
+        mod_revision: int,
+        value: bytes | None,
+        lease: int = 0,
+        *,
+        absent: str = "",
+        unchanged: tuple[str, int] | None = None,
     ) -> bool:
         return await self._timed(
             "compare_and_swap",
-            lambda: self.inner.compare_and_swap(key, mod_revision, value, lease, absent=absent),
+            lambda: self.inner.compare_and_swap(
+                key, mod_revision, value, lease, absent=absent, unchanged=unchanged
+            ),
         )
 
     async def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:

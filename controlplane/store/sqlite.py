@@ -240,7 +240,14 @@ class SqliteStore:
         return existed
 
     async def compare_and_swap(
-        self, key: str, mod_revision: int, value: bytes | None, lease: int = 0, *, absent: str = ""
+        self,
+        key: str,
+        mod_revision: int,
+        value: bytes | None,
+        lease: int = 0,
+        *,
+        absent: str = "",
+        unchanged: tuple[str, int] | None = None,
     ) -> bool:
         with self._write(f"compare-and-swap {key!r}") as txn:
             row = txn.db.execute("SELECT mod_revision FROM kv WHERE key = ?", (key.encode(),))
@@ -252,6 +259,12 @@ class SqliteStore:
                 and txn.db.execute("SELECT 1 FROM kv WHERE key = ?", (absent.encode(),)).fetchone()
             ):
                 return False
+            if unchanged is not None:
+                other = txn.db.execute(
+                    "SELECT mod_revision FROM kv WHERE key = ?", (unchanged[0].encode(),)
+                ).fetchone()
+                if (0 if other is None else int(other[0])) != unchanged[1]:
+                    return False
             if value is None:
                 self._delete(txn, key.encode())
             else:

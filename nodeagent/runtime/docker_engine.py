@@ -42,6 +42,7 @@ from docker.types import LogConfig
 from nodeagent.runtime.docker_streams import (
     ChunkedBody,
     DockerExec,
+    EngineCalls,
     engine_error,
     frames,
     open_stream,
@@ -171,6 +172,7 @@ class DockerRuntime:
         self._guard: Callable[[list[NetworkBridge]], Awaitable[None]] | None = None
         self._networks_lock = asyncio.Lock()
         self._feeds: set[EventFeed] = set()
+        self._calls = EngineCalls(self._client.api)
 
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         loop = asyncio.get_running_loop()
@@ -305,7 +307,7 @@ class DockerRuntime:
             LABEL_MEMORY_MIB: str(cls.instance_type.memory_mib),
             LABEL_OVERRIDES: overrides.digest,
             LABEL_VERSION: str(cls.version),
-            LABEL_CLASS_IMAGE: cls.image_digest or cls.image,
+            LABEL_CLASS_IMAGE: cls.run_image,
         }
         image = cls.image
         if from_snapshot is not None:
@@ -428,8 +430,9 @@ class DockerRuntime:
         await self._call(self._client.api.pause, container_id)
 
     async def unpause(self, container_id: str) -> None:
+        # On a request's path (its thaw): a kept-alive connection, not a thread and the SDK.
         try:
-            await self._call(self._client.api.unpause, container_id)
+            await self._calls.post(f"/containers/{quote(container_id)}/unpause")
         except EngineError as exc:
             # Docker answers 500, not 409, for a container that is not paused.
             if "is not paused" not in str(exc):
@@ -473,8 +476,8 @@ class DockerRuntime:
             upgrade=True,
         )
         if tty is None:
-            return DockerExec(exec_id, reader, writer, self._exec_exit_code)
-        process = DockerExec(exec_id, reader, writer, self._exec_exit_code, self._exec_resize)
+            return DockerExec(exec_id, reader, writer, self._exec_inspect)
+        process = DockerExec(exec_id, reader, writer, self._exec_inspect, self._exec_resize)
         # A terminal the engine made has no size (0x0) until it is given one.
         await process.resize(tty)
         return process
@@ -488,15 +491,9 @@ class DockerRuntime:
         except PortsideError as exc:
             log.debug("exec %s: resize to %s failed: %s", exec_id[:12], size, exc)
 
-    async def _exec_exit_code(self, exec_id: str) -> int:
-        # The stream ends a moment before the engine records the code.
-        for _ in range(100):
-            info = await self._call(self._client.api.exec_inspect, exec_id)
-            if not info.get("Running"):
-                code = info.get("ExitCode")
-                return int(code) if code is not None else -1  # -1: the engine does not know
-            await asyncio.sleep(0.02)
-        raise EngineError(f"docker: exec {exec_id[:12]} still running after its output ended")
+    async def _exec_inspect(self, exec_id: str) -> Mapping[str, Any]:
+        info: Mapping[str, Any] = await self._call(self._client.api.exec_inspect, exec_id)
+        return info
 
     async def logs(
         self, container_id: str, follow: bool, tail: int
@@ -680,9 +677,12 @@ class DockerRuntime:
 
     # -- snapshots ----------------------------------------------------------------------------
 
-    async def commit(self, container_id: str) -> str:
+    async def commit(self, container_id: str, reference: str) -> str:
+        repository, _, tag = reference.rpartition(":")
         # pause: a running container is frozen while its layer is read: one moment's files.
-        committed = await self._call(self._client.api.commit, container_id, pause=True)
+        committed = await self._call(
+            self._client.api.commit, container_id, repository=repository, tag=tag, pause=True
+        )
         return str(committed["Id"])
 
     async def read_image(self, image_id: str, layers: Collection[str], into: Path) -> ImageParts:
@@ -728,6 +728,7 @@ class DockerRuntime:
         for feed in list(self._feeds):  # normally closed by their consumer already
             await asyncio.get_running_loop().run_in_executor(None, feed.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.close()
         if self._owns_client:
             self._client.close()
 

@@ -125,7 +125,7 @@ class ExecProcess(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def close_stdin(self) -> None:
-        """End its stdin (no-op with a pseudo-terminal: ^D is a terminal's end of input)."""
+        """End its stdin (with a pseudo-terminal: type its end of input, ^D)."""
 
     async def resize(self, size: TerminalSize) -> None:
         """Give its pseudo-terminal a new size (no-op without one, or once it ended)."""
@@ -134,7 +134,7 @@ class ExecProcess(Protocol):
         """After output() ended: the command's exit code."""
 
     async def close(self) -> None:
-        """Drop the connection (the command may go on running in the container)."""
+        """End the session: a command that still runs is hung up (SIGHUP, later SIGKILL)."""
 
 
 class ContainerRuntime(Protocol):
@@ -281,10 +281,11 @@ class SnapshotEngine(ImageEngine, Protocol):
 
     async def inspect(self, container_id: str) -> ContainerInfo: ...
 
-    async def commit(self, container_id: str) -> str:
+    async def commit(self, container_id: str, reference: str) -> str:
         """Make an image of the container's filesystem (its image's layers, and its writable
-        layer on top; a running container is frozen meanwhile) and return its id. Its config is
-        the container's, env included: read what is needed out of it and remove it."""
+        layer on top; a running container is frozen meanwhile), named `reference`, and return
+        its id. Its config is the container's, env included: read what is needed out of it and
+        remove it."""
 
     async def read_image(self, image_id: str, layers: Collection[str], into: Path) -> ImageParts:
         """The image's config, and those of its layers whose diff id is in `layers`, each

@@ -14,9 +14,9 @@ from portside.client._models import (
     Response,
     Rollout,
     Schedule,
-    Snapshot,
 )
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
+from portside.snapshots import Snapshot
 from portside.terminal import TerminalSize
 
 __all__ = [

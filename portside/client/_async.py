@@ -32,7 +32,6 @@ from portside.client._models import (
     Response,
     Rollout,
     Schedule,
-    Snapshot,
 )
 from portside.convert import (
     class_from_pb,
@@ -53,6 +52,7 @@ from portside.events import Event
 from portside.headers import INSTANCE, LOCATION_HINT
 from portside.instances import InstanceInfo
 from portside.rpc import Backoff, follow_stream
+from portside.snapshots import SNAPSHOT_TIMEOUT_S, Snapshot
 from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
 from portside.terminal import TerminalSize
@@ -583,8 +583,9 @@ class Container:
         """
         request = cp.CreateSnapshotRequest(instance=self._ref, name=name or "")
         with self.portside._grpc_errors():
+            # As long as the control plane waits for the agent, plus its own calls.
             reply = await self.portside._stub.CreateSnapshot(
-                request, timeout=self.portside.start_timeout
+                request, timeout=SNAPSHOT_TIMEOUT_S + self.portside.timeout
             )
         return snapshot_from_pb(reply.snapshot)
 
@@ -699,8 +700,12 @@ class Container:
 
         With `tty` the command gets a pseudo-terminal: its output is all stdout, and what
         `stdin` yields goes to the terminal unchanged (byte 0x03 is Ctrl-C, which the terminal
-        makes SIGINT; byte 0x04, Ctrl-D, is its end of input, not the end of `stdin`). `stdin`
-        may also yield a `TerminalSize` to resize the terminal::
+        makes SIGINT; byte 0x04, Ctrl-D, is its end of input). The end of `stdin` is typed as
+        the terminal's end of input (^D, twice after a partial line): a command that reads to
+        its end ends, an interactive shell exits; one that ignores it (a full-screen program, or
+        a shell running a long command) runs on until it ends, or until you stop iterating,
+        which hangs it up (SIGHUP, then SIGKILL). `stdin` may also yield a `TerminalSize` to
+        resize the terminal::
 
             async def keys():
                 yield TerminalSize(rows=50, cols=132)
@@ -821,11 +826,13 @@ class Container:
             await box.schedule(30, "/report", method="POST")
             await box.schedule(datetime(2026, 12, 24, 18, tzinfo=UTC), command=["sh", "/cleanup"])
 
-        The control plane's leader runs it once, waking the instance if it sleeps (with
+        The control plane's leader runs it at most once (a run whose replica died before its
+        result is reported lost, not run again), waking the instance if it sleeps (with
         `no_wake` a sleeping instance is skipped instead); it counts as activity for
         sleep_after unless `no_activity`. Its result is a schedule-ran event (see `events()`)
         and the schedule's `last_result`; it stays listed until deleted. `id` names it in its
-        instance (default: generated). InvalidArgument names the field at fault.
+        instance (default: generated; AlreadyExists if taken). InvalidArgument names the field
+        at fault.
         """
         at = when.timestamp() if isinstance(when, datetime) else time.time() + float(when)
         return await self._schedule(at, 0.0, path, command, method, no_wake, no_activity, id)

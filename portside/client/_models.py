@@ -117,34 +117,12 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """A snapshot of a named instance's filesystem (`portside snapshot list`): its container's
-    writable layer on top of the class image it was taken on, kept in the cluster's image store
-    as the image `reference` (`digest`). Memory is not kept. A snapshot restores only into its
-    class while the class runs `image_digest`; it expires at `expires_at` (its creation, or its
-    last restore, plus the class's snapshot_retention). `trigger`: create (asked for) or sleep
-    (snapshot_on_sleep)."""
-
-    id: str  # the digest's first 12 hex: unique in the cluster
-    name: str  # the user's name for it; default: its id
-    class_name: str
-    instance_name: str  # the instance it was taken from
-    digest: str
-    reference: str
-    image_digest: str
-    version: int = 0  # the class version of the container it was taken from
-    layer_bytes: int = 0  # the writable layer, uncompressed
-    created_at: float = 0.0  # unix seconds
-    expires_at: float = 0.0
-    trigger: str = "create"
-
-
-@dataclass(frozen=True)
 class Schedule:
     """A per-instance schedule (`portside schedule list`): an HTTP request to `path` (with
     `method`) on the class's default_port, or `command` run in the container, once at `at` or
     every `every_s` seconds, and how its runs went. `next_run` 0: done (a one-off that ran);
-    `last_result` is "200", "exit 0", "skipped: sleeping", "failed: <reason>" or "lost: <reason>".
+    `last_result` is "200" ("503 <the body's first line>" for a status of 400 or more),
+    "exit 0", "skipped: sleeping", "skipped: deleted", "failed: <reason>" or "lost: <reason>".
     A run wakes a sleeping instance unless `no_wake`, and counts as activity for sleep_after
     unless `no_activity`."""
 

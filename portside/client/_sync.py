@@ -38,10 +38,10 @@ from portside.client._models import (
     Response,
     Rollout,
     Schedule,
-    Snapshot,
 )
 from portside.events import Event
 from portside.instances import InstanceInfo
+from portside.snapshots import Snapshot
 from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
 from portside.terminal import TerminalSize

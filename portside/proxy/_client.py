@@ -80,6 +80,13 @@ class HttpTransport:
         except _Stale as exc:
             raise UpstreamReset(str(exc)) from None
 
+    async def prepare(self, authority: str) -> None:
+        if self._idle.get(authority):
+            return  # one is pooled already (the upstream keeps connections alive)
+        conn = await self._connect(authority)
+        conn._used = True  # idle in the pool before its first exchange, as a reused one
+        self._return(conn)
+
     def _pooled(self, authority: str) -> _Connection | None:
         idle = self._idle.get(authority)
         while idle:
@@ -153,7 +160,7 @@ class _Connection(asyncio.Protocol, BodySink):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
-        self._used = False  # it carried an exchange before this one
+        self._used = False  # it waited in the pool before this exchange (it may be stale)
         self._forward: Forward | None = None
         self._head: asyncio.Future[None] | None = None
         self._status = 0

@@ -175,4 +175,9 @@ class UpstreamTransport(Protocol):
 
     async def open(self, authority: str, forward: Forward) -> Upstream: ...
 
+    async def prepare(self, authority: str) -> None:
+        """Open a connection to `authority` ahead of a request and pool it idle (none if one
+        is pooled already), for the request's `open` to take without a connect of its own.
+        Raises UpstreamRefused."""
+
     async def close(self) -> None: ...

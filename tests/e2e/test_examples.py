@@ -115,6 +115,24 @@ def test_pause_session(cluster: Cluster, test_image: str) -> None:
     )
 
 
+def test_snapshot_workspace(cluster: Cluster, test_image: str) -> None:
+    one_node(cluster)
+    out = run_example(cluster, "snapshot-workspace", test_image, "--user", "ada")
+    assert "ada: wrote 'draft 1 by ada' into /workspace/notes.txt" in out
+    slept = out.split("its sleep took snapshot ", 1)[1].split()[0]
+    assert "(before-upgrade) taken by hand while it sleeps" in out
+    # The fork has the file the snapshot kept.
+    assert (
+        "ada-fork: started from before-upgrade (healthy); /workspace/notes.txt: 'draft 1 by ada'"
+        in out
+    )
+    listed = out.split("newest first:\n", 1)[1].splitlines()[:2]
+    assert [line.split()[:2] for line in listed] == [["before-upgrade", "create"], [slept, "sleep"]]
+    assert all(float(line.split()[2]) > 0 for line in listed), listed
+    # The fork changed nothing, so it has no snapshot of its own: the two above are all.
+    assert "destroyed ada and ada-fork; deleted 2 snapshots, 0 left" in out
+
+
 def test_health_check_manager(cluster: Cluster, test_image: str) -> None:
     cluster.start_controlplane()
     cluster.start_agent("fra", "127.0.0.2")

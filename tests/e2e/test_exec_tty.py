@@ -184,14 +184,30 @@ def test_a_real_terminal_in_the_container(running: Cluster) -> None:
         assert term.exit_code() == 3
         assert not is_raw(term.fd)  # restored on its way out
 
-    # The SDK's terminal: keys and a resize from `stdin`, whose end does not end the terminal.
+    # The SDK's terminal: keys and a resize from `stdin`, whose end is typed as the terminal's
+    # end of input (^D): `cat` ends by it.
     with connect_sync(running.controlplane_address) as ps:
         keys: list[bytes | TerminalSize] = [
             TerminalSize(40, 90),
             b'echo "<$(stty size)>"; exit 4\r',
         ]
         result = ps.container("Echo", "t").exec(["sh"], stdin=keys, tty=True)
+        typed = ps.container("Echo", "t").exec(["cat"], stdin=b"x", tty=True)
     assert result.exit_code == 4 and b"<40 90>" in result.stdout and result.stderr == b""
+    assert typed.exit_code == 0 and typed.stdout.count(b"x") == 2, typed  # the echo, then cat's
+
+    # A session whose CLI is hung up (SIGHUP: its terminal closed) hangs up its shell too: the
+    # engine itself would leave it running in the container.
+    with terminal(running, "exec", "-it", "Echo", "t", "--", "sh") as term:
+        term.type(b'echo "<$$>"\r')
+        shell = term.expect(rb"<(\d+)>").group(1).decode()
+        os.kill(term.pid, signal.SIGHUP)
+        assert term.exit_code() == -signal.SIGHUP
+
+    def shell_gone() -> bool:
+        return portside(running, "exec", "Echo", "t", "--", "kill", "-0", shell).returncode == 1
+
+    eventually_sync(shell_gone, within=10, every=0.2, what=f"the session's sh ({shell}) gone")
 
 
 def test_exec_never_wakes_or_keeps_awake_unless_asked(running: Cluster) -> None:

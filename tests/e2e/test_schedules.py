@@ -1,8 +1,9 @@
 """Per-instance schedules on real processes (issue 13): `schedule_every` runs about every
 interval and keeps its instance awake, a one-off and an exec schedule run once, `no_wake` skips a
 sleeping instance without waking it, the default wakes it, `no_activity` lets it sleep; the CLI's
-`schedule add|list|rm`; a destroy deletes an instance's schedules; and with two control planes a
-leader's death neither stops the ticks nor runs one twice."""
+`schedule add|list|rm`; an id taken is ALREADY_EXISTS; a destroy deletes an instance's schedules,
+and a deploy that removes a class deletes its schedules; and with two control planes a leader's
+death neither stops the ticks nor runs one twice."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_schedules_run_wake_skip_and_let_sleep(cluster: Cluster, test_image: str) -> None:
     controlplane = cluster.start_controlplane()
-    cluster.deploy(config(test_image, sleep_after="1s"))
+    echo = config(test_image, sleep_after="1s")
+    cluster.deploy(echo + echo.replace('"Echo"', '"Gone"'))
     cluster.start_agent("fra")
     cluster.wait_for_nodes(1)
     async with portside.connect(cluster.controlplane_address) as ps:
@@ -107,6 +109,8 @@ async def test_schedules_run_wake_skip_and_let_sleep(cluster: Cluster, test_imag
                 False,
             )
             await a.schedule(0.3, "/once", method="post", id="once")
+            with pytest.raises(portside.AlreadyExists):
+                await a.schedule(30, "/again", id="once")
             soon = datetime.now(UTC) + timedelta(seconds=0.3)
             await a.schedule(soon, command=["mkdir", "-p", "/tmp/x"], id="mkdir")
             await asyncio.sleep(3.2)  # time must pass: the runs are counted over it
@@ -175,6 +179,11 @@ async def test_schedules_run_wake_skip_and_let_sleep(cluster: Cluster, test_imag
             await c.destroy()
             assert await c.schedules() == []
             assert {s.name for s in await ps.schedules("Echo")} == {"a", "b"}
+
+            # A deploy that removes a class deletes its schedules: they could only fail now.
+            await ps.container("Gone", "g").schedule_every(60, "/g", no_wake=True, id="g")
+            cluster.deploy(echo)
+            assert await ps.schedules("Gone") == []
 
     metrics_address = controlplane.option("--metrics-listen")
     async with aiohttp.ClientSession() as http:

@@ -23,7 +23,13 @@ from nodeagent.runtime import (
     container_name,
 )
 from nodeagent.runtime.labels import LABEL_CLASS, LABEL_INSTANCE, LABEL_INSTANCE_ID, LABEL_NODE
-from portside.errors import BootTimeout, ContainerExited, ImageUnavailable
+from portside.errors import (
+    BootTimeout,
+    ContainerExited,
+    FailedPrecondition,
+    ImageUnavailable,
+    NotFound,
+)
 from portside.spec import INSTANCE_TYPES, ContainerClass, instance_id
 from portside.states import InstanceState
 from tests.images.build import ECHO_IMAGE
@@ -214,6 +220,22 @@ async def test_networks_are_made_once_by_racing_agents(
             for network in docker_client.networks.list(names=[name]):
                 if network.name == name:
                     network.remove()
+
+
+async def test_unpause_on_kept_alive_connections_and_its_failures(runtime: DockerRuntime) -> None:
+    container_id = await runtime.create(ECHO, "erin")
+    await runtime.start(container_id)
+    for _ in range(3):  # again and again on the connection the first unpause opened
+        await runtime.pause(container_id)
+        assert (await runtime.inspect(container_id)).paused
+        await runtime.unpause(container_id)
+        info = await runtime.inspect(container_id)
+        assert info.running and not info.paused
+    with pytest.raises(FailedPrecondition, match="is not paused"):
+        await runtime.unpause(container_id)
+    await runtime.remove(container_id, force=True)
+    with pytest.raises(NotFound):
+        await runtime.unpause(container_id)
 
 
 async def test_create_twice_reuses_the_container(runtime: DockerRuntime) -> None:

@@ -28,16 +28,16 @@ from controlplane.images import ImageStore
 from nodeagent.images import ControlPlaneImages, ImageKeeper
 from nodeagent.instances import InstanceManager, Timing
 from nodeagent.runtime import DockerRuntime
-from nodeagent.snapshots import Snapshots
+from nodeagent.snapshots import COMMIT_REPOSITORY, Snapshots
 from portside import net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.build import image_reference, snapshot_reference
-from portside.client._models import Snapshot
 from portside.convert import snapshot_from_pb, snapshot_to_pb
 from portside.errors import Unavailable
 from portside.events import Event, EventKind
 from portside.rpc import grpc_errors
+from portside.snapshots import Snapshot
 from portside.spec import INSTANCE_TYPES, ContainerClass, instance_id
 from tests.support import eventually
 
@@ -266,6 +266,7 @@ async def test_a_snapshot_keeps_the_layer_and_none_of_the_containers_env(
     assert snap.layer_bytes <= received < snap.layer_bytes + 16_384
     assert snap.layer_bytes <= stored < snap.layer_bytes + 16_384
     # No commit is left behind: the engine has the snapshot image, and nothing dangling of it.
+    assert client.images.list(COMMIT_REPOSITORY) == []
     dangling = client.api.images(filters={"dangling": True}, quiet=True)
     assert not any(
         client.api.inspect_image(d)["RootFS"]["Layers"] == inspected["RootFS"]["Layers"]
@@ -343,6 +344,30 @@ async def test_snapshot_on_sleep_takes_one_when_the_layer_changed(node: Node) ->
     await eventually(lambda: manager.info(iid).state.value == "sleeping")
     await asyncio.sleep(1.0)
     assert len(node.control.recorded) == 1
+
+
+async def test_the_commit_a_crash_left_behind_is_removed_at_the_agent_s_start(
+    node: Node, node_id: str, uid: str
+) -> None:
+    """A snapshot's commit carries the container's env: one that an agent stopped in the middle
+    of a snapshot left in the engine goes when the next agent starts."""
+    await node.manager.start(node.cls, "c")
+    runtime = DockerRuntime(node_id)
+    nowhere = net.grpc_channel(f"127.0.0.1:{net.free_port()}")  # the sweep asks it nothing
+    container = node.container_of("c")
+    left = await runtime.commit(container, f"{COMMIT_REPOSITORY}:{uid}00.{node_id}")
+    # Another node's agent on the same engine may be in the middle of a snapshot.
+    others = await runtime.commit(container, f"{COMMIT_REPOSITORY}:{uid}00.x{node_id}")
+    try:
+        assert f"API_KEY=s3cret-{uid}" in node.client.api.inspect_image(left)["Config"]["Env"]
+        assert await Snapshots(runtime, nowhere, node_id=node_id).remove_leftover_commits() == 1
+        assert await runtime.image_id(left) is None
+        assert await runtime.image_id(others) is not None
+        assert await runtime.image_id(node.cls.image) is not None  # the class image stays
+    finally:
+        await runtime.remove_image(others)
+        await nowhere.close()
+        await runtime.close()
 
 
 async def test_a_first_container_is_not_made_when_the_control_plane_cannot_say(

@@ -22,7 +22,7 @@ from controlplane.lifecycle import Lifecycle
 from controlplane.placement import resolve_named
 from controlplane.records import ImageRecord, InstanceRecord
 from controlplane.snapshots import SnapshotBook, Snapshots, encode, snapshot_id
-from controlplane.store import Store, open_store
+from controlplane.store import KeyValue, Store, open_store
 from controlplane.view import ClusterView
 from portside import geo
 from portside.build import snapshot_reference
@@ -83,6 +83,13 @@ class World:
             self.cls.name, name, iid, node, 0.25, 256, time.time(), restore=restore
         )
         await self.store.put(records.instance_key(self.cls.name, iid), record.encode())
+
+    async def placement(self, name: str) -> KeyValue:
+        kv = await self.store.get(
+            records.instance_key(self.cls.name, instance_id(self.cls.name, name))
+        )
+        assert kv is not None
+        return kv
 
 
 @pytest.fixture
@@ -198,7 +205,7 @@ async def test_latest_only_for_an_instance_placed_anew_after_its_node_was_lost(w
     for taken, age in ((old, 30), (newer, 20), (other_image, 10)):
         snap = replace(taken, id=snapshot_id(taken.digest), name=snapshot_id(taken.digest))
         snap = replace(snap, created_at=time.time() - age, expires_at=time.time() + 60)
-        await book.create(snap)
+        await book.create(snap, await w.placement("box"))
 
     with pytest.raises(FailedPrecondition, match="placed on node lost-node"):
         await w.snapshots.latest(w.cls.name, "box", w.node)
@@ -218,13 +225,27 @@ async def test_latest_only_for_an_instance_placed_anew_after_its_node_was_lost(w
     assert await w.snapshots.latest(w.cls.name, "box", w.node) is None
 
 
+async def test_a_snapshot_is_recorded_only_while_the_placement_checked_holds(w: World) -> None:
+    """The old node's snapshot never lands after a move between the check and the write."""
+    await w.place("box", w.node)
+    checked = await w.placement("box")
+    await w.place("box", "another-node")  # moved meanwhile
+    book = SnapshotBook(w.store)
+    taken = w.taken(1)
+    snap = replace(taken, id=snapshot_id(taken.digest), name=snapshot_id(taken.digest))
+    assert await book.create(snap, checked) is None
+    assert await book.read(w.cls.name) == []
+    assert await book.create(snap, await w.placement("box")) == snap
+
+
 async def test_retention_gives_way_to_a_refresh(w: World) -> None:
     book = SnapshotBook(w.store)
     taken = w.taken(1)
     expired = replace(
         taken, id=snapshot_id(taken.digest), name="old", created_at=1.0, expires_at=2.0
     )
-    await book.create(expired)
+    await w.place("box", w.node)
+    await book.create(expired, await w.placement("box"))
     (stale,) = await book.read(w.cls.name)
     await book.refresh(expired, RETENTION_S)  # a restore, after the round read the record
     assert await book.retire([stale], {w.cls.name: 2}) == 0

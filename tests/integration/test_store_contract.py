@@ -164,6 +164,27 @@ async def test_swap_only_while_another_key_is_absent(store: Backend, prefix: str
     )
 
 
+async def test_swap_only_while_another_key_is_unchanged(store: Backend, prefix: str) -> None:
+    """A snapshot is recorded only while its instance's placement is the one checked."""
+    placed = await store.put(prefix + "instance", b"on-a")
+    await store.put(prefix + "instance", b"on-b")
+    assert (
+        await store.compare_and_swap(
+            prefix + "snapshot", 0, b"of-a", unchanged=(prefix + "instance", placed)
+        )
+        is False
+    )
+    assert await store.get(prefix + "snapshot") is None
+    kv = await store.get(prefix + "instance")
+    assert kv is not None
+    assert (
+        await store.compare_and_swap(
+            prefix + "snapshot", 0, b"of-b", unchanged=(prefix + "instance", kv.mod_revision)
+        )
+        is True
+    )
+
+
 async def test_swap_on_mod_revision(store: Backend, prefix: str) -> None:
     revision = await store.put(prefix + "a", b"1")
     assert await store.compare_and_swap(prefix + "a", revision, b"2") is True

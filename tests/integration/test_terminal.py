@@ -69,7 +69,8 @@ def test_a_hangup_ends_the_input() -> None:
         os.close(slave)
 
 
-def test_sigterm_restores_the_terminal_then_ends_the_process() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_restores_the_terminal_then_ends_the_process(signum: int) -> None:
     script = (
         "import asyncio, os\n"
         "from portside import terminal\n"
@@ -87,9 +88,9 @@ def test_sigterm_restores_the_terminal_then_ends_the_process() -> None:
         while b"raw" not in seen:
             seen += os.read(fd, 1024)
         assert is_raw(fd)
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signum)
         _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signum
         assert not is_raw(fd)
     finally:
         os.close(fd)

@@ -195,6 +195,7 @@ def test_every_error_class_has_its_own_row_and_kind() -> None:
         (errors.NoRoute("/x"), "no-route", 404, C.NOT_FOUND),
         (errors.NodeUnreachable("n1"), "node-unreachable", 502, C.UNAVAILABLE),
         (errors.ImageUnavailable("img"), "image-unavailable", 502, C.FAILED_PRECONDITION),
+        (errors.NotRunning("asleep"), "not-running", 409, C.FAILED_PRECONDITION),
         (errors.ConfigError("f.toml", "a", "bad"), "invalid-config", 400, C.INVALID_ARGUMENT),
     ],
 )

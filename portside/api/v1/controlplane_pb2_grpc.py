@@ -615,9 +615,11 @@ class ControlPlaneServicer:
         """--- per-instance schedules (issue 13; docs/architecture.md, "Schedules") ---
 
         Run an HTTP request or a command in a named instance at a time or every N seconds. Durable in
-        the store; the leader runs each tick once; each run's result is a schedule-ran event.
+        the store; the leader runs each tick at most once (a tick whose replica died mid-run is
+        reported lost, not run again); each run's result is a schedule-ran event.
         INVALID_ARGUMENT: neither or both of at and every, neither or both of path and command,
-        every below 0.1 s, an id taken. NOT_FOUND: unknown class.
+        every below 0.1 s. ALREADY_EXISTS: the instance has a schedule of that id. NOT_FOUND: unknown
+        class.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

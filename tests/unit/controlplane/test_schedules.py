@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from controlplane.records import schedule_key, schedules_prefix
 from controlplane.schedules import (
     LOST_MARGIN_S,
     Claim,
@@ -15,19 +16,18 @@ from controlplane.schedules import (
     Later,
     Lost,
     ScheduleRecord,
+    call_result,
     check_request,
     claimed,
     decide,
     finished,
+    log_action,
     lost_result,
     next_tick,
-    one_line,
     outcome,
-    schedule_key,
-    schedules_prefix,
 )
 from portside.client import Schedule
-from portside.errors import InvalidArgument
+from portside.errors import InvalidArgument, one_line
 
 NOW = 1_000.0
 
@@ -160,6 +160,14 @@ def test_records_round_trip() -> None:
         assert ScheduleRecord.decode(record.encode()) == record
 
 
+@pytest.mark.parametrize("data", [b"[1, 2]", b'"text"', b"3", b"null", b"{not json", b'{"id": 1}'])
+def test_an_unreadable_record_is_a_value_error_not_a_crash(data: bytes) -> None:
+    """The loop skips what decode refuses (ValueError, TypeError, KeyError); any other exception
+    would escape the watch's listener and end the view's watch."""
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        ScheduleRecord.decode(data)
+
+
 def test_keys() -> None:
     assert schedules_prefix() == "/portside/schedules/"
     assert schedules_prefix("Echo") == "/portside/schedules/Echo/"
@@ -172,6 +180,8 @@ def test_keys() -> None:
         ("200", "ok"),
         ("302", "ok"),
         ("503", "error"),
+        ("503 draining", "error"),
+        ("204 ", "ok"),
         ("exit 0", "ok"),
         ("exit 2", "error"),
         ("skipped: sleeping", "skipped"),
@@ -186,4 +196,27 @@ def test_outcome(result: str, label: str) -> None:
 def test_one_line() -> None:
     assert one_line("first\nsecond") == "first"
     assert one_line("x" * 300) == "x" * 199 + "…"
+    assert one_line("x" * 300, most=0) == "x" * 300
     assert one_line("") == "no reason given"
+    assert one_line("  \n ") == "no reason given"
+
+
+def test_a_failed_calls_result_says_why_in_one_line() -> None:
+    assert call_result(200, b"ok\n") == "200"  # a success's body is not its result
+    assert call_result(503, b"") == "503"
+    assert call_result(503, b"draining: back soon\n<html>...") == "503 draining: back soon"
+    assert call_result(500, b"x" * 4096) == "500 " + "x" * 99 + "…"
+    assert outcome(call_result(503, b"draining")) == "error"
+
+
+@pytest.mark.parametrize(
+    ("fields", "logged"),
+    [
+        ({"path": "/hook?token=s3cret"}, "GET /hook"),
+        ({"path": "/hook", "method": "POST"}, "POST /hook"),
+        ({"path": "", "command": ("curl", "-H", "Authorization: s3cret", "x")}, "exec curl"),
+    ],
+)
+def test_a_log_line_holds_no_argument_or_query(fields: dict[str, object], logged: str) -> None:
+    s = every(1.0, **fields)
+    assert log_action(s) == logged

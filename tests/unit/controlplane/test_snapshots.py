@@ -4,7 +4,9 @@ collection keeps every image a snapshot record names. No store."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import pytest
 
@@ -13,6 +15,8 @@ from controlplane.records import ImageRecord
 from controlplane.snapshots import (
     BEYOND_KEEP,
     EXPIRED,
+    SnapshotRetention,
+    Stored,
     check_agent_push,
     check_name,
     check_restorable,
@@ -212,3 +216,33 @@ def test_garbage_collection_keeps_every_image_a_snapshot_names() -> None:
     )
     assert decision.keep == {snap(1).digest: SNAPSHOT}
     assert decision.drop == (snap(2).digest,)
+
+
+class FaultyBook:
+    """A snapshot book whose first read fails with a fault of the code, not of the store."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def read(self, class_name: str = "") -> list[Stored]:
+        self.reads += 1
+        if self.reads == 1:
+            raise RuntimeError("a bug")
+        return []
+
+    async def retire(self, stored: list[Stored], keep: dict[str, int]) -> int:
+        return 0
+
+
+async def test_retention_survives_a_round_that_fails() -> None:
+    book = FaultyBook()
+    retention = SnapshotRetention(cast(Any, book), dict, lambda: True, every_s=0.0)
+    loop = asyncio.create_task(retention.run())
+    try:
+        for _ in range(100):
+            if book.reads >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert book.reads >= 2 and not loop.done()
+    finally:
+        loop.cancel()

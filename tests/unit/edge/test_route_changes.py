@@ -75,6 +75,9 @@ class Transport:
         assert isinstance(step, Answer)
         return step
 
+    async def prepare(self, authority: str) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

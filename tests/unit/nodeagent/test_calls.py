@@ -9,7 +9,7 @@ import pytest
 
 from nodeagent.calls import call_instance
 from nodeagent.instances import InstanceManager
-from portside.errors import FailedPrecondition
+from portside.errors import NotRunning
 from portside.spec import instance_id
 from portside.states import InstanceState
 from tests.unit.nodeagent.test_instances import ECHO, FAST, Clock, FakeRuntime, Probe
@@ -41,13 +41,13 @@ async def test_without_wake_a_call_to_an_instance_that_does_not_run_is_refused()
     runtime = FakeRuntime()
     manager = manager_for(runtime, Clock())
     call = call_instance(manager, ECHO, "ann", "GET", "/", wake=False, activity=True, timeout_s=1.0)
-    with pytest.raises(FailedPrecondition, match="not on this node: not woken"):
+    with pytest.raises(NotRunning, match="not on this node: not woken"):
         await call
     (await manager.acquire(ECHO, "ann")).release()
     await manager.stop(IID)
     snap = manager.get(IID)
     assert snap is not None and snap.state is not InstanceState.HEALTHY
-    with pytest.raises(FailedPrecondition, match="not woken"):
+    with pytest.raises(NotRunning, match="not woken"):
         await call_instance(
             manager, ECHO, "ann", "GET", "/", wake=False, activity=True, timeout_s=1.0
         )

@@ -96,6 +96,25 @@ async def test_a_request_during_the_freeze_waits_for_it_then_thaws() -> None:
     assert [c for c, _ in runtime.calls if c in ("pause", "unpause")] == ["pause", "unpause"]
 
 
+async def test_the_address_of_a_frozen_instance_is_known_for_a_connect_during_its_thaw() -> None:
+    runtime, clock = FakeRuntime(), Clock()
+    runtime.pause_delay = 0.05
+    manager = manager_for(runtime, clock)
+    assert manager.frozen_upstream(PAUSING.name, "dot") is None  # unknown
+    async with manager.use(PAUSING, "dot") as upstream:
+        assert manager.frozen_upstream(PAUSING.name, "dot") is None  # awake
+    clock.now += PAUSING.sleep_after_s
+    manager.sleep_idle()
+    assert manager.frozen_upstream(PAUSING.name, "dot") == upstream  # being frozen
+    snap = manager.get(instance_id(PAUSING.name, "dot"))
+    assert snap is not None and snap.container_id is not None
+    container_id = snap.container_id
+    await eventually(lambda: runtime.containers[container_id].paused)
+    assert manager.frozen_upstream(PAUSING.name, "dot") == upstream  # paused
+    async with manager.use(PAUSING, "dot"):
+        assert manager.frozen_upstream(PAUSING.name, "dot") is None  # thawed
+
+
 async def test_never_paused_with_a_request_in_flight() -> None:
     runtime, clock = FakeRuntime(), Clock()
     manager = manager_for(runtime, clock)

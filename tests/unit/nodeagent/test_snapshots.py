@@ -19,16 +19,15 @@ import pytest
 
 from nodeagent.instances import InstanceManager
 from nodeagent.snapshots import (
-    SLEEP,
     Source,
     Taken,
     new_layers,
     snapshot_archive,
     snapshot_config,
 )
-from portside.client._models import Snapshot
 from portside.errors import EngineError, FailedPrecondition, Unavailable
 from portside.events import Event, EventKind
+from portside.snapshots import SLEEP, Snapshot
 from portside.spec import Autoscaling, ContainerClass, instance_id
 from portside.states import InstanceState
 from tests.support import eventually
