@@ -34,7 +34,8 @@ async def container(
 
 
 async def output_of(process: ExecProcess) -> bytes:
-    return b"".join([data async for _, data in process.output()])
+    """Its stdout (a terminal's everything)."""
+    return b"".join([data async for stream, data in process.output() if stream == "stdout"])
 
 
 async def run(runtime: DockerRuntime, container_id: str, *command: str) -> bytes:
@@ -57,7 +58,6 @@ async def none_running(runtime: DockerRuntime, container_id: str, pids: list[str
     """None of `pids` runs: gone, or dead and waiting to be reaped (a zombie)."""
     for pid in pids:
         stat = await run(runtime, container_id, "cat", f"/proc/{pid}/stat")
-        print(pid, stat)
         if stat and stat.rpartition(b")")[2].split()[0] != b"Z":
             return False
     return True
