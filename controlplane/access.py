@@ -103,22 +103,27 @@ def _peers(*roles: PeerRole) -> Rule:
 READ, DEPLOY, ADMIN = Role.READ, Role.DEPLOY, Role.ADMIN
 AGENT, EDGE = PeerRole.AGENT, PeerRole.EDGE
 
+
+def _gateway(role: Role, audited: bool = False) -> Rule:
+    """An instance's lifecycle, which a gateway module's stubs drive from an edge too."""
+    return Rule(role=role, peers=frozenset((EDGE,)), target=_instance, audited=audited)
+
 #: Every method of portside.v1.ControlPlane and who may call it; a method missing here cannot
 #: be served (`guard` refuses to start).
 RULES: Mapping[str, Rule] = {
     # people and programs, by their API token's role
     "Deploy": _token(DEPLOY, audited=True),  # replaces every class: cluster-wide
-    "Start": _token(DEPLOY, _instance, audited=True),
-    "Stop": _token(DEPLOY, _instance, audited=True),
-    "Signal": _token(DEPLOY, _instance, audited=True),
-    "Destroy": _token(DEPLOY, _instance, audited=True),
+    "Start": _gateway(DEPLOY, audited=True),
+    "Stop": _gateway(DEPLOY, audited=True),
+    "Signal": _gateway(DEPLOY, audited=True),
+    "Destroy": _gateway(DEPLOY, audited=True),
     "Exec": Rule(role=DEPLOY, target=_exec, audited=True, first_message=True, final=_exit_code),
     "RenewActivity": _token(DEPLOY, _instance, audited=True),
     "PutStateValue": _token(DEPLOY, _instance, audited=True),
     "DeleteStateValue": _token(DEPLOY, _instance, audited=True),
     "GetConfig": _token(READ),
     "Logs": _token(READ, _instance),
-    "GetState": _token(READ, _instance),
+    "GetState": _gateway(READ),
     "GetStateValue": _token(READ, _instance),
     "WatchEvents": _token(READ, _events),
     "ListClasses": _token(READ),
@@ -135,6 +140,14 @@ RULES: Mapping[str, Rule] = {
     "Schedule": _token(DEPLOY, _instance, audited=True),
     "ListSchedules": _token(READ, _class_field),
     "DeleteSchedule": _token(DEPLOY, _instance, audited=True),
+    "SetOutbound": _gateway(DEPLOY, audited=True),
+    "GetOutbound": _gateway(READ),
+    # gateway secrets: people set them; the parts that run gateway code read them
+    "PutSecret": _token(ADMIN, audited=True),
+    "ListSecrets": _token(READ),
+    "DeleteSecret": _token(ADMIN, audited=True),
+    "WatchSecrets": _peers(EDGE, AGENT),
+    "SyncRateLimits": _peers(EDGE),
     "CreateToken": _token(ADMIN, _new_token, audited=True),
     "ListTokens": _token(ADMIN),
     "RevokeToken": _token(ADMIN, _token_reference, audited=True),

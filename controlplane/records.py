@@ -16,11 +16,18 @@ from typing import Any
 from google.protobuf import json_format
 
 from portside.api.v1 import types_pb2
-from portside.convert import class_from_pb, class_to_pb, route_from_pb, route_to_pb
+from portside.convert import (
+    class_from_pb,
+    class_to_pb,
+    gateway_from_pb,
+    gateway_to_pb,
+    route_from_pb,
+    route_to_pb,
+)
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo, InstanceStatus
 from portside.pki import CertificateAuthority
-from portside.spec import ContainerClass, Node, Route
+from portside.spec import ContainerClass, Gateway, Node, Route
 from portside.states import InstanceState
 from portside.tokens import Role, TokenRecord
 
@@ -49,6 +56,14 @@ SNAPSHOTS = ROOT + "snapshots/"
 # schedules/<class>/<instance id>/<schedule id>: a per-instance schedule and the claim of the tick
 # being run (controlplane.schedules).
 SCHEDULES = ROOT + "schedules/"
+# Issue 14. gateway: the gateway module of the last deploy (absent: none). secrets/<name>: a
+# gateway secret, encrypted (controlplane.secrets). ratelimits/<binding>/<period>/<edge>: an
+# edge's count of a limiter's calls in one period. outbound/<class>/<name>: an instance's own
+# outbound policy (SetOutbound).
+GATEWAY = ROOT + "gateway"
+SECRETS = ROOT + "secrets/"
+RATE_LIMITS = ROOT + "ratelimits/"
+OUTBOUND = ROOT + "outbound/"
 
 
 def token_key(token_id: str) -> str:
@@ -176,6 +191,15 @@ def encode_route(r: Route) -> bytes:
 
 def decode_route(data: bytes) -> Route:
     return route_from_pb(json_format.Parse(data, types_pb2.Route()))
+
+
+def encode_gateway(g: Gateway) -> bytes:
+    text: str = json_format.MessageToJson(gateway_to_pb(g), indent=None)
+    return text.encode()
+
+
+def decode_gateway(data: bytes) -> Gateway:
+    return gateway_from_pb(json_format.Parse(data, types_pb2.Gateway()))
 
 
 def encode_node(n: Node, statuses: Mapping[str, InstanceStatus] | None = None) -> bytes:

@@ -205,6 +205,10 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         for kv in old_routes:
             if kv.key not in new_route_keys:
                 await self.store.delete(kv.key)
+        if config.gateway is not None:
+            await self.store.put(records.GATEWAY, records.encode_gateway(config.gateway))
+        else:
+            await self.store.delete(records.GATEWAY)
         class_names = {c.name for c in config.classes}
         old_classes, _ = await self.store.range(records.CLASSES)
         for kv in old_classes:
@@ -583,16 +587,27 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         self, request: cp.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[cp.WatchRoutesResponse]:
         """Nodes lost and named instances moved or removed, from `since_revision` on (see
-        controlplane.routewatch); an empty message every few seconds carries the revision, so
-        an edge resumes from a recent one on whichever replica it reconnects to."""
+        controlplane.routewatch). A message goes at least every ROUTES_PROGRESS_S, changes or
+        not: it carries the revision, so an edge resumes from a recent one on whichever replica
+        it reconnects to, and it tells the edge this replica is there even while the store makes
+        no progress (no quorum), so that the edge goes on resolving through it."""
         update = self.route_changes.since(request.since_revision)
         yield self._route_update(update)
         sent = update.revision
+        last = time.monotonic()
         while True:
-            await self.route_changes.wait(sent, ROUTES_PROGRESS_S)
+            await self.route_changes.wait(
+                sent, max(0.0, last + ROUTES_PROGRESS_S - time.monotonic())
+            )
             update = self.route_changes.since(sent)
-            if update.changes or update.reset or update.revision > sent:
+            if (
+                update.changes
+                or update.reset
+                or update.revision > sent
+                or time.monotonic() - last >= ROUTES_PROGRESS_S
+            ):
                 sent = update.revision
+                last = time.monotonic()
                 yield self._route_update(update)
 
     def _route_update(self, update: RouteUpdate) -> cp.WatchRoutesResponse:

@@ -19,7 +19,7 @@ from controlplane.records import Demand, InstanceRecord, Replica
 from controlplane.store import KeyValue, Store, WatchEvent
 from portside.capacity import Resources, held
 from portside.instances import InstanceStatus
-from portside.spec import Config, ContainerClass, Node, Route
+from portside.spec import Config, ContainerClass, Gateway, Node, Route
 from portside.states import InstanceState
 from portside.tokens import TokenRecord
 
@@ -37,6 +37,7 @@ _VIEWED = (
     records.DEMAND,
     records.REPLICAS,
     records.TOKENS,
+    records.GATEWAY,
 )
 _NOT_VIEWED = (
     records.EVENTS,
@@ -45,6 +46,9 @@ _NOT_VIEWED = (
     records.CA,
     records.SNAPSHOTS,
     records.SCHEDULES,  # controlplane.scheduleloop keeps its own copy
+    records.SECRETS,  # never decrypted into the view: controlplane.secrets reads them
+    records.RATE_LIMITS,
+    records.OUTBOUND,
 )
 
 
@@ -64,6 +68,7 @@ class ClusterView:
     store: Store
     classes: dict[str, ContainerClass] = field(default_factory=dict)
     routes: dict[str, Route] = field(default_factory=dict)  # store key -> route
+    gateway: Gateway | None = None  # the last deploy's gateway module
     nodes: dict[str, Node] = field(default_factory=dict)
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
     by_id: dict[str, InstanceRecord] = field(default_factory=dict)
@@ -155,6 +160,9 @@ class ClusterView:
                     self.classes.pop(name, None)
                 else:
                     self.classes[name] = records.decode_class(kv.value)
+                return "config"
+            if key == records.GATEWAY:
+                self.gateway = None if deleted else records.decode_gateway(kv.value)
                 return "config"
             if key.startswith(records.ROUTES):
                 if deleted:
@@ -288,6 +296,7 @@ class ClusterView:
         return Config(
             classes=tuple(self.classes[k] for k in sorted(self.classes)),
             routes=tuple(self.routes[k] for k in sorted(self.routes)),
+            gateway=self.gateway,
         )
 
     def use_of(self, node_id: str) -> NodeUse:

@@ -6,6 +6,7 @@ Every problem is a ConfigError naming the file, the field path and the values th
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import json
@@ -19,17 +20,22 @@ from pathlib import Path
 
 from portside.durations import parse_duration
 from portside.errors import ConfigError
+from portside.outbound import pattern_problem
 from portside.spec import (
+    DEFAULT_GATEWAY_DEADLINE_S,
     INSTANCE_TYPES,
     ROLLOUT_ON_UNHEALTHY,
     SLEEP_MODES,
     Autoscaling,
     Config,
     ContainerClass,
+    Gateway,
     InstanceSource,
     InstanceSourceKind,
     InstanceType,
+    RateLimit,
     Route,
+    binding_of,
     ping_path,
 )
 
@@ -53,7 +59,9 @@ _CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SEGMENT_INDEX = re.compile(r"[0-9]+")
 
-_TOML_TOP_KEYS = ("containers", "routes")
+_TOML_TOP_KEYS = ("containers", "routes", "gateway")
+_GATEWAY_KEYS = ("module", "vars", "rate_limits", "deadline")
+_RATE_LIMIT_KEYS = ("binding", "limit", "period")
 # The container fields both formats map onto ContainerClass.
 _CONTAINER_KEYS = (
     "class_name",
@@ -83,6 +91,11 @@ _CONTAINER_KEYS = (
     "snapshot_on_sleep",
     "snapshot_retention",
     "snapshot_keep",
+    "binding",
+    "allowed_hosts",
+    "denied_hosts",
+    "outbound_by_host",
+    "intercept_https",
 )
 _BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
@@ -92,7 +105,10 @@ _AUTOSCALING_KEYS = (
     "scale_down_delay",
     "concurrency_limit",
 )
-_ROUTE_KEYS = ("path", "class_name", "instance")
+_ROUTE_KEYS = ("path", "class_name", "instance", "gateway")
+# A gateway binding: an identifier that is not one of env's own attributes.
+_BINDING = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_RESERVED_BINDINGS = frozenset({"vars", "secrets"})
 _CUSTOM_TYPE_KEYS = ("vcpu", "memory_mib", "disk_mb")
 _CUSTOM_DISK_MB = 2_000
 _MAX_VCPU = 64.0
@@ -241,7 +257,7 @@ def read_toml(text: str, file: str) -> LoadedConfig:
                 if key in table:
                     raise table.error(key, _NOT_BUILT.format(image=_show(cls.image)))
     routes = [(table, _route(table)) for table in top.tables("routes")]
-    return LoadedConfig(_assemble(classes, routes), builds)
+    return LoadedConfig(_assemble(classes, routes, _gateway(top), file), builds)
 
 
 def parse_wrangler(text: str, file: str) -> tuple[Config, list[str]]:
@@ -315,6 +331,14 @@ def read_wrangler(text: str, file: str) -> tuple[LoadedConfig, list[str]]:
         if is_build_path(cls.image):
             builds[cls.name] = _build_spec(kept)
 
+    # The Worker's Durable Object bindings name the classes for the gateway module (env.NAME).
+    named = _durable_object_bindings(top)
+    classes = [
+        (table, dataclasses.replace(cls, binding=named[cls.name]))
+        if cls.name in named and not cls.binding
+        else (table, cls)
+        for table, cls in classes
+    ]
     routes: list[tuple[_Table, Route]] = []
     for index, entry in enumerate(top.array("routes")):
         at = f"routes[{index}]"
@@ -332,6 +356,20 @@ def read_wrangler(text: str, file: str) -> tuple[LoadedConfig, list[str]]:
         table = _Table(file, at, entry, noun="object")
         routes.append((table, _route(table)))
     return LoadedConfig(_assemble(classes, routes), builds), warnings
+
+
+def _durable_object_bindings(top: _Table) -> dict[str, str]:
+    """class_name -> binding name, from wrangler's durable_objects.bindings (malformed entries
+    are Cloudflare's business and skipped)."""
+    objects = top.data.get("durable_objects")
+    entries = objects.get("bindings") if isinstance(objects, dict) else None
+    out: dict[str, str] = {}
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict):
+            name, cls = entry.get("name"), entry.get("class_name")
+            if isinstance(name, str) and isinstance(cls, str):
+                out.setdefault(cls, name)
+    return out
 
 
 def strip_jsonc(text: str) -> str:
@@ -427,7 +465,40 @@ def _container(table: _Table) -> ContainerClass:
             "snapshot_retention", _DEFAULT.snapshot_retention_s, allow_seconds=True
         ),
         snapshot_keep=table.integer("snapshot_keep", _DEFAULT.snapshot_keep, low=1),
+        binding=table.text("binding", ""),
+        allowed_hosts=_hosts(table, "allowed_hosts"),
+        denied_hosts=_hosts(table, "denied_hosts"),
+        outbound_by_host=_outbound_by_host(table) if "outbound_by_host" in table else {},
+        intercept_https=table.boolean("intercept_https", _DEFAULT.intercept_https),
     )
+
+
+def _hosts(table: _Table, key: str) -> tuple[str, ...]:
+    out = []
+    for index, item in enumerate(table.array(key)):
+        if not isinstance(item, str):
+            raise table.error(f"{key}[{index}]", f"must be a string, not {_show(item)}")
+        problem = pattern_problem(item)
+        if problem:
+            raise table.error(f"{key}[{index}]", problem)
+        out.append(item.strip())
+    return tuple(out)
+
+
+def _outbound_by_host(table: _Table) -> dict[str, str]:
+    hosts = table.table("outbound_by_host")
+    out = {}
+    for host in hosts.data:
+        handler = hosts.text(host)
+        problem = pattern_problem(host)
+        if problem:
+            raise hosts.error(host, problem)
+        if not handler.isidentifier():
+            raise hosts.error(
+                host, f"{_show(handler)} is not a function name of the gateway module"
+            )
+        out[host.strip()] = handler
+    return out
 
 
 _STEPS_SYNTAX = (
@@ -620,7 +691,50 @@ def _route(table: _Table) -> Route:
     if any(char in "?#" or char.isspace() for char in path):
         raise table.error("path", f"{_show(path)} must be a bare path: no query, '#' or spaces")
     instance = _instance_source(table) if "instance" in table else None
+    if table.boolean("gateway", False):
+        for key in ("class_name", "instance"):
+            if key in table:
+                raise table.error(
+                    key, "a gateway route names no class: the gateway module's fetch answers"
+                )
+        return Route(path=path, gateway=True)
     return Route(path=path, class_name=table.text("class_name"), instance=instance)
+
+
+def _gateway(top: _Table) -> Gateway | None:
+    """`[gateway]`: the module's source is read now, relative to the config file."""
+    if "gateway" not in top:
+        return None
+    table = top.table("gateway")
+    table.check_keys(_GATEWAY_KEYS)
+    name = table.text("module")
+    path = Path(top.file).resolve().parent / name
+    try:
+        source = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise table.error("module", f"{_show(name)}: no such file (looked for {path})") from exc
+    except UnicodeDecodeError as exc:
+        raise table.error("module", f"{_show(name)}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise table.error("module", f"{_show(name)}: cannot read: {exc.strerror or exc}") from exc
+    variables = table.table("vars") if "vars" in table else None
+    limits = []
+    for limit in table.tables("rate_limits"):
+        limit.check_keys(_RATE_LIMIT_KEYS)
+        limits.append(
+            RateLimit(
+                binding=limit.text("binding"),
+                limit=limit.integer("limit", low=1),
+                period_s=limit.duration("period", 60.0, allow_seconds=True),
+            )
+        )
+    return Gateway(
+        module=Path(name).name,
+        source=source,
+        vars={k: variables.text(k) for k in variables.data} if variables is not None else {},
+        rate_limits=tuple(limits),
+        deadline_s=table.duration("deadline", DEFAULT_GATEWAY_DEADLINE_S, allow_seconds=True),
+    )
 
 
 def _instance_source(table: _Table) -> InstanceSource:
@@ -645,12 +759,17 @@ def _instance_source(table: _Table) -> InstanceSource:
 
 
 def _assemble(
-    classes: Sequence[tuple[_Table, ContainerClass]], routes: Sequence[tuple[_Table, Route]]
+    classes: Sequence[tuple[_Table, ContainerClass]],
+    routes: Sequence[tuple[_Table, Route]],
+    gateway: Gateway | None = None,
+    file: str = "",
 ) -> Config:
     config = Config(
-        classes=tuple(cls for _, cls in classes), routes=tuple(route for _, route in routes)
+        classes=tuple(cls for _, cls in classes),
+        routes=tuple(route for _, route in routes),
+        gateway=gateway,
     )
-    file = classes[0][0].file if classes else routes[0][0].file if routes else ""
+    file = classes[0][0].file if classes else routes[0][0].file if routes else file
     validate_config(
         config,
         file,
@@ -688,10 +807,33 @@ def validate_config(
             )
         declared[cls.name] = (at, cls)
     routed: dict[str, str] = {}
+    handlers = _check_gateway(config, source, declared)
     for i, route in enumerate(config.routes):
         at = route_at[i] if i < len(route_at) else f"routes[{i}]"
         if not route.path.startswith("/"):
             raise ConfigError(source, f"{at}.path", f'{_show(route.path)} must start with "/"')
+        if route.gateway:
+            if config.gateway is None:
+                raise ConfigError(
+                    source,
+                    f"{at}.gateway",
+                    'no [gateway] module is configured; add [gateway] module = "gateway.py"',
+                )
+            if "fetch" not in handlers:
+                raise ConfigError(
+                    source,
+                    f"{at}.gateway",
+                    f"gateway module {config.gateway.module} defines no"
+                    " `async def fetch(request, env)`",
+                )
+            if route.path in routed:
+                raise ConfigError(
+                    source,
+                    f"{at}.path",
+                    f"{_show(route.path)} is already routed by {routed[route.path]}",
+                )
+            routed[route.path] = at
+            continue
         if route.class_name not in declared:
             known = ", ".join(declared) or "none"
             raise ConfigError(
@@ -722,6 +864,80 @@ def validate_config(
                 f"{_show(route.path)} is already routed by {routed[route.path]}",
             )
         routed[route.path] = at
+
+
+def _check_gateway(
+    config: Config, source: str, declared: Mapping[str, tuple[str, ContainerClass]]
+) -> set[str]:
+    """The gateway's rules: bindings are identifiers, unique across classes and rate limiters;
+    the module compiles and defines every handler the classes name (and `fetch` when no route
+    is given, as it then answers everything). Returns the module's top-level functions."""
+    bindings: dict[str, str] = {}
+
+    def bind(name: str, where: str) -> None:
+        if not _BINDING.fullmatch(name) or name in _RESERVED_BINDINGS:
+            raise ConfigError(
+                source,
+                where,
+                f"{_show(name)} is not a binding name; use a Python identifier other than "
+                f"{' or '.join(sorted(_RESERVED_BINDINGS))}",
+            )
+        if name in bindings:
+            raise ConfigError(source, where, f"binding {_show(name)} is already {bindings[name]}")
+        bindings[name] = where
+
+    for at, cls in declared.values():
+        bind(binding_of(cls), f"{at}.binding" if cls.binding else f"{at}.class_name")
+    gateway = config.gateway
+    if gateway is None:
+        for at, cls in declared.values():
+            if cls.outbound_by_host:
+                raise ConfigError(
+                    source,
+                    f"{at}.outbound_by_host",
+                    "names gateway handlers, but no [gateway] module is configured",
+                )
+        return set()
+    for i, limit in enumerate(gateway.rate_limits):
+        where = f"gateway.rate_limits[{i}]"
+        bind(limit.binding, f"{where}.binding")
+        if limit.limit < 1:
+            raise ConfigError(source, f"{where}.limit", f"must be >= 1, not {limit.limit}")
+        if not limit.period_s > 0:
+            raise ConfigError(
+                source, f"{where}.period", f"{limit.period_s:g}s must be longer than zero"
+            )
+    if not gateway.deadline_s > 0:
+        raise ConfigError(
+            source, "gateway.deadline", f"{gateway.deadline_s:g}s must be longer than zero"
+        )
+    try:
+        tree = ast.parse(gateway.source, filename=gateway.module)
+    except SyntaxError as exc:
+        raise ConfigError(
+            source, "gateway.module", f"{gateway.module} line {exc.lineno}: {exc.msg}"
+        ) from exc
+    functions = {
+        node.name: isinstance(node, ast.AsyncFunctionDef)
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    wanted = [("fetch", "gateway.module")] if not config.routes else []
+    if "outbound" in functions:
+        wanted.append(("outbound", "gateway.module"))
+    for at, cls in declared.values():
+        for host, handler in cls.outbound_by_host.items():
+            wanted.append((handler, f"{at}.outbound_by_host.{host}"))
+    for handler, where in wanted:
+        if handler not in functions:
+            raise ConfigError(
+                source, where, f"gateway module {gateway.module} defines no function {handler!r}"
+            )
+        if not functions[handler]:
+            raise ConfigError(
+                source, where, f"{gateway.module}: {handler} must be `async def`, not `def`"
+            )
+    return {name for name, is_async in functions.items() if is_async}
 
 
 def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths: bool) -> None:
@@ -769,6 +985,18 @@ def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths
             raise fail(field, f"{seconds:g}s must be longer than zero")
     if cls.max_instances < 0:
         raise fail("max_instances", f"must be an integer >= 0, not {cls.max_instances}")
+    for field, patterns in (
+        ("allowed_hosts", cls.allowed_hosts),
+        ("denied_hosts", cls.denied_hosts),
+        ("outbound_by_host", tuple(cls.outbound_by_host)),
+    ):
+        for index, pattern in enumerate(patterns):
+            problem = pattern_problem(pattern)
+            if problem:
+                raise fail(f"{field}[{index}]", problem)
+    for host, handler in cls.outbound_by_host.items():
+        if not handler.isidentifier():
+            raise fail(f"outbound_by_host.{host}", f"{_show(handler)} is not a function name")
     _check_health(cls, fail)
     _check_rollout(cls, fail)
 

@@ -18,6 +18,7 @@ from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment, Poo
 from portside.routechanges import RouteChange, RouteChangeKind, RouteUpdate
 from portside.snapshots import Snapshot
 from portside.spec import (
+    DEFAULT_GATEWAY_DEADLINE_S,
     DEFAULT_HEALTH_CHECK_FAILURES,
     DEFAULT_HEALTH_CHECK_INTERVAL_S,
     DEFAULT_HEALTH_CHECK_TIMEOUT_S,
@@ -29,11 +30,14 @@ from portside.spec import (
     Autoscaling,
     Config,
     ContainerClass,
+    Gateway,
     InstanceSource,
     InstanceSourceKind,
     InstanceType,
     Node,
     NodeInfo,
+    OutboundPolicy,
+    RateLimit,
     Route,
 )
 from portside.states import InstanceState
@@ -106,6 +110,11 @@ def _class_to_pb(c: ContainerClass) -> pb.ContainerClass:
         snapshot_on_sleep=c.snapshot_on_sleep,
         snapshot_retention_seconds=c.snapshot_retention_s,
         snapshot_keep=c.snapshot_keep,
+        binding=c.binding,
+        allowed_hosts=list(c.allowed_hosts),
+        denied_hosts=list(c.denied_hosts),
+        outbound_by_host=dict(c.outbound_by_host),
+        intercept_https=c.intercept_https,
     )
 
 
@@ -144,11 +153,36 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         snapshot_on_sleep=m.snapshot_on_sleep,
         snapshot_retention_s=m.snapshot_retention_seconds or DEFAULT_SNAPSHOT_RETENTION_S,
         snapshot_keep=m.snapshot_keep or DEFAULT_SNAPSHOT_KEEP,
+        binding=m.binding,
+        allowed_hosts=tuple(m.allowed_hosts),
+        denied_hosts=tuple(m.denied_hosts),
+        outbound_by_host=dict(m.outbound_by_host),
+        intercept_https=m.intercept_https,
+    )
+
+
+def outbound_to_pb(o: OutboundPolicy) -> pb.OutboundPolicy:
+    return pb.OutboundPolicy(
+        enable_internet=o.enable_internet,
+        allowed_hosts=list(o.allowed_hosts),
+        denied_hosts=list(o.denied_hosts),
+        outbound_by_host=dict(o.outbound_by_host),
+        intercept_https=o.intercept_https,
+    )
+
+
+def outbound_from_pb(m: pb.OutboundPolicy) -> OutboundPolicy:
+    return OutboundPolicy(
+        enable_internet=m.enable_internet,
+        allowed_hosts=tuple(m.allowed_hosts),
+        denied_hosts=tuple(m.denied_hosts),
+        outbound_by_host=dict(m.outbound_by_host),
+        intercept_https=m.intercept_https,
     )
 
 
 def route_to_pb(r: Route) -> pb.Route:
-    msg = pb.Route(path=r.path, class_name=r.class_name)
+    msg = pb.Route(path=r.path, class_name=r.class_name, gateway=r.gateway)
     if r.instance is not None:
         msg.instance.CopyFrom(
             pb.InstanceSource(kind=r.instance.kind, name=r.instance.name, index=r.instance.index)
@@ -174,19 +208,50 @@ def route_from_pb(m: pb.Route) -> Route:
                 "header, query, cookie or path"
             )
         source = InstanceSource(kind=kind, name=m.instance.name, index=m.instance.index)
-    return Route(path=m.path, class_name=m.class_name, instance=source)
+    return Route(path=m.path, class_name=m.class_name, instance=source, gateway=m.gateway)
+
+
+def gateway_to_pb(g: Gateway) -> pb.Gateway:
+    return pb.Gateway(
+        module=g.module,
+        source=g.source,
+        digest=g.digest,
+        vars=dict(g.vars),
+        rate_limits=[
+            pb.RateLimit(binding=r.binding, limit=r.limit, period_seconds=r.period_s)
+            for r in g.rate_limits
+        ],
+        deadline_seconds=g.deadline_s,
+    )
+
+
+def gateway_from_pb(m: pb.Gateway) -> Gateway:
+    return Gateway(
+        module=m.module,
+        source=m.source,
+        vars=dict(m.vars),
+        rate_limits=tuple(
+            RateLimit(binding=r.binding, limit=r.limit, period_s=r.period_seconds)
+            for r in m.rate_limits
+        ),
+        deadline_s=m.deadline_seconds or DEFAULT_GATEWAY_DEADLINE_S,
+    )
 
 
 def config_to_pb(c: Config) -> pb.Config:
-    return pb.Config(
+    msg = pb.Config(
         classes=[class_to_pb(x) for x in c.classes], routes=[route_to_pb(r) for r in c.routes]
     )
+    if c.gateway is not None:
+        msg.gateway.CopyFrom(gateway_to_pb(c.gateway))
+    return msg
 
 
 def config_from_pb(m: pb.Config) -> Config:
     return Config(
         classes=tuple(class_from_pb(x) for x in m.classes),
         routes=tuple(route_from_pb(r) for r in m.routes),
+        gateway=gateway_from_pb(m.gateway) if m.HasField("gateway") else None,
     )
 
 

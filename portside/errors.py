@@ -182,6 +182,19 @@ class StoreError(Unavailable):
     serves, placements wait until it is back."""
 
 
+class GatewayError(PortsideError):
+    """The gateway module's code raised, returned something that is not a Response, or could
+    not be loaded; the traceback is in the edge's log, the client gets one line."""
+
+
+class GatewayTimeout(GatewayError):
+    """A gateway handler did not answer within the gateway's deadline."""
+
+
+class OutboundDenied(PermissionDenied):
+    """A container's outbound request went to a host its outbound policy denies."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one class of error appears on the wire."""
@@ -224,6 +237,9 @@ ERROR_KINDS: Mapping[type[PortsideError], ErrorKind] = MappingProxyType(
         EngineUnavailable: ErrorKind("engine-unavailable", 503, _C.UNAVAILABLE),
         Timeout: ErrorKind("timeout", 504, _C.DEADLINE_EXCEEDED),
         StoreError: ErrorKind("store-unavailable", 503, _C.UNAVAILABLE),
+        GatewayError: ErrorKind("gateway-error", 500, _C.INTERNAL),
+        GatewayTimeout: ErrorKind("gateway-timeout", 504, _C.DEADLINE_EXCEEDED),
+        OutboundDenied: ErrorKind("outbound-denied", 403, _C.PERMISSION_DENIED),
     }
 )
 
@@ -324,6 +340,8 @@ __all__ = [
     "EngineUnavailable",
     "ErrorKind",
     "FailedPrecondition",
+    "GatewayError",
+    "GatewayTimeout",
     "ImageUnavailable",
     "InvalidArgument",
     "NoCapacity",
@@ -335,6 +353,7 @@ __all__ = [
     "NotFound",
     "NotRunning",
     "NotThroughEdge",
+    "OutboundDenied",
     "PermissionDenied",
     "PortsideError",
     "StoreError",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -116,6 +117,14 @@ class ContainerClass:
     snapshot_on_sleep: bool = False  # every stopping sleep snapshots a changed writable layer
     snapshot_retention_s: float = DEFAULT_SNAPSHOT_RETENTION_S
     snapshot_keep: int = DEFAULT_SNAPSHOT_KEEP  # sleep snapshots kept per instance
+    # Issue 14. The gateway module's env name for this class ("": binding_name(name)).
+    binding: str = ""
+    # Outbound control (docs/security.md): host globs, IPs or CIDRs; denied first; allowed set
+    # means deny the rest; else enable_internet decides. Host -> outbound handler's name.
+    allowed_hosts: tuple[str, ...] = ()
+    denied_hosts: tuple[str, ...] = ()
+    outbound_by_host: Mapping[str, str] = field(default_factory=dict)
+    intercept_https: bool = False
 
     @property
     def run_image(self) -> str:
@@ -176,19 +185,83 @@ class InstanceSource:
 
 @dataclass(frozen=True)
 class Route:
-    """A path prefix served by a class; `instance` is None for pools (issue 3)."""
+    """A path prefix served by a class; `instance` is None for pools (issue 3). A gateway
+    route (issue 14) names no class: the gateway module's `fetch` answers."""
 
     path: str
-    class_name: str
+    class_name: str = ""
     instance: InstanceSource | None = None
+    gateway: bool = False
+
+
+@dataclass(frozen=True)
+class OutboundPolicy:
+    """What one instance may reach outside its node: its class's outbound fields, or its own
+    (SetOutbound). See docs/security.md."""
+
+    enable_internet: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    denied_hosts: tuple[str, ...] = ()
+    outbound_by_host: Mapping[str, str] = field(default_factory=dict)
+    intercept_https: bool = False
+
+    @staticmethod
+    def of_class(cls: ContainerClass) -> OutboundPolicy:
+        return OutboundPolicy(
+            enable_internet=cls.enable_internet,
+            allowed_hosts=cls.allowed_hosts,
+            denied_hosts=cls.denied_hosts,
+            outbound_by_host=cls.outbound_by_host,
+            intercept_https=cls.intercept_https,
+        )
+
+
+DEFAULT_GATEWAY_DEADLINE_S = 30.0
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`await env.<binding>.limit(key=...)`: within the limit while at most `limit` calls with
+    that key were made in the current `period_s`, counted across the cluster's edges."""
+
+    binding: str
+    limit: int
+    period_s: float
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The gateway module (issue 14): Python source every edge loads (`async def
+    fetch(request, env)` and outbound handlers), its vars and rate limiters."""
+
+    module: str  # its file name, for tracebacks
+    source: str
+    vars: Mapping[str, str] = field(default_factory=dict)
+    rate_limits: tuple[RateLimit, ...] = ()
+    deadline_s: float = DEFAULT_GATEWAY_DEADLINE_S
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.source.encode()).hexdigest()
+
+
+def binding_name(class_name: str) -> str:
+    """A class's default gateway binding: CodeExecutor -> CODE_EXECUTOR, my-app -> MY_APP."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", class_name)
+    return re.sub(r"[^A-Za-z0-9_]", "_", spaced).upper()
+
+
+def binding_of(cls: ContainerClass) -> str:
+    return cls.binding or binding_name(cls.name)
 
 
 @dataclass(frozen=True)
 class Config:
-    """What `portside deploy` registers: classes and routes."""
+    """What `portside deploy` registers: classes, routes and the gateway module."""
 
     classes: tuple[ContainerClass, ...] = ()
     routes: tuple[Route, ...] = ()
+    gateway: Gateway | None = None
 
     def class_named(self, name: str) -> ContainerClass | None:
         for cls in self.classes:

@@ -40,6 +40,15 @@ instance = "header:X-Session-Id"
 """
 
 
+def _why(log: str, who: str) -> str:
+    """The lines of a process's log that say why a request resolved again or was refused."""
+    keys = ("resolving", "fenced", "unreachable", "lost", "interrupted", "ERROR")
+    return (
+        f"{who}: "
+        + "\n".join(line for line in log.splitlines() if any(k in line for k in keys))[-3000:]
+    )
+
+
 @pytest.fixture
 def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
     with EtcdCluster(tmp_path) as cluster:
@@ -74,7 +83,7 @@ def test_etcd_member_loss_costs_nothing_and_quorum_loss_only_new_names(
     etcd3.move_leader(m1)
     controlplane = cluster.start_controlplane()
     assert f"etcd: using member {m1.endpoint} of 3" in controlplane.log_text()
-    cluster.start_agent("fra")
+    agent = cluster.start_agent("fra")
     edge = cluster.start_edge("fra")
     cluster.wait_for_nodes(1)
     cluster.deploy(config(test_image))
@@ -128,7 +137,12 @@ def test_etcd_member_loss_costs_nothing_and_quorum_loss_only_new_names(
             if status != 200:
                 warm_failed.append((round(time.monotonic() - lost, 1), name, status, kind, body))
         time.sleep(0.2)
-    assert warm_failed == [], "warm names failed while quorum was lost (since, name, status...)"
+    assert warm_failed == [], (
+        "warm names failed while quorum was lost (since, name, status...)",
+        warm_failed[:3],
+        _why(edge.log_text(), "edge"),
+        _why(agent.log_text(), "agent"),
+    )
     assert len(refused) == 2
     for _, status, kind, body, took in refused:
         assert (status, kind) == (503, "store-unavailable"), body

@@ -474,6 +474,7 @@ def test_wrangler_with_comments_trailing_commas_and_extras() -> None:
                 sleep_after_s=120.0,
                 env={"URL": "http://example.com/*not-a-comment*/"},
                 rollout_step_percentage=(50, 100),  # 50: steps of 50%
+                binding="EXEC",  # the Worker's Durable Object binding names it
             ),
             ContainerClass(
                 name="Lite", image="lite:1", instance_type=LITE, max_instances=20

@@ -823,3 +823,126 @@ class DeleteScheduleResponse(_message.Message):
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     schedule: ScheduleInfo
     def __init__(self, schedule: _Optional[_Union[ScheduleInfo, _Mapping]] = ...) -> None: ...
+
+class SecretInfo(_message.Message):
+    __slots__ = ("name", "updated_at", "digest")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    updated_at: float
+    digest: str
+    def __init__(self, name: _Optional[str] = ..., updated_at: _Optional[float] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class PutSecretRequest(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class PutSecretResponse(_message.Message):
+    __slots__ = ("secret",)
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    secret: SecretInfo
+    def __init__(self, secret: _Optional[_Union[SecretInfo, _Mapping]] = ...) -> None: ...
+
+class ListSecretsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSecretsResponse(_message.Message):
+    __slots__ = ("secrets",)
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    secrets: _containers.RepeatedCompositeFieldContainer[SecretInfo]
+    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteSecretRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteSecretResponse(_message.Message):
+    __slots__ = ("secret",)
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    secret: SecretInfo
+    def __init__(self, secret: _Optional[_Union[SecretInfo, _Mapping]] = ...) -> None: ...
+
+class WatchSecretsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchSecretsResponse(_message.Message):
+    __slots__ = ("secrets",)
+    class SecretsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    secrets: _containers.ScalarMap[str, str]
+    def __init__(self, secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RateCount(_message.Message):
+    __slots__ = ("binding", "key", "period", "count")
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    binding: str
+    key: str
+    period: int
+    count: int
+    def __init__(self, binding: _Optional[str] = ..., key: _Optional[str] = ..., period: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class SyncRateLimitsRequest(_message.Message):
+    __slots__ = ("edge_id", "counts")
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    edge_id: str
+    counts: _containers.RepeatedCompositeFieldContainer[RateCount]
+    def __init__(self, edge_id: _Optional[str] = ..., counts: _Optional[_Iterable[_Union[RateCount, _Mapping]]] = ...) -> None: ...
+
+class SyncRateLimitsResponse(_message.Message):
+    __slots__ = ("totals", "sync_every_seconds")
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    totals: _containers.RepeatedCompositeFieldContainer[RateCount]
+    sync_every_seconds: float
+    def __init__(self, totals: _Optional[_Iterable[_Union[RateCount, _Mapping]]] = ..., sync_every_seconds: _Optional[float] = ...) -> None: ...
+
+class SetOutboundRequest(_message.Message):
+    __slots__ = ("instance", "policy", "clear")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    policy: _types_pb2.OutboundPolicy
+    clear: bool
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ..., policy: _Optional[_Union[_types_pb2.OutboundPolicy, _Mapping]] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class SetOutboundResponse(_message.Message):
+    __slots__ = ("policy", "own")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    OWN_FIELD_NUMBER: _ClassVar[int]
+    policy: _types_pb2.OutboundPolicy
+    own: bool
+    def __init__(self, policy: _Optional[_Union[_types_pb2.OutboundPolicy, _Mapping]] = ..., own: _Optional[bool] = ...) -> None: ...
+
+class GetOutboundRequest(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: _types_pb2.InstanceRef
+    def __init__(self, instance: _Optional[_Union[_types_pb2.InstanceRef, _Mapping]] = ...) -> None: ...
+
+class GetOutboundResponse(_message.Message):
+    __slots__ = ("policy", "own")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    OWN_FIELD_NUMBER: _ClassVar[int]
+    policy: _types_pb2.OutboundPolicy
+    own: bool
+    def __init__(self, policy: _Optional[_Union[_types_pb2.OutboundPolicy, _Mapping]] = ..., own: _Optional[bool] = ...) -> None: ...

@@ -260,6 +260,41 @@ class ControlPlaneStub:
                 request_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.PutSecret = channel.unary_unary(
+                '/portside.v1.ControlPlane/PutSecret',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.PutSecretRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.PutSecretResponse.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/portside.v1.ControlPlane/ListSecrets',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/portside.v1.ControlPlane/DeleteSecret',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
+        self.WatchSecrets = channel.unary_stream(
+                '/portside.v1.ControlPlane/WatchSecrets',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.WatchSecretsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchSecretsResponse.FromString,
+                _registered_method=True)
+        self.SyncRateLimits = channel.unary_unary(
+                '/portside.v1.ControlPlane/SyncRateLimits',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.SetOutbound = channel.unary_unary(
+                '/portside.v1.ControlPlane/SetOutbound',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.SetOutboundRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.SetOutboundResponse.FromString,
+                _registered_method=True)
+        self.GetOutbound = channel.unary_unary(
+                '/portside.v1.ControlPlane/GetOutbound',
+                request_serializer=portside_dot_v1_dot_controlplane__pb2.GetOutboundRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_controlplane__pb2.GetOutboundResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -639,6 +674,55 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutSecret(self, request, context):
+        """Gateway secrets (issue 14): stored encrypted in the store, never logged, never listed with
+        their values. Edges and agents (which run outbound handlers) follow them with WatchSecrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncRateLimits(self, request, context):
+        """Gateway rate limiters counted across edges: an edge sends what it counted since its last
+        sync and gets the cluster's totals for the current periods.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOutbound(self, request, context):
+        """An instance's outbound policy at run time (issue 14): set replaces the class's for this
+        instance (clear goes back to it), applied by its node without a restart and kept across
+        re-placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOutbound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -866,6 +950,41 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PutSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutSecret,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.PutSecretRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.PutSecretResponse.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.ListSecretsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'WatchSecrets': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSecrets,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.WatchSecretsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.WatchSecretsResponse.SerializeToString,
+            ),
+            'SyncRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncRateLimits,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsResponse.SerializeToString,
+            ),
+            'SetOutbound': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOutbound,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.SetOutboundRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.SetOutboundResponse.SerializeToString,
+            ),
+            'GetOutbound': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOutbound,
+                    request_deserializer=portside_dot_v1_dot_controlplane__pb2.GetOutboundRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_controlplane__pb2.GetOutboundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2083,6 +2202,195 @@ class ControlPlane:
             '/portside.v1.ControlPlane/DeleteSchedule',
             portside_dot_v1_dot_controlplane__pb2.DeleteScheduleRequest.SerializeToString,
             portside_dot_v1_dot_controlplane__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/PutSecret',
+            portside_dot_v1_dot_controlplane__pb2.PutSecretRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.PutSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/ListSecrets',
+            portside_dot_v1_dot_controlplane__pb2.ListSecretsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/DeleteSecret',
+            portside_dot_v1_dot_controlplane__pb2.DeleteSecretRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/portside.v1.ControlPlane/WatchSecrets',
+            portside_dot_v1_dot_controlplane__pb2.WatchSecretsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.WatchSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/SyncRateLimits',
+            portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.SyncRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOutbound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/SetOutbound',
+            portside_dot_v1_dot_controlplane__pb2.SetOutboundRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.SetOutboundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOutbound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.ControlPlane/GetOutbound',
+            portside_dot_v1_dot_controlplane__pb2.GetOutboundRequest.SerializeToString,
+            portside_dot_v1_dot_controlplane__pb2.GetOutboundResponse.FromString,
             options,
             channel_credentials,
             insecure,

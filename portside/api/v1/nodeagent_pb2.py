@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from portside.api.v1 import types_pb2 as portside_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bportside/v1/nodeagent.proto\x12\x0bportside.v1\x1a\x17portside/v1/types.proto\"\xfd\x01\n\x11\x41gentStartRequest\x12*\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x1b.portside.v1.ContainerClass\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nentrypoint\x18\x03 \x03(\t\x12\x34\n\x03\x65nv\x18\x04 \x03(\x0b\x32\'.portside.v1.AgentStartRequest.EnvEntry\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12\'\n\x08snapshot\x18\x06 \x01(\x0b\x32\x15.portside.v1.Snapshot\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x15\x41gentInstanceResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.portside.v1.InstanceInfo\"N\n\x10\x41gentStopRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\"9\n\x12\x41gentSignalRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x15\n\x13\x41gentSignalResponse\"*\n\x13\x41gentDestroyRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14\x41gentDestroyResponse\".\n\x17\x41gentGetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"0\n\x19\x41gentRenewActivityRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x1c\n\x1a\x41gentRenewActivityResponse\"\x1b\n\x19ListAgentInstancesRequest\"L\n\x1aListAgentInstancesResponse\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.portside.v1.InstanceStatus\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14StopInstanceResponse\"J\n\x14\x41gentSnapshotRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07trigger\x18\x03 \x01(\t\"@\n\x15\x41gentSnapshotResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x15.portside.v1.Snapshot\"\xa9\x01\n\x10\x41gentCallRequest\x12*\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x1b.portside.v1.ContainerClass\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0f\n\x07no_wake\x18\x05 \x01(\x08\x12\x13\n\x0bno_activity\x18\x06 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\"1\n\x11\x41gentCallResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x32\xcc\x07\n\tNodeAgent\x12`\n\rListInstances\x12&.portside.v1.ListAgentInstancesRequest\x1a\'.portside.v1.ListAgentInstancesResponse\x12S\n\x0cStopInstance\x12 .portside.v1.StopInstanceRequest\x1a!.portside.v1.StopInstanceResponse\x12K\n\x05Start\x12\x1e.portside.v1.AgentStartRequest\x1a\".portside.v1.AgentInstanceResponse\x12I\n\x04Stop\x12\x1d.portside.v1.AgentStopRequest\x1a\".portside.v1.AgentInstanceResponse\x12K\n\x06Signal\x12\x1f.portside.v1.AgentSignalRequest\x1a .portside.v1.AgentSignalResponse\x12N\n\x07\x44\x65stroy\x12 .portside.v1.AgentDestroyRequest\x1a!.portside.v1.AgentDestroyResponse\x12?\n\x04\x45xec\x12\x18.portside.v1.ExecRequest\x1a\x19.portside.v1.ExecResponse(\x01\x30\x01\x12=\n\x04Logs\x12\x18.portside.v1.LogsRequest\x1a\x19.portside.v1.LogsResponse0\x01\x12W\n\x0bGetInstance\x12$.portside.v1.AgentGetInstanceRequest\x1a\".portside.v1.AgentInstanceResponse\x12`\n\rRenewActivity\x12&.portside.v1.AgentRenewActivityRequest\x1a\'.portside.v1.AgentRenewActivityResponse\x12Q\n\x08Snapshot\x12!.portside.v1.AgentSnapshotRequest\x1a\".portside.v1.AgentSnapshotResponse\x12\x45\n\x04\x43\x61ll\x12\x1d.portside.v1.AgentCallRequest\x1a\x1e.portside.v1.AgentCallResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bportside/v1/nodeagent.proto\x12\x0bportside.v1\x1a\x17portside/v1/types.proto\"\xac\x02\n\x11\x41gentStartRequest\x12*\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x1b.portside.v1.ContainerClass\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nentrypoint\x18\x03 \x03(\t\x12\x34\n\x03\x65nv\x18\x04 \x03(\x0b\x32\'.portside.v1.AgentStartRequest.EnvEntry\x12\x0f\n\x07no_wait\x18\x05 \x01(\x08\x12\'\n\x08snapshot\x18\x06 \x01(\x0b\x32\x15.portside.v1.Snapshot\x12-\n\x08outbound\x18\x07 \x01(\x0b\x32\x1b.portside.v1.OutboundPolicy\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x15\x41gentInstanceResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.portside.v1.InstanceInfo\"N\n\x10\x41gentStopRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x03 \x01(\x01\"9\n\x12\x41gentSignalRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x15\n\x13\x41gentSignalResponse\"*\n\x13\x41gentDestroyRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14\x41gentDestroyResponse\".\n\x17\x41gentGetInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"0\n\x19\x41gentRenewActivityRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x1c\n\x1a\x41gentRenewActivityResponse\"\x1b\n\x19ListAgentInstancesRequest\"L\n\x1aListAgentInstancesResponse\x12.\n\tinstances\x18\x01 \x03(\x0b\x32\x1b.portside.v1.InstanceStatus\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14StopInstanceResponse\"J\n\x14\x41gentSnapshotRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07trigger\x18\x03 \x01(\t\"@\n\x15\x41gentSnapshotResponse\x12\'\n\x08snapshot\x18\x01 \x01(\x0b\x32\x15.portside.v1.Snapshot\"\xa9\x01\n\x10\x41gentCallRequest\x12*\n\x05\x63lass\x18\x01 \x01(\x0b\x32\x1b.portside.v1.ContainerClass\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0f\n\x07no_wake\x18\x05 \x01(\x08\x12\x13\n\x0bno_activity\x18\x06 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\"1\n\x11\x41gentCallResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"h\n\x17\x41gentSetOutboundRequest\x12\x12\n\nclass_name\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x06policy\x18\x03 \x01(\x0b\x32\x1b.portside.v1.OutboundPolicy\"\x1a\n\x18\x41gentSetOutboundResponse2\xa8\x08\n\tNodeAgent\x12`\n\rListInstances\x12&.portside.v1.ListAgentInstancesRequest\x1a\'.portside.v1.ListAgentInstancesResponse\x12S\n\x0cStopInstance\x12 .portside.v1.StopInstanceRequest\x1a!.portside.v1.StopInstanceResponse\x12K\n\x05Start\x12\x1e.portside.v1.AgentStartRequest\x1a\".portside.v1.AgentInstanceResponse\x12I\n\x04Stop\x12\x1d.portside.v1.AgentStopRequest\x1a\".portside.v1.AgentInstanceResponse\x12K\n\x06Signal\x12\x1f.portside.v1.AgentSignalRequest\x1a .portside.v1.AgentSignalResponse\x12N\n\x07\x44\x65stroy\x12 .portside.v1.AgentDestroyRequest\x1a!.portside.v1.AgentDestroyResponse\x12?\n\x04\x45xec\x12\x18.portside.v1.ExecRequest\x1a\x19.portside.v1.ExecResponse(\x01\x30\x01\x12=\n\x04Logs\x12\x18.portside.v1.LogsRequest\x1a\x19.portside.v1.LogsResponse0\x01\x12W\n\x0bGetInstance\x12$.portside.v1.AgentGetInstanceRequest\x1a\".portside.v1.AgentInstanceResponse\x12`\n\rRenewActivity\x12&.portside.v1.AgentRenewActivityRequest\x1a\'.portside.v1.AgentRenewActivityResponse\x12Q\n\x08Snapshot\x12!.portside.v1.AgentSnapshotRequest\x1a\".portside.v1.AgentSnapshotResponse\x12\x45\n\x04\x43\x61ll\x12\x1d.portside.v1.AgentCallRequest\x1a\x1e.portside.v1.AgentCallResponse\x12Z\n\x0bSetOutbound\x12$.portside.v1.AgentSetOutboundRequest\x1a%.portside.v1.AgentSetOutboundResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,43 +35,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSTARTREQUEST_ENVENTRY']._loaded_options = None
   _globals['_AGENTSTARTREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSTARTREQUEST']._serialized_start=70
-  _globals['_AGENTSTARTREQUEST']._serialized_end=323
-  _globals['_AGENTSTARTREQUEST_ENVENTRY']._serialized_start=281
-  _globals['_AGENTSTARTREQUEST_ENVENTRY']._serialized_end=323
-  _globals['_AGENTINSTANCERESPONSE']._serialized_start=325
-  _globals['_AGENTINSTANCERESPONSE']._serialized_end=389
-  _globals['_AGENTSTOPREQUEST']._serialized_start=391
-  _globals['_AGENTSTOPREQUEST']._serialized_end=469
-  _globals['_AGENTSIGNALREQUEST']._serialized_start=471
-  _globals['_AGENTSIGNALREQUEST']._serialized_end=528
-  _globals['_AGENTSIGNALRESPONSE']._serialized_start=530
-  _globals['_AGENTSIGNALRESPONSE']._serialized_end=551
-  _globals['_AGENTDESTROYREQUEST']._serialized_start=553
-  _globals['_AGENTDESTROYREQUEST']._serialized_end=595
-  _globals['_AGENTDESTROYRESPONSE']._serialized_start=597
-  _globals['_AGENTDESTROYRESPONSE']._serialized_end=619
-  _globals['_AGENTGETINSTANCEREQUEST']._serialized_start=621
-  _globals['_AGENTGETINSTANCEREQUEST']._serialized_end=667
-  _globals['_AGENTRENEWACTIVITYREQUEST']._serialized_start=669
-  _globals['_AGENTRENEWACTIVITYREQUEST']._serialized_end=717
-  _globals['_AGENTRENEWACTIVITYRESPONSE']._serialized_start=719
-  _globals['_AGENTRENEWACTIVITYRESPONSE']._serialized_end=747
-  _globals['_LISTAGENTINSTANCESREQUEST']._serialized_start=749
-  _globals['_LISTAGENTINSTANCESREQUEST']._serialized_end=776
-  _globals['_LISTAGENTINSTANCESRESPONSE']._serialized_start=778
-  _globals['_LISTAGENTINSTANCESRESPONSE']._serialized_end=854
-  _globals['_STOPINSTANCEREQUEST']._serialized_start=856
-  _globals['_STOPINSTANCEREQUEST']._serialized_end=898
-  _globals['_STOPINSTANCERESPONSE']._serialized_start=900
-  _globals['_STOPINSTANCERESPONSE']._serialized_end=922
-  _globals['_AGENTSNAPSHOTREQUEST']._serialized_start=924
-  _globals['_AGENTSNAPSHOTREQUEST']._serialized_end=998
-  _globals['_AGENTSNAPSHOTRESPONSE']._serialized_start=1000
-  _globals['_AGENTSNAPSHOTRESPONSE']._serialized_end=1064
-  _globals['_AGENTCALLREQUEST']._serialized_start=1067
-  _globals['_AGENTCALLREQUEST']._serialized_end=1236
-  _globals['_AGENTCALLRESPONSE']._serialized_start=1238
-  _globals['_AGENTCALLRESPONSE']._serialized_end=1287
-  _globals['_NODEAGENT']._serialized_start=1290
-  _globals['_NODEAGENT']._serialized_end=2262
+  _globals['_AGENTSTARTREQUEST']._serialized_end=370
+  _globals['_AGENTSTARTREQUEST_ENVENTRY']._serialized_start=328
+  _globals['_AGENTSTARTREQUEST_ENVENTRY']._serialized_end=370
+  _globals['_AGENTINSTANCERESPONSE']._serialized_start=372
+  _globals['_AGENTINSTANCERESPONSE']._serialized_end=436
+  _globals['_AGENTSTOPREQUEST']._serialized_start=438
+  _globals['_AGENTSTOPREQUEST']._serialized_end=516
+  _globals['_AGENTSIGNALREQUEST']._serialized_start=518
+  _globals['_AGENTSIGNALREQUEST']._serialized_end=575
+  _globals['_AGENTSIGNALRESPONSE']._serialized_start=577
+  _globals['_AGENTSIGNALRESPONSE']._serialized_end=598
+  _globals['_AGENTDESTROYREQUEST']._serialized_start=600
+  _globals['_AGENTDESTROYREQUEST']._serialized_end=642
+  _globals['_AGENTDESTROYRESPONSE']._serialized_start=644
+  _globals['_AGENTDESTROYRESPONSE']._serialized_end=666
+  _globals['_AGENTGETINSTANCEREQUEST']._serialized_start=668
+  _globals['_AGENTGETINSTANCEREQUEST']._serialized_end=714
+  _globals['_AGENTRENEWACTIVITYREQUEST']._serialized_start=716
+  _globals['_AGENTRENEWACTIVITYREQUEST']._serialized_end=764
+  _globals['_AGENTRENEWACTIVITYRESPONSE']._serialized_start=766
+  _globals['_AGENTRENEWACTIVITYRESPONSE']._serialized_end=794
+  _globals['_LISTAGENTINSTANCESREQUEST']._serialized_start=796
+  _globals['_LISTAGENTINSTANCESREQUEST']._serialized_end=823
+  _globals['_LISTAGENTINSTANCESRESPONSE']._serialized_start=825
+  _globals['_LISTAGENTINSTANCESRESPONSE']._serialized_end=901
+  _globals['_STOPINSTANCEREQUEST']._serialized_start=903
+  _globals['_STOPINSTANCEREQUEST']._serialized_end=945
+  _globals['_STOPINSTANCERESPONSE']._serialized_start=947
+  _globals['_STOPINSTANCERESPONSE']._serialized_end=969
+  _globals['_AGENTSNAPSHOTREQUEST']._serialized_start=971
+  _globals['_AGENTSNAPSHOTREQUEST']._serialized_end=1045
+  _globals['_AGENTSNAPSHOTRESPONSE']._serialized_start=1047
+  _globals['_AGENTSNAPSHOTRESPONSE']._serialized_end=1111
+  _globals['_AGENTCALLREQUEST']._serialized_start=1114
+  _globals['_AGENTCALLREQUEST']._serialized_end=1283
+  _globals['_AGENTCALLRESPONSE']._serialized_start=1285
+  _globals['_AGENTCALLRESPONSE']._serialized_end=1334
+  _globals['_AGENTSETOUTBOUNDREQUEST']._serialized_start=1336
+  _globals['_AGENTSETOUTBOUNDREQUEST']._serialized_end=1440
+  _globals['_AGENTSETOUTBOUNDRESPONSE']._serialized_start=1442
+  _globals['_AGENTSETOUTBOUNDRESPONSE']._serialized_end=1468
+  _globals['_NODEAGENT']._serialized_start=1471
+  _globals['_NODEAGENT']._serialized_end=2535
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentStartRequest(_message.Message):
-    __slots__ = ("name", "entrypoint", "env", "no_wait", "snapshot")
+    __slots__ = ("name", "entrypoint", "env", "no_wait", "snapshot", "outbound")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,12 +22,14 @@ class AgentStartRequest(_message.Message):
     ENV_FIELD_NUMBER: _ClassVar[int]
     NO_WAIT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    OUTBOUND_FIELD_NUMBER: _ClassVar[int]
     name: str
     entrypoint: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     no_wait: bool
     snapshot: _types_pb2.Snapshot
-    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., no_wait: _Optional[bool] = ..., snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ..., **kwargs) -> None: ...
+    outbound: _types_pb2.OutboundPolicy
+    def __init__(self, name: _Optional[str] = ..., entrypoint: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., no_wait: _Optional[bool] = ..., snapshot: _Optional[_Union[_types_pb2.Snapshot, _Mapping]] = ..., outbound: _Optional[_Union[_types_pb2.OutboundPolicy, _Mapping]] = ..., **kwargs) -> None: ...
 
 class AgentInstanceResponse(_message.Message):
     __slots__ = ("info",)
@@ -143,3 +145,17 @@ class AgentCallResponse(_message.Message):
     status: int
     body: bytes
     def __init__(self, status: _Optional[int] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class AgentSetOutboundRequest(_message.Message):
+    __slots__ = ("class_name", "name", "policy")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    name: str
+    policy: _types_pb2.OutboundPolicy
+    def __init__(self, class_name: _Optional[str] = ..., name: _Optional[str] = ..., policy: _Optional[_Union[_types_pb2.OutboundPolicy, _Mapping]] = ...) -> None: ...
+
+class AgentSetOutboundResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -95,6 +95,11 @@ class NodeAgentStub:
                 request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.FromString,
                 _registered_method=True)
+        self.SetOutbound = channel.unary_unary(
+                '/portside.v1.NodeAgent/SetOutbound',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -193,6 +198,13 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOutbound(self, request, context):
+        """An instance's outbound policy changed at run time (the control plane's SetOutbound).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +267,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Call,
                     request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.FromString,
                     response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.SerializeToString,
+            ),
+            'SetOutbound': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOutbound,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +598,33 @@ class NodeAgent:
             '/portside.v1.NodeAgent/Call',
             portside_dot_v1_dot_nodeagent__pb2.AgentCallRequest.SerializeToString,
             portside_dot_v1_dot_nodeagent__pb2.AgentCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOutbound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/SetOutbound',
+            portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,8 +19,15 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version", "sleep_mode", "pause_max_seconds", "snapshot_on_sleep", "snapshot_retention_seconds", "snapshot_keep")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version", "sleep_mode", "pause_max_seconds", "snapshot_on_sleep", "snapshot_retention_seconds", "snapshot_keep", "binding", "allowed_hosts", "denied_hosts", "outbound_by_host", "intercept_https")
     class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class OutboundByHostEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +62,11 @@ class ContainerClass(_message.Message):
     SNAPSHOT_ON_SLEEP_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_RETENTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_KEEP_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    DENIED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    OUTBOUND_BY_HOST_FIELD_NUMBER: _ClassVar[int]
+    INTERCEPT_HTTPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -83,7 +95,33 @@ class ContainerClass(_message.Message):
     snapshot_on_sleep: bool
     snapshot_retention_seconds: float
     snapshot_keep: int
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ..., sleep_mode: _Optional[str] = ..., pause_max_seconds: _Optional[float] = ..., snapshot_on_sleep: _Optional[bool] = ..., snapshot_retention_seconds: _Optional[float] = ..., snapshot_keep: _Optional[int] = ...) -> None: ...
+    binding: str
+    allowed_hosts: _containers.RepeatedScalarFieldContainer[str]
+    denied_hosts: _containers.RepeatedScalarFieldContainer[str]
+    outbound_by_host: _containers.ScalarMap[str, str]
+    intercept_https: bool
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ..., sleep_mode: _Optional[str] = ..., pause_max_seconds: _Optional[float] = ..., snapshot_on_sleep: _Optional[bool] = ..., snapshot_retention_seconds: _Optional[float] = ..., snapshot_keep: _Optional[int] = ..., binding: _Optional[str] = ..., allowed_hosts: _Optional[_Iterable[str]] = ..., denied_hosts: _Optional[_Iterable[str]] = ..., outbound_by_host: _Optional[_Mapping[str, str]] = ..., intercept_https: _Optional[bool] = ...) -> None: ...
+
+class OutboundPolicy(_message.Message):
+    __slots__ = ("enable_internet", "allowed_hosts", "denied_hosts", "outbound_by_host", "intercept_https")
+    class OutboundByHostEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENABLE_INTERNET_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    DENIED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    OUTBOUND_BY_HOST_FIELD_NUMBER: _ClassVar[int]
+    INTERCEPT_HTTPS_FIELD_NUMBER: _ClassVar[int]
+    enable_internet: bool
+    allowed_hosts: _containers.RepeatedScalarFieldContainer[str]
+    denied_hosts: _containers.RepeatedScalarFieldContainer[str]
+    outbound_by_host: _containers.ScalarMap[str, str]
+    intercept_https: bool
+    def __init__(self, enable_internet: _Optional[bool] = ..., allowed_hosts: _Optional[_Iterable[str]] = ..., denied_hosts: _Optional[_Iterable[str]] = ..., outbound_by_host: _Optional[_Mapping[str, str]] = ..., intercept_https: _Optional[bool] = ...) -> None: ...
 
 class Autoscaling(_message.Message):
     __slots__ = ("minimum_instances", "maximum_instances", "cpu_target", "scale_down_delay_seconds", "concurrency_limit")
@@ -110,22 +148,59 @@ class InstanceSource(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("path", "class_name", "instance")
+    __slots__ = ("path", "class_name", "instance", "gateway")
     PATH_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     path: str
     class_name: str
     instance: InstanceSource
-    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., instance: _Optional[_Union[InstanceSource, _Mapping]] = ...) -> None: ...
+    gateway: bool
+    def __init__(self, path: _Optional[str] = ..., class_name: _Optional[str] = ..., instance: _Optional[_Union[InstanceSource, _Mapping]] = ..., gateway: _Optional[bool] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("binding", "limit", "period_seconds")
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    binding: str
+    limit: int
+    period_seconds: float
+    def __init__(self, binding: _Optional[str] = ..., limit: _Optional[int] = ..., period_seconds: _Optional[float] = ...) -> None: ...
+
+class Gateway(_message.Message):
+    __slots__ = ("module", "source", "digest", "vars", "rate_limits", "deadline_seconds")
+    class VarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VARS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    source: str
+    digest: str
+    vars: _containers.ScalarMap[str, str]
+    rate_limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    deadline_seconds: float
+    def __init__(self, module: _Optional[str] = ..., source: _Optional[str] = ..., digest: _Optional[str] = ..., vars: _Optional[_Mapping[str, str]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
 
 class Config(_message.Message):
-    __slots__ = ("classes", "routes")
+    __slots__ = ("classes", "routes", "gateway")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[ContainerClass]
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, classes: _Optional[_Iterable[_Union[ContainerClass, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    gateway: Gateway
+    def __init__(self, classes: _Optional[_Iterable[_Union[ContainerClass, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., gateway: _Optional[_Union[Gateway, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("id", "data_address", "api_address", "region", "latitude", "longitude", "vcpu", "memory_mib", "labels", "metrics_address")

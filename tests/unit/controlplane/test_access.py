@@ -31,15 +31,17 @@ SERVICE = cp.DESCRIPTOR.services_by_name["ControlPlane"]
 READ_METHODS = {
     "GetConfig", "Logs", "GetState", "GetStateValue", "WatchEvents", "ListClasses",
     "ListInstances", "ListNodes", "GetUsage", "ListImages", "ListVersions", "GetRollout",
-    "ListSnapshots", "ListSchedules",
+    "ListSnapshots", "ListSchedules", "GetOutbound", "ListSecrets",
 }  # fmt: skip
 DEPLOY_METHODS = {
     "Deploy", "Start", "Stop", "Signal", "Destroy", "Exec", "RenewActivity", "PutStateValue",
     "DeleteStateValue", "PushImage", "StatImages", "ControlRollout", "Rollback",
-    "CreateSnapshot", "DeleteSnapshot", "Schedule", "DeleteSchedule",
+    "CreateSnapshot", "DeleteSnapshot", "Schedule", "DeleteSchedule", "SetOutbound",
 }  # fmt: skip
-ADMIN_METHODS = {"CreateToken", "ListTokens", "RevokeToken"}
-AUDITED = (DEPLOY_METHODS - {"StatImages"}) | {"CreateToken", "RevokeToken", "Join"}
+ADMIN_METHODS = {"CreateToken", "ListTokens", "RevokeToken", "PutSecret", "DeleteSecret"}
+AUDITED = (DEPLOY_METHODS - {"StatImages"}) | {
+    "CreateToken", "RevokeToken", "Join", "PutSecret", "DeleteSecret",
+}  # fmt: skip
 
 
 def record(
@@ -74,7 +76,11 @@ def test_the_table_says_what_the_issue_says() -> None:
     assert by_role[Role.ADMIN] == ADMIN_METHODS
     assert RULES["NodeHeartbeat"].peers == {PeerRole.AGENT}
     assert RULES["WatchConfig"].peers == {PeerRole.AGENT, PeerRole.EDGE}
-    for method in ("Resolve", "WatchPools", "ReportDemand"):
+    for method in ("Resolve", "WatchPools", "ReportDemand", "SyncRateLimits"):
+        assert RULES[method].peers == {PeerRole.EDGE}
+    assert RULES["WatchSecrets"].peers == {PeerRole.AGENT, PeerRole.EDGE}
+    # a gateway module's stubs drive instances from the edge
+    for method in ("Start", "Stop", "Signal", "Destroy", "GetState", "SetOutbound", "GetOutbound"):
         assert RULES[method].peers == {PeerRole.EDGE}
     assert RULES["RenewCertificate"].peers == set(PeerRole)
     assert RULES["Join"].join and RULES["Join"].role is None and not RULES["Join"].peers
