@@ -108,6 +108,7 @@ def _gateway(role: Role, audited: bool = False) -> Rule:
     """An instance's lifecycle, which a gateway module's stubs drive from an edge too."""
     return Rule(role=role, peers=frozenset((EDGE,)), target=_instance, audited=audited)
 
+
 #: Every method of portside.v1.ControlPlane and who may call it; a method missing here cannot
 #: be served (`guard` refuses to start).
 RULES: Mapping[str, Rule] = {
