@@ -5,8 +5,9 @@ so an edge that reconnects gets exactly what it missed, or a reset when that is 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Final
 
 from controlplane import records
@@ -118,6 +119,30 @@ class RouteChangeLog:
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+
+async def route_updates(
+    changes: RouteChangeLog, since_revision: int, every_s: float
+) -> AsyncIterator[RouteUpdate]:
+    """One WatchRoutes stream: what happened after `since_revision`, then each change as it
+    comes, and a message at least every `every_s` whether or not anything changed. It carries
+    the revision, so an edge resumes from a recent one on whichever replica it reconnects to,
+    and it tells the edge that this replica is there even while the store makes no progress
+    (no quorum): the edge then goes on resolving through it (edge/main.py `Heard`)."""
+    update = changes.since(since_revision)
+    yield update
+    sent, last = update.revision, time.monotonic()
+    while True:
+        await changes.wait(sent, max(0.0, last + every_s - time.monotonic()))
+        update = changes.since(sent)
+        if (
+            update.changes
+            or update.reset
+            or update.revision > sent
+            or time.monotonic() - last >= every_s
+        ):
+            sent, last = update.revision, time.monotonic()
+            yield update
 
 
 def follow_route_changes(view: ClusterView, capacity: int = DEFAULT_CAPACITY) -> RouteChangeLog:

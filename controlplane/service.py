@@ -55,7 +55,7 @@ from controlplane.rollouts import (
     deploy_mode,
     has_awake_old,
 )
-from controlplane.routewatch import RouteChangeLog, follow_route_changes
+from controlplane.routewatch import RouteChangeLog, follow_route_changes, route_updates
 from controlplane.scheduleloop import (
     create_schedule,
     delete_class_schedules,
@@ -586,29 +586,12 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
     async def WatchRoutes(
         self, request: cp.WatchRoutesRequest, context: Any
     ) -> AsyncIterator[cp.WatchRoutesResponse]:
-        """Nodes lost and named instances moved or removed, from `since_revision` on (see
-        controlplane.routewatch). A message goes at least every ROUTES_PROGRESS_S, changes or
-        not: it carries the revision, so an edge resumes from a recent one on whichever replica
-        it reconnects to, and it tells the edge this replica is there even while the store makes
-        no progress (no quorum), so that the edge goes on resolving through it."""
-        update = self.route_changes.since(request.since_revision)
-        yield self._route_update(update)
-        sent = update.revision
-        last = time.monotonic()
-        while True:
-            await self.route_changes.wait(
-                sent, max(0.0, last + ROUTES_PROGRESS_S - time.monotonic())
-            )
-            update = self.route_changes.since(sent)
-            if (
-                update.changes
-                or update.reset
-                or update.revision > sent
-                or time.monotonic() - last >= ROUTES_PROGRESS_S
-            ):
-                sent = update.revision
-                last = time.monotonic()
-                yield self._route_update(update)
+        """Nodes lost and named instances moved or removed, from `since_revision` on, with a
+        message every ROUTES_PROGRESS_S in any case (controlplane.routewatch.route_updates)."""
+        async for update in route_updates(
+            self.route_changes, request.since_revision, ROUTES_PROGRESS_S
+        ):
+            yield self._route_update(update)
 
     def _route_update(self, update: RouteUpdate) -> cp.WatchRoutesResponse:
         message = route_update_to_pb(update)

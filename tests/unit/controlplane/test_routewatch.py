@@ -7,7 +7,7 @@ import asyncio
 
 from controlplane import records
 from controlplane.records import InstanceRecord
-from controlplane.routewatch import RouteChangeLog
+from controlplane.routewatch import RouteChangeLog, route_updates
 from controlplane.store import KeyValue, WatchEvent
 from portside.routechanges import RouteChange, RouteChangeKind
 from portside.spec import Node
@@ -113,3 +113,20 @@ async def test_wait_returns_at_a_change_or_after_the_bound() -> None:
     delete(log, records.node_key("b"), 11)
     await asyncio.wait_for(waiting, 1.0)
     await asyncio.wait_for(log.wait(10, 5.0), 0.1)  # already past 10: at once
+
+
+async def test_a_stream_speaks_at_least_every_bound_even_with_nothing_new() -> None:
+    # While the store makes no progress (no quorum) the edge must still hear from the replica,
+    # or it would take a reachable control plane for a lost one (edge/main.py Heard).
+    log = started_at_10()
+    stream = route_updates(log, 10, 0.05)
+    first = await anext(stream)
+    assert first.revision == 10 and not first.changes
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    quiet = await asyncio.wait_for(anext(stream), 1.0)
+    assert quiet.revision == 10 and not quiet.changes and not quiet.reset
+    assert loop.time() - started >= 0.04
+    delete(log, records.node_key("b"), 11)
+    changed = await asyncio.wait_for(anext(stream), 1.0)
+    assert changed.revision == 11 and changed.changes == (RouteChange(LOST, "b"),)
