@@ -127,14 +127,17 @@ def get(address: str, path: str = "/", headers: dict[str, str] | None = None) ->
         conn.close()
 
 
-def wait_for_hello(address: str, headers: dict[str, str], timeout_s: float) -> float:
-    """GET until the upstream's answer comes back (through Portside the first one boots the
-    instance; before the edge has the deployed routes it may answer otherwise); its seconds."""
+def wait_for_hello(
+    address: str, headers: dict[str, str], timeout_s: float, path: str = "/"
+) -> float:
+    """GET `path` until the upstream's answer comes back (through Portside the first one boots
+    the instance; before the edge has the deployed routes it may answer otherwise); its
+    seconds."""
     start = time.monotonic()
     last = "no answer"
     while time.monotonic() - start < timeout_s:
         try:
-            status, body = get(address, "/", headers)
+            status, body = get(address, path, headers)
         except OSError as exc:
             last = repr(exc)
         else:

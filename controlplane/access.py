@@ -25,6 +25,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from controlplane.audit import Audit, Target
+from controlplane.secrets import is_name
 from controlplane.tokens import check_bearer, safe_reference
 from portside import net, pki
 from portside.errors import PermissionDenied, PortsideError, Unauthenticated, error_kind
@@ -72,6 +73,11 @@ def _token_reference(request: Any) -> Target:
     return Target(token=safe_reference(request.token))
 
 
+def _secret(request: Any) -> Target:
+    """A secret's name; "?" for what is not one (it may be a value given as a name)."""
+    return Target(secret=request.name if is_name(request.name) else "?")
+
+
 def _joining(request: Any) -> Target:
     return Target(node=f"{request.role}/{request.node_id}")
 
@@ -105,8 +111,9 @@ AGENT, EDGE = PeerRole.AGENT, PeerRole.EDGE
 
 
 def _gateway(role: Role, audited: bool = False) -> Rule:
-    """An instance's lifecycle, which a gateway module's stubs drive from an edge too."""
-    return Rule(role=role, peers=frozenset((EDGE,)), target=_instance, audited=audited)
+    """An instance's lifecycle, which a gateway module's stubs drive from an edge (fetch) and
+    from a node (outbound handlers) too."""
+    return Rule(role=role, peers=frozenset((EDGE, AGENT)), target=_instance, audited=audited)
 
 
 #: Every method of portside.v1.ControlPlane and who may call it; a method missing here cannot
@@ -144,9 +151,9 @@ RULES: Mapping[str, Rule] = {
     "SetOutbound": _gateway(DEPLOY, audited=True),
     "GetOutbound": _gateway(READ),
     # gateway secrets: people set them; the parts that run gateway code read them
-    "PutSecret": _token(ADMIN, audited=True),
+    "PutSecret": _token(ADMIN, _secret, audited=True),
     "ListSecrets": _token(READ),
-    "DeleteSecret": _token(ADMIN, audited=True),
+    "DeleteSecret": _token(ADMIN, _secret, audited=True),
     "WatchSecrets": _peers(EDGE, AGENT),
     "SyncRateLimits": _peers(EDGE),
     "CreateToken": _token(ADMIN, _new_token, audited=True),
@@ -159,7 +166,7 @@ RULES: Mapping[str, Rule] = {
     # parts of the cluster, by their certificate's role
     "NodeHeartbeat": _peers(AGENT),
     "WatchConfig": _peers(AGENT, EDGE),
-    "Resolve": _peers(EDGE),
+    "Resolve": _peers(EDGE, AGENT),  # agents: for outbound handlers' bindings
     "WatchPools": _peers(EDGE),
     "WatchRoutes": _peers(EDGE),
     "ReportDemand": _peers(EDGE),

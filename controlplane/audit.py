@@ -30,6 +30,7 @@ class Target:
     token: str = ""  # a token's name or id
     role: str = ""  # the role of a token being created
     node: str = ""  # role/id of a joining node
+    secret: str = ""  # a gateway secret's name (never its value)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Audit:
             ("token", target.token),
             ("role", target.role),
             ("node", target.node),
+            ("secret", target.secret),
         ):
             if value:
                 line[key] = value

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controlplane import records
+from controlplane.secrets import KEY_FILE, new_key_text
 from controlplane.store import Store, StoreTls, open_store
 from controlplane.tokens import utc_text, write_token
 from portside import net, pki, tokens
@@ -51,6 +52,7 @@ class Bootstrapped:
     admin_token: Path
     join_token: Path
     ca_fingerprint: str
+    secrets_key: Path  # the key of gateway secrets: every control plane's --secrets-key-file
 
     def report(self) -> str:
         """What `portside bootstrap` prints."""
@@ -60,7 +62,8 @@ class Bootstrapped:
                 f"bootstrapped the cluster in {self.store_url}; {fingerprint}\n"
                 f"  {self.admin_token}  admin API token: $PORTSIDE_TOKEN or --token-file\n"
                 f"  {self.join_token}  join token: agents and edges --join-token-file\n"
-                "Keep both secret; `portside token create` makes more."
+                f"  {self.secrets_key}  gateway secrets key: control planes --secrets-key-file\n"
+                "Keep all three secret; `portside token create` makes more tokens."
             )
         here = all(_pins(path, self.ca_fingerprint) for path in (self.admin_token, self.join_token))
         where = (
@@ -87,16 +90,18 @@ async def bootstrap(
     clock: Callable[[], float] = time.time,
 ) -> Bootstrapped:
     """Create the cluster CA in `store` (only if it has none), one admin API token and one join
-    token, and write the tokens to `out_dir`/admin.token and join.token (mode 0600; the directory
-    is made 0700 if missing). On a store bootstrapped already: writes nothing, `created` False.
-    FailedPrecondition if a token file is in the way (it would be overwritten)."""
+    token, and write the tokens to `out_dir`/admin.token and join.token and a new gateway
+    secrets key to secrets.key (mode 0600; the directory is made 0700 if missing). On a store
+    bootstrapped already: writes nothing, `created` False. FailedPrecondition if one of those
+    files is in the way (it would be overwritten)."""
     out = Path(out_dir)
     admin_path, join_path = out / ADMIN_TOKEN_FILE, out / JOIN_TOKEN_FILE
+    key_path = out / KEY_FILE
     existing = await store.get(records.CA)
     if existing is not None:
         fingerprint = records.decode_ca(existing.value).fingerprint
-        return Bootstrapped(False, store_url, admin_path, join_path, fingerprint)
-    for path in (admin_path, join_path):
+        return Bootstrapped(False, store_url, admin_path, join_path, fingerprint, key_path)
+    for path in (admin_path, join_path, key_path):
         if await asyncio.to_thread(os.path.lexists, path):
             raise FailedPrecondition(
                 f"{path} exists, but {store_url} was never bootstrapped: that file is another "
@@ -118,9 +123,12 @@ async def bootstrap(
         for record in made:
             await store.delete(records.token_key(record.id))
         return await bootstrap(store, out, store_url=store_url, clock=clock)
-    await asyncio.to_thread(_write_secrets, {admin_path: admin.text(), join_path: join.text()})
+    await asyncio.to_thread(
+        _write_secrets,
+        {admin_path: admin.text(), join_path: join.text(), key_path: new_key_text()},
+    )
     log.info("bootstrapped %s: CA %s", store_url, ca.fingerprint)
-    return Bootstrapped(True, store_url, admin_path, join_path, ca.fingerprint)
+    return Bootstrapped(True, store_url, admin_path, join_path, ca.fingerprint, key_path)
 
 
 def bootstrap_url(

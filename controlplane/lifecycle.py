@@ -18,6 +18,7 @@ import grpc
 from controlplane import records
 from controlplane.agents import AgentClients, translate
 from controlplane.events import EventLog
+from controlplane.outbound import InstanceOutbound
 from controlplane.placement import resolve_named
 from controlplane.records import InstanceRecord
 from controlplane.scheduleloop import delete_instance_schedules
@@ -27,7 +28,7 @@ from controlplane.view import ClusterView
 from portside import geo
 from portside.api.v1 import nodeagent_pb2 as na
 from portside.api.v1 import types_pb2 as pb
-from portside.convert import class_to_pb, instance_info_from_pb, snapshot_to_pb
+from portside.convert import class_to_pb, instance_info_from_pb, outbound_to_pb, snapshot_to_pb
 from portside.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -79,6 +80,7 @@ class Lifecycle:
         self.agents = agents
         self.events = events
         self.values = StateValues(store)
+        self.outbound = InstanceOutbound(store, view, agents)
         self.default_region = default_region
         self.deadlines = deadlines or Deadlines()
 
@@ -153,6 +155,8 @@ class Lifecycle:
                 raise Unavailable(f"pool instance {cls.name}/{name} is gone with its node")
             return node
         resolved = await resolve_named(self.store, self.view, cls, name, near, events=self.events)
+        if resolved.placed:
+            await self.outbound.placed(resolved.record, resolved.node)
         return resolved.node
 
     async def start(
@@ -176,6 +180,9 @@ class Lifecycle:
         getattr(request, "class").CopyFrom(class_to_pb(cls))
         if snapshot is not None:
             request.snapshot.CopyFrom(snapshot_to_pb(snapshot))
+        own = await self.outbound.own(cls.name, iid)  # unset: the agent drops any it holds
+        if own is not None:
+            request.outbound.CopyFrom(outbound_to_pb(own))
         # The agent waits for the port (boot_timeout) and maybe for a stop in progress first.
         reply = await self.agents.call(
             node,
@@ -229,8 +236,9 @@ class Lifecycle:
         )
 
     async def destroy(self, class_name: str, name: str) -> None:
-        """Remove the container, then forget the placement and the state values: in this order,
-        so that a failure leaves something a retry can find and finish."""
+        """Remove the container, then forget the own outbound policy, the placement and the
+        state values: in this order, so that a failure leaves something a retry can find and
+        finish."""
         where = await self.locate(class_name, name)
         if where.node is not None:
             try:
@@ -243,6 +251,7 @@ class Lifecycle:
                 )
             except NotFound:
                 pass  # placed but never booted there: no container to remove
+        await self.outbound.forget(where.record, where.node)
         # Its schedules first: a run must not place it again once it is forgotten.
         schedules = await delete_instance_schedules(
             self.store, where.cls.name, where.record.instance_id

@@ -36,6 +36,7 @@ from controlplane.pools import PoolManager
 from controlplane.rolloutloop import RolloutBook, RolloutLoop
 from controlplane.routewatch import follow_route_changes
 from controlplane.scheduleloop import ScheduleLoop
+from controlplane.secrets import Secrets, load_key_file
 from controlplane.service import ControlPlaneService
 from controlplane.snapshots import SnapshotBook, SnapshotRetention
 from controlplane.store import StoreTls, instrument, open_store, quorum_probe
@@ -76,6 +77,9 @@ class ControlPlaneOptions:
     image_gc_every_s: float = 600.0
     image_keep_versions: int = 3
     image_gc_grace_s: float = 3600.0  # a push this recent is kept: its deploy may still come
+    # The cluster's key for gateway secrets (controlplane.secrets), the same file on every
+    # replica; "": this replica can list and delete secrets, not put or serve them.
+    secrets_key_file: str = ""
 
 
 def default_image_dir(store_url: str) -> Path:
@@ -122,6 +126,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
             "must be at least 1 (each class's current image is always kept)",
         )
     stop = stop or daemon.stop_on_signals()
+    secrets_key = load_key_file(opts.secrets_key_file) if opts.secrets_key_file else None
     store = instrument(
         await open_store(opts.store_url, timeout_s=opts.store_timeout_s, tls=opts.store_tls)
     )
@@ -208,6 +213,7 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         image_catalog=image_catalog,
         image_copier=image_copier,
         rollouts=rollout_book,
+        secrets=Secrets(store, secrets_key),
     )
     gate = Gate(view.tokens, enforce=identity is not None)
     descriptor = cp.DESCRIPTOR.services_by_name["ControlPlane"]
@@ -242,6 +248,9 @@ async def run(opts: ControlPlaneOptions, stop: asyncio.Event | None = None) -> N
         opts.store_url,
     )
     try:
+        problem = await service.secrets.key_problem()
+        if problem is not None:
+            log.error("gateway secrets cannot be served by this replica: %s", problem)
         await load_image_catalog(images, image_catalog)
         await rollout_book.load()  # before view.follow(): it follows the view's watch
         await schedule_loop.load()  # so does it

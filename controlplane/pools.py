@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -65,6 +66,45 @@ def target_region(
     if node_regions:
         return min(sorted(node_regions), key=lambda r: members_by_region.get(r, 0))
     return default
+
+
+# A member moves only where it would serve this many times the demand per member of the region
+# it leaves: a margin, so that the reverse move never pays while the demand holds (bench/world.py:
+# no moves under steady load; under follow-the-sun load 85% of requests served from the nearest
+# region with room rather than 45%).
+REBALANCE_MARGIN = 2.0
+
+
+def rebalance_move(
+    demand: dict[str, float],
+    members_by_region: dict[str, int],
+    regions_with_room: set[str],
+) -> tuple[str, str] | None:
+    """A member to move, as (from region, to region), when a pool's count is right but its
+    members are not where its demand is (follow-the-sun: the count stays, the demand travels);
+    None when no move pays.
+
+    The region to gain one is `target_region`'s choice among regions whose nodes have room (a
+    move into a full region would land next door, in the region it left or beside it); the
+    region to lose one is the member region whose members would each serve the least demand
+    after the move. A region's last member always stays: a pool keeps its footprint (and its
+    spread over regions for availability); it moves only members a region has to spare.
+    """
+    wanted = {r: rate for r, rate in demand.items() if r in regions_with_room}
+    if not wanted:
+        return None
+    to = target_region(wanted, members_by_region, set(), "")
+    gain = wanted[to] / (members_by_region.get(to, 0) + 1)
+
+    def left(region: str) -> float:
+        rate, count = demand.get(region, 0.0), members_by_region[region]
+        return rate / (count - 1) if count > 1 else math.inf
+
+    sources = [r for r in sorted(members_by_region) if r != to and members_by_region[r] > 0]
+    if not sources:
+        return None
+    source = min(sources, key=left)
+    return (source, to) if gain > REBALANCE_MARGIN * left(source) else None
 
 
 def drain_order(
@@ -195,6 +235,62 @@ class PoolManager:
             ]
             for rec in victims:
                 await self._drain(rec, f"autoscaler wants {decision.desired}")
+        elif surge is None:
+            await self._rebalance(cls, members, demand)
+
+    def _by_region(self, members: list[InstanceRecord]) -> dict[str, int]:
+        """How many of `members` each node region holds."""
+        by_region: dict[str, int] = {}
+        for r in members:
+            region = self.view.nodes[r.node_id].region
+            by_region[region] = by_region.get(region, 0) + 1
+        return by_region
+
+    async def _rebalance(
+        self, cls: ContainerClass, members: list[InstanceRecord], demand: dict[str, float]
+    ) -> None:
+        """The count is right, but the demand may have moved (follow-the-sun): move one member
+        towards it when `rebalance_move` finds a move that pays, the new one placed first."""
+        need = Resources.of(cls.instance_type)
+        with_room = {
+            n.region
+            for n in self.view.nodes.values()
+            if n.region.lower() in geo.REGIONS and self.view.free_on(n).fits(need)
+        }
+        move = rebalance_move(demand, self._by_region(members), with_room)
+        if move is None:
+            return
+        source, target = move
+        name = f"{cls.name}-{secrets.token_hex(4)}"
+        try:
+            placed = await place_instance(
+                self.store,
+                self.view,
+                cls,
+                name,
+                geo.lookup(target),
+                pool=True,
+                events=self.events,
+            )
+        except NoCapacity as exc:
+            log.warning("autoscaler %s: cannot move an instance to %s: %s", cls.name, target, exc)
+            return
+        if placed is None:
+            return
+        SCALE_EVENTS.labels(cls.name, "up").inc()  # and "down" with the drain: a move is both
+        log.info(
+            "autoscaler %s: added %s on %s to move one from %s towards the demand (%s)",
+            cls.name,
+            name,
+            placed.node.id,
+            source,
+            demand,
+        )
+        leaving = [r for r in members if self.view.nodes[r.node_id].region == source]
+        await self._drain(
+            drain_order(leaving, self.view, demand, cls.version)[0],
+            f"moved towards the demand in {target}",
+        )
 
     async def _grow(
         self,
@@ -203,10 +299,7 @@ class PoolManager:
         count: int,
         demand: dict[str, float],
     ) -> None:
-        by_region: dict[str, int] = {}
-        for r in members:
-            region = self.view.nodes[r.node_id].region
-            by_region[region] = by_region.get(region, 0) + 1
+        by_region = self._by_region(members)
         node_regions = {n.region for n in self.view.nodes.values()}
         for _ in range(count):
             region = target_region(demand, by_region, node_regions, self.default_region)

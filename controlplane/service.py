@@ -6,6 +6,7 @@ statuses here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -38,6 +39,7 @@ from controlplane.metrics import (
     VERSIONS_MADE,
 )
 from controlplane.placement import resolve_instance
+from controlplane.ratelimits import SYNC_EVERY_S, RateLimitBook
 from controlplane.rolloutloop import (
     RolloutBook,
     class_instances,
@@ -63,6 +65,7 @@ from controlplane.scheduleloop import (
     list_schedules,
 )
 from controlplane.schedules import check_request, new_schedule_id
+from controlplane.secrets import SealedSecret, Secrets
 from controlplane.snapshots import Snapshots, check_agent_push
 from controlplane.store import Compacted, Store
 from controlplane.tokens import TokenRegistry
@@ -84,8 +87,12 @@ from portside.convert import (
     instance_status_from_pb,
     node_from_pb,
     node_info_to_pb,
+    outbound_from_pb,
+    outbound_to_pb,
     pool_assignment_to_pb,
     pool_member_to_pb,
+    rate_counts_from_pb,
+    rate_counts_to_pb,
     route_update_to_pb,
     schedule_from_request,
     schedule_to_pb,
@@ -140,6 +147,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         image_catalog: ImageCatalog | None = None,
         image_copier: ReplicaCopier | None = None,
         rollouts: RolloutBook | None = None,
+        secrets: Secrets | None = None,
     ):
         self.store = store
         self.view = view
@@ -163,6 +171,11 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         # This replica's copy of the rollout records: heartbeat replies carry their `replace`.
         self.rollouts = rollouts or RolloutBook(store, view)
         self.snapshots = Snapshots(lifecycle)
+        # Gateway secrets (None: a replica without --secrets-key-file) and rate limiters.
+        self.secrets = secrets or Secrets(store, None)
+        self.rate_limits = RateLimitBook(
+            store, lambda: view.gateway.rate_limits if view.gateway is not None else ()
+        )
 
     @grpc_errors
     async def Deploy(self, request: cp.DeployRequest, context: Any) -> cp.DeployResponse:
@@ -336,6 +349,8 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 self.events,
             )
             result = "placed" if resolved.placed else "found"
+            if resolved.placed:
+                await self.lifecycle.outbound.placed(resolved.record, resolved.node)
         finally:
             RESOLVE_SECONDS.labels(result).observe(time.perf_counter() - start)
         return cp.ResolveResponse(
@@ -496,6 +511,7 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 if reconcile:
                     reply.reconciled = True
                     reply.elsewhere.extend(await self._elsewhere(node.id, statuses, revision))
+                    await self.lifecycle.outbound.reconciled(node)  # before its fence opens
                 yield reply
             if node is not None and lease:
                 await self.store.revoke_lease(lease)
@@ -777,6 +793,68 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
         )
         return cp.DeleteScheduleResponse(schedule=schedule_to_pb(deleted))
 
+    # --- per-instance outbound policies (issue 14): controlplane.outbound ---
+
+    @grpc_errors
+    async def SetOutbound(
+        self, request: cp.SetOutboundRequest, context: Any
+    ) -> cp.SetOutboundResponse:
+        if request.clear and request.HasField("policy"):
+            raise InvalidArgument("policy, clear: give one (clear goes back to the class's)")
+        policy = None if request.clear else outbound_from_pb(request.policy)
+        applied = await self.lifecycle.outbound.set(
+            request.instance.class_name, request.instance.name, policy
+        )
+        return cp.SetOutboundResponse(policy=outbound_to_pb(applied.policy), own=applied.own)
+
+    @grpc_errors
+    async def GetOutbound(
+        self, request: cp.GetOutboundRequest, context: Any
+    ) -> cp.GetOutboundResponse:
+        applied = await self.lifecycle.outbound.get(
+            request.instance.class_name, request.instance.name
+        )
+        return cp.GetOutboundResponse(policy=outbound_to_pb(applied.policy), own=applied.own)
+
+    # --- gateway secrets and rate limiters (issue 14): controlplane.secrets, .ratelimits ---
+
+    @grpc_errors
+    async def PutSecret(self, request: cp.PutSecretRequest, context: Any) -> cp.PutSecretResponse:
+        sealed = await self.secrets.put(request.name, request.value)
+        return cp.PutSecretResponse(secret=_secret_info(sealed))
+
+    @grpc_errors
+    async def ListSecrets(
+        self, request: cp.ListSecretsRequest, context: Any
+    ) -> cp.ListSecretsResponse:
+        return cp.ListSecretsResponse(
+            secrets=[_secret_info(s) for s in await self.secrets.listing()]
+        )
+
+    @grpc_errors
+    async def DeleteSecret(
+        self, request: cp.DeleteSecretRequest, context: Any
+    ) -> cp.DeleteSecretResponse:
+        return cp.DeleteSecretResponse(secret=_secret_info(await self.secrets.delete(request.name)))
+
+    @grpc_errors
+    async def WatchSecrets(
+        self, request: cp.WatchSecretsRequest, context: Any
+    ) -> AsyncGenerator[cp.WatchSecretsResponse, None]:
+        async with contextlib.aclosing(self.secrets.watch()) as changes:
+            async for values in changes:
+                yield cp.WatchSecretsResponse(secrets=values)
+
+    @grpc_errors
+    async def SyncRateLimits(
+        self, request: cp.SyncRateLimitsRequest, context: Any
+    ) -> cp.SyncRateLimitsResponse:
+        await _check_claim(context, request.edge_id, "edge")
+        totals = await self.rate_limits.sync(request.edge_id, rate_counts_from_pb(request.counts))
+        return cp.SyncRateLimitsResponse(
+            totals=rate_counts_to_pb(totals), sync_every_seconds=SYNC_EVERY_S
+        )
+
     # --- identity and access (issue 9); who may call each is in controlplane.access ---
 
     @grpc_errors
@@ -1025,6 +1103,10 @@ def _class_name(name: str) -> str:
     if not name:
         raise InvalidArgument("class_name: required")
     return name
+
+
+def _secret_info(s: SealedSecret) -> cp.SecretInfo:
+    return cp.SecretInfo(name=s.name, updated_at=s.updated_at, digest=s.digest)
 
 
 def _join_response(issued: Issued) -> cp.JoinResponse:

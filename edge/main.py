@@ -15,18 +15,24 @@ from dataclasses import dataclass
 
 import grpc
 
+from edge import metrics
+from edge.gateway import EdgeRouter, GatewayIngress
 from edge.proxy import EdgeProxy, Target
+from edge.ratelimits import EdgeRateLimits
 from portside import daemon, net
 from portside.api.v1 import controlplane_pb2 as cp
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc
 from portside.cluster import first_config, follow_config
 from portside.convert import pool_member_from_pb, route_update_from_pb
 from portside.errors import Unavailable, from_rpc
+from portside.gateway import ControlPlaneLifecycle, GatewayRuntime
 from portside.instances import PoolMember
 from portside.join import take_part
 from portside.pki import PeerRole
 from portside.proxy import HttpTransport
 from portside.rpc import follow_stream
+from portside.secretwatch import follow_secrets
+from portside.spec import Config
 from portside.tokens import Token
 
 log = logging.getLogger("portside.edge")
@@ -201,6 +207,22 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
             opts.deadlines,
             transport=HttpTransport(opts.deadlines, tls=to_agents),
         )
+        limits = EdgeRateLimits(ident)
+        secrets: dict[str, str] = {}  # the cluster's secrets, kept current from WatchSecrets
+        gateway = GatewayRuntime(
+            EdgeRouter(proxy),
+            ControlPlaneLifecycle(channel, opts.controlplane),
+            limits,
+            secrets,
+            errors=metrics.GATEWAY_ERRORS,
+        )
+        proxy.gateway = GatewayIngress(proxy, gateway).serve
+
+        def apply_config(config: Config) -> None:
+            proxy.set_config(config)
+            limits.set_limits(config.gateway.rate_limits if config.gateway is not None else ())
+            gateway.load(config)  # a new module serves new requests; those in flight finish
+
         scrape = await net.start_http_server(daemon.metrics_app(), opts.metrics_listen)
         serving = False
         try:
@@ -209,8 +231,11 @@ async def run(opts: EdgeOptions, stop: asyncio.Event | None = None) -> None:
                 renewal = membership.renewal(channel)
                 if renewal is not None:
                     background.append(tasks.create_task(renewal.run()))
+                # Rate limits and secrets keep their last state while the control plane is away.
+                background.append(tasks.create_task(limits.run(channel, opts.deadlines.rpc)))
+                background.append(tasks.create_task(follow_secrets(channel, secrets)))
                 got_config = asyncio.Event()
-                watch = tasks.create_task(follow_config(channel, proxy.set_config, got_config))
+                watch = tasks.create_task(follow_config(channel, apply_config, got_config))
                 pools = tasks.create_task(follow_pools(channel, proxy))
                 routes = tasks.create_task(follow_routes(channel, proxy, heard))
                 demand = tasks.create_task(

@@ -50,8 +50,32 @@ NODE_LOST_ABORTS = Counter(
     " instance's new place) or failed (502 node-lost: it may have run, so it was not resent).",
     ["outcome"],
 )
+GATEWAY_SECONDS = Histogram(
+    "portside_edge_gateway_seconds",
+    "Time the gateway module's fetch took to return its response (the head; the body streams"
+    " on), for requests it answered; failures are counted in portside_edge_gateway_errors_total.",
+    buckets=LATENCY_BUCKETS,
+)
+GATEWAY_ERRORS = Counter(
+    "portside_edge_gateway_errors_total",
+    "Gateway fetch calls that failed, by kind: gateway-error (the code raised, returned no"
+    " Response, or its module failed to load), gateway-timeout (past the gateway's deadline),"
+    " or the kind of a Portside error raised through a binding (no-capacity...).",
+    ["kind"],
+)
 CONNECT_RETRIES = Counter(
     "portside_edge_connect_retries_total",
     "Connects retried to the same node agent after a refusal while its node is alive (an agent"
     " restarting).",
+)
+RATE_LIMIT_CALLS = Counter(
+    "portside_edge_rate_limit_calls_total",
+    "Gateway rate-limiter calls (`env.<LIMITER>.limit`) on this edge, by binding and result:"
+    " allowed or limited.",
+    ["binding", "result"],
+)
+RATE_LIMIT_SYNC_FAILURES = Counter(
+    "portside_edge_rate_limit_sync_failures_total",
+    "Rate-limit syncs with the control plane that failed; the edge limited on its own counts"
+    " and the last totals meanwhile.",
 )

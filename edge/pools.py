@@ -3,6 +3,7 @@ less loaded of two random members there; and the edge's own count of requests in
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -20,27 +21,45 @@ def member_location(member: PoolMember) -> Location:
     return Location(member.region, member.region, member.latitude, member.longitude, area="")
 
 
-def places(members: Sequence[PoolMember], near: Location) -> list[list[PoolMember]]:
+def places(members: Sequence[PoolMember], near: Location) -> Iterator[list[PoolMember]]:
     """`members` grouped into places, nearest to `near` first; each place ordered by instance id.
+    Lazily: a request mostly needs only the nearest place.
 
     The nearest member not yet placed opens a place; every other member of its region, or
     within SAME_PLACE_KM of its distance from `near`, joins it.
     """
-    distance = {m.instance_id: distance_km(near, member_location(m)) for m in members}
-    rest = sorted(members, key=lambda m: (distance[m.instance_id], m.instance_id))
-    grouped: list[list[PoolMember]] = []
-    while rest:
-        region = rest[0].region.lower()
-        reach = distance[rest[0].instance_id] + SAME_PLACE_KM
-        place = [
-            m
-            for m in rest
-            if (region and m.region.lower() == region) or distance[m.instance_id] <= reach
-        ]
-        grouped.append(sorted(place, key=lambda m: m.instance_id))
-        taken = {m.instance_id for m in place}
-        rest = [m for m in rest if m.instance_id not in taken]
-    return grouped
+    # On every pool request: one distance per node rather than per member, and one pass over
+    # the members in distance order rather than one per place (quadratic in a pool over many
+    # regions: 1.3 ms a request at 200 members, bench/world.py).
+    km: dict[tuple[float, float], float] = {}
+    for m in members:
+        if (m.latitude, m.longitude) not in km:
+            km[m.latitude, m.longitude] = distance_km(near, member_location(m))
+    distance = {m.instance_id: km[m.latitude, m.longitude] for m in members}
+    ordered = sorted(members, key=lambda m: (distance[m.instance_id], m.instance_id))
+    by_region: dict[str, list[PoolMember]] = {}
+    for m in ordered:
+        if m.region:
+            by_region.setdefault(m.region.lower(), []).append(m)
+    taken: set[str] = set()
+    start = 0
+    while True:
+        while start < len(ordered) and ordered[start].instance_id in taken:
+            start += 1
+        if start == len(ordered):
+            return
+        opener = ordered[start]
+        reach = distance[opener.instance_id] + SAME_PLACE_KM
+        # Within reach is a prefix of what is left; the opener's region may reach further.
+        place = []
+        for m in itertools.islice(ordered, start, None):
+            if distance[m.instance_id] > reach:
+                break
+            place.append(m)
+        place += by_region.get(opener.region.lower(), []) if opener.region else []
+        joined = {m.instance_id: m for m in place if m.instance_id not in taken}
+        taken.update(joined)
+        yield sorted(joined.values(), key=lambda m: m.instance_id)
 
 
 def choose(
@@ -74,15 +93,16 @@ def choose(
     def load(m: PoolMember) -> int:
         return in_flight.get(m.instance_id, 0)
 
-    grouped = places(eligible, near)
-    for place in grouped:
+    nearest: list[PoolMember] = []
+    for place in places(eligible, near):
+        nearest = nearest or place
         open_ = [m for m in place if concurrency_limit <= 0 or load(m) < concurrency_limit]
         if len(open_) == 1:
             return open_[0]
         if open_:
             first, second = rng.sample(open_, 2)
             return second if load(second) < load(first) else first
-    return min(grouped[0], key=lambda m: (load(m), m.instance_id))
+    return min(nearest, key=lambda m: (load(m), m.instance_id))
 
 
 class InFlight(Mapping[str, int]):

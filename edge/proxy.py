@@ -10,12 +10,12 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from edge import metrics
-from edge.pools import InFlight, choose
+from edge.pools import CountedRequest, InFlight, choose
 from edge.routing import (
     RequestParts,
     RouteTable,
@@ -302,14 +302,30 @@ class EdgeProxy:
         self._lost: dict[str, float] = {}  # node -> when the route watch said it was lost
         self._rng = random.Random()
         self.demand: dict[str, int] = {}  # class -> requests since the last demand report
+        # Answers gateway routes (edge/gateway.py), once the edge has a gateway runtime.
+        self.gateway: Callable[[proxy.Request], Awaitable[None]] | None = None
+
+    @property
+    def core(self) -> proxy.ProxyCore:
+        """The proxy core requests go through (a gateway's answers are delivered by it too)."""
+        return self._core
 
     # --- what the lead's watch stream calls -------------------------------------------------
 
     def set_config(self, config: Config) -> None:
         """Swap in the routes of `config`. A request reads the table once, so it sees either the
-        old table or the new one, never a mix; cached routes of classes no longer routed go."""
-        self._table = RouteTable(config.routes)
-        self.cache.retain_classes(route.class_name for route in config.routes)
+        old table or the new one, never a mix; cached routes of classes no longer routed go
+        (with a gateway, whose bindings reach every class: of classes no longer deployed). A
+        config with a gateway and no routes sends everything to the gateway."""
+        routes = config.routes
+        if config.gateway is not None and not routes:
+            routes = (Route("/", gateway=True),)
+        self._table = RouteTable(routes)
+        self.cache.retain_classes(
+            (c.name for c in config.classes)
+            if config.gateway is not None
+            else (route.class_name for route in routes)
+        )
         self._limits = {
             c.name: c.autoscaling.concurrency_limit
             for c in config.classes
@@ -390,7 +406,10 @@ class EdgeProxy:
             proxy.answer_error(request, NoRoute(f"no route for {raw_path}"))
             return
         try:
-            await self._serve(request, route, raw_path)
+            if route.gateway:
+                await self._serve_gateway(request)
+            else:
+                await self._serve(request, route, raw_path)
         except PortsideError as exc:
             if request.status:
                 request.abort()  # the head is out already: only a cut says it broke
@@ -437,9 +456,15 @@ class EdgeProxy:
         await self._proxy(request, route.class_name, name, hint)
 
     async def _serve_pool(self, request: proxy.Request, class_name: str) -> None:
-        """Any member serves: the nearest with room, by `pools.choose`; with none ready, the
-        control plane names one (starting it if the pool is empty) and the request waits."""
         hint = location_hint(request.headers, self.region)
+        name = await self.pool_member(class_name, hint)
+        with self.hold(class_name, name):
+            await self._proxy(request, class_name, name, hint, pool=True)
+
+    async def pool_member(self, class_name: str, hint: str) -> str:
+        """The pool member to serve a request: the nearest with room, by `pools.choose`; with
+        none ready, the one the control plane names (starting it if the pool is empty). Its
+        route is cached for the request to take."""
         member = choose(
             self._pools.get(class_name, ()),
             geo.lookup(hint),
@@ -454,8 +479,26 @@ class EdgeProxy:
             target = await self.cache.target(class_name, "", hint)
             name = target.instance_name
             self.cache.put(class_name, name, target)
-        with self._in_flight.acquire(instance_id(class_name, name)):
-            await self._proxy(request, class_name, name, hint, pool=True)
+        return name
+
+    def hold(self, class_name: str, name: str) -> CountedRequest:
+        """Count a request in flight on a pool member until the lease is released."""
+        return self._in_flight.acquire(instance_id(class_name, name))
+
+    async def _serve_gateway(self, request: proxy.Request) -> None:
+        if self.gateway is None:
+            raise NoRoute(f"no gateway serves {request.path} on this edge")
+        await self.gateway(request)
+
+    async def open_upstream(
+        self, forward: proxy.Forward, class_name: str, name: str, hint: str, *, pool: bool = False
+    ) -> proxy.Upstream:
+        """Send `forward` to the instance as a route's request goes (resolve, route cache,
+        resends, metrics) and return the response head: what a gateway binding's fetch does.
+        `pool`: a resend may go to another member."""
+        self.demand[class_name] = self.demand.get(class_name, 0) + 1
+        _, upstream = await self._open(forward, class_name, name, hint, pool=pool)
+        return upstream
 
     async def _proxy(
         self, request: proxy.Request, class_name: str, name: str, hint: str, *, pool: bool = False

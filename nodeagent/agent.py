@@ -3,12 +3,13 @@ NodeAgent gRPC API, and keeps the node registered through a heartbeat stream.
 
 With a join token it first joins the cluster (a certificate for its node id) and from then on
 speaks only TLS: mutual TLS to the control plane, its API admits only control planes, its data
-port only edges and control planes; /metrics and /healthz are on their own plain-HTTP port."""
+port edges, control planes and agents; /metrics and /healthz are on their own plain-HTTP port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -18,12 +19,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from nodeagent.api import NodeAgentService, status_of
+from nodeagent.egress.service import Egress
+from nodeagent.egress_tls import TlsInterception, files_for, node_roots
 from nodeagent.events import EventOutbox
 from nodeagent.fence import Fence
 from nodeagent.firewall import isolate_host
 from nodeagent.images import ControlPlaneImages, ImageKeeper, RegistryAuth, load_registry_auth
 from nodeagent.instances import Capacity, InstanceManager
 from nodeagent.metrics import RECONCILE_REMOVED
+from nodeagent.outbound import dropping_own_policies, outbound_runtime
 from nodeagent.pools import PoolKeeper, UsageSampler
 from nodeagent.proxy import DataPlane
 from nodeagent.runtime import DockerRuntime
@@ -50,7 +54,9 @@ from portside.errors import (
 )
 from portside.join import take_part
 from portside.pki import PeerRole
+from portside.proxy import HttpTransport
 from portside.rpc import Backoff, follow_stream
+from portside.secretwatch import follow_secrets
 from portside.spec import Config, ContainerClass, Node
 from portside.tokens import Token
 
@@ -373,8 +379,18 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
     if membership is None:
         return  # told to stop before it could join
     catalog = ClassCatalog()
+    # The cluster's gateway secrets for outbound handlers (env.secrets), kept current in place.
+    secrets: dict[str, str] = {}
     runtime = DockerRuntime(node.id)
-    await isolate_host(runtime, allow_host_access=opts.allow_host_access)
+    # Outbound control: the egress proxy, DNS responder and rules (nodeagent/egress/service.py).
+    egress = Egress(node.id, catalog.get, opts.deadlines, network=runtime.egress_network)
+    await isolate_host(runtime, allow_host_access=opts.allow_host_access, egress=egress.guard)
+    # intercept_https: a CA for each intercepting instance's new container, read back by the
+    # egress proxy to terminate its TLS (nodeagent/egress_tls.py).
+    runtime.container_files = functools.partial(files_for, egress.policies, roots=node_roots())
+    egress.proxy.interception = TlsInterception(runtime.read_file)
+    # Outbound handlers' bindings reach other nodes' data planes as an agent (mutual TLS).
+    to_agents = HttpTransport(opts.deadlines, tls=membership.client_tls(PeerRole.AGENT))
     to_controlplane = membership.client_tls(PeerRole.CONTROLPLANE)
     async with net.grpc_channel(membership.target, tls=to_controlplane) as channel:
         changes = _Relay()
@@ -391,11 +407,16 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
         )
         # Snapshots are pushed and recorded over the same channel, with the node's identity.
         snapshots = Snapshots(runtime, channel, node_id=node.id, deadline_s=opts.deadlines.rpc)
+
+        def instances_changed() -> None:
+            changes()
+            egress.containers_changed(manager.snapshot())  # the egress table follows at once
+
         manager = InstanceManager(
             runtime,
             catalog.get,
-            on_change=changes,
-            on_event=outbox.put,
+            on_change=instances_changed,
+            on_event=dropping_own_policies(egress.policies, outbox.put),
             on_run=follow_runs(meter),
             capacity=Capacity(node.id, node.vcpu, node.memory_mib),
             node_id=node.id,
@@ -405,13 +426,17 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
         adopted = await manager.adopt()
         if adopted:
             log.info("adopted %d containers of node %s", len(adopted), node.id)
+        egress.containers_changed(manager.snapshot())
         await snapshots.remove_leftover_commits()
-        # Only a control plane may call the API; only edges and control planes the data port.
+        # Only a control plane may call the API; edges, control planes and agents (outbound
+        # handlers' bindings, nodeagent/outbound.py) the data port.
         api_tls = membership.server_tls(PeerRole.CONTROLPLANE)
-        data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE)
+        data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE, PeerRole.AGENT)
         api = net.grpc_server(api_tls, f"the API of agent {node.id}")
         fence = Fence()  # fenced until the first heartbeat reply has reconciled its instances
-        na_grpc.add_NodeAgentServicer_to_server(NodeAgentService(manager, fence), api)
+        na_grpc.add_NodeAgentServicer_to_server(
+            NodeAgentService(manager, fence, egress.policies), api
+        )
         net.add_grpc_port(api, opts.api_listen, api_tls)
         scrape = await net.start_http_server(daemon.metrics_app(), node.metrics_address)
         data_plane = None
@@ -421,8 +446,22 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 renewal = membership.renewal(channel)
                 if renewal is not None:
                     background.append(tasks.create_task(renewal.run()))
+                background.append(tasks.create_task(follow_secrets(channel, secrets)))
+                # The gateway module's outbound handlers run here (nodeagent/outbound.py).
+                gateway = outbound_runtime(
+                    channel, opts.controlplane, to_agents, secrets, opts.deadlines
+                )
+                egress.proxy.handlers = gateway
+
+                def apply_config(config: Config) -> None:
+                    catalog.apply(config)
+                    gateway.load(config)
+                    # Which containers go through the egress proxy follows their classes (an
+                    # agent's first config comes after it adopted its containers).
+                    egress.containers_changed(manager.snapshot())
+
                 got_config = asyncio.Event()
-                watch = tasks.create_task(follow_config(channel, catalog.apply, got_config))
+                watch = tasks.create_task(follow_config(channel, apply_config, got_config))
                 await first_config(got_config, opts.deadlines.rpc, opts.controlplane, "classes")
                 plane = DataPlane(manager, catalog.get, opts.deadlines, fence=fence)
                 await plane.listen(opts.listen, data_tls, f"the data port of agent {node.id}")
@@ -484,5 +523,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
             await scrape.cleanup()
             await images.close()
             await manager.close()
+            await egress.close()
+            await to_agents.close()
             await runtime.close()
             log.info("agent %s stopped", node.id)

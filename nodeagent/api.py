@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from nodeagent.calls import CALL_TIMEOUT_S, call_instance
+from nodeagent.egress.policies import OutboundPolicies
 from nodeagent.fence import Fence
 from nodeagent.instances import InstanceManager
 from nodeagent.pools import Sample
@@ -25,6 +26,7 @@ from portside.convert import (
     class_from_pb,
     instance_info_to_pb,
     instance_status_to_pb,
+    outbound_from_pb,
     snapshot_from_pb,
     snapshot_to_pb,
     terminal_size_from_pb,
@@ -33,7 +35,7 @@ from portside.errors import FailedPrecondition, InvalidArgument, NotFound
 from portside.instances import InstanceInfo, InstanceStatus
 from portside.rpc import grpc_errors
 from portside.snapshots import CREATE, TRIGGERS
-from portside.spec import ContainerClass, instance_id
+from portside.spec import ContainerClass, OutboundPolicy, instance_id
 
 
 def status_of(info: InstanceInfo, sample: Sample | None) -> InstanceStatus:
@@ -62,9 +64,16 @@ def _required_id(iid: str) -> str:
 class NodeAgentService(na_grpc.NodeAgentServicer):
     """The agent's API over its instance manager; see nodeagent.proto for each RPC's codes."""
 
-    def __init__(self, manager: InstanceManager, fence: Fence | None = None) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        fence: Fence | None = None,
+        outbound: OutboundPolicies | None = None,
+    ) -> None:
         self.manager = manager
         self.fence = fence
+        # The egress proxy's policy table (None: this agent runs no egress, in tests of others).
+        self.outbound = outbound
 
     @grpc_errors
     async def ListInstances(
@@ -103,12 +112,40 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         if not getattr(request, "class").image:  # `class` is a Python keyword
             raise InvalidArgument("class.image: must not be empty")
         cls = await self._admitted(request)
+        # The control plane sends the instance's own outbound policy with every Start; none
+        # means its class's (an own policy dropped meanwhile is dropped here too).
+        self._set_outbound(
+            cls.name, request.name, request.outbound if request.HasField("outbound") else None
+        )
         overrides = Overrides(tuple(request.entrypoint), dict(request.env))
         snapshot = snapshot_from_pb(request.snapshot) if request.HasField("snapshot") else None
         info = await self.manager.start(
             cls, request.name, overrides, wait=not request.no_wait, snapshot=snapshot
         )
         return na.AgentInstanceResponse(info=instance_info_to_pb(info))
+
+    @grpc_errors
+    async def SetOutbound(
+        self, request: na.AgentSetOutboundRequest, context: Any
+    ) -> na.AgentSetOutboundResponse:
+        """An instance's own outbound policy (unset: its class's again), for its next
+        connection on; the instance need not have a container here yet."""
+        if not request.class_name:
+            raise InvalidArgument("class_name: must not be empty")
+        if not request.name:
+            raise InvalidArgument("name: must not be empty")
+        own = request.policy if request.HasField("policy") else None
+        self._set_outbound(request.class_name, request.name, own)
+        return na.AgentSetOutboundResponse()
+
+    def _set_outbound(self, class_name: str, name: str, own: pb.OutboundPolicy | None) -> None:
+        if self.outbound is None:
+            return
+        policy: OutboundPolicy | None = outbound_from_pb(own) if own is not None else None
+        try:
+            self.outbound.set_policy(class_name, name, policy)
+        except ValueError as exc:
+            raise InvalidArgument(f"policy: {exc}") from exc
 
     @grpc_errors
     async def Snapshot(

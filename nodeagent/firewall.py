@@ -8,8 +8,13 @@ replies to the host's own connections through:
 
     -I INPUT 1 -i br-<12 hex of the network id> -j PORTSIDE-HOST
     -A PORTSIDE-HOST -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN
+    -A PORTSIDE-HOST -m conntrack --ctstate DNAT -j RETURN
     -A PORTSIDE-HOST -p tcp -j REJECT --reject-with tcp-reset
     -A PORTSIDE-HOST -j REJECT --reject-with icmp-port-unreachable
+
+The DNAT rule lets in what a nat rule redirected to the host: only the egress rules
+(nodeagent/egress/rules.py) do, sending a container's connections and DNS to its agent's egress
+proxy and DNS responder; nothing else on Portside's bridges is DNATed to a local address.
 
 IPv6 (ip6tables, the same chain plus neighbour discovery) only for networks with IPv6 enabled:
 Docker turns IPv6 off inside containers of networks without it. Each change is one
@@ -46,6 +51,7 @@ LOCK_PATH = os.path.join(tempfile.gettempdir(), "portside-firewall.lock")
 _INTERFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")  # Linux: at most 15 characters
 _REPLIES = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
 _TCP_RESET = "-p tcp -j REJECT --reject-with tcp-reset"
+_REDIRECTED = "-m conntrack --ctstate DNAT -j RETURN"  # to the egress proxy and DNS responder
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ IPV4 = Family(
     "IPv4",
     "iptables",
     "iptables-restore",
-    (_REPLIES, _TCP_RESET, "-j REJECT --reject-with icmp-port-unreachable"),
+    (_REPLIES, _REDIRECTED, _TCP_RESET, "-j REJECT --reject-with icmp-port-unreachable"),
 )
 IPV6 = Family(
     "IPv6",
@@ -318,18 +324,42 @@ class GuardedRuntime(Protocol):
     ) -> None: ...
 
 
+Guard = Callable[[list[NetworkBridge]], Awaitable[None]]
+
+
+async def _unguarded(bridges: list[NetworkBridge]) -> None:
+    pass
+
+
 async def isolate_host(
-    runtime: GuardedRuntime, *, allow_host_access: bool, firewall: HostFirewall | None = None
+    runtime: GuardedRuntime,
+    *,
+    allow_host_access: bool,
+    firewall: HostFirewall | None = None,
+    egress: Guard | None = None,
 ) -> None:
     """At the agent's start: put the rules in place for Portside's networks and check them, now
-    and whenever the runtime makes the networks anew, or refuse to start with one line."""
+    and whenever the runtime makes the networks anew, or refuse to start with one line.
+    `egress` (the outbound control's guard, nodeagent/egress) runs after them."""
     if allow_host_access:
         log.warning(
             "--allow-host-access: containers on Portside's networks can reach every service on "
             "this host (this agent, a control plane, etcd ...); for development only"
         )
+        if egress is not None:
+            try:
+                await runtime.guard_networks(egress)
+            except FailedPrecondition as exc:
+                log.warning("--allow-host-access: and outbound control is off: %s", exc)
+                await runtime.guard_networks(_unguarded)
         return
-    guard = (firewall or HostFirewall()).enforce
+    host = (firewall or HostFirewall()).enforce
+
+    async def guard(bridges: list[NetworkBridge]) -> None:
+        await host(bridges)
+        if egress is not None:
+            await egress(bridges)
+
     try:
         await runtime.guard_networks(guard)
     except FailedPrecondition as exc:

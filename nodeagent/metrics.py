@@ -272,3 +272,15 @@ SNAPSHOT_RESTORES = Counter(
     "(the instance's first container on this node after its node was lost).",
     ["class", "cause"],
 )
+EGRESS_CONNECTIONS = Counter(
+    "portside_agent_egress_connections_total",
+    "Containers' outbound connections (and HTTP requests on them) through the node's egress "
+    "proxy, by class and verdict: allow, deny, handler (a gateway handler answered).",
+    ["class", "verdict"],
+)
+EGRESS_DNS = Counter(
+    "portside_agent_egress_dns_answers_total",
+    "DNS questions from containers answered by the node, by how: intercepted (a name an "
+    "outbound handler takes, answered with the node's address), forwarded, failed.",
+    ["how"],
+)

@@ -22,10 +22,12 @@ from portside.client import (
     ExecResult,
     ImageInfo,
     LogChunk,
+    Outbound,
     Portside,
     Response,
     Rollout,
     Schedule,
+    SecretInfo,
     Snapshot,
     SyncContainer,
     SyncPortside,
@@ -56,7 +58,7 @@ from portside.errors import (
 )
 from portside.events import Event, EventKind
 from portside.instances import InstanceInfo
-from portside.spec import ContainerClass, NodeInfo
+from portside.spec import ContainerClass, NodeInfo, OutboundPolicy
 from portside.states import InstanceState
 from portside.usage import Usage
 
@@ -83,16 +85,19 @@ __all__ = [
     "InstanceState",
     "InvalidArgument",
     "LogChunk",
+    "Outbound",
     "NoCapacity",
     "NodeInfo",
     "NodeUnreachable",
     "NotFound",
+    "OutboundPolicy",
     "PermissionDenied",
     "Portside",
     "PortsideError",
     "Response",
     "Rollout",
     "Schedule",
+    "SecretInfo",
     "Snapshot",
     "StoreError",
     "SyncContainer",

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime of the certificates this replica issues, its own included (default 24h)",
     )
     p.add_argument(
+        "--secrets-key-file",
+        default="",
+        metavar="PATH",
+        help="the cluster's key for gateway secrets, the same file on every replica (`portside "
+        "bootstrap` wrote secrets.key); without it, secrets can be listed and deleted but not "
+        "set or served",
+    )
+    p.add_argument(
         "--image-dir",
         default="",
         metavar="DIR",
@@ -514,6 +522,39 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("name", metavar="NAME", nargs="?", default="")
     _instance_parser(actions, "rm", "delete a schedule").add_argument("schedule_id", metavar="ID")
 
+    p = sub.add_parser("outbound", help="an instance's own outbound policy: set, show, clear")
+    actions = p.add_subparsers(dest="outbound_action", required=True, metavar="ACTION")
+    p = _instance_parser(
+        actions,
+        "set",
+        "give an instance its own outbound policy, whole, in place of its class's (applied "
+        "at once, no restart)",
+    )
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="HOST",
+        help="allowed host: a name, *.glob, IP or CIDR (repeat; any set: the rest is denied)",
+    )  # fmt: skip
+    p.add_argument(
+        "--deny", action="append", default=[], metavar="HOST",
+        help="denied host, checked first (repeat)",
+    )  # fmt: skip
+    p.add_argument(
+        "--handler", action="append", default=[], metavar="HOST=FUNCTION",
+        help="HTTP to HOST is answered by this gateway module function (repeat)",
+    )  # fmt: skip
+    p.add_argument(
+        "--internet", action=argparse.BooleanOptionalAction, default=False,
+        help="whether hosts not listed are reachable when no --allow is given (default: no)",
+    )  # fmt: skip
+    p.add_argument(
+        "--intercept-https", action="store_true",
+        help="terminate HTTPS to --handler hosts with the instance's CA (/etc/portside/ca.crt)",
+    )  # fmt: skip
+    _instance_parser(actions, "show", "show the outbound policy that applies to an instance")
+    _instance_parser(
+        actions, "clear", "drop an instance's own outbound policy: its class's applies"
+    )
+
     p = sub.add_parser("token", help="API and join tokens (needs an admin token)")
     actions = p.add_subparsers(dest="token_action", required=True, metavar="ACTION")
     p = _client_parser(actions, "create", "make a token and print it, this once")
@@ -533,6 +574,19 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _client_parser(actions, "list", "list tokens (never their secrets)")
     p = _client_parser(actions, "revoke", "revoke a token on every replica")
     p.add_argument("token", metavar="TOKEN|NAME", help="its name, its id, or the whole token")
+
+    p = sub.add_parser("secret", help="gateway secrets (env.secrets): put, list, delete")
+    actions = p.add_subparsers(dest="secret_action", required=True, metavar="ACTION")
+    _client_parser(
+        actions,
+        "put",
+        "set a secret from standard input (piped, or typed without echo); one trailing newline "
+        "is dropped (needs an admin token)",
+    ).add_argument("secret_name", metavar="NAME", help="letters, digits and _, like API_KEY")
+    _client_parser(actions, "list", "list secrets: names, when set, digests (never values)")
+    _client_parser(actions, "delete", "delete a secret (needs an admin token)").add_argument(
+        "secret_name", metavar="NAME"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -607,6 +661,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     image_gc_every_s=_duration(args.image_gc_every, "--image-gc-every"),
                     image_keep_versions=args.image_keep_versions,
                     image_gc_grace_s=_duration(args.image_gc_grace, "--image-gc-grace"),
+                    secrets_key_file=args.secrets_key_file,
                 )
             )
         )
@@ -1534,6 +1589,48 @@ async def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret_value(name: str) -> str:
+    """The value of `portside secret put`: typed without echo at a terminal, else standard
+    input whole, less one trailing newline (what `echo` adds). Never from the command line,
+    where other users of the machine and shell history would see it."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"value of {name} (not shown): ")
+    value = sys.stdin.read()
+    return value[:-2] if value.endswith("\r\n") else value.removesuffix("\n")
+
+
+async def _secret(args: argparse.Namespace) -> int:
+    from portside.client import SecretInfo
+
+    def row(s: SecretInfo) -> dict[str, object]:
+        return {"name": s.name, "updated": s.updated_at, "digest": s.digest}
+
+    async with _connect(args) as ps:
+        if args.secret_action == "list":
+            found = await ps.secrets()
+            if args.json:
+                _print_json([row(s) for s in found])
+            else:
+                _print_table(
+                    ("NAME", "UPDATED", "DIGEST"),
+                    [(s.name, _utc_day_time(s.updated_at), s.digest) for s in found],
+                )
+            return 0
+        if args.secret_action == "put":
+            info = await ps.put_secret(args.secret_name, _secret_value(args.secret_name))
+            done = "set"
+        else:
+            info = await ps.delete_secret(args.secret_name)
+            done = "deleted"
+    if args.json:
+        _print_json(row(info))
+    else:
+        print(f"secret {info.name} {done} ({info.digest})")
+    return 0
+
+
 async def _snapshot(args: argparse.Namespace) -> int:
     from portside.build import human_size
 
@@ -1647,6 +1744,42 @@ async def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _outbound(args: argparse.Namespace) -> int:
+    async with _connect(args) as ps:
+        box = ps.container(args.class_name, args.name)
+        if args.outbound_action == "show":
+            applied = await box.outbound()
+        elif args.outbound_action == "clear":
+            applied = await box.clear_outbound()
+        else:
+            handlers = {}
+            for text in args.handler:
+                host, sep, function = text.partition("=")
+                if not sep or not host or not function:
+                    raise InvalidArgument(f"--handler {text!r}: use HOST=FUNCTION")
+                handlers[host] = function
+            applied = await box.set_outbound(
+                allowed_hosts=args.allow,
+                denied_hosts=args.deny,
+                outbound_by_host=handlers,
+                enable_internet=args.internet,
+                intercept_https=args.intercept_https,
+            )
+    policy = applied.policy
+    if args.json:
+        _print_json({"own": applied.own, **dataclasses.asdict(policy)})
+        return 0
+    whose = "its own" if applied.own else "its class's"
+    print(f"{args.class_name}/{args.name} follows {whose} outbound policy:")
+    print(f"  internet         {'yes' if policy.enable_internet else 'no'}")
+    print(f"  allowed hosts    {', '.join(policy.allowed_hosts) or '-'}")
+    print(f"  denied hosts     {', '.join(policy.denied_hosts) or '-'}")
+    handled = ", ".join(f"{h} -> {f}" for h, f in policy.outbound_by_host.items())
+    print(f"  handlers         {handled or '-'}")
+    print(f"  intercept HTTPS  {'yes' if policy.intercept_https else 'no'}")
+    return 0
+
+
 def _utc_day_time(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%d %H:%M")
 
@@ -1669,8 +1802,10 @@ _CLIENT_VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]
     "state": _state,
     "usage": _usage,
     "token": _token,
+    "secret": _secret,
     "schedule": _schedule,
     "snapshot": _snapshot,
+    "outbound": _outbound,
 }
 
 

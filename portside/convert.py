@@ -5,6 +5,7 @@ function each way per type. The logic above this module never sees a `_pb2` type
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -617,3 +618,24 @@ def route_update_from_pb(m: cp.WatchRoutesResponse) -> RouteUpdate:
             if c.kind in _ROUTE_CHANGE_KINDS_FROM_PB
         ),
     )
+
+
+#: Calls of a gateway rate limiter (issue 14) by (binding, key, period index), the period index
+#: being floor(unix time / the limiter's period): what SyncRateLimits carries both ways.
+RateCounts = dict[tuple[str, str, int], int]
+
+
+def rate_counts_to_pb(counts: Mapping[tuple[str, str, int], int]) -> list[cp.RateCount]:
+    return [
+        cp.RateCount(binding=binding, key=key, period=period, count=count)
+        for (binding, key, period), count in counts.items()
+    ]
+
+
+def rate_counts_from_pb(messages: Iterable[cp.RateCount]) -> RateCounts:
+    """Counts by slot; a slot named twice counts both."""
+    out: RateCounts = {}
+    for m in messages:
+        slot = (m.binding, m.key, m.period)
+        out[slot] = out.get(slot, 0) + m.count
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,6 +228,10 @@ class RateLimit:
     binding: str
     limit: int
     period_s: float
+
+    def period_at(self, unix_s: float) -> int:
+        """The fixed window `unix_s` falls in: floor(unix time / period_s)."""
+        return math.floor(unix_s / self.period_s)
 
 
 @dataclass(frozen=True)

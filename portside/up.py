@@ -47,7 +47,7 @@ def run(opts: UpOptions) -> int:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     store_url = f"sqlite://{data_dir / 'store.db'}"
     try:
-        admin_token, join_token = _bootstrap(store_url, data_dir)
+        admin_token, join_token, secrets_key = _bootstrap(store_url, data_dir)
     except PortsideError as exc:
         print(f"portside up: {exc}", file=sys.stderr)
         return 1
@@ -75,6 +75,8 @@ def run(opts: UpOptions) -> int:
             opts.region,
             "--image-dir",
             str(data_dir / "images"),
+            "--secrets-key-file",
+            str(secrets_key),
         )
         _wait_for_port(opts.controlplane_listen, "control plane", children, opts.start_timeout_s)
         from portside.cli import deploy_config
@@ -215,14 +217,16 @@ def _wait_for_port(
     raise Unavailable(f"the {name} did not open {address} within {timeout_s:g}s")
 
 
-def _bootstrap(store_url: str, data_dir: Path) -> tuple[Path, Path]:
-    """Bootstrap the embedded store on the first `up` (its tokens go next to it); later ones find
-    it bootstrapped and its tokens there. Returns the admin and join token files."""
+def _bootstrap(store_url: str, data_dir: Path) -> tuple[Path, Path, Path]:
+    """Bootstrap the embedded store on the first `up` (its tokens and secrets key go next to
+    it); later ones find it bootstrapped and its files there. Returns the admin and join token
+    files and the secrets key's."""
     from controlplane.identity import bootstrap_url
+    from controlplane.secrets import KEY_FILE, write_key_file
 
     if not (data_dir / "store.db").exists():
         # Tokens without their store are of a cluster that is gone (its store was deleted).
-        for name in ("admin.token", "join.token"):
+        for name in ("admin.token", "join.token", KEY_FILE):
             (data_dir / name).unlink(missing_ok=True)
     done = bootstrap_url(store_url, data_dir)
     if done.created:
@@ -233,7 +237,9 @@ def _bootstrap(store_url: str, data_dir: Path) -> tuple[Path, Path]:
                 f"{path} is missing, and without it nothing can join {store_url}: remove "
                 f"{data_dir / 'store.db'} to start a new cluster here (its instances are lost)"
             )
-    return done.admin_token, done.join_token
+    if not done.secrets_key.exists():
+        write_key_file(done.secrets_key)  # a data directory from before gateway secrets
+    return done.admin_token, done.join_token, done.secrets_key
 
 
 async def _wait_for_node(controlplane: str, token_text: str, timeout_s: float) -> None:

@@ -39,6 +39,8 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig
 
+from nodeagent.egress.policies import class_lets_out
+from nodeagent.egress_tls import ContainerFiles
 from nodeagent.runtime.docker_streams import (
     ChunkedBody,
     DockerExec,
@@ -119,6 +121,7 @@ class NetworkBridge:
     interface: str  # the host's bridge interface, e.g. br-06ba06e1b493
     ipv6: bool
     gateways: tuple[str, ...]  # the host's addresses on the bridge
+    subnets: tuple[str, ...] = ()  # its containers' addresses (CIDRs)
 
 
 def network_bridge(network: Mapping[str, Any]) -> NetworkBridge:
@@ -131,6 +134,7 @@ def network_bridge(network: Mapping[str, Any]) -> NetworkBridge:
         interface=options.get("com.docker.network.bridge.name") or f"br-{network['Id'][:12]}",
         ipv6=bool(network.get("EnableIPv6")),
         gateways=tuple(str(c["Gateway"]) for c in ipam if c.get("Gateway")),
+        subnets=tuple(str(c["Subnet"]) for c in ipam if c.get("Subnet")),
     )
 
 
@@ -173,6 +177,9 @@ class DockerRuntime:
         self._networks_lock = asyncio.Lock()
         self._feeds: set[EventFeed] = set()
         self._calls = EngineCalls(self._client.api)
+        # Files and env each new container gets beyond its class's (intercept_https's CA,
+        # nodeagent/egress_tls.py); called in a worker thread with the class and instance name.
+        self.container_files: Callable[[ContainerClass, str], ContainerFiles | None] | None = None
 
     async def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         loop = asyncio.get_running_loop()
@@ -251,8 +258,14 @@ class DockerRuntime:
             )
         return chosen
 
+    @property
+    def egress_network(self) -> str:
+        """The network of classes that may reach anything outside the node (its agent's egress
+        proxy controls what they reach: nodeagent/egress)."""
+        return self._egress_network
+
     async def _network_for(self, cls: ContainerClass) -> str:
-        name = self._egress_network if cls.enable_internet else self._internal_network
+        name = self._egress_network if class_lets_out(cls) else self._internal_network
         if name not in self._networks:
             await self.ensure_networks()
         return self._networks[name]
@@ -315,9 +328,11 @@ class DockerRuntime:
             labels[LABEL_CLASS_IMAGE] = from_snapshot.class_image
             labels[LABEL_SNAPSHOT] = from_snapshot.snapshot_id
         # Portside's variables win over the class's and a Start's: the agent connects to PORT.
+        files = self.container_files(cls, name) if self.container_files is not None else None
         env = {
             **cls.env,
             **overrides.env,
+            **(files.env if files is not None else {}),
             "PORTSIDE_CLASS": cls.name,
             "PORTSIDE_INSTANCE": name,
             "PORTSIDE_INSTANCE_ID": iid,
@@ -325,8 +340,13 @@ class DockerRuntime:
         }
         entrypoint = list(overrides.entrypoint or cls.entrypoint) or None
         memory = cls.instance_type.memory_mib * 1024 * 1024
+        egress = self._bridges.get(self._egress_network)
         host_config = api.create_host_config(
             network_mode=network,
+            # Docker's embedded DNS asks the agent's DNS responder (nodeagent/egress/dns.py).
+            dns=list(egress.gateways[:1])
+            if egress is not None and network == self._networks.get(self._egress_network)
+            else None,
             nano_cpus=int(cls.instance_type.vcpu * 1e9),
             mem_limit=memory,
             memswap_limit=memory,  # equal to the memory limit: no swap
@@ -381,7 +401,25 @@ class DockerRuntime:
             reused: str = existing["Id"]
             return reused
         container_id: str = created["Id"]
+        if files is not None:
+            api.put_archive(container_id, "/", files.archive)
         return container_id
+
+    async def read_file(self, container_id: str, path: str) -> bytes:
+        """One regular file of a container, running or not; FileNotFoundError without it."""
+        return await self._call(self._read_file, container_id, path)
+
+    def _read_file(self, container_id: str, path: str) -> bytes:
+        try:
+            chunks, _ = self._client.api.get_archive(container_id, path)
+        except docker.errors.NotFound as exc:
+            raise FileNotFoundError(path) from exc
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            member = tar.next()
+            extracted = tar.extractfile(member) if member is not None else None
+            if extracted is None:
+                raise FileNotFoundError(path)
+            return extracted.read()
 
     async def start(self, container_id: str) -> ContainerInfo:
         await self._call(self._client.api.start, container_id)

@@ -11,9 +11,11 @@ from portside.client._models import (
     ExecResult,
     ImageInfo,
     LogChunk,
+    Outbound,
     Response,
     Rollout,
     Schedule,
+    SecretInfo,
 )
 from portside.client._sync import SyncContainer, SyncPortside, connect_sync
 from portside.snapshots import Snapshot
@@ -27,10 +29,12 @@ __all__ = [
     "ClassVersion",
     "ImageInfo",
     "LogChunk",
+    "Outbound",
     "Portside",
     "Response",
     "Rollout",
     "Schedule",
+    "SecretInfo",
     "Snapshot",
     "SyncContainer",
     "SyncPortside",

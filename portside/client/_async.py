@@ -29,9 +29,11 @@ from portside.client._models import (
     ExecResult,
     ImageInfo,
     LogChunk,
+    Outbound,
     Response,
     Rollout,
     Schedule,
+    SecretInfo,
 )
 from portside.convert import (
     class_from_pb,
@@ -40,6 +42,8 @@ from portside.convert import (
     instance_info_from_pb,
     log_chunks_from_pb,
     node_info_from_pb,
+    outbound_from_pb,
+    outbound_to_pb,
     rollout_from_pb,
     schedule_from_pb,
     snapshot_from_pb,
@@ -53,7 +57,7 @@ from portside.headers import INSTANCE, LOCATION_HINT
 from portside.instances import InstanceInfo
 from portside.rpc import Backoff, follow_stream
 from portside.snapshots import SNAPSHOT_TIMEOUT_S, Snapshot
-from portside.spec import ContainerClass, NodeInfo
+from portside.spec import ContainerClass, NodeInfo, OutboundPolicy
 from portside.states import InstanceState
 from portside.terminal import TerminalSize
 from portside.tokens import Token, TokenRecord, find_token
@@ -493,6 +497,32 @@ class Portside:
             )
         return token_info_from_pb(reply.info)
 
+    # --- gateway secrets (issue 14): the gateway module reads them as env.secrets ---
+
+    async def put_secret(self, name: str, value: str) -> SecretInfo:
+        """Set the gateway secret `name` (letters, digits and _, like API_KEY) to `value`
+        (at most 16 KiB), encrypted in the store; every edge and agent has it within moments.
+        Needs an admin token. The value is never shown again, by any call."""
+        with self._grpc_errors():
+            reply = await self._stub.PutSecret(
+                cp.PutSecretRequest(name=name, value=value), timeout=self.timeout
+            )
+        return _secret_info_from_pb(reply.secret)
+
+    async def secrets(self) -> list[SecretInfo]:
+        """Every gateway secret, by name: when it was set and its digest, never its value."""
+        with self._grpc_errors():
+            reply = await self._stub.ListSecrets(cp.ListSecretsRequest(), timeout=self.timeout)
+        return [_secret_info_from_pb(m) for m in reply.secrets]
+
+    async def delete_secret(self, name: str) -> SecretInfo:
+        """Delete a gateway secret (NotFound if there is none). Needs an admin token."""
+        with self._grpc_errors():
+            reply = await self._stub.DeleteSecret(
+                cp.DeleteSecretRequest(name=name), timeout=self.timeout
+            )
+        return _secret_info_from_pb(reply.secret)
+
     async def _watch(
         self, class_name: str, name: str, after_revision: int, resume_for: float
     ) -> AsyncIterator[Event]:
@@ -902,6 +932,56 @@ class Container:
             reply = await self.portside._stub.DeleteSchedule(request, timeout=self.portside.timeout)
         return schedule_from_pb(reply.schedule)
 
+    async def set_outbound(
+        self,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        denied_hosts: Sequence[str] = (),
+        outbound_by_host: Mapping[str, str] | None = None,
+        enable_internet: bool = False,
+        intercept_https: bool = False,
+    ) -> Outbound:
+        """Give this instance its own outbound policy in place of its class's, whole (what is
+        not given is the default: no internet, nothing allowed, no handlers). Its node applies
+        it to the next connection, without a restart; it is kept while the instance moves and
+        sleeps, until `clear_outbound` or `destroy`::
+
+            await box.set_outbound(allowed_hosts=["api.example.com"], denied_hosts=["10.0.0.0/8"])
+            await box.set_outbound(outbound_by_host={"billing.internal": "billing"})
+
+        Hosts are name globs (`*.example.com`), IP addresses or CIDRs; `outbound_by_host` maps
+        hosts to handler functions of the gateway module (docs/security.md has the order in
+        which they apply). InvalidArgument names a bad pattern; NotFound: unknown class.
+        """
+        for name, value in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
+            if isinstance(value, str):
+                raise InvalidArgument(f"{name} is a list of hosts, e.g. [{value!r}]")
+        policy = OutboundPolicy(
+            enable_internet=enable_internet,
+            allowed_hosts=tuple(allowed_hosts),
+            denied_hosts=tuple(denied_hosts),
+            outbound_by_host=dict(outbound_by_host or {}),
+            intercept_https=intercept_https,
+        )
+        request = cp.SetOutboundRequest(instance=self._ref, policy=outbound_to_pb(policy))
+        return await self._set_outbound(request)
+
+    async def clear_outbound(self) -> Outbound:
+        """Drop this instance's own outbound policy: its class's applies again."""
+        return await self._set_outbound(cp.SetOutboundRequest(instance=self._ref, clear=True))
+
+    async def _set_outbound(self, request: cp.SetOutboundRequest) -> Outbound:
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.SetOutbound(request, timeout=self.portside.timeout)
+        return Outbound(outbound_from_pb(reply.policy), reply.own)
+
+    async def outbound(self) -> Outbound:
+        """The outbound policy that applies to this instance: its own, or its class's."""
+        request = cp.GetOutboundRequest(instance=self._ref)
+        with self.portside._grpc_errors():
+            reply = await self.portside._stub.GetOutbound(request, timeout=self.portside.timeout)
+        return Outbound(outbound_from_pb(reply.policy), reply.own)
+
     async def fetch(
         self,
         path: str,
@@ -967,6 +1047,10 @@ async def _exec_requests(start: pb.ExecStart, stdin: Stdin) -> AsyncIterator[pb.
             for i in range(0, len(piece), _STDIN_CHUNK):
                 yield pb.ExecRequest(stdin=bytes(piece[i : i + _STDIN_CHUNK]))
     yield pb.ExecRequest(stdin_close=True)
+
+
+def _secret_info_from_pb(m: cp.SecretInfo) -> SecretInfo:
+    return SecretInfo(name=m.name, updated_at=m.updated_at, digest=m.digest)
 
 
 def _image_info_from_pb(m: cp.ImageInfo) -> ImageInfo:

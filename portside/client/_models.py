@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from portside import headers
-from portside.spec import ContainerClass
+from portside.spec import ContainerClass, OutboundPolicy
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,26 @@ class Schedule:
         if self.path:
             return f"{self.method or 'GET'} {self.path}"
         return "exec " + " ".join(self.command)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """What an instance may reach outside its node (docs/security.md): `policy` is its own (set
+    with `Container.set_outbound`) when `own`, else its class's."""
+
+    policy: OutboundPolicy
+    own: bool
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A gateway secret as a listing shows it (`portside secret list`), never its value:
+    `digest` tells its versions apart (keyed with the cluster's secrets key, so it helps no one
+    guess the value)."""
+
+    name: str
+    updated_at: float  # unix seconds
+    digest: str
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,11 @@ from portside.client._models import (
     ExecResult,
     ImageInfo,
     LogChunk,
+    Outbound,
     Response,
     Rollout,
     Schedule,
+    SecretInfo,
 )
 from portside.events import Event
 from portside.instances import InstanceInfo
@@ -227,6 +229,15 @@ class SyncPortside:
     def delete_snapshot(self, class_name: str, snapshot: str) -> Snapshot:
         return self._loop.run(self._async.delete_snapshot(class_name, snapshot))
 
+    def put_secret(self, name: str, value: str) -> SecretInfo:
+        return self._loop.run(self._async.put_secret(name, value))
+
+    def secrets(self) -> list[SecretInfo]:
+        return self._loop.run(self._async.secrets())
+
+    def delete_secret(self, name: str) -> SecretInfo:
+        return self._loop.run(self._async.delete_secret(name))
+
 
 class SyncContainer:
     """A named instance, synchronously; the methods are those of `portside.Container`."""
@@ -394,6 +405,31 @@ class SyncContainer:
 
     def delete_schedule(self, schedule_id: str) -> Schedule:
         return self._loop.run(self._async.delete_schedule(schedule_id))
+
+    def set_outbound(
+        self,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        denied_hosts: Sequence[str] = (),
+        outbound_by_host: Mapping[str, str] | None = None,
+        enable_internet: bool = False,
+        intercept_https: bool = False,
+    ) -> Outbound:
+        return self._loop.run(
+            self._async.set_outbound(
+                allowed_hosts=allowed_hosts,
+                denied_hosts=denied_hosts,
+                outbound_by_host=outbound_by_host,
+                enable_internet=enable_internet,
+                intercept_https=intercept_https,
+            )
+        )
+
+    def clear_outbound(self) -> Outbound:
+        return self._loop.run(self._async.clear_outbound())
+
+    def outbound(self) -> Outbound:
+        return self._loop.run(self._async.outbound())
 
     def fetch(
         self,

@@ -69,6 +69,14 @@ class BodyStream:
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
 
+    def take(self) -> bytes | bytearray | AsyncIterable[bytes]:
+        """What the body streams from, for a hop that passes it on unread (no copy); it counts
+        as read from here on."""
+        if self._used:
+            raise RuntimeError("this body was already read")
+        self._used = True
+        return self._source
+
 
 class _Message:
     headers: CIMultiDict[str]
@@ -101,7 +109,7 @@ class Request(_Message):
         self.method = method.upper()
         self.headers = make_headers(headers)
         self.body = BodyStream(body)
-        self.client = client  # the client's address, host:port ("" when made by code)
+        self.client = client  # the client's IP address ("" when made by code)
 
     @property
     def path(self) -> str:
@@ -131,6 +139,10 @@ class Request(_Message):
 
 class Response(_Message):
     """An HTTP response: `status`, `headers`, `body`."""
+
+    # A stub's 101 to a WebSocket upgrade carries the upgraded connection here, for the host
+    # to splice to its client when the handler returns it (portside/gateway/relay.py).
+    _socket: Any = None
 
     def __init__(
         self, body: Body = None, *, status: int = 200, headers: HeadersLike = None

@@ -27,14 +27,17 @@ from portside.proxy._headers import (
     HOP_BY_HOP,
     connection_tokens,
     is_websocket_upgrade,
+    offered_protocols,
     request_headers,
+    response_fields,
     response_headers,
 )
-from portside.proxy._server import ClientGone, HttpServer, Request, RequestBody
+from portside.proxy._server import BodySink, ClientGone, HttpServer, Request, RequestBody
 from portside.proxy._transport import (
     IDEMPOTENT_METHODS,
     WS_CLOSE_TIMEOUT,
     Forward,
+    ForwardBody,
     UpgradeRefused,
     Upstream,
     UpstreamResponse,
@@ -49,8 +52,10 @@ __all__ = [
     "HOP_BY_HOP",
     "IDEMPOTENT_METHODS",
     "WS_CLOSE_TIMEOUT",
+    "BodySink",
     "ClientGone",
     "Forward",
+    "ForwardBody",
     "Framing",
     "HttpServer",
     "HttpTransport",
@@ -67,6 +72,8 @@ __all__ = [
     "forward_request",
     "is_websocket_upgrade",
     "may_resend",
+    "offered_protocols",
     "request_headers",
+    "response_fields",
     "response_headers",
 ]

@@ -305,7 +305,9 @@ class _Connection(asyncio.Protocol, BodySink):
         return _Response(self)
 
     def _send(self, forward: Forward, authority: str) -> None:
-        fields = [*forward.headers.items(), ("Host", authority)]
+        fields = list(forward.headers.items())
+        if "Host" not in forward.headers:  # a hop names the next; the egress proxy keeps it
+            fields.append(("Host", authority))
         if forward.websocket:
             fields.extend((("Connection", "Upgrade"), ("Upgrade", "websocket")))
         body = forward.body

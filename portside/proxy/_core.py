@@ -59,20 +59,36 @@ class ProxyCore:
         """Send `forward` to `authority`; raises as UpstreamTransport.open does."""
         return await self.transport.open(authority, forward)
 
-    async def deliver(self, request: Request, upstream: Upstream, *, on_break: OnBreak) -> None:
+    async def deliver(
+        self,
+        request: Request,
+        upstream: Upstream,
+        *,
+        on_break: OnBreak,
+        head: tuple[int, list[tuple[str, str]]] | None = None,
+    ) -> None:
         """Answer `request` with the opened `upstream`: stream the response back, or bridge the
         WebSocket until both sides have closed. `on_break` hears of a response that broke off
-        midway (the client's connection is cut then, so it never takes the rest as whole)."""
+        midway (the client's connection is cut then, so it never takes the rest as whole).
+        `head`: the status and header fields to answer with instead of the upstream's (a
+        gateway handler may have changed them; the body still streams as it came)."""
         if isinstance(upstream, UpstreamSocket):
             await self._bridge(request, upstream)
         else:
-            await self._relay(request, upstream, on_break)
+            await self._relay(request, upstream, on_break, head)
 
-    async def _relay(self, request: Request, upstream: UpstreamResponse, on_break: OnBreak) -> None:
+    async def _relay(
+        self,
+        request: Request,
+        upstream: UpstreamResponse,
+        on_break: OnBreak,
+        head: tuple[int, list[tuple[str, str]]] | None,
+    ) -> None:
+        status, fields = head if head is not None else (upstream.status, upstream.fields)
         request.start(
-            upstream.status,
-            upstream.reason,
-            response_fields(upstream.fields, self._drop),
+            status,
+            upstream.reason if head is None else None,
+            response_fields(fields, self._drop),
             upstream.framing,
         )
         try:

@@ -288,6 +288,11 @@ class Request:
     def ssl_object(self) -> ssl.SSLObject | None:
         return self._conn.ssl_object
 
+    def connection_info(self, name: str) -> Any:
+        """What the connection's transport knows by `name` (`socket`, `peername`...): the
+        egress proxy reads the connection's original destination from its socket."""
+        return self._conn.transport.get_extra_info(name)
+
     # -- the answer --
 
     def respond(
@@ -719,6 +724,14 @@ class HttpServer:
             backlog=1024,
         )
         self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+
+    async def serve(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
+        """Serve a connection accepted elsewhere (the egress proxy's, once its first bytes
+        were seen to be HTTP, or TLS it terminates with `tls`); it is closed with the others."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: _Connection(self), sock, ssl=tls)
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep())
 

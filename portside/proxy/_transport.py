@@ -12,13 +12,34 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from portside.errors import UpstreamFailed, UpstreamRefused, UpstreamReset
 from portside.proxy._headers import offered_protocols, request_headers
-from portside.proxy._server import Request, RequestBody
+from portside.proxy._server import BodySink, Request
 from portside.proxy._wire import Framing
 
 # RFC 9110 9.2.2: the methods a client expects may be sent more than once.
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # After one side of a WebSocket closes, how long the other side may take to finish closing.
 WS_CLOSE_TIMEOUT: Final = 5.0
+
+
+class ForwardBody(Protocol):
+    """A request body as the transport sends it: a client's (`RequestBody`), or one a gateway
+    handler made (portside/gateway/relay.py). `pipe` passes it to the sink as it comes, the
+    sink calls `pause`/`resume` while it is slow; `unpipe` drops what is still to come;
+    `started` says whether any of it was taken (then it cannot be sent again)."""
+
+    @property
+    def framing(self) -> Framing: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    def pipe(self, sink: BodySink) -> None: ...
+
+    def unpipe(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +50,7 @@ class Forward:
     method: str
     target: str
     headers: CIMultiDict[str]
-    body: RequestBody | None = None
+    body: ForwardBody | None = None
     websocket: bool = False
     protocols: tuple[str, ...] = ()  # the WebSocket subprotocols the client offered
 

@@ -90,6 +90,11 @@ class Cluster:
     def admin_token_file(self) -> Path:
         return self.tokens_dir / "admin.token"
 
+    @property
+    def secrets_key_file(self) -> Path:
+        """The gateway secrets key bootstrap wrote: every control plane is started with it."""
+        return self.tokens_dir / "secrets.key"
+
     def bootstrap(self) -> None:
         """`portside bootstrap` of this cluster's store, in-process (the store was emptied for
         this test); the admin token goes into $PORTSIDE_TOKEN until `close()`."""
@@ -160,6 +165,11 @@ class Cluster:
                 f"127.0.0.1:{free_port()}",
                 # The test's own image store: never the machine's default, shared by every run.
                 *([] if "--image-dir" in extra else ["--image-dir", str(self.tmp / "images")]),
+                *(
+                    ["--secrets-key-file", str(self.secrets_key_file)]
+                    if self.secrets_key_file.exists() and "--secrets-key-file" not in extra
+                    else []
+                ),
                 *extra,
             ],
             address,

@@ -16,8 +16,10 @@ import grpc
 import pytest
 
 from controlplane import records
+from controlplane.agents import AgentClients
 from controlplane.events import EventLog
 from controlplane.leader import LeaderElection
+from controlplane.lifecycle import Lifecycle
 from controlplane.pools import PoolManager
 from controlplane.rolloutloop import RolloutBook, RolloutLoop
 from controlplane.rollouts import ROLLOUTS
@@ -174,7 +176,7 @@ async def cluster(store_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
         view,
         node_ttl_s=10,
         default_region="fra",
-        lifecycle=cast(Any, None),
+        lifecycle=Lifecycle(store, view, AgentClients(view), EventLog(store), default_region="fra"),
         events=EventLog(store),
         rollouts=book,
     )

@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 
 from controlplane import records
-from controlplane.pools import drain_order, room_for, target_region
+from controlplane.pools import drain_order, rebalance_move, room_for, target_region
 from controlplane.records import InstanceRecord
 from controlplane.store import KeyValue, WatchEvent
 from controlplane.view import ClusterView
@@ -100,3 +100,45 @@ def test_room_counts_whole_instances_that_fit_by_cpu_and_memory() -> None:
     )
     # f: 0.75 vCPU free -> 3 basic (0.25 vCPU, 1 GiB); s: 2 vCPU but 1 GiB -> 1.
     assert room_for(view, INSTANCE_TYPES["basic"]) == 4
+
+
+ROOM = {"fra", "sin", "iad"}
+
+
+@pytest.mark.parametrize(
+    ("demand", "members", "room", "expected"),
+    [
+        # The sun moved from sin to fra: sin's spare members go where the demand is now.
+        ({"fra": 30.0, "sin": 2.0}, {"sin": 4, "fra": 1}, ROOM, ("sin", "fra")),
+        ({"fra": 30.0}, {"sin": 2, "fra": 1}, ROOM, ("sin", "fra")),  # no demand left in sin
+        # A region's last member stays, demand or not: no move at all here.
+        ({"fra": 30.0}, {"sin": 1, "iad": 1, "fra": 1}, ROOM, None),
+        # Demand per member matches: nothing pays, steady load never moves a member.
+        ({"fra": 20.0, "sin": 20.0}, {"fra": 2, "sin": 2}, ROOM, None),
+        # Within the margin: 10 a member in fra after a move, 12 for the one left in sin.
+        ({"fra": 20.0, "sin": 12.0}, {"fra": 1, "sin": 2}, ROOM, None),
+        # The region that wants one is full: a move would land beside it, so none is made.
+        ({"fra": 30.0}, {"sin": 3, "fra": 1}, {"sin", "iad"}, None),
+        ({}, {"sin": 3, "fra": 1}, ROOM, None),  # no demand reported: nothing to follow
+    ],
+)
+def test_rebalance_move(
+    demand: dict[str, float],
+    members: dict[str, int],
+    room: set[str],
+    expected: tuple[str, str] | None,
+) -> None:
+    assert rebalance_move(demand, members, room) == expected
+
+
+def test_rebalance_moves_settle() -> None:
+    """Under one demand, moves go one way and stop after a few: no flapping."""
+    demand = {"fra": 30.0, "sin": 9.0, "iad": 14.0}
+    members = {"fra": 1, "sin": 5, "iad": 3}
+    moves = []
+    while (move := rebalance_move(demand, members, ROOM)) is not None:
+        source, target = move
+        members = {**members, source: members[source] - 1, target: members.get(target, 0) + 1}
+        moves.append(move)
+        assert len(moves) < 10, moves
+    assert moves and all(target == "fra" for _, target in moves)

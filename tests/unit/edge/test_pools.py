@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
-from edge.pools import InFlight, choose, places
+from edge.pools import InFlight, choose, member_location, places
 from portside import geo
 from portside.instances import PoolMember
 
@@ -182,6 +182,36 @@ def test_places_group_a_region_and_order_nearest_first() -> None:
     ]
     grouped = [[m.instance_id for m in p] for p in places(members, geo.lookup("fra"))]
     assert grouped == [["fra-1", "fra-2"], ["ams-1"], ["sin-1"]]
+
+
+def places_by_definition(members: list[PoolMember], near: geo.Location) -> list[list[str]]:
+    """`places`' rule spelled out member by member: the nearest left opens a place, its region
+    and everything within 1 km of its distance join."""
+    rest = sorted(members, key=lambda m: (geo.distance_km(near, member_location(m)), m.instance_id))
+    grouped = []
+    while rest:
+        reach = geo.distance_km(near, member_location(rest[0])) + 1.0
+        place = [
+            m
+            for m in rest
+            if m.region == rest[0].region or geo.distance_km(near, member_location(m)) <= reach
+        ]
+        grouped.append(sorted(m.instance_id for m in place))
+        rest = [m for m in rest if m not in place]
+    return grouped
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_places_follow_the_rule_on_large_pools(seed: int) -> None:
+    rng = random.Random(seed)
+    codes = rng.sample(sorted(geo.REGIONS), 12)
+    members = [
+        member(f"m{i}", rng.choice(codes), north_km=rng.choice([0.0, 0.0, 0.4, 30.0]))
+        for i in range(rng.randint(1, 120))
+    ]
+    near = geo.REGIONS[rng.choice(sorted(geo.REGIONS))]
+    got = [[m.instance_id for m in p] for p in places(members, near)]
+    assert got == places_by_definition(members, near)
 
 
 @pytest.mark.parametrize(

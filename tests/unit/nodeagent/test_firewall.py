@@ -4,6 +4,7 @@ iptables itself is a fake here (tests/integration/test_host_isolation.py runs th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ INSTALLED = (
 def test_the_chain_lets_only_replies_through_and_rejects_the_rest() -> None:
     assert IPV4.chain_rules == (
         "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-m conntrack --ctstate DNAT -j RETURN",  # redirected to the egress proxy or DNS
         "-p tcp -j REJECT --reject-with tcp-reset",
         "-j REJECT --reject-with icmp-port-unreachable",
     )
@@ -75,7 +77,7 @@ def test_the_bridge_is_dockers_name_unless_the_network_names_its_own() -> None:
         "IPAM": {"Config": [{"Subnet": "127.18.0.0/16", "Gateway": "127.18.0.1"}]},
         "Options": {"com.docker.network.bridge.enable_icc": "false"},
     }
-    assert network_bridge(listed) == INTERNAL
+    assert network_bridge(listed) == dataclasses.replace(INTERNAL, subnets=("127.18.0.0/16",))
     named = {**listed, "Options": {"com.docker.network.bridge.name": "ps0"}, "IPAM": None}
     assert network_bridge(named) == NetworkBridge("portside-internal", "ps0", False, ())
 
@@ -95,6 +97,7 @@ def test_a_fresh_host_gets_the_chain_and_one_jump_per_bridge_in_one_transaction(
         "*filter\n"
         f":{CHAIN} - [0:0]\n"
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n"
+        f"-A {CHAIN} -m conntrack --ctstate DNAT -j RETURN\n"
         f"-A {CHAIN} -p tcp -j REJECT --reject-with tcp-reset\n"
         f"-A {CHAIN} -j REJECT --reject-with icmp-port-unreachable\n"
         f"-I INPUT 1 -i br-a -j {CHAIN}\n"
