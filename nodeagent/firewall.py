@@ -217,9 +217,11 @@ async def run_command(argv: Sequence[str], stdin: str | None = None) -> Complete
     return Completed(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
-class _HostLock:
-    """A lock file that every agent on the host takes around read-then-change, so two agents
-    starting at once cannot both find a rule missing and both add it."""
+class FileLock:
+    """An flock on a file: the host's firewall lock, which every agent on the host takes around
+    read-then-change, so two agents starting at once cannot both find a rule missing and both
+    add it; and an agent's claim on its own egress chain (nodeagent/egress/rules.py). The
+    kernel lets go of it when its process ends, however it ends."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -304,7 +306,7 @@ class HostFirewall:
 
     @contextlib.asynccontextmanager
     async def _locked(self) -> AsyncIterator[None]:
-        lock = _HostLock(self._lock_path)
+        lock = FileLock(self._lock_path)
         deadline = asyncio.get_running_loop().time() + LOCK_WAIT_S
         try:
             while not lock.try_acquire():

@@ -14,7 +14,15 @@ The SDK::
 `nodeagent` and `edge`.
 """
 
-from portside.client import (
+import os
+
+# gRPC's fork handlers (on by default in grpcio's core) run in every child a process forks and
+# can abort it, or hang it printing the abort, when the fork lands while another thread is in
+# gRPC. Portside forks only to exec (iptables, docker), never to use gRPC in a child, so they
+# are turned off before gRPC starts. A user who needs them sets the variable first.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+from portside.client import (  # noqa: E402
     ClassVersion,
     Container,
     DeployResult,

@@ -12,6 +12,10 @@ agent redirects only its own containers, by their addresses, into a nat chain of
     *filter  (shared by the agents of the host)
     -I DOCKER-USER 1 -i <egress bridge> -j DROP
 
+An agent holds an flock on a file named after its chain while it runs (`owner_lock_path`). An
+agent that was killed cannot take its chain away; the next agent on the host to change its
+rules finds the chain's file unlocked and takes the chain and its jumps away for it.
+
 Redirected packets are delivered to the host, where PORTSIDE-HOST lets connections in that nat
 redirected (`--ctstate DNAT`; nothing else on Portside's bridges is DNATed to the host). What is
 not redirected — UDP other than DNS, ICMP, other protocols, and anything from a container whose
@@ -23,6 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +38,7 @@ from nodeagent.firewall import (
     LOCK_PATH,
     XTABLES_WAIT_S,
     CommandRunner,
+    FileLock,
     HostFirewall,
     Listing,
     parse_listing,
@@ -38,6 +46,8 @@ from nodeagent.firewall import (
 )
 from nodeagent.runtime.docker_engine import NetworkBridge
 from portside.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "PORTSIDE-EG-"
 FORWARD_CHAIN = "DOCKER-USER"  # Docker's own chain for user rules, first in FORWARD
@@ -47,6 +57,15 @@ DNS_PORT = 53
 def chain_for(node_id: str) -> str:
     """The nat chain of one agent: stable across its restarts, within iptables' 28 characters."""
     return CHAIN_PREFIX + hashlib.sha256(node_id.encode()).hexdigest()[:12]
+
+
+def owner_lock_path(chain: str, directory: str | None = None) -> str:
+    """The file whose flock says that the agent of `chain` is running."""
+    return os.path.join(directory or tempfile.gettempdir(), f"portside-{chain.lower()}.lock")
+
+
+def agent_chains(listing: Listing) -> list[str]:
+    return sorted(c for c in listing.chains if c.startswith(CHAIN_PREFIX))
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,8 @@ class EgressFirewall(HostFirewall):
     ) -> None:
         super().__init__(run, lock_path)
         self.chain = chain
+        self._owner = FileLock(owner_lock_path(chain, os.path.dirname(lock_path)))
+        self._owned = False
 
     async def table(self, name: str) -> Listing:
         argv = [IPV4.iptables, "-w", str(XTABLES_WAIT_S), "-t", name, "-S"]
@@ -165,9 +186,34 @@ class EgressFirewall(HostFirewall):
             )
         addresses = list(addresses)
         async with self._locked():
+            self._claim()
             await self._apply("filter", sync_filter(await self.table("filter"), bridge.interface))
             nat = await self.table("nat")
-            await self._apply("nat", sync_nat(nat, self.chain, ports, bridge.interface, addresses))
+            lines = [line for c in self._abandoned(nat) for line in removal_nat(nat, c)]
+            lines += sync_nat(nat, self.chain, ports, bridge.interface, addresses)
+            await self._apply("nat", lines)
+
+    def _claim(self) -> None:
+        """Hold this chain's owner lock from the first change on. While an earlier process of
+        this agent still holds it (a stopped one not yet gone), try again at the next change:
+        the chain is not taken for abandoned while either holds it."""
+        if not self._owned:
+            self._owned = self._owner.try_acquire()
+
+    def _abandoned(self, nat: Listing) -> list[str]:
+        """Other agents' chains whose agent is gone (their owner lock is free)."""
+        found = []
+        for chain in agent_chains(nat):
+            if chain == self.chain:
+                continue
+            owner = FileLock(owner_lock_path(chain, os.path.dirname(self._lock_path)))
+            if owner.try_acquire():
+                os.unlink(owner.path)  # under the host lock, where a claim is made too
+                owner.release()
+                found.append(chain)
+        if found:
+            log.info("outbound control: removing the rules of %d stopped agents", len(found))
+        return found
 
     async def check(self, bridges: Sequence[NetworkBridge]) -> list[str]:
         nat, filtered = await self.table("nat"), await self.table("filter")
@@ -178,6 +224,12 @@ class EgressFirewall(HostFirewall):
         traffic is dropped until an agent redirects it again."""
         async with self._locked():
             await self._apply("nat", removal_nat(await self.table("nat"), self.chain))
+        self._release()
+
+    def _release(self) -> None:
+        if self._owned:
+            self._owner.release()
+            self._owned = False
 
     async def remove(self, bridges: Sequence[NetworkBridge]) -> None:
         """Everything: this agent's rules and the bridges' drops (tests, uninstalling)."""
@@ -186,6 +238,7 @@ class EgressFirewall(HostFirewall):
             for bridge in bridges:
                 await self._apply("filter", removal_filter(filtered, bridge.interface))
             await self._apply("nat", removal_nat(await self.table("nat"), self.chain))
+        self._release()
 
     async def _apply(self, table: str, lines: Sequence[str]) -> None:
         if lines:

@@ -121,7 +121,7 @@ class Egress:
             self._dirty = False
             try:
                 await self.firewall.sync(self._bridge, self._ports, self.policies.addresses)
-            except FailedPrecondition as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is retried, never ends the loop
                 # Fails closed: a container without its rule has its packets dropped.
                 log.error("outbound control: the rules could not be updated: %s", exc)
                 self._dirty = True

@@ -361,7 +361,7 @@ async def test_nodes_join_with_the_join_token_and_speak_with_their_certificate(
             )
             assert pki.peer_of(renewed.certificate).common_name == "agent/n1"
             with pytest.raises(grpc.aio.AioRpcError) as caught:  # an agent is no edge
-                await stub.Resolve(cp.ResolveRequest(class_name="Echo", instance_name="a"))
+                await stub.ReportDemand(cp.ReportDemandRequest(), timeout=5)
             assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert c.join.secret not in "\n".join(log_lines)
     assert wrong.secret not in "\n".join(log_lines)

@@ -19,9 +19,9 @@ import docker
 import pytest
 
 from nodeagent.egress.dns import intercepted_answer, question
-from nodeagent.egress.rules import chain_for
+from nodeagent.egress.rules import EgressFirewall, chain_for, owner_lock_path, script
 from nodeagent.egress.service import Egress
-from nodeagent.firewall import isolate_host, run_command
+from nodeagent.firewall import FileLock, isolate_host, run_command
 from nodeagent.instances import InstanceSnapshot, Upstream
 from nodeagent.runtime import DockerRuntime
 from nodeagent.runtime.labels import LABEL_NODE
@@ -299,3 +299,33 @@ async def test_a_class_without_outbound_stays_on_the_internal_network(node: Node
     assert node.egress.policies.addresses == frozenset()  # no redirect rules for it
     answer = await node.http(probe, OUTSIDE_NAME)
     assert "HTTP/1.1" not in answer, answer
+
+
+async def test_the_rules_of_a_killed_agent_are_taken_away_and_a_running_ones_kept(
+    node: Node,
+) -> None:
+    """An agent killed outright leaves its chain and jumps behind: the next agent to change its
+    rules takes them away, as long as nothing holds the chain's owner lock."""
+    bridge = node.egress.bridge
+    assert bridge is not None
+    dead, alive = chain_for("killed-" + uuid.uuid4().hex), chain_for("alive-" + uuid.uuid4().hex)
+    lines = [f":{c} - [0:0]" for c in (dead, alive)]
+    lines += [f"-A {c} -p tcp -j REDIRECT --to-ports 9" for c in (dead, alive)]
+    lines += [f"-I PREROUTING 1 -s 10.99.0.{i}/32 -i {bridge.interface} -j {c}"
+              for i, c in enumerate((dead, alive), 1)]  # fmt: skip
+    done = await run_command(["iptables-restore", "-w", "5", "--noflush"], script("nat", lines))
+    assert done.returncode == 0, done.stderr
+    held = FileLock(owner_lock_path(alive))
+    assert held.try_acquire()
+    try:
+        cls = ContainerClass("any", ECHO_IMAGE, instance_type=LITE, enable_internet=True)
+        await node.run(cls)  # a change of this agent's rules
+        await node.egress.synced()
+        nat = await node.egress.firewall.table("nat")
+        assert dead not in nat.chains
+        assert not [r for r in nat.of("PREROUTING") if r.endswith(dead)]
+        assert alive in nat.chains
+    finally:
+        held.release()
+        await EgressFirewall(alive).leave()
+    assert alive not in (await node.egress.firewall.table("nat")).chains
