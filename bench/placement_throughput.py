@@ -5,6 +5,8 @@ create-if-absent transactions through Portside's store layer, at the same concur
 Starts its own etcd (127.0.0.1:23790, peer 23800, a temporary data dir; never the shared one on
 2379), a control plane process on it, and 8 fake nodes in 4 regions that only heartbeat: nothing
 boots, the agents' data addresses are never contacted.
+A trivial call (gRPC health Check) on the same control plane at the same concurrency gives the
+floor of the gRPC server's own cost per call.
 Usage: python bench/placement_throughput.py [--names N] [--concurrency 1,16,64]
 """
 
@@ -26,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,6 +39,7 @@ from portside import geo  # noqa: E402
 from portside.api.v1 import controlplane_pb2 as cp  # noqa: E402
 from portside.api.v1 import controlplane_pb2_grpc as cp_grpc  # noqa: E402
 from portside.api.v1 import types_pb2 as pb  # noqa: E402
+from portside.errors import StoreError  # noqa: E402
 from portside.net import free_port  # noqa: E402
 
 ETCD_CLIENT = "127.0.0.1:23790"
@@ -75,6 +79,24 @@ def wait_port(address: str, proc: subprocess.Popen[bytes], timeout_s: float = 20
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{address} did not open within {timeout_s}s")
+
+
+def wait_etcd(timeout_s: float = 20.0) -> None:
+    """etcd binds its client port before it serves: wait until a read answers."""
+
+    async def read() -> None:
+        store = await open_store(ETCD_URL, timeout_s=1.0)
+        await store.close()
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            asyncio.run(read())
+            return
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def refuse_if_taken(address: str) -> None:
@@ -162,6 +184,7 @@ async def measure(
     stop = asyncio.Event()
     async with grpc.aio.insecure_channel(cp_address) as channel:
         stub = cp_grpc.ControlPlaneStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
         nodes = fake_nodes(tag)
         beats = [asyncio.create_task(heartbeat(stub, n, stop)) for n in nodes]
         try:
@@ -189,7 +212,7 @@ async def measure(
                         # reports them awake, which fake nodes never do): let the previous
                         # level's expire, so every level starts from the same state.
                         await asyncio.sleep(PENDING_S + 1)
-                    await one_level(stub, store, names, c, tag, pids)
+                    await one_level(stub, health, store, names, c, tag, pids)
             finally:
                 await store.close()
         finally:
@@ -199,6 +222,7 @@ async def measure(
 
 async def one_level(
     stub: cp_grpc.ControlPlaneStub,
+    health: health_pb2_grpc.HealthStub,
     store: Store,
     names: int,
     c: int,
@@ -220,24 +244,34 @@ async def one_level(
     async def cas(i: int) -> None:
         assert await store.compare_and_swap(f"/bench-{tag}/c{c}/{i:08d}", 0, payload)
 
+    async def check(i: int) -> None:
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
     # About the size of an instance record, so etcd writes the same bytes.
     payload = b"x" * 260
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wall_p, lat_p = await run_concurrently(names, c, resolve)
     used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     wall_c, lat_c = await run_concurrently(names, c, cas)
+    # The floor of one call to this control plane: the gRPC server's own cost, no Portside work.
+    cp_pid = pids["control plane"]
+    cp_before = cpu_seconds(cp_pid)
+    wall_h, lat_h = await run_concurrently(names, c, check)
+    floor_ms = (cpu_seconds(cp_pid) - cp_before) / names * 1000
     assert placed == names, f"only {placed} of {names} resolves placed an instance"
     # Placements early and late in the run: the control plane's cost may grow with what it holds.
     tenth = max(1, names // 10)
     print(f"concurrency {c}")
     print(line("placements (Resolve)", names, wall_p, lat_p))
     print(line("raw etcd CAS (store)", names, wall_c, lat_c))
+    print(line("Health.Check (floor)", names, wall_h, lat_h))
     ratio = (names / wall_p) / (names / wall_c)
     print(f"  placements/s / CAS/s   {ratio:8.2f}")
     print(
         "  CPU per placement: "
         + ", ".join(f"{name} {used[name] / names * 1000:.2f} ms" for name in pids)
     )
+    print(f"  control plane CPU per Health.Check: {floor_ms:.2f} ms (gRPC's own, per call)")
     print(
         f"  latency of the first and last {tenth} placements: "
         f"median {statistics.median(lat_p[:tenth]) * 1000:.2f} ms -> "
@@ -277,6 +311,7 @@ def main() -> None:
         )
         procs.append(etcd)
         wait_port(ETCD_CLIENT, etcd)
+        wait_etcd()
         cp_address = f"127.0.0.1:{free_port()}"
         controlplane = subprocess.Popen(
             [

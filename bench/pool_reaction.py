@@ -4,9 +4,13 @@ the first request answered by the extra instance the autoscaler adds, with the s
 Starts a control plane (embedded SQLite store), agents on 127.0.0.2 (fra) and 127.0.0.3 (ams)
 and an edge on 127.0.0.1 as separate processes, like tests/e2e/harness.py, and deploys a pool of
 lite instances (minimum 1, maximum 4, cpu_target 50, scale_down_delay 3s, concurrency_limit 1).
-Each round: 2 workers loop GET /cgi-bin/burn?1 through the edge until a container that did not
-exist at load start answers; then the load stops and the pool drains back to 1.
-Usage: python bench/pool_reaction.py [--rounds R]
+Each round: `--workers` clients loop GET /cgi-bin/burn?1 through the edge until a container
+that did not exist at load start answers; then the load stops and the pool drains back to 1.
+The default load (2 workers) holds the pool's one instance at its CPU quota, twice the target: a
+burst, which the autoscaler's panic mode answers from one sample. `--workers 1 --duty 0.7` (each
+worker idle 0.43 s after each 1 s request) holds it at about 70%: over the target but no burst,
+answered by the stable rule (two samples in a row).
+Usage: python bench/pool_reaction.py [--rounds R] [--workers W] [--duty D]
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from tests.images.build import build_image  # noqa: E402
 IMAGE = "portside-test/echo:latest"
 CLASS = "BenchBurner"
 CPU_TARGET = 50.0
-WORKERS = 2
 CONFIG = f"""
 [[containers]]
 class_name = "{CLASS}"
@@ -65,7 +68,7 @@ class_name = "{CLASS}"
 """
 ANCHORS = (
     "Kubernetes HPA: about 15-60 s from load to a new pod serving",
-    "Knative autoscaler (KPA): decides on a 2 s tick",
+    "Knative autoscaler (KPA): decides on a 2 s tick, 6 s panic window",
 )
 STEPS = (
     ("cgroup", "container CPU over target (cgroup)"),
@@ -117,11 +120,13 @@ class Answer:
 
 @dataclass
 class Load:
-    """`workers` clients each looping GET /cgi-bin/burn?1 through the edge, bounded in time."""
+    """`workers` clients each looping GET /cgi-bin/burn?1 through the edge, bounded in time, each
+    idle after every request for as long as makes it busy `duty` of the time."""
 
     edge: str
     workers: int
     limit_s: float
+    duty: float = 1.0
     answers: list[Answer] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,6 +141,10 @@ class Load:
                 self.answers.append(Answer(sent, time.time(), text.split()[0]))
             else:
                 self.errors.append(f"{resp.status} {text.strip()}")
+            if self.duty < 1:
+                idle = (time.time() - sent) * (1 - self.duty) / self.duty
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), idle)
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=30)
@@ -147,8 +156,8 @@ async def over_target(
     metrics: str, container: docker.models.containers.Container, stop: asyncio.Event
 ) -> dict[str, float]:
     """When the pool's CPU went over the target's tolerance band, seen from two places: the
-    loaded container's cgroup counters (read here every 0.2 s, as the agent reads them every 2 s)
-    and the control plane's pool utilisation gauge (set by each 1 s autoscaler tick)."""
+    loaded container's cgroup counters (read here every 0.2 s, as the agent reads them every 1 s)
+    and the control plane's pool utilisation gauge (set by each autoscaler tick, one a sample)."""
     threshold = CPU_TARGET * (1 + DEFAULT_TOLERANCE)
     vcpu = float(container.labels["portside.vcpu"])
     sampler = CgroupSampler()
@@ -183,8 +192,11 @@ async def wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> 
 
 
 class Bench:
-    def __init__(self, tmp: Path, tag: str, client: docker.DockerClient) -> None:
+    def __init__(
+        self, tmp: Path, tag: str, client: docker.DockerClient, workers: int, duty: float
+    ) -> None:
         self.tmp, self.tag, self.client = tmp, tag, client
+        self.workers, self.duty = workers, duty
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.edge = ""
         self.metrics = ""
@@ -206,8 +218,12 @@ class Bench:
 
     def pool(self) -> list[docker.models.containers.Container]:
         """The pool's running containers on this benchmark's nodes."""
-        found = self.client.containers.list(filters={"label": f"portside.class={CLASS}"})
-        return [c for c in found if c.labels["portside.node"].startswith(self.tag + "-")]
+        while True:
+            try:
+                found = self.client.containers.list(filters={"label": f"portside.class={CLASS}"})
+            except docker.errors.NotFound:
+                continue  # one was removed between the listing and its inspection: list again
+            return [c for c in found if c.labels["portside.node"].startswith(self.tag + "-")]
 
     def start_cluster(self) -> None:
         cp = f"127.0.0.1:{free_port()}"
@@ -305,7 +321,7 @@ class Bench:
     def decision_line(self, since: float) -> str:
         for line in self.log("controlplane"):
             at = log_time(line)
-            if at is not None and at >= since and re.search(r"raw \d+, desired [2-9]", line):
+            if at is not None and at >= since and re.search(r"desired [2-9]", line):
                 return line.split(f"autoscaler {CLASS}: ", 1)[-1]
         return "?"
 
@@ -321,12 +337,12 @@ class Bench:
 
     async def round(self, n: int) -> dict[str, float]:
         await wait_until("the pool is at 1", lambda: len(self.pool()) == 1, 60)
-        # The agent samples CPU and heartbeats every 2 s: start the load at a random phase of
-        # those clocks, or rounds of equal length would all hit the same phase.
-        await asyncio.sleep(self.rng.uniform(0, 2))
+        # The agent samples CPU every second: start the load at a random phase of that clock, or
+        # rounds of equal length would all hit the same phase.
+        await asyncio.sleep(self.rng.uniform(0, 1))
         (loaded,) = await asyncio.to_thread(self.pool)
         before = {loaded.id[:12]}
-        load = Load(self.edge, WORKERS, limit_s=60)
+        load = Load(self.edge, self.workers, limit_s=60, duty=self.duty)
         stop_watch = asyncio.Event()
         start = time.time()
         watch = asyncio.create_task(over_target(self.metrics, loaded, stop_watch))
@@ -360,7 +376,8 @@ class Bench:
             "answered": first.answered,
         }
         if booted:
-            # The agent times a boot from the moment it takes the assignment (a heartbeat reply).
+            # The agent times a boot from the moment it takes the assignment (pushed by the
+            # leader, or in a heartbeat reply).
             times["assigned"] = booted[0] - booted[1] / 1000
         out = {k: v - start for k, v in times.items() if v is not None}
         if booted:
@@ -369,8 +386,7 @@ class Bench:
             f"  round {n}: answered by the new instance after {out['answered']:.2f} s "
             f"(" + ", ".join(f"{k} {out[k]:.2f}" for k, _ in STEPS if k in out) + ")"
         )
-        if n == 1:
-            print(f"    decision: {self.decision_line(start)}")
+        print(f"    decision: {self.decision_line(start)}")
         # Let the pool drain back to its minimum before the next round.
         await wait_until("the pool returns to 1", lambda: len(self.pool()) == 1, 60)
         return out
@@ -388,26 +404,29 @@ async def run_rounds(bench: Bench, rounds: int) -> list[dict[str, float]]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the edge does not serve the pool")
             await asyncio.sleep(0.2)
-    # A few idle CPU samples (every 2 s) so the first round starts, like the others, from idle.
-    await asyncio.sleep(4)
+    # A few idle CPU samples (every second) so the first round starts, like the others, from idle.
+    await asyncio.sleep(3)
     return [await bench.round(n + 1) for n in range(rounds)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--duty", type=float, default=1.0, help="each worker's busy share")
     args = parser.parse_args()
     client = docker.from_env()
     build_image(client, IMAGE)
     tmp = Path(tempfile.mkdtemp(prefix="portside-bench-pool-"))
-    bench = Bench(tmp, f"bench-pool{os.getpid()}", client)
+    bench = Bench(tmp, f"bench-pool{os.getpid()}", client, args.workers, args.duty)
     started = time.monotonic()
     try:
         bench.start_cluster()
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(
             f"pool {CLASS}: lite, minimum 1, maximum 4, cpu_target {CPU_TARGET:g}, "
-            f"scale_down_delay 3s, concurrency_limit 1; load: {WORKERS} workers GET /cgi-bin/burn?1"
+            f"scale_down_delay 3s, concurrency_limit 1; load: {args.workers} workers "
+            f"GET /cgi-bin/burn?1, busy {args.duty:.0%} of the time"
         )
         results = asyncio.run(run_rounds(bench, args.rounds))
     except BaseException:

@@ -31,6 +31,9 @@ is its population, times, under "sun" load, an activity curve of its local solar
   new members near the demand its edges report (the expected rate per edge), or, with the count
   unchanged, moves members towards that demand. `--load` is the cluster share the pool's
   members would take at target.
+- Constraints (goal 5): a named class limited to a jurisdiction or to areas, served to the whole
+  world's traffic (`CONSTRAINED`), `load` of the allowed slots in use: how well it is placed
+  within its constraints, and the km they add against the nearest node with room anywhere.
 
 Measured per request: the distance from its city to the node that served it, against the
 distance to the nearest node with room. "Room" for a named instance: the node can hold one more.
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import heapq
 import itertools
 import math
@@ -74,10 +78,18 @@ from controlplane.scheduler import (  # noqa: E402
 )
 from controlplane.view import ClusterView, NodeUse  # noqa: E402
 from edge.pools import choose  # noqa: E402
+from portside import constraints  # noqa: E402
 from portside.capacity import Resources  # noqa: E402
 from portside.geo import REGIONS, Location, distance_km  # noqa: E402
 from portside.instances import InstanceInfo, InstanceStatus, PoolMember  # noqa: E402
-from portside.spec import CPU_SAMPLE_INTERVAL_S, INSTANCE_TYPES, Autoscaling, ContainerClass, Node  # noqa: E402
+from portside.spec import (  # noqa: E402
+    CPU_SAMPLE_INTERVAL_S,
+    INSTANCE_TYPES,
+    Autoscaling,
+    Constraints,
+    ContainerClass,
+    Node,
+)
 from portside.states import InstanceState  # noqa: E402
 
 ITYPE = INSTANCE_TYPES["basic"]
@@ -92,6 +104,7 @@ POOL = ContainerClass(
     autoscaling=Autoscaling(minimum_instances=1, cpu_target=75.0, concurrency_limit=1),
 )
 NAMED = ContainerClass(name="World", image="world", instance_type=ITYPE)
+ANYWHERE = Constraints()
 
 # The world's largest cities (metropolitan areas): name, latitude, longitude, millions of people.
 # Written for this benchmark from public figures, rounded: they only weight demand.
@@ -415,16 +428,27 @@ def percentile(values: Sequence[float], p: float) -> float:
 # --- named instances -------------------------------------------------------------------------
 
 
-def run_named(world: Sequence[City], settings: Settings, sun: bool) -> Tally:
+def run_named(
+    world: Sequence[City],
+    settings: Settings,
+    sun: bool,
+    wanted: Constraints = ANYWHERE,
+    cost: Tally | None = None,
+) -> Tally:
     """New named instances from the cities, each placed by the scheduler near its edge's region,
-    each awake for an exponential time, then asleep."""
+    each awake for an exponential time, then asleep.
+
+    With constraints `wanted` the class runs only where they allow, `load` of the slots there
+    taken; the tally measures against the nearest allowed node with room, and `cost` (if given)
+    against the nearest node with room anywhere: what the constraints add to each request."""
     rng = random.Random(settings.seed)
     slots = region_slots(world, settings)
     view = new_view(slots, settings.nodes_per_region)
     nearest_nodes = by_distance(world, view)
     per_tick = settings.requests / TICKS
+    allowed = {code for code in slots if constraints.region_allowed(wanted, code)}
     # Little's law: instances awake = arrivals per tick × ticks awake.
-    awake_ticks = settings.load * sum(slots.values()) / per_tick
+    awake_ticks = settings.load * sum(slots[code] for code in allowed) / per_tick
     asleep_at: list[tuple[float, int, str]] = []  # (tick, sequence, node id), soonest first
     sequence = itertools.count()
     tally = Tally()
@@ -436,18 +460,23 @@ def run_named(world: Sequence[City], settings: Settings, sun: bool) -> Tally:
             i = bisect.bisect(cumulative, rng.random() * cumulative[-1])
             city = world[i]
             decision = place(
-                PlacementRequest(NAMED.name, ITYPE, near(city, settings), 0, 0), node_states(view)
+                PlacementRequest(NAMED.name, ITYPE, near(city, settings), 0, 0, wanted),
+                node_states(view),
             )
             if tick >= 0:
-                best = next(
-                    (km for km, n in nearest_nodes[i] if view.free_on(view.nodes[n]).fits(SIZE)),
-                    None,
-                )
+                with_room = [
+                    (km, view.nodes[n].region)
+                    for km, n in nearest_nodes[i]
+                    if view.free_on(view.nodes[n]).fits(SIZE)
+                ]
+                best = next((km for km, region in with_room if region in allowed), None)
                 if decision.node is None or best is None:
                     tally.refused += 1
                 else:
                     served = distance_km(city.location, node_location(decision.node))
                     tally.count(served, best)
+                    if cost is not None:
+                        cost.count(served, with_room[0][0])
             if decision.node is not None:
                 take(view, decision.node.id, +1)
                 heapq.heappush(
@@ -499,6 +528,7 @@ def run_pool(world: Sequence[City], settings: Settings, sun: bool) -> tuple[Tall
             POOL.name, name, name, decision.node.id, SIZE.vcpu, SIZE.memory_mib, 0.0, pool=True
         )
         view.instances[instance_key(POOL.name, name)] = rec
+        view.pool_records[instance_key(POOL.name, name)] = rec
         view.by_id[name] = rec
         view.statuses[rec.node_id][name] = status(rec, 0, None)
         take(view, rec.node_id, +1)
@@ -507,6 +537,7 @@ def run_pool(world: Sequence[City], settings: Settings, sun: bool) -> tuple[Tall
     def remove_member(r: InstanceRecord) -> None:
         # Drained: it finishes its requests and stops within the tick.
         del view.instances[instance_key(POOL.name, r.instance_id)]
+        del view.pool_records[instance_key(POOL.name, r.instance_id)]
         del view.by_id[r.instance_id]
         del view.statuses[r.node_id][r.instance_id]
         take(view, r.node_id, -1)
@@ -613,6 +644,37 @@ def row(kind: str, load: str, tally: Tally) -> str:
     )
 
 
+def jurisdiction(name: str) -> Constraints:
+    return Constraints(jurisdiction=name, jurisdiction_regions=constraints.JURISDICTIONS[name])
+
+
+# Constrained named classes served to the whole world's traffic (issue 15, goal 5).
+CONSTRAINED: tuple[tuple[str, Constraints], ...] = (
+    ("jurisdiction eu", jurisdiction("eu")),
+    ("regions weur, eeur", Constraints(regions=("weur", "eeur"))),
+    ("jurisdiction us", jurisdiction("us")),
+)
+
+
+def cost_row(name: str, within: Tally, cost: Tally) -> str:
+    """A constrained class: how well it is placed within its constraints (`within`) and what the
+    constraints add to the distance (`cost`: against the nearest node with room anywhere)."""
+    share = 100.0 * within.nearest / within.requests if within.requests else 0.0
+    moved = 100.0 * len(cost.extra) / cost.requests if cost.requests else 0.0
+    rest = cost.extra
+    spread = (
+        " | ".join(f"{percentile(rest, p):,.0f}" for p in (50, 90, 99)) + f" | {max(rest):,.0f}"
+        if rest
+        else "– | – | – | –"
+    )
+    added = sum(rest) / cost.requests if cost.requests else 0.0
+    mean = within.total_km / within.requests if within.requests else 0.0
+    return (
+        f"| {name} | {within.requests:,} | **{share:.2f}%** | {moved:.1f}% | {spread}"
+        f" | {added:,.0f} | {mean:,.0f} | {within.refused:,} |"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=Settings.seed)
@@ -654,6 +716,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         routing, placement = run_pool(world, settings, sun)
         print(row("pool routing", load, routing))
         print(row("pool placement", load, placement))
+    print()
+    print("Constraints, named instances, steady load, the world's traffic (`load` of the allowed")
+    print("slots in use, `requests` scaled by their share); extra km against the nearest node")
+    print("with room anywhere:")
+    print()
+    print(
+        "| constraint | requests | nearest allowed region with room | farther than unconstrained"
+        " | extra km p50 | p90 | p99 | max | extra km a request | mean km | refused |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    slots = region_slots(world, settings)
+    for name, wanted in CONSTRAINED:
+        # As many requests per allowed slot as the unconstrained run has per slot: the same
+        # awake times, so only where the instances may go differs.
+        share = sum(n for r, n in slots.items() if constraints.region_allowed(wanted, r)) / sum(
+            slots.values()
+        )
+        scaled = dataclasses.replace(settings, requests=max(1, round(settings.requests * share)))
+        cost = Tally()
+        within = run_named(world, scaled, False, wanted, cost)
+        print(cost_row(name, within, cost))
     print()
     print(f"{time.perf_counter() - started:.1f} s")
 

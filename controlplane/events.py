@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from controlplane import records
-from controlplane.store import KeyValue, Store
+from controlplane.store import KeyValue, Put, Store
 from portside.errors import InvalidArgument, StoreError
 from portside.events import Event
 
@@ -36,27 +36,33 @@ class EventLog:
         # (same class, instance and time) practically impossible.
         self._seq = itertools.count(secrets.randbelow(1_000_000))
 
-    async def _current_lease(self, renew: bool = False) -> int:
+    async def lease(self, renew: bool = False) -> int:
+        """The lease events are written under now; with `renew`, a new one (the store may have
+        lost the old one: restored, or failed over)."""
         async with self._lock:
             if renew or not self._lease or self.clock() - self._granted_at >= LEASE_ROTATE_S:
                 self._lease = await self.store.grant_lease(EVENT_TTL_S)
                 self._granted_at = self.clock()
             return self._lease
 
-    async def write(self, event: Event) -> int:
-        """Store the event; returns its revision. Raises StoreError."""
+    def put_of(self, event: Event, lease: int) -> Put:
+        """The write that stores `event` under `lease`, for a transaction of the caller's."""
         key = records.event_key(
             event.class_name,
             event.instance_id,
             int(event.time * 1e9) if event.time else time.time_ns(),
             next(self._seq) % 1_000_000,
         )
-        value = records.encode_event(event)
+        return Put(key, records.encode_event(event), lease)
+
+    async def write(self, event: Event) -> int:
+        """Store the event; returns its revision. Raises StoreError."""
+        put = self.put_of(event, await self.lease())
         try:
-            return await self.store.put(key, value, await self._current_lease())
+            return await self.store.put(put.key, put.value, put.lease)
         except StoreError:
             # The lease may have vanished under us (a store restored or failed over): a new one.
-            return await self.store.put(key, value, await self._current_lease(renew=True))
+            return await self.store.put(put.key, put.value, await self.lease(renew=True))
 
     async def record(self, event: Event) -> None:
         """Store the event, logging a failure instead of raising: a lost event must not fail

@@ -19,6 +19,7 @@ from controlplane import records
 from controlplane.agents import AgentClients, translate
 from controlplane.events import EventLog
 from controlplane.outbound import InstanceOutbound
+from controlplane.placebatch import PlacementBatcher
 from controlplane.placement import resolve_named
 from controlplane.records import InstanceRecord
 from controlplane.scheduleloop import delete_instance_schedules
@@ -79,6 +80,8 @@ class Lifecycle:
         self.view = view
         self.agents = agents
         self.events = events
+        # Every placement of this replica's Start and Resolve calls, written in groups.
+        self.placements = PlacementBatcher(store, events)
         self.values = StateValues(store)
         self.outbound = InstanceOutbound(store, view, agents)
         self.default_region = default_region
@@ -154,9 +157,11 @@ class Lifecycle:
             if node is None:
                 raise Unavailable(f"pool instance {cls.name}/{name} is gone with its node")
             return node
-        resolved = await resolve_named(self.store, self.view, cls, name, near, events=self.events)
+        resolved = await resolve_named(
+            self.store, self.view, cls, name, near, events=self.events, batch=self.placements
+        )
         if resolved.placed:
-            await self.outbound.placed(resolved.record, resolved.node)
+            await self.outbound.placed(resolved.record, resolved.node, resolved.own_outbound)
         return resolved.node
 
     async def start(

@@ -154,11 +154,11 @@ class InstanceOutbound:
             request,
         )
 
-    async def placed(self, record: InstanceRecord, node: Node) -> None:
+    async def placed(self, record: InstanceRecord, node: Node, own: OutboundPolicy | None) -> None:
         """A placement (new, or a move from a lost node): the new node learns the instance's own
-        policy before the first request boots it there. Nothing to tell without one: an agent
-        drops an instance's own policy when it removes the instance."""
-        own = await self.own(record.class_name, record.instance_id)
+        policy `own` (read with the placement, in its transaction) before the first request boots
+        it there. Nothing to tell without one: an agent drops an instance's own policy when it
+        removes the instance."""
         if own is not None:
             await self.deliver(node, record.class_name, record.name, own)
 

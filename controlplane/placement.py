@@ -10,14 +10,16 @@ from dataclasses import dataclass
 from controlplane import records
 from controlplane.events import EventLog
 from controlplane.metrics import PLACEMENTS
+from controlplane.outbound import decode_policy, outbound_key
+from controlplane.placebatch import PlacementBatcher, PlacementWrite, write_placements
 from controlplane.records import InstanceRecord
 from controlplane.scheduler import NodeState, PlacementRequest, node_location, place
 from controlplane.store import Store
 from controlplane.view import ClusterView
-from portside import geo
+from portside import constraints, geo
 from portside.errors import InvalidArgument, NoCapacity, NotFound, StoreError, Unavailable
 from portside.events import Event, EventKind
-from portside.spec import ContainerClass, Node, instance_id
+from portside.spec import ContainerClass, Node, OutboundPolicy, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class Resolved:
     record: InstanceRecord
     node: Node
     placed: bool
+    # A new placement's own outbound policy, read with it: its node must learn it first.
+    own_outbound: OutboundPolicy | None = None
 
 
 def node_states(view: ClusterView) -> list[NodeState]:
@@ -48,23 +52,24 @@ async def resolve_instance(
     hint: str,
     default_hint: str,
     events: EventLog | None = None,
+    batch: PlacementBatcher | None = None,
 ) -> Resolved:
     """The node of instance `name` of a class; for a pool (empty name) the nearest member,
-    starting one if the pool has none."""
+    starting one if the pool has none. With `batch`, placements are written in its groups."""
     cls = view.classes.get(class_name)
     if cls is None:
         raise NotFound(f"unknown class {class_name!r}: deploy it with `portside deploy`")
     near = geo.lookup(hint or default_hint)
     if cls.autoscaling is not None:
         if not name:
-            return await _resolve_pool(store, view, cls, near, events)
+            return await _resolve_pool(store, view, cls, near, events, batch)
         member = view.instances.get(records.instance_key(cls.name, instance_id(cls.name, name)))
         if member is None or member.node_id not in view.nodes:
             raise Unavailable(f"pool instance {name} of {cls.name} is gone; send the request again")
         return Resolved(member, view.nodes[member.node_id], placed=False)
     if not name:
         raise InvalidArgument(f"instance_name: must not be empty (class {class_name} is no pool)")
-    return await resolve_named(store, view, cls, name, near, events=events)
+    return await resolve_named(store, view, cls, name, near, events=events, batch=batch)
 
 
 async def _resolve_pool(
@@ -73,8 +78,13 @@ async def _resolve_pool(
     cls: ContainerClass,
     near: geo.Location,
     events: EventLog | None,
+    batch: PlacementBatcher | None,
 ) -> Resolved:
-    members = [r for r in view.pool_members(cls.name) if not r.draining]
+    members = [
+        r
+        for r in view.pool_members(cls.name)
+        if not r.draining and constraints.allows_node(cls.constraints, view.nodes[r.node_id])
+    ]
     if members:
         nearest = min(
             members, key=lambda r: geo.distance_km(near, node_location(view.nodes[r.node_id]))
@@ -82,7 +92,9 @@ async def _resolve_pool(
         return Resolved(nearest, view.nodes[nearest.node_id], placed=False)
     # An empty pool (minimum 0): one instance with a fixed name, so that racing first requests
     # from several edges start one instance, not one each. The autoscaler takes it from there.
-    return await resolve_named(store, view, cls, f"{cls.name}-0", near, pool=True, events=events)
+    return await resolve_named(
+        store, view, cls, f"{cls.name}-0", near, pool=True, events=events, batch=batch
+    )
 
 
 async def resolve_named(
@@ -94,6 +106,7 @@ async def resolve_named(
     *,
     pool: bool = False,
     events: EventLog | None = None,
+    batch: PlacementBatcher | None = None,
 ) -> Resolved:
     key = records.instance_key(cls.name, instance_id(cls.name, name))
     known = view.instances.get(key)
@@ -102,7 +115,9 @@ async def resolve_named(
     if known is None:
         # Unknown to the view: most likely a new name. Try to create it first (one store round
         # trip); only a lost race or a placement the view has not seen yet costs a read.
-        resolved = await place_instance(store, view, cls, name, near, pool=pool, events=events)
+        resolved = await place_instance(
+            store, view, cls, name, near, pool=pool, events=events, batch=batch
+        )
         if resolved is not None:
             return resolved
     for _ in range(_MAX_ATTEMPTS):
@@ -129,6 +144,7 @@ async def resolve_named(
             replaced=replaced,
             node_gone=gone,
             events=events,
+            batch=batch,
         )
         if resolved is not None:
             return resolved
@@ -148,11 +164,13 @@ async def place_instance(
     replaced: str = "",
     node_gone: str = "",
     events: EventLog | None = None,
+    batch: PlacementBatcher | None = None,
 ) -> Resolved | None:
     """Choose a node and write the placement if the key is still at `expected_revision`
     (0: absent) — and, for a move off a lost node, only if that node's key `node_gone` is still
-    absent — and its "placed" event to `events`. None if another writer got there first (or the
-    node came back); NoCapacity if no node can take it."""
+    absent — with its "placed" event to `events`, in one transaction (in a group of `batch`'s, if
+    given). None if another writer got there first (or the node came back); NoCapacity if no
+    node can take it."""
     decision = place(
         PlacementRequest(
             class_name=cls.name,
@@ -160,6 +178,7 @@ async def place_instance(
             near=near,
             class_instances=view.instances_of(cls.name),
             max_instances=0 if pool else cls.max_instances,  # the autoscaler clamps pools itself
+            constraints=cls.constraints,
         ),
         node_states(view),
     )
@@ -180,24 +199,34 @@ async def place_instance(
         restore=bool(node_gone),
     )
     key = records.instance_key(cls.name, record.instance_id)
-    if not await store.compare_and_swap(key, expected_revision, record.encode(), absent=node_gone):
+    write = PlacementWrite(
+        key,
+        expected_revision,
+        record.encode(),
+        absent=node_gone,
+        event=Event(
+            kind=EventKind.PLACED,
+            time=record.placed_at,
+            class_name=cls.name,
+            name=name,
+            instance_id=record.instance_id,
+            node_id=decision.node.id,
+            reason=f"moved from node {replaced}" if replaced else "",
+        ),
+        read=outbound_key(cls.name, record.instance_id),
+    )
+    if batch is not None:
+        written = await batch.write(write)
+    else:
+        (written,) = await write_placements(store, events, [write])
+    if not written.succeeded:
         return None
     view.note_placed(key, record)
-    if events is not None:
-        await events.record(
-            Event(
-                kind=EventKind.PLACED,
-                time=record.placed_at,
-                class_name=cls.name,
-                name=name,
-                instance_id=record.instance_id,
-                node_id=decision.node.id,
-                reason=f"moved from node {replaced}" if replaced else "",
-            )
-        )
     outcome = "replaced" if replaced else "placed"
     PLACEMENTS.labels(cls.name, outcome, "").inc()
-    log.info(
+    # Debug, not info: at thousands a second the line would cost more than the placement's
+    # decision, and its "placed" event (portside events) records the same.
+    log.debug(
         "%s %s/%s on %s (near %s; scores %s)",
         outcome,
         cls.name,
@@ -206,4 +235,5 @@ async def place_instance(
         near.code,
         dict(decision.scores),
     )
-    return Resolved(record, decision.node, placed=True)
+    own = decode_policy(written.read.value) if written.read is not None else None
+    return Resolved(record, decision.node, placed=True, own_outbound=own)

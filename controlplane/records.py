@@ -9,6 +9,7 @@ snapshots/<class>/<id>, schedules/<class>/<instance id>/<id>.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -148,12 +149,15 @@ def state_key(class_name: str, instance_id: str, key: str) -> str:
     return state_prefix(class_name, instance_id) + key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """A placed instance: which node it lives on and what its type takes there while awake.
     Pool instances are placed by the autoscaler; `draining` ones get no new requests and are
     removed once idle. `restore`: placed anew because its node was lost, so its first container
-    starts from its latest snapshot (controlplane.snapshots)."""
+    starts from its latest snapshot (controlplane.snapshots).
+
+    A replica holds one a placement (a million of them: bench/scale.py), hence slots, and the
+    class and node names shared between records rather than a copy each."""
 
     class_name: str
     name: str
@@ -171,7 +175,10 @@ class InstanceRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> InstanceRecord:
-        return cls(**json.loads(data))
+        body = json.loads(data)
+        body["class_name"] = sys.intern(body["class_name"])
+        body["node_id"] = sys.intern(body["node_id"])
+        return cls(**body)
 
 
 # Classes and routes are stored as the protobuf JSON form: one schema for the wire and the store.

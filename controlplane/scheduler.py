@@ -10,18 +10,22 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
+from portside import constraints
 from portside.capacity import Resources
 from portside.geo import REGIONS, Location, distance_km
-from portside.spec import InstanceType, Node
+from portside.spec import Constraints, InstanceType, Node
 
 # Why a node was rejected; stable strings, so metrics and logs can group by them.
 REJECT_CPU = "not enough vCPU"
 REJECT_MEMORY = "not enough memory"
+REJECT_REGION = "outside the class's regions"
+REJECT_LABELS = "lacks the class's labels"
 
 # Why no node was chosen: the `refusal` of a Placement, a metric label.
 REFUSED_MAX_INSTANCES = "max_instances"
 REFUSED_NO_NODES = "no_nodes"
 REFUSED_NO_CAPACITY = "no_capacity"
+REFUSED_CONSTRAINTS = "constraints"
 # Nodes closer together than this count as one place (several hosts in one city or region),
 # so load, not a few hundred metres, decides between them.
 SAME_PLACE_KM = 1.0
@@ -52,6 +56,7 @@ class PlacementRequest:
     near: Location
     class_instances: int  # already placed, cluster-wide
     max_instances: int  # 0: unlimited
+    constraints: Constraints = Constraints()
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,30 @@ class MemoryFilter:
         return state.free.fits(Resources(memory_mib=request.instance_type.memory_mib))
 
 
-# Cheapest first; a node is rejected by the first filter it fails.
-FILTERS: tuple[NodeFilter, ...] = (VcpuFilter(), MemoryFilter())
+class RegionFilter:
+    """The node's region must be one the class's constraints allow (regions, jurisdiction)."""
+
+    reason = REJECT_REGION
+
+    def passes(self, state: NodeState, request: PlacementRequest) -> bool:
+        return constraints.region_allowed(request.constraints, state.node.region)
+
+
+class LabelFilter:
+    """The node must carry every label the class's constraints require (`--label gpu=yes`)."""
+
+    reason = REJECT_LABELS
+
+    def passes(self, state: NodeState, request: PlacementRequest) -> bool:
+        return not constraints.missing_labels(request.constraints, state.node.labels)
+
+
+# Cheapest first; a node is rejected by the first filter it fails. The constraints come before
+# capacity: a node the class may never use is not "full" for it. A class without constraints
+# skips theirs (placement's hot path runs the filters on every live node).
+CAPACITY_FILTERS: tuple[NodeFilter, ...] = (VcpuFilter(), MemoryFilter())
+FILTERS: tuple[NodeFilter, ...] = (RegionFilter(), LabelFilter(), *CAPACITY_FILTERS)
+_CONSTRAINT_REJECTS = frozenset({REJECT_REGION, REJECT_LABELS})
 
 
 # --- weighers --------------------------------------------------------------------------------
@@ -164,7 +191,12 @@ def _rank(
 
 # --- placement -------------------------------------------------------------------------------
 
-_SHORT_REASON = {REJECT_CPU: "full (vCPU)", REJECT_MEMORY: "full (memory)"}
+_SHORT_REASON = {
+    REJECT_CPU: "full (vCPU)",
+    REJECT_MEMORY: "full (memory)",
+    REJECT_REGION: "outside the constraints",
+    REJECT_LABELS: "lacks the labels",
+}
 
 
 def _short(reject: str) -> str:
@@ -172,7 +204,10 @@ def _short(reject: str) -> str:
 
 
 def place(request: PlacementRequest, nodes: Sequence[NodeState]) -> Placement:
-    """The node nearest to `request.near` that can take one more instance, or why there is none."""
+    """The node nearest to `request.near` that can take one more instance, or why there is none.
+    Of a constrained class, the nearest node its constraints allow: for a hint outside them, a
+    node of the allowed region nearest to it (portside.constraints.nearest_allowed) when that
+    has room, else the next nearest to the hint."""
     if 0 < request.max_instances <= request.class_instances:
         return _nowhere(
             REFUSED_MAX_INSTANCES,
@@ -186,13 +221,16 @@ def place(request: PlacementRequest, nodes: Sequence[NodeState]) -> Placement:
 
     rejected: dict[str, str] = {}
     feasible: list[NodeState] = []
+    filters = FILTERS if request.constraints else CAPACITY_FILTERS
     for state in nodes:
-        failed = next((f for f in FILTERS if not f.passes(state, request)), None)
+        failed = next((f for f in filters if not f.passes(state, request)), None)
         if failed is None:
             feasible.append(state)
         else:
             rejected[state.node.id] = failed.reason
 
+    if not feasible and all(r in _CONSTRAINT_REJECTS for r in rejected.values()):
+        return _nowhere(REFUSED_CONSTRAINTS, _constraints_reason(request, nodes), rejected)
     if not feasible:
         return _nowhere(
             REFUSED_NO_CAPACITY, _no_capacity_reason(request, nodes, rejected), rejected
@@ -204,6 +242,24 @@ def place(request: PlacementRequest, nodes: Sequence[NodeState]) -> Placement:
 def _nowhere(refusal: str, reason: str, rejected: Mapping[str, str] | None = None) -> Placement:
     return Placement(
         None, reason, MappingProxyType(dict(rejected or {})), MappingProxyType({}), refusal
+    )
+
+
+def _constraints_reason(request: PlacementRequest, nodes: Sequence[NodeState]) -> str:
+    # Each node with what it lacks, so the user sees which constraint no node meets.
+    wanted = request.constraints
+    listed = []
+    for state in sorted(nodes, key=lambda s: s.node.id)[:MAX_NODES_IN_REASON]:
+        node = state.node
+        lacks = constraints.missing_labels(wanted, node.labels)
+        if not constraints.region_allowed(wanted, node.region):
+            lacks.insert(0, f"region {node.region}")
+        listed.append(f"{node.id} ({', '.join(lacks)})")
+    if len(nodes) > MAX_NODES_IN_REASON:
+        listed.append(f"and {len(nodes) - MAX_NODES_IN_REASON} more")
+    return (
+        f"no node satisfies the constraints of class {request.class_name} "
+        f"({constraints.describe(wanted)}): {', '.join(listed)}"
     )
 
 

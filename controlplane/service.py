@@ -347,10 +347,13 @@ class ControlPlaneService(cp_grpc.ControlPlaneServicer):
                 request.location_hint,
                 self.default_region,
                 self.events,
+                self.lifecycle.placements,
             )
             result = "placed" if resolved.placed else "found"
             if resolved.placed:
-                await self.lifecycle.outbound.placed(resolved.record, resolved.node)
+                await self.lifecycle.outbound.placed(
+                    resolved.record, resolved.node, resolved.own_outbound
+                )
         finally:
             RESOLVE_SECONDS.labels(result).observe(time.perf_counter() - start)
         return cp.ResolveResponse(

@@ -72,6 +72,11 @@ class ClusterView:
     nodes: dict[str, Node] = field(default_factory=dict)
     instances: dict[str, InstanceRecord] = field(default_factory=dict)  # store key -> record
     by_id: dict[str, InstanceRecord] = field(default_factory=dict)
+    # The pool instances among them (store key -> record) and the count of each class's: every
+    # heartbeat reply lists its node's pool members and the gauges count by class each second,
+    # which a walk over a million named instances would make cost tens of ms (bench/scale.py).
+    pool_records: dict[str, InstanceRecord] = field(default_factory=dict)
+    placed_count: dict[str, int] = field(default_factory=dict)
     awake: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
     paused: dict[str, frozenset[str]] = field(default_factory=dict)  # node id -> instance ids
     # node -> instance id -> its status as the node's last heartbeat reported it
@@ -231,6 +236,8 @@ class ClusterView:
         self._unpend(key)
         if old is not None:
             self.by_id.pop(old.instance_id, None)
+            self.pool_records.pop(key, None)
+            self.placed_count[old.class_name] -= 1
             if record is None:
                 self.reported.discard(old.instance_id)
         if record is not None:
@@ -238,6 +245,9 @@ class ClusterView:
                 self.reported.discard(record.instance_id)  # a new placement: not reported yet
             self.instances[key] = record
             self.by_id[record.instance_id] = record
+            if record.pool:
+                self.pool_records[key] = record
+            self.placed_count[record.class_name] = self.placed_count.get(record.class_name, 0) + 1
             if (
                 record.instance_id not in self.reported
                 and self.clock() - record.placed_at < PENDING_S
@@ -321,10 +331,8 @@ class ClusterView:
         return sorted(
             (
                 r
-                for r in self.instances.values()
-                if r.pool
-                and r.node_id in self.nodes
-                and (class_name is None or r.class_name == class_name)
+                for r in self.pool_records.values()
+                if r.node_id in self.nodes and (class_name is None or r.class_name == class_name)
             ),
             key=lambda r: r.name,
         )
@@ -343,7 +351,4 @@ class ClusterView:
         return out
 
     def placed_by_class(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for rec in self.instances.values():
-            counts[rec.class_name] = counts.get(rec.class_name, 0) + 1
-        return counts
+        return dict(self.placed_count)

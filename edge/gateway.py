@@ -19,6 +19,7 @@ from portside.errors import GatewayError, UpstreamFailed, error_kind
 from portside.gateway import relay
 from portside.gateway.runtime import GatewayRuntime
 from portside.gateway.types import Request, Response
+from portside.proxy import ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ class GatewayIngress:
     """Answers a gateway route's request: the client's request as a Request (its body
     streaming), the module's fetch under the runtime's deadline and error rules, the response
     streamed back (or its WebSocket bridged). Failures before the answer's head raise
-    PortsideError for EdgeProxy to answer (500 gateway-error, 504 gateway-timeout, ...)."""
+    PortsideError for EdgeProxy to answer (500 gateway-error, 504 gateway-timeout, ...); a
+    client that leaves while its body is read is one line of the log, and counted as the
+    edge's requests of status 499 are."""
 
     def __init__(self, edge: EdgeProxy, runtime: GatewayRuntime) -> None:
         self._edge = edge
@@ -63,7 +66,11 @@ class GatewayIngress:
     async def serve(self, client: proxy.Request) -> None:
         with relay.exchange():
             started = time.perf_counter()
-            response = await self._runtime.fetch(relay.request_of(client))
+            try:
+                response = await self._runtime.fetch(relay.request_of(client))
+            except ClientGone as exc:
+                log.info("gateway: %s %s: %s", client.method, client.path, exc)
+                return
             metrics.GATEWAY_SECONDS.observe(time.perf_counter() - started)
             try:
                 await relay.answer(client, response, self._edge.core, on_break=_broke_off)

@@ -68,11 +68,13 @@ def choose(
     in_flight: Mapping[str, int],
     concurrency_limit: int,
     rng: random.Random,
+    regions: frozenset[str] | None = None,
 ) -> PoolMember | None:
     """The member that should serve the next request from `near`, or None if none can.
 
     Policy:
-    1. Only ready, non-draining members are eligible.
+    1. Only ready, non-draining members are eligible, and with `regions` (those the class's
+       constraints allow, portside.constraints.allowed_regions) only members in one of them.
     2. They are grouped into places by distance from `near` (see `places`): one region, or
        members within ~1 km of each other, is one place.
     3. The nearest place with a member under `concurrency_limit` requests in flight wins
@@ -86,7 +88,11 @@ def choose(
        (a tie: the lowest instance id) takes it and queues it, rather than the request failing.
     The same members, counts and rng state give the same choice, whatever the input order.
     """
-    eligible = [m for m in members if m.ready and not m.draining]
+    eligible = [
+        m
+        for m in members
+        if m.ready and not m.draining and (regions is None or m.region.lower() in regions)
+    ]
     if not eligible:
         return None
 

@@ -24,7 +24,7 @@ from edge.routing import (
     location_hint,
     normalize_prefix,
 )
-from portside import geo, headers, proxy
+from portside import constraints, geo, headers, proxy
 from portside.daemon import Children
 from portside.errors import (
     ERROR_KINDS,
@@ -45,7 +45,7 @@ from portside.errors import (
 from portside.instances import PoolMember
 from portside.net import Deadlines, split_hostport
 from portside.routechanges import RouteChangeKind, RouteUpdate
-from portside.spec import Config, Route, instance_id
+from portside.spec import Config, Constraints, Route, instance_id
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +297,7 @@ class EdgeProxy:
         self.server = proxy.HttpServer(self._handle, name="edge")
         self._pools: dict[str, list[PoolMember]] = {}  # class -> members, from the pool watch
         self._limits: dict[str, int] = {}  # class -> concurrency_limit
+        self._constraints: dict[str, Constraints] = {}  # class -> its placement constraints
         self._in_flight = InFlight()  # this edge's requests in flight per pool instance id
         self._openings = Openings()
         self._lost: dict[str, float] = {}  # node -> when the route watch said it was lost
@@ -331,6 +332,7 @@ class EdgeProxy:
             for c in config.classes
             if c.autoscaling is not None
         }
+        self._constraints = {c.name: c.constraints for c in config.classes if c.constraints}
 
     def set_pool_members(self, pools: dict[str, list[PoolMember]]) -> None:
         """Swap in the members of every pool, by class (the pool watch calls this)."""
@@ -471,6 +473,7 @@ class EdgeProxy:
             self._in_flight,
             self._limits.get(class_name, 0),
             self._rng,
+            self._allowed_regions(class_name),
         )
         if member is not None:
             name = member.name
@@ -480,6 +483,18 @@ class EdgeProxy:
             name = target.instance_name
             self.cache.put(class_name, name, target)
         return name
+
+    def _allowed_regions(self, class_name: str) -> frozenset[str] | None:
+        wanted = self._constraints.get(class_name)
+        return None if wanted is None else constraints.allowed_regions(wanted)
+
+    def _moved_location(self, class_name: str, hint: str) -> str:
+        """The Portside-Location value for a request to the class with location hint `hint`:
+        the allowed region placement uses instead, "" when the hint lies within the class's
+        constraints (the control plane moves it the same way: portside.constraints)."""
+        wanted = self._constraints.get(class_name)
+        moved = "" if wanted is None else constraints.moved_hint(wanted, hint)
+        return f"{moved}; hint={hint}" if moved else ""
 
     def hold(self, class_name: str, name: str) -> CountedRequest:
         """Count a request in flight on a pool member until the lease is released."""
@@ -509,6 +524,10 @@ class EdgeProxy:
             request, ingress=True, add={headers.CLASS: class_name, headers.INSTANCE: name}
         )
         target, upstream = await self._open(forward, class_name, name, hint, pool=pool)
+        head = None
+        location = self._moved_location(class_name, hint)
+        if location and isinstance(upstream, proxy.UpstreamResponse):
+            head = (upstream.status, [*upstream.fields, (headers.LOCATION, location)])
 
         def broke_off(exc: UpstreamFailed) -> None:
             metrics.UPSTREAM_ERRORS.labels("broken").inc()
@@ -519,7 +538,7 @@ class EdgeProxy:
                 exc,
             )
 
-        await self._core.deliver(request, upstream, on_break=broke_off)
+        await self._core.deliver(request, upstream, on_break=broke_off, head=head)
 
     async def _open(
         self, forward: proxy.Forward, class_name: str, name: str, hint: str, *, pool: bool = False
@@ -618,6 +637,7 @@ class EdgeProxy:
             self._in_flight,
             self._limits.get(class_name, 0),
             self._rng,
+            self._allowed_regions(class_name),
         )
         if member is not None:
             target = Target(member.node_id, member.data_address, member.name)

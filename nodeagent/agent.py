@@ -147,6 +147,9 @@ class ClassCatalog:
         return None if cls is None else (cls.instance_type.disk_mb, cls.enable_internet)
 
 
+# The longest time between heartbeat messages, whatever the lease (usage and the prefetch list
+# ride on them too).
+HEARTBEAT_MAX_PERIOD_S = 2.0
 # A heartbeat answered with these will not be admitted by trying again.
 # How long a heartbeat waits to tell a change (see Heartbeat.changed): a thaw's request takes
 # about 2 ms from the thaw to its first byte (docs/benchmarks.md, "Pause mode").
@@ -305,8 +308,8 @@ class Heartbeat:
                 self.manager.replace(iid)
             else:
                 self.manager.refuse_replace(iid)
-        # A third of the lease keeps the node alive; CPU samples want every 2 s.
-        self.period = max(0.2, min(reply.lease_ttl_seconds / 3, self.usage.every_s))
+        # A third of the lease keeps the node alive; pool CPU samples go as taken (changed()).
+        self.period = max(0.2, min(reply.lease_ttl_seconds / 3, HEARTBEAT_MAX_PERIOD_S))
         self.pools.apply([pool_assignment_from_pb(a) for a in reply.pool])
         if self.images is not None:
             self.images.want(reply.prefetch_images)
@@ -434,8 +437,9 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
         data_tls = membership.server_tls(PeerRole.EDGE, PeerRole.CONTROLPLANE, PeerRole.AGENT)
         api = net.grpc_server(api_tls, f"the API of agent {node.id}")
         fence = Fence()  # fenced until the first heartbeat reply has reconciled its instances
+        keeper = PoolKeeper(manager, catalog.get)
         na_grpc.add_NodeAgentServicer_to_server(
-            NodeAgentService(manager, fence, egress.policies), api
+            NodeAgentService(manager, fence, egress.policies, assign_pool=keeper.assign), api
         )
         net.add_grpc_port(api, opts.api_listen, api_tls)
         scrape = await net.start_http_server(daemon.metrics_app(), node.metrics_address)
@@ -468,7 +472,6 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
                 data_plane = plane
                 await api.start()
                 usage = UsageSampler(manager, runtime)
-                keeper = PoolKeeper(manager, catalog.get)
                 # The first heartbeat message reports the images the engine has now.
                 await images.refresh_quietly()
                 heartbeat = Heartbeat(
@@ -482,7 +485,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event | None = None) -> None:
 
                 def sampled() -> None:
                     observe_sample(meter, usage, manager)
-                    heartbeat.changed()
+                    if usage.pool_sampled:  # the autoscaler wants each pool sample at once
+                        heartbeat.changed()
 
                 sampling = tasks.create_task(usage.run(on_sample=sampled))
                 log.info(

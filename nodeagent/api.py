@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from nodeagent.calls import CALL_TIMEOUT_S, call_instance
@@ -27,12 +27,13 @@ from portside.convert import (
     instance_info_to_pb,
     instance_status_to_pb,
     outbound_from_pb,
+    pool_assignment_from_pb,
     snapshot_from_pb,
     snapshot_to_pb,
     terminal_size_from_pb,
 )
 from portside.errors import FailedPrecondition, InvalidArgument, NotFound
-from portside.instances import InstanceInfo, InstanceStatus
+from portside.instances import InstanceInfo, InstanceStatus, PoolAssignment
 from portside.rpc import grpc_errors
 from portside.snapshots import CREATE, TRIGGERS
 from portside.spec import ContainerClass, OutboundPolicy, instance_id
@@ -69,11 +70,14 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
         manager: InstanceManager,
         fence: Fence | None = None,
         outbound: OutboundPolicies | None = None,
+        assign_pool: Callable[[PoolAssignment], None] | None = None,
     ) -> None:
         self.manager = manager
         self.fence = fence
         # The egress proxy's policy table (None: this agent runs no egress, in tests of others).
         self.outbound = outbound
+        # PoolKeeper.assign (None: pool assignments come in heartbeat replies only).
+        self.assign_pool = assign_pool
 
     @grpc_errors
     async def ListInstances(
@@ -123,6 +127,17 @@ class NodeAgentService(na_grpc.NodeAgentServicer):
             cls, request.name, overrides, wait=not request.no_wait, snapshot=snapshot
         )
         return na.AgentInstanceResponse(info=instance_info_to_pb(info))
+
+    @grpc_errors
+    async def AssignPool(
+        self, request: na.AgentAssignPoolRequest, context: Any
+    ) -> na.AgentAssignPoolResponse:
+        """A pool instance just placed here: start it now rather than at the next heartbeat."""
+        if not request.assignment.instance_id:
+            raise InvalidArgument("assignment.instance_id: must not be empty")
+        if self.assign_pool is not None:
+            self.assign_pool(pool_assignment_from_pb(request.assignment))
+        return na.AgentAssignPoolResponse()
 
     @grpc_errors
     async def SetOutbound(

@@ -278,6 +278,13 @@ EGRESS_CONNECTIONS = Counter(
     "proxy, by class and verdict: allow, deny, handler (a gateway handler answered).",
     ["class", "verdict"],
 )
+OUTBOUND_HANDLER_ERRORS = Counter(
+    "portside_agent_outbound_handler_errors_total",
+    "Gateway outbound handler calls that failed on this node, by kind: gateway-error (the "
+    "code raised, returned no Response, or its module failed to load), gateway-timeout (past "
+    "the gateway's deadline), or the kind of a Portside error raised through a binding.",
+    ["kind"],
+)
 EGRESS_DNS = Counter(
     "portside_agent_egress_dns_answers_total",
     "DNS questions from containers answered by the node, by how: intercepted (a name an "

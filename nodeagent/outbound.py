@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 
+from nodeagent import metrics
 from nodeagent.egress.policies import OutboundPolicies
 from portside import headers
 from portside.api.v1 import controlplane_pb2 as cp
@@ -104,6 +105,7 @@ def outbound_runtime(
         ControlPlaneLifecycle(channel, controlplane),
         NodeLimiter(),
         secrets,
+        errors=metrics.OUTBOUND_HANDLER_ERRORS,
     )
 
 

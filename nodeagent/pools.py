@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +18,24 @@ from nodeagent.stats import CgroupSampler, cpu_percent
 from portside.errors import NotFound, PortsideError
 from portside.instances import PoolAssignment
 from portside.spec import CPU_SAMPLE_INTERVAL_S, ContainerClass
+from portside.ticks import until_next
 
 log = logging.getLogger(__name__)
+
+
+# How long a pushed assignment (PoolKeeper.assign) stands without a heartbeat reply listing it:
+# a reply from a replica whose view has not caught up with the placement yet, or one made just
+# before it, must not drain the instance the push started. The view lags by milliseconds.
+PUSH_GRACE_S = 5.0
 
 
 class PoolKeeper:
     """Makes this node run what the control plane assigns: every assigned pool instance
     started and kept awake, every draining or unassigned one drained and removed. A start
-    that fails is retried with backoff (2 s doubling to 60 s), like a crash loop."""
+    that fails is retried with backoff (2 s doubling to 60 s), like a crash loop.
+
+    Assignments come whole in every heartbeat reply (`apply`); the leader also pushes each new
+    one as it places it (`assign`), which starts it at once instead of up to a heartbeat later."""
 
     def __init__(
         self, manager: InstanceManager, get_class: Callable[[str], ContainerClass | None]
@@ -34,29 +44,54 @@ class PoolKeeper:
         self.get_class = get_class
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, tuple[int, float]] = {}  # id -> (count, retry not before)
+        # Pushed assignments no heartbeat reply has listed yet: id -> (assignment, kept until).
+        self.pushed: dict[str, tuple[PoolAssignment, float]] = {}
         self.closed = False
+
+    def assign(self, a: PoolAssignment) -> None:
+        """One new assignment, pushed by the leader (the AssignPool RPC): start it now."""
+        if self.closed or a.draining:
+            return
+        now = time.monotonic()
+        self.pushed[a.instance_id] = (a, now + PUSH_GRACE_S)
+        self._keep_running(a, self.manager.pinned, self._awake(), now)
 
     def apply(self, assignments: list[PoolAssignment]) -> None:
         if self.closed:  # the agent shuts down: what it stops must not be started again
             return
-        wanted = {a.instance_id: a for a in assignments}
-        awake = {s.id for s in self.manager.snapshot() if s.state.awake}
-        pinned = self.manager.pinned
         now = time.monotonic()
+        wanted = {a.instance_id: a for a in assignments}
+        self.pushed = {
+            iid: (a, until)
+            for iid, (a, until) in self.pushed.items()
+            if iid not in wanted and until > now
+        }
+        wanted.update((iid, a) for iid, (a, _) in self.pushed.items())
+        awake = self._awake()
+        pinned = self.manager.pinned
         for a in wanted.values():
             if a.draining:
                 if a.instance_id in pinned or a.instance_id in awake:
                     self._spawn(a.instance_id, self.manager.drain_and_remove(a.instance_id))
                 continue
-            if a.instance_id in pinned and a.instance_id in awake:
-                continue
-            cls = self.get_class(a.class_name)
-            count, not_before = self.failures.get(a.instance_id, (0, 0.0))
-            if cls is None or now < not_before:
-                continue
-            self._spawn(a.instance_id, self._start(cls, a))
+            self._keep_running(a, pinned, awake, now)
         for iid in pinned - wanted.keys():
             self._spawn(iid, self.manager.drain_and_remove(iid))
+
+    def _awake(self) -> set[str]:
+        return {s.id for s in self.manager.snapshot() if s.state.awake}
+
+    def _keep_running(
+        self, a: PoolAssignment, pinned: Collection[str], awake: Collection[str], now: float
+    ) -> None:
+        """Start `a` unless it runs, its class is unknown here, or a failed start backs off."""
+        if a.instance_id in pinned and a.instance_id in awake:
+            return
+        cls = self.get_class(a.class_name)
+        _count, not_before = self.failures.get(a.instance_id, (0, 0.0))
+        if cls is None or now < not_before:
+            return
+        self._spawn(a.instance_id, self._start(cls, a))
 
     async def _start(self, cls: ContainerClass, a: PoolAssignment) -> None:
         try:
@@ -104,17 +139,6 @@ class Sample:
     memory_bytes: int
 
 
-def until_next(period_s: float, offset_s: float = 0.0, now: float | None = None) -> float:
-    """Seconds until the wall clock next reaches a multiple of `period_s` (plus `offset_s`).
-    A boundary less than a tenth of a period away counts as reached: a timer may fire a little
-    early (uvloop's has millisecond resolution), and sleeping the sliver left would take a
-    second sample a millisecond after the first, a CPU reading over nothing (a busy pool
-    member read 0%, and the pool scaled down under load)."""
-    now = time.time() if now is None else now
-    left = (offset_s - now) % period_s
-    return left if left >= period_s / 10 else left + period_s
-
-
 class UsageSampler:
     """CPU and memory of every running instance every `every_s`, from cgroup counters (about
     40 µs a container); each container's PID is looked up once, when it is first seen.
@@ -122,7 +146,8 @@ class UsageSampler:
     A pool's average CPU is only meaningful over one interval for all its instances: instances
     sampled over staggered intervals can each look busy while one request moves between them.
     Sampling on wall-clock boundaries lines the intervals up across nodes (NTP keeps them within
-    milliseconds), and the autoscaler ticks in the middle of each interval."""
+    milliseconds); each sample of a pool instance goes to the control plane at once, and the
+    autoscaler ticks just after the boundary (controlplane.pools.SAMPLE_DELIVERY_S)."""
 
     def __init__(
         self,
@@ -136,6 +161,7 @@ class UsageSampler:
         self.sampler = CgroupSampler()
         self.pids: dict[str, int] = {}
         self.latest: dict[str, Sample] = {}  # instance id -> usage
+        self.pool_sampled = False  # the last sample covers a pool instance (pinned) running here
         self.exported: set[tuple[str, str]] = set()  # (class, name) series on /metrics
 
     async def run(self, on_sample: Callable[[], None] | None = None) -> None:
@@ -190,6 +216,7 @@ class UsageSampler:
                         metrics.INSTANCE_CPU.remove(*labels)
                 metrics.INSTANCE_MEMORY.labels(*labels).set(u.memory_bytes)
         self.latest = latest
+        self.pool_sampled = any(s.pinned and s.id in latest for s in running)
         # Instances that stopped or left the node leave /metrics too, not a frozen last value.
         for labels in self.exported - exported:
             for gauge in (metrics.INSTANCE_CPU, metrics.INSTANCE_MEMORY):

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from portside.constraints import JURISDICTIONS, place_problem, places
+from portside.constraints import problem as constraints_problem
 from portside.durations import parse_duration
 from portside.errors import ConfigError
 from portside.outbound import pattern_problem
@@ -28,6 +30,7 @@ from portside.spec import (
     SLEEP_MODES,
     Autoscaling,
     Config,
+    Constraints,
     ContainerClass,
     Gateway,
     InstanceSource,
@@ -59,7 +62,7 @@ _CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 _HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SEGMENT_INDEX = re.compile(r"[0-9]+")
 
-_TOML_TOP_KEYS = ("containers", "routes", "gateway")
+_TOML_TOP_KEYS = ("containers", "routes", "gateway", "jurisdictions")
 _GATEWAY_KEYS = ("module", "vars", "rate_limits", "deadline")
 _RATE_LIMIT_KEYS = ("binding", "limit", "period")
 # The container fields both formats map onto ContainerClass.
@@ -96,7 +99,9 @@ _CONTAINER_KEYS = (
     "denied_hosts",
     "outbound_by_host",
     "intercept_https",
+    "constraints",
 )
+_CONSTRAINT_KEYS = ("regions", "jurisdiction", "labels")
 _BUILD_KEYS = ("image_build_context", "image_vars")
 _AUTOSCALING_KEYS = (
     "minimum_instances",
@@ -129,7 +134,6 @@ _WRANGLER_IGNORED = frozenset(
     {
         "name",
         "rollout_kind",
-        "constraints",
         "affinities",
         "scheduling_policy",
         "instances",
@@ -242,13 +246,16 @@ def read_toml(text: str, file: str) -> LoadedConfig:
         raise ConfigError(file, "", f"not valid TOML: {exc}") from exc
     top = _Table(file, "", data, noun="table")
     top.check_keys(_TOML_TOP_KEYS)
+    jurisdictions = _jurisdictions(top)
     classes: list[tuple[_Table, ContainerClass]] = []
     builds: dict[str, BuildSpec] = {}
     for table in top.tables("containers"):
         table.check_keys(_CONTAINER_KEYS)
         if "autoscaling" in table:
             table.table("autoscaling").check_keys(_AUTOSCALING_KEYS)
-        cls = _container(table)
+        if "constraints" in table:
+            table.table("constraints").check_keys(_CONSTRAINT_KEYS)
+        cls = _container(table, jurisdictions)
         classes.append((table, cls))
         if is_build_path(cls.image):
             builds[cls.name] = _build_spec(table)
@@ -307,6 +314,15 @@ def read_wrangler(text: str, file: str) -> tuple[LoadedConfig, list[str]]:
                 if key not in _AUTOSCALING_KEYS:
                     hint = _did_you_mean(key, _AUTOSCALING_KEYS, "; ")
                     warnings.append(f"{file}: {scaling.where(key)}: ignored (unknown field{hint})")
+        if "constraints" in table:
+            # Cloudflare's cities and tiers mean nothing here: warned about, the rest is read.
+            limits = table.table("constraints")
+            known["constraints"] = {
+                key: value for key, value in limits.data.items() if key in _CONSTRAINT_KEYS
+            }
+            for key in limits.data:
+                if key not in _CONSTRAINT_KEYS:
+                    warnings.append(f"{file}: {limits.where(key)}: ignored (not used by Portside)")
         # Cloudflare's defaults where the entry is silent: a wrangler file means the same here.
         for key, default in _WRANGLER_DEFAULTS.items():
             if known.get(key) is None:
@@ -410,7 +426,9 @@ def strip_jsonc(text: str) -> str:
     return "".join(out)
 
 
-def _container(table: _Table) -> ContainerClass:
+def _container(
+    table: _Table, jurisdictions: Mapping[str, tuple[str, ...]] = JURISDICTIONS
+) -> ContainerClass:
     name = table.text("class_name")
     if not _CLASS_NAME.fullmatch(name):
         raise table.error(
@@ -470,7 +488,66 @@ def _container(table: _Table) -> ContainerClass:
         denied_hosts=_hosts(table, "denied_hosts"),
         outbound_by_host=_outbound_by_host(table) if "outbound_by_host" in table else {},
         intercept_https=table.boolean("intercept_https", _DEFAULT.intercept_https),
+        constraints=(
+            _constraints(table, jurisdictions) if "constraints" in table else Constraints()
+        ),
     )
+
+
+def _jurisdictions(top: _Table) -> Mapping[str, tuple[str, ...]]:
+    """The built-in jurisdictions (portside.constraints), with those the file's [jurisdictions]
+    defines or replaces: `eu = ["fra", "ams", "eeur"]` (region codes or areas)."""
+    out = dict(JURISDICTIONS)
+    if "jurisdictions" not in top:
+        return out
+    table = top.table("jurisdictions")
+    for name, value in table.data.items():
+        if not isinstance(value, list) or not value:
+            raise table.error(
+                name, f"must be a non-empty array of region codes or areas, not {_show(value)}"
+            )
+        for index, item in enumerate(value):
+            problem = place_problem(item) if isinstance(item, str) else _not_a_string(item)
+            if problem:
+                raise table.error(f"{name}[{index}]", problem)
+        out[name.lower()] = tuple(sorted(places(value)))
+    return out
+
+
+def _not_a_string(value: object) -> str:
+    return f"must be a string, not {_show(value)}"
+
+
+def _constraints(table: _Table, jurisdictions: Mapping[str, tuple[str, ...]]) -> Constraints:
+    """A class's `constraints`: regions (areas or region codes), a jurisdiction by name and the
+    node labels every node holding it must carry."""
+    limits = table.table("constraints")
+    regions = []
+    for index, item in enumerate(limits.array("regions")):
+        if not isinstance(item, str):
+            raise limits.error(f"regions[{index}]", _not_a_string(item))
+        problem = place_problem(item)
+        if problem:
+            raise limits.error(f"regions[{index}]", problem)
+        regions.append(item.strip().lower())
+    name = limits.text("jurisdiction", "").strip().lower()
+    if name and name not in jurisdictions:
+        raise limits.error(
+            "jurisdiction",
+            f"{_show(name)} is not a jurisdiction; use one of {', '.join(sorted(jurisdictions))}"
+            " or define it under [jurisdictions]",
+        )
+    labels: dict[str, str] = {}
+    if "labels" in limits:
+        for key, value in limits.table("labels").data.items():
+            if not isinstance(value, str):
+                raise limits.error(f"labels.{key}", f"must be a string, not {_show(value)}")
+            labels[key] = value
+    constraints = Constraints(tuple(regions), name, jurisdictions.get(name, ()), labels)
+    field, problem = constraints_problem(constraints)
+    if problem:
+        raise limits.error(field, problem)
+    return constraints
 
 
 def _hosts(table: _Table, key: str) -> tuple[str, ...]:
@@ -997,6 +1074,9 @@ def _check_class(cls: ContainerClass, source: str, at: str, *, allow_build_paths
     for host, handler in cls.outbound_by_host.items():
         if not handler.isidentifier():
             raise fail(f"outbound_by_host.{host}", f"{_show(handler)} is not a function name")
+    field, problem = constraints_problem(cls.constraints)
+    if problem:
+        raise fail(f"constraints.{field}", problem)
     _check_health(cls, fail)
     _check_rollout(cls, fail)
 

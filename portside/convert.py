@@ -30,6 +30,7 @@ from portside.spec import (
     DEFAULT_STOP_TIMEOUT_S,
     Autoscaling,
     Config,
+    Constraints,
     ContainerClass,
     Gateway,
     InstanceSource,
@@ -79,6 +80,15 @@ def class_to_pb(c: ContainerClass) -> pb.ContainerClass:
     msg = _class_to_pb(c)
     if c.autoscaling is not None:
         msg.autoscaling.CopyFrom(autoscaling_to_pb(c.autoscaling))
+    if c.constraints:
+        msg.constraints.CopyFrom(
+            pb.Constraints(
+                regions=list(c.constraints.regions),
+                jurisdiction=c.constraints.jurisdiction,
+                jurisdiction_regions=list(c.constraints.jurisdiction_regions),
+                labels=dict(c.constraints.labels),
+            )
+        )
     return msg
 
 
@@ -159,6 +169,12 @@ def class_from_pb(m: pb.ContainerClass) -> ContainerClass:
         denied_hosts=tuple(m.denied_hosts),
         outbound_by_host=dict(m.outbound_by_host),
         intercept_https=m.intercept_https,
+        constraints=Constraints(
+            regions=tuple(m.constraints.regions),
+            jurisdiction=m.constraints.jurisdiction,
+            jurisdiction_regions=tuple(m.constraints.jurisdiction_regions),
+            labels=dict(m.constraints.labels),
+        ),
     )
 
 

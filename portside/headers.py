@@ -14,5 +14,9 @@ INSTANCE: Final = "Portside-Instance"
 ERROR: Final = "Portside-Error"
 #: A region code or area where a new instance should be placed.
 LOCATION_HINT: Final = "Portside-Location-Hint"
+#: Set by the edge on a response when the request's location hint (its LOCATION_HINT, else the
+#: edge's region) lies outside the class's placement constraints: the allowed region placement
+#: used instead, and the hint, as in `dub; hint=iad`.
+LOCATION: Final = "Portside-Location"
 
-__all__ = ["CLASS", "ERROR", "INSTANCE", "LOCATION_HINT"]
+__all__ = ["CLASS", "ERROR", "INSTANCE", "LOCATION", "LOCATION_HINT"]

@@ -40,9 +40,10 @@ INSTANCE_TYPES: Mapping[str, InstanceType] = {
 }
 
 DEFAULT_SLEEP_AFTER_S = 600.0
-# Agents sample container CPU at wall-clock multiples of this; the autoscaler ticks half way
-# between, so that every instance's sample covers the same interval.
-CPU_SAMPLE_INTERVAL_S = 2.0
+# Agents sample container CPU at wall-clock multiples of this and send each sample at once; the
+# autoscaler ticks just after (controlplane.pools.SAMPLE_DELIVERY_S), so that every instance's
+# sample covers the same interval.
+CPU_SAMPLE_INTERVAL_S = 1.0
 DEFAULT_BOOT_TIMEOUT_S = 30.0
 # Health checks (Cloudflare's ping_endpoint): GET this path every interval; this many failures in
 # a row make an instance unhealthy. The path's default answers 404 on most images, which passes.
@@ -75,6 +76,23 @@ class Autoscaling:
     cpu_target: float = 75.0
     scale_down_delay_s: float = 60.0
     concurrency_limit: int = 0  # requests in flight per instance before overflow; 0: none
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Where a class's instances may run (wrangler's `constraints`; portside/constraints.py
+    decides with it). Empty: anywhere. A node must be in one of `regions` (area or region codes)
+    and of `jurisdiction_regions`, and carry every label of `labels`."""
+
+    regions: tuple[str, ...] = ()  # lower case, as configured
+    jurisdiction: str = ""  # its name, for messages ("": none)
+    # The region codes the jurisdiction named when the class was deployed (the built-in table or
+    # the config's [jurisdictions]): the class carries them, so no part needs the table.
+    jurisdiction_regions: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.regions or self.jurisdiction or self.labels)
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,8 @@ class ContainerClass:
     denied_hosts: tuple[str, ...] = ()
     outbound_by_host: Mapping[str, str] = field(default_factory=dict)
     intercept_https: bool = False
+    # Issue 15: where its instances may be placed (runtime policy: not part of a version).
+    constraints: Constraints = field(default_factory=Constraints)
 
     @property
     def run_image(self) -> str:

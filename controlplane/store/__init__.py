@@ -11,16 +11,20 @@ from collections.abc import Awaitable, Callable
 from portside.errors import ConfigError
 
 from . import etcd, quorum, sqlite
-from ._base import Compacted, KeyValue, Store, WatchEvent
+from ._base import MAX_SWAPS, Compacted, KeyValue, Put, Store, Swap, Swapped, WatchEvent
 from ._tls import NO_TLS, StoreTls
 from .instrumented import InstrumentedStore, instrument
 
 __all__ = [
+    "MAX_SWAPS",
     "Compacted",
     "InstrumentedStore",
     "KeyValue",
+    "Put",
     "Store",
     "StoreTls",
+    "Swap",
+    "Swapped",
     "WatchEvent",
     "instrument",
     "open_store",

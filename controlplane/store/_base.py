@@ -5,7 +5,7 @@ Every write can be made conditional on a key's mod revision; keys are str, value
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -29,6 +29,43 @@ class KeyValue:
 class WatchEvent:
     type: Literal["put", "delete"]
     kv: KeyValue  # for "delete", value is b"" and mod_revision is the deleting revision
+
+
+@dataclass(frozen=True)
+class Put:
+    """A plain write that goes with a Swap (Store.swap_all)."""
+
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One conditional write of Store.swap_all: `value` at `key` if the key is at `mod_revision`
+    (0: absent) and the key `absent` (if any) does not exist; if so, `also` is written with it
+    and `read` (a key, if any) is read after the writes, all at the same revision."""
+
+    key: str
+    mod_revision: int
+    value: bytes
+    lease: int = 0
+    absent: str = ""
+    also: tuple[Put, ...] = ()
+    read: str = ""
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """The outcome of one Swap: whether its check held, and (if it held) the key it read."""
+
+    succeeded: bool
+    read: KeyValue | None = None
+
+
+#: Most swaps one swap_all takes, keys of the swaps and their puts all distinct: etcd refuses a
+#: transaction of more than 128 operations (--max-txn-ops) or that writes one key twice.
+MAX_SWAPS = 128
 
 
 class Store(Protocol):
@@ -69,6 +106,13 @@ class Store(Protocol):
         """
         ...
 
+    async def swap_all(self, swaps: Sequence[Swap]) -> list[Swapped]:
+        """Apply each Swap whose check holds, in one transaction (one revision, one round trip);
+        a swap whose check fails changes nothing, and does not stop the others. At most
+        MAX_SWAPS, no key written twice (ValueError otherwise). One outcome per swap, in order.
+        """
+        ...
+
     def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         """Events under `prefix` from `start_revision` (0: from now on), until the iterator
         is closed. Raises Compacted if that revision has been compacted away.
@@ -96,6 +140,15 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def check_swaps(swaps: Sequence[Swap]) -> None:
+    """Refuse, before any I/O, a batch that swap_all cannot take whole."""
+    if len(swaps) > MAX_SWAPS:
+        raise ValueError(f"swap_all takes at most {MAX_SWAPS} swaps, not {len(swaps)}")
+    written = [s.key for s in swaps] + [p.key for s in swaps for p in s.also]
+    if len(set(written)) != len(written):
+        raise ValueError("swap_all: a key is written twice in one batch")
 
 
 StoreKind = Literal["etcd", "sqlite"]

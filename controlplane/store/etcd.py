@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -21,7 +21,7 @@ from aetcd import rpc, watcher
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import Compacted, KeyValue, WatchEvent
+from ._base import Compacted, KeyValue, Put, Swap, Swapped, WatchEvent, check_swaps
 from ._tls import StoreTls
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,16 @@ _CHANNEL_OPTIONS = {
     # within 13 s. etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 3_000,
+    # gRPC's default 4 MiB would refuse a watch response of a big transaction; etcd's own client
+    # takes any size too. Ranges come in pages (RANGE_PAGE) all the same.
+    "grpc.max_receive_message_length": -1,
 }
+
+#: Keys a range reads per request. Every placement in one reply passed gRPC's default 4 MiB at
+#: about 11,000 of them, and a million are some 350 MiB, built by etcd in one piece. Not much
+#: smaller either: etcd counts every key left in the range for each page (its reply's `count`),
+#: so pages of 2,000 took 130 s to read a million placements (bench/scale.py). Some 7 MiB each.
+RANGE_PAGE = 20_000
 
 # etcd reads an empty key with range_end "\0" as "every key": the way to watch or list it all.
 _ALL_KEYS = b"\0"
@@ -240,6 +249,37 @@ def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
     key = prefix.encode()
     # UTF-8 never contains 0xff, so the last byte can always be bumped.
     return key, key[:-1] + bytes([key[-1] + 1])
+
+
+async def _range_page(request: Any, client: aetcd.Client) -> Any:
+    """One page of a range, straight on aetcd's stub: its get_range has no limit or revision.
+    The caller's deadline (EtcdStore._call) bounds it."""
+    await client.connect()
+    return await client.kvstub.Range(request, metadata=client.metadata)
+
+
+def _swap_txn(swap: Swap) -> Any:
+    """The nested transaction of one Swap (see EtcdStore.swap_all)."""
+    key = swap.key.encode()
+    # An absent key has mod revision 0 in etcd, so one comparison covers create-if-absent.
+    equal = rpc.Compare.EQUAL
+    compare = [
+        rpc.Compare(result=equal, target=rpc.Compare.MOD, key=key, mod_revision=swap.mod_revision)
+    ]
+    if swap.absent:  # version 0: no such key
+        compare.append(
+            rpc.Compare(
+                result=equal, target=rpc.Compare.VERSION, key=swap.absent.encode(), version=0
+            )
+        )
+    puts = [Put(swap.key, swap.value, swap.lease), *swap.also]
+    success = [
+        rpc.RequestOp(request_put=rpc.PutRequest(key=p.key.encode(), value=p.value, lease=p.lease))
+        for p in puts
+    ]
+    if swap.read:
+        success.append(rpc.RequestOp(request_range=rpc.RangeRequest(key=swap.read.encode())))
+    return rpc.TxnRequest(compare=compare, success=success)
 
 
 def _key_value(kv: Any) -> KeyValue:
@@ -463,11 +503,21 @@ class EtcdStore:
         return None if kv is None else _key_value(kv)
 
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """In pages of RANGE_PAGE keys (etcd returns them in key order), every page read at the
+        first one's revision: one consistent snapshot, however many requests it takes."""
         start, end = _prefix_range(prefix)
-        result = await self._call(
-            f"range {prefix!r}", lambda c: c.get_range(start, end, sort_order="ascend")
-        )
-        return [_key_value(kv) for kv in result.kvs], int(result.header.revision)
+        out: list[KeyValue] = []
+        revision = 0
+        while True:
+            request = rpc.RangeRequest(
+                key=start, range_end=end, limit=RANGE_PAGE, revision=revision
+            )
+            reply = await self._call(f"range {prefix!r}", functools.partial(_range_page, request))
+            out.extend(_key_value(kv) for kv in reply.kvs)
+            revision = revision or int(reply.header.revision)
+            if not reply.more:
+                return out, revision
+            start = reply.kvs[-1].key + b"\0"  # the next key after the page's last
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         result = await self._call(f"put {key!r}", lambda c: c.put(key.encode(), value, lease=lease))
@@ -502,6 +552,29 @@ class EtcdStore:
             return bool(succeeded)
 
         return await self._call(f"compare-and-swap {key!r}", swap)
+
+    async def swap_all(self, swaps: Sequence[Swap]) -> list[Swapped]:
+        """One etcd transaction whose every operation is a nested transaction of one swap (etcd
+        3.3+): each nested one checks its own key, so one failed check does not fail the rest."""
+        check_swaps(swaps)
+        if not swaps:
+            return []
+        request = rpc.TxnRequest(success=[rpc.RequestOp(request_txn=_swap_txn(s)) for s in swaps])
+
+        async def commit(client: aetcd.Client) -> Any:
+            await client.connect()
+            return await client.kvstub.Txn(request, metadata=client.metadata)
+
+        reply = await self._call(f"swap {len(swaps)} keys from {swaps[0].key!r}", commit)
+        out = []
+        for swap, op in zip(swaps, reply.responses, strict=True):
+            nested = op.response_txn
+            read = None
+            if nested.succeeded and swap.read:
+                kvs = nested.responses[-1].response_range.kvs
+                read = _key_value(kvs[0]) if kvs else None
+            out.append(Swapped(bool(nested.succeeded), read))
+        return out
 
     def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         return self._watch(prefix, start_revision)

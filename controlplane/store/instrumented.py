@@ -5,13 +5,13 @@ Wraps any backend (`instrument(await open_store(url))`); watches count errors, n
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from controlplane.metrics import STORE_ERRORS, STORE_SECONDS
 from portside.errors import StoreError
 
-from ._base import Compacted, KeyValue, Store, WatchEvent
+from ._base import Compacted, KeyValue, Store, Swap, Swapped, WatchEvent
 
 T = TypeVar("T")
 
@@ -61,6 +61,9 @@ class InstrumentedStore:
                 key, mod_revision, value, lease, absent=absent, unchanged=unchanged
             ),
         )
+
+    async def swap_all(self, swaps: Sequence[Swap]) -> list[Swapped]:
+        return await self._timed("swap_all", lambda: self.inner.swap_all(swaps))
 
     async def watch(self, prefix: str, start_revision: int = 0) -> AsyncGenerator[WatchEvent, None]:
         # An async generator itself, so that calling watch() still does no I/O.

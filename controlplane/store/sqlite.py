@@ -9,13 +9,13 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import Compacted, KeyValue, WatchEvent
+from ._base import Compacted, KeyValue, Put, Swap, Swapped, WatchEvent, check_swaps
 
 log = logging.getLogger(__name__)
 
@@ -250,14 +250,7 @@ class SqliteStore:
         unchanged: tuple[str, int] | None = None,
     ) -> bool:
         with self._write(f"compare-and-swap {key!r}") as txn:
-            row = txn.db.execute("SELECT mod_revision FROM kv WHERE key = ?", (key.encode(),))
-            found = row.fetchone()
-            if (0 if found is None else int(found[0])) != mod_revision:
-                return False
-            if (
-                absent
-                and txn.db.execute("SELECT 1 FROM kv WHERE key = ?", (absent.encode(),)).fetchone()
-            ):
+            if not self._holds(txn, key, mod_revision, absent):
                 return False
             if unchanged is not None:
                 other = txn.db.execute(
@@ -270,6 +263,39 @@ class SqliteStore:
             else:
                 self._put(txn, key, value, lease)
         return True
+
+    @staticmethod
+    def _holds(txn: _Txn, key: str, mod_revision: int, absent: str) -> bool:
+        """Whether `key` is at `mod_revision` (0: absent) and the key `absent` (if any) is not."""
+        found = txn.db.execute("SELECT mod_revision FROM kv WHERE key = ?", (key.encode(),))
+        row = found.fetchone()
+        if (0 if row is None else int(row[0])) != mod_revision:
+            return False
+        return not (
+            absent
+            and txn.db.execute("SELECT 1 FROM kv WHERE key = ?", (absent.encode(),)).fetchone()
+        )
+
+    async def swap_all(self, swaps: Sequence[Swap]) -> list[Swapped]:
+        check_swaps(swaps)
+        out = []
+        with self._write(f"swap {len(swaps)} keys") as txn:
+            for swap in swaps:
+                if not self._holds(txn, swap.key, swap.mod_revision, swap.absent):
+                    out.append(Swapped(False))
+                    continue
+                for put in (Put(swap.key, swap.value, swap.lease), *swap.also):
+                    self._put(txn, put.key, put.value, put.lease)
+                read = None
+                if swap.read:
+                    row = txn.db.execute(
+                        "SELECT key, value, create_revision, mod_revision, lease FROM kv"
+                        " WHERE key = ?",
+                        (swap.read.encode(),),
+                    ).fetchone()
+                    read = None if row is None else _key_value(row)
+                out.append(Swapped(True, read))
+        return out
 
     def _put(self, txn: _Txn, key: str, value: bytes, lease: int) -> int:
         raw = key.encode()

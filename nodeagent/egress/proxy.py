@@ -40,6 +40,7 @@ from portside.net import Deadlines
 from portside.outbound import Decision, Verdict, normal_host
 from portside.proxy import (
     HOP_BY_HOP,
+    ClientGone,
     Forward,
     HttpServer,
     HttpTransport,
@@ -123,6 +124,7 @@ class EgressProxy:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # forgotten containers' connections
 
     async def listen(self, host: str, port: int = 0) -> int:
         """Listen on host:port (0: any free port); the port listened on."""
@@ -157,7 +159,10 @@ class EgressProxy:
         for container_id in container_ids:
             core = self._cores.pop(container_id, None)
             if core is not None:
-                asyncio.get_running_loop().create_task(core.transport.close())
+                # Held until done: a task nobody references may be collected midway.
+                task = asyncio.get_running_loop().create_task(core.transport.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def stop_listening(self) -> None:
         """No new connections (connections open go on)."""
@@ -331,6 +336,8 @@ class EgressProxy:
                     request.abort()
                 else:
                     answer_error(request, exc)
+            except ClientGone as exc:
+                log.info("egress: %s %s: %s", occupant.container_id[:12], handler, exc)
 
     def _core(self, occupant: Occupant) -> ProxyCore:
         core = self._cores.get(occupant.container_id)

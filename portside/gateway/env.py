@@ -26,6 +26,7 @@ from portside.api.v1 import types_pb2 as pb
 from portside.client import Outbound
 from portside.convert import instance_info_from_pb, outbound_from_pb, outbound_to_pb
 from portside.errors import InvalidArgument, from_rpc
+from portside.gateway import scope
 from portside.gateway.types import Body, HeadersLike, Request, Response
 from portside.instances import InstanceInfo
 from portside.spec import Config, ContainerClass, OutboundPolicy, binding_of
@@ -219,8 +220,10 @@ class InstanceStub:
         `request_or_path`: the handler's request (or any Request) as it is, or a path with
         `method`, `headers` and `body`."""
         request = _as_request(request_or_path, method, headers, body)
-        return await self._binding._router.fetch(
-            self.class_name, self.name, request, self.location_hint or ""
+        return await scope.stub_call(
+            self._binding._router.fetch(
+                self.class_name, self.name, request, self.location_hint or ""
+            )
         )
 
     async def start(
@@ -231,26 +234,30 @@ class InstanceStub:
     ) -> InstanceInfo:
         """Place it if needed (near `hint`, else the stub's location hint), boot its container
         and wait until its port answers."""
-        return await self._binding._lifecycle.start(
-            self.class_name,
-            self.name,
-            entrypoint=entrypoint,
-            env=env,
-            location_hint=hint or self.location_hint,
+        return await scope.stub_call(
+            self._binding._lifecycle.start(
+                self.class_name,
+                self.name,
+                entrypoint=entrypoint,
+                env=env,
+                location_hint=hint or self.location_hint,
+            )
         )
 
     async def stop(self, signal: int = 15, grace: float = 10.0) -> InstanceInfo:
         """`signal`, then SIGKILL after `grace` seconds; it keeps its node and writable layer."""
-        return await self._binding._lifecycle.stop(self.class_name, self.name, signal, grace)
+        return await scope.stub_call(
+            self._binding._lifecycle.stop(self.class_name, self.name, signal, grace)
+        )
 
     async def signal(self, signal: int) -> None:
-        await self._binding._lifecycle.signal(self.class_name, self.name, signal)
+        await scope.stub_call(self._binding._lifecycle.signal(self.class_name, self.name, signal))
 
     async def destroy(self) -> None:
-        await self._binding._lifecycle.destroy(self.class_name, self.name)
+        await scope.stub_call(self._binding._lifecycle.destroy(self.class_name, self.name))
 
     async def state(self) -> InstanceInfo:
-        return await self._binding._lifecycle.state(self.class_name, self.name)
+        return await scope.stub_call(self._binding._lifecycle.state(self.class_name, self.name))
 
     async def set_outbound(
         self,
@@ -273,15 +280,19 @@ class InstanceStub:
             outbound_by_host=dict(outbound_by_host or {}),
             intercept_https=intercept_https,
         )
-        return await self._binding._lifecycle.set_outbound(self.class_name, self.name, policy)
+        return await scope.stub_call(
+            self._binding._lifecycle.set_outbound(self.class_name, self.name, policy)
+        )
 
     async def clear_outbound(self) -> Outbound:
         """Drop its own outbound policy: its class's applies again."""
-        return await self._binding._lifecycle.set_outbound(self.class_name, self.name, None)
+        return await scope.stub_call(
+            self._binding._lifecycle.set_outbound(self.class_name, self.name, None)
+        )
 
     async def outbound(self) -> Outbound:
         """The outbound policy that applies to it: its own, or its class's."""
-        return await self._binding._lifecycle.outbound(self.class_name, self.name)
+        return await scope.stub_call(self._binding._lifecycle.outbound(self.class_name, self.name))
 
 
 class ClassBinding:
@@ -333,7 +344,9 @@ class ClassBinding:
                 f" env.{self.binding}.get(name).fetch(...)"
             )
         request = _as_request(request_or_path, method, headers, body)
-        return await self._router.fetch(self.class_name, None, request, location_hint or "")
+        return await scope.stub_call(
+            self._router.fetch(self.class_name, None, request, location_hint or "")
+        )
 
 
 class RateLimitBinding:

@@ -14,11 +14,15 @@ import sys
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from portside.spec import Gateway
 
 Handler = Callable[..., Awaitable[Any]]
+
+#: What the module's code may raise that must stay with the request it ran for: every error,
+#: and the two that asyncio would otherwise carry out of the event loop, ending the process.
+CODE_FAILURES: Final = (Exception, SystemExit, KeyboardInterrupt)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,4 +68,4 @@ def load_module(gateway: Gateway) -> GatewayModule:
     return GatewayModule(gateway.digest, filename, handlers, module)
 
 
-__all__ = ["GatewayModule", "Handler", "load_module"]
+__all__ = ["CODE_FAILURES", "GatewayModule", "Handler", "load_module"]

@@ -13,17 +13,19 @@ and in a Router's fetch: `forward_of(request, add=...)`, then `response_of(upstr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Final
 from urllib.parse import urlsplit
 
 from portside.errors import GatewayError, UpstreamFailed
+from portside.gateway import scope
+from portside.gateway.module import CODE_FAILURES
+from portside.gateway.scope import exchange
 from portside.gateway.types import Request, Response
 from portside.proxy import (
     BodySink,
+    ClientGone,
     Forward,
     Framing,
     ProxyCore,
@@ -45,36 +47,6 @@ OnBreak = Callable[[UpstreamFailed], None]
 # Methods whose empty body goes without a Content-Length (RFC 9110 8.6: a user agent should
 # not send one for a request without content when the method defines no meaning for it).
 _BODILESS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
-
-# What the current gateway exchange opened upstream: released when it ends (`exchange`), so
-# a stub's response the handler dropped unread does not hold its connection.
-_OPENED: ContextVar[list[_Releasable] | None] = ContextVar("portside_gateway_opened", default=None)
-
-
-@contextlib.contextmanager
-def exchange() -> Iterator[None]:
-    """One gateway exchange (a client's request and its answer): every upstream response and
-    WebSocket its handler opened is released at the end, read or not."""
-    opened: list[_Releasable] = []
-    token = _OPENED.set(opened)
-    try:
-        yield
-    finally:
-        _OPENED.reset(token)
-        for item in opened:
-            item.release()
-
-
-def _opened(item: _Releasable) -> None:
-    opened = _OPENED.get()
-    if opened is not None:
-        opened.append(item)
-
-
-class _Releasable:
-    def release(self) -> None:
-        raise NotImplementedError
-
 
 # --- the client's request as a Request ------------------------------------------------------
 
@@ -148,8 +120,12 @@ class _StreamedBody:
                 if chunk:
                     sink.body_data(bytes(chunk))
                 await self._resume.wait()
-        except Exception as exc:
-            log.exception("a gateway request body raised while it was being sent")
+        except ClientGone as exc:  # the handler's body came from a client that left
+            log.info("a gateway request body broke off: %s", exc)
+            sink.body_failed(exc)
+            return
+        except CODE_FAILURES as exc:
+            log.error("a gateway request body raised while it was being sent", exc_info=exc)
             sink.body_failed(exc)
             return
         sink.body_end([])
@@ -214,7 +190,7 @@ def forward_of(request: Request, *, add: Mapping[str, str], ingress: bool = True
 # --- an upstream's answer as a Response -----------------------------------------------------
 
 
-class UpstreamBody(_Releasable):
+class UpstreamBody:
     """An upstream response's body as a Response streams it: read chunk by chunk, or relayed
     straight to the client by `answer` when nobody read it. Its connection is released once:
     at the body's end, or at the exchange's."""
@@ -231,8 +207,11 @@ class UpstreamBody(_Releasable):
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        chunks = self.upstream.chunks()
         try:
-            async for chunk in self.upstream.chunks():
+            # Each read is a stub call: a task the handler spawned that still reads when the
+            # exchange ends is cancelled, not left waiting on the connection released under it.
+            while chunk := await scope.stub_call(anext(chunks, b"")):
                 yield chunk
         finally:
             self.release()
@@ -252,7 +231,7 @@ class UpstreamBody(_Releasable):
                 self._on_release()
 
 
-class Upgraded(_Releasable):
+class Upgraded:
     """An upstream WebSocket, open, on its way to the client (`Response._socket`). Closed at the
     exchange's end unless the host took it to splice to its client."""
 
@@ -279,12 +258,12 @@ def response_of(upstream: Upstream, on_release: Callable[[], None] | None = None
     upgraded WebSocket as a 101 carrying it. `on_release` runs once it is released."""
     if isinstance(upstream, UpstreamSocket):
         upgraded = Upgraded(upstream, on_release)
-        _opened(upgraded)
+        scope.opened(upgraded)
         response = Response(status=101, headers=response_fields(list(upstream.headers.items())))
         response._socket = upgraded
         return response
     body = UpstreamBody(upstream, on_release)
-    _opened(body)
+    scope.opened(body)
     return Response(body, status=upstream.status, headers=response_fields(upstream.fields))
 
 
@@ -342,8 +321,8 @@ async def answer(
         return
     except ConnectionError:
         return  # the client went away (its request's task is being cancelled)
-    except Exception:
-        log.exception("a gateway response body raised while it was being sent")
+    except CODE_FAILURES as exc:
+        log.error("a gateway response body raised while it was being sent", exc_info=exc)
         client.abort()  # the head is out: only a cut tells the client the body is not whole
         return
     client.end()

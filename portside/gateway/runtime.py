@@ -9,7 +9,9 @@ to the gateway's deadline and turns its failures into Portside's answers.
 Failures, one line to the client and the whole story to the log: handler code that raises or
 returns something else than a Response is GatewayError (500 gateway-error, its traceback
 logged); one that does not answer within `[gateway] deadline` is GatewayTimeout (504); a
-Portside error raised through a binding (NoCapacity, NodeUnreachable...) keeps its own kind.
+Portside error raised through a binding (NoCapacity, NodeUnreachable...) keeps its own kind;
+ClientGone (the client left while the handler read its body) is no failure of the gateway's
+and goes up as it is, for the host to note in one line.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from portside.gateway.env import (
     Router,
     env_of_config,
 )
-from portside.gateway.module import GatewayModule, Handler, load_module
+from portside.gateway.module import CODE_FAILURES, GatewayModule, Handler, load_module
 from portside.gateway.types import Request, Response
+from portside.proxy import ClientGone
 from portside.spec import Config, Gateway
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,7 @@ class GatewayRuntime:
     def _load(gateway: Gateway) -> GatewayModule | None:
         try:
             module = load_module(gateway)
-        except (Exception, SystemExit):  # a module's sys.exit() must not end the process
+        except CODE_FAILURES:  # a module's sys.exit() must not end the process
             log.exception(
                 "gateway module %s (%s) failed to load; gateway requests answer 500"
                 " gateway-error until a deploy brings one that loads",
@@ -198,7 +201,9 @@ class GatewayRuntime:
         except PortsideError as exc:
             self.count_error(error_kind(exc).name)
             raise
-        except (Exception, SystemExit) as exc:
+        except ClientGone:
+            raise  # nobody is left to answer; not the code's failure
+        except CODE_FAILURES as exc:
             # SystemExit too: a handler's sys.exit() must not end the edge.
             self._raised(deployed, name, request, exc)
         if deadline.expired():
@@ -253,7 +258,8 @@ class GatewayRuntime:
 
     def count_error(self, kind: str) -> None:
         """One more failed call of `kind` in the host's counter (a label `kind`): an edge's
-        `portside_edge_gateway_errors_total`, an agent's `portside_agent_...`."""
+        `portside_edge_gateway_errors_total`, an agent's
+        `portside_agent_outbound_handler_errors_total`."""
         if self._errors is not None:
             self._errors.labels(kind).inc()
 

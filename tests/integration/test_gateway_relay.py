@@ -2,17 +2,23 @@
 whose requests run a gateway module, as an edge runs them, with a Router that sends a stub's
 request through the proxy core to a real aiohttp upstream. Bodies both ways, passed on unread
 or made by the handler; headers and statuses a handler changes; a WebSocket through it; what a
-broken handler answers. No Docker, no etcd."""
+broken handler answers; and an edge's own gateway ingress when its client leaves midway. No
+Docker, no etcd."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
+from edge.gateway import EdgeRouter, GatewayIngress
+from edge.proxy import EdgeProxy, Target
 from portside.errors import PortsideError
 from portside.gateway import GatewayRuntime, Request, Response, relay
 from portside.net import Deadlines, free_port
@@ -55,6 +61,8 @@ async def fetch(request, env):
         upstream = await box.fetch("/stream")
         await upstream.read()
         return upstream
+    if request.path == "/pass-body":  # the client's body, streamed on by the gateway
+        return await box.fetch("/echo", method="POST", body=request.body)
     return await box.fetch(request)
 """
 
@@ -75,6 +83,16 @@ class Router:
 
 class Lifecycle:
     """Not used here: the stubs only fetch."""
+
+
+class OneUpstream:
+    """An edge's resolver for which every instance is the one upstream."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+
+    async def resolve(self, class_name: str, instance_name: str, hint: str) -> Target:
+        return Target("node", self.upstream, instance_name)
 
 
 class Limiter:
@@ -201,6 +219,57 @@ async def test_a_websocket_through_the_gateway(gateway: str) -> None:
             assert await ws.receive_str(timeout=5) == "echo " + text
 
 
+REQUESTS = "portside_edge_requests_total"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for `condition`, 5 s at most (the assertions after it say what did not happen)."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
     for part in parts:
         yield part
+
+
+async def test_a_client_leaving_midway_through_its_body_is_one_quiet_line_at_the_edge(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream_app)
+    upstream = f"127.0.0.1:{free_port()}"
+    runner = await start_aiohttp(app, upstream)
+    edge = EdgeProxy("weur", OneUpstream(upstream), DEADLINES)
+    runtime = GatewayRuntime(EdgeRouter(edge), Lifecycle(), Limiter(), {})  # type: ignore[arg-type]
+    config = Config(
+        classes=(ContainerClass("App", "img"),),
+        gateway=Gateway("gateway.py", textwrap.dedent(MODULE), deadline_s=5.0),
+    )
+    edge.set_config(config)
+    runtime.load(config)
+    edge.gateway = GatewayIngress(edge, runtime).serve
+    address = f"127.0.0.1:{free_port()}"
+    await edge.listen(address)
+    gone = {"class": "", "route": "/", "code": "499", "region": "weur"}
+    before = REGISTRY.get_sample_value(REQUESTS, gone) or 0.0
+    CONNECTIONS.clear()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            host, port = address.split(":")
+            _, writer = await asyncio.open_connection(host, int(port))
+            head = "POST /pass-body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+            writer.write(head.encode() + b"0123456789")
+            await writer.drain()
+            await until(lambda: bool(CONNECTIONS))  # the body is on its way upstream
+            writer.close()
+            await until(lambda: "broke off" in caplog.text)
+            await until(lambda: REGISTRY.get_sample_value(REQUESTS, gone) != before)
+    finally:
+        await edge.shutdown(0)
+        await runner.cleanup()
+    assert REGISTRY.get_sample_value(REQUESTS, gone) == before + 1
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert "the client closed its connection during the request body" in caplog.text

@@ -14,7 +14,8 @@ from typing import cast
 
 import pytest
 
-from controlplane.store import Store, WatchEvent, open_store
+from controlplane.store import Put, Store, Swap, WatchEvent, open_store
+from controlplane.store import etcd as etcd_store
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.sqlite import SqliteStore
 from portside.errors import StoreError
@@ -129,6 +130,38 @@ async def test_range_by_prefix_is_sorted_with_its_revision(store: Backend, prefi
         await store.delete(prefix[:-1] + "0")
 
 
+async def test_etcd_range_in_pages_is_one_snapshot(
+    etcd_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range longer than a page comes whole, in order, as of its first page's revision."""
+    monkeypatch.setattr(etcd_store, "RANGE_PAGE", 2)
+    store = cast(EtcdStore, await open_store(etcd_url))
+    real_page = etcd_store._range_page
+    pages = 0
+
+    async def page_then_write(request: object, client: object) -> object:
+        nonlocal pages
+        pages += 1
+        if pages == 2:  # between pages: must not show, the range reads at page 1's revision
+            await store.put(prefix + "e", b"late")
+        return await real_page(request, client)
+
+    monkeypatch.setattr(etcd_store, "_range_page", page_then_write)
+    try:
+        for name in "dcba":
+            await store.put(prefix + name, name.encode())
+        kvs, revision = await store.range(prefix)
+        assert [kv.key for kv in kvs] == [prefix + k for k in "abcd"]
+        assert [kv.value for kv in kvs] == [b"a", b"b", b"c", b"d"]
+        assert pages == 2
+        late = await store.get(prefix + "e")
+        assert late is not None and late.mod_revision > revision
+    finally:
+        for name in "abcde":
+            await store.delete(prefix + name)
+        await store.close()
+
+
 async def test_delete_says_whether_the_key_existed(store: Backend, prefix: str) -> None:
     await store.put(prefix + "a", b"1")
     assert await store.delete(prefix + "a") is True
@@ -211,6 +244,58 @@ async def test_fifty_concurrent_creates_have_one_winner(store: Backend, prefix: 
     assert results.count(True) == 1
     kv = await store.get(prefix + "a")
     assert kv is not None and kv.value == str(results.index(True)).encode()
+
+
+async def test_swap_all_checks_each_swap_on_its_own(store: Backend, prefix: str) -> None:
+    """A batch of placements: the taken key and the fenced move fail, the rest commit with
+    their puts at one revision, and a swap's read sees the store as of its writes."""
+    taken = await store.put(prefix + "taken", b"theirs")
+    await store.put(prefix + "node-a", b"back")
+    await store.put(prefix + "policy", b"own")
+    results = await store.swap_all(
+        [
+            Swap(prefix + "new", 0, b"mine", also=(Put(prefix + "event", b"placed"),)),
+            Swap(prefix + "taken", 0, b"mine", also=(Put(prefix + "lost-event", b"no"),)),
+            Swap(prefix + "moved", 0, b"on-b", absent=prefix + "node-a"),
+            Swap(prefix + "read", 0, b"x", read=prefix + "policy"),
+            Swap(prefix + "read-none", 0, b"y", read=prefix + "no-policy"),
+            Swap(prefix + "taken-2", taken, b"stale"),
+        ]
+    )
+    assert [r.succeeded for r in results] == [True, False, False, True, True, False]
+    assert results[3].read is not None and results[3].read.value == b"own"
+    assert results[4].read is None
+    new, event, read = [await store.get(prefix + k) for k in ("new", "event", "read")]
+    assert new is not None and event is not None and read is not None
+    assert new.value == b"mine" and new.mod_revision == event.mod_revision == read.mod_revision
+    kv = await store.get(prefix + "taken")
+    assert kv is not None and kv.value == b"theirs"
+    for absent in ("lost-event", "moved", "taken-2"):
+        assert await store.get(prefix + absent) is None
+
+
+async def test_swap_all_refuses_a_key_written_twice(store: Backend, prefix: str) -> None:
+    with pytest.raises(ValueError, match="twice"):
+        await store.swap_all(
+            [
+                Swap(prefix + "a", 0, b"1"),
+                Swap(prefix + "b", 0, b"2", also=(Put(prefix + "a", b""),)),
+            ]
+        )
+    assert await store.swap_all([]) == []
+    assert await store.get(prefix + "b") is None
+
+
+async def test_concurrent_batches_have_one_winner_a_key(store: Backend, prefix: str) -> None:
+    keys = [f"{prefix}{i}" for i in range(20)]
+    results = await asyncio.gather(
+        *(store.swap_all([Swap(k, 0, str(b).encode()) for k in keys]) for b in range(10))
+    )
+    for i, key in enumerate(keys):
+        winners = [b for b, batch in enumerate(results) if batch[i].succeeded]
+        assert len(winners) == 1
+        kv = await store.get(key)
+        assert kv is not None and kv.value == str(winners[0]).encode()
 
 
 async def test_watch_from_now_sees_put_then_delete(store: Backend, prefix: str) -> None:

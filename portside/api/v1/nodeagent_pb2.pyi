@@ -159,3 +159,13 @@ class AgentSetOutboundRequest(_message.Message):
 class AgentSetOutboundResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AgentAssignPoolRequest(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: _types_pb2.PoolAssignment
+    def __init__(self, assignment: _Optional[_Union[_types_pb2.PoolAssignment, _Mapping]] = ...) -> None: ...
+
+class AgentAssignPoolResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

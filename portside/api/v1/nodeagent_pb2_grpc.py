@@ -100,6 +100,11 @@ class NodeAgentStub:
                 request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.SerializeToString,
                 response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.FromString,
                 _registered_method=True)
+        self.AssignPool = channel.unary_unary(
+                '/portside.v1.NodeAgent/AssignPool',
+                request_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolRequest.SerializeToString,
+                response_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -205,6 +210,16 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignPool(self, request, context):
+        """A pool instance the leader's autoscaler just placed on this node, told at once rather than
+        in the next heartbeat reply (which lists it too, and stays the source of truth: this only
+        starts it sooner). The agent starts it unless it runs it already. No error codes: an
+        assignment the agent cannot start yet (its class not known here yet) waits for the heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +287,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.SetOutbound,
                     request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.FromString,
                     response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.SerializeToString,
+            ),
+            'AssignPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignPool,
+                    request_deserializer=portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolRequest.FromString,
+                    response_serializer=portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -625,6 +645,33 @@ class NodeAgent:
             '/portside.v1.NodeAgent/SetOutbound',
             portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundRequest.SerializeToString,
             portside_dot_v1_dot_nodeagent__pb2.AgentSetOutboundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/portside.v1.NodeAgent/AssignPool',
+            portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolRequest.SerializeToString,
+            portside_dot_v1_dot_nodeagent__pb2.AgentAssignPoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ class InstanceType(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vcpu: _Optional[float] = ..., memory_mib: _Optional[int] = ..., disk_mb: _Optional[int] = ...) -> None: ...
 
 class ContainerClass(_message.Message):
-    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version", "sleep_mode", "pause_max_seconds", "snapshot_on_sleep", "snapshot_retention_seconds", "snapshot_keep", "binding", "allowed_hosts", "denied_hosts", "outbound_by_host", "intercept_https")
+    __slots__ = ("name", "image", "default_port", "instance_type", "sleep_after_seconds", "max_instances", "env", "entrypoint", "enable_internet", "boot_timeout_seconds", "autoscaling", "image_digest", "ping_endpoint", "health_check_interval_seconds", "health_check_failures", "health_check_timeout_seconds", "version", "rollout_step_percentage", "rollout_active_grace_period_seconds", "rollout_health_deadline_seconds", "rollout_on_unhealthy", "stop_timeout_seconds", "wake_min_version", "sleep_mode", "pause_max_seconds", "snapshot_on_sleep", "snapshot_retention_seconds", "snapshot_keep", "binding", "allowed_hosts", "denied_hosts", "outbound_by_host", "intercept_https", "constraints")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class ContainerClass(_message.Message):
     DENIED_HOSTS_FIELD_NUMBER: _ClassVar[int]
     OUTBOUND_BY_HOST_FIELD_NUMBER: _ClassVar[int]
     INTERCEPT_HTTPS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     default_port: int
@@ -100,7 +101,27 @@ class ContainerClass(_message.Message):
     denied_hosts: _containers.RepeatedScalarFieldContainer[str]
     outbound_by_host: _containers.ScalarMap[str, str]
     intercept_https: bool
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ..., sleep_mode: _Optional[str] = ..., pause_max_seconds: _Optional[float] = ..., snapshot_on_sleep: _Optional[bool] = ..., snapshot_retention_seconds: _Optional[float] = ..., snapshot_keep: _Optional[int] = ..., binding: _Optional[str] = ..., allowed_hosts: _Optional[_Iterable[str]] = ..., denied_hosts: _Optional[_Iterable[str]] = ..., outbound_by_host: _Optional[_Mapping[str, str]] = ..., intercept_https: _Optional[bool] = ...) -> None: ...
+    constraints: Constraints
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., default_port: _Optional[int] = ..., instance_type: _Optional[_Union[InstanceType, _Mapping]] = ..., sleep_after_seconds: _Optional[float] = ..., max_instances: _Optional[int] = ..., env: _Optional[_Mapping[str, str]] = ..., entrypoint: _Optional[_Iterable[str]] = ..., enable_internet: _Optional[bool] = ..., boot_timeout_seconds: _Optional[float] = ..., autoscaling: _Optional[_Union[Autoscaling, _Mapping]] = ..., image_digest: _Optional[str] = ..., ping_endpoint: _Optional[str] = ..., health_check_interval_seconds: _Optional[float] = ..., health_check_failures: _Optional[int] = ..., health_check_timeout_seconds: _Optional[float] = ..., version: _Optional[int] = ..., rollout_step_percentage: _Optional[_Iterable[int]] = ..., rollout_active_grace_period_seconds: _Optional[float] = ..., rollout_health_deadline_seconds: _Optional[float] = ..., rollout_on_unhealthy: _Optional[str] = ..., stop_timeout_seconds: _Optional[float] = ..., wake_min_version: _Optional[int] = ..., sleep_mode: _Optional[str] = ..., pause_max_seconds: _Optional[float] = ..., snapshot_on_sleep: _Optional[bool] = ..., snapshot_retention_seconds: _Optional[float] = ..., snapshot_keep: _Optional[int] = ..., binding: _Optional[str] = ..., allowed_hosts: _Optional[_Iterable[str]] = ..., denied_hosts: _Optional[_Iterable[str]] = ..., outbound_by_host: _Optional[_Mapping[str, str]] = ..., intercept_https: _Optional[bool] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ...) -> None: ...
+
+class Constraints(_message.Message):
+    __slots__ = ("regions", "jurisdiction", "jurisdiction_regions", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    JURISDICTION_FIELD_NUMBER: _ClassVar[int]
+    JURISDICTION_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedScalarFieldContainer[str]
+    jurisdiction: str
+    jurisdiction_regions: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, regions: _Optional[_Iterable[str]] = ..., jurisdiction: _Optional[str] = ..., jurisdiction_regions: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class OutboundPolicy(_message.Message):
     __slots__ = ("enable_internet", "allowed_hosts", "denied_hosts", "outbound_by_host", "intercept_https")

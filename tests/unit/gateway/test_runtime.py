@@ -221,6 +221,7 @@ async def test_a_raising_handler_is_one_line_for_the_client_and_a_traceback_in_t
     [
         ("return 'text'", "returned str, not a Response"),
         ("import sys; sys.exit(3)", "raised SystemExit"),
+        ("raise KeyboardInterrupt", "raised KeyboardInterrupt"),
         ("raise TimeoutError('its own')", "raised TimeoutError"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.pools import until_next
+from portside.ticks import until_next
 
 
 @pytest.mark.parametrize(
