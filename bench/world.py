@@ -611,8 +611,9 @@ def run_pool(world: Sequence[City], settings: Settings, sun: bool) -> tuple[Tall
             for r in drain_order(members, view, demand)[: decision.current - decision.desired]:
                 remove_member(r)
         else:
-            # The real loop moves at most one member a tick, but ticks every 2 s: as often as
-            # that in a simulated tick, as long as a move pays (moves need demand, not samples).
+            # The real loop moves at most one member a tick, and ticks once a CPU sample: as
+            # often as that in a simulated tick, as long as a move pays (moves need demand,
+            # not samples).
             for _ in range(int(TICK_S / CPU_SAMPLE_INTERVAL_S)):
                 members = [r for r in view.pool_members(POOL.name) if not r.draining]
                 with_room = {n.region for n in view.nodes.values() if view.free_on(n).fits(SIZE)}
