@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controlplane.events import EventLog
-from controlplane.store import MAX_SWAPS, Store, Swap, Swapped
-from portside.errors import StoreError
+from controlplane.store import MAX_SWAPS, LeaseNotFound, Store, Swap, Swapped
 from portside.events import Event
 
 
@@ -37,8 +36,10 @@ async def write_placements(
 ) -> list[Swapped]:
     """Write `writes` in one transaction (keys distinct, at most MAX_SWAPS); one outcome each.
 
-    A failed transaction is sent once more under a new event lease: the store may have lost the
-    old one (restored, or failed over), and a put under a lost lease fails the whole transaction.
+    A transaction refused for its event lease is sent once more under a new one: the store may
+    have lost the old one (restored, or failed over), and a put under a lost lease fails the
+    whole transaction. Any other failure is the resolves' at once (a store that did not answer
+    would not answer a second time within their deadline either).
     Sending it again is safe: every write in it is conditional, so one that did commit the first
     time fails its check the second time, and its resolve reads the key and finds its record.
     """
@@ -60,7 +61,7 @@ async def write_placements(
         return await store.swap_all(swaps(0))
     try:
         return await store.swap_all(swaps(await events.lease()))
-    except StoreError:
+    except LeaseNotFound:
         return await store.swap_all(swaps(await events.lease(renew=True)))
 
 

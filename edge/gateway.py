@@ -13,7 +13,7 @@ import logging
 import time
 
 from edge import metrics, routing
-from edge.proxy import EdgeProxy
+from edge.proxy import EdgeProxy, located
 from portside import headers, proxy
 from portside.errors import GatewayError, UpstreamFailed, error_kind
 from portside.gateway import relay
@@ -48,7 +48,15 @@ class EdgeRouter:
             if lease is not None:
                 lease.release()
             raise
-        return relay.response_of(upstream, lease.release if lease is not None else None)
+        # A hint the class's constraints moved is said as a route's answer says it, so that a
+        # handler returning this response passes it on (a WebSocket's 101 included).
+        location = edge.moved_location(class_name, hint)
+        if location and isinstance(upstream, proxy.UpstreamSocket):
+            upstream = located(upstream, location)
+        response = relay.response_of(upstream, lease.release if lease is not None else None)
+        if location:
+            response.headers[headers.LOCATION] = location
+        return response
 
 
 class GatewayIngress:

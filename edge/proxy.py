@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import ssl
@@ -13,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from edge import metrics
 from edge.pools import CountedRequest, InFlight, choose
@@ -488,10 +491,12 @@ class EdgeProxy:
         wanted = self._constraints.get(class_name)
         return None if wanted is None else constraints.allowed_regions(wanted)
 
-    def _moved_location(self, class_name: str, hint: str) -> str:
+    def moved_location(self, class_name: str, hint: str) -> str:
         """The Portside-Location value for a request to the class with location hint `hint`:
         the allowed region placement uses instead, "" when the hint lies within the class's
-        constraints (the control plane moves it the same way: portside.constraints)."""
+        constraints (the control plane moves it the same way: portside.constraints). Routes'
+        answers carry it (a WebSocket's 101 too), and so do gateway bindings' responses
+        (edge/gateway.py)."""
         wanted = self._constraints.get(class_name)
         moved = "" if wanted is None else constraints.moved_hint(wanted, hint)
         return f"{moved}; hint={hint}" if moved else ""
@@ -525,9 +530,11 @@ class EdgeProxy:
         )
         target, upstream = await self._open(forward, class_name, name, hint, pool=pool)
         head = None
-        location = self._moved_location(class_name, hint)
+        location = self.moved_location(class_name, hint)
         if location and isinstance(upstream, proxy.UpstreamResponse):
             head = (upstream.status, [*upstream.fields, (headers.LOCATION, location)])
+        elif location and isinstance(upstream, proxy.UpstreamSocket):
+            upstream = located(upstream, location)
 
         def broke_off(exc: UpstreamFailed) -> None:
             metrics.UPSTREAM_ERRORS.labels("broken").inc()
@@ -697,6 +704,13 @@ class EdgeProxy:
                 if not attempt.cut or attempt.task.uncancel() > 0:
                     raise
                 raise _Cut(attempt.sent) from None
+
+
+def located(upstream: proxy.UpstreamSocket, location: str) -> proxy.UpstreamSocket:
+    """An upgraded WebSocket whose 101 says Portside-Location `location` as well."""
+    fields = CIMultiDict(upstream.headers)
+    fields[headers.LOCATION] = location
+    return dataclasses.replace(upstream, headers=CIMultiDictProxy(fields))
 
 
 def _agent(target: Target) -> str:

@@ -288,6 +288,7 @@ OUTBOUND_HANDLER_ERRORS = Counter(
 EGRESS_DNS = Counter(
     "portside_agent_egress_dns_answers_total",
     "DNS questions from containers answered by the node, by how: intercepted (a name an "
-    "outbound handler takes, answered with the node's address), forwarded, failed.",
+    "outbound handler takes, answered with the node's address), forwarded, failed, dropped "
+    "(the container had its most questions in flight already).",
     ["how"],
 )

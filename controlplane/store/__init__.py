@@ -11,13 +11,24 @@ from collections.abc import Awaitable, Callable
 from portside.errors import ConfigError
 
 from . import etcd, quorum, sqlite
-from ._base import MAX_SWAPS, Compacted, KeyValue, Put, Store, Swap, Swapped, WatchEvent
+from ._base import (
+    MAX_SWAPS,
+    Compacted,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    Store,
+    Swap,
+    Swapped,
+    WatchEvent,
+)
 from ._tls import NO_TLS, StoreTls
 from .instrumented import InstrumentedStore, instrument
 
 __all__ = [
     "MAX_SWAPS",
     "Compacted",
+    "LeaseNotFound",
     "InstrumentedStore",
     "KeyValue",
     "Put",

@@ -16,6 +16,10 @@ class Compacted(StoreError):
     """A watch asked for history the store no longer keeps."""
 
 
+class LeaseNotFound(StoreError):
+    """A write named a lease the store does not have (expired, or lost with a restore)."""
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str

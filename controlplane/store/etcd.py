@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from aetcd import rpc, watcher
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import Compacted, KeyValue, Put, Swap, Swapped, WatchEvent, check_swaps
+from ._base import (
+    Compacted,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    Swap,
+    Swapped,
+    WatchEvent,
+    check_swaps,
+)
 from ._tls import StoreTls
 
 log = logging.getLogger(__name__)
@@ -226,6 +236,10 @@ def _store_error(exc: BaseException, what: str, endpoint: str = "") -> StoreErro
         return StoreError(f"{etcd} did not answer ({what})")
     if isinstance(exc, aetcd.ConnectionFailedError):
         return StoreError(f"{etcd} is unreachable ({what}): {_first_line(exc)}")
+    cause = exc if isinstance(exc, grpc.RpcError) else exc.__cause__
+    if isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.NOT_FOUND:
+        if "lease not found" in (cause.details() or ""):  # etcd's ErrLeaseNotFound
+            return LeaseNotFound(f"{etcd}: {what}: {_first_line(cause.details() or '')}")
     # aetcd wraps most gRPC errors, but not those of a broken watch stream
     return StoreError(f"{etcd}: {what}: {_first_line(exc)}")
 
@@ -292,11 +306,101 @@ def _key_value(kv: Any) -> KeyValue:
     )
 
 
+class _KeepAlive:
+    """One LeaseKeepAlive stream to one member, shared by every lease refresh sent through it.
+
+    Why: aetcd's refresh_lease opens a new gRPC stream for each call, and setting one up and
+    tearing it down was the largest part of a heartbeat's cost in the control plane
+    (docs/benchmarks.md "Scale"). etcd reads a stream's requests one at a time and answers each
+    before the next, its reply naming the lease, so a refresh writes its request and takes the
+    next reply for its lease. The stream carries no deadline: each refresh keeps its own, the
+    call's (EtcdStore._call).
+
+    A stream that fails (the member went away, etcd gave up on a request) ends: every refresh
+    waiting on it gets the same error, as aetcd would have raised it, and fails over as any call
+    does; the next refresh opens a new stream. A refresh that stops waiting (its deadline, or its
+    caller cancelled) retires the stream, so that no later refresh queues behind a request that
+    etcd is still holding: the retired stream is half-closed, etcd answers what it was sent, and
+    the next refresh opens a new one. A stream that ends without an error leaves its waiters
+    None: no reply, as from aetcd.
+    """
+
+    def __init__(self, client: aetcd.Client) -> None:
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()  # None ends the stream
+        self._waiting: dict[int, deque[asyncio.Future[Any]]] = {}  # by lease, in sent order
+        self._call = client.leasestub.LeaseKeepAlive(self._sent(), metadata=client.metadata)
+        self._reader = asyncio.create_task(self._read())
+        self.usable = True
+
+    async def _sent(self) -> AsyncGenerator[Any, None]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def refresh(self, lease: int) -> Any:
+        """etcd's reply to a keep-alive of `lease` (TTL 0: expired or unknown), or None."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(lease, deque()).append(waiter)
+        self._requests.put_nowait(rpc.LeaseKeepAliveRequest(ID=lease))
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self.retire()
+            raise
+
+    def retire(self) -> None:
+        """No new refreshes on this stream; those sent are still answered."""
+        if self.usable:
+            self.usable = False
+            self._requests.put_nowait(None)
+
+    async def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            async for reply in self._call:
+                lease = int(reply.ID)
+                waiters = self._waiting.get(lease)
+                if waiters:  # the reply of a refresh that stopped waiting, too
+                    waiter = waiters.popleft()
+                    if not waiters:
+                        del self._waiting[lease]
+                    if not waiter.done():
+                        waiter.set_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            error = _client_error(exc)
+        except (Exception, asyncio.CancelledError) as exc:  # CancelledError: the store closed
+            error = exc
+        self.usable = False
+        for waiter in (w for waiters in self._waiting.values() for w in waiters):
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            elif isinstance(error, asyncio.CancelledError):
+                waiter.cancel()
+            else:
+                waiter.set_exception(error)
+
+    async def close(self) -> None:
+        self._call.cancel()
+        await asyncio.wait({self._reader})
+
+
+def _client_error(exc: grpc.aio.AioRpcError) -> aetcd.ClientError:
+    """`exc` as aetcd's calls raise it, with the gRPC error as its cause: the one translation
+    that EtcdStore._call and _store_error read."""
+    try:
+        aetcd.exceptions._handle_exception(exc)  # always raises
+    except aetcd.ClientError as error:
+        return error
+    raise AssertionError("aetcd did not translate a gRPC error") from exc
+
+
 @dataclass
 class _Member:
     endpoint: str  # host:port
     client: aetcd.Client
     failing: bool = False  # its last request failed: logged once, until it answers again
+    keepalive: _KeepAlive | None = None  # the lease refreshes' stream, opened on the first
 
 
 class EtcdStore:
@@ -672,9 +776,19 @@ class EtcdStore:
     async def refresh_lease(self, lease: int) -> bool:
         """True while the lease lives; False once it has expired or was revoked. A store that
         cannot say (no member answers, no quorum) raises StoreError: that is not an expiry."""
-        reply = await self._call(f"refresh lease {lease:x}", lambda c: c.refresh_lease(lease))
+        reply = await self._call(
+            f"refresh lease {lease:x}", functools.partial(self._keep_alive, lease)
+        )
         # etcd answers a keep-alive for an expired or unknown lease with TTL 0, not an error.
         return reply is not None and int(reply.TTL) > 0
+
+    async def _keep_alive(self, lease: int, client: aetcd.Client) -> Any:
+        """One keep-alive of `lease` on `client`'s member, over its one stream (_KeepAlive)."""
+        await client.connect()  # first: from the check to a new stream, nothing may wait
+        member = next(m for m in self._members if m.client is client)
+        if member.keepalive is None or not member.keepalive.usable:
+            member.keepalive = _KeepAlive(client)
+        return await member.keepalive.refresh(lease)
 
     async def revoke_lease(self, lease: int) -> None:
         async def revoke(client: aetcd.Client) -> None:
@@ -697,5 +811,7 @@ class EtcdStore:
             return
         self._closed = True
         for member in self._members:
+            if member.keepalive is not None:
+                await member.keepalive.close()
             with _translated("close", member.endpoint):
                 await member.client.close()

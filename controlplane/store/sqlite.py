@@ -15,7 +15,7 @@ from typing import Any
 
 from portside.errors import ConfigError, StoreError
 
-from ._base import Compacted, KeyValue, Put, Swap, Swapped, WatchEvent, check_swaps
+from ._base import Compacted, KeyValue, LeaseNotFound, Put, Swap, Swapped, WatchEvent, check_swaps
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class SqliteStore:
         raw = key.encode()
         known = txn.db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone()
         if lease and known is None:
-            raise StoreError(f"sqlite: put {key!r}: lease {lease} not found")
+            raise LeaseNotFound(f"sqlite: put {key!r}: lease {lease} not found")
         found = txn.db.execute("SELECT create_revision FROM kv WHERE key = ?", (raw,)).fetchone()
         revision = txn.bump()
         create_revision = revision if found is None else int(found[0])

@@ -7,6 +7,12 @@ question is passed to the host's resolvers as it is, and their answer back.
 Only the question is read (RFC 1035 4.1.2); answers are built for A (the node's address) and
 AAAA (no address, NOERROR) questions about intercepted names. A resolver is "10.0.0.2" (port
 53) or "127.0.0.1:5300".
+
+Bounded per container, so that a container flooding its node's responder holds only its own
+share of the agent: at most MOST_IN_FLIGHT questions at a time (UDP ones being answered plus
+TCP connections open; beyond that a datagram is dropped and a connection closed, as a busy
+resolver does, and the container's resolver asks again), and a TCP connection that sends no
+question for TCP_IDLE_S is closed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import logging
 import socket
 import struct
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -28,6 +35,12 @@ log = logging.getLogger(__name__)
 
 TTL_S: Final = 30  # of an intercepted name's answer: a new policy is seen within this
 UPSTREAM_TIMEOUT_S: Final = 3.0
+# Questions one container may have in flight (UDP ones being answered, TCP connections open),
+# so as many tasks and upstream sockets at most: a resolver rarely has more than a few out, and
+# with resolvers that do not answer a flood gets ~20 questions/s (64 per UPSTREAM_TIMEOUT_S).
+MOST_IN_FLIGHT: Final = 64
+# A TCP connection silent this long is closed (RFC 7766 6.2.3: a few seconds; BIND's 30 s).
+TCP_IDLE_S: Final = 10.0
 _HEADER = struct.Struct("!HHHHHH")
 _TYPE_A, _TYPE_AAAA, _CLASS_IN = 1, 28, 1
 _RCODE_SERVFAIL = 2
@@ -105,13 +118,24 @@ class DnsResponder:
     `address`: the node's address on the egress bridge (both where it listens and what an
     intercepted name resolves to); `upstreams`: the resolvers asked for everything else."""
 
-    def __init__(self, policies: OutboundPolicies, address: str, upstreams: Sequence[str]) -> None:
+    def __init__(
+        self,
+        policies: OutboundPolicies,
+        address: str,
+        upstreams: Sequence[str],
+        *,
+        most_in_flight: int = MOST_IN_FLIGHT,
+        tcp_idle_s: float = TCP_IDLE_S,
+    ) -> None:
         self.policies = policies
         self.address = address
         self.upstreams = tuple(upstreams)
+        self.most_in_flight = most_in_flight
+        self.tcp_idle_s = tcp_idle_s
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # UDP answers and TCP connections
+        self._in_flight: Counter[str] = Counter()  # by container address
 
     async def listen(self, port: int = 0) -> int:
         """Listen for UDP and TCP on one port (0: a free one); the port."""
@@ -164,24 +188,55 @@ class DnsResponder:
         metrics.EGRESS_DNS.labels("failed").inc()
         return failure(query, asked)
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def in_flight(self, peer: str) -> int:
+        """Questions (UDP ones being answered, TCP connections open) of the container at `peer`."""
+        return self._in_flight[peer]
+
+    def admit(self, peer: str) -> bool:
+        """Whether `peer` may have one more question in flight (then counted until `release`);
+        when not, the drop is counted."""
+        if self._in_flight[peer] >= self.most_in_flight:
+            metrics.EGRESS_DNS.labels("dropped").inc()
+            return False
+        self._in_flight[peer] += 1
+        return True
+
+    def release(self, peer: str) -> None:
+        self._in_flight[peer] -= 1
+        if self._in_flight[peer] <= 0:
+            del self._in_flight[peer]
+
+    def spawn(self, work: Coroutine[Any, Any, None], peer: str) -> None:
+        """Answer in a task of its own, counted as one of `peer`'s in flight (admitted)."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self.release(peer))
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
+        if not self.admit(peer):
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             while True:
-                size = struct.unpack("!H", await reader.readexactly(2))[0]
-                reply = await self.answer(await reader.readexactly(size), peer, tcp=True)
+                async with asyncio.timeout(self.tcp_idle_s):  # the next question, whole
+                    size = struct.unpack("!H", await reader.readexactly(2))[0]
+                    query = await reader.readexactly(size)
+                reply = await self.answer(query, peer, tcp=True)
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+                async with asyncio.timeout(self.tcp_idle_s):  # a container that reads no reply
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
+            self._tasks.discard(task)
+            self.release(peer)
             writer.close()
 
 
@@ -194,7 +249,8 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.responder.spawn(self._reply(data, addr))
+        if self.responder.admit(addr[0]):
+            self.responder.spawn(self._reply(data, addr), addr[0])
 
     async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
         reply = await self.responder.answer(data, addr[0], tcp=False)
@@ -230,6 +286,8 @@ async def _ask_tcp(upstream: str, query: bytes) -> bytes:
 
 
 __all__ = [
+    "MOST_IN_FLIGHT",
+    "TCP_IDLE_S",
     "TTL_S",
     "DnsResponder",
     "Question",

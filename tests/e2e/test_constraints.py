@@ -1,10 +1,12 @@
 """Placement constraints end to end: a hint outside a class's jurisdiction lands on an allowed
-node and the response says where (Portside-Location); a labels constraint picks the labelled
-node over a nearer one; constraints no node meets are refused with the constraint named, and
-bad ones at `portside deploy`."""
+node and the response says where (Portside-Location), a WebSocket's 101 as well, and so does a
+response the gateway module passes on from a binding whose `get(..., location_hint=...)` was
+moved; a labels constraint picks the labelled node over a nearer one; constraints no node meets
+are refused with the constraint named, and bad ones at `portside deploy`."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import aiohttp
@@ -31,7 +33,32 @@ def config(image: str) -> str:
             f'{line}\n\n[[routes]]\npath = "/{name.lower()}"\nclass_name = "{name}"\n'
             'instance = "header:X-Session-Id"\n'
         )
+    out.append('[[routes]]\npath = "/gw"\ngateway = true\n\n[gateway]\nmodule = "gateway.py"\n')
     return "\n".join(out)
+
+
+# Any path under /gw: instance X-Session-Id of InEu, placed near sin, which its jurisdiction
+# moves; the response (a WebSocket's 101 too) is returned as the binding gave it.
+MODULE = """
+async def fetch(request, env):
+    box = env.IN_EU.get(request.headers["x-session-id"], location_hint="sin")
+    return await box.fetch(request)
+"""
+
+
+async def upgrade(address: str, path: str, name: str) -> str:
+    """The head of the edge's answer to a WebSocket upgrade of `path` for instance `name`."""
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nX-Session-Id: {name}\r\n\r\n".encode()
+        )
+        return (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)).decode()
+    finally:
+        writer.close()
 
 
 def deploy(cluster: Cluster, path: str) -> subprocess.CompletedProcess[str]:
@@ -47,6 +74,7 @@ async def test_constraints_move_hints_pick_labelled_nodes_and_refuse_clearly(
     cluster: Cluster, test_image: str, docker_client: docker.DockerClient
 ) -> None:
     cluster.start_controlplane()
+    (cluster.tmp / "gateway.py").write_text(MODULE)
     cluster.deploy(config(test_image))
     cluster.start_agent("iad", "127.0.0.2")
     cluster.start_agent("fra", "127.0.0.3", "--label", "gpu=yes")
@@ -66,6 +94,15 @@ async def test_constraints_move_hints_pick_labelled_nodes_and_refuse_clearly(
         assert headers[LOCATION] == "dub; hint=iad"
         status, _, headers = await get(s, f"{base}/ineu/x", "eu-1", hint="ams")
         assert status == 200 and LOCATION not in headers  # a hint within: nothing moved
+        head = await upgrade(edge.address, "/ineu/ws", "eu-1")
+        assert head.startswith("HTTP/1.1 101 ") and f"\r\n{LOCATION}: dub; hint=iad\r\n" in head
+
+        # Through the gateway: the stub's hint (sin) is moved, and the handler passes it on.
+        status, body, headers = await get(s, f"{base}/gw/x", "eu-2")
+        assert status == 200, body
+        assert headers[LOCATION] == "otp; hint=sin"
+        head = await upgrade(edge.address, "/gw/ws", "eu-2")
+        assert head.startswith("HTTP/1.1 101 ") and f"\r\n{LOCATION}: otp; hint=sin\r\n" in head
 
         # iad is nearer, but only fra carries gpu=yes; labels move no hint.
         status, body, headers = await get(s, f"{base}/ongpu/x", "gpu-1")

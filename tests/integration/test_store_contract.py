@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from controlplane.store import Put, Store, Swap, WatchEvent, open_store
+from controlplane.store import LeaseNotFound, Put, Store, Swap, WatchEvent, open_store
 from controlplane.store import etcd as etcd_store
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.sqlite import SqliteStore
@@ -429,8 +429,12 @@ async def test_revoke_deletes_keys_at_once_with_delete_events(store: Backend, pr
 async def test_put_with_an_unknown_lease_is_refused(store: Backend, prefix: str) -> None:
     lease = await store.grant_lease(60)
     await store.revoke_lease(lease)
-    with pytest.raises(StoreError, match="lease"):
+    with pytest.raises(LeaseNotFound, match="lease"):
         await store.put(prefix + "a", b"", lease)
+    # In a group of swaps too: the whole transaction is refused (placements try again under a
+    # new lease, controlplane/placebatch.py).
+    with pytest.raises(LeaseNotFound, match="lease"):
+        await store.swap_all([Swap(prefix + "a", 0, b"", lease=lease)])
     assert await store.get(prefix + "a") is None
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.events import EventLog
 from controlplane.placebatch import PlacementBatcher, PlacementWrite
-from controlplane.store import MAX_SWAPS, Store, Swap, Swapped
+from controlplane.store import MAX_SWAPS, LeaseNotFound, Store, Swap, Swapped
 from portside.errors import StoreError
 from portside.events import Event, EventKind
 
@@ -33,7 +33,7 @@ class SwapStore:
         await self.release.wait()
         if self.fail_next:
             self.fail_next = False
-            raise StoreError("lease not found")
+            raise LeaseNotFound("lease not found")
         self.batches.append(list(swaps))
         out = []
         for s in swaps:
@@ -105,8 +105,10 @@ async def test_a_store_fault_reaches_every_resolve_of_the_group() -> None:
         async def swap_all(self, swaps: Sequence[Swap]) -> list[Swapped]:
             raise StoreError("etcd is unreachable")
 
-    b = batcher(Down())
+    down = Down()
+    b = batcher(down)
     results = await asyncio.gather(b.write(write("a")), b.write(write("b")), return_exceptions=True)
     assert all(isinstance(r, StoreError) for r in results)
+    assert down.leases == 1  # not sent again: a store that did not answer, not a lost lease
     with pytest.raises(StoreError):
         await b.write(write("c"))  # and the batcher still serves the next one
