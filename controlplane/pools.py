@@ -36,7 +36,7 @@ from controlplane.metrics import (
     POOL_UTILISATION,
     SCALE_EVENTS,
 )
-from controlplane.placement import place_instance
+from controlplane.placement import Resolved, place_instance
 from controlplane.records import InstanceRecord
 from controlplane.store import Store
 from controlplane.view import PENDING_S, ClusterView
@@ -296,28 +296,18 @@ class PoolManager:
         if move is None:
             return
         source, target = move
-        name = f"{cls.name}-{secrets.token_hex(4)}"
         try:
-            placed = await place_instance(
-                self.store,
-                self.view,
-                cls,
-                name,
-                geo.lookup(target),
-                pool=True,
-                events=self.events,
-            )
+            placed = await self._add_member(cls, target)
         except NoCapacity as exc:
             log.warning("autoscaler %s: cannot move an instance to %s: %s", cls.name, target, exc)
             return
         if placed is None:
             return
-        self._push(placed.node, placed.record)
         SCALE_EVENTS.labels(cls.name, "up").inc()  # and "down" with the drain: a move is both
         log.info(
             "autoscaler %s: added %s on %s to move one from %s towards the demand (%s)",
             cls.name,
-            name,
+            placed.record.name,
             placed.node.id,
             source,
             demand,
@@ -343,34 +333,35 @@ class PoolManager:
         }
         for _ in range(count):
             region = target_region(demand, by_region, node_regions, self.default_region)
-            name = f"{cls.name}-{secrets.token_hex(4)}"
             try:
-                placed = await place_instance(
-                    self.store,
-                    self.view,
-                    cls,
-                    name,
-                    geo.lookup(region),
-                    pool=True,
-                    events=self.events,
-                )
+                placed = await self._add_member(cls, region)
             except NoCapacity as exc:
                 log.warning("autoscaler %s: cannot add an instance: %s", cls.name, exc)
                 return
             if placed is None:
                 continue
-            self._push(placed.node, placed.record)
             placed_region = placed.node.region
             by_region[placed_region] = by_region.get(placed_region, 0) + 1
             SCALE_EVENTS.labels(cls.name, "up").inc()
             log.info(
                 "autoscaler %s: added %s on %s (near %s; demand %s)",
                 cls.name,
-                name,
+                placed.record.name,
                 placed.node.id,
                 region,
                 demand or "none",
             )
+
+    async def _add_member(self, cls: ContainerClass, near: str) -> Resolved | None:
+        """Place a new member of pool `cls` near region `near` and tell its agent at once; None
+        if the placement lost a race. Raises NoCapacity."""
+        name = f"{cls.name}-{secrets.token_hex(4)}"
+        placed = await place_instance(
+            self.store, self.view, cls, name, geo.lookup(near), pool=True, events=self.events
+        )
+        if placed is not None:
+            self._push(placed.node, placed.record)
+        return placed
 
     def _push(self, node: Node, rec: InstanceRecord) -> None:
         """Tell `node`'s agent of its new member now, in the background: its heartbeat reply
@@ -405,25 +396,15 @@ class PoolManager:
             old = self.view.by_id.get(old_id)
             if old is None or not old.pool or old.draining or old.node_id not in self.view.nodes:
                 continue
-            name = f"{cls.name}-{secrets.token_hex(4)}"
             region = self.view.nodes[old.node_id].region
             try:
-                placed = await place_instance(
-                    self.store,
-                    self.view,
-                    cls,
-                    name,
-                    geo.lookup(region),
-                    pool=True,
-                    events=self.events,
-                )
+                placed = await self._add_member(cls, region)
             except NoCapacity as exc:
                 POOL_SURGES.labels(cls.name, "no_capacity").inc()
                 log.warning("rollout of %s: no room for a surge member: %s", cls.name, exc)
                 return
             if placed is None:
                 return
-            self._push(placed.node, placed.record)
             self.surges[cls.name] = Surge(
                 old_id, placed.record.instance_id, cls.version, self.clock()
             )
@@ -431,7 +412,7 @@ class PoolManager:
             log.info(
                 "rollout of %s: added %s on %s (version %d) to replace %s",
                 cls.name,
-                name,
+                placed.record.name,
                 placed.node.id,
                 cls.version,
                 old.name,

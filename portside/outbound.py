@@ -19,8 +19,10 @@ import enum
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from portside.errors import InvalidArgument
 from portside.spec import OutboundPolicy
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -140,11 +142,35 @@ class CompiledPolicy:
         return Decision(Verdict.DENY, reason=f"{shown}: this class has no internet access")
 
 
+def given_policy(
+    *,
+    allowed_hosts: Sequence[str] = (),
+    denied_hosts: Sequence[str] = (),
+    outbound_by_host: Mapping[str, str] | None = None,
+    enable_internet: bool = False,
+    intercept_https: bool = False,
+) -> OutboundPolicy:
+    """The policy that `set_outbound`'s keywords give (the SDK's and the gateway stubs'), whole:
+    what is not given is the default. A single string for a list of hosts is refused, since it
+    would be taken for a list of its characters."""
+    for field, value in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
+        if isinstance(value, str):
+            raise InvalidArgument(f"{field} is a list of hosts, e.g. [{value!r}]")
+    return OutboundPolicy(
+        enable_internet=enable_internet,
+        allowed_hosts=tuple(allowed_hosts),
+        denied_hosts=tuple(denied_hosts),
+        outbound_by_host=dict(outbound_by_host or {}),
+        intercept_https=intercept_https,
+    )
+
+
 __all__ = [
     "CompiledPolicy",
     "Decision",
     "HostPattern",
     "Verdict",
+    "given_policy",
     "normal_host",
     "parse_pattern",
     "pattern_problem",

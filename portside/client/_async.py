@@ -55,9 +55,10 @@ from portside.errors import InvalidArgument, PortsideError, Unavailable, from_rp
 from portside.events import Event
 from portside.headers import INSTANCE, LOCATION_HINT
 from portside.instances import InstanceInfo
+from portside.outbound import given_policy
 from portside.rpc import Backoff, follow_stream
 from portside.snapshots import SNAPSHOT_TIMEOUT_S, Snapshot
-from portside.spec import ContainerClass, NodeInfo, OutboundPolicy
+from portside.spec import ContainerClass, NodeInfo
 from portside.states import InstanceState
 from portside.terminal import TerminalSize
 from portside.tokens import Token, TokenRecord, find_token
@@ -953,14 +954,11 @@ class Container:
         hosts to handler functions of the gateway module (docs/security.md has the order in
         which they apply). InvalidArgument names a bad pattern; NotFound: unknown class.
         """
-        for name, value in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
-            if isinstance(value, str):
-                raise InvalidArgument(f"{name} is a list of hosts, e.g. [{value!r}]")
-        policy = OutboundPolicy(
+        policy = given_policy(
+            allowed_hosts=allowed_hosts,
+            denied_hosts=denied_hosts,
+            outbound_by_host=outbound_by_host,
             enable_internet=enable_internet,
-            allowed_hosts=tuple(allowed_hosts),
-            denied_hosts=tuple(denied_hosts),
-            outbound_by_host=dict(outbound_by_host or {}),
             intercept_https=intercept_https,
         )
         request = cp.SetOutboundRequest(instance=self._ref, policy=outbound_to_pb(policy))

@@ -29,6 +29,7 @@ from portside.errors import InvalidArgument, from_rpc
 from portside.gateway import scope
 from portside.gateway.types import Body, HeadersLike, Request, Response
 from portside.instances import InstanceInfo
+from portside.outbound import given_policy
 from portside.spec import Config, ContainerClass, OutboundPolicy, binding_of
 
 #: Cloudflare's getRandom names its instances "instance-0" .. "instance-<n-1>".
@@ -270,14 +271,11 @@ class InstanceStub:
     ) -> Outbound:
         """Its own outbound policy in place of its class's, whole, applied to its next
         connection without a restart (the SDK's `Container.set_outbound`)."""
-        for field, value in (("allowed_hosts", allowed_hosts), ("denied_hosts", denied_hosts)):
-            if isinstance(value, str):
-                raise InvalidArgument(f"{field} is a list of hosts, e.g. [{value!r}]")
-        policy = OutboundPolicy(
+        policy = given_policy(
+            allowed_hosts=allowed_hosts,
+            denied_hosts=denied_hosts,
+            outbound_by_host=outbound_by_host,
             enable_internet=enable_internet,
-            allowed_hosts=tuple(allowed_hosts),
-            denied_hosts=tuple(denied_hosts),
-            outbound_by_host=dict(outbound_by_host or {}),
             intercept_https=intercept_https,
         )
         return await scope.stub_call(

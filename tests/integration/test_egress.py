@@ -312,7 +312,7 @@ async def test_the_rules_of_a_killed_agent_are_taken_away_and_a_running_ones_kep
     dead, alive = chain_for("killed-" + uuid.uuid4().hex), chain_for("alive-" + uuid.uuid4().hex)
     lines = [f":{c} - [0:0]" for c in (dead, alive)]
     lines += [f"-A {c} -p tcp -j REDIRECT --to-ports 9" for c in (dead, alive)]
-    lines += [f"-I PREROUTING 1 -s 10.99.0.{i}/32 -i {bridge.interface} -j {c}"
+    lines += [f"-I PREROUTING 1 -s 192.0.2.{i}/32 -i {bridge.interface} -j {c}"
               for i, c in enumerate((dead, alive), 1)]  # fmt: skip
     done = await run_command(["iptables-restore", "-w", "5", "--noflush"], script("nat", lines))
     assert done.returncode == 0, done.stderr

@@ -14,12 +14,12 @@ GATEWAY = Gateway(module="gateway.py", source="async def billing(request, env, c
 def test_patterns_are_stripped_and_kept_in_order() -> None:
     policy = OutboundPolicy(
         allowed_hosts=(" api.example.com ", "*.example.org", "192.0.2.0/24"),
-        denied_hosts=("10.0.0.7",),
+        denied_hosts=("203.0.113.7",),
         outbound_by_host={"billing.internal ": "billing"},
     )
     checked = checked_policy(policy, GATEWAY)
     assert checked.allowed_hosts == ("api.example.com", "*.example.org", "192.0.2.0/24")
-    assert checked.denied_hosts == ("10.0.0.7",)
+    assert checked.denied_hosts == ("203.0.113.7",)
     assert dict(checked.outbound_by_host) == {"billing.internal": "billing"}
 
 
@@ -49,7 +49,7 @@ def test_a_policy_survives_the_store_and_the_strictest_one_is_empty() -> None:
     policy = OutboundPolicy(
         enable_internet=True,
         allowed_hosts=("a.example",),
-        denied_hosts=("10.0.0.0/8",),
+        denied_hosts=("203.0.113.0/24",),
         outbound_by_host={"sub.service": "route_sub"},
         intercept_https=True,
     )

@@ -37,8 +37,8 @@ BRIDGE = "br-9e572d514125"
 NAT = f"""-P PREROUTING ACCEPT
 -N DOCKER
 -N {CHAIN}
--A PREROUTING -s 10.9.0.2/32 -i {BRIDGE} -j {CHAIN}
--A PREROUTING -s 10.9.0.3/32 -i {BRIDGE} -j PORTSIDE-EG-otheragent00
+-A PREROUTING -s 192.0.2.2/32 -i {BRIDGE} -j {CHAIN}
+-A PREROUTING -s 192.0.2.3/32 -i {BRIDGE} -j PORTSIDE-EG-otheragent00
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
 """ + "".join(f"-A {CHAIN} {rule}\n" for rule in chain_rules(PORTS))
 FILTER = f"""-P FORWARD DROP
@@ -56,17 +56,17 @@ def test_the_chain_redirects_dns_to_the_responder_and_all_other_tcp_to_the_proxy
         "-p tcp -j REDIRECT --to-ports 15001",
     )
     assert len(CHAIN) <= 28 and CHAIN == chain_for("node-1") != chain_for("node-2")
-    assert redirect("10.9.0.4", BRIDGE, CHAIN) == f"-s 10.9.0.4/32 -i {BRIDGE} -j {CHAIN}"
+    assert redirect("192.0.2.4", BRIDGE, CHAIN) == f"-s 192.0.2.4/32 -i {BRIDGE} -j {CHAIN}"
     with pytest.raises(ValueError):
-        redirect("10.9.0.4/32 -j ACCEPT", BRIDGE, CHAIN)
+        redirect("192.0.2.4/32 -j ACCEPT", BRIDGE, CHAIN)
 
 
 def test_a_fresh_host_gets_the_chain_one_jump_per_container_and_the_drop() -> None:
-    nat = sync_nat(parse_listing("-P PREROUTING ACCEPT\n"), CHAIN, PORTS, BRIDGE, ["10.9.0.2"])
+    nat = sync_nat(parse_listing("-P PREROUTING ACCEPT\n"), CHAIN, PORTS, BRIDGE, ["192.0.2.2"])
     assert nat == [
         f":{CHAIN} - [0:0]",
         *(f"-A {CHAIN} {rule}" for rule in chain_rules(PORTS)),
-        f"-I PREROUTING 1 -s 10.9.0.2/32 -i {BRIDGE} -j {CHAIN}",
+        f"-I PREROUTING 1 -s 192.0.2.2/32 -i {BRIDGE} -j {CHAIN}",
     ]
     fresh = parse_listing("-N DOCKER-USER\n-A DOCKER-USER -j RETURN\n")
     assert sync_filter(fresh, BRIDGE) == [f"-I DOCKER-USER 1 -i {BRIDGE} -j DROP"]
@@ -76,19 +76,19 @@ def test_a_fresh_host_gets_the_chain_one_jump_per_container_and_the_drop() -> No
 
 def test_a_sync_changes_only_this_agents_jumps_and_new_ports_refill_the_chain() -> None:
     nat = parse_listing(NAT)
-    assert sync_nat(nat, CHAIN, PORTS, BRIDGE, ["10.9.0.2"]) == []
+    assert sync_nat(nat, CHAIN, PORTS, BRIDGE, ["192.0.2.2"]) == []
     assert sync_filter(parse_listing(FILTER), BRIDGE) == []
-    assert sync_nat(nat, CHAIN, PORTS, BRIDGE, ["10.9.0.5"]) == [
-        f"-D PREROUTING -s 10.9.0.2/32 -i {BRIDGE} -j {CHAIN}",
-        f"-I PREROUTING 1 -s 10.9.0.5/32 -i {BRIDGE} -j {CHAIN}",
-    ]  # the other agent's 10.9.0.3 is left alone
-    moved = sync_nat(nat, CHAIN, EgressPorts(proxy=16001, dns=16053), BRIDGE, ["10.9.0.2"])
+    assert sync_nat(nat, CHAIN, PORTS, BRIDGE, ["192.0.2.5"]) == [
+        f"-D PREROUTING -s 192.0.2.2/32 -i {BRIDGE} -j {CHAIN}",
+        f"-I PREROUTING 1 -s 192.0.2.5/32 -i {BRIDGE} -j {CHAIN}",
+    ]  # the other agent's 192.0.2.3 is left alone
+    moved = sync_nat(nat, CHAIN, EgressPorts(proxy=16001, dns=16053), BRIDGE, ["192.0.2.2"])
     assert moved[0] == f":{CHAIN} - [0:0]" and moved[-1].endswith("--to-ports 16001")
 
 
 def test_removal_takes_the_chain_its_jumps_and_the_drop() -> None:
     assert removal_nat(parse_listing(NAT), CHAIN) == [
-        f"-D PREROUTING -s 10.9.0.2/32 -i {BRIDGE} -j {CHAIN}",
+        f"-D PREROUTING -s 192.0.2.2/32 -i {BRIDGE} -j {CHAIN}",
         f"-F {CHAIN}",
         f"-X {CHAIN}",
     ]
@@ -162,7 +162,7 @@ def test_what_lets_a_class_out() -> None:
     assert not lets_out(OutboundPolicy())
     assert not lets_out(OutboundPolicy(denied_hosts=("*.example.com",)))
     assert lets_out(OutboundPolicy(enable_internet=True))
-    assert lets_out(OutboundPolicy(allowed_hosts=("10.0.0.0/8",)))
+    assert lets_out(OutboundPolicy(allowed_hosts=("203.0.113.0/24",)))
     assert lets_out(OutboundPolicy(outbound_by_host={"billing.internal": "bill"}))
 
 
@@ -172,7 +172,7 @@ def test_the_table_follows_containers_and_set_policy_overrides_the_class() -> No
     classes = {c.name: c for c in (open_, closed)}
     snaps = [
         InstanceSnapshot(
-            "1", "a", "open", InstanceState.RUNNING, "c1", Upstream("10.9.0.2", 8080), 0, 0.0, None
+            "1", "a", "open", InstanceState.RUNNING, "c1", Upstream("192.0.2.2", 8080), 0, 0.0, None
         ),
         InstanceSnapshot(
             "2",
@@ -180,7 +180,7 @@ def test_the_table_follows_containers_and_set_policy_overrides_the_class() -> No
             "closed",
             InstanceState.RUNNING,
             "c2",
-            Upstream("10.8.0.2", 8080),
+            Upstream("198.51.100.2", 8080),
             0,
             0.0,
             None,
@@ -189,10 +189,10 @@ def test_the_table_follows_containers_and_set_policy_overrides_the_class() -> No
     ]
     table = OutboundPolicies(classes.get)
     assert table.replace(egress_occupants(snaps, classes.get))
-    assert table.addresses == {"10.9.0.2"} and not table.replace(
+    assert table.addresses == {"192.0.2.2"} and not table.replace(
         egress_occupants(snaps, classes.get)
     )
-    occupant = table.occupant("10.9.0.2")
+    occupant = table.occupant("192.0.2.2")
     assert occupant == Occupant("open", "a", "c1")
     assert table.policy_of(occupant).decide("x.test", None, http=True).verdict is Verdict.ALLOW
     table.set_policy("open", "a", OutboundPolicy(enable_internet=True, denied_hosts=("x.test",)))
